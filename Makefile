@@ -1,0 +1,44 @@
+# mpifed: `make demo` and `make test` work on a fresh clone; they install into .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MPIEXEC := $(VENV)/bin/mpiexec
+# Every MPI test run has a wall-clock limit: a hang is a failure, not a wait.
+MPI_TIMEOUT ?= 600
+NP ?= 2
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install test test-serial test-mpi demo bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,mpich]'
+	touch $@
+
+test: test-serial test-mpi
+
+test-serial: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-mpi: install
+	@for n in 1 2 3 4; do \
+	  echo "== MPI tests on $$n ranks"; \
+	  timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) -n $$n $(PY) -m pytest -q -p no:cacheprovider \
+	    --with-mpi -m mpi tests || exit 1; \
+	done
+
+demo: install
+	$(PY) -m mpifed.demo
+
+bench: install
+	timeout -k 10 1200 $(MPIEXEC) -n $(NP) $(PY) bench/allreduce.py -f 2 --json bench-allreduce-$(NP).json
+
+lint: install
+	$(VENV)/bin/ruff check mpifed tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache demo-out bench-out bench-*.json
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

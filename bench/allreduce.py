@@ -1,0 +1,9 @@
+"""All-reduce size sweep: `mpiexec -n 4 python bench/allreduce.py [--help]`.
+
+The same as `mpifed bench allreduce`; see mpifed/benchmarks/allreduce.py.
+"""
+
+from mpifed.benchmarks.allreduce import run
+
+if __name__ == "__main__":
+    raise SystemExit(run())

@@ -1,0 +1,3 @@
+from mpifed.cli.main import main
+
+raise SystemExit(main())

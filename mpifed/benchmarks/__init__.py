@@ -1,0 +1,1 @@
+"""Benchmarks behind `mpifed bench ...` and the scripts in bench/."""

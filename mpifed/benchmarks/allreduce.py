@@ -1,0 +1,157 @@
+"""All-reduce size sweep in the style of nccl-tests: ring, mpi and auto side by side.
+
+    mpiexec -n 4 mpifed bench allreduce --min-bytes 4 --max-bytes 64M --json out.json
+
+Columns: size (bytes per rank), count (elements), type, then for each algorithm the median time
+(us) over iterations (the slowest rank's time), algbw = size / time and busbw = algbw * 2(n-1)/n
+(GB/s), #wrong (elements that differ from the exact expected sum). On one node it also measures
+the memory bandwidth in the same run and prints the share of the memory bound each algorithm reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from ..comm import allreduce, choose_algorithm
+from ..comm.topology import layout, node_comm
+from .membw import allreduce_bound_seconds, node_copy_bandwidth
+
+ALGOS = ("ring", "mpi", "auto")
+
+
+def parse_size(text: str) -> int:
+    """Parse '4', '64K', '16M', '1G' into bytes."""
+    text = text.strip().upper().rstrip("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def sizes(lo: int, hi: int, factor: int) -> list[int]:
+    """Return lo, lo*factor, ... up to hi (bytes)."""
+    out, size = [], lo
+    while size <= hi:
+        out.append(size)
+        size *= factor
+    return out
+
+
+def iterations_for(nbytes: int, requested: int | None) -> int:
+    """Return how many timed iterations a size gets: more for small sizes, at least 5."""
+    if requested:
+        return requested
+    return int(min(200, max(5, (256 << 20) // max(nbytes, 1) // 8)))
+
+
+def time_size(comm, nbytes: int, dtype, iters: int, warmup: int) -> dict:
+    """Time each algorithm at one size, interleaved so that noise hits all alike."""
+    count = max(1, nbytes // np.dtype(dtype).itemsize)
+    fill = dtype(comm.rank + 1)
+    expected = dtype(comm.size * (comm.size + 1) // 2)
+    buf = np.empty(count, dtype=dtype)
+    times = {a: [] for a in ALGOS}
+    wrong = dict.fromkeys(ALGOS, 0)
+    for it in range(warmup + iters):
+        for algo in ALGOS[it % 3:] + ALGOS[:it % 3]:  # rotate: no algorithm always goes first
+            buf.fill(fill)
+            comm.Barrier()
+            start = time.perf_counter()
+            allreduce(buf, comm, algorithm=algo, check=False)
+            elapsed = time.perf_counter() - start
+            if it >= warmup:
+                times[algo].append(elapsed)
+                wrong[algo] += int(np.count_nonzero(buf != expected))
+    row = {"size": count * np.dtype(dtype).itemsize, "count": count,
+           "type": np.dtype(dtype).name, "auto_picks": choose_algorithm(buf.nbytes, comm.size)}
+    factor = 2 * (comm.size - 1) / comm.size if comm.size > 1 else 1.0
+    for algo in ALGOS:
+        slowest = np.empty(len(times[algo]))
+        comm.Allreduce(np.array(times[algo]), slowest, op=MPI.MAX)
+        seconds = float(np.median(slowest))
+        algbw = row["size"] / seconds / 1e9
+        row[algo] = {"time_us": seconds * 1e6, "algbw": algbw, "busbw": algbw * factor,
+                     "wrong": comm.allreduce(wrong[algo], op=MPI.SUM)}
+    return row
+
+
+def print_header(comm, node_bw) -> None:
+    print(f"# mpifed all-reduce benchmark: {comm.size} ranks, "
+          f"{MPI.Get_library_version().splitlines()[0].strip()}")
+    if node_bw:
+        print(f"# node memory bandwidth (copy, all ranks at once): {node_bw / 1e9:.1f} GB/s; "
+              "bound = 2 * ranks * size / bandwidth")
+    cols = "".join(f" | {a:>9} {'algbw':>6} {'busbw':>6} {'#wrong':>6}" for a in ALGOS)
+    bound = " | bound_us ring% mpi% auto%" if node_bw else ""
+    print(f"# {'size':>10} {'count':>9} {'type':>7}{cols} | auto/best{bound}")
+    print("# (time in us, bandwidth in GB/s)")
+
+
+def format_row(row: dict) -> str:
+    cols = "".join(f" | {row[a]['time_us']:9.1f} {row[a]['algbw']:6.2f} {row[a]['busbw']:6.2f} "
+                   f"{row[a]['wrong']:6d}" for a in ALGOS)
+    line = f"  {row['size']:>10} {row['count']:>9} {row['type']:>7}{cols} | {row['auto_vs_best']:8.2f}x"
+    if "bound_us" in row:
+        shares = " ".join(f"{100 * row['bound_us'] / row[a]['time_us']:4.0f}" for a in ALGOS)
+        line += f" | {row['bound_us']:8.1f} {shares}"
+    return line
+
+
+def run(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mpifed bench allreduce", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-b", "--min-bytes", default="4", help="smallest size (default 4)")
+    parser.add_argument("-e", "--max-bytes", default="64M", help="largest size (default 64M)")
+    parser.add_argument("-f", "--factor", type=int, default=4, help="size step factor (default 4)")
+    parser.add_argument("-n", "--iters", type=int, default=None,
+                        help="timed iterations per size (default: by size, 5 to 200)")
+    parser.add_argument("-w", "--warmup", type=int, default=2, help="warm-up iterations")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "int32",
+                                                                "int64"])
+    parser.add_argument("--json", metavar="PATH", help="write the rows as JSON for plotting")
+    args = parser.parse_args(argv)
+    comm = MPI.COMM_WORLD
+    lo, hi = parse_size(args.min_bytes), parse_size(args.max_bytes)
+    if lo < 1 or hi < lo or args.factor < 2:
+        if comm.rank == 0:
+            parser.error(f"need 1 <= --min-bytes <= --max-bytes and --factor >= 2 "
+                         f"(got {lo}, {hi}, {args.factor})")
+        return 2
+    facts = layout(comm)
+    one_node = facts["nodes"] == 1
+    node = node_comm(comm)
+    node_bw = node_copy_bandwidth(node) if one_node else None
+    node.Free()
+    dtype = np.dtype(args.dtype).type
+    if comm.rank == 0:
+        print_header(comm, node_bw)
+    rows = []
+    for nbytes in sizes(lo, hi, args.factor):
+        row = time_size(comm, nbytes, dtype, iterations_for(nbytes, args.iters), args.warmup)
+        best = min(row["ring"]["time_us"], row["mpi"]["time_us"])
+        row["auto_vs_best"] = row["auto"]["time_us"] / best
+        if node_bw:
+            row["bound_us"] = allreduce_bound_seconds(row["size"], comm.size, node_bw) * 1e6
+        rows.append(row)
+        if comm.rank == 0:
+            print(format_row(row), flush=True)
+    if comm.rank == 0:
+        big = [r for r in rows if r["size"] >= 4 << 20]
+        for algo in ALGOS:
+            avg = np.mean([r[algo]["busbw"] for r in rows])
+            print(f"# {algo}: avg busbw {avg:.2f} GB/s", end="")
+            if big:
+                ratio = max(r["ring"]["time_us"] / r["mpi"]["time_us"] for r in big)
+                print(f"; worst ring/mpi time at >= 4 MiB: {ratio:.2f}" if algo == "ring" else "",
+                      end="")
+            print()
+        print(f"# worst auto/best over all sizes: {max(r['auto_vs_best'] for r in rows):.2f}x")
+        if args.json:
+            meta = {"ranks": comm.size, "nodes": facts["nodes"], "node_bandwidth": node_bw,
+                    "mpi": MPI.Get_library_version().splitlines()[0].strip()}
+            with open(args.json, "w") as fh:
+                json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+    return 0

@@ -1,0 +1,1 @@
+"""The `mpifed` command: parsing, reporting, and failure handling."""

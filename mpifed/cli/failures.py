@@ -1,0 +1,71 @@
+"""How a run ends when something goes wrong: one message, a non-zero exit, and never a hang.
+
+User errors (UserError) print one line without a traceback; `--debug` shows it. An unforeseen
+exception on one rank calls MPI_Abort, so the ranks waiting for it in a collective end too
+(ChainerMN's abort-on-exception hook).
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+from ..errors import UserError
+
+EXIT_USER_ERROR = 1
+EXIT_INTERNAL_ERROR = 3
+
+
+def world_rank_and_size() -> tuple[int, int]:
+    """Return (rank, size) of COMM_WORLD, or (0, 1) when MPI is not initialised."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
+        return 0, 1
+    return mpi.COMM_WORLD.rank, mpi.COMM_WORLD.size
+
+
+def report(message: str, rank: int, size: int) -> None:
+    """Print one error line to stderr, prefixed with the rank when there are several."""
+    prefix = f"mpifed: error [rank {rank}]: " if size > 1 else "mpifed: error: "
+    print(prefix + message, file=sys.stderr, flush=True)
+
+
+def run_guarded(fn, debug: bool = False) -> int:
+    """Call fn(); turn exceptions into one message and an exit code, aborting MPI if needed.
+
+    A UserError is raised by every rank together (it came out of a collective check) or by the
+    rank that saw it: the former prints on rank 0 only; the latter is marked `collective=False`
+    and aborts, so the other ranks do not wait forever.
+    """
+    try:
+        return fn() or 0
+    except KeyboardInterrupt:
+        rank, size = world_rank_and_size()
+        report("interrupted", rank, size)
+        _abort_if_parallel(130)
+        return 130
+    except UserError as err:
+        rank, size = world_rank_and_size()
+        collective = getattr(err, "collective", True)
+        if debug:
+            traceback.print_exc()
+        if rank == 0 or not collective:
+            report(str(err), rank, size)
+        if not collective:
+            _abort_if_parallel(EXIT_USER_ERROR)
+        return EXIT_USER_ERROR
+    except Exception as err:  # noqa: BLE001  (last resort: never leave other ranks waiting)
+        rank, size = world_rank_and_size()
+        if debug:
+            traceback.print_exc()
+        report(f"{type(err).__name__}: {err} (run with --debug for the traceback)", rank, size)
+        _abort_if_parallel(EXIT_INTERNAL_ERROR)
+        return EXIT_INTERNAL_ERROR
+
+
+def _abort_if_parallel(code: int) -> None:
+    """Abort all ranks of COMM_WORLD when there are several; otherwise do nothing."""
+    rank, size = world_rank_and_size()
+    if size > 1:
+        sys.stderr.flush()
+        sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(code)

@@ -1,0 +1,13 @@
+"""Moving bytes between ranks: array backends, the ring all-reduce, MPI's own, fusion."""
+
+from .backend import backend_module, cuda_aware, get_array_module, select_device, synchronize
+from .collectives import ALGORITHMS, allreduce, choose_algorithm
+from .fusion import Layout, fuse, unfuse, views
+from .native import mpi_allreduce
+from .ring import chunk_bounds, ring_allreduce
+
+__all__ = [
+    "ALGORITHMS", "Layout", "allreduce", "backend_module", "choose_algorithm", "chunk_bounds",
+    "cuda_aware", "fuse", "get_array_module", "mpi_allreduce", "ring_allreduce", "select_device",
+    "synchronize", "unfuse", "views",
+]

@@ -1,0 +1,119 @@
+"""The ring all-reduce: reduce-scatter then all-gather over point-to-point messages.
+
+The buffer is cut into `size` chunks (the remainder spread over the first ones). In 2(size-1)
+steps each rank sends one chunk to `dest` (right) and receives one from `source` (left): the
+first size-1 steps add what arrives, the last size-1 copy it. Each chunk's sum is computed once,
+by one rank, and copied to the others, so every rank ends with bitwise identical bytes.
+
+In the reduce-scatter, chunks travel as segments received into a small rotating pool of scratch
+buffers: while segment i is added, segments i+1.. are already on their way, and the pool stays in
+cache, so the bytes received are added from cache instead of from memory. This is what makes the
+ring beat MPI_Allreduce on one node, where both are bound by memory bandwidth.
+"""
+
+from __future__ import annotations
+
+from mpi4py import MPI
+
+from .backend import get_array_module, is_device_array, mpi_view
+from .checks import check_local, check_same_signature
+
+SEGMENT_BYTES = 1 << 20  # big enough to amortise a message's cost, small enough to stay in L2/L3
+POOL_DEPTH = 2  # receives in flight per reduce-scatter step (tuned with bench/allreduce.py)
+
+_scratch_cache: dict = {}  # (array module, dtype, elements) -> reusable receive pool
+
+
+
+def chunk_bounds(length: int, parts: int) -> list[tuple[int, int]]:
+    """Return `parts` (start, stop) pairs covering range(length), the remainder on the first ones."""
+    base, extra = divmod(length, parts)
+    bounds, start = [], 0
+    for i in range(parts):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def segment_bounds(start: int, stop: int, seg: int) -> list[tuple[int, int]]:
+    """Return the (start, stop) segments of at most `seg` elements that cover [start, stop)."""
+    return [(a, min(a + seg, stop)) for a in range(start, stop, seg)] or [(start, start)]
+
+
+def ring_allreduce(buf, comm, op: str = "sum", *, check: bool = True,
+                   segment_bytes: int = SEGMENT_BYTES):
+    """Sum (or average) a contiguous 1-D array over all ranks of `comm` in place; return `buf`.
+
+    buf: 1-D contiguous NumPy or CuPy array of float16/32/64 or int32/64, same length and dtype on
+    every rank (checked collectively unless `check=False`; a mismatch raises ValueError everywhere).
+    op: "sum" or "mean" (mean needs a float dtype).
+    segment_bytes: size of the pipelined pieces of the reduce-scatter.
+
+    >>> ring_allreduce(np.ones(5), MPI.COMM_WORLD)   # on 3 ranks
+    array([3., 3., 3., 3., 3.])
+    """
+    check_local(buf, op)
+    if check:
+        check_same_signature(comm, buf.size, buf.dtype)
+    if comm.size > 1 and buf.size > 0:
+        work, copy_back = mpi_view(buf)
+        seg = max(1, segment_bytes // work.itemsize)
+        chunks = chunk_bounds(work.size, comm.size)
+        for step in range(comm.size - 1):
+            _reduce_step(work, comm, chunks, step, seg)
+        for step in range(comm.size - 1):
+            _gather_step(work, comm, chunks, step)
+        copy_back()
+    if op == "mean" and comm.size > 1:
+        xp = get_array_module(buf)
+        xp.divide(buf, buf.dtype.type(comm.size), out=buf)
+    return buf
+
+
+def _scratch_pool(xp, dtype, elements: int) -> list:
+    """Return POOL_DEPTH reusable receive buffers of `elements` each (allocated once, kept warm)."""
+    key = (xp.__name__, dtype.str, elements)
+    if key not in _scratch_cache:
+        _scratch_cache.clear()  # keep one pool: a training run reduces one buffer shape
+        _scratch_cache[key] = [xp.empty(elements, dtype=dtype) for _ in range(POOL_DEPTH)]
+    return _scratch_cache[key]
+
+
+def _reduce_step(buf, comm, chunks, step: int, seg: int) -> None:
+    """Send chunk rank-step to the right; receive chunk rank-step-1 from the left, adding it in."""
+    xp = get_array_module(buf)
+    size, rank = comm.size, comm.rank
+    dest, source = (rank + 1) % size, (rank - 1) % size
+    send_lo, send_hi = chunks[(rank - step) % size]
+    recv_lo, recv_hi = chunks[(rank - step - 1) % size]
+    pieces = segment_bounds(recv_lo, recv_hi, seg)
+    pool = _scratch_pool(xp, buf.dtype, min(seg, chunks[0][1] - chunks[0][0]))
+    sends = [comm.Isend(buf[a:b], dest, tag=step)
+             for a, b in segment_bounds(send_lo, send_hi, seg)]
+    recvs = {}
+
+    def post(i):
+        a, b = pieces[i]
+        recvs[i] = comm.Irecv(pool[i % POOL_DEPTH][:b - a], source, tag=step)
+
+    for i in range(min(POOL_DEPTH, len(pieces))):
+        post(i)
+    for i, (a, b) in enumerate(pieces):
+        recvs.pop(i).Wait()
+        piece = buf[a:b]
+        xp.add(piece, pool[i % POOL_DEPTH][:b - a], out=piece)
+        if is_device_array(buf):  # the slot is received into again: the add must be done
+            xp.cuda.get_current_stream().synchronize()
+        if i + POOL_DEPTH < len(pieces):
+            post(i + POOL_DEPTH)
+    MPI.Request.Waitall(sends)
+
+
+def _gather_step(buf, comm, chunks, step: int) -> None:
+    """Send the reduced chunk rank+1-step to the right; receive chunk rank-step from the left."""
+    size, rank = comm.size, comm.rank
+    send_lo, send_hi = chunks[(rank + 1 - step) % size]
+    recv_lo, recv_hi = chunks[(rank - step) % size]
+    comm.Sendrecv(buf[send_lo:send_hi], (rank + 1) % size, size + step,
+                  buf[recv_lo:recv_hi], (rank - 1) % size, size + step)

@@ -1,0 +1,58 @@
+"""Shared fixtures. MPI tests run under `mpiexec -n N python -m pytest --with-mpi -m mpi`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _backends():
+    params = [pytest.param(np, id="numpy")]
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            params.append(pytest.param(cupy, id="cupy", marks=pytest.mark.gpu))
+    except Exception:
+        params.append(pytest.param(None, id="cupy", marks=pytest.mark.skip(
+            reason="CuPy or a CUDA device is missing (GPU tests run only on a GPU machine)")))
+    return params
+
+
+BACKENDS = _backends()
+
+
+@pytest.fixture(params=BACKENDS)
+def xp(request):
+    """Each array backend present: numpy always, cupy where a GPU is."""
+    return request.param
+
+
+def mpiexec() -> str:
+    """Return the mpiexec next to this Python (the PyPI MPICH wheel), else the one on PATH."""
+    local = Path(sys.executable).with_name("mpiexec")
+    return str(local) if local.exists() else (shutil.which("mpiexec") or "mpiexec")
+
+
+def run_mpi(n: int, args: list[str], timeout: float = 120, cwd=None, env=None):
+    """Run `mpiexec -n n python -m mpifed ARGS`; return the CompletedProcess (never hangs)."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    full_env.update(env or {})
+    cmd = [mpiexec(), "-n", str(n), sys.executable, "-m", "mpifed", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env=full_env)
+
+
+def run_cli(args: list[str], timeout: float = 120, cwd=None):
+    """Run `python -m mpifed ARGS` as one process, without mpiexec."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "mpifed", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd, env=env)
