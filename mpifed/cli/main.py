@@ -1,7 +1,10 @@
 """The `mpifed` command line.
 
-    mpifed info                                     MPI, ranks, nodes, GPU facts
-    mpiexec -n 4 mpifed bench allreduce [...]       all-reduce size sweep
+    mpifed info                                       MPI, ranks, nodes, GPU facts
+    mpiexec -n 4 mpifed train run.toml [--set k=v]    data-parallel training
+    mpifed evaluate model.h5 test.h5                  loss and accuracy (alone or under mpiexec)
+    mpifed data synth|digits|inspect ...              write or describe datasets
+    mpiexec -n 4 mpifed bench allreduce [...]         all-reduce size sweep
 """
 
 from __future__ import annotations
@@ -15,10 +18,43 @@ from .failures import run_guarded
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mpifed", description="Data-parallel and federated training over MPI.",
-        epilog="Launch under MPI: mpiexec -n 4 mpifed train run.toml, or srun --mpi=pmi2 mpifed ...")
+        epilog="Launch under MPI: mpiexec -n 4 mpifed train run.toml, or "
+               "srun --mpi=pmi2 mpifed train run.toml")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("info", help="print the MPI library, rank and node counts, GPU facts")
+
+    train = sub.add_parser("train", help="train a model (data-parallel over all ranks)",
+                           description="Train from a TOML config: sections [data], [model], "
+                                       "[optim], [comm], [run]. See README.md.")
+    train.add_argument("config", help="TOML config file")
+    train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                       help="override a config value (a TOML value; a bare word is a string); "
+                            "repeatable")
+    train.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    ev = sub.add_parser("evaluate", help="print loss and accuracy of a model file on a dataset")
+    ev.add_argument("model", help="model file (HDF5, written by mpifed train)")
+    ev.add_argument("data", help="dataset file (HDF5 with x and y)")
+    ev.add_argument("--x", default="x", help="features dataset name (default x)")
+    ev.add_argument("--y", default="y", help="labels dataset name (default y)")
+
+    data = sub.add_parser("data", help="write or inspect datasets")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    synth = data_sub.add_parser("synth", help="write a learnable synthetic set (streamed)")
+    synth.add_argument("out", help="output HDF5 file")
+    synth.add_argument("--samples", type=int, required=True)
+    synth.add_argument("--features", type=int, required=True)
+    synth.add_argument("--classes", type=int, required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    digits = data_sub.add_parser("digits", help="write scikit-learn's handwritten digits "
+                                                "(OUT_DIR/train.h5, OUT_DIR/test.h5)")
+    digits.add_argument("out_dir")
+    digits.add_argument("--seed", type=int, default=0)
+    insp = data_sub.add_parser("inspect", help="print shapes, dtypes and class counts")
+    insp.add_argument("file")
+    insp.add_argument("--y", default="y", help="labels dataset name (default y)")
+
     bench = sub.add_parser("bench", help="run a benchmark (allreduce)")
     bench.add_argument("which", choices=["allreduce"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="its options (see --help of each)")
@@ -26,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def dispatch(args) -> int:
+    from . import commands
+
     if args.command == "info":
         from .info import run_info
 
@@ -34,7 +72,8 @@ def dispatch(args) -> int:
         from ..benchmarks.allreduce import run
 
         return run(args.rest)
-    raise AssertionError(args.command)
+    return {"train": commands.run_train, "evaluate": commands.run_evaluate,
+            "data": commands.run_data}[args.command](args)
 
 
 def main(argv=None) -> int:

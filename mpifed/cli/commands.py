@@ -1,0 +1,74 @@
+"""What each `mpifed` sub-command does once its arguments are parsed."""
+
+from __future__ import annotations
+
+import sys
+
+
+def run_train(args) -> int:
+    from mpi4py import MPI
+
+    from ..train.config import load_config
+    from ..train.loop import train
+
+    cfg = load_config(args.config, args.set or ())
+    train(cfg, MPI.COMM_WORLD)
+    return 0
+
+
+def run_evaluate(args) -> int:
+    import numpy as np
+    from mpi4py import MPI
+
+    from ..comm import backend_module
+    from ..comm.agree import raise_together
+    from ..errors import UserError
+    from ..nn.io import load_model
+    from ..train.evaluate import evaluate, open_checked_shard
+
+    comm = MPI.COMM_WORLD
+    spec, host = raise_together(comm, lambda: load_model(args.model, key="model"))
+    shard, classes = open_checked_shard(comm, args.data, args.x, args.y, host.dtype, "data",
+                                        features=spec.features)
+    if classes > spec.num_classes:
+        raise UserError(f"data: {args.data!r} has labels up to {classes - 1}, the model knows "
+                        f"{spec.num_classes} classes")
+    xp = backend_module("numpy")
+    result = evaluate(spec, xp.asarray(host), shard, comm, np)
+    if comm.rank == 0:
+        print(f"loss {result['loss']:.6f} accuracy {result['accuracy']:.4f} "
+              f"samples {result['samples']}")
+    return 0
+
+
+def run_data(args) -> int:
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.rank != 0:  # data commands are serial; extra ranks just wait
+        MPI.COMM_WORLD.Barrier()
+        return 0
+    try:
+        return _data_command(args)
+    finally:
+        if MPI.COMM_WORLD.size > 1:
+            MPI.COMM_WORLD.Barrier()
+
+
+def _data_command(args) -> int:
+    from ..data.inspect import inspect_lines
+    from ..data.synth import write_digits, write_synthetic
+
+    if args.data_command == "synth":
+        def progress(done, total):
+            if sys.stderr.isatty():
+                print(f"\rwrote {done:,}/{total:,} rows", end="", file=sys.stderr, flush=True)
+        write_synthetic(args.out, args.samples, args.features, args.classes, args.seed,
+                        progress=progress)
+        print(f"wrote {args.out}: {args.samples} samples x {args.features} features, "
+              f"{args.classes} classes")
+    elif args.data_command == "digits":
+        train, test = write_digits(args.out_dir, seed=args.seed)
+        print(f"wrote {train} and {test}")
+    elif args.data_command == "inspect":
+        print("\n".join(inspect_lines(args.file, args.y)))
+    return 0

@@ -1,0 +1,1 @@
+"""Models and losses, as pure functions over `xp` arrays (NumPy or CuPy)."""

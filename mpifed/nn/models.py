@@ -1,0 +1,111 @@
+"""`softmax` (multinomial logistic regression) and `mlp` (ReLU) with hand-written backward.
+
+All parameters live in one flat buffer, with per-layer views W (in x out) and b (out), so one
+all-reduce moves all gradients. Layer i maps (B, in_i) to (B, out_i); ReLU between layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..comm.backend import get_array_module
+from ..comm.fusion import Layout, views
+from ..errors import UserError
+from .loss import softmax_cross_entropy, summed_loss_and_correct
+
+KINDS = ("softmax", "mlp")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The architecture: kind, input features, hidden sizes (mlp only), classes."""
+
+    kind: str
+    features: int
+    hidden: tuple[int, ...]
+    num_classes: int
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise UserError(f"model.kind: {self.kind!r} is not a model; use one of {KINDS}")
+        if self.kind == "softmax" and self.hidden:
+            raise UserError("model.hidden: a softmax model has no hidden layers; "
+                            "remove model.hidden or set model.kind = \"mlp\"")
+        if self.kind == "mlp" and not self.hidden:
+            raise UserError("model.hidden: an mlp needs at least one hidden size, e.g. [128]")
+
+    @property
+    def sizes(self) -> list[int]:
+        return [self.features, *self.hidden, self.num_classes]
+
+    def layout(self, dtype="float32") -> Layout:
+        """Return the flat-buffer layout: W0, b0, W1, b1, ..."""
+        shapes, offsets = [], [0]
+        for fan_in, fan_out in zip(self.sizes, self.sizes[1:]):
+            for shape in ((fan_in, fan_out), (fan_out,)):
+                shapes.append(shape)
+                offsets.append(offsets[-1] + int(np.prod(shape)))
+        name = np.dtype(dtype).name
+        return Layout(tuple(shapes), (name,) * len(shapes), tuple(offsets), name)
+
+
+def init_params(spec: ModelSpec, seed: int, xp=np, dtype="float32"):
+    """Return a flat parameter buffer initialised from `seed` (He normal W, zero b).
+
+    Drawn on the host with NumPy, so every rank and every backend gets the same values.
+    """
+    layout = spec.layout(dtype)
+    rng = np.random.default_rng([seed, 0x6D6F64])
+    host = np.zeros(layout.size, dtype=dtype)
+    for w in views(host, layout)[0::2]:
+        w[...] = rng.standard_normal(w.shape) * np.sqrt(2.0 / w.shape[0])
+    return xp.asarray(host)
+
+
+def logits(spec: ModelSpec, flat, x):
+    """Return logits (B, C) of inputs x (B, features)."""
+    layers = views(flat, spec.layout(flat.dtype))
+    h = x
+    for i in range(0, len(layers), 2):
+        h = h @ layers[i] + layers[i + 1]
+        if i + 2 < len(layers):
+            h = _relu(h)
+    return h
+
+
+def _relu(h):
+    xp = get_array_module(h)
+    return xp.maximum(h, 0, out=h)
+
+
+def loss_and_grad(spec: ModelSpec, flat, x, y, grad_out):
+    """Write d(mean loss)/d(params) into `grad_out` (flat, like `flat`); return the mean loss.
+
+    x: (B, features) in the parameters' dtype; y: (B,) integer labels.
+    """
+    layers = views(flat, spec.layout(flat.dtype))
+    grads = views(grad_out, spec.layout(grad_out.dtype))
+    activations = [x]  # input of each layer, post-ReLU
+    h = x
+    for i in range(0, len(layers), 2):
+        h = h @ layers[i] + layers[i + 1]
+        if i + 2 < len(layers):
+            h = _relu(h)
+            activations.append(h)
+    loss, delta = softmax_cross_entropy(h, y)  # delta: (B, C)
+    delta = delta.astype(flat.dtype, copy=False)
+    for i in range(len(layers) - 2, -1, -2):
+        inputs = activations[i // 2]
+        grads[i][...] = inputs.T @ delta  # (in, out)
+        grads[i + 1][...] = delta.sum(axis=0)  # (out,)
+        if i > 0:
+            delta = delta @ layers[i].T
+            delta *= inputs > 0  # ReLU' of the layer below
+    return loss
+
+
+def evaluate_batch(spec: ModelSpec, flat, x, y) -> tuple[float, int]:
+    """Return (summed loss, correct count) of the model on one batch."""
+    return summed_loss_and_correct(logits(spec, flat, x), y)

@@ -1,0 +1,1 @@
+"""Wiring a training step and a run together: config, the loop, evaluation, reporting."""

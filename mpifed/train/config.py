@@ -1,0 +1,174 @@
+"""The run configuration: a TOML file, overridden by `--set section.key=value`, checked in full.
+
+Unknown keys, wrong types and impossible values are UserErrors that name the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from ..errors import UserError
+
+# section -> key -> (accepted types, default). A default of None means "required" or "unset".
+SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], object]]] = {
+    "data": {
+        "train": ((str,), None), "test": ((str,), ""), "x": ((str,), "x"), "y": ((str,), "y"),
+        "shuffle": ((bool,), True),
+    },
+    "model": {
+        "kind": ((str,), "softmax"), "hidden": ((list,), []), "init": ((str,), ""),
+        "dtype": ((str,), "float32"),
+    },
+    "optim": {
+        "name": ((str,), "sgd"), "lr": ((float, int), 0.1), "momentum": ((float, int), 0.0),
+        "nesterov": ((bool,), False), "weight_decay": ((float, int), 0.0),
+        "batch_size": ((int,), 32), "epochs": ((int,), None), "steps": ((int,), None),
+        "schedule": ((str,), "constant"), "warmup": ((int,), 0), "step_size": ((int,), 1000),
+        "gamma": ((float, int), 0.1), "beta1": ((float, int), 0.9),
+        "beta2": ((float, int), 0.999), "eps": ((float, int), 1e-8),
+    },
+    "comm": {"allreduce": ((str,), "auto"), "backend": ((str,), "auto")},
+    "run": {
+        "seed": ((int,), 0), "out": ((str,), "runs/latest"), "log_every": ((int,), 10),
+        "eval_every": ((int,), 0), "progress": ((str,), "auto"),
+    },
+}
+
+CHOICES = {
+    ("model", "kind"): ("softmax", "mlp"), ("model", "dtype"): ("float32", "float64"),
+    ("optim", "name"): ("sgd", "adam"), ("optim", "schedule"): ("constant", "step", "cosine"),
+    ("comm", "allreduce"): ("auto", "ring", "mpi"), ("comm", "backend"): ("auto", "numpy", "cupy"),
+    ("run", "progress"): ("auto", "bar", "lines", "none"),
+}
+
+
+def parse_value(text: str):
+    """Parse a `--set` value as TOML (1, 0.5, true, [64, 32], "s"); a bare word is a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(cfg: dict, assignment: str) -> None:
+    """Apply one `section.key=value` to `cfg` in place."""
+    target, sep, text = assignment.partition("=")
+    section, dot, key = target.strip().partition(".")
+    if not sep or not dot or not key:
+        raise UserError(f"--set {assignment!r}: expected section.key=value, e.g. optim.lr=0.05")
+    cfg.setdefault(section, {})[key] = parse_value(text.strip())
+
+
+def load_config(path: str, overrides=()) -> dict:
+    """Read the TOML file at `path`, apply overrides, check it; return the resolved config."""
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UserError(f"config file {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"config file {path!r} is not valid TOML: {err}") from None
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return resolve(raw)
+
+
+def resolve(raw: dict) -> dict:
+    """Check every section and key of `raw`, fill defaults; return a new config dict."""
+    cfg = {}
+    for section in raw:
+        if section not in SCHEMA and section != "federated":
+            raise UserError(f"[{section}]: unknown section; known: {', '.join(SCHEMA)}")
+    for section, keys in SCHEMA.items():
+        given = raw.get(section, {})
+        if not isinstance(given, dict):
+            raise UserError(f"{section}: must be a table ([{section}]), got {given!r}")
+        for key in given:
+            if key not in keys:
+                raise UserError(f"{section}.{key}: unknown key; known keys of [{section}]: "
+                                f"{', '.join(keys)}")
+        cfg[section] = {}
+        for key, (types, default) in keys.items():
+            value = copy.deepcopy(given.get(key, default))
+            if value is not None:
+                _check_type(f"{section}.{key}", value, types)
+                choices = CHOICES.get((section, key))
+                if choices and value not in choices:
+                    raise UserError(f"{section}.{key}: {value!r} is not one of {choices}")
+            cfg[section][key] = value
+    _check_values(cfg)
+    return cfg
+
+
+def _check_type(name: str, value, types) -> None:
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        wanted = " or ".join(t.__name__ for t in types)
+        raise UserError(f"{name}: expected {wanted}, got {type(value).__name__} {value!r}")
+
+
+def _check_values(cfg: dict) -> None:
+    """Check values that are of the right type but impossible."""
+    if not cfg["data"]["train"]:
+        raise UserError("data.train: required; set it to an HDF5 file with datasets x and y")
+    hidden = cfg["model"]["hidden"]
+    if not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
+        raise UserError(f"model.hidden: expected a list of positive integers, got {hidden!r}")
+    optim = cfg["optim"]
+    if not (optim["lr"] > 0 and math.isfinite(optim["lr"])):
+        raise UserError(f"optim.lr: must be a positive number, got {optim['lr']!r}")
+    if optim["batch_size"] < 1:
+        raise UserError(f"optim.batch_size: must be >= 1 (rows per rank), got {optim['batch_size']}")
+    if optim["epochs"] is not None and optim["steps"] is not None:
+        raise UserError("optim.epochs and optim.steps are both set; set only one of them")
+    if optim["epochs"] is None and optim["steps"] is None:
+        optim["epochs"] = 1
+    for key in ("epochs", "steps"):
+        if optim[key] is not None and optim[key] < 1:
+            raise UserError(f"optim.{key}: must be >= 1, got {optim[key]}")
+    for key in ("momentum", "weight_decay", "warmup"):
+        if optim[key] < 0:
+            raise UserError(f"optim.{key}: must be >= 0, got {optim[key]}")
+    if optim["momentum"] >= 1:
+        raise UserError(f"optim.momentum: must be < 1, got {optim['momentum']}")
+    if optim["nesterov"] and not optim["momentum"]:
+        raise UserError("optim.nesterov: needs optim.momentum > 0")
+    if optim["step_size"] < 1:
+        raise UserError(f"optim.step_size: must be >= 1, got {optim['step_size']}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= optim[key] < 1:
+            raise UserError(f"optim.{key}: must be in [0, 1), got {optim[key]}")
+    for key in ("log_every", "eval_every"):
+        if cfg["run"][key] < 0:
+            raise UserError(f"run.{key}: must be >= 0, got {cfg['run'][key]}")
+
+
+def to_toml(cfg: dict) -> str:
+    """Return `cfg` (sections of str/int/float/bool/list values) as TOML text."""
+    lines = []
+    for section, keys in cfg.items():
+        lines.append(f"[{section}]")
+        for key, value in keys.items():
+            if value is not None:
+                lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")

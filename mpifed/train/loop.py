@@ -1,0 +1,176 @@
+"""Synchronous data-parallel SGD: each rank's batch, one all-reduce, the same update everywhere.
+
+    mpiexec -n 4 mpifed train run.toml --set optim.lr=0.05      # one node, or many
+    srun --mpi=pmi2 mpifed train run.toml                       # under SLURM
+
+With p ranks and a per-rank batch b, a step equals single-process SGD on the global batch of p*b
+rows: rank 0's rows, then rank 1's, ... (each rank's mean gradient, averaged over ranks).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numpy as np
+from mpi4py import MPI
+from threadpoolctl import threadpool_limits
+
+from ..comm import allreduce, backend_module, select_device
+from ..comm.agree import raise_together
+from ..comm.checks import check_same_signature
+from ..comm.topology import node_comm
+from ..data.atomic import atomic_path
+from ..data.stream import BatchStream, Prefetcher
+from ..errors import UserError
+from ..nn.io import load_model, save_model
+from ..nn.models import ModelSpec, init_params, loss_and_grad
+from ..optim import learning_rate, make_optimizer
+from .config import to_toml
+from .evaluate import evaluate, open_checked_shard
+from .report import Reporter
+
+
+def blas_threads_per_rank(comm) -> int:
+    """Return this rank's share of the node's cores, so co-located ranks do not oversubscribe."""
+    local = node_comm(comm)
+    ranks_here = local.size
+    local.Free()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // ranks_here)
+
+
+def build_model(cfg: dict, features: int, classes: int, xp, dtype):
+    """Return (spec, flat params) from model.init, or initialised from run.seed."""
+    model = cfg["model"]
+    if model["init"]:
+        spec, host = load_model(model["init"], dtype)
+        if (spec.features, spec.num_classes) != (features, classes):
+            raise UserError(f"model.init: {model['init']!r} maps {spec.features} features to "
+                            f"{spec.num_classes} classes; the data has {features} and {classes}")
+        return spec, xp.asarray(host)
+    spec = ModelSpec(model["kind"], features, tuple(model["hidden"]), classes)
+    return spec, init_params(spec, cfg["run"]["seed"], xp, dtype)
+
+
+def plan_steps(cfg: dict, shard_len: int, comm) -> tuple[int, int]:
+    """Return (steps_per_epoch, total_steps): the smallest shard decides for every rank."""
+    batch = cfg["optim"]["batch_size"]
+    smallest = comm.allreduce(shard_len, op=MPI.MIN)
+    per_epoch = smallest // batch
+    if per_epoch == 0:
+        raise UserError(f"optim.batch_size: {batch} rows per rank is more than the smallest "
+                        f"shard ({smallest} rows on {comm.size} ranks); lower optim.batch_size "
+                        "or use fewer ranks")
+    steps = cfg["optim"]["steps"] or cfg["optim"]["epochs"] * per_epoch
+    return per_epoch, steps
+
+
+def prepare_out(cfg: dict, comm) -> str:
+    """Create run.out on rank 0 and write the resolved config there; return the folder."""
+    out = cfg["run"]["out"]
+
+    def make():
+        if comm.rank == 0:
+            try:
+                os.makedirs(out, exist_ok=True)
+                with atomic_path(os.path.join(out, "config.toml")) as tmp, open(tmp, "w") as fh:
+                    fh.write(to_toml(cfg))
+            except OSError as err:
+                raise UserError(f"run.out: cannot write to {out!r} ({err.strerror})") from None
+    raise_together(comm, make)
+    return out
+
+
+def train(cfg: dict, comm=None) -> dict:
+    """Run the training that `cfg` (a resolved config) describes on `comm`; return the summary."""
+    comm = comm or MPI.COMM_WORLD
+    xp = raise_together(comm, lambda: _backend(cfg))
+    if xp is not np:
+        select_device(comm)
+    with threadpool_limits(limits=blas_threads_per_rank(comm)):
+        return _train(cfg, comm, xp)
+
+
+def _backend(cfg):
+    try:
+        return backend_module(cfg["comm"]["backend"])
+    except ValueError as err:
+        raise UserError(f"comm.backend: {err}") from None
+
+
+def _train(cfg: dict, comm, xp) -> dict:
+    data, optim, run = cfg["data"], cfg["optim"], cfg["run"]
+    dtype = np.dtype(cfg["model"]["dtype"])
+    shard, classes = open_checked_shard(comm, data["train"], data["x"], data["y"], dtype,
+                                        "data.train")
+    spec, params = raise_together(comm, lambda: build_model(cfg, shard.info.features, classes,
+                                                            xp, dtype))
+    per_epoch, total = plan_steps(cfg, len(shard), comm)
+    test = None
+    if data["test"]:
+        test, _ = open_checked_shard(comm, data["test"], data["x"], data["y"], dtype,
+                                     "data.test", features=spec.features)
+    out = prepare_out(cfg, comm)
+    reporter = Reporter(out, comm.rank == 0, total, run["progress"])
+    reporter.line(f"mpifed train: {comm.size} ranks, {spec.kind} {spec.sizes}, "
+                  f"{shard.info.samples} samples, global batch {optim['batch_size'] * comm.size}, "
+                  f"{total} steps ({per_epoch} per epoch), backend {xp.__name__}")
+    nparams = params.size
+    grad = xp.zeros(nparams + 1, dtype=dtype)  # gradients, then this rank's loss in the last slot
+    check_same_signature(comm, grad.size, grad.dtype)  # once: the step's all-reduce skips it
+    optimizer = make_optimizer(optim)
+    stream = BatchStream(len(shard), optim["batch_size"], per_epoch, run["seed"], comm.rank,
+                         data["shuffle"])
+    loader = Prefetcher(shard, stream, xp.asarray)
+    start = window_start = time.perf_counter()
+    comm_seconds = window_comm = 0.0
+    window_steps, loss, epoch = 0, math.nan, 0
+    try:
+        for step in range(total):
+            epoch, x, y = loader.get()
+            grad[nparams] = loss_and_grad(spec, params, x, y, grad[:nparams])
+            t_comm = time.perf_counter()
+            allreduce(grad, comm, "mean", cfg["comm"]["allreduce"], check=False)
+            elapsed_comm = time.perf_counter() - t_comm
+            comm_seconds += elapsed_comm
+            window_comm += elapsed_comm
+            loss = float(grad[nparams])  # identical on every rank: the stop is collective
+            if not math.isfinite(loss):
+                raise UserError(f"training diverged: the loss is {loss} at step {step + 1}; "
+                                "lower optim.lr or add optim.warmup")
+            lr = learning_rate(step, optim["lr"], total, optim["schedule"], optim["warmup"],
+                               optim["step_size"], optim["gamma"])
+            optimizer.step(params, grad[:nparams], lr)
+            window_steps += 1
+            log = run["log_every"] > 0 and ((step + 1) % run["log_every"] == 0 or step + 1 == total)
+            now = time.perf_counter()
+            rate = window_steps * optim["batch_size"] * comm.size / max(now - window_start, 1e-9)
+            reporter.step(step + 1, epoch, loss, lr, rate, window_comm / max(now - window_start,
+                                                                              1e-9), log)
+            if log:
+                window_start, window_steps, window_comm = now, 0, 0.0
+            if test is not None and run["eval_every"] and (step + 1) % run["eval_every"] == 0:
+                result = evaluate(spec, params, test, comm, xp)
+                reporter.record(event="eval", step=step + 1, **result)
+    finally:
+        loader.close()
+    seconds = time.perf_counter() - start
+    summary = {"event": "summary", "steps": total, "samples": total * optim["batch_size"] *
+               comm.size, "seconds": seconds, "loss": loss, "comm_seconds": comm_seconds}
+    summary["samples_per_s"] = summary["samples"] / max(seconds, 1e-9)
+    if test is not None:
+        result = evaluate(spec, params, test, comm, xp)
+        reporter.record(event="eval", step=total, **result)
+        summary.update(accuracy=result["accuracy"], test_loss=result["loss"])
+        reporter.line(f"test: accuracy {result['accuracy']:.4f} loss {result['loss']:.4f} "
+                      f"on {result['samples']} samples")
+    if comm.rank == 0:
+        save_model(os.path.join(out, "model.h5"), spec, params)
+    reporter.record(**summary)
+    reporter.line(f"done: {total} steps in {seconds:.2f} s, {summary['samples_per_s']:,.0f} "
+                  f"samples/s, final loss {loss:.4f}; model in {os.path.join(out, 'model.h5')}")
+    reporter.close()
+    comm.Barrier()  # the model file exists before any rank returns
+    return summary
