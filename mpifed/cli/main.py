@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                        help="override a config value (a TOML value; a bare word is a string); "
                             "repeatable")
-    train.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks of errors")
 
     ev = sub.add_parser("evaluate", help="print loss and accuracy of a model file on a dataset")
     ev.add_argument("model", help="model file (HDF5, written by mpifed train)")

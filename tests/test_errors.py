@@ -1,0 +1,78 @@
+"""User errors end every rank with one clear line, no traceback, a non-zero exit, and no hang."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import run_cli, run_mpi
+
+GOOD = '[data]\ntrain = "d.h5"\n[optim]\nbatch_size = 4\nsteps = 3\n[run]\nout = "out"\n'
+
+
+def write_data(path, samples=40, features=3, labels=None, x=None, y_name="y", attrs=None):
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as fh:
+        fh["x"] = rng.standard_normal((samples, features)) if x is None else x
+        fh[y_name] = rng.integers(0, 3, size=samples) if labels is None else labels
+        for key, value in (attrs or {}).items():
+            fh.attrs[key] = value
+
+
+def assert_one_clear_error(done, *needles):
+    """Assert a non-zero exit and exactly one error line naming every needle, no traceback."""
+    assert done.returncode != 0, done.stdout
+    errors = [line for line in done.stderr.splitlines() if line.startswith("mpifed: error")]
+    assert len(errors) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+CASES = {
+    "unknown key": (GOOD + "bogus = 1\n", None, ["run.bogus"]),
+    "wrong type": (GOOD.replace("batch_size = 4", 'batch_size = "four"'), None,
+                   ["optim.batch_size"]),
+    "missing file": (GOOD.replace("d.h5", "nope.h5"), None, ["data.train", "nope.h5"]),
+    "missing dataset": (GOOD, {"y_name": "labels"}, ["no dataset 'y'", "data.y"]),
+    "x/y length mismatch": (GOOD, {"labels": np.zeros(39, dtype=np.int64)}, ["40 rows", "39"]),
+    "label out of range": (GOOD, {"labels": np.r_[np.zeros(39, np.int64), [7]],
+                                  "attrs": {"num_classes": 3}}, ["label 7", "num_classes=3"]),
+    "nan in data": (GOOD, {"x": np.r_[np.ones((39, 3)), [[np.nan, 0, 0]]]}, ["NaN"]),
+    "batch larger than shard": (GOOD.replace("batch_size = 4", "batch_size = 400"), None,
+                                ["optim.batch_size", "smallest shard"]),
+    "unknown model": (GOOD + '[model]\nkind = "transformer"\n', None, ["model.kind"]),
+    "divergence": (GOOD.replace("steps = 3", "steps = 50\nlr = 1e30") +
+                   "[model]\nkind = \"mlp\"\nhidden = [4]\n", None,
+                   ["diverged", "step"]),
+}
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+@pytest.mark.parametrize("case", list(CASES))
+def test_user_errors(tmp_path, ranks, case):
+    config, data_kwargs, needles = CASES[case]
+    write_data(tmp_path / "d.h5", **(data_kwargs or {}))
+    (tmp_path / "run.toml").write_text(config)
+    done = run_mpi(ranks, ["train", "run.toml"], cwd=tmp_path, timeout=60)
+    assert_one_clear_error(done, *needles)
+    if case == "label out of range" and ranks > 1:
+        assert f"[rank {ranks - 1}]" in done.stderr  # only the last rank holds the bad row
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    (tmp_path / "run.toml").write_text(GOOD.replace("d.h5", "nope.h5"))
+    done = run_cli(["--debug", "train", "run.toml"], cwd=tmp_path)
+    assert done.returncode != 0 and "Traceback" in done.stderr
+
+
+def test_missing_config_and_missing_model(tmp_path):
+    assert_one_clear_error(run_cli(["train", "nothing.toml"], cwd=tmp_path), "nothing.toml")
+    write_data(tmp_path / "d.h5")
+    assert_one_clear_error(run_mpi(2, ["evaluate", "m.h5", "d.h5"], cwd=tmp_path), "m.h5")
+
+
+def test_help_answers():
+    done = run_cli(["train", "--help"])
+    assert done.returncode == 0 and "--set" in done.stdout
