@@ -6,6 +6,7 @@ all-reduce moves all gradients. Layer i maps (B, in_i) to (B, out_i); ReLU betwe
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,13 +43,18 @@ class ModelSpec:
 
     def layout(self, dtype="float32") -> Layout:
         """Return the flat-buffer layout: W0, b0, W1, b1, ..."""
-        shapes, offsets = [], [0]
-        for fan_in, fan_out in zip(self.sizes, self.sizes[1:]):
-            for shape in ((fan_in, fan_out), (fan_out,)):
-                shapes.append(shape)
-                offsets.append(offsets[-1] + int(np.prod(shape)))
-        name = np.dtype(dtype).name
-        return Layout(tuple(shapes), (name,) * len(shapes), tuple(offsets), name)
+        return _layout(self, np.dtype(dtype).name)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(spec: ModelSpec, name: str) -> Layout:
+    """Compute a spec's layout once per dtype: a training step asks for it every time."""
+    shapes, offsets = [], [0]
+    for fan_in, fan_out in zip(spec.sizes, spec.sizes[1:]):
+        for shape in ((fan_in, fan_out), (fan_out,)):
+            shapes.append(shape)
+            offsets.append(offsets[-1] + int(np.prod(shape)))
+    return Layout(tuple(shapes), (name,) * len(shapes), tuple(offsets), name)
 
 
 def init_params(spec: ModelSpec, seed: int, xp=np, dtype="float32"):
@@ -69,7 +75,8 @@ def logits(spec: ModelSpec, flat, x):
     layers = views(flat, spec.layout(flat.dtype))
     h = x
     for i in range(0, len(layers), 2):
-        h = h @ layers[i] + layers[i + 1]
+        h = h @ layers[i]
+        h += layers[i + 1]
         if i + 2 < len(layers):
             h = _relu(h)
     return h
@@ -89,8 +96,10 @@ def loss_and_grad(spec: ModelSpec, flat, x, y, grad_out):
     grads = views(grad_out, spec.layout(grad_out.dtype))
     activations = [x]  # input of each layer, post-ReLU
     h = x
+    xp = get_array_module(flat)
     for i in range(0, len(layers), 2):
-        h = h @ layers[i] + layers[i + 1]
+        h = h @ layers[i]  # (B, out_i)
+        h += layers[i + 1]
         if i + 2 < len(layers):
             h = _relu(h)
             activations.append(h)
@@ -98,8 +107,8 @@ def loss_and_grad(spec: ModelSpec, flat, x, y, grad_out):
     delta = delta.astype(flat.dtype, copy=False)
     for i in range(len(layers) - 2, -1, -2):
         inputs = activations[i // 2]
-        grads[i][...] = inputs.T @ delta  # (in, out)
-        grads[i + 1][...] = delta.sum(axis=0)  # (out,)
+        xp.matmul(inputs.T, delta, out=grads[i])  # (in, out), straight into the flat buffer
+        delta.sum(axis=0, out=grads[i + 1])  # (out,)
         if i > 0:
             delta = delta @ layers[i].T
             delta *= inputs > 0  # ReLU' of the layer below

@@ -28,9 +28,12 @@ class SGD:
             self.velocity += grad
             if self.nesterov:
                 grad += self.momentum * self.velocity
+                grad *= params.dtype.type(lr)
             else:
-                grad = self.velocity
-        params -= params.dtype.type(lr) * grad
+                xp.multiply(self.velocity, params.dtype.type(lr), out=grad)
+        else:
+            grad *= params.dtype.type(lr)  # in place: no temporary the size of the model
+        params -= grad
 
     def state(self) -> dict:
         return {} if self.velocity is None else {"velocity": self.velocity}

@@ -33,7 +33,13 @@ from .report import Reporter
 
 
 def blas_threads_per_rank(comm) -> int:
-    """Return this rank's share of the node's cores, so co-located ranks do not oversubscribe."""
+    """Return this rank's share of the node's cores, so co-located ranks do not oversubscribe.
+
+    `MPIFED_BLAS_THREADS=k` sets it instead (benchmarks pin one thread per rank).
+    """
+    forced = os.environ.get("MPIFED_BLAS_THREADS")
+    if forced:
+        return max(1, int(forced))
     local = node_comm(comm)
     ranks_here = local.size
     local.Free()

@@ -1,0 +1,168 @@
+"""Training throughput: mpifed against PyTorch DDP (gloo, CPU) on the same model, data and batch.
+
+    python bench/train_throughput.py [--ranks 1 2] [--steps 150] [--no-torch]
+
+Model 784-512-256-10 MLP, float32, batch 128 per rank, SGD with momentum, one BLAS thread per
+rank, data from the same HDF5 file (each rank its shard). Each implementation runs under the same
+mpiexec in turn; the table gives samples/s, the weak-scaling efficiency from 1 rank
+(throughput_p / (p * throughput_1)) and the ratio ours / torch measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+FEATURES, HIDDEN, CLASSES, BATCH = 784, [512, 256], 10, 128
+
+
+def worker_ours(data: str, steps: int, out: str) -> dict:
+    """Run `mpifed train` in-process on this rank's shard; return rank 0's summary."""
+    from mpi4py import MPI
+
+    from ..train.config import resolve
+    from ..train.loop import train
+
+    cfg = resolve({
+        "data": {"train": data, "shuffle": True},
+        "model": {"kind": "mlp", "hidden": HIDDEN},
+        "optim": {"lr": 0.01, "momentum": 0.9, "batch_size": BATCH, "steps": steps},
+        "comm": {"allreduce": "auto"},
+        "run": {"out": out, "log_every": 0, "progress": "none"},
+    })
+    summary = train(cfg, MPI.COMM_WORLD)
+    return {"samples_per_s": summary["samples_per_s"],
+            "comm_fraction": summary["comm_seconds"] / summary["seconds"]}
+
+
+def worker_torch(data: str, steps: int, warmup: int = 10) -> dict:
+    """Train the same MLP with torch DDP over gloo; ranks and world size come from MPI."""
+    import h5py
+    import torch
+    import torch.distributed as dist
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    torch.set_num_threads(1)
+    port = comm.bcast(29500 + os.getpid() % 1000 if comm.rank == 0 else None)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=comm.rank, world_size=comm.size)
+    with h5py.File(data) as fh:
+        n = fh["x"].shape[0]
+        lo, hi = comm.rank * n // comm.size, (comm.rank + 1) * n // comm.size
+        x = torch.from_numpy(fh["x"][lo:hi])
+        y = torch.from_numpy(fh["y"][lo:hi].astype(np.int64))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(FEATURES, 512), torch.nn.ReLU(),
+                                torch.nn.Linear(512, 256), torch.nn.ReLU(),
+                                torch.nn.Linear(256, CLASSES))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    per_epoch = (hi - lo) // BATCH
+    start = None
+    for step in range(warmup + steps):
+        if step == warmup:
+            comm.Barrier()
+            start = time.perf_counter()
+        k = step % per_epoch
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(ddp(x[k * BATCH:(k + 1) * BATCH]), y[k * BATCH:(k + 1) * BATCH])
+        loss.backward()
+        opt.step()
+    elapsed = time.perf_counter() - start
+    dist.destroy_process_group()
+    return {"samples_per_s": steps * BATCH * comm.size / elapsed, "comm_fraction": None}
+
+
+def launch(impl: str, ranks: int, data: str, steps: int, out: str) -> dict:
+    """Run one implementation on `ranks` ranks under mpiexec; return rank 0's JSON result."""
+    mpiexec = Path(sys.executable).with_name("mpiexec")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+               MPIFED_BLAS_THREADS="1")
+    cmd = [str(mpiexec if mpiexec.exists() else "mpiexec"), "-n", str(ranks), sys.executable,
+           "-m", "mpifed.benchmarks.train_throughput", "--worker", impl, "--data", data,
+           "--steps", str(steps), "--out", out]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"{impl} on {ranks} ranks failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs; best is kept")
+    parser.add_argument("--samples", type=int, default=16384)
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch DDP peer")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--worker", choices=["ours", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        result = (worker_ours(args.data, args.steps, args.out) if args.worker == "ours"
+                  else worker_torch(args.data, args.steps))
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.rank == 0:
+            print(json.dumps(result), flush=True)
+        return 0
+    impls = ["ours"]
+    if not args.no_torch:
+        try:
+            import torch  # noqa: F401
+
+            impls.append("torch")
+        except ImportError:
+            print("# torch not installed: the DDP peer is skipped "
+                  "(pip install torch==2.13.0 to compare)")
+    from ..data.synth import write_synthetic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "bench.h5")
+        write_synthetic(data, args.samples, FEATURES, CLASSES, seed=0)
+        best: dict = {}
+        for _ in range(args.repeats):
+            for ranks in args.ranks:
+                for impl in impls:
+                    got = launch(impl, ranks, data, args.steps, os.path.join(tmp, "out"))
+                    key = (impl, ranks)
+                    if key not in best or got["samples_per_s"] > best[key]["samples_per_s"]:
+                        best[key] = got
+    print_table(best, impls, args.ranks)
+    if args.json:
+        rows = [{"impl": i, "ranks": r, **best[(i, r)]} for i, r in best]
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def print_table(best: dict, impls: list[str], ranks_list: list[int]) -> None:
+    print(f"# MLP 784-512-256-10, batch {BATCH}/rank, float32, 1 BLAS thread per rank "
+          "(best of the repeats)")
+    print(f"# {'impl':<6} {'ranks':>5} {'samples/s':>10} {'weak eff.':>9} {'comm %':>7} "
+          f"{'ours/torch':>10}")
+    for ranks in ranks_list:
+        for impl in impls:
+            row = best[(impl, ranks)]
+            base = best[(impl, ranks_list[0])]["samples_per_s"] * ranks / ranks_list[0]
+            comm = "" if row["comm_fraction"] is None else f"{100 * row['comm_fraction']:.1f}"
+            ratio = ""
+            if impl == "ours" and ("torch", ranks) in best:
+                ratio = f"{row['samples_per_s'] / best[('torch', ranks)]['samples_per_s']:.2f}x"
+            print(f"  {impl:<6} {ranks:>5} {row['samples_per_s']:>10,.0f} "
+                  f"{100 * row['samples_per_s'] / base:>8.1f}% {comm:>7} {ratio:>10}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

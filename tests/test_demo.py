@@ -1,0 +1,13 @@
+"""`make demo` trains the digits MLP on 2 ranks to at least 0.95 test accuracy."""
+
+import json
+
+from mpifed import demo
+
+
+def test_demo_reaches_its_accuracy(tmp_path, capsys):
+    assert demo.main(out=str(tmp_path / "demo"), ranks=2) == 0
+    summary = json.loads((tmp_path / "demo" / "train" / "metrics.jsonl").read_text()
+                         .splitlines()[-1])
+    assert summary["accuracy"] >= 0.95
+    assert "test accuracy" in capsys.readouterr().out
