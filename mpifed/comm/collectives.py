@@ -9,15 +9,17 @@ from .ring import ring_allreduce
 
 ALGORITHMS = ("auto", "ring", "mpi")
 
-# Below this many bytes MPI_Allreduce wins (latency-bound: one C call beats 2(n-1) Python
-# messages); from it up, the pipelined ring wins. Measured with `mpifed bench allreduce` on
-# 2 and 4 ranks of a 2-core machine with MPICH 5.0.2 (see README, "All-reduce benchmark").
+# Below RING_MIN_BYTES * (ranks - 1) bytes MPI_Allreduce wins: latency-bound, one C call beats
+# 2(ranks - 1) Python-driven messages, and the ring's latency grows with the rank count. Above it
+# the ring wins. Measured with `mpifed bench allreduce -f 2` with MPICH 5.0.2 on a 2-core machine:
+# crossover between 256 KiB and 1 MiB on 2 ranks, between 1 and 2 MiB on 4 (README, "All-reduce
+# benchmark"). MPIFED_RING_MIN_BYTES moves it for other machines.
 RING_MIN_BYTES = int(os.environ.get("MPIFED_RING_MIN_BYTES", 512 * 1024))
 
 
 def choose_algorithm(nbytes: int, ranks: int) -> str:
     """Return the algorithm that "auto" uses for a message of `nbytes` on `ranks` ranks."""
-    if ranks > 1 and nbytes >= RING_MIN_BYTES:
+    if ranks > 1 and nbytes >= RING_MIN_BYTES * (ranks - 1):
         return "ring"
     return "mpi"
 
