@@ -5,7 +5,6 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
-
 from conftest import run_cli, run_mpi
 
 GOOD = '[data]\ntrain = "d.h5"\n[optim]\nbatch_size = 4\nsteps = 3\n[run]\nout = "out"\n'

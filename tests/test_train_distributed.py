@@ -12,8 +12,8 @@ import json
 import h5py
 import numpy as np
 import pytest
-
 from conftest import run_mpi
+
 from mpifed.nn.models import ModelSpec, init_params
 
 FEATURES, CLASSES, SAMPLES = 6, 3, 103  # a prime: shards of unequal size

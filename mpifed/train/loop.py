@@ -17,19 +17,19 @@ import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
-from ..comm import allreduce, backend_module, select_device
+from ..comm import backend_module, select_device
 from ..comm.agree import raise_together
-from ..comm.checks import check_same_signature
 from ..comm.topology import node_comm
 from ..data.atomic import atomic_path
 from ..data.stream import BatchStream, Prefetcher
 from ..errors import UserError
 from ..nn.io import load_model, save_model
-from ..nn.models import ModelSpec, init_params, loss_and_grad
+from ..nn.models import ModelSpec, init_params
 from ..optim import learning_rate, make_optimizer
 from .config import to_toml
 from .evaluate import evaluate, open_checked_shard
 from .report import Reporter
+from .step import DataParallelStep
 
 
 def blas_threads_per_rank(comm) -> int:
@@ -123,40 +123,29 @@ def _train(cfg: dict, comm, xp) -> dict:
     reporter.line(f"mpifed train: {comm.size} ranks, {spec.kind} {spec.sizes}, "
                   f"{shard.info.samples} samples, global batch {optim['batch_size'] * comm.size}, "
                   f"{total} steps ({per_epoch} per epoch), backend {xp.__name__}")
-    nparams = params.size
-    grad = xp.zeros(nparams + 1, dtype=dtype)  # gradients, then this rank's loss in the last slot
-    check_same_signature(comm, grad.size, grad.dtype)  # once: the step's all-reduce skips it
+    step_fn = DataParallelStep(spec, params, comm, cfg["comm"]["allreduce"], xp)
     optimizer = make_optimizer(optim)
     stream = BatchStream(len(shard), optim["batch_size"], per_epoch, run["seed"], comm.rank,
                          data["shuffle"])
     loader = Prefetcher(shard, stream, xp.asarray)
     start = window_start = time.perf_counter()
-    comm_seconds = window_comm = 0.0
+    window_comm_start = 0.0
     window_steps, loss, epoch = 0, math.nan, 0
     try:
         for step in range(total):
             epoch, x, y = loader.get()
-            grad[nparams] = loss_and_grad(spec, params, x, y, grad[:nparams])
-            t_comm = time.perf_counter()
-            allreduce(grad, comm, "mean", cfg["comm"]["allreduce"], check=False)
-            elapsed_comm = time.perf_counter() - t_comm
-            comm_seconds += elapsed_comm
-            window_comm += elapsed_comm
-            loss = float(grad[nparams])  # identical on every rank: the stop is collective
-            if not math.isfinite(loss):
-                raise UserError(f"training diverged: the loss is {loss} at step {step + 1}; "
-                                "lower optim.lr or add optim.warmup")
             lr = learning_rate(step, optim["lr"], total, optim["schedule"], optim["warmup"],
                                optim["step_size"], optim["gamma"])
-            optimizer.step(params, grad[:nparams], lr)
+            loss = step_fn(x, y, optimizer, lr, step + 1)  # the same on every rank
             window_steps += 1
             log = run["log_every"] > 0 and ((step + 1) % run["log_every"] == 0 or step + 1 == total)
             now = time.perf_counter()
             rate = window_steps * optim["batch_size"] * comm.size / max(now - window_start, 1e-9)
+            window_comm = step_fn.comm_seconds - window_comm_start
             reporter.step(step + 1, epoch, loss, lr, rate, window_comm / max(now - window_start,
                                                                               1e-9), log)
             if log:
-                window_start, window_steps, window_comm = now, 0, 0.0
+                window_start, window_steps, window_comm_start = now, 0, step_fn.comm_seconds
             if test is not None and run["eval_every"] and (step + 1) % run["eval_every"] == 0:
                 result = evaluate(spec, params, test, comm, xp)
                 reporter.record(event="eval", step=step + 1, **result)
@@ -164,7 +153,7 @@ def _train(cfg: dict, comm, xp) -> dict:
         loader.close()
     seconds = time.perf_counter() - start
     summary = {"event": "summary", "steps": total, "samples": total * optim["batch_size"] *
-               comm.size, "seconds": seconds, "loss": loss, "comm_seconds": comm_seconds}
+               comm.size, "seconds": seconds, "loss": loss, "comm_seconds": step_fn.comm_seconds}
     summary["samples_per_s"] = summary["samples"] / max(seconds, 1e-9)
     if test is not None:
         result = evaluate(spec, params, test, comm, xp)
