@@ -69,6 +69,29 @@ def _data_command(args) -> int:
     elif args.data_command == "digits":
         train, test = write_digits(args.out_dir, seed=args.seed)
         print(f"wrote {train} and {test}")
+    elif args.data_command == "partition":
+        print("\n".join(partition_command(args)))
     elif args.data_command == "inspect":
         print("\n".join(inspect_lines(args.file, args.y)))
     return 0
+
+
+def partition_command(args) -> list[str]:
+    import h5py
+
+    from ..data.partition import split, write_partition
+    from ..data.shards import describe
+    from ..errors import UserError
+
+    describe(args.input, args.x, args.y, key="input")  # clear errors for a bad input file
+    sizes = None
+    if args.sizes:
+        try:
+            sizes = [float(v) for v in args.sizes.split(",")]
+        except ValueError:
+            raise UserError(f"--sizes {args.sizes!r}: expected comma-separated fractions") from None
+    with h5py.File(args.input, "r") as fh:
+        labels = fh[args.y][...]
+    parts = split(labels, args.institutions, args.scheme, args.seed, args.alpha,
+                  args.classes_per_site, sizes)
+    return write_partition(args.input, args.out_dir, parts, args.x, args.y)

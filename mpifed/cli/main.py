@@ -52,6 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "(OUT_DIR/train.h5, OUT_DIR/test.h5)")
     digits.add_argument("out_dir")
     digits.add_argument("--seed", type=int, default=0)
+    part = data_sub.add_parser("partition", help="split a dataset into institutions (site-<k>.h5)",
+                               description="Write OUT_DIR/site-0.h5 ... and a table of per-site "
+                                           "class counts (also OUT_DIR/partition.csv).")
+    part.add_argument("input", help="input HDF5 file")
+    part.add_argument("out_dir")
+    part.add_argument("--institutions", type=int, required=True)
+    part.add_argument("--scheme", default="iid",
+                      choices=["iid", "dirichlet", "pathological", "sizes"])
+    part.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    part.add_argument("--classes-per-site", type=int, default=2, help="pathological: C")
+    part.add_argument("--sizes", default=None, help="sizes: fractions, e.g. 0.5,0.3,0.2")
+    part.add_argument("--seed", type=int, default=0)
+    part.add_argument("--x", default="x")
+    part.add_argument("--y", default="y")
     insp = data_sub.add_parser("inspect", help="print shapes, dtypes and class counts")
     insp.add_argument("file")
     insp.add_argument("--y", default="y", help="labels dataset name (default y)")

@@ -41,11 +41,22 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], object]]] = {
     },
 }
 
+# The optional [federated] section: present, it turns the run into a federation.
+FEDERATED = {
+    "institutions": ((int,), None), "institution_sizes": ((list,), None),
+    "rounds": ((int,), 10), "local_steps": ((int, str), None), "local_epochs": ((int,), None),
+    "strategy": ((str,), "fedavg"), "mu": ((float, int), 0.01), "server_lr": ((float, int), None),
+    "beta1": ((float, int), 0.9), "beta2": ((float, int), 0.99), "tau": ((float, int), 1e-3),
+    "fraction": ((float, int), 1.0), "evaluate_local": ((bool,), False),
+}
+STRATEGY_NAMES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fednova")
+
 CHOICES = {
     ("model", "kind"): ("softmax", "mlp"), ("model", "dtype"): ("float32", "float64"),
     ("optim", "name"): ("sgd", "adam"), ("optim", "schedule"): ("constant", "step", "cosine"),
     ("comm", "allreduce"): ("auto", "ring", "mpi"), ("comm", "backend"): ("auto", "numpy", "cupy"),
     ("run", "progress"): ("auto", "bar", "lines", "none"),
+    ("federated", "strategy"): STRATEGY_NAMES,
 }
 
 
@@ -85,8 +96,10 @@ def resolve(raw: dict) -> dict:
     cfg = {}
     for section in raw:
         if section not in SCHEMA and section != "federated":
-            raise UserError(f"[{section}]: unknown section; known: {', '.join(SCHEMA)}")
-    for section, keys in SCHEMA.items():
+            raise UserError(f"[{section}]: unknown section; known: "
+                            f"{', '.join([*SCHEMA, 'federated'])}")
+    schema = dict(SCHEMA, federated=FEDERATED) if "federated" in raw else SCHEMA
+    for section, keys in schema.items():
         given = raw.get(section, {})
         if not isinstance(given, dict):
             raise UserError(f"{section}: must be a table ([{section}]), got {given!r}")
@@ -104,7 +117,48 @@ def resolve(raw: dict) -> dict:
                     raise UserError(f"{section}.{key}: {value!r} is not one of {choices}")
             cfg[section][key] = value
     _check_values(cfg)
+    cfg["federated"] = _check_federated(cfg["federated"]) if "federated" in cfg else None
     return cfg
+
+
+def _check_federated(fed: dict) -> dict:
+    """Check the [federated] values that do not need the rank count (that comes at run time)."""
+    if (fed["institutions"] is None) == (fed["institution_sizes"] is None):
+        raise UserError("federated: set exactly one of federated.institutions (K equal groups) "
+                        "and federated.institution_sizes (e.g. [2, 1, 3])")
+    if fed["institutions"] is not None and fed["institutions"] < 1:
+        raise UserError(f"federated.institutions: must be >= 1, got {fed['institutions']}")
+    sizes = fed["institution_sizes"]
+    if sizes is not None and (not sizes or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes)):
+        raise UserError(f"federated.institution_sizes: expected a list of positive integers, "
+                        f"got {sizes!r}")
+    if fed["local_steps"] is not None and fed["local_epochs"] is not None:
+        raise UserError("federated.local_steps and federated.local_epochs are both set; "
+                        "set only one of them")
+    steps = fed["local_steps"]
+    if isinstance(steps, str) and steps != "proportional":
+        raise UserError(f"federated.local_steps: expected a positive integer or "
+                        f"\"proportional\", got {steps!r}")
+    if isinstance(steps, int) and steps < 1:
+        raise UserError(f"federated.local_steps: must be >= 1, got {steps}")
+    if fed["local_epochs"] is not None and fed["local_epochs"] < 1:
+        raise UserError(f"federated.local_epochs: must be >= 1, got {fed['local_epochs']}")
+    if steps is None and fed["local_epochs"] is None:
+        fed["local_steps"] = 1
+    if fed["rounds"] < 1:
+        raise UserError(f"federated.rounds: must be >= 1, got {fed['rounds']}")
+    if not 0 < fed["fraction"] <= 1:
+        raise UserError(f"federated.fraction: must be in (0, 1], got {fed['fraction']}")
+    for key in ("mu", "tau"):
+        if fed[key] < 0:
+            raise UserError(f"federated.{key}: must be >= 0, got {fed[key]}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= fed[key] < 1:
+            raise UserError(f"federated.{key}: must be in [0, 1), got {fed[key]}")
+    if fed["server_lr"] is not None and fed["server_lr"] <= 0:
+        raise UserError(f"federated.server_lr: must be > 0, got {fed['server_lr']}")
+    return fed
 
 
 def _check_type(name: str, value, types) -> None:
@@ -154,6 +208,8 @@ def to_toml(cfg: dict) -> str:
     """Return `cfg` (sections of str/int/float/bool/list values) as TOML text."""
     lines = []
     for section, keys in cfg.items():
+        if keys is None:
+            continue
         lines.append(f"[{section}]")
         for key, value in keys.items():
             if value is not None:

@@ -96,6 +96,10 @@ def train(cfg: dict, comm=None) -> dict:
     if xp is not np:
         select_device(comm)
     with threadpool_limits(limits=blas_threads_per_rank(comm)):
+        if cfg.get("federated"):
+            from ..federated.rounds import federate
+
+            return federate(cfg, comm, xp)
         return _train(cfg, comm, xp)
 
 

@@ -1,0 +1,111 @@
+"""Split one dataset into institutions: IID, Dirichlet label skew, pathological, quantity skew.
+
+Each scheme is a pure function returning one array of row numbers per institution; the writer
+puts them in OUT_DIR/site-<k>.h5 with the same `num_classes`, so that every site agrees on it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+import numpy as np
+
+from ..errors import UserError
+from .synth import write_arrays
+
+SCHEMES = ("iid", "dirichlet", "pathological", "sizes")
+
+
+def iid_split(samples: int, sites: int, rng) -> list[np.ndarray]:
+    """Deal a random permutation of the rows into `sites` parts of (nearly) equal size."""
+    return [np.sort(part) for part in np.array_split(rng.permutation(samples), sites)]
+
+
+def dirichlet_split(labels, sites: int, alpha: float, rng, min_size: int = 2,
+                    tries: int = 1000) -> list[np.ndarray]:
+    """Split each class over the sites by proportions drawn from Dirichlet(alpha).
+
+    Small alpha gives strong label skew. Draws again until every site has `min_size` rows (as
+    flwr-datasets does), and gives up with a clear error after `tries`.
+    """
+    classes = np.unique(labels)
+    for _ in range(tries):
+        parts = [[] for _ in range(sites)]
+        for label in classes:
+            members = rng.permutation(np.flatnonzero(labels == label))
+            shares = rng.dirichlet(np.full(sites, alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+            for site, chunk in enumerate(np.split(members, cuts)):
+                parts[site].append(chunk)
+        out = [np.sort(np.concatenate(p)) for p in parts]
+        if min(len(p) for p in out) >= min_size:
+            return out
+    raise UserError(f"--alpha {alpha}: could not give every one of {sites} sites {min_size} rows "
+                    f"in {tries} draws; raise --alpha or use fewer --institutions")
+
+
+def pathological_split(labels, sites: int, classes_per_site: int, rng) -> list[np.ndarray]:
+    """FedAvg paper's split: sort by label, cut into sites*C shards, deal C shards to each site."""
+    order = np.argsort(labels, kind="stable")
+    shards = np.array_split(order, sites * classes_per_site)
+    dealt = rng.permutation(len(shards))
+    return [np.sort(np.concatenate([shards[i] for i in dealt[k::sites]])) for k in range(sites)]
+
+
+def sizes_split(samples: int, fractions, rng) -> list[np.ndarray]:
+    """Quantity skew: site k gets fractions[k] of the rows, drawn at random (IID labels)."""
+    fractions = np.asarray(fractions, dtype=float)
+    if np.any(fractions <= 0) or abs(fractions.sum() - 1) > 1e-6:
+        raise UserError(f"--sizes {','.join(map(str, fractions))}: need positive fractions that "
+                        "sum to 1")
+    cuts = (np.cumsum(fractions)[:-1] * samples).round().astype(int)
+    return [np.sort(p) for p in np.split(rng.permutation(samples), cuts)]
+
+
+def split(labels, sites: int, scheme: str, seed: int, alpha=0.5, classes_per_site=2,
+          sizes=None) -> list[np.ndarray]:
+    """Return the rows of each site under `scheme` (one of SCHEMES)."""
+    rng = np.random.default_rng(seed)
+    if sites < 1:
+        raise UserError(f"--institutions must be >= 1, got {sites}")
+    if scheme == "iid":
+        return iid_split(len(labels), sites, rng)
+    if scheme == "dirichlet":
+        if alpha <= 0:
+            raise UserError(f"--alpha must be > 0, got {alpha}")
+        return dirichlet_split(labels, sites, alpha, rng)
+    if scheme == "pathological":
+        if classes_per_site < 1:
+            raise UserError(f"--classes-per-site must be >= 1, got {classes_per_site}")
+        return pathological_split(labels, sites, classes_per_site, rng)
+    if scheme == "sizes":
+        if sizes is None or len(sizes) != sites:
+            raise UserError(f"--scheme sizes needs --sizes with {sites} fractions, e.g. "
+                            "--sizes 0.5,0.3,0.2")
+        return sizes_split(len(labels), sizes, rng)
+    raise UserError(f"--scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
+
+
+def write_partition(in_path: str, out_dir: str, parts, x: str = "x", y: str = "y") -> list[str]:
+    """Write OUT_DIR/site-<k>.h5 for each part and OUT_DIR/partition.csv; return the table lines.
+
+    Reads the input's x and y whole: partitioning is a one-off preprocessing step on one machine.
+    """
+    with h5py.File(in_path, "r") as fh:
+        features, labels = fh[x][...], fh[y][...]
+        classes = int(fh.attrs.get("num_classes", labels.max() + 1))
+    os.makedirs(out_dir, exist_ok=True)
+    counts = np.zeros((len(parts), classes), dtype=np.int64)
+    for site, rows in enumerate(parts):
+        write_arrays(os.path.join(out_dir, f"site-{site}.h5"), features[rows], labels[rows],
+                     num_classes=classes)
+        counts[site] = np.bincount(labels[rows], minlength=classes)
+    header = ["site", "samples", *[f"class_{c}" for c in range(classes)]]
+    rows = [[f"site-{s}", int(counts[s].sum()), *counts[s].tolist()] for s in range(len(parts))]
+    with open(os.path.join(out_dir, "partition.csv"), "w") as fh:
+        fh.write(",".join(header) + "\n")
+        fh.writelines(",".join(map(str, r)) + "\n" for r in rows)
+    width = max(6, *(len(str(v)) for r in rows for v in r))
+    return [" ".join(f"{h:>{width}}" for h in header)] + [
+        " ".join(f"{v:>{width}}" for v in r) for r in rows]

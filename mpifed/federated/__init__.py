@@ -1,0 +1,1 @@
+"""Federated learning across MPI rank groups: layouts, strategies, rounds."""

@@ -1,0 +1,200 @@
+"""Federated rounds: institutions train data-parallel inside, the root aggregates their models.
+
+    mpiexec -n 4 mpifed train fed.toml       # with a [federated] section
+
+A round: the chosen institutions start from the global model, take their local steps (ring
+all-reduce inside the institution; each rank's data stream continues across rounds), their
+leaders send the models to the root, the root applies the strategy, and the new global model
+flows back to every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from ..comm.agree import raise_together
+from ..data.stream import BatchStream, Prefetcher
+from ..errors import UserError
+from ..nn.io import save_model
+from ..optim import learning_rate, make_optimizer
+from ..train.evaluate import evaluate, open_checked_shard
+from ..train.loop import build_model, prepare_out
+from ..train.report import Reporter
+from ..train.step import DataParallelStep
+from .exchange import META_FIELDS, broadcast_global, collect_at_root, send_to_root
+from .layout import Federation, institution_sizes, make_federation, participants
+from .strategies import DEFAULT_SERVER_LR, STRATEGIES, ServerHyper
+
+
+def site_data_path(template: str, institution: int) -> str:
+    """Return institution k's file: the template with {institution} filled in."""
+    try:
+        return template.format(institution=institution)
+    except (KeyError, IndexError, ValueError) as err:
+        raise UserError(f"data.train: {template!r} is not a valid template ({err}); the only "
+                        "field is {institution}") from None
+
+
+def open_site_data(cfg: dict, fed: Federation, dtype):
+    """Open this rank's training rows; return (shard, stream_comm, institution samples, classes).
+
+    With a template, institution k's ranks shard file k among themselves; without one, the file
+    is sharded over the world, and an institution holds its ranks' rows.
+    """
+    data = cfg["data"]
+    templated = "{institution}" in data["train"]
+    if templated:
+        path, comm = site_data_path(data["train"], fed.institution), fed.site
+    else:
+        path, comm = data["train"], fed.world
+    shard, classes = raise_together(fed.world, lambda: open_checked_shard(
+        comm, path, data["x"], data["y"], dtype, f"data.train (institution {fed.institution})"))
+    samples = shard.info.samples if templated else fed.site.allreduce(len(shard), op=MPI.SUM)
+    features = fed.world.allgather(shard.info.features)
+    if len(set(features)) > 1:
+        raise UserError(f"data.train: institutions' files have different feature counts "
+                        f"({sorted(set(features))}); every site needs the same features")
+    return shard, comm, samples, fed.world.allreduce(classes, op=MPI.MAX)
+
+
+def local_step_count(fed_cfg: dict, per_epoch: int) -> int:
+    """Return this institution's local steps per round (tau_k)."""
+    if fed_cfg["local_epochs"] is not None:
+        return fed_cfg["local_epochs"] * per_epoch
+    if fed_cfg["local_steps"] == "proportional":
+        return per_epoch  # one local epoch: steps in proportion to the institution's data
+    return fed_cfg["local_steps"]
+
+
+def federate(cfg: dict, world, xp) -> dict:
+    """Run the federation that `cfg` describes on `world`; return the summary (on every rank)."""
+    fed_cfg, optim, run = cfg["federated"], cfg["optim"], cfg["run"]
+    sizes = institution_sizes(fed_cfg, world.size)
+    fed = make_federation(world, sizes)
+    dtype = np.dtype(cfg["model"]["dtype"])
+    shard, stream_comm, samples, classes = open_site_data(cfg, fed, dtype)
+    spec, params = raise_together(world, lambda: build_model(cfg, shard.info.features, classes,
+                                                             xp, dtype))
+    smallest = fed.site.allreduce(len(shard), op=MPI.MIN)
+    per_epoch = smallest // optim["batch_size"]
+    raise_together(world, lambda: _check_batch(per_epoch, optim["batch_size"], smallest, fed))
+    tau = local_step_count(fed_cfg, per_epoch)
+    test = None
+    if cfg["data"]["test"]:
+        test, _ = open_checked_shard(world, cfg["data"]["test"], cfg["data"]["x"],
+                                     cfg["data"]["y"], dtype, "data.test", spec.features)
+    site_samples = fed.leaders.gather(samples, root=0) if fed.is_leader else None
+    out = prepare_out(cfg, world)
+    reporter = Reporter(out, fed.is_root, fed_cfg["rounds"], run["progress"])
+    reporter.line(f"mpifed federated: {len(sizes)} institutions of {sizes} ranks, strategy "
+                  f"{fed_cfg['strategy']}, {fed_cfg['rounds']} rounds, {spec.kind} {spec.sizes}")
+    step_fn = DataParallelStep(spec, params, fed.site, cfg["comm"]["allreduce"], xp)
+    stream = BatchStream(len(shard), optim["batch_size"], per_epoch, run["seed"],
+                         stream_comm.rank, cfg["data"]["shuffle"])
+    loader = Prefetcher(shard, stream, xp.asarray)
+    hyper = ServerHyper(fed_cfg["server_lr"] or DEFAULT_SERVER_LR.get(fed_cfg["strategy"], 1.0),
+                        fed_cfg["beta1"], fed_cfg["beta2"], fed_cfg["tau"])
+    server_state: dict = {}
+    start, last = time.perf_counter(), {}
+    try:
+        for rnd in range(fed_cfg["rounds"]):
+            last, server_state = _round(cfg, fed, spec, params, step_fn, loader, tau, samples,
+                                        shard, rnd, hyper, server_state, xp)
+            if fed.is_root:
+                last["institutions"] = _institution_table(last.pop("metas"), site_samples)
+            if test is not None:
+                last.update({f"test_{k}" if k != "accuracy" else k: v
+                             for k, v in evaluate(spec, params, test, world, xp).items()})
+            reporter.record(event="round", **last)
+            reporter.line(_round_line(last, fed_cfg["rounds"]))
+    finally:
+        loader.close()
+    seconds = time.perf_counter() - start
+    if fed.is_root:
+        save_model(os.path.join(out, "model.h5"), spec, params)
+    summary = {"event": "summary", "rounds": fed_cfg["rounds"], "seconds": seconds,
+               "accuracy": last.get("accuracy"), "test_loss": last.get("test_loss")}
+    reporter.record(**summary)
+    reporter.line(f"done: {fed_cfg['rounds']} rounds in {seconds:.2f} s; model in "
+                  f"{os.path.join(out, 'model.h5')}")
+    reporter.close()
+    world.Barrier()
+    fed.free()
+    return summary
+
+
+def _check_batch(per_epoch, batch, smallest, fed):
+    if per_epoch == 0:
+        raise UserError(f"optim.batch_size: {batch} rows per rank is more than the smallest shard "
+                        f"of institution {fed.institution} ({smallest} rows); lower it")
+
+
+def _round(cfg, fed, spec, params, step_fn, loader, tau, samples, shard, rnd, hyper,
+           server_state, xp):
+    """Run one round on every rank; return (record for rank 0, the server's new state)."""
+    fed_cfg, optim = cfg["federated"], cfg["optim"]
+    t0 = time.perf_counter()
+    comm_before = step_fn.comm_seconds
+    chosen = participants(len(fed.sizes), fed_cfg["fraction"], cfg["run"]["seed"], rnd)
+    meta = np.zeros(len(META_FIELDS))
+    meta[:2] = samples, tau
+    global_params = params.copy() if fed.is_root else None  # what the round started from
+    if fed.institution in chosen:
+        anchor = params.copy() if fed_cfg["strategy"] == "fedprox" else None
+        optimizer = make_optimizer(optim)  # each round starts the local optimiser afresh
+        lr = learning_rate(rnd, optim["lr"], fed_cfg["rounds"], optim["schedule"],
+                           optim["warmup"], optim["step_size"], optim["gamma"])
+        losses = [step_fn(*loader.get()[1:], optimizer, lr, rnd * tau + t + 1, anchor,
+                          fed_cfg["mu"]) for t in range(tau)]
+        meta[2] = float(np.mean(losses))
+        if fed_cfg["evaluate_local"]:
+            local = evaluate(spec, params, shard, fed.site, xp)  # the site's rows, its model
+            meta[3:5] = local["loss"], local["accuracy"]
+    t_exchange = time.perf_counter()
+    to_root = from_root = 0
+    record = {"round": rnd + 1}
+    if fed.is_root:
+        results, to_root = collect_at_root(fed, params, meta, chosen)
+        new, server_state = STRATEGIES[fed_cfg["strategy"]](
+            global_params, [(p, m[0], m[1]) for p, m in results.values()],
+            server_state, hyper)
+        params[...] = new
+        record["metas"] = {k: m for k, (_, m) in results.items()}
+    elif fed.is_leader and fed.institution in chosen:
+        send_to_root(fed, params, meta)
+    from_root = broadcast_global(fed, params)
+    now = time.perf_counter()
+    record.update(bytes_to_root=to_root, bytes_from_root=from_root, round_seconds=now - t0,
+                  exchange_seconds=now - t_exchange,
+                  allreduce_seconds=step_fn.comm_seconds - comm_before)
+    record["comm_fraction"] = (record["exchange_seconds"] + record["allreduce_seconds"]) / max(
+        now - t0, 1e-9)
+    return record, server_state
+
+
+def _institution_table(metas: dict, site_samples: list[int]) -> list[dict]:
+    """Per-institution entries of a round record (idle institutions marked as such)."""
+    table = []
+    for k, samples in enumerate(site_samples):
+        entry = {"institution": k, "samples": int(samples), "participated": k in metas}
+        if k in metas:
+            m = metas[k]
+            entry.update(steps=int(m[1]), loss=float(m[2]))
+            if m[4] or m[3]:
+                entry.update(local_loss=float(m[3]), local_accuracy=float(m[4]))
+        table.append(entry)
+    return table
+
+
+def _round_line(record: dict, rounds: int) -> str:
+    text = f"round {record['round']}/{rounds}"
+    if "accuracy" in record:
+        text += f" accuracy {record['accuracy']:.4f}"
+    losses = [f"{e['loss']:.3f}" for e in record.get("institutions", []) if "loss" in e]
+    text += f" local losses [{', '.join(losses)}]"
+    return text + (f" {record['round_seconds']:.2f} s, to root {record['bytes_to_root']:,} B, "
+                   f"comm {100 * record['comm_fraction']:.0f}%")
