@@ -1,4 +1,6 @@
-"""`make demo`: write the digits set, train an MLP on 2 local ranks, print test accuracy.
+"""`make demo`: write the digits set, train an MLP on 2 local ranks, print test accuracy; then
+split the digits non-IID over 4 institutions and compare FedAvg, FedProx and centralised training
+round by round.
 
 Needs no cluster and no GPU: MPI is the PyPI MPICH next to this Python.
 """
@@ -38,6 +40,59 @@ log_every = 100
 """
 
 
+FEDERATED = """\
+# The federated demo: digits split by Dirichlet(0.5) label skew over 4 institutions.
+[data]
+train = "{out}/sites/site-{{institution}}.h5"
+test = "{data}/test.h5"
+
+[model]
+kind = "mlp"
+hidden = [64]
+
+[optim]
+lr = 0.05
+momentum = 0.9
+batch_size = 16
+
+[federated]
+institutions = 4
+rounds = {rounds}
+local_steps = {local_steps}
+strategy = "fedavg"
+mu = 0.1
+
+[run]
+seed = 0
+out = "{out}/fedavg"
+progress = "none"
+"""
+
+
+CENTRAL = """\
+# Centralised baseline: the pooled digits, 4 ranks, as many steps as the federation takes.
+[data]
+train = "{data}/train.h5"
+test = "{data}/test.h5"
+
+[model]
+kind = "mlp"
+hidden = [64]
+
+[optim]
+lr = 0.05
+momentum = 0.9
+batch_size = 16
+steps = {steps}
+
+[run]
+seed = 0
+out = "{out}/central"
+eval_every = {every}
+progress = "none"
+"""
+
+
 def mpiexec() -> str:
     local = Path(sys.executable).with_name("mpiexec")
     return str(local) if local.exists() else "mpiexec"
@@ -60,7 +115,48 @@ def main(out: str = "demo-out", ranks: int = 2) -> int:
     summary = json.loads(Path(out, "train", "metrics.jsonl").read_text().splitlines()[-1])
     print(f"\ndemo: test accuracy {summary['accuracy']:.4f} on the digits test set, "
           f"{ranks} ranks, wall time {wall:.1f} s (training {summary['seconds']:.2f} s)")
-    return 0 if summary["accuracy"] >= 0.95 else 1
+    if summary["accuracy"] < 0.95:
+        return 1
+    federated_comparison(mpifed, data, out)
+    return 0
+
+
+def accuracy_by_round(metrics: Path, event: str, every: int = 1) -> list[float]:
+    """Return the test accuracy of each round (or each `every` steps) from a metrics file."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    if event == "round":
+        return [r["accuracy"] for r in records if r.get("event") == "round"]
+    return [r["accuracy"] for r in records if r.get("event") == "eval" and r["step"] % every == 0]
+
+
+def federated_comparison(mpifed: list[str], data: str, out: str, rounds: int = 15,
+                         local_steps: int = 10) -> None:
+    """Train FedAvg, FedProx and centralised on 4 ranks; print accuracy by round side by side."""
+    run([*mpifed, "data", "partition", os.path.join(data, "train.h5"),
+         os.path.join(out, "sites"), "--institutions", "4", "--scheme", "dirichlet",
+         "--alpha", "0.5", "--seed", "0"])
+    config = os.path.join(out, "federated.toml")
+    Path(config).write_text(FEDERATED.format(data=data, out=out, rounds=rounds,
+                                             local_steps=local_steps))
+    four = [mpiexec(), "-n", "4", *mpifed, "train", config]
+    run(four)
+    run([*four, "--set", "federated.strategy=fedprox", "--set", f"run.out={out}/fedprox"])
+    central = os.path.join(out, "central.toml")
+    Path(central).write_text(CENTRAL.format(data=data, out=out, steps=rounds * local_steps,
+                                            every=local_steps))
+    run([mpiexec(), "-n", "4", *mpifed, "train", central])
+    table = {
+        "centralised": accuracy_by_round(Path(out, "central", "metrics.jsonl"), "eval",
+                                         local_steps),
+        "fedavg": accuracy_by_round(Path(out, "fedavg", "metrics.jsonl"), "round"),
+        "fedprox": accuracy_by_round(Path(out, "fedprox", "metrics.jsonl"), "round"),
+    }
+    print(f"\ntest accuracy by round: digits, 4 institutions, Dirichlet(0.5) label skew, "
+          f"{local_steps} local steps of batch 16 per round (centralised: the same steps on the "
+          "pooled data, 4 ranks)")
+    print(f"{'round':>5} " + " ".join(f"{name:>12}" for name in table))
+    for i in range(rounds):
+        print(f"{i + 1:>5} " + " ".join(f"{acc[i]:>12.4f}" for acc in table.values()))
 
 
 if __name__ == "__main__":
