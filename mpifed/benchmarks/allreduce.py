@@ -44,7 +44,7 @@ def iterations_for(nbytes: int, requested: int | None) -> int:
     """Return how many timed iterations a size gets: more for small sizes, at least 5."""
     if requested:
         return requested
-    return int(min(200, max(5, (256 << 20) // max(nbytes, 1) // 8)))
+    return int(min(200, max(10, (256 << 20) // max(nbytes, 1) // 8)))
 
 
 def time_size(comm, nbytes: int, dtype, iters: int, warmup: int) -> dict:
@@ -107,7 +107,7 @@ def run(argv=None) -> int:
     parser.add_argument("-e", "--max-bytes", default="64M", help="largest size (default 64M)")
     parser.add_argument("-f", "--factor", type=int, default=4, help="size step factor (default 4)")
     parser.add_argument("-n", "--iters", type=int, default=None,
-                        help="timed iterations per size (default: by size, 5 to 200)")
+                        help="timed iterations per size (default: by size, 10 to 200)")
     parser.add_argument("-w", "--warmup", type=int, default=2, help="warm-up iterations")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "int32",
                                                                 "int64"])
