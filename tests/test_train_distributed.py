@@ -28,8 +28,10 @@ def make_data(path):
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 3, 4])
-@pytest.mark.parametrize("algorithm,shuffle", [("ring", True), ("mpi", False)])
-def test_distributed_equals_serial(tmp_path, ranks, algorithm, shuffle):
+@pytest.mark.parametrize("algorithm,shuffle,overlap", [("ring", True, False),
+                                                       ("mpi", False, False),
+                                                       ("auto", True, True)])
+def test_distributed_equals_serial(tmp_path, ranks, algorithm, shuffle, overlap):
     make_data(tmp_path / "d.h5")
     batch, steps, seed, lr, momentum = 4, 23, 3, 0.05, 0.9  # 23 steps: crosses epochs
     (tmp_path / "run.toml").write_text(f"""
@@ -47,6 +49,7 @@ batch_size = {batch}
 steps = {steps}
 [comm]
 allreduce = "{algorithm}"
+overlap = {str(overlap).lower()}
 [run]
 seed = {seed}
 out = "out"

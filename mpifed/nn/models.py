@@ -87,12 +87,15 @@ def _relu(h):
     return xp.maximum(h, 0, out=h)
 
 
-def loss_and_grad(spec: ModelSpec, flat, x, y, grad_out):
+def loss_and_grad(spec: ModelSpec, flat, x, y, grad_out, on_ready=None):
     """Write d(mean loss)/d(params) into `grad_out` (flat, like `flat`); return the mean loss.
 
     x: (B, features) in the parameters' dtype; y: (B,) integer labels.
+    on_ready(lo, hi, loss): called as soon as grad_out[lo:hi] (one layer's W and b) is final,
+    last layer first, so that its all-reduce can start while earlier layers still compute.
     """
-    layers = views(flat, spec.layout(flat.dtype))
+    layout = spec.layout(flat.dtype)
+    layers = views(flat, layout)
     grads = views(grad_out, spec.layout(grad_out.dtype))
     activations = [x]  # input of each layer, post-ReLU
     h = x
@@ -109,6 +112,8 @@ def loss_and_grad(spec: ModelSpec, flat, x, y, grad_out):
         inputs = activations[i // 2]
         xp.matmul(inputs.T, delta, out=grads[i])  # (in, out), straight into the flat buffer
         delta.sum(axis=0, out=grads[i + 1])  # (out,)
+        if on_ready is not None:
+            on_ready(layout.offsets[i], layout.offsets[i + 2], loss)
         if i > 0:
             delta = delta @ layers[i].T
             delta *= inputs > 0  # ReLU' of the layer below

@@ -34,7 +34,8 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], object]]] = {
         "gamma": ((float, int), 0.1), "beta1": ((float, int), 0.9),
         "beta2": ((float, int), 0.999), "eps": ((float, int), 1e-8),
     },
-    "comm": {"allreduce": ((str,), "auto"), "backend": ((str,), "auto")},
+    "comm": {"allreduce": ((str,), "auto"), "backend": ((str,), "auto"),
+             "overlap": ((bool,), False)},
     "run": {
         "seed": ((int,), 0), "out": ((str,), "runs/latest"), "log_every": ((int,), 10),
         "eval_every": ((int,), 0), "progress": ((str,), "auto"),

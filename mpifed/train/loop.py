@@ -127,7 +127,8 @@ def _train(cfg: dict, comm, xp) -> dict:
     reporter.line(f"mpifed train: {comm.size} ranks, {spec.kind} {spec.sizes}, "
                   f"{shard.info.samples} samples, global batch {optim['batch_size'] * comm.size}, "
                   f"{total} steps ({per_epoch} per epoch), backend {xp.__name__}")
-    step_fn = DataParallelStep(spec, params, comm, cfg["comm"]["allreduce"], xp)
+    step_fn = DataParallelStep(spec, params, comm, cfg["comm"]["allreduce"], xp,
+                               cfg["comm"]["overlap"])
     optimizer = make_optimizer(optim)
     stream = BatchStream(len(shard), optim["batch_size"], per_epoch, run["seed"], comm.rank,
                          data["shuffle"])
@@ -155,6 +156,7 @@ def _train(cfg: dict, comm, xp) -> dict:
                 reporter.record(event="eval", step=step + 1, **result)
     finally:
         loader.close()
+        step_fn.close()
     seconds = time.perf_counter() - start
     summary = {"event": "summary", "steps": total, "samples": total * optim["batch_size"] *
                comm.size, "seconds": seconds, "loss": loss, "comm_seconds": step_fn.comm_seconds}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from ..comm import allreduce
 from ..comm.checks import check_same_signature
@@ -17,11 +18,42 @@ class DataParallelStep:
     all-reduce also yields the global mean loss. Collective over `comm`.
     """
 
-    def __init__(self, spec, params, comm, algorithm: str, xp):
+    def __init__(self, spec, params, comm, algorithm: str, xp, overlap: bool = False):
         self.spec, self.params, self.comm, self.algorithm = spec, params, comm, algorithm
         self.grad = xp.zeros(params.size + 1, dtype=params.dtype)
         check_same_signature(comm, self.grad.size, self.grad.dtype)  # once; steps skip it
         self.comm_seconds = 0.0
+        # Overlap: one thread reduces each layer's gradients, last layer first, while the
+        # backward pass goes on (DDP's buckets). Every rank issues the same reductions in the
+        # same order, so the collectives match.
+        self._pool = (ThreadPoolExecutor(1, thread_name_prefix="mpifed-comm")
+                      if overlap and comm.size > 1 else None)
+
+    def _reduce(self, lo: int, hi: int) -> float:
+        start = time.perf_counter()
+        allreduce(self.grad[lo:hi], self.comm, "mean", self.algorithm, check=False)
+        return time.perf_counter() - start
+
+    def _backward_overlapped(self, x, y) -> None:
+        """Gradients with each layer's all-reduce started as soon as the layer is done."""
+        n = self.params.size
+        futures = []
+
+        def ready(lo, hi, loss):
+            if hi == n:  # the last layer carries the loss slot along
+                self.grad[n] = loss
+                hi = n + 1
+            futures.append(self._pool.submit(self._reduce, lo, hi))
+
+        loss_and_grad(self.spec, self.params, x, y, self.grad[:n], on_ready=ready)
+        start = time.perf_counter()
+        for future in futures:
+            future.result()
+        self.comm_seconds += time.perf_counter() - start  # the part the backward did not hide
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
 
     def __call__(self, x, y, optimizer, lr: float, step_number: int, anchor=None, mu=0.0):
         """Take one step on the batch (x, y); return the global mean loss (same on all ranks).
@@ -31,10 +63,11 @@ class DataParallelStep:
         """
         n = self.params.size
         grads = self.grad[:n]
-        self.grad[n] = loss_and_grad(self.spec, self.params, x, y, grads)
-        start = time.perf_counter()
-        allreduce(self.grad, self.comm, "mean", self.algorithm, check=False)
-        self.comm_seconds += time.perf_counter() - start
+        if self._pool is not None:
+            self._backward_overlapped(x, y)
+        else:
+            self.grad[n] = loss_and_grad(self.spec, self.params, x, y, grads)
+            self.comm_seconds += self._reduce(0, n + 1)
         loss = float(self.grad[n])
         if loss != loss or loss in (float("inf"), float("-inf")):
             raise UserError(f"training diverged: the loss is {loss} at step {step_number}; "
