@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 from mpi4py import MPI
 
 from ..comm.agree import raise_together
+from ..comm.backend import get_array_module
 from ..data.stream import BatchStream, Prefetcher
 from ..errors import UserError
 from ..nn.io import save_model
 from ..optim import learning_rate, make_optimizer
+from ..train.checkpoint import choose_checkpoint, save_checkpoint
 from ..train.evaluate import evaluate, open_checked_shard
-from ..train.loop import build_model, prepare_out
+from ..train.loop import build_model, prepare_out, stop_early
 from ..train.report import Reporter
+from ..train.signals import StopFlag
 from ..train.step import DataParallelStep
 from .exchange import META_FIELDS, broadcast_global, collect_at_root, send_to_root
 from .layout import Federation, institution_sizes, make_federation, participants
@@ -72,9 +76,48 @@ def local_step_count(fed_cfg: dict, per_epoch: int) -> int:
 
 def federate(cfg: dict, world, xp) -> dict:
     """Run the federation that `cfg` describes on `world`; return the summary (on every rank)."""
-    fed_cfg, optim, run = cfg["federated"], cfg["optim"], cfg["run"]
-    sizes = institution_sizes(fed_cfg, world.size)
-    fed = make_federation(world, sizes)
+    fed_cfg, run = cfg["federated"], cfg["run"]
+    fed = make_federation(world, institution_sizes(fed_cfg, world.size))
+    site = _setup(cfg, fed, xp)
+    out = prepare_out(cfg, world)
+    first, site_steps, server_state = _resume(cfg, fed, site.params)
+    reporter = Reporter(out, fed.is_root, fed_cfg["rounds"], run["progress"], append=first > 0)
+    reporter.line(f"mpifed federated: {len(fed.sizes)} institutions of {fed.sizes} ranks, "
+                  f"strategy {fed_cfg['strategy']}, {fed_cfg['rounds']} rounds, "
+                  f"{site.spec.kind} {site.spec.sizes}"
+                  + (f", resumed after round {first}" if first else ""))
+    step_fn = DataParallelStep(site.spec, site.params, fed.site, cfg["comm"]["allreduce"], xp)
+    stream = BatchStream(len(site.shard), cfg["optim"]["batch_size"], site.per_epoch,
+                         run["seed"], site.stream_comm.rank, cfg["data"]["shuffle"],
+                         epoch=site_steps // site.per_epoch, step=site_steps % site.per_epoch)
+    loader = Prefetcher(site.shard, stream, xp.asarray)
+    hyper = ServerHyper(fed_cfg["server_lr"] or DEFAULT_SERVER_LR.get(fed_cfg["strategy"], 1.0),
+                        fed_cfg["beta1"], fed_cfg["beta2"], fed_cfg["tau"])
+    start, last, stopped = time.perf_counter(), {}, ""
+    try:
+        with StopFlag() as flag:
+            for rnd in range(first, fed_cfg["rounds"]):
+                last, server_state, took_part = _round(cfg, fed, site, step_fn, loader, rnd,
+                                                       hyper, server_state, xp)
+                site_steps += site.tau if took_part else 0
+                _report_round(reporter, last, site, fed, fed_cfg["rounds"], xp)
+                stop = world.allreduce(flag.value, op=MPI.MAX) > 0
+                every = run["checkpoint_every"]
+                if stop or (every and (rnd + 1) % every == 0 and rnd + 1 < fed_cfg["rounds"]):
+                    _write_checkpoint(cfg, fed, site.params, server_state, rnd + 1, site_steps)
+                if stop:
+                    stopped = flag.raised or "a signal on another rank"
+                    break
+    finally:
+        loader.close()
+    if stopped:
+        return stop_early(cfg, world, reporter, rnd + 1, stopped)
+    return _finish(cfg, fed, site, reporter, last, time.perf_counter() - start)
+
+
+def _setup(cfg: dict, fed: Federation, xp) -> SimpleNamespace:
+    """Open this rank's data and test shard, build the model, plan the local steps."""
+    optim, world = cfg["optim"], fed.world
     dtype = np.dtype(cfg["model"]["dtype"])
     shard, stream_comm, samples, classes = open_site_data(cfg, fed, dtype)
     spec, params = raise_together(world, lambda: build_model(cfg, shard.info.features, classes,
@@ -82,47 +125,71 @@ def federate(cfg: dict, world, xp) -> dict:
     smallest = fed.site.allreduce(len(shard), op=MPI.MIN)
     per_epoch = smallest // optim["batch_size"]
     raise_together(world, lambda: _check_batch(per_epoch, optim["batch_size"], smallest, fed))
-    tau = local_step_count(fed_cfg, per_epoch)
     test = None
     if cfg["data"]["test"]:
         test, _ = open_checked_shard(world, cfg["data"]["test"], cfg["data"]["x"],
                                      cfg["data"]["y"], dtype, "data.test", spec.features)
     site_samples = fed.leaders.gather(samples, root=0) if fed.is_leader else None
-    out = prepare_out(cfg, world)
-    reporter = Reporter(out, fed.is_root, fed_cfg["rounds"], run["progress"])
-    reporter.line(f"mpifed federated: {len(sizes)} institutions of {sizes} ranks, strategy "
-                  f"{fed_cfg['strategy']}, {fed_cfg['rounds']} rounds, {spec.kind} {spec.sizes}")
-    step_fn = DataParallelStep(spec, params, fed.site, cfg["comm"]["allreduce"], xp)
-    stream = BatchStream(len(shard), optim["batch_size"], per_epoch, run["seed"],
-                         stream_comm.rank, cfg["data"]["shuffle"])
-    loader = Prefetcher(shard, stream, xp.asarray)
-    hyper = ServerHyper(fed_cfg["server_lr"] or DEFAULT_SERVER_LR.get(fed_cfg["strategy"], 1.0),
-                        fed_cfg["beta1"], fed_cfg["beta2"], fed_cfg["tau"])
-    server_state: dict = {}
-    start, last = time.perf_counter(), {}
-    try:
-        for rnd in range(fed_cfg["rounds"]):
-            last, server_state = _round(cfg, fed, spec, params, step_fn, loader, tau, samples,
-                                        shard, rnd, hyper, server_state, xp)
-            if fed.is_root:
-                last["institutions"] = _institution_table(last.pop("metas"), site_samples)
-            if test is not None:
-                last.update({f"test_{k}" if k != "accuracy" else k: v
-                             for k, v in evaluate(spec, params, test, world, xp).items()})
-            reporter.record(event="round", **last)
-            reporter.line(_round_line(last, fed_cfg["rounds"]))
-    finally:
-        loader.close()
-    seconds = time.perf_counter() - start
+    return SimpleNamespace(shard=shard, stream_comm=stream_comm, samples=samples, spec=spec,
+                           params=params, per_epoch=per_epoch, test=test,
+                           tau=local_step_count(cfg["federated"], per_epoch),
+                           site_samples=site_samples)
+
+
+def _layout(fed: Federation) -> dict:
+    return {"ranks": fed.world.size, "institution_sizes": fed.sizes}
+
+
+def _resume(cfg: dict, fed: Federation, params) -> tuple[int, int, dict]:
+    """Return (rounds done, this institution's local steps done, server state) from run.resume."""
+    world = fed.world
+    found = raise_together(world, lambda: choose_checkpoint(cfg, "round", _layout(fed))
+                           if fed.is_root else None)
+    found = world.bcast(found, root=0)
+    if found is None:
+        return 0, 0, {}
+    xp = get_array_module(params)
+    params[...] = xp.asarray(found["params"])
+    state = {k: xp.asarray(v) for k, v in found["state"].items()} if fed.is_root else {}
+    counters = found["counters"]
+    return int(counters["round"]), int(counters["site_steps"][fed.institution]), state
+
+
+def _write_checkpoint(cfg, fed, params, server_state, rounds_done, site_steps) -> None:
+    """The root writes the checkpoint after `rounds_done` rounds; every rank waits for it."""
+    per_rank = fed.world.gather((fed.institution, site_steps), root=0)
     if fed.is_root:
-        save_model(os.path.join(out, "model.h5"), spec, params)
-    summary = {"event": "summary", "rounds": fed_cfg["rounds"], "seconds": seconds,
+        steps = [0] * len(fed.sizes)
+        for institution, count in per_rank:
+            steps[institution] = count
+        save_checkpoint(cfg["run"]["out"], "round", rounds_done, params, server_state,
+                        {"round": rounds_done, "site_steps": steps}, cfg, _layout(fed),
+                        cfg["run"]["keep_checkpoints"])
+    fed.world.Barrier()
+
+
+def _report_round(reporter, record, site, fed, rounds, xp) -> None:
+    if fed.is_root:
+        record["institutions"] = _institution_table(record.pop("metas"), site.site_samples)
+    if site.test is not None:
+        result = evaluate(site.spec, site.params, site.test, fed.world, xp)
+        record.update(accuracy=result["accuracy"], test_loss=result["loss"],
+                      test_samples=result["samples"])
+    reporter.record(event="round", **record)
+    reporter.line(_round_line(record, rounds))
+
+
+def _finish(cfg, fed, site, reporter, last, seconds) -> dict:
+    out, rounds = cfg["run"]["out"], cfg["federated"]["rounds"]
+    if fed.is_root:
+        save_model(os.path.join(out, "model.h5"), site.spec, site.params)
+    summary = {"event": "summary", "rounds": rounds, "seconds": seconds,
                "accuracy": last.get("accuracy"), "test_loss": last.get("test_loss")}
     reporter.record(**summary)
-    reporter.line(f"done: {fed_cfg['rounds']} rounds in {seconds:.2f} s; model in "
+    reporter.line(f"done: {rounds} rounds in {seconds:.2f} s; model in "
                   f"{os.path.join(out, 'model.h5')}")
     reporter.close()
-    world.Barrier()
+    fed.world.Barrier()
     fed.free()
     return summary
 
@@ -133,15 +200,15 @@ def _check_batch(per_epoch, batch, smallest, fed):
                         f"of institution {fed.institution} ({smallest} rows); lower it")
 
 
-def _round(cfg, fed, spec, params, step_fn, loader, tau, samples, shard, rnd, hyper,
-           server_state, xp):
-    """Run one round on every rank; return (record for rank 0, the server's new state)."""
+def _round(cfg, fed, site, step_fn, loader, rnd, hyper, server_state, xp):
+    """Run one round on every rank; return (record for rank 0, server state, took part)."""
     fed_cfg, optim = cfg["federated"], cfg["optim"]
+    spec, params, tau = site.spec, site.params, site.tau
     t0 = time.perf_counter()
     comm_before = step_fn.comm_seconds
     chosen = participants(len(fed.sizes), fed_cfg["fraction"], cfg["run"]["seed"], rnd)
     meta = np.zeros(len(META_FIELDS))
-    meta[:2] = samples, tau
+    meta[:2] = site.samples, tau
     global_params = params.copy() if fed.is_root else None  # what the round started from
     if fed.institution in chosen:
         anchor = params.copy() if fed_cfg["strategy"] == "fedprox" else None
@@ -152,7 +219,7 @@ def _round(cfg, fed, spec, params, step_fn, loader, tau, samples, shard, rnd, hy
                           fed_cfg["mu"]) for t in range(tau)]
         meta[2] = float(np.mean(losses))
         if fed_cfg["evaluate_local"]:
-            local = evaluate(spec, params, shard, fed.site, xp)  # the site's rows, its model
+            local = evaluate(spec, params, site.shard, fed.site, xp)  # its rows, its model
             meta[3:5] = local["loss"], local["accuracy"]
     t_exchange = time.perf_counter()
     to_root = from_root = 0
@@ -173,7 +240,7 @@ def _round(cfg, fed, spec, params, step_fn, loader, tau, samples, shard, rnd, hy
                   allreduce_seconds=step_fn.comm_seconds - comm_before)
     record["comm_fraction"] = (record["exchange_seconds"] + record["allreduce_seconds"]) / max(
         now - t0, 1e-9)
-    return record, server_state
+    return record, server_state, fed.institution in chosen
 
 
 def _institution_table(metas: dict, site_samples: list[int]) -> list[dict]:

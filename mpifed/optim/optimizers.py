@@ -38,6 +38,10 @@ class SGD:
     def state(self) -> dict:
         return {} if self.velocity is None else {"velocity": self.velocity}
 
+    def load_state(self, state: dict) -> None:
+        """Restore what `state()` returned (from a checkpoint)."""
+        self.velocity = state.get("velocity")
+
 
 class Adam:
     """Adam (Kingma and Ba 2015) with bias correction; state: m, v and the step count."""
@@ -63,6 +67,10 @@ class Adam:
 
     def state(self) -> dict:
         return {} if self.m is None else {"m": self.m, "v": self.v, "t": self.t}
+
+    def load_state(self, state: dict) -> None:
+        """Restore what `state()` returned (from a checkpoint)."""
+        self.m, self.v, self.t = state.get("m"), state.get("v"), int(state.get("t", 0))
 
 
 def make_optimizer(cfg: dict):

@@ -39,6 +39,8 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], object]]] = {
     "run": {
         "seed": ((int,), 0), "out": ((str,), "runs/latest"), "log_every": ((int,), 10),
         "eval_every": ((int,), 0), "progress": ((str,), "auto"),
+        "checkpoint_every": ((int,), 0), "resume": ((str,), "auto"),
+        "keep_checkpoints": ((int,), 3),
     },
 }
 
@@ -200,9 +202,13 @@ def _check_values(cfg: dict) -> None:
     for key in ("beta1", "beta2"):
         if not 0 <= optim[key] < 1:
             raise UserError(f"optim.{key}: must be in [0, 1), got {optim[key]}")
-    for key in ("log_every", "eval_every"):
+    for key in ("log_every", "eval_every", "checkpoint_every"):
         if cfg["run"][key] < 0:
             raise UserError(f"run.{key}: must be >= 0, got {cfg['run'][key]}")
+    if cfg["run"]["keep_checkpoints"] < 1:
+        raise UserError(f"run.keep_checkpoints: must be >= 1, got {cfg['run']['keep_checkpoints']}")
+    if not cfg["run"]["resume"]:
+        raise UserError('run.resume: "auto", "never" or the path of a checkpoint file')
 
 
 def to_toml(cfg: dict) -> str:

@@ -19,6 +19,7 @@ from threadpoolctl import threadpool_limits
 
 from ..comm import backend_module, select_device
 from ..comm.agree import raise_together
+from ..comm.backend import get_array_module
 from ..comm.topology import node_comm
 from ..data.atomic import atomic_path
 from ..data.stream import BatchStream, Prefetcher
@@ -26,9 +27,11 @@ from ..errors import UserError
 from ..nn.io import load_model, save_model
 from ..nn.models import ModelSpec, init_params
 from ..optim import learning_rate, make_optimizer
+from .checkpoint import checkpoint_dir, choose_checkpoint, save_checkpoint
 from .config import to_toml
 from .evaluate import evaluate, open_checked_shard
 from .report import Reporter
+from .signals import StopFlag
 from .step import DataParallelStep
 
 
@@ -123,54 +126,126 @@ def _train(cfg: dict, comm, xp) -> dict:
         test, _ = open_checked_shard(comm, data["test"], data["x"], data["y"], dtype,
                                      "data.test", features=spec.features)
     out = prepare_out(cfg, comm)
-    reporter = Reporter(out, comm.rank == 0, total, run["progress"])
+    optimizer = make_optimizer(optim)
+    first = resume_step(cfg, comm, params, optimizer)
+    reporter = Reporter(out, comm.rank == 0, total, run["progress"], append=first > 0)
     reporter.line(f"mpifed train: {comm.size} ranks, {spec.kind} {spec.sizes}, "
                   f"{shard.info.samples} samples, global batch {optim['batch_size'] * comm.size}, "
-                  f"{total} steps ({per_epoch} per epoch), backend {xp.__name__}")
+                  f"{total} steps ({per_epoch} per epoch), backend {xp.__name__}"
+                  + (f", resumed at step {first}" if first else ""))
     step_fn = DataParallelStep(spec, params, comm, cfg["comm"]["allreduce"], xp,
                                cfg["comm"]["overlap"])
-    optimizer = make_optimizer(optim)
     stream = BatchStream(len(shard), optim["batch_size"], per_epoch, run["seed"], comm.rank,
-                         data["shuffle"])
+                         data["shuffle"], epoch=first // per_epoch, step=first % per_epoch)
     loader = Prefetcher(shard, stream, xp.asarray)
-    start = window_start = time.perf_counter()
-    window_comm_start = 0.0
-    window_steps, loss, epoch = 0, math.nan, 0
+    window = Window(optim["batch_size"] * comm.size)
+    start, loss, stopped = time.perf_counter(), math.nan, ""
     try:
-        for step in range(total):
-            epoch, x, y = loader.get()
-            lr = learning_rate(step, optim["lr"], total, optim["schedule"], optim["warmup"],
-                               optim["step_size"], optim["gamma"])
-            loss = step_fn(x, y, optimizer, lr, step + 1)  # the same on every rank
-            window_steps += 1
-            log = run["log_every"] > 0 and ((step + 1) % run["log_every"] == 0 or step + 1 == total)
-            now = time.perf_counter()
-            rate = window_steps * optim["batch_size"] * comm.size / max(now - window_start, 1e-9)
-            window_comm = step_fn.comm_seconds - window_comm_start
-            reporter.step(step + 1, epoch, loss, lr, rate, window_comm / max(now - window_start,
-                                                                              1e-9), log)
-            if log:
-                window_start, window_steps, window_comm_start = now, 0, step_fn.comm_seconds
-            if test is not None and run["eval_every"] and (step + 1) % run["eval_every"] == 0:
-                result = evaluate(spec, params, test, comm, xp)
-                reporter.record(event="eval", step=step + 1, **result)
+        with StopFlag() as flag:
+            for step in range(first, total):
+                epoch, x, y = loader.get()
+                lr = learning_rate(step, optim["lr"], total, optim["schedule"], optim["warmup"],
+                                   optim["step_size"], optim["gamma"])
+                loss = step_fn(x, y, optimizer, lr, step + 1, stop=flag.value)
+                done = step + 1
+                log = run["log_every"] > 0 and (done % run["log_every"] == 0 or done == total)
+                rate, comm_share = window.tick(step_fn.comm_seconds, log)
+                reporter.step(done, epoch, loss, lr, rate, comm_share, log)
+                if test is not None and run["eval_every"] and done % run["eval_every"] == 0:
+                    reporter.record(event="eval", step=done,
+                                    **evaluate(spec, params, test, comm, xp))
+                every = run["checkpoint_every"]
+                if step_fn.stop_agreed or (every and done % every == 0 and done < total):
+                    write_checkpoint(cfg, comm, params, optimizer, done)
+                if step_fn.stop_agreed:
+                    stopped = flag.raised or "a signal on another rank"
+                    break
     finally:
         loader.close()
         step_fn.close()
-    seconds = time.perf_counter() - start
-    summary = {"event": "summary", "steps": total, "samples": total * optim["batch_size"] *
-               comm.size, "seconds": seconds, "loss": loss, "comm_seconds": step_fn.comm_seconds}
-    summary["samples_per_s"] = summary["samples"] / max(seconds, 1e-9)
+    if stopped:
+        return stop_early(cfg, comm, reporter, done, stopped)
+    return finish(cfg, comm, spec, params, test, reporter, step_fn, xp, (first, total),
+                  time.perf_counter() - start, loss)
+
+
+class Window:
+    """Samples/s and communication share over the steps since the last logged one."""
+
+    def __init__(self, samples_per_step: int):
+        self.samples_per_step = samples_per_step
+        self.start, self.steps, self.comm_start = time.perf_counter(), 0, 0.0
+
+    def tick(self, comm_seconds: float, reset: bool) -> tuple[float, float]:
+        self.steps += 1
+        now = time.perf_counter()
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.steps * self.samples_per_step / elapsed
+        share = (comm_seconds - self.comm_start) / elapsed
+        if reset:
+            self.start, self.steps, self.comm_start = now, 0, comm_seconds
+        return rate, share
+
+
+def layout_of(comm) -> dict:
+    """The MPI layout a checkpoint is valid for."""
+    return {"ranks": comm.size}
+
+
+def resume_step(cfg: dict, comm, params, optimizer) -> int:
+    """Load the checkpoint run.resume points at into params and optimiser; return its step."""
+    found = raise_together(comm, lambda: choose_checkpoint(cfg, "step", layout_of(comm))
+                           if comm.rank == 0 else None)
+    found = comm.bcast(found, root=0)
+    if found is None:
+        return 0
+    xp = get_array_module(params)
+    params[...] = xp.asarray(found["params"])
+    optimizer.load_state({k: xp.asarray(v) if np.ndim(v) else v
+                          for k, v in found["state"].items()})
+    return int(found["counters"]["step"])
+
+
+def write_checkpoint(cfg: dict, comm, params, optimizer, step: int) -> None:
+    """Rank 0 writes the checkpoint of `step`; every rank waits until it is on disk."""
+    if comm.rank == 0:
+        save_checkpoint(cfg["run"]["out"], "step", step, params, optimizer.state(),
+                        {"step": step}, cfg, layout_of(comm), cfg["run"]["keep_checkpoints"])
+    comm.Barrier()
+
+
+def stop_early(cfg, comm, reporter, step: int, why: str) -> dict:
+    """Report a stop on request (preemption): the checkpoint of `step` is on disk."""
+    reporter.record(event="stopped", step=step, reason=why)
+    reporter.line(f"stopped by {why} after step {step}; checkpoint in "
+                  f"{checkpoint_dir(cfg['run']['out'])}; run the same command to resume")
+    reporter.close()
+    comm.Barrier()
+    return {"event": "stopped", "step": step, "reason": why}
+
+
+def finish(cfg, comm, spec, params, test, reporter, step_fn, xp, span, seconds, loss) -> dict:
+    """Evaluate, write the model and the summary; return the summary.
+
+    span: (first, total) steps; this process ran steps first..total-1 in `seconds`.
+    """
+    (first, steps), out = span, cfg["run"]["out"]
+    per_step = cfg["optim"]["batch_size"] * comm.size
+    summary = {"event": "summary", "steps": steps, "samples": steps * per_step,
+               "seconds": seconds, "loss": loss, "comm_seconds": step_fn.comm_seconds,
+               "samples_per_s": (steps - first) * per_step / max(seconds, 1e-9)}
+    if first:
+        summary["resumed_from"] = first
     if test is not None:
         result = evaluate(spec, params, test, comm, xp)
-        reporter.record(event="eval", step=total, **result)
+        reporter.record(event="eval", step=steps, **result)
         summary.update(accuracy=result["accuracy"], test_loss=result["loss"])
         reporter.line(f"test: accuracy {result['accuracy']:.4f} loss {result['loss']:.4f} "
                       f"on {result['samples']} samples")
     if comm.rank == 0:
         save_model(os.path.join(out, "model.h5"), spec, params)
     reporter.record(**summary)
-    reporter.line(f"done: {total} steps in {seconds:.2f} s, {summary['samples_per_s']:,.0f} "
+    reporter.line(f"done: {steps} steps in {seconds:.2f} s, {summary['samples_per_s']:,.0f} "
                   f"samples/s, final loss {loss:.4f}; model in {os.path.join(out, 'model.h5')}")
     reporter.close()
     comm.Barrier()  # the model file exists before any rank returns

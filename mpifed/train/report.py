@@ -11,12 +11,14 @@ import time
 class Reporter:
     """Progress on the terminal and JSON lines in OUT/metrics.jsonl; silent on ranks other than 0."""
 
-    def __init__(self, out: str, active: bool, total_steps: int, mode: str = "auto"):
+    def __init__(self, out: str, active: bool, total_steps: int, mode: str = "auto",
+                 append: bool = False):
         self.active, self.total = active, total_steps
         if mode == "auto":
             mode = "bar" if sys.stdout.isatty() else "lines"
         self.mode = mode
-        self._fh = open(os.path.join(out, "metrics.jsonl"), "w") if active else None
+        path = os.path.join(out, "metrics.jsonl")
+        self._fh = open(path, "a" if append else "w") if active else None
         self._last_bar = 0.0
 
     def record(self, **fields) -> None:

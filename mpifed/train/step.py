@@ -14,13 +14,15 @@ from ..nn.models import loss_and_grad
 class DataParallelStep:
     """Local gradient, one all-reduce (mean) of gradients and loss, the same update on every rank.
 
-    The flat gradient buffer carries the rank's loss in one extra slot, so the step's single
-    all-reduce also yields the global mean loss. Collective over `comm`.
+    The flat gradient buffer carries two extra slots: the rank's loss, so the step's single
+    all-reduce also yields the global mean loss, and its stop request (a signal arrived), so all
+    ranks agree on stopping at no extra cost. Collective over `comm`.
     """
 
     def __init__(self, spec, params, comm, algorithm: str, xp, overlap: bool = False):
         self.spec, self.params, self.comm, self.algorithm = spec, params, comm, algorithm
-        self.grad = xp.zeros(params.size + 1, dtype=params.dtype)
+        self.grad = xp.zeros(params.size + 2, dtype=params.dtype)
+        self.stop_agreed = False  # after a step: some rank asked to stop
         check_same_signature(comm, self.grad.size, self.grad.dtype)  # once; steps skip it
         self.comm_seconds = 0.0
         # Overlap: one thread reduces each layer's gradients, last layer first, while the
@@ -40,9 +42,9 @@ class DataParallelStep:
         futures = []
 
         def ready(lo, hi, loss):
-            if hi == n:  # the last layer carries the loss slot along
+            if hi == n:  # the last layer carries the loss and stop slots along
                 self.grad[n] = loss
-                hi = n + 1
+                hi = n + 2
             futures.append(self._pool.submit(self._reduce, lo, hi))
 
         loss_and_grad(self.spec, self.params, x, y, self.grad[:n], on_ready=ready)
@@ -55,20 +57,25 @@ class DataParallelStep:
         if self._pool is not None:
             self._pool.shutdown()
 
-    def __call__(self, x, y, optimizer, lr: float, step_number: int, anchor=None, mu=0.0):
+    def __call__(self, x, y, optimizer, lr: float, step_number: int, anchor=None, mu=0.0,
+                 stop: float = 0.0):
         """Take one step on the batch (x, y); return the global mean loss (same on all ranks).
+
+        stop: 1.0 if this rank was asked to stop; afterwards `stop_agreed` tells whether any was.
 
         anchor, mu: FedProx's proximal term (mu/2)||w - anchor||^2, whose gradient
         mu (w - anchor) is added after the all-reduce (it is the same on every rank).
         """
         n = self.params.size
         grads = self.grad[:n]
+        self.grad[n + 1] = stop
         if self._pool is not None:
             self._backward_overlapped(x, y)
         else:
             self.grad[n] = loss_and_grad(self.spec, self.params, x, y, grads)
-            self.comm_seconds += self._reduce(0, n + 1)
+            self.comm_seconds += self._reduce(0, n + 2)
         loss = float(self.grad[n])
+        self.stop_agreed = bool(self.grad[n + 1] > 0)
         if loss != loss or loss in (float("inf"), float("-inf")):
             raise UserError(f"training diverged: the loss is {loss} at step {step_number}; "
                             "lower optim.lr or add optim.warmup")
