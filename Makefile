@@ -8,7 +8,7 @@ MPI_TIMEOUT ?= 600
 NP ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install test test-serial test-mpi demo bench lint clean
+.PHONY: install test test-serial test-mpi test-slurm demo bench lint clean
 
 install: $(VENV)/.installed
 
@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 test: test-serial test-mpi
 
 test-serial: install
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slurm"
 
 test-mpi: install
 	@for n in 1 2 3 4; do \
@@ -29,6 +29,12 @@ test-mpi: install
 	  timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) -n $$n $(PY) -m pytest -q -p no:cacheprovider \
 	    --with-mpi -m mpi tests || exit 1; \
 	done
+
+# The jobs/ scripts under a real single-node SLURM: needs root; installs Debian's slurm-wlm and
+# munge when missing and starts munged, slurmctld and slurmd on this host.
+test-slurm: install
+	tests/slurm/start-local-slurm.sh
+	timeout -k 10 900 $(PY) -m pytest -q -p no:cacheprovider -m slurm tests/test_slurm.py -rs
 
 demo: install
 	$(PY) -m mpifed.demo

@@ -5,6 +5,7 @@
     mpifed evaluate model.h5 test.h5                  loss and accuracy (alone or under mpiexec)
     mpifed data synth|digits|inspect ...              write or describe datasets
     mpiexec -n 4 mpifed bench allreduce [...]         all-reduce size sweep
+    srun -n 4 mpifed bench scaling --data D --csv C   one point of a scaling sweep
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("file")
     insp.add_argument("--y", default="y", help="labels dataset name (default y)")
 
-    bench = sub.add_parser("bench", help="run a benchmark (allreduce)")
-    bench.add_argument("which", choices=["allreduce"], help="which benchmark")
+    bench = sub.add_parser("bench", help="run a benchmark (allreduce, scaling)")
+    bench.add_argument("which", choices=["allreduce", "scaling"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="its options (see --help of each)")
     return parser
 
@@ -84,8 +85,10 @@ def dispatch(args) -> int:
 
         return run_info(args)
     if args.command == "bench":
-        from ..benchmarks.allreduce import run
-
+        if args.which == "scaling":
+            from ..benchmarks.scaling import run
+        else:
+            from ..benchmarks.allreduce import run
         return run(args.rest)
     return {"train": commands.run_train, "evaluate": commands.run_evaluate,
             "data": commands.run_data}[args.command](args)

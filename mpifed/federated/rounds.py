@@ -86,6 +86,8 @@ def federate(cfg: dict, world, xp) -> dict:
                   f"strategy {fed_cfg['strategy']}, {fed_cfg['rounds']} rounds, "
                   f"{site.spec.kind} {site.spec.sizes}"
                   + (f", resumed after round {first}" if first else ""))
+    if first:
+        reporter.record(event="resumed", round=first)
     step_fn = DataParallelStep(site.spec, site.params, fed.site, cfg["comm"]["allreduce"], xp)
     stream = BatchStream(len(site.shard), cfg["optim"]["batch_size"], site.per_epoch,
                          run["seed"], site.stream_comm.rank, cfg["data"]["shuffle"],

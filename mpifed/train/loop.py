@@ -133,6 +133,8 @@ def _train(cfg: dict, comm, xp) -> dict:
                   f"{shard.info.samples} samples, global batch {optim['batch_size'] * comm.size}, "
                   f"{total} steps ({per_epoch} per epoch), backend {xp.__name__}"
                   + (f", resumed at step {first}" if first else ""))
+    if first:
+        reporter.record(event="resumed", step=first)
     step_fn = DataParallelStep(spec, params, comm, cfg["comm"]["allreduce"], xp,
                                cfg["comm"]["overlap"])
     stream = BatchStream(len(shard), optim["batch_size"], per_epoch, run["seed"], comm.rank,

@@ -1,0 +1,164 @@
+"""The jobs/ scripts under a real single-node SLURM (tests/slurm/start-local-slurm.sh starts it).
+
+`make test-slurm` starts the cluster and runs these; without a reachable SLURM they skip, saying
+why. Job state is read with `scontrol show job` (accounting is off on the local cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import ROOT, run_mpi
+
+
+def slurm_reason() -> str:
+    if not shutil.which("sbatch"):
+        return "sbatch is not installed (make test-slurm installs and starts a local SLURM)"
+    probe = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
+    if probe.returncode != 0 or not probe.stdout.strip():
+        return "no SLURM controller answers (make test-slurm starts a local one)"
+    return ""
+
+
+pytestmark = [pytest.mark.slurm,
+              pytest.mark.skipif(bool(slurm_reason()), reason=slurm_reason() or "ok"),
+              pytest.mark.timeout(300)]
+
+VENV = str(Path(sys.executable).parent.parent)
+
+CONFIG = """
+[data]
+train = "d.h5"
+[model]
+kind = "mlp"
+hidden = [16]
+[optim]
+lr = 0.01
+momentum = 0.9
+batch_size = 8
+steps = {steps}
+[run]
+checkpoint_every = 100
+log_every = 1000
+"""
+
+
+def write_data(path, samples=2000, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, size=samples)
+    with h5py.File(path, "w") as fh:
+        fh["x"] = rng.standard_normal((samples, 20)).astype(np.float32) + y[:, None]
+        fh["y"] = y
+
+
+def sbatch(cwd, *args) -> str:
+    env = dict(os.environ, MPIFED_VENV=VENV, OMP_NUM_THREADS="1")
+    done = subprocess.run(["sbatch", "--export=ALL", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, check=True)
+    return re.search(r"Submitted batch job (\d+)", done.stdout).group(1)
+
+
+def job_field(job: str, field: str) -> str:
+    text = subprocess.run(["scontrol", "show", "job", job], capture_output=True,
+                          text=True).stdout
+    found = re.search(rf"\b{field}=(\S+)", text)
+    return found.group(1) if found else ""
+
+
+def wait_for(job: str, states: set[str], timeout: float = 240) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = job_field(job, "JobState")
+        if state in states:
+            return state
+        time.sleep(1)
+    subprocess.run(["scancel", job])
+    raise AssertionError(f"job {job} did not reach {states} in {timeout} s "
+                         f"(last state {job_field(job, 'JobState')})")
+
+
+def params_of(path):
+    with h5py.File(path) as fh:
+        return [fh[f"layers/{i}/{k}"][...] for i in range(len(fh["layers"])) for k in "Wb"]
+
+
+def test_train_job_completes_and_matches_mpiexec(tmp_path):
+    write_data(tmp_path / "d.h5")
+    (tmp_path / "run.toml").write_text(CONFIG.format(steps=300))
+    job = sbatch(tmp_path, "-n", "2", str(ROOT / "jobs" / "train.sbatch"), "run.toml")
+    assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
+    model = tmp_path / "runs" / f"mpifed-{job}" / "model.h5"
+    assert model.exists()
+    # The same run through the PyPI MPICH's own launcher gives the same bits as srun's PMI.
+    assert run_mpi(2, ["train", "run.toml", "--set", "run.out=direct"], cwd=tmp_path).returncode == 0
+    for a, b in zip(params_of(model), params_of(tmp_path / "direct" / "model.h5")):
+        assert np.array_equal(a, b)
+
+
+def test_preempted_job_requeues_and_resumes(tmp_path):
+    write_data(tmp_path / "d.h5")
+    (tmp_path / "run.toml").write_text(CONFIG.format(steps=40000))
+    job = sbatch(tmp_path, "-n", "2", str(ROOT / "jobs" / "train.sbatch"), "run.toml")
+    out = tmp_path / "runs" / f"mpifed-{job}"
+    deadline = time.monotonic() + 120
+    while not list((out / "checkpoints").glob("step-*.h5")):
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    deadline = time.monotonic() + 120
+    while job_field(job, "Restarts") in ("", "0"):
+        assert time.monotonic() < deadline, "the job was not requeued"
+        time.sleep(1)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    stopped = [r for r in records if r["event"] == "stopped"]
+    resumed = [r for r in records if r["event"] == "resumed"]
+    assert stopped and resumed and resumed[0]["step"] == stopped[0]["step"] < 40000
+    assert records[-1]["event"] == "summary" and records[-1]["steps"] == 40000
+    log = (tmp_path / f"slurm-mpifed-{job}.out").read_text()
+    assert "requeueing job" in log and "restart 1" in log
+    assert run_mpi(2, ["train", "run.toml", "--set", "run.out=direct"], cwd=tmp_path,
+                   timeout=200).returncode == 0
+    for a, b in zip(params_of(out / "model.h5"), params_of(tmp_path / "direct" / "model.h5")):
+        assert np.array_equal(a, b)
+
+
+def test_federated_job_completes(tmp_path):
+    for k, n in enumerate([300, 500]):
+        write_data(tmp_path / f"site-{k}.h5", n, seed=k)
+    (tmp_path / "fed.toml").write_text(CONFIG.format(steps=1).replace(
+        'train = "d.h5"', 'train = "site-{institution}.h5"').replace("steps = 1\n", "") +
+        "[federated]\ninstitution_sizes = [1, 2]\nrounds = 5\nlocal_steps = 4\n")
+    job = sbatch(tmp_path, "-n", "3", str(ROOT / "jobs" / "train.sbatch"), "fed.toml")
+    assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
+    records = [json.loads(line) for line in
+               (tmp_path / "runs" / f"mpifed-{job}" / "metrics.jsonl").open()]
+    assert [r["round"] for r in records if r["event"] == "round"] == [1, 2, 3, 4, 5]
+
+
+def test_scaling_job_writes_one_csv(tmp_path):
+    job = sbatch(tmp_path, "-n", "2", str(ROOT / "jobs" / "scaling.sbatch"), "--steps", "20",
+                 "--hidden", "64")
+    assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
+    rows = (tmp_path / "runs" / f"scaling-{job}" / "scaling.csv").read_text().splitlines()
+    assert rows[0].startswith("ranks,nodes,mode")
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+    assert float(rows[1].split(",")[-1]) == 1.0 and 0 < float(rows[2].split(",")[-1]) < 2
+
+
+def test_missing_config_fails_the_job_with_one_message(tmp_path):
+    job = sbatch(tmp_path, "-n", "2", str(ROOT / "jobs" / "train.sbatch"), "nothing.toml")
+    assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "FAILED"
+    log = (tmp_path / f"slurm-mpifed-{job}.out").read_text()
+    assert log.count("mpifed: error") == 1 and "nothing.toml" in log
