@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpifed.comm import allreduce, chunk_bounds, mpi_allreduce, ring_allreduce
+from mpifed.comm import (
+    allreduce,
+    chunk_bounds,
+    hierarchical_allreduce,
+    mpi_allreduce,
+    ring_allreduce,
+    shared_array,
+)
+from mpifed.comm.hierarchical import topology
 
 pytestmark = pytest.mark.mpi
 
@@ -47,7 +57,8 @@ def tolerance(dtype: str) -> float:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", LENGTHS)
-@pytest.mark.parametrize("fn", [ring_allreduce, mpi_allreduce], ids=["ring", "mpi"])
+@pytest.mark.parametrize("fn", [ring_allreduce, mpi_allreduce, hierarchical_allreduce],
+                         ids=["ring", "mpi", "hierarchical"])
 def test_sum_matches_mpi_allreduce(fn, n, dtype, xp):
     buf = rank_data(n, dtype, xp)
     expected = reference(buf)
@@ -64,7 +75,7 @@ def test_sum_matches_mpi_allreduce(fn, n, dtype, xp):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
-@pytest.mark.parametrize("algorithm", ["ring", "mpi", "auto"])
+@pytest.mark.parametrize("algorithm", ["ring", "mpi", "hierarchical", "auto"])
 def test_mean_divides_by_rank_count(algorithm, dtype, xp):
     buf = rank_data(1001, dtype, xp, seed=1)
     expected = reference(buf, op="mean")
@@ -92,7 +103,7 @@ def test_mismatched_lengths_raise_on_every_rank():
     assert len(set(messages)) == 1, "ranks raised different messages"
 
 
-@pytest.mark.parametrize("algorithm", ["ring", "mpi", "auto"])
+@pytest.mark.parametrize("algorithm", ["ring", "mpi", "hierarchical", "auto"])
 def test_mismatched_dtypes_raise_on_every_rank(algorithm):
     comm = MPI.COMM_WORLD
     if comm.size == 1:
@@ -126,3 +137,49 @@ def test_chunk_bounds_cover_the_buffer():
             assert bounds[0][0] == 0 and bounds[-1][1] == length
             sizes = [b - a for a, b in bounds]
             assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+@pytest.fixture
+def emulated_nodes(monkeypatch, request):
+    """A fresh duplicate of COMM_WORLD whose 'nodes' are blocks of `request.param` ranks."""
+    monkeypatch.setenv("MPIFED_RANKS_PER_NODE", str(request.param))
+    comm = MPI.COMM_WORLD.Dup()
+    yield comm
+    comm.Free()
+
+
+@pytest.mark.parametrize("emulated_nodes", [1, 2], indirect=True, ids=["1-per-node", "2-per-node"])
+@pytest.mark.parametrize("op", ["sum", "mean"])
+def test_hierarchical_across_emulated_nodes(emulated_nodes, op):
+    comm = emulated_nodes
+    node, cross = topology(comm)
+    per_node = int(os.environ["MPIFED_RANKS_PER_NODE"])
+    uneven = comm.size > per_node and comm.size % per_node != 0
+    assert (cross is None) == uneven  # uneven nodes fall back to the ring
+    buf = rank_data(100_003, "float64", np)
+    expected = reference(buf, op)
+    hierarchical_allreduce(buf, comm, op)
+    np.testing.assert_allclose(buf, expected, rtol=1e-12, atol=1e-12)
+    assert_same_on_all_ranks(buf)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int64"])
+def test_hierarchical_on_shared_arrays_reduces_in_place(dtype):
+    world = MPI.COMM_WORLD
+    node, _ = topology(world)
+    buf = shared_array(70_001, dtype, node)
+    buf[...] = rank_data(70_001, dtype, np, seed=3)
+    expected = reference(buf)
+    out = allreduce(buf, world, algorithm="hierarchical")
+    assert out is buf
+    if np.dtype(dtype).kind == "i":
+        np.testing.assert_array_equal(buf, expected)
+    else:
+        np.testing.assert_allclose(buf, expected, rtol=tolerance(dtype), atol=1e-5)
+    assert_same_on_all_ranks(buf)
+    # Buffers on different ranks at different places: the copy path, same answer.
+    other = rank_data(70_001, dtype, np, seed=3) if world.rank % 2 else buf.copy()
+    if world.rank % 2 == 0:
+        other[...] = rank_data(70_001, dtype, np, seed=3)
+    allreduce(other, world, algorithm="hierarchical")
+    np.testing.assert_allclose(other.astype(np.float64), expected, rtol=1e-5, atol=1e-3)

@@ -3,11 +3,13 @@
 from .backend import backend_module, cuda_aware, get_array_module, select_device, synchronize
 from .collectives import ALGORITHMS, allreduce, choose_algorithm
 from .fusion import Layout, fuse, unfuse, views
+from .hierarchical import hierarchical_allreduce
 from .native import mpi_allreduce
 from .ring import chunk_bounds, ring_allreduce
+from .shared import shared_array
 
 __all__ = [
     "ALGORITHMS", "Layout", "allreduce", "backend_module", "choose_algorithm", "chunk_bounds",
-    "cuda_aware", "fuse", "get_array_module", "mpi_allreduce", "ring_allreduce", "select_device",
-    "synchronize", "unfuse", "views",
+    "cuda_aware", "fuse", "get_array_module", "hierarchical_allreduce", "mpi_allreduce",
+    "ring_allreduce", "select_device", "shared_array", "synchronize", "unfuse", "views",
 ]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 
+from .hierarchical import hierarchical_allreduce, ranks_per_node
 from .native import mpi_allreduce
 from .ring import ring_allreduce
 
-ALGORITHMS = ("auto", "ring", "mpi")
+ALGORITHMS = ("auto", "ring", "mpi", "hierarchical")
 
 # Below RING_MIN_BYTES * (ranks - 1) bytes MPI_Allreduce wins: latency-bound, one C call beats
 # 2(ranks - 1) Python-driven messages, and the ring's latency grows with the rank count. Above it
@@ -17,8 +18,14 @@ ALGORITHMS = ("auto", "ring", "mpi")
 RING_MIN_BYTES = int(os.environ.get("MPIFED_RING_MIN_BYTES", 512 * 1024))
 
 
-def choose_algorithm(nbytes: int, ranks: int) -> str:
-    """Return the algorithm that "auto" uses for a message of `nbytes` on `ranks` ranks."""
+def choose_algorithm(nbytes: int, ranks: int, per_node: int = 1) -> str:
+    """Return the algorithm that "auto" uses for `nbytes` on `ranks` ranks, `per_node` per node.
+
+    Several ranks on a node: the hierarchical all-reduce, which beats MPI_Allreduce at every size
+    we measured there (shared memory needs no messages). One rank per node: by size, as above.
+    """
+    if per_node > 1:
+        return "hierarchical"
     if ranks > 1 and nbytes >= RING_MIN_BYTES * (ranks - 1):
         return "ring"
     return "mpi"
@@ -27,12 +34,16 @@ def choose_algorithm(nbytes: int, ranks: int) -> str:
 def allreduce(buf, comm, op: str = "sum", algorithm: str = "auto", *, check: bool = True):
     """Sum (or average) a contiguous 1-D NumPy/CuPy array over `comm` in place; return `buf`.
 
-    algorithm: "ring" (our pipelined ring), "mpi" (MPI_Allreduce) or "auto" (by message size).
+    algorithm: "ring" (our pipelined ring), "mpi" (MPI_Allreduce), "hierarchical" (shared memory
+    inside a node, rings across nodes) or "auto" (by topology and message size).
     check: agree on length and dtype first (one tiny all-reduce); pass False on a hot path whose
     buffer was checked once already.
     """
     if algorithm == "auto":
-        algorithm = choose_algorithm(buf.nbytes, comm.size)
+        per_node = ranks_per_node(comm) if comm.size > 1 else 1
+        algorithm = choose_algorithm(buf.nbytes, comm.size, per_node)
+    if algorithm == "hierarchical":
+        return hierarchical_allreduce(buf, comm, op, check=check)
     if algorithm == "ring":
         return ring_allreduce(buf, comm, op, check=check)
     if algorithm == "mpi":

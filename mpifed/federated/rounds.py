@@ -112,6 +112,8 @@ def federate(cfg: dict, world, xp) -> dict:
                     break
     finally:
         loader.close()
+        step_fn.close()
+    step_fn.free()
     if stopped:
         return stop_early(cfg, world, reporter, rnd + 1, stopped)
     return _finish(cfg, fed, site, reporter, last, time.perf_counter() - start)

@@ -165,6 +165,7 @@ def _train(cfg: dict, comm, xp) -> dict:
     finally:
         loader.close()
         step_fn.close()
+    step_fn.free()
     if stopped:
         return stop_early(cfg, comm, reporter, done, stopped)
     return finish(cfg, comm, spec, params, test, reporter, step_fn, xp, (first, total),

@@ -5,10 +5,26 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 from ..comm import allreduce
 from ..comm.checks import check_same_signature
+from ..comm.hierarchical import topology
+from ..comm.shared import release, shared_array
 from ..errors import UserError
 from ..nn.models import loss_and_grad
+
+
+def _gradient_buffer(size: int, dtype, comm, algorithm: str, xp):
+    """Return a zeroed gradient buffer; in node shared memory when the hierarchical all-reduce
+    will move it, so that it reduces with no copy at all."""
+    if xp is np and comm.size > 1 and algorithm in ("auto", "hierarchical"):
+        node, _ = topology(comm)
+        if node.size > 1:
+            buf = shared_array(size, dtype, node)
+            buf[...] = 0
+            return buf
+    return xp.zeros(size, dtype=dtype)
 
 
 class DataParallelStep:
@@ -21,7 +37,7 @@ class DataParallelStep:
 
     def __init__(self, spec, params, comm, algorithm: str, xp, overlap: bool = False):
         self.spec, self.params, self.comm, self.algorithm = spec, params, comm, algorithm
-        self.grad = xp.zeros(params.size + 2, dtype=params.dtype)
+        self.grad = _gradient_buffer(params.size + 2, params.dtype, comm, algorithm, xp)
         self.stop_agreed = False  # after a step: some rank asked to stop
         check_same_signature(comm, self.grad.size, self.grad.dtype)  # once; steps skip it
         self.comm_seconds = 0.0
@@ -54,8 +70,14 @@ class DataParallelStep:
         self.comm_seconds += time.perf_counter() - start  # the part the backward did not hide
 
     def close(self) -> None:
+        """Stop the communication thread (local; safe in a `finally`)."""
         if self._pool is not None:
             self._pool.shutdown()
+
+    def free(self) -> None:
+        """Free the shared gradient window: collective, so only on the path all ranks take,
+        never in a `finally` that one failing rank would reach alone."""
+        release(self.grad)
 
     def __call__(self, x, y, optimizer, lr: float, step_number: int, anchor=None, mu=0.0,
                  stop: float = 0.0):

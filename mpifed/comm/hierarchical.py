@@ -1,0 +1,139 @@
+"""The topology-aware all-reduce: through shared memory inside a node, rings across nodes.
+
+Inside a node every rank reduces its own slice of the buffer by reading that slice straight from
+the other ranks' shared segments, and writes the result back into every rank's segment: each
+input byte is read once and each output byte written once, the least any all-reduce can do.
+Across nodes, the ranks with the same node rank run the ring on their slice (Horovod's
+hierarchical scheme: every rank carries 1/L of the inter-node traffic, not the leader alone),
+and the result is shared back through the window. Buffers from `shared_array` are reduced in
+place; others are copied into a cached window and back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from mpi4py import MPI
+
+from .backend import mpi_view
+from .checks import check_local, check_same_signature
+from .ring import chunk_bounds, ring_allreduce
+from .shared import SharedWindow, window_of
+from .topology import node_comm
+
+BLOCK_BYTES = 64 * 1024  # the running sum stays in L1/L2 while L segments stream past
+
+# Cached on the communicator itself (an MPI attribute), so it goes when the communicator does.
+_TOPOLOGY = MPI.Comm.Create_keyval()
+_SCRATCH = MPI.Comm.Create_keyval()
+
+
+def topology(comm):
+    """Return (node, cross) for `comm`, split once and cached: cross joins equal node ranks.
+
+    cross is None when nodes hold different rank counts (slices would not line up).
+    Collective over `comm` the first time.
+    """
+    cached = comm.Get_attr(_TOPOLOGY)
+    if cached is None:
+        node = node_comm(comm)
+        smallest = comm.allreduce(node.size, op=MPI.MIN)
+        largest = comm.allreduce(node.size, op=MPI.MAX)
+        cross = comm.Split(node.rank, comm.rank) if smallest == largest else None
+        cached = (node, cross)
+        comm.Set_attr(_TOPOLOGY, cached)
+    return cached
+
+
+def ranks_per_node(comm) -> int:
+    """Return how many ranks of `comm` share this rank's node (collective the first time)."""
+    return topology(comm)[0].size
+
+
+def hierarchical_allreduce(buf, comm, op: str = "sum", *, check: bool = True):
+    """Sum (or average) a contiguous 1-D array over `comm` in place; return `buf`.
+
+    Same contract as ring_allreduce. Falls back to the ring when the nodes hold different rank
+    counts. Fastest on buffers allocated with shared_array(..., node).
+    """
+    check_local(buf, op)
+    if check:
+        check_same_signature(comm, buf.size, buf.dtype)
+    node, cross = topology(comm)
+    if cross is None:
+        return ring_allreduce(buf, comm, op, check=False)
+    if comm.size > 1 and buf.size > 0:
+        work, copy_back = mpi_view(buf)
+        _reduce_on_node(work, node, cross, comm.size if op == "mean" else 1)
+        copy_back()
+    return buf
+
+
+def _reduce_on_node(buf, node, cross, divide_by: int) -> None:
+    """Agree on the zero-copy path, reduce this rank's slice, share it back; collective."""
+    window, offset = window_of(buf)
+    ident = window.ident if window is not None else 0
+    agreed = np.array([ident, -ident, offset, -offset], dtype=np.int64)
+    node.Allreduce(MPI.IN_PLACE, agreed, op=MPI.MAX)  # also the barrier: inputs are ready
+    zero_copy = ident != 0 and agreed[0] == -agreed[1] and agreed[2] == -agreed[3]
+    if not zero_copy:
+        window, offset = _scratch_window(node, buf.nbytes), 0
+        window.views(buf.dtype, buf.size)[node.rank][...] = buf
+        window.fence()
+    else:
+        window.win.Sync()
+    segments = window.views(buf.dtype, buf.size, offset)
+    lo, hi = chunk_bounds(buf.size, node.size)[node.rank]
+    if cross.size == 1:
+        _sum_slice_into_all(segments, lo, hi, divide_by)
+    else:
+        _sum_slice_across_nodes(segments, lo, hi, cross, divide_by)
+    window.fence()  # every slice is written everywhere
+    if not zero_copy:
+        buf[...] = segments[node.rank]
+
+
+def _sum_slice_into_all(segments, lo: int, hi: int, divide_by: int) -> None:
+    """Write sum_j segments[j][lo:hi] (divided by `divide_by`) into every segment, blockwise."""
+    block = max(1, BLOCK_BYTES // segments[0].itemsize)
+    acc = np.empty(min(block, max(hi - lo, 1)), dtype=segments[0].dtype)
+    for a in range(lo, hi, block):
+        b = min(hi, a + block)
+        total = acc[:b - a]
+        _sum_block(segments, a, b, total, divide_by)
+        for seg in segments:
+            seg[a:b] = total
+
+
+def _sum_block(segments, a: int, b: int, out, divide_by: int) -> None:
+    """out = sum over segments of seg[a:b], in rank order (the same order on every node)."""
+    if len(segments) == 1:
+        out[...] = segments[0][a:b]
+    else:
+        np.add(segments[0][a:b], segments[1][a:b], out=out)
+        for seg in segments[2:]:
+            out += seg[a:b]
+    if divide_by > 1:
+        np.divide(out, out.dtype.type(divide_by), out=out)
+
+
+def _sum_slice_across_nodes(segments, lo: int, hi: int, cross, divide_by: int) -> None:
+    """Sum the slice on this node, ring it across nodes, then write it into every segment."""
+    piece = np.empty(hi - lo, dtype=segments[0].dtype)
+    if hi > lo:
+        _sum_block(segments, lo, hi, piece, 1)
+    ring_allreduce(piece, cross, check=False)
+    if divide_by > 1:
+        np.divide(piece, piece.dtype.type(divide_by), out=piece)
+    for seg in segments:
+        seg[lo:hi] = piece
+
+
+def _scratch_window(node, nbytes: int) -> SharedWindow:
+    """Return this node's cached window of at least `nbytes` (grown collectively when needed)."""
+    window = node.Get_attr(_SCRATCH)
+    if window is None or window.nbytes < nbytes:
+        if window is not None:
+            window.free()
+        window = SharedWindow.allocate(node, nbytes)
+        node.Set_attr(_SCRATCH, window)
+    return window

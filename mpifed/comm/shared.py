@@ -1,0 +1,91 @@
+"""MPI-3 shared-memory windows: arrays that every rank of a node can read and write directly.
+
+`shared_array(n, dtype, comm)` allocates, collectively over the ranks of `comm` on this node,
+one segment per rank; each rank gets its own segment as a NumPy array, and the hierarchical
+all-reduce reaches the other ranks' segments with no message at all.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+
+_window_ids = itertools.count(1)  # the same sequence on every rank: windows are collective
+
+
+@dataclass
+class SharedWindow:
+    """A window of one segment per node rank, in a passive-target epoch (Lock_all) for life."""
+
+    node: MPI.Comm
+    win: MPI.Win
+    segments: list  # segments[r]: rank r's segment, as a flat uint8 array
+    ident: int
+
+    @classmethod
+    def allocate(cls, node, nbytes: int) -> SharedWindow:
+        """Collective over `node`: give every rank a segment of `nbytes` bytes."""
+        win = MPI.Win.Allocate_shared(max(nbytes, 1), 1, comm=node)
+        segments = []
+        for rank in range(node.size):
+            memory, _ = win.Shared_query(rank)
+            segments.append(np.frombuffer(memory, dtype=np.uint8, count=max(nbytes, 1)))
+        win.Lock_all()
+        return cls(node, win, segments, next(_window_ids))
+
+    @property
+    def nbytes(self) -> int:
+        return self.segments[0].size
+
+    def views(self, dtype, count: int, offset: int = 0) -> list:
+        """Return every rank's segment as `count` elements of `dtype` from byte `offset`."""
+        dtype = np.dtype(dtype)
+        return [seg[offset:offset + count * dtype.itemsize].view(dtype) for seg in self.segments]
+
+    def fence(self) -> None:
+        """Make every rank's stores visible to all (MPI-3 unified model: sync, barrier, sync)."""
+        self.win.Sync()
+        self.node.Barrier()
+        self.win.Sync()
+
+    def free(self) -> None:
+        self.win.Unlock_all()
+        self.win.Free()
+
+
+_registry: dict[int, SharedWindow] = {}  # segment base address -> its window (own segment)
+
+
+def shared_array(count: int, dtype, node) -> np.ndarray:
+    """Allocate a 1-D array in a new shared window of `node` (collective); return this rank's.
+
+    node: a communicator of ranks on one node (mpifed.comm.topology.node_comm). An all-reduce
+    with algorithm "hierarchical" on such arrays reduces straight from the other ranks' memory.
+    """
+    dtype = np.dtype(dtype)
+    window = SharedWindow.allocate(node, count * dtype.itemsize)
+    own = window.segments[node.rank]
+    _registry[own.ctypes.data] = window
+    return own[:count * dtype.itemsize].view(dtype)
+
+
+def window_of(array) -> tuple[SharedWindow | None, int]:
+    """Return (window, byte offset) when `array` lies in this rank's segment of a shared window."""
+    if not isinstance(array, np.ndarray):
+        return None, 0
+    address = array.ctypes.data
+    for base, window in _registry.items():
+        if base <= address and address + array.nbytes <= base + window.nbytes:
+            return window, address - base
+    return None, 0
+
+
+def release(array) -> None:
+    """Free the window that `shared_array` made for `array` (collective over its node)."""
+    window, _ = window_of(array)
+    if window is not None:
+        _registry.pop(window.segments[window.node.rank].ctypes.data, None)
+        window.free()
