@@ -2,6 +2,7 @@
 
     mpiexec -n 4 mpifed bench allreduce --min-bytes 4 --max-bytes 64M --json out.json
 
+Algorithms: ring, mpi (MPI_Allreduce), hierarchical (shared memory in a node), auto.
 Columns: size (bytes per rank), count (elements), type, then for each algorithm the median time
 (us) over iterations (the slowest rank's time), algbw = size / time and busbw = algbw * 2(n-1)/n
 (GB/s), #wrong (elements that differ from the exact expected sum). On one node it also measures
@@ -18,10 +19,13 @@ import numpy as np
 from mpi4py import MPI
 
 from ..comm import allreduce, choose_algorithm
-from ..comm.topology import layout, node_comm
+from ..comm.hierarchical import topology
+from ..comm.shared import release, shared_array
+from ..comm.topology import layout
 from .membw import allreduce_bound_seconds, node_copy_bandwidth
 
-ALGOS = ("ring", "mpi", "auto")
+ALGOS = ("ring", "mpi", "hierarchical", "auto")
+SHORT = {"ring": "ring", "mpi": "mpi", "hierarchical": "hier", "auto": "auto"}
 
 
 def parse_size(text: str) -> int:
@@ -47,16 +51,21 @@ def iterations_for(nbytes: int, requested: int | None) -> int:
     return int(min(200, max(10, (256 << 20) // max(nbytes, 1) // 8)))
 
 
-def time_size(comm, nbytes: int, dtype, iters: int, warmup: int) -> dict:
-    """Time each algorithm at one size, interleaved so that noise hits all alike."""
+def time_size(comm, nbytes: int, dtype, iters: int, warmup: int, node=None) -> dict:
+    """Time each algorithm at one size, interleaved so that noise hits all alike.
+
+    node: on one node, the buffer is allocated in node shared memory (shared_array), as the
+    training step allocates its gradients; the ring and MPI see ordinary memory either way.
+    """
     count = max(1, nbytes // np.dtype(dtype).itemsize)
     fill = dtype(comm.rank + 1)
     expected = dtype(comm.size * (comm.size + 1) // 2)
-    buf = np.empty(count, dtype=dtype)
+    buf = shared_array(count, dtype, node) if node is not None else np.empty(count, dtype=dtype)
     times = {a: [] for a in ALGOS}
     wrong = dict.fromkeys(ALGOS, 0)
     for it in range(warmup + iters):
-        for algo in ALGOS[it % 3:] + ALGOS[:it % 3]:  # rotate: no algorithm always goes first
+        shift = it % len(ALGOS)
+        for algo in ALGOS[shift:] + ALGOS[:shift]:  # rotate: no algorithm always goes first
             buf.fill(fill)
             comm.Barrier()
             start = time.perf_counter()
@@ -65,8 +74,10 @@ def time_size(comm, nbytes: int, dtype, iters: int, warmup: int) -> dict:
             if it >= warmup:
                 times[algo].append(elapsed)
                 wrong[algo] += int(np.count_nonzero(buf != expected))
+    per_node = topology(comm)[0].size if comm.size > 1 else 1
     row = {"size": count * np.dtype(dtype).itemsize, "count": count,
-           "type": np.dtype(dtype).name, "auto_picks": choose_algorithm(buf.nbytes, comm.size)}
+           "type": np.dtype(dtype).name,
+           "auto_picks": choose_algorithm(buf.nbytes, comm.size, per_node)}
     factor = 2 * (comm.size - 1) / comm.size if comm.size > 1 else 1.0
     for algo in ALGOS:
         slowest = np.empty(len(times[algo]))
@@ -75,6 +86,8 @@ def time_size(comm, nbytes: int, dtype, iters: int, warmup: int) -> dict:
         algbw = row["size"] / seconds / 1e9
         row[algo] = {"time_us": seconds * 1e6, "algbw": algbw, "busbw": algbw * factor,
                      "wrong": comm.allreduce(wrong[algo], op=MPI.SUM)}
+    if node is not None:
+        release(buf)
     return row
 
 
@@ -84,8 +97,8 @@ def print_header(comm, node_bw) -> None:
     if node_bw:
         print(f"# node memory bandwidth (copy, all ranks at once): {node_bw / 1e9:.1f} GB/s; "
               "bound = 2 * ranks * size / bandwidth")
-    cols = "".join(f" | {a:>9} {'algbw':>6} {'busbw':>6} {'#wrong':>6}" for a in ALGOS)
-    bound = " | bound_us ring% mpi% auto%" if node_bw else ""
+    cols = "".join(f" | {SHORT[a]:>9} {'algbw':>6} {'busbw':>6} {'#wrong':>6}" for a in ALGOS)
+    bound = (" | bound_us " + " ".join(f"{SHORT[a]}%" for a in ALGOS)) if node_bw else ""
     print(f"# {'size':>10} {'count':>9} {'type':>7}{cols} | auto/best{bound}")
     print("# (time in us, bandwidth in GB/s)")
 
@@ -95,7 +108,8 @@ def format_row(row: dict) -> str:
                    f"{row[a]['wrong']:6d}" for a in ALGOS)
     line = f"  {row['size']:>10} {row['count']:>9} {row['type']:>7}{cols} | {row['auto_vs_best']:8.2f}x"
     if "bound_us" in row:
-        shares = " ".join(f"{100 * row['bound_us'] / row[a]['time_us']:4.0f}" for a in ALGOS)
+        shares = " ".join(f"{100 * row['bound_us'] / row[a]['time_us']:{len(SHORT[a]) + 1}.0f}"
+                          for a in ALGOS)
         line += f" | {row['bound_us']:8.1f} {shares}"
     return line
 
@@ -122,16 +136,16 @@ def run(argv=None) -> int:
         return 2
     facts = layout(comm)
     one_node = facts["nodes"] == 1
-    node = node_comm(comm)
-    node_bw = node_copy_bandwidth(node) if one_node else None
-    node.Free()
+    node = topology(comm)[0] if comm.size > 1 else None
+    node_bw = node_copy_bandwidth(node if node is not None else comm) if one_node else None
     dtype = np.dtype(args.dtype).type
     if comm.rank == 0:
         print_header(comm, node_bw)
     rows = []
     for nbytes in sizes(lo, hi, args.factor):
-        row = time_size(comm, nbytes, dtype, iterations_for(nbytes, args.iters), args.warmup)
-        best = min(row["ring"]["time_us"], row["mpi"]["time_us"])
+        row = time_size(comm, nbytes, dtype, iterations_for(nbytes, args.iters), args.warmup,
+                        node if one_node else None)
+        best = min(row[a]["time_us"] for a in ALGOS if a != "auto")
         row["auto_vs_best"] = row["auto"]["time_us"] / best
         if node_bw:
             row["bound_us"] = allreduce_bound_seconds(row["size"], comm.size, node_bw) * 1e6
@@ -143,11 +157,16 @@ def run(argv=None) -> int:
         for algo in ALGOS:
             avg = np.mean([r[algo]["busbw"] for r in rows])
             print(f"# {algo}: avg busbw {avg:.2f} GB/s", end="")
-            if big:
-                ratio = max(r["ring"]["time_us"] / r["mpi"]["time_us"] for r in big)
-                print(f"; worst ring/mpi time at >= 4 MiB: {ratio:.2f}" if algo == "ring" else "",
-                      end="")
+            if big and algo in ("ring", "hierarchical"):
+                ratio = max(r[algo]["time_us"] / r["mpi"]["time_us"] for r in big)
+                print(f"; worst {algo}/mpi time at >= 4 MiB: {ratio:.2f}", end="")
             print()
+        mid = [r for r in rows if 64 << 10 <= r["size"] <= 64 << 20]
+        if mid:
+            gain = min(r["hierarchical"]["busbw"] / r["mpi"]["busbw"] for r in mid)
+            slower = max(r["hierarchical"]["time_us"] / r["ring"]["time_us"] for r in mid)
+            print(f"# 64 KiB-64 MiB: hierarchical busbw >= {gain:.2f}x mpi's; "
+                  f"hierarchical time <= {slower:.2f}x the ring's")
         print(f"# worst auto/best over all sizes: {max(r['auto_vs_best'] for r in rows):.2f}x")
         if args.json:
             meta = {"ranks": comm.size, "nodes": facts["nodes"], "node_bandwidth": node_bw,

@@ -102,7 +102,7 @@ def mpi_view(buf):
     For host arrays and CUDA-aware MPI this is `buf` itself (after a stream sync). Otherwise a
     pinned host copy is returned, and `copy_back()` moves the result to the device.
     """
-    if not is_device_array(buf):
+    if type(buf) is np.ndarray or not is_device_array(buf):
         return buf, _nothing
     synchronize(buf)
     if cuda_aware():

@@ -16,7 +16,7 @@ from mpi4py import MPI
 
 from .backend import mpi_view
 from .checks import check_local, check_same_signature
-from .ring import chunk_bounds, ring_allreduce
+from .ring import ring_allreduce
 from .shared import SharedWindow, window_of
 from .topology import node_comm
 
@@ -63,28 +63,38 @@ def hierarchical_allreduce(buf, comm, op: str = "sum", *, check: bool = True):
         return ring_allreduce(buf, comm, op, check=False)
     if comm.size > 1 and buf.size > 0:
         work, copy_back = mpi_view(buf)
-        _reduce_on_node(work, node, cross, comm.size if op == "mean" else 1)
+        _reduce_on_node(work, node, cross, comm.size if op == "mean" else 1, agree=check)
         copy_back()
     return buf
 
 
-def _reduce_on_node(buf, node, cross, divide_by: int) -> None:
-    """Agree on the zero-copy path, reduce this rank's slice, share it back; collective."""
+def _reduce_on_node(buf, node, cross, divide_by: int, agree: bool) -> None:
+    """Take the zero-copy path if every rank can, reduce this rank's slice, share it back.
+
+    agree: decide the path collectively (one tiny all-reduce, which is also the barrier that
+    says the inputs are ready); without it each rank trusts that all buffers sit alike, as a
+    training step's gradient buffer does once checked.
+    """
     window, offset = window_of(buf)
-    ident = window.ident if window is not None else 0
-    agreed = np.array([ident, -ident, offset, -offset], dtype=np.int64)
-    node.Allreduce(MPI.IN_PLACE, agreed, op=MPI.MAX)  # also the barrier: inputs are ready
-    zero_copy = ident != 0 and agreed[0] == -agreed[1] and agreed[2] == -agreed[3]
+    if agree:
+        ident = window.ident if window is not None else 0
+        agreed = np.array([ident, -ident, offset, -offset], dtype=np.int64)
+        node.Allreduce(MPI.IN_PLACE, agreed, op=MPI.MAX)
+        zero_copy = ident != 0 and agreed[0] == -agreed[1] and agreed[2] == -agreed[3]
+    else:
+        zero_copy = window is not None
+        if zero_copy:
+            window.fence()  # the inputs are ready
     if not zero_copy:
         window, offset = _scratch_window(node, buf.nbytes), 0
         window.views(buf.dtype, buf.size)[node.rank][...] = buf
         window.fence()
-    else:
+    elif agree:
         window.win.Sync()
     segments = window.views(buf.dtype, buf.size, offset)
-    lo, hi = chunk_bounds(buf.size, node.size)[node.rank]
+    lo, hi = slice_bounds(buf.size, node.size, node.rank)
     if cross.size == 1:
-        _sum_slice_into_all(segments, lo, hi, divide_by)
+        _sum_slice_into_all(segments, lo, hi, divide_by, window.scratch(buf.dtype, BLOCK_BYTES))
     else:
         _sum_slice_across_nodes(segments, lo, hi, cross, divide_by)
     window.fence()  # every slice is written everywhere
@@ -92,10 +102,19 @@ def _reduce_on_node(buf, node, cross, divide_by: int) -> None:
         buf[...] = segments[node.rank]
 
 
-def _sum_slice_into_all(segments, lo: int, hi: int, divide_by: int) -> None:
-    """Write sum_j segments[j][lo:hi] (divided by `divide_by`) into every segment, blockwise."""
-    block = max(1, BLOCK_BYTES // segments[0].itemsize)
-    acc = np.empty(min(block, max(hi - lo, 1)), dtype=segments[0].dtype)
+def slice_bounds(length: int, parts: int, index: int) -> tuple[int, int]:
+    """Return chunk `index` of chunk_bounds(length, parts), without building the list."""
+    base, extra = divmod(length, parts)
+    lo = index * base + min(index, extra)
+    return lo, lo + base + (1 if index < extra else 0)
+
+
+def _sum_slice_into_all(segments, lo: int, hi: int, divide_by: int, acc) -> None:
+    """Write sum_j segments[j][lo:hi] (divided by `divide_by`) into every segment, blockwise.
+
+    acc: a cache-sized scratch array holding the running sum of one block.
+    """
+    block = acc.size
     for a in range(lo, hi, block):
         b = min(hi, a + block)
         total = acc[:b - a]

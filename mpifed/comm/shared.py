@@ -8,7 +8,7 @@ all-reduce reaches the other ranks' segments with no message at all.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from mpi4py import MPI
@@ -24,6 +24,7 @@ class SharedWindow:
     win: MPI.Win
     segments: list  # segments[r]: rank r's segment, as a flat uint8 array
     ident: int
+    _views: dict = field(default_factory=dict)
 
     @classmethod
     def allocate(cls, node, nbytes: int) -> SharedWindow:
@@ -42,8 +43,21 @@ class SharedWindow:
 
     def views(self, dtype, count: int, offset: int = 0) -> list:
         """Return every rank's segment as `count` elements of `dtype` from byte `offset`."""
-        dtype = np.dtype(dtype)
-        return [seg[offset:offset + count * dtype.itemsize].view(dtype) for seg in self.segments]
+        key = (dtype, count, offset)
+        found = self._views.get(key)
+        if found is None:  # a training step asks for the same views every time
+            size = count * np.dtype(dtype).itemsize
+            found = self._views[key] = [seg[offset:offset + size].view(dtype)
+                                        for seg in self.segments]
+        return found
+
+    def scratch(self, dtype, nbytes: int):
+        """Return a reusable private array of `nbytes` (the block of a running sum)."""
+        key = ("scratch", dtype)
+        found = self._views.get(key)
+        if found is None:
+            found = self._views[key] = np.empty(max(1, nbytes // np.dtype(dtype).itemsize), dtype)
+        return found
 
     def fence(self) -> None:
         """Make every rank's stores visible to all (MPI-3 unified model: sync, barrier, sync)."""
@@ -57,6 +71,7 @@ class SharedWindow:
 
 
 _registry: dict[int, SharedWindow] = {}  # segment base address -> its window (own segment)
+_live_idents: set[int] = set()
 
 
 def shared_array(count: int, dtype, node) -> np.ndarray:
@@ -69,16 +84,24 @@ def shared_array(count: int, dtype, node) -> np.ndarray:
     window = SharedWindow.allocate(node, count * dtype.itemsize)
     own = window.segments[node.rank]
     _registry[own.ctypes.data] = window
+    _live_idents.add(window.ident)
     return own[:count * dtype.itemsize].view(dtype)
+
+
+_last_lookup: list = [None, None, 0]  # [array, window, offset]: a step asks for the same one
 
 
 def window_of(array) -> tuple[SharedWindow | None, int]:
     """Return (window, byte offset) when `array` lies in this rank's segment of a shared window."""
+    if array is _last_lookup[0] and _last_lookup[1] is not None \
+            and _last_lookup[1].ident in _live_idents:
+        return _last_lookup[1], _last_lookup[2]
     if not isinstance(array, np.ndarray):
         return None, 0
-    address = array.ctypes.data
+    address = array.__array_interface__["data"][0]
     for base, window in _registry.items():
         if base <= address and address + array.nbytes <= base + window.nbytes:
+            _last_lookup[:] = [array, window, address - base]
             return window, address - base
     return None, 0
 
@@ -88,4 +111,6 @@ def release(array) -> None:
     window, _ = window_of(array)
     if window is not None:
         _registry.pop(window.segments[window.node.rank].ctypes.data, None)
+        _live_idents.discard(window.ident)
+        _last_lookup[:] = [None, None, 0]
         window.free()
