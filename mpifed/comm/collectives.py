@@ -16,16 +16,19 @@ ALGORITHMS = ("auto", "ring", "mpi", "hierarchical")
 # crossover between 256 KiB and 1 MiB on 2 ranks, between 1 and 2 MiB on 4 (README, "All-reduce
 # benchmark"). MPIFED_RING_MIN_BYTES moves it for other machines.
 RING_MIN_BYTES = int(os.environ.get("MPIFED_RING_MIN_BYTES", 512 * 1024))
+# With several ranks on a node, the hierarchical all-reduce from this size up: below it, its two
+# node barriers cost more than MPI_Allreduce's whole call (crossover 16-32 KiB on 2 and 4 ranks).
+HIERARCHICAL_MIN_BYTES = int(os.environ.get("MPIFED_HIERARCHICAL_MIN_BYTES", 32 * 1024))
 
 
 def choose_algorithm(nbytes: int, ranks: int, per_node: int = 1) -> str:
     """Return the algorithm that "auto" uses for `nbytes` on `ranks` ranks, `per_node` per node.
 
-    Several ranks on a node: the hierarchical all-reduce, which beats MPI_Allreduce at every size
-    we measured there (shared memory needs no messages). One rank per node: by size, as above.
+    Several ranks on a node: the hierarchical all-reduce from HIERARCHICAL_MIN_BYTES (shared
+    memory needs no messages), MPI_Allreduce below. One rank per node: by size, as above.
     """
     if per_node > 1:
-        return "hierarchical"
+        return "hierarchical" if nbytes >= HIERARCHICAL_MIN_BYTES else "mpi"
     if ranks > 1 and nbytes >= RING_MIN_BYTES * (ranks - 1):
         return "ring"
     return "mpi"
