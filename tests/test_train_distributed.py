@@ -91,3 +91,21 @@ def test_evaluate_matches_training_report(tmp_path):
     with h5py.File(tmp_path / "out" / "model.h5") as fh, h5py.File(tmp_path / "d.h5") as data:
         pred = (data["x"][...] @ fh["layers/0/W"][...] + fh["layers/0/b"][...]).argmax(1)
         assert (pred == data["y"][...]).mean() == pytest.approx(summary["accuracy"], abs=1e-6)
+
+
+def test_timeline_has_every_rank_and_step(tmp_path):
+    make_data(tmp_path / "d.h5")
+    (tmp_path / "run.toml").write_text(
+        '[data]\ntrain = "d.h5"\n[optim]\nbatch_size = 4\nsteps = 12\n'
+        '[run]\nout = "out"\ntimeline = true\n')
+    assert run_mpi(3, ["train", "run.toml"], cwd=tmp_path).returncode == 0
+    trace = json.loads((tmp_path / "out" / "timeline.json").read_text())
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    for rank in range(3):
+        mine = [e for e in spans if e["pid"] == rank]
+        assert sorted({e["args"]["step"] for e in mine}) == list(range(1, 13))
+        assert {e["name"] for e in mine} == {"data", "compute", "allreduce"}
+        assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in mine)
+    summary = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
+    rank0_comm = sum(e["dur"] for e in spans if e["pid"] == 0 and e["name"] == "allreduce")
+    assert rank0_comm / 1e6 == pytest.approx(summary["comm_seconds"], rel=1e-6)

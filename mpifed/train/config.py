@@ -40,7 +40,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], object]]] = {
         "seed": ((int,), 0), "out": ((str,), "runs/latest"), "log_every": ((int,), 10),
         "eval_every": ((int,), 0), "progress": ((str,), "auto"),
         "checkpoint_every": ((int,), 0), "resume": ((str,), "auto"),
-        "keep_checkpoints": ((int,), 3),
+        "keep_checkpoints": ((int,), 3), "timeline": ((bool,), False),
     },
 }
 

@@ -33,6 +33,7 @@ from .evaluate import evaluate, open_checked_shard
 from .report import Reporter
 from .signals import StopFlag
 from .step import DataParallelStep
+from .timeline import Timeline
 
 
 def blas_threads_per_rank(comm) -> int:
@@ -141,15 +142,19 @@ def _train(cfg: dict, comm, xp) -> dict:
                          data["shuffle"], epoch=first // per_epoch, step=first % per_epoch)
     loader = Prefetcher(shard, stream, xp.asarray)
     window = Window(optim["batch_size"] * comm.size)
+    timeline = Timeline(run["timeline"], comm.rank)
     start, loss, stopped = time.perf_counter(), math.nan, ""
     try:
         with StopFlag() as flag:
             for step in range(first, total):
+                t_data = time.perf_counter()
                 epoch, x, y = loader.get()
+                t_compute, comm_before = time.perf_counter(), step_fn.comm_seconds
                 lr = learning_rate(step, optim["lr"], total, optim["schedule"], optim["warmup"],
                                    optim["step_size"], optim["gamma"])
                 loss = step_fn(x, y, optimizer, lr, step + 1, stop=flag.value)
                 done = step + 1
+                trace_step(timeline, done, t_data, t_compute, step_fn.comm_seconds - comm_before)
                 log = run["log_every"] > 0 and (done % run["log_every"] == 0 or done == total)
                 rate, comm_share = window.tick(step_fn.comm_seconds, log)
                 reporter.step(done, epoch, loss, lr, rate, comm_share, log)
@@ -166,10 +171,20 @@ def _train(cfg: dict, comm, xp) -> dict:
         loader.close()
         step_fn.close()
     step_fn.free()
+    timeline.write(comm, os.path.join(out, "timeline.json"))
     if stopped:
         return stop_early(cfg, comm, reporter, done, stopped)
-    return finish(cfg, comm, spec, params, test, reporter, step_fn, xp, (first, total),
-                  time.perf_counter() - start, loss)
+    return finish(cfg, comm, spec, params, test, reporter, xp, (first, total),
+                  (time.perf_counter() - start, step_fn.comm_seconds, loader.wait_seconds), loss)
+
+
+def trace_step(timeline, step: int, t_data: float, t_compute: float, comm: float) -> None:
+    """Record a step's data wait, compute and communication spans (comm came last)."""
+    if timeline.enabled:
+        end = time.perf_counter()
+        timeline.span("data", t_data, t_compute, step)
+        timeline.span("compute", t_compute, end - comm, step)
+        timeline.span("allreduce", end - comm, end, step)
 
 
 class Window:
@@ -227,15 +242,17 @@ def stop_early(cfg, comm, reporter, step: int, why: str) -> dict:
     return {"event": "stopped", "step": step, "reason": why}
 
 
-def finish(cfg, comm, spec, params, test, reporter, step_fn, xp, span, seconds, loss) -> dict:
+def finish(cfg, comm, spec, params, test, reporter, xp, span, timings, loss) -> dict:
     """Evaluate, write the model and the summary; return the summary.
 
-    span: (first, total) steps; this process ran steps first..total-1 in `seconds`.
+    span: (first, total) steps; timings: (seconds, in all-reduces, waiting for data) that this
+    process spent on steps first..total-1.
     """
-    (first, steps), out = span, cfg["run"]["out"]
-    per_step = cfg["optim"]["batch_size"] * comm.size
+    (first, steps), (seconds, comm_seconds, data_seconds) = span, timings
+    out, per_step = cfg["run"]["out"], cfg["optim"]["batch_size"] * comm.size
     summary = {"event": "summary", "steps": steps, "samples": steps * per_step,
-               "seconds": seconds, "loss": loss, "comm_seconds": step_fn.comm_seconds,
+               "seconds": seconds, "loss": loss, "comm_seconds": comm_seconds,
+               "data_wait_seconds": data_seconds,
                "samples_per_s": (steps - first) * per_step / max(seconds, 1e-9)}
     if first:
         summary["resumed_from"] = first
