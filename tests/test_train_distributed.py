@@ -28,10 +28,11 @@ def make_data(path):
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 3, 4])
-@pytest.mark.parametrize("algorithm,shuffle,overlap", [("ring", True, False),
-                                                       ("mpi", False, False),
-                                                       ("auto", True, True)])
-def test_distributed_equals_serial(tmp_path, ranks, algorithm, shuffle, overlap):
+@pytest.mark.parametrize("algorithm,shuffle,overlap,per_node", [("ring", True, False, None),
+                                                                ("mpi", False, False, None),
+                                                                ("auto", True, True, None),
+                                                                ("hierarchical", True, False, 2)])
+def test_distributed_equals_serial(tmp_path, ranks, algorithm, shuffle, overlap, per_node):
     make_data(tmp_path / "d.h5")
     batch, steps, seed, lr, momentum = 4, 23, 3, 0.05, 0.9  # 23 steps: crosses epochs
     (tmp_path / "run.toml").write_text(f"""
@@ -55,7 +56,8 @@ seed = {seed}
 out = "out"
 log_every = 5
 """)
-    done = run_mpi(ranks, ["train", "run.toml"], cwd=tmp_path, timeout=120)
+    env = {"MPIFED_RANKS_PER_NODE": str(per_node)} if per_node else None  # emulated nodes
+    done = run_mpi(ranks, ["train", "run.toml"], cwd=tmp_path, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     with h5py.File(tmp_path / "d.h5") as fh:
         x, y = fh["x"][...], fh["y"][...]

@@ -3,9 +3,10 @@
     srun -n 4 mpifed bench scaling --mode weak --data bench.h5 --csv scaling.csv
 
 weak: a fixed batch per rank (the global batch grows with the ranks); strong: a fixed global
-batch split over the ranks. The row gives samples/s, seconds per step, the share of a step spent
-in the all-reduce, and the efficiency against the 1-rank row of the same mode already in the
-CSV (weak: throughput_p / (p * throughput_1); strong: the same, the global batch being fixed).
+batch split over the ranks. The row gives samples/s, seconds per step, the shares of a step spent
+computing, waiting for data and in the all-reduce, and the efficiency against the 1-rank row of
+the same mode already in the CSV: throughput_p / (p * throughput_1) for weak scaling (ideal 1),
+and the same for strong scaling, where the speed-up is throughput_p / throughput_1.
 jobs/scaling.sbatch runs it for 1, 2, 4, ... ranks of an allocation.
 """
 
@@ -18,7 +19,7 @@ import os
 from mpi4py import MPI
 
 FIELDS = ["ranks", "nodes", "mode", "batch_per_rank", "global_batch", "samples_per_s",
-          "step_seconds", "comm_fraction", "efficiency"]
+          "step_seconds", "compute_fraction", "data_fraction", "comm_fraction", "efficiency"]
 
 
 def run(argv=None) -> int:
@@ -33,6 +34,7 @@ def run(argv=None) -> int:
     parser.add_argument("--hidden", default="512,256", help="MLP hidden sizes (default 512,256)")
     parser.add_argument("--csv", required=True, help="CSV file to append the row to")
     parser.add_argument("--out", default=None, help="run folder (default: beside the CSV)")
+    parser.add_argument("--algorithm", default="auto", help="comm.allreduce (default auto)")
     args = parser.parse_args(argv)
     comm = MPI.COMM_WORLD
     per_rank = args.batch if args.mode == "weak" else max(1, args.batch // comm.size)
@@ -46,6 +48,7 @@ def run(argv=None) -> int:
         "data": {"train": args.data},
         "model": {"kind": "mlp", "hidden": [int(h) for h in args.hidden.split(",")]},
         "optim": {"lr": 0.01, "momentum": 0.9, "batch_size": per_rank, "steps": args.steps},
+        "comm": {"allreduce": args.algorithm},
         "run": {"out": out, "log_every": 0, "progress": "none", "resume": "never"},
     })
     summary = train(cfg, comm)
@@ -55,7 +58,9 @@ def run(argv=None) -> int:
                "global_batch": per_rank * comm.size,
                "samples_per_s": round(summary["samples_per_s"], 1),
                "step_seconds": summary["seconds"] / args.steps,
+               "data_fraction": summary["data_wait_seconds"] / summary["seconds"],
                "comm_fraction": summary["comm_seconds"] / summary["seconds"]}
+        row["compute_fraction"] = 1 - row["data_fraction"] - row["comm_fraction"]
         row["efficiency"] = efficiency(args.csv, row)
         append_row(args.csv, row)
         print(",".join(str(row[f]) for f in FIELDS))

@@ -6,6 +6,8 @@
     mpifed data synth|digits|inspect ...              write or describe datasets
     mpiexec -n 4 mpifed bench allreduce [...]         all-reduce size sweep
     srun -n 4 mpifed bench scaling --data D --csv C   one point of a scaling sweep
+    mpiexec -n 2 mpifed bench model --scaling-csv C   alpha-beta predictions to 1024 ranks
+    mpifed plot scaling.json [--allreduce ar.json]    PNG plots (needs matplotlib)
 """
 
 from __future__ import annotations
@@ -71,8 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("file")
     insp.add_argument("--y", default="y", help="labels dataset name (default y)")
 
-    bench = sub.add_parser("bench", help="run a benchmark (allreduce, scaling)")
-    bench.add_argument("which", choices=["allreduce", "scaling"], help="which benchmark")
+    plot = sub.add_parser("plot", help="PNG plots of scaling and all-reduce results")
+    plot.add_argument("scaling", nargs="?", help="scaling.json from bench/scaling.py")
+    plot.add_argument("--allreduce", nargs="*", metavar="JSON",
+                      help="JSON files from mpifed bench allreduce --json")
+    plot.add_argument("--out", default=".", help="folder for the PNG files (default .)")
+
+    bench = sub.add_parser("bench", help="run a benchmark (allreduce, scaling, model)")
+    bench.add_argument("which", choices=["allreduce", "scaling", "model"],
+                       help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="its options (see --help of each)")
     return parser
 
@@ -84,9 +93,15 @@ def dispatch(args) -> int:
         from .info import run_info
 
         return run_info(args)
+    if args.command == "plot":
+        from .plot import run_plot
+
+        return run_plot(args)
     if args.command == "bench":
         if args.which == "scaling":
             from ..benchmarks.scaling import run
+        elif args.which == "model":
+            from ..benchmarks.predict import run
         else:
             from ..benchmarks.allreduce import run
         return run(args.rest)

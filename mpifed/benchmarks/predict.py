@@ -1,0 +1,103 @@
+"""Predict all-reduce time and weak-scaling efficiency at rank counts this machine cannot run.
+
+    mpiexec -n 2 mpifed bench model --scaling-csv scaling.csv [--ranks-per-node 4]
+
+Measures alpha, beta (ping-pong between ranks 0 and 1) and gamma (a float32 add) in this run,
+takes the compute time of one step from the 1-rank weak-scaling row of the CSV (or
+--compute-seconds), and prints, for 1 to 1024 ranks, the predicted all-reduce time of the
+gradients (flat ring, and hierarchical with --ranks-per-node ranks per node) and the predicted
+efficiency, beside the efficiency measured where the CSV has that rank count. Run it across two
+nodes (srun -N 2 -n 2 ...) to get the interconnect's alpha and beta instead of shared memory's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+
+from mpi4py import MPI
+
+from .costmodel import CostModel, measure
+from .membw import node_copy_bandwidth
+
+GRAD_BYTES = 4 * (784 * 512 + 512 + 512 * 256 + 256 + 256 * 10 + 10)  # the benchmark MLP
+
+
+def predictions(model: CostModel, compute: float, nbytes: float, per_node: int,
+                node_bandwidth: float, ranks_list) -> list[dict]:
+    """Return one row per rank count: predicted all-reduce seconds and efficiencies."""
+    rows = []
+    for ranks in ranks_list:
+        nodes = max(1, ranks // per_node)
+        local = min(ranks, per_node)
+        intra = 2 * local * nbytes / node_bandwidth if local > 1 else 0.0  # the memory bound
+        ring = model.ring(ranks, nbytes)
+        hier = model.hierarchical(nodes, local, nbytes, intra)
+        rows.append({"ranks": ranks, "nodes": nodes, "ring_seconds": ring,
+                     "hierarchical_seconds": hier,
+                     "ring_efficiency": model.weak_efficiency(compute, ring),
+                     "hierarchical_efficiency": model.weak_efficiency(compute, hier)})
+    return rows
+
+
+def measured_efficiency(path: str | None) -> tuple[dict, float | None]:
+    """Return ({ranks: weak efficiency}, compute seconds of the 1-rank step) from a scaling CSV."""
+    if not path:
+        return {}, None
+    with open(path) as fh:
+        rows = [r for r in csv.DictReader(fh) if r["mode"] == "weak"]
+    effs = {int(r["ranks"]): float(r["efficiency"]) for r in rows if r["efficiency"]}
+    base = [r for r in rows if r["ranks"] == "1"]
+    compute = None
+    if base:
+        r = base[-1]
+        compute = float(r["step_seconds"]) * (1 - float(r["comm_fraction"]))
+    return effs, compute
+
+
+def run(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mpifed bench model", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scaling-csv", help="a CSV from jobs/scaling.sbatch or bench/scaling.py")
+    parser.add_argument("--compute-seconds", type=float, help="compute time of one step")
+    parser.add_argument("--grad-bytes", type=float, default=GRAD_BYTES,
+                        help=f"bytes all-reduced per step (default {GRAD_BYTES:,}: the MLP)")
+    parser.add_argument("--ranks-per-node", type=int, default=4)
+    parser.add_argument("--json", metavar="PATH", help="write model and predictions as JSON")
+    args = parser.parse_args(argv)
+    comm = MPI.COMM_WORLD
+    if comm.size < 2:
+        if comm.rank == 0:
+            parser.error("needs two ranks to measure alpha and beta: mpiexec -n 2 mpifed bench model")
+        return 2
+    model = measure(comm)
+    node_bw = node_copy_bandwidth(comm)
+    measured, compute = measured_efficiency(args.scaling_csv)
+    compute = args.compute_seconds or compute
+    if compute is None:
+        if comm.rank == 0:
+            parser.error("give --scaling-csv with a 1-rank weak row, or --compute-seconds")
+        return 2
+    ranks_list = [2 ** k for k in range(11)]
+    rows = predictions(model, compute, args.grad_bytes, args.ranks_per_node, node_bw, ranks_list)
+    if comm.rank == 0:
+        print(f"# alpha {model.alpha * 1e6:.2f} us, beta {1 / model.beta / 1e9:.2f} GB/s, "
+              f"gamma {1 / model.gamma / 1e9:.2f} GB/s (reduce), node copy bandwidth "
+              f"{node_bw / 1e9:.1f} GB/s; compute {compute * 1e3:.2f} ms/step; "
+              f"{args.grad_bytes:,.0f} B per all-reduce; {args.ranks_per_node} ranks per node")
+        print(f"# {'ranks':>5} {'nodes':>5} {'ring ms':>8} {'hier ms':>8} {'ring eff':>8} "
+              f"{'hier eff':>8} {'measured':>8}")
+        for row in rows:
+            seen = measured.get(row["ranks"])
+            print(f"  {row['ranks']:>5} {row['nodes']:>5} {row['ring_seconds'] * 1e3:>8.3f} "
+                  f"{row['hierarchical_seconds'] * 1e3:>8.3f} {row['ring_efficiency']:>8.3f} "
+                  f"{row['hierarchical_efficiency']:>8.3f} "
+                  f"{'' if seen is None else f'{seen:.3f}':>8}")
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"model": model.__dict__, "compute_seconds": compute,
+                           "node_bandwidth": node_bw, "grad_bytes": args.grad_bytes,
+                           "ranks_per_node": args.ranks_per_node, "predictions": rows,
+                           "measured": measured}, fh, indent=1)
+    return 0
