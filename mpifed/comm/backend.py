@@ -107,9 +107,7 @@ def mpi_view(buf):
     synchronize(buf)
     if cuda_aware():
         return buf, _nothing
-    cp = cupy_module()
-    host = cp.cuda.alloc_pinned_memory(buf.nbytes)
-    host = np.frombuffer(host, dtype=buf.dtype, count=buf.size)
+    host = _pinned(buf.nbytes)[:buf.nbytes].view(buf.dtype)
     buf.get(out=host)
 
     def copy_back():
@@ -120,6 +118,39 @@ def mpi_view(buf):
 
 def _nothing() -> None:
     return None
+
+
+_pinned_cache: list = [None]
+
+
+def _pinned(nbytes: int) -> np.ndarray:
+    """Return a page-locked host buffer of at least `nbytes` (kept for the next step)."""
+    held = _pinned_cache[0]
+    if held is None or held.nbytes < nbytes:
+        memory = cupy_module().cuda.alloc_pinned_memory(nbytes)
+        held = _pinned_cache[0] = np.frombuffer(memory, dtype=np.uint8, count=nbytes)
+    return held
+
+
+def to_host(array) -> np.ndarray:
+    """Return a NumPy copy (device arrays) or the array itself (host arrays)."""
+    return array.get() if hasattr(array, "get") else array
+
+
+def device_copier(xp):
+    """Return a function that moves host arrays to `xp`'s device, usable from other threads.
+
+    A CuPy allocation goes to the calling thread's current device, so the copier pins the
+    device chosen now (by node-local rank) for the data loader's thread.
+    """
+    if xp is np:
+        return np.asarray
+    device = xp.cuda.Device()
+
+    def copy(array):
+        with device:
+            return xp.asarray(array)
+    return copy
 
 
 def select_device(comm) -> int | None:

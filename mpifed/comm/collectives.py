@@ -8,7 +8,7 @@ from .hierarchical import hierarchical_allreduce, ranks_per_node
 from .native import mpi_allreduce
 from .ring import ring_allreduce
 
-ALGORITHMS = ("auto", "ring", "mpi", "hierarchical")
+ALGORITHMS = ("auto", "ring", "mpi", "hierarchical", "nccl")
 
 # Below RING_MIN_BYTES * (ranks - 1) bytes MPI_Allreduce wins: latency-bound, one C call beats
 # 2(ranks - 1) Python-driven messages, and the ring's latency grows with the rank count. Above it
@@ -38,7 +38,8 @@ def allreduce(buf, comm, op: str = "sum", algorithm: str = "auto", *, check: boo
     """Sum (or average) a contiguous 1-D NumPy/CuPy array over `comm` in place; return `buf`.
 
     algorithm: "ring" (our pipelined ring), "mpi" (MPI_Allreduce), "hierarchical" (shared memory
-    inside a node, rings across nodes) or "auto" (by topology and message size).
+    inside a node, rings across nodes), "nccl" (CuPy buffers, GPU to GPU) or "auto" (by
+    topology and message size).
     check: agree on length and dtype first (one tiny all-reduce); pass False on a hot path whose
     buffer was checked once already.
     """
@@ -47,6 +48,10 @@ def allreduce(buf, comm, op: str = "sum", algorithm: str = "auto", *, check: boo
         algorithm = choose_algorithm(buf.nbytes, comm.size, per_node)
     if algorithm == "hierarchical":
         return hierarchical_allreduce(buf, comm, op, check=check)
+    if algorithm == "nccl":
+        from .nccl import nccl_allreduce
+
+        return nccl_allreduce(buf, comm, op, check=check)
     if algorithm == "ring":
         return ring_allreduce(buf, comm, op, check=check)
     if algorithm == "mpi":

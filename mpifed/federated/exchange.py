@@ -6,13 +6,15 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
+from ..comm.backend import mpi_view, to_host
+
 META_FIELDS = ("samples", "steps", "loss", "local_loss", "local_accuracy")
 TAG_MODEL, TAG_META = 11, 12
 
 
 def send_to_root(fed, params, meta: np.ndarray) -> int:
     """On a participating leader other than the root: send params and meta; return bytes sent."""
-    host = params.get() if hasattr(params, "get") else params
+    host = to_host(params)
     reqs = [fed.leaders.Isend(host, 0, TAG_MODEL), fed.leaders.Isend(meta, 0, TAG_META)]
     MPI.Request.Waitall(reqs)
     return host.nbytes + meta.nbytes
@@ -23,7 +25,7 @@ def collect_at_root(fed, params, meta: np.ndarray, chosen: list[int]):
     results, reqs, received = {}, [], 0
     for k in chosen:
         if k == fed.institution:
-            results[k] = (params.copy(), meta.copy())
+            results[k] = (to_host(params).copy(), meta.copy())
             continue
         buf, info = np.empty(params.size, dtype=params.dtype), np.empty_like(meta)
         reqs += [fed.leaders.Irecv(buf, k, TAG_MODEL), fed.leaders.Irecv(info, k, TAG_META)]
@@ -35,7 +37,9 @@ def collect_at_root(fed, params, meta: np.ndarray, chosen: list[int]):
 
 def broadcast_global(fed, params) -> int:
     """Root -> leaders -> every rank of each site, in place; return bytes the root sent."""
+    work, copy_back = mpi_view(params)  # device arrays go through host memory
     if fed.leaders is not None:
-        fed.leaders.Bcast(params, root=0)
-    fed.site.Bcast(params, root=0)
+        fed.leaders.Bcast(work, root=0)
+    fed.site.Bcast(work, root=0)
+    copy_back()
     return params.nbytes * (len(fed.sizes) - 1) if fed.is_root else 0

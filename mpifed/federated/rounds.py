@@ -18,7 +18,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..comm.agree import raise_together
-from ..comm.backend import get_array_module
+from ..comm.backend import device_copier, get_array_module, to_host
 from ..data.stream import BatchStream, Prefetcher
 from ..errors import UserError
 from ..nn.io import save_model
@@ -92,7 +92,7 @@ def federate(cfg: dict, world, xp) -> dict:
     stream = BatchStream(len(site.shard), cfg["optim"]["batch_size"], site.per_epoch,
                          run["seed"], site.stream_comm.rank, cfg["data"]["shuffle"],
                          epoch=site_steps // site.per_epoch, step=site_steps % site.per_epoch)
-    loader = Prefetcher(site.shard, stream, xp.asarray)
+    loader = Prefetcher(site.shard, stream, device_copier(xp))
     hyper = ServerHyper(fed_cfg["server_lr"] or DEFAULT_SERVER_LR.get(fed_cfg["strategy"], 1.0),
                         fed_cfg["beta1"], fed_cfg["beta2"], fed_cfg["tau"])
     start, last, stopped = time.perf_counter(), {}, ""
@@ -154,7 +154,7 @@ def _resume(cfg: dict, fed: Federation, params) -> tuple[int, int, dict]:
         return 0, 0, {}
     xp = get_array_module(params)
     params[...] = xp.asarray(found["params"])
-    state = {k: xp.asarray(v) for k, v in found["state"].items()} if fed.is_root else {}
+    state = dict(found["state"]) if fed.is_root else {}  # the server's state lives on the host
     counters = found["counters"]
     return int(counters["round"]), int(counters["site_steps"][fed.institution]), state
 
@@ -213,7 +213,7 @@ def _round(cfg, fed, site, step_fn, loader, rnd, hyper, server_state, xp):
     chosen = participants(len(fed.sizes), fed_cfg["fraction"], cfg["run"]["seed"], rnd)
     meta = np.zeros(len(META_FIELDS))
     meta[:2] = site.samples, tau
-    global_params = params.copy() if fed.is_root else None  # what the round started from
+    global_params = to_host(params).copy() if fed.is_root else None  # the round's start
     if fed.institution in chosen:
         anchor = params.copy() if fed_cfg["strategy"] == "fedprox" else None
         optimizer = make_optimizer(optim)  # each round starts the local optimiser afresh
@@ -233,7 +233,7 @@ def _round(cfg, fed, site, step_fn, loader, rnd, hyper, server_state, xp):
         new, server_state = STRATEGIES[fed_cfg["strategy"]](
             global_params, [(p, m[0], m[1]) for p, m in results.values()],
             server_state, hyper)
-        params[...] = new
+        params[...] = xp.asarray(new)  # strategies run on the host, at the root only
         record["metas"] = {k: m for k, (_, m) in results.items()}
     elif fed.is_leader and fed.institution in chosen:
         send_to_root(fed, params, meta)

@@ -57,7 +57,7 @@ STRATEGY_NAMES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadag
 CHOICES = {
     ("model", "kind"): ("softmax", "mlp"), ("model", "dtype"): ("float32", "float64"),
     ("optim", "name"): ("sgd", "adam"), ("optim", "schedule"): ("constant", "step", "cosine"),
-    ("comm", "allreduce"): ("auto", "ring", "mpi", "hierarchical"),
+    ("comm", "allreduce"): ("auto", "ring", "mpi", "hierarchical", "nccl"),
     ("comm", "backend"): ("auto", "numpy", "cupy"),
     ("run", "progress"): ("auto", "bar", "lines", "none"),
     ("federated", "strategy"): STRATEGY_NAMES,

@@ -19,7 +19,7 @@ from threadpoolctl import threadpool_limits
 
 from ..comm import backend_module, select_device
 from ..comm.agree import raise_together
-from ..comm.backend import get_array_module
+from ..comm.backend import device_copier, get_array_module
 from ..comm.topology import node_comm
 from ..data.atomic import atomic_path
 from ..data.stream import BatchStream, Prefetcher
@@ -140,7 +140,7 @@ def _train(cfg: dict, comm, xp) -> dict:
                                cfg["comm"]["overlap"])
     stream = BatchStream(len(shard), optim["batch_size"], per_epoch, run["seed"], comm.rank,
                          data["shuffle"], epoch=first // per_epoch, step=first % per_epoch)
-    loader = Prefetcher(shard, stream, xp.asarray)
+    loader = Prefetcher(shard, stream, device_copier(xp))
     window = Window(optim["batch_size"] * comm.size)
     timeline = Timeline(run["timeline"], comm.rank)
     start, loss, stopped = time.perf_counter(), math.nan, ""
