@@ -44,9 +44,14 @@ def topology(comm):
     return cached
 
 
+_last_count: list = [None, 1]  # [comm, ranks per node]: every step asks about the same comm
+
+
 def ranks_per_node(comm) -> int:
     """Return how many ranks of `comm` share this rank's node (collective the first time)."""
-    return topology(comm)[0].size
+    if comm is not _last_count[0]:  # held here, so its identity cannot be reused meanwhile
+        _last_count[:] = [comm, topology(comm)[0].size]
+    return _last_count[1]
 
 
 def hierarchical_allreduce(buf, comm, op: str = "sum", *, check: bool = True):
