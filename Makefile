@@ -39,8 +39,13 @@ test-slurm: install
 demo: install
 	$(PY) -m mpifed.demo
 
+# The all-reduce sweep on NP ranks, then the scaling suite (CSV, JSON, and PNG plots where
+# matplotlib is installed, as `make install` does) in bench-out/.
 bench: install
-	timeout -k 10 1200 $(MPIEXEC) -n $(NP) $(PY) bench/allreduce.py -f 2 --json bench-allreduce-$(NP).json
+	mkdir -p bench-out
+	timeout -k 10 1200 $(MPIEXEC) -n $(NP) $(PY) bench/allreduce.py -f 2 --json bench-out/allreduce-$(NP).json
+	timeout -k 10 1200 $(PY) bench/scaling.py --out bench-out/scaling
+	$(PY) -m mpifed plot --allreduce bench-out/allreduce-$(NP).json --out bench-out
 
 lint: install
 	$(VENV)/bin/ruff check mpifed tests bench
