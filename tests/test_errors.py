@@ -42,6 +42,9 @@ CASES = {
     "batch larger than shard": (GOOD.replace("batch_size = 4", "batch_size = 400"), None,
                                 ["optim.batch_size", "smallest shard"]),
     "unknown model": (GOOD + '[model]\nkind = "transformer"\n', None, ["model.kind"]),
+    "unknown strategy": (GOOD + '[federated]\ninstitutions = 1\nstrategy = "fedsgd"\n', None,
+                         ["federated.strategy", "fedsgd"]),
+    "x not 2-D": (GOOD, {"x": np.ones(40)}, ["must be 2-D", "'x'"]),
     "divergence": (GOOD.replace("steps = 3", "steps = 50\nlr = 1e30") +
                    "[model]\nkind = \"mlp\"\nhidden = [4]\n", None,
                    ["diverged", "step"]),
@@ -58,6 +61,14 @@ def test_user_errors(tmp_path, ranks, case):
     assert_one_clear_error(done, *needles)
     if case == "label out of range" and ranks > 1:
         assert f"[rank {ranks - 1}]" in done.stderr  # only the last rank holds the bad row
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_corrupt_hdf5_file(tmp_path, ranks):
+    (tmp_path / "d.h5").write_bytes(b"not an HDF5 file at all" * 100)
+    (tmp_path / "run.toml").write_text(GOOD)
+    done = run_mpi(ranks, ["train", "run.toml"], cwd=tmp_path, timeout=60)
+    assert_one_clear_error(done, "not a readable HDF5 file", "d.h5")
 
 
 def test_debug_shows_the_traceback(tmp_path):

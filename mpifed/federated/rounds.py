@@ -167,7 +167,10 @@ def _write_checkpoint(cfg, fed, params, server_state, rounds_done, site_steps) -
         for institution, count in per_rank:
             steps[institution] = count
         save_checkpoint(cfg["run"]["out"], "round", rounds_done, params, server_state,
-                        {"round": rounds_done, "site_steps": steps}, cfg, _layout(fed),
+                        {"round": rounds_done, "site_steps": steps,
+                         "rng": {"seed": cfg["run"]["seed"],
+                                 "permutation": "(seed, epoch, site rank)",
+                                 "sampling": "(seed, round)"}}, cfg, _layout(fed),
                         cfg["run"]["keep_checkpoints"])
     fed.world.Barrier()
 

@@ -163,7 +163,7 @@ def _train(cfg: dict, comm, xp) -> dict:
                                     **evaluate(spec, params, test, comm, xp))
                 every = run["checkpoint_every"]
                 if step_fn.stop_agreed or (every and done % every == 0 and done < total):
-                    write_checkpoint(cfg, comm, params, optimizer, done)
+                    write_checkpoint(cfg, comm, params, optimizer, done, per_epoch)
                 if step_fn.stop_agreed:
                     stopped = flag.raised or "a signal on another rank"
                     break
@@ -224,11 +224,17 @@ def resume_step(cfg: dict, comm, params, optimizer) -> int:
     return int(found["counters"]["step"])
 
 
-def write_checkpoint(cfg: dict, comm, params, optimizer, step: int) -> None:
-    """Rank 0 writes the checkpoint of `step`; every rank waits until it is on disk."""
+def write_checkpoint(cfg: dict, comm, params, optimizer, step: int, per_epoch: int) -> None:
+    """Rank 0 writes the checkpoint of `step`; every rank waits until it is on disk.
+
+    Every rank walks its shard in lockstep, so one (epoch, step in epoch) places every rank's
+    stream; the permutations derive from (run.seed, epoch, rank), the only RNG state there is.
+    """
     if comm.rank == 0:
-        save_checkpoint(cfg["run"]["out"], "step", step, params, optimizer.state(),
-                        {"step": step}, cfg, layout_of(comm), cfg["run"]["keep_checkpoints"])
+        counters = {"step": step, "epoch": step // per_epoch, "step_in_epoch": step % per_epoch,
+                    "rng": {"seed": cfg["run"]["seed"], "permutation": "(seed, epoch, rank)"}}
+        save_checkpoint(cfg["run"]["out"], "step", step, params, optimizer.state(), counters,
+                        cfg, layout_of(comm), cfg["run"]["keep_checkpoints"])
     comm.Barrier()
 
 
