@@ -257,7 +257,8 @@ def finish(cfg, comm, spec, params, test, reporter, xp, span, timings, loss) -> 
     (first, steps), (seconds, comm_seconds, data_seconds) = span, timings
     out, per_step = cfg["run"]["out"], cfg["optim"]["batch_size"] * comm.size
     summary = {"event": "summary", "steps": steps, "samples": steps * per_step,
-               "seconds": seconds, "loss": loss, "comm_seconds": comm_seconds,
+               "seconds": seconds, "loss": loss if math.isfinite(loss) else None,
+               "comm_seconds": comm_seconds,
                "data_wait_seconds": data_seconds,
                "samples_per_s": (steps - first) * per_step / max(seconds, 1e-9)}
     if first:
@@ -272,7 +273,9 @@ def finish(cfg, comm, spec, params, test, reporter, xp, span, timings, loss) -> 
         save_model(os.path.join(out, "model.h5"), spec, params)
     reporter.record(**summary)
     reporter.line(f"done: {steps} steps in {seconds:.2f} s, {summary['samples_per_s']:,.0f} "
-                  f"samples/s, final loss {loss:.4f}; model in {os.path.join(out, 'model.h5')}")
+                  f"samples/s, final loss {loss:.4f}; model in {os.path.join(out, 'model.h5')}"
+                  if first < steps else f"done: all {steps} steps were already taken; model in "
+                  f"{os.path.join(out, 'model.h5')}")
     reporter.close()
     comm.Barrier()  # the model file exists before any rank returns
     return summary
