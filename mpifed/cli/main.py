@@ -27,9 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("info", help="print the MPI library, rank and node counts, GPU facts")
 
-    train = sub.add_parser("train", help="train a model (data-parallel over all ranks)",
-                           description="Train from a TOML config: sections [data], [model], "
-                                       "[optim], [comm], [run]. See README.md.")
+    from ..train.config import describe_keys
+
+    train = sub.add_parser(
+        "train", help="train a model (data-parallel, or federated with [federated])",
+        description="Train from a TOML config: sections [data], [model], [optim], [comm], [run], "
+                    "and [federated] for a federation. Launch under MPI: mpiexec -n 4 mpifed "
+                    "train run.toml. The keys, their accepted values and defaults are listed below.",
+        epilog=describe_keys(), formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("config", help="TOML config file")
     train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                        help="override a config value (a TOML value; a bare word is a string); "

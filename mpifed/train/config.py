@@ -236,3 +236,18 @@ def _toml_value(value) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def describe_keys() -> str:
+    """Return every config section and key with its type and default, for `mpifed train --help`."""
+    lines = []
+    for section, keys in dict(SCHEMA, federated=FEDERATED).items():
+        lines.append(f"[{section}]")
+        for key, (types, default) in keys.items():
+            kind = "|".join(t.__name__ for t in types)
+            choices = CHOICES.get((section, key))
+            shown = "/".join(map(str, choices)) if choices else kind
+            value = "required" if (section, key) == ("data", "train") else (
+                "unset" if default is None else repr(default))
+            lines.append(f"  {key:<18} {shown:<44} {value}")
+    return "\n".join(lines)
