@@ -86,3 +86,21 @@ def test_missing_config_and_missing_model(tmp_path):
 def test_help_answers():
     done = run_cli(["train", "--help"])
     assert done.returncode == 0 and "--set" in done.stdout
+
+
+def test_abort_hook_ends_every_rank_of_a_library_script(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import mpiexec
+
+    script = ("import mpifed; mpifed.abort_on_exception()\n"
+              "from mpi4py import MPI\n"
+              "comm = MPI.COMM_WORLD\n"
+              "if comm.rank == 1:\n"
+              "    raise RuntimeError('rank 1 fails alone')\n"
+              "comm.Barrier()  # the others would wait here forever without the hook\n")
+    (tmp_path / "lib.py").write_text(script)
+    done = subprocess.run([mpiexec(), "-n", "3", sys.executable, "lib.py"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "rank 1 fails alone" in done.stderr

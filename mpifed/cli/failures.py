@@ -69,3 +69,25 @@ def _abort_if_parallel(code: int) -> None:
     if size > 1:
         sys.stderr.flush()
         sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(code)
+
+
+def install_abort_hook() -> None:
+    """Make an uncaught exception on any rank, in any thread, abort every rank of COMM_WORLD.
+
+    For scripts that use mpifed as a library (`mpifed train` already ends all ranks itself):
+    without it, the other ranks would wait forever in their next collective.
+    """
+    import threading
+
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        previous(kind, value, tb)
+        _abort_if_parallel(EXIT_INTERNAL_ERROR)
+
+    def thread_hook(args):
+        traceback.print_exception(args.exc_type, args.exc_value, args.exc_traceback)
+        _abort_if_parallel(EXIT_INTERNAL_ERROR)
+
+    sys.excepthook = hook
+    threading.excepthook = thread_hook
