@@ -61,8 +61,8 @@ def write_data(path, samples=2000, seed=0):
         fh["y"] = y
 
 
-def sbatch(cwd, *args) -> str:
-    env = dict(os.environ, MPIFED_VENV=VENV, OMP_NUM_THREADS="1")
+def sbatch(cwd, *args, **extra_env) -> str:
+    env = dict(os.environ, MPIFED_VENV=VENV, OMP_NUM_THREADS="1", **extra_env)
     done = subprocess.run(["sbatch", "--export=ALL", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, check=True)
     return re.search(r"Submitted batch job (\d+)", done.stdout).group(1)
@@ -162,3 +162,14 @@ def test_missing_config_fails_the_job_with_one_message(tmp_path):
     assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "FAILED"
     log = (tmp_path / f"slurm-mpifed-{job}.out").read_text()
     assert log.count("mpifed: error") == 1 and "nothing.toml" in log
+
+
+def test_train_job_with_mpiexec_launcher(tmp_path):
+    write_data(tmp_path / "d.h5")
+    (tmp_path / "run.toml").write_text(CONFIG.format(steps=200))
+    job = sbatch(tmp_path, "-n", "3", str(ROOT / "jobs" / "train.sbatch"), "run.toml",
+                 MPIFED_LAUNCHER="mpiexec")
+    assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
+    log = (tmp_path / f"slurm-mpifed-{job}.out").read_text()
+    assert "mpifed train: 3 ranks" in log  # the rank count came from the allocation
+    assert (tmp_path / "runs" / f"mpifed-{job}" / "model.h5").exists()
