@@ -96,6 +96,25 @@ def cuda_aware() -> bool:
     return bool(query())
 
 
+def host_view(buf):
+    """Return `(host_buffer, copy_back)` for `buf`: itself for host arrays, else a pinned copy."""
+    if type(buf) is np.ndarray or not is_device_array(buf):
+        return buf, _nothing
+    synchronize(buf)
+    return _staged(buf)
+
+
+def _staged(buf):
+    """Copy a device array into the reused pinned buffer; return it and the copy back."""
+    host = _pinned(buf.nbytes)[:buf.nbytes].view(buf.dtype)
+    buf.get(out=host)
+
+    def copy_back():
+        buf.set(host)
+
+    return host, copy_back
+
+
 def mpi_view(buf):
     """Return `(host_or_device_buffer, copy_back)` that MPI may read and write for `buf`.
 
@@ -107,13 +126,7 @@ def mpi_view(buf):
     synchronize(buf)
     if cuda_aware():
         return buf, _nothing
-    host = _pinned(buf.nbytes)[:buf.nbytes].view(buf.dtype)
-    buf.get(out=host)
-
-    def copy_back():
-        buf.set(host)
-
-    return host, copy_back
+    return _staged(buf)
 
 
 def _nothing() -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from .backend import mpi_view
+from .backend import host_view
 from .checks import check_local, check_same_signature
 from .ring import ring_allreduce
 from .shared import SharedWindow, window_of
@@ -67,7 +67,7 @@ def hierarchical_allreduce(buf, comm, op: str = "sum", *, check: bool = True):
     if cross is None:
         return ring_allreduce(buf, comm, op, check=False)
     if comm.size > 1 and buf.size > 0:
-        work, copy_back = mpi_view(buf)
+        work, copy_back = host_view(buf)  # shared memory is host memory, CUDA-aware MPI or not
         _reduce_on_node(work, node, cross, comm.size if op == "mean" else 1, agree=check)
         copy_back()
     return buf
