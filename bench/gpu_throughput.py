@@ -17,7 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-FEATURES, HIDDEN, CLASSES = 784, [512, 256], 10
+from mpifed.benchmarks.peers import torch_mlp
+
+HIDDEN = [512, 256]
 
 
 def worker_ours(data: str, steps: int, batch: int, out: str) -> dict:
@@ -57,10 +59,7 @@ def worker_torch(data: str, steps: int, batch: int, warmup: int = 20) -> dict:
         lo, hi = comm.rank * n // comm.size, (comm.rank + 1) * n // comm.size
         x = torch.from_numpy(fh["x"][lo:hi]).to(device)
         y = torch.from_numpy(fh["y"][lo:hi].astype(np.int64)).to(device)
-    model = torch.nn.Sequential(torch.nn.Linear(FEATURES, 512), torch.nn.ReLU(),
-                                torch.nn.Linear(512, 256), torch.nn.ReLU(),
-                                torch.nn.Linear(256, CLASSES)).to(device)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index])
+    ddp = torch.nn.parallel.DistributedDataParallel(torch_mlp(device), device_ids=[device.index])
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
     per_epoch = (hi - lo) // batch

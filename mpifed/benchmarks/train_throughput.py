@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-FEATURES, HIDDEN, CLASSES, BATCH = 784, [512, 256], 10, 128
+from .peers import CLASSES, FEATURES, torch_mlp
+
+HIDDEN, BATCH = [512, 256], 128
 
 
 def worker_ours(data: str, steps: int, out: str, overlap: bool = False) -> dict:
@@ -60,11 +62,7 @@ def worker_torch(data: str, steps: int, warmup: int = 10) -> dict:
         lo, hi = comm.rank * n // comm.size, (comm.rank + 1) * n // comm.size
         x = torch.from_numpy(fh["x"][lo:hi])
         y = torch.from_numpy(fh["y"][lo:hi].astype(np.int64))
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(FEATURES, 512), torch.nn.ReLU(),
-                                torch.nn.Linear(512, 256), torch.nn.ReLU(),
-                                torch.nn.Linear(256, CLASSES))
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(torch_mlp())
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
     per_epoch = (hi - lo) // BATCH

@@ -18,14 +18,13 @@ import numpy as np
 from mpi4py import MPI
 
 from ..comm.agree import raise_together
-from ..comm.backend import device_copier, get_array_module, to_host
-from ..data.stream import BatchStream, Prefetcher
+from ..comm.backend import get_array_module, to_host
 from ..errors import UserError
 from ..nn.io import save_model
 from ..optim import learning_rate, make_optimizer
 from ..train.checkpoint import choose_checkpoint, save_checkpoint
 from ..train.evaluate import evaluate, open_checked_shard
-from ..train.loop import build_model, prepare_out, stop_early
+from ..train.loop import batch_loader, build_model, prepare_out, stop_early
 from ..train.report import Reporter
 from ..train.signals import StopFlag
 from ..train.step import DataParallelStep
@@ -88,11 +87,9 @@ def federate(cfg: dict, world, xp) -> dict:
                   + (f", resumed after round {first}" if first else ""))
     if first:
         reporter.record(event="resumed", round=first)
-    step_fn = DataParallelStep(site.spec, site.params, fed.site, cfg["comm"]["allreduce"], xp)
-    stream = BatchStream(len(site.shard), cfg["optim"]["batch_size"], site.per_epoch,
-                         run["seed"], site.stream_comm.rank, cfg["data"]["shuffle"],
-                         epoch=site_steps // site.per_epoch, step=site_steps % site.per_epoch)
-    loader = Prefetcher(site.shard, stream, device_copier(xp))
+    step_fn = DataParallelStep(site.spec, site.params, fed.site, cfg["comm"]["allreduce"], xp,
+                               cfg["comm"]["overlap"])
+    loader = batch_loader(cfg, site.shard, site.per_epoch, site.stream_comm.rank, site_steps, xp)
     hyper = ServerHyper(fed_cfg["server_lr"] or DEFAULT_SERVER_LR.get(fed_cfg["strategy"], 1.0),
                         fed_cfg["beta1"], fed_cfg["beta2"], fed_cfg["tau"])
     start, last, stopped = time.perf_counter(), {}, ""

@@ -138,9 +138,7 @@ def _train(cfg: dict, comm, xp) -> dict:
         reporter.record(event="resumed", step=first)
     step_fn = DataParallelStep(spec, params, comm, cfg["comm"]["allreduce"], xp,
                                cfg["comm"]["overlap"])
-    stream = BatchStream(len(shard), optim["batch_size"], per_epoch, run["seed"], comm.rank,
-                         data["shuffle"], epoch=first // per_epoch, step=first % per_epoch)
-    loader = Prefetcher(shard, stream, device_copier(xp))
+    loader = batch_loader(cfg, shard, per_epoch, comm.rank, first, xp)
     window = Window(optim["batch_size"] * comm.size)
     timeline = Timeline(run["timeline"], comm.rank)
     start, loss, stopped = time.perf_counter(), math.nan, ""
@@ -176,6 +174,17 @@ def _train(cfg: dict, comm, xp) -> dict:
         return stop_early(cfg, comm, reporter, done, stopped)
     return finish(cfg, comm, spec, params, test, reporter, xp, (first, total),
                   (time.perf_counter() - start, step_fn.comm_seconds, loader.wait_seconds), loss)
+
+
+def batch_loader(cfg: dict, shard, per_epoch: int, rank: int, steps_done: int, xp) -> Prefetcher:
+    """Return the prefetching loader of this rank's stream, placed after `steps_done` steps.
+
+    rank: this rank's place in the communicator that sharded the data (it seeds the shuffle).
+    """
+    stream = BatchStream(len(shard), cfg["optim"]["batch_size"], per_epoch, cfg["run"]["seed"],
+                         rank, cfg["data"]["shuffle"], epoch=steps_done // per_epoch,
+                         step=steps_done % per_epoch)
+    return Prefetcher(shard, stream, device_copier(xp))
 
 
 def trace_step(timeline, step: int, t_data: float, t_compute: float, comm: float) -> None:

@@ -1,0 +1,18 @@
+"""The PyTorch peer's model, shared by the CPU and GPU throughput benchmarks (torch is optional)."""
+
+from __future__ import annotations
+
+FEATURES, HIDDEN, CLASSES = 784, (512, 256), 10
+
+
+def torch_mlp(device=None):
+    """Return the 784-512-256-10 ReLU MLP as a torch Sequential (seeded, on `device`)."""
+    import torch
+
+    torch.manual_seed(0)
+    sizes = [FEATURES, *HIDDEN, CLASSES]
+    layers = []
+    for fan_in, fan_out in zip(sizes, sizes[1:]):
+        layers += [torch.nn.Linear(fan_in, fan_out), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers[:-1])  # no ReLU after the last layer
+    return model.to(device) if device is not None else model
