@@ -26,7 +26,10 @@ def world_rank_and_size() -> tuple[int, int]:
 
 def report(message: str, rank: int, size: int) -> None:
     """Print one error line to stderr, prefixed with the rank when there are several."""
-    prefix = f"mpifed: error [rank {rank}]: " if size > 1 else "mpifed: error: "
+    if message.startswith("[rank "):  # it already names the rank that saw it
+        prefix = "mpifed: error "
+    else:
+        prefix = f"mpifed: error [rank {rank}]: " if size > 1 else "mpifed: error: "
     print(prefix + message, file=sys.stderr, flush=True)
 
 

@@ -30,6 +30,15 @@ from ..train.signals import StopFlag
 from ..train.step import DataParallelStep
 from .exchange import META_FIELDS, broadcast_global, collect_at_root, send_to_root
 from .layout import Federation, institution_sizes, make_federation, participants
+from .privacy import update_noise_multiplier
+from .private import (
+    mean_update,
+    next_clip,
+    poisson_participants,
+    private_aggregate,
+    ring_scales,
+    round_epsilon,
+)
 from .strategies import DEFAULT_SERVER_LR, STRATEGIES, ServerHyper
 
 
@@ -96,6 +105,11 @@ def federate(cfg: dict, world, xp) -> dict:
     try:
         with StopFlag() as flag:
             for rnd in range(first, fed_cfg["rounds"]):
+                if over_budget(fed_cfg, rnd):  # the same decision on every rank, no message
+                    reporter.record(event="budget", round=rnd, epsilon=last.get("epsilon"))
+                    reporter.line(f"stopping before round {rnd + 1}: it would exceed "
+                                  f"federated.dp.max_epsilon = {fed_cfg['dp']['max_epsilon']}")
+                    break
                 last, server_state, took_part = _round(cfg, fed, site, step_fn, loader, rnd,
                                                        hyper, server_state, xp)
                 site_steps += site.tau if took_part else 0
@@ -116,6 +130,14 @@ def federate(cfg: dict, world, xp) -> dict:
     return _finish(cfg, fed, site, reporter, last, time.perf_counter() - start)
 
 
+def over_budget(fed_cfg: dict, rnd: int) -> bool:
+    """Tell whether round `rnd` (0-based) would take epsilon past federated.dp.max_epsilon."""
+    dp = fed_cfg.get("dp")
+    if not dp or not dp["max_epsilon"]:
+        return False
+    return round_epsilon(dp, fed_cfg["fraction"], rnd + 1) > dp["max_epsilon"]
+
+
 def _setup(cfg: dict, fed: Federation, xp) -> SimpleNamespace:
     """Open this rank's data and test shard, build the model, plan the local steps."""
     optim, world = cfg["optim"], fed.world
@@ -130,7 +152,19 @@ def _setup(cfg: dict, fed: Federation, xp) -> SimpleNamespace:
     if cfg["data"]["test"]:
         test, _ = open_checked_shard(world, cfg["data"]["test"], cfg["data"]["x"],
                                      cfg["data"]["y"], dtype, "data.test", spec.features)
-    site_samples = fed.leaders.gather(samples, root=0) if fed.is_leader else None
+    secure = cfg["federated"]["secure_aggregation"]
+    # Under secure aggregation the root learns only sums, so not each institution's count.
+    site_samples = fed.leaders.gather(samples, root=0) if fed.is_leader and not secure else None
+    dp = cfg["federated"].get("dp")
+    if dp and dp["adaptive"] and dp["clip_count_stddev"] is None:
+        dp["clip_count_stddev"] = cfg["federated"]["fraction"] * len(fed.sizes) / 20  # paper
+    if secure:
+        ring_scales(cfg["federated"], dp, len(fed.sizes))  # a ring too small fails on every rank
+    if dp and dp["adaptive"]:
+        try:  # the count's noise must leave some for the updates: check it on every rank
+            update_noise_multiplier(dp["noise_multiplier"], dp["clip_count_stddev"])
+        except ValueError as err:
+            raise UserError(str(err)) from None
     return SimpleNamespace(shard=shard, stream_comm=stream_comm, samples=samples, spec=spec,
                            params=params, per_epoch=per_epoch, test=test,
                            tau=local_step_count(cfg["federated"], per_epoch),
@@ -173,8 +207,12 @@ def _write_checkpoint(cfg, fed, params, server_state, rounds_done, site_steps) -
 
 
 def _report_round(reporter, record, site, fed, rounds, xp) -> None:
-    if fed.is_root:
+    if fed.is_root and "metas" in record:
         record["institutions"] = _institution_table(record.pop("metas"), site.site_samples)
+    elif fed.is_root:  # private aggregation: who took part, nothing about any one of them
+        chosen = record.pop("participants")
+        record["institutions"] = [{"institution": k, "participated": k in chosen}
+                                  for k in range(len(fed.sizes))]
     if site.test is not None:
         result = evaluate(site.spec, site.params, site.test, fed.world, xp)
         record.update(accuracy=result["accuracy"], test_loss=result["loss"],
@@ -187,10 +225,12 @@ def _finish(cfg, fed, site, reporter, last, seconds) -> dict:
     out, rounds = cfg["run"]["out"], cfg["federated"]["rounds"]
     if fed.is_root:
         save_model(os.path.join(out, "model.h5"), site.spec, site.params)
-    summary = {"event": "summary", "rounds": rounds, "seconds": seconds,
+    summary = {"event": "summary", "rounds": last.get("round", 0), "seconds": seconds,
                "accuracy": last.get("accuracy"), "test_loss": last.get("test_loss")}
+    if "epsilon" in last:
+        summary["epsilon"] = last["epsilon"]
     reporter.record(**summary)
-    reporter.line(f"done: {rounds} rounds in {seconds:.2f} s; model in "
+    reporter.line(f"done: {summary['rounds']} rounds in {seconds:.2f} s; model in "
                   f"{os.path.join(out, 'model.h5')}")
     reporter.close()
     fed.world.Barrier()
@@ -210,10 +250,14 @@ def _round(cfg, fed, site, step_fn, loader, rnd, hyper, server_state, xp):
     spec, params, tau = site.spec, site.params, site.tau
     t0 = time.perf_counter()
     comm_before = step_fn.comm_seconds
-    chosen = participants(len(fed.sizes), fed_cfg["fraction"], cfg["run"]["seed"], rnd)
+    dp = fed_cfg.get("dp")
+    private = fed_cfg["secure_aggregation"] or dp is not None
+    choose = poisson_participants if dp else participants  # DP's accountant assumes Poisson
+    chosen = choose(len(fed.sizes), fed_cfg["fraction"], cfg["run"]["seed"], rnd)
     meta = np.zeros(len(META_FIELDS))
     meta[:2] = site.samples, tau
-    global_params = to_host(params).copy() if fed.is_root else None  # the round's start
+    keeps_global = fed.is_root or (private and fed.is_leader)
+    global_params = to_host(params).astype(np.float64) if keeps_global else None  # round start
     if fed.institution in chosen:
         anchor = params.copy() if fed_cfg["strategy"] == "fedprox" else None
         optimizer = make_optimizer(optim)  # each round starts the local optimiser afresh
@@ -228,10 +272,17 @@ def _round(cfg, fed, site, step_fn, loader, rnd, hyper, server_state, xp):
     t_exchange = time.perf_counter()
     to_root = from_root = 0
     record = {"round": rnd + 1}
-    if fed.is_root:
+    if private:
+        sums = private_aggregate(cfg, fed, params, global_params, meta, chosen, rnd,
+                                 server_state)
+        if fed.is_root:
+            server_state, to_root = _apply_private(cfg, fed, params, global_params, sums, rnd,
+                                                   hyper, server_state, record, xp)
+            record["participants"] = chosen
+    elif fed.is_root:
         results, to_root = collect_at_root(fed, params, meta, chosen)
         new, server_state = STRATEGIES[fed_cfg["strategy"]](
-            global_params, [(p, m[0], m[1]) for p, m in results.values()],
+            global_params.astype(params.dtype), [(p, m[0], m[1]) for p, m in results.values()],
             server_state, hyper)
         params[...] = xp.asarray(new)  # strategies run on the host, at the root only
         record["metas"] = {k: m for k, (_, m) in results.items()}
@@ -245,6 +296,22 @@ def _round(cfg, fed, site, step_fn, loader, rnd, hyper, server_state, xp):
     record["comm_fraction"] = (record["exchange_seconds"] + record["allreduce_seconds"]) / max(
         now - t0, 1e-9)
     return record, server_state, fed.institution in chosen
+
+
+def _apply_private(cfg, fed, params, global_params, sums, rnd, hyper, state, record, xp):
+    """On the root: turn the private sums into the new global model, the clip and epsilon."""
+    fed_cfg, dp = cfg["federated"], cfg["federated"].get("dp")
+    institutions, q = len(fed.sizes), fed_cfg["fraction"]
+    mean = mean_update(sums, dp, institutions, q)
+    new, new_state = STRATEGIES[fed_cfg["strategy"]](global_params, [(global_params + mean, 1.0,
+                                                                       1.0)], state, hyper)
+    params[...] = xp.asarray(new.astype(params.dtype))
+    if sums["weight_sum"] > 0:
+        record["loss"] = sums["loss_sum"] / sums["weight_sum"]  # the institutions' mean loss
+    if dp:
+        new_state["dp_clip"] = np.array(next_clip(dp, sums["clip"], sums, institutions, q))
+        record.update(clip=sums["clip"], epsilon=round_epsilon(dp, q, rnd + 1))
+    return new_state, sums["bytes"]
 
 
 def _institution_table(metas: dict, site_samples: list[int]) -> list[dict]:
@@ -266,6 +333,11 @@ def _round_line(record: dict, rounds: int) -> str:
     if "accuracy" in record:
         text += f" accuracy {record['accuracy']:.4f}"
     losses = [f"{e['loss']:.3f}" for e in record.get("institutions", []) if "loss" in e]
-    text += f" local losses [{', '.join(losses)}]"
+    if losses:
+        text += f" local losses [{', '.join(losses)}]"
+    elif "loss" in record:
+        text += f" mean local loss {record['loss']:.3f}"
+    if "epsilon" in record:
+        text += f" epsilon {record['epsilon']:.3g}"
     return text + (f" {record['round_seconds']:.2f} s, to root {record['bytes_to_root']:,} B, "
                    f"comm {100 * record['comm_fraction']:.0f}%")

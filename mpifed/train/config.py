@@ -51,6 +51,17 @@ FEDERATED = {
     "strategy": ((str,), "fedavg"), "mu": ((float, int), 0.01), "server_lr": ((float, int), None),
     "beta1": ((float, int), 0.9), "beta2": ((float, int), 0.99), "tau": ((float, int), 1e-3),
     "fraction": ((float, int), 1.0), "evaluate_local": ((bool,), False),
+    "secure_aggregation": ((bool,), False), "secure_bits": ((int,), 64),
+    "secure_range": ((float, int), 1.0), "secure_max_samples": ((int,), 2 ** 31),
+    "secure_out_of_range": ((str,), "error"), "dp": ((dict,), None),
+}
+
+# The optional [federated.dp] table: institution-level DP-FedAvg.
+DP = {
+    "clip": ((float, int), 1.0), "noise_multiplier": ((float, int), 1.0),
+    "delta": ((float, int), 1e-5), "adaptive": ((bool,), False),
+    "target_quantile": ((float, int), 0.5), "clip_lr": ((float, int), 0.2),
+    "clip_count_stddev": ((float, int), None), "max_epsilon": ((float, int), 0.0),
 }
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fednova")
 
@@ -61,6 +72,8 @@ CHOICES = {
     ("comm", "backend"): ("auto", "numpy", "cupy"),
     ("run", "progress"): ("auto", "bar", "lines", "none"),
     ("federated", "strategy"): STRATEGY_NAMES,
+    ("federated", "secure_bits"): (32, 64),
+    ("federated", "secure_out_of_range"): ("error", "clip"),
 }
 
 
@@ -162,7 +175,42 @@ def _check_federated(fed: dict) -> dict:
             raise UserError(f"federated.{key}: must be in [0, 1), got {fed[key]}")
     if fed["server_lr"] is not None and fed["server_lr"] <= 0:
         raise UserError(f"federated.server_lr: must be > 0, got {fed['server_lr']}")
+    if fed["secure_range"] <= 0 or fed["secure_max_samples"] < 1:
+        raise UserError("federated.secure_range and federated.secure_max_samples must be > 0")
+    if fed["dp"] is not None:
+        fed["dp"] = _check_dp(fed["dp"])
+    private = fed["secure_aggregation"] or fed["dp"] is not None
+    if private and fed["strategy"] == "fednova":
+        raise UserError("federated.strategy: fednova needs every institution's own step count, "
+                        "which secure aggregation and DP keep from the root; use another strategy")
     return fed
+
+
+def _check_dp(given: dict) -> dict:
+    """Check the [federated.dp] table; return it with defaults filled in."""
+    for key in given:
+        if key not in DP:
+            raise UserError(f"federated.dp.{key}: unknown key; known keys of [federated.dp]: "
+                            f"{', '.join(DP)}")
+    dp = {}
+    for key, (types, default) in DP.items():
+        value = given.get(key, default)
+        if value is not None:
+            _check_type(f"federated.dp.{key}", value, types)
+        dp[key] = value
+    if dp["clip"] <= 0:
+        raise UserError(f"federated.dp.clip: must be > 0, got {dp['clip']}")
+    if dp["noise_multiplier"] < 0:
+        raise UserError(f"federated.dp.noise_multiplier: must be >= 0, got {dp['noise_multiplier']}")
+    if not 0 < dp["delta"] < 1:
+        raise UserError(f"federated.dp.delta: must be in (0, 1), got {dp['delta']}")
+    if not 0 < dp["target_quantile"] < 1:
+        raise UserError(f"federated.dp.target_quantile: must be in (0, 1), "
+                        f"got {dp['target_quantile']}")
+    for key in ("clip_lr", "max_epsilon"):
+        if dp[key] < 0:
+            raise UserError(f"federated.dp.{key}: must be >= 0, got {dp[key]}")
+    return dp
 
 
 def _check_type(name: str, value, types) -> None:
@@ -219,10 +267,15 @@ def to_toml(cfg: dict) -> str:
         if keys is None:
             continue
         lines.append(f"[{section}]")
+        tables = {k: v for k, v in keys.items() if isinstance(v, dict)}
         for key, value in keys.items():
-            if value is not None:
+            if value is not None and key not in tables:
                 lines.append(f"{key} = {_toml_value(value)}")
         lines.append("")
+        for key, table in tables.items():  # nested tables such as [federated.dp]
+            lines.append(f"[{section}.{key}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]
+            lines.append("")
     return "\n".join(lines)
 
 
