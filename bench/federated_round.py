@@ -29,10 +29,10 @@ lr = 0.01
 momentum = 0.9
 batch_size = 128
 [federated]
-{layout}
 rounds = {rounds}
 local_steps = {local_steps}
 strategy = "fedavg"
+{layout}
 [run]
 out = "{out}"
 progress = "none"
@@ -48,13 +48,19 @@ def main(argv=None) -> int:
     mpiexec = str(Path(sys.executable).with_name("mpiexec"))
     mpifed = [sys.executable, "-m", "mpifed"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MPIFED_BLAS_THREADS="1")
-    layouts = {"4 x 1 rank": ("institutions = 4", 4), "2 x 2 ranks": ("institutions = 2", 2),
+    layouts = {"4 x 1 rank": ("institutions = 4", 4),
+               "4 x 1 secagg": ("institutions = 4\nsecure_aggregation = true", 4),
+               "4 x 1 sa+dp": ("institutions = 4\nsecure_aggregation = true\n"
+                               "secure_range = 8.0\n[federated.dp]\nclip = 1.0\n"
+                               "noise_multiplier = 1.0", 4),
+               "2 x 2 ranks": ("institutions = 2", 2),
                "[1, 2, 1]": ("institution_sizes = [1, 2, 1]", 3)}
     params = 784 * 512 + 512 + 512 * 256 + 256 + 256 * 10 + 10
     print(f"# federated round, MLP 784-512-256-10 ({params:,} float32 parameters = "
           f"{4 * params:,} B), 4 ranks, FedAvg, {args.local_steps} local steps, batch 128/rank")
     print(f"# {'layout':<12} {'to root B':>11} {'from root B':>11} {'minimum B':>11} "
           f"{'round s':>8} {'exchange s':>10} {'allreduce s':>11} {'comm %':>7}")
+    seconds = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (layout, sites) in layouts.items():
             data = os.path.join(tmp, "all.h5")
@@ -63,8 +69,8 @@ def main(argv=None) -> int:
             site_dir = os.path.join(tmp, f"sites{sites}")
             subprocess.run([*mpifed, "data", "partition", data, site_dir, "--institutions",
                             str(sites)], check=True, capture_output=True)
-            out = os.path.join(tmp, f"out{sites}")
-            config = os.path.join(tmp, f"fed{sites}.toml")
+            out = os.path.join(tmp, f"out-{len(seconds)}")
+            config = os.path.join(tmp, f"fed-{len(seconds)}.toml")
             Path(config).write_text(CONFIG.format(sites=site_dir, layout=layout, out=out,
                                                   rounds=args.rounds,
                                                   local_steps=args.local_steps))
@@ -76,9 +82,13 @@ def main(argv=None) -> int:
             mean = {k: float(np.mean([r[k] for r in rounds])) for k in
                     ("bytes_to_root", "bytes_from_root", "round_seconds", "exchange_seconds",
                      "allreduce_seconds", "comm_fraction")}
+            seconds[name] = mean["round_seconds"]
             print(f"  {name:<12} {mean['bytes_to_root']:>11,.0f} {mean['bytes_from_root']:>11,.0f} "
                   f"{minimum:>11,} {mean['round_seconds']:>8.3f} {mean['exchange_seconds']:>10.3f} "
                   f"{mean['allreduce_seconds']:>11.3f} {100 * mean['comm_fraction']:>6.1f}%")
+    plain = seconds["4 x 1 rank"]
+    for name in ("4 x 1 secagg", "4 x 1 sa+dp"):
+        print(f"# {name} round time / plain FedAvg's: {seconds[name] / plain:.2f}x")
     return 0
 
 
