@@ -24,7 +24,7 @@ from .privacy import (
     split_noise_stddev,
     update_noise_multiplier,
 )
-from .secagg import check_distinct, decode, encode, new_keypair, pairwise_mask, scale_bits
+from .secagg import add_pairwise_mask, check_distinct, decode, encode, new_keypair, scale_bits
 
 TAG_KEY, TAG_VECTOR = 21, 22
 LOSS_CAP = 1e4  # losses are metrics: capped so that their fixed-point range is known
@@ -143,8 +143,7 @@ def _masked_ring(fed_cfg, institution, vector, private, publics, rnd, dp, clip, 
     ring = np.concatenate([
         encode(vector[:size], bound, f_delta, bits, fed_cfg["secure_out_of_range"]),
         encode(vector[size:], w_max * LOSS_CAP, f_tail, bits, "clip")])
-    ring += pairwise_mask(institution, private, publics, rnd, ring.size, bits)
-    return ring
+    return add_pairwise_mask(ring, institution, private, publics, rnd)
 
 
 def _secure_sum(fed_cfg, fed, vector, chosen, rnd, dp, clip, size) -> dict | None:
