@@ -49,6 +49,7 @@ institution_sizes = [1, 2]
 rounds = {rounds}
 local_steps = 7
 strategy = "fedadam"
+secure_aggregation = {secure}
 [run]
 out = "{out}"
 checkpoint_every = 3
@@ -129,11 +130,12 @@ def test_sigusr1_checkpoints_and_stops_then_resumes(tmp_path):
     assert_same_bits(tmp_path / "cut" / "model.h5", tmp_path / "full" / "model.h5")
 
 
-def test_federated_run_killed_resumes_to_the_same_bits(tmp_path):
+@pytest.mark.parametrize("secure", ["false", "true"])
+def test_federated_run_killed_resumes_to_the_same_bits(tmp_path, secure):
     write_data(tmp_path / "site-0.h5", 400, seed=3)
     write_data(tmp_path / "site-1.h5", 700, seed=4)
-    (tmp_path / "full.toml").write_text(FEDERATED.format(rounds=300, out="full"))
-    (tmp_path / "cut.toml").write_text(FEDERATED.format(rounds=300, out="cut"))
+    (tmp_path / "full.toml").write_text(FEDERATED.format(rounds=300, out="full", secure=secure))
+    (tmp_path / "cut.toml").write_text(FEDERATED.format(rounds=300, out="cut", secure=secure))
     assert run_mpi(3, ["train", "full.toml"], cwd=tmp_path).returncode == 0
     kill_at_random(start(3, "cut.toml", tmp_path), random.Random(7), 0.8, 1.6)
     assert not (tmp_path / "cut" / "model.h5").exists(), "the kill came too late to test"
