@@ -64,6 +64,16 @@ def test_user_errors(tmp_path, ranks, case):
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_test_set_with_more_classes_than_the_model(tmp_path, ranks):
+    write_data(tmp_path / "d.h5")  # labels 0..2
+    write_data(tmp_path / "t.h5", labels=np.arange(40) % 5)  # labels 0..4
+    (tmp_path / "run.toml").write_text(GOOD.replace('train = "d.h5"',
+                                                    'train = "d.h5"\ntest = "t.h5"'))
+    done = run_mpi(ranks, ["train", "run.toml"], cwd=tmp_path, timeout=60)
+    assert_one_clear_error(done, "data.test", "labels up to 4")
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
 def test_corrupt_hdf5_file(tmp_path, ranks):
     (tmp_path / "d.h5").write_bytes(b"not an HDF5 file at all" * 100)
     (tmp_path / "run.toml").write_text(GOOD)

@@ -23,7 +23,7 @@ from ..errors import UserError
 from ..nn.io import save_model
 from ..optim import learning_rate, make_optimizer
 from ..train.checkpoint import choose_checkpoint, save_checkpoint
-from ..train.evaluate import evaluate, open_checked_shard
+from ..train.evaluate import evaluate, open_checked_shard, open_test_shard
 from ..train.loop import batch_loader, build_model, prepare_out, stop_early
 from ..train.report import Reporter
 from ..train.signals import StopFlag
@@ -150,8 +150,7 @@ def _setup(cfg: dict, fed: Federation, xp) -> SimpleNamespace:
     raise_together(world, lambda: _check_batch(per_epoch, optim["batch_size"], smallest, fed))
     test = None
     if cfg["data"]["test"]:
-        test, _ = open_checked_shard(world, cfg["data"]["test"], cfg["data"]["x"],
-                                     cfg["data"]["y"], dtype, "data.test", spec.features)
+        test = open_test_shard(world, cfg, spec, dtype)
     secure = cfg["federated"]["secure_aggregation"]
     # Under secure aggregation the root learns only sums, so not each institution's count.
     site_samples = fed.leaders.gather(samples, root=0) if fed.is_leader and not secure else None
@@ -222,7 +221,7 @@ def _report_round(reporter, record, site, fed, rounds, xp) -> None:
 
 
 def _finish(cfg, fed, site, reporter, last, seconds) -> dict:
-    out, rounds = cfg["run"]["out"], cfg["federated"]["rounds"]
+    out = cfg["run"]["out"]
     if fed.is_root:
         save_model(os.path.join(out, "model.h5"), site.spec, site.params)
     summary = {"event": "summary", "rounds": last.get("round", 0), "seconds": seconds,

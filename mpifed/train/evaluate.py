@@ -47,6 +47,18 @@ def open_checked_shard(comm, path: str, x: str, y: str, dtype, key: str,
     return shard, classes
 
 
+def open_test_shard(comm, cfg: dict, spec: ModelSpec, dtype) -> Shard:
+    """Open this rank's shard of data.test, checked against the model (collective)."""
+    data = cfg["data"]
+    shard, classes = open_checked_shard(comm, data["test"], data["x"], data["y"], dtype,
+                                        "data.test", features=spec.features)
+    if classes > spec.num_classes:
+        raise UserError(f"data.test: {data['test']!r} has labels up to {classes - 1}, but the "
+                        f"model knows {spec.num_classes} classes (0..{spec.num_classes - 1}); "
+                        "give the training file a num_classes attribute that covers both")
+    return shard
+
+
 def evaluate(spec: ModelSpec, params, shard: Shard, comm, xp) -> dict:
     """Return {"loss", "accuracy", "samples"} of the model over all ranks' shards."""
     sums = np.zeros(3)  # summed loss, correct, rows

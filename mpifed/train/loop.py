@@ -29,7 +29,7 @@ from ..nn.models import ModelSpec, init_params
 from ..optim import learning_rate, make_optimizer
 from .checkpoint import checkpoint_dir, choose_checkpoint, save_checkpoint
 from .config import to_toml
-from .evaluate import evaluate, open_checked_shard
+from .evaluate import evaluate, open_checked_shard, open_test_shard
 from .report import Reporter
 from .signals import StopFlag
 from .step import DataParallelStep
@@ -124,8 +124,7 @@ def _train(cfg: dict, comm, xp) -> dict:
     per_epoch, total = plan_steps(cfg, len(shard), comm)
     test = None
     if data["test"]:
-        test, _ = open_checked_shard(comm, data["test"], data["x"], data["y"], dtype,
-                                     "data.test", features=spec.features)
+        test = open_test_shard(comm, cfg, spec, dtype)
     out = prepare_out(cfg, comm)
     optimizer = make_optimizer(optim)
     first = resume_step(cfg, comm, params, optimizer)
