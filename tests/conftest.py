@@ -56,3 +56,16 @@ def run_cli(args: list[str], timeout: float = 120, cwd=None):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "mpifed", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+def write_site(path, samples: int, seed: int, features: int = 5, classes: int = 3):
+    """Write a small learnable classification file (x float64, y int) and return (x, y)."""
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, size=samples)
+    x = rng.standard_normal((samples, features)) + 0.7 * y[:, None]
+    with h5py.File(path, "w") as fh:
+        fh["x"], fh["y"] = x, y
+        fh.attrs["num_classes"] = classes
+    return x, y

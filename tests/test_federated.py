@@ -5,25 +5,14 @@ from __future__ import annotations
 import itertools
 import json
 
-import h5py
 import numpy as np
 import pytest
-from conftest import run_mpi
+from conftest import run_mpi, write_site
 from reference import global_batches, initial_weights, mlp_sgd, read_model
 
 from mpifed.federated.layout import participants
 
 FEATURES, CLASSES, HIDDEN = 5, 3, 4
-
-
-def write_site(path, samples, seed):
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, CLASSES, size=samples)
-    x = rng.standard_normal((samples, FEATURES)) + 0.7 * y[:, None]
-    with h5py.File(path, "w") as fh:
-        fh["x"], fh["y"] = x, y
-        fh.attrs["num_classes"] = CLASSES
-    return x, y
 
 
 def config(strategy, sizes_key, rounds, local_steps, lr, momentum, mu=0.0, batch=3,

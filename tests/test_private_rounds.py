@@ -9,21 +9,12 @@ import sys
 import h5py
 import numpy as np
 import pytest
-from conftest import mpiexec, run_mpi
+from conftest import mpiexec, run_mpi, write_site
 
 from mpifed.federated.privacy import epsilon
 from mpifed.nn.models import ModelSpec, init_params
 
 FEATURES, CLASSES, HIDDEN = 5, 3, 4
-
-
-def write_site(path, samples, seed):
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, CLASSES, size=samples)
-    with h5py.File(path, "w") as fh:
-        fh["x"] = rng.standard_normal((samples, FEATURES)) + 0.7 * y[:, None]
-        fh["y"] = y
-        fh.attrs["num_classes"] = CLASSES
 
 
 def config(out, strategy="fedavg", extra="", dp="", lr=0.1, rounds=4, layout="institutions = 4"):

@@ -21,7 +21,7 @@ from .checks import check_local, check_same_signature
 SEGMENT_BYTES = 1 << 20  # big enough to amortise a message's cost, small enough to stay in L2/L3
 POOL_DEPTH = 2  # receives in flight per reduce-scatter step (tuned with bench/allreduce.py)
 
-_scratch_cache: dict = {}  # (array module, dtype, elements) -> reusable receive pool
+_scratch_cache: dict = {}  # (array module, dtype) -> reusable receive pool, grown as needed
 
 
 
@@ -72,12 +72,17 @@ def ring_allreduce(buf, comm, op: str = "sum", *, check: bool = True,
 
 
 def _scratch_pool(xp, dtype, elements: int) -> list:
-    """Return POOL_DEPTH reusable receive buffers of `elements` each (allocated once, kept warm)."""
-    key = (xp.__name__, dtype.str, elements)
-    if key not in _scratch_cache:
-        _scratch_cache.clear()  # keep one pool: a training run reduces one buffer shape
-        _scratch_cache[key] = [xp.empty(elements, dtype=dtype) for _ in range(POOL_DEPTH)]
-    return _scratch_cache[key]
+    """Return POOL_DEPTH reusable receive buffers of at least `elements` (kept warm).
+
+    One pool per array module and dtype, grown only when a larger piece comes: reductions of
+    several sizes in turn (the per-layer buckets of comm.overlap) reuse it instead of
+    reallocating every step. Callers slice what they need.
+    """
+    key = (xp.__name__, dtype.str)
+    pool = _scratch_cache.get(key)
+    if pool is None or pool[0].size < elements:
+        pool = _scratch_cache[key] = [xp.empty(elements, dtype=dtype) for _ in range(POOL_DEPTH)]
+    return pool
 
 
 def _reduce_step(buf, comm, chunks, step: int, seg: int) -> None:
