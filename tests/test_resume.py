@@ -77,8 +77,15 @@ def start(ranks, config, cwd):
                             text=True, start_new_session=True, env=env)
 
 
-def kill_at_random(proc, rng, lo=0.7, hi=2.0) -> None:
-    """SIGKILL the whole launch (mpiexec and every rank) at a random moment."""
+def kill_at_random(proc, rng, lo=0.7, hi=2.0, after=None) -> None:
+    """SIGKILL the whole launch (mpiexec and every rank) at a random moment.
+
+    after: a folder; wait first until it holds a checkpoint, so that a slow start (a fresh
+    clone's first imports) cannot make the kill land before any step was taken.
+    """
+    deadline = time.monotonic() + 60
+    while after is not None and not list(after.glob("*.h5")) and time.monotonic() < deadline:
+        time.sleep(0.05)
     time.sleep(rng.uniform(lo, hi))
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -137,7 +144,8 @@ def test_federated_run_killed_resumes_to_the_same_bits(tmp_path, secure):
     (tmp_path / "full.toml").write_text(FEDERATED.format(rounds=300, out="full", secure=secure))
     (tmp_path / "cut.toml").write_text(FEDERATED.format(rounds=300, out="cut", secure=secure))
     assert run_mpi(3, ["train", "full.toml"], cwd=tmp_path).returncode == 0
-    kill_at_random(start(3, "cut.toml", tmp_path), random.Random(7), 0.8, 1.6)
+    kill_at_random(start(3, "cut.toml", tmp_path), random.Random(7), 0.0, 0.6,
+                   after=tmp_path / "cut" / "checkpoints")
     assert not (tmp_path / "cut" / "model.h5").exists(), "the kill came too late to test"
     assert list((tmp_path / "cut" / "checkpoints").glob("round-*.h5")), "nor too early"
     done = run_mpi(3, ["train", "cut.toml"], cwd=tmp_path)
