@@ -16,7 +16,7 @@ from mpifed.comm import (
     ring_allreduce,
     shared_array,
 )
-from mpifed.comm.hierarchical import topology
+from mpifed.comm.topology import topology
 
 pytestmark = pytest.mark.mpi
 

@@ -55,7 +55,7 @@ def test_shard_reads_only_its_rows(tmp_path, monkeypatch):
     shard = Shard(info, 3, 6)
     np.testing.assert_array_equal(shard.y, [3, 4, 5])
     np.testing.assert_array_equal(shard.rows(np.array([2, 0]))[0], [[10, 11], [6, 7]])
-    monkeypatch.setattr("mpifed.data.shards.SHARD_MEMORY_BYTES", 0)  # the from-file path
+    monkeypatch.setenv("MPIFED_SHARD_MEMORY_BYTES", "1")  # the from-file path
     big = Shard(info, 3, 6)
     assert big.x is None
     x, y = big.rows(np.array([2, 0, 1]))

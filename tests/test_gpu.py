@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import run_mpi
 
-from mpifed.comm.backend import cupy_module
+from mpifed.xp import cupy_module
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     cupy_module() is None, reason="CuPy or a CUDA device is missing: GPU tests run on a GPU")]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mpifed.comm.fusion import views
+from mpifed.nn.layout import views
 from mpifed.errors import UserError
 from mpifed.nn.io import load_model, save_model
 from mpifed.nn.loss import softmax_cross_entropy

@@ -19,9 +19,9 @@ import numpy as np
 from mpi4py import MPI
 
 from ..comm import allreduce, choose_algorithm
-from ..comm.hierarchical import topology
+from ..comm.topology import topology
 from ..comm.shared import release, shared_array
-from ..comm.topology import layout
+from ..comm.topology import node_facts
 from .membw import allreduce_bound_seconds, node_copy_bandwidth
 
 ALGOS = ("ring", "mpi", "hierarchical", "auto")
@@ -134,7 +134,7 @@ def run(argv=None) -> int:
             parser.error(f"need 1 <= --min-bytes <= --max-bytes and --factor >= 2 "
                          f"(got {lo}, {hi}, {args.factor})")
         return 2
-    facts = layout(comm)
+    facts = node_facts(comm)
     one_node = facts["nodes"] == 1
     node = topology(comm)[0] if comm.size > 1 else None
     node_bw = node_copy_bandwidth(node if node is not None else comm) if one_node else None

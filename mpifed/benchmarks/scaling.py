@@ -38,7 +38,7 @@ def run(argv=None) -> int:
     args = parser.parse_args(argv)
     comm = MPI.COMM_WORLD
     per_rank = args.batch if args.mode == "weak" else max(1, args.batch // comm.size)
-    from ..comm.topology import layout
+    from ..comm.topology import node_facts
     from ..train.config import resolve
     from ..train.loop import train
 
@@ -52,7 +52,7 @@ def run(argv=None) -> int:
         "run": {"out": out, "log_every": 0, "progress": "none", "resume": "never"},
     })
     summary = train(cfg, comm)
-    nodes = layout(comm)["nodes"]
+    nodes = node_facts(comm)["nodes"]
     if comm.rank == 0:
         row = {"ranks": comm.size, "nodes": nodes, "mode": args.mode, "batch_per_rank": per_rank,
                "global_batch": per_rank * comm.size,

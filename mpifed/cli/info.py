@@ -12,9 +12,9 @@ def info_lines(comm) -> list[str]:
     from mpi4py import MPI
 
     from ..comm.backend import cuda_aware, cupy_module
-    from ..comm.topology import layout
+    from ..comm.topology import node_facts
 
-    facts = layout(comm)
+    facts = node_facts(comm)
     cp = cupy_module()
     version = MPI.Get_library_version().strip().splitlines()[0]
     gpus = cp.cuda.runtime.getDeviceCount() if cp is not None else 0

@@ -1,8 +1,8 @@
-"""The array backend: one `xp` path for NumPy and CuPy, and the bridge from device buffers to MPI.
+"""The bridge from array buffers to MPI: CUDA-aware detection, host staging, device binding.
 
 MPI reads a buffer through its pointer, so a CuPy buffer may be handed to MPI only when the
 library is CUDA-aware, and only after the stream that wrote it has finished. Otherwise the bytes
-are staged through a host (pinned) buffer.
+are staged through a host (pinned) buffer, cached on the communicator that moves them.
 """
 
 from __future__ import annotations
@@ -12,54 +12,12 @@ import functools
 import os
 
 import numpy as np
+from mpi4py import MPI
 
+from ..xp import backend_module, cupy_module, get_array_module, is_device_array, synchronize
 
-@functools.lru_cache(maxsize=1)
-def cupy_module():
-    """Return the cupy module, or None when CuPy is not installed or has no usable device."""
-    try:
-        import cupy
-    except Exception:  # ImportError, or a CUDA driver error raised at import
-        return None
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            return None
-    except Exception:
-        return None
-    return cupy
-
-
-def get_array_module(array):
-    """Return numpy or cupy, whichever owns `array`."""
-    cp = cupy_module()
-    if cp is not None:
-        return cp.get_array_module(array)
-    return np
-
-
-def backend_module(name: str):
-    """Return the array module for a backend name: 'numpy', 'cupy' or 'auto'."""
-    if name == "numpy":
-        return np
-    cp = cupy_module()
-    if name == "cupy" and cp is None:
-        raise ValueError("backend 'cupy' asked for, but CuPy or a CUDA device is missing; "
-                         "install mpifed[gpu] or set comm.backend = \"numpy\"")
-    if name not in ("cupy", "auto"):
-        raise ValueError(f"unknown backend {name!r}; use 'numpy', 'cupy' or 'auto'")
-    return cp if cp is not None else np
-
-
-def is_device_array(array) -> bool:
-    """Tell whether `array` lives in GPU memory."""
-    return get_array_module(array) is not np
-
-
-def synchronize(array) -> None:
-    """Wait until the GPU stream has finished writing `array`; a no-op for host arrays."""
-    if is_device_array(array):
-        cupy_module().cuda.get_current_stream().synchronize()
-
+__all__ = ["backend_module", "cuda_aware", "get_array_module", "host_view", "mpi_view",
+           "select_device", "synchronize"]
 
 def _loaded_mpi_library() -> str | None:
     """Return the path of the libmpi this process has loaded, read from /proc/self/maps."""
@@ -84,8 +42,6 @@ def cuda_aware() -> bool:
     forced = os.environ.get("MPIFED_CUDA_AWARE")
     if forced is not None:
         return forced.strip().lower() in ("1", "true", "yes", "on")
-    from mpi4py import MPI  # noqa: F401  (MPI must be initialised before the query)
-
     path = _loaded_mpi_library()
     try:
         lib = ctypes.CDLL(path) if path else ctypes.CDLL(None)
@@ -96,17 +52,20 @@ def cuda_aware() -> bool:
     return bool(query())
 
 
-def host_view(buf):
-    """Return `(host_buffer, copy_back)` for `buf`: itself for host arrays, else a pinned copy."""
+def host_view(buf, comm):
+    """Return `(host_buffer, copy_back)` for `buf`: itself for host arrays, else a pinned copy.
+
+    comm: the communicator that will move the bytes; the pinned buffer is cached on it.
+    """
     if type(buf) is np.ndarray or not is_device_array(buf):
         return buf, _nothing
     synchronize(buf)
-    return _staged(buf)
+    return _staged(buf, comm)
 
 
-def _staged(buf):
-    """Copy a device array into the reused pinned buffer; return it and the copy back."""
-    host = _pinned(buf.nbytes)[:buf.nbytes].view(buf.dtype)
+def _staged(buf, comm):
+    """Copy a device array into `comm`'s reused pinned buffer; return it and the copy back."""
+    host = _pinned(comm, buf.nbytes)[:buf.nbytes].view(buf.dtype)
     buf.get(out=host)
 
     def copy_back():
@@ -115,55 +74,37 @@ def _staged(buf):
     return host, copy_back
 
 
-def mpi_view(buf):
+def mpi_view(buf, comm):
     """Return `(host_or_device_buffer, copy_back)` that MPI may read and write for `buf`.
 
     For host arrays and CUDA-aware MPI this is `buf` itself (after a stream sync). Otherwise a
-    pinned host copy is returned, and `copy_back()` moves the result to the device.
+    pinned host copy (cached on `comm`) is returned, and `copy_back()` moves the result to the
+    device.
     """
     if type(buf) is np.ndarray or not is_device_array(buf):
         return buf, _nothing
     synchronize(buf)
     if cuda_aware():
         return buf, _nothing
-    return _staged(buf)
+    return _staged(buf, comm)
 
 
 def _nothing() -> None:
     return None
 
 
-_pinned_cache: list = [None]
+# The staging buffer is an attribute of the communicator, so it goes when the communicator does.
+_PINNED = MPI.Comm.Create_keyval()
 
 
-def _pinned(nbytes: int) -> np.ndarray:
-    """Return a page-locked host buffer of at least `nbytes` (kept for the next step)."""
-    held = _pinned_cache[0]
+def _pinned(comm, nbytes: int) -> np.ndarray:
+    """Return `comm`'s page-locked host buffer of at least `nbytes` (kept for the next step)."""
+    held = comm.Get_attr(_PINNED)
     if held is None or held.nbytes < nbytes:
         memory = cupy_module().cuda.alloc_pinned_memory(nbytes)
-        held = _pinned_cache[0] = np.frombuffer(memory, dtype=np.uint8, count=nbytes)
+        held = np.frombuffer(memory, dtype=np.uint8, count=nbytes)
+        comm.Set_attr(_PINNED, held)
     return held
-
-
-def to_host(array) -> np.ndarray:
-    """Return a NumPy copy (device arrays) or the array itself (host arrays)."""
-    return array.get() if hasattr(array, "get") else array
-
-
-def device_copier(xp):
-    """Return a function that moves host arrays to `xp`'s device, usable from other threads.
-
-    A CuPy allocation goes to the calling thread's current device, so the copier pins the
-    device chosen now (by node-local rank) for the data loader's thread.
-    """
-    if xp is np:
-        return np.asarray
-    device = xp.cuda.Device()
-
-    def copy(array):
-        with device:
-            return xp.asarray(array)
-    return copy
 
 
 def select_device(comm) -> int | None:
@@ -175,10 +116,8 @@ def select_device(comm) -> int | None:
     cp = cupy_module()
     if cp is None:
         return None
-    from .topology import node_comm
+    from .topology import node_rank
 
-    local = node_comm(comm)
-    device = local.rank % cp.cuda.runtime.getDeviceCount()
-    local.Free()
+    device = node_rank(comm) % cp.cuda.runtime.getDeviceCount()
     cp.cuda.Device(device).use()
     return device

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 
-from .hierarchical import hierarchical_allreduce, ranks_per_node
+from .hierarchical import hierarchical_allreduce
 from .native import mpi_allreduce
 from .ring import ring_allreduce
+from .topology import ranks_per_node
 
 ALGORITHMS = ("auto", "ring", "mpi", "hierarchical", "nccl")
 
@@ -14,11 +15,18 @@ ALGORITHMS = ("auto", "ring", "mpi", "hierarchical", "nccl")
 # 2(ranks - 1) Python-driven messages, and the ring's latency grows with the rank count. Above it
 # the ring wins. Measured with `mpifed bench allreduce -f 2` with MPICH 5.0.2 on a 2-core machine:
 # crossover between 256 KiB and 1 MiB on 2 ranks, between 1 and 2 MiB on 4 (README, "All-reduce
-# benchmark"). MPIFED_RING_MIN_BYTES moves it for other machines.
-RING_MIN_BYTES = int(os.environ.get("MPIFED_RING_MIN_BYTES", 512 * 1024))
+# benchmark"). MPIFED_RING_MIN_BYTES moves it for other machines (read at each choice).
+RING_MIN_BYTES = 512 * 1024
 # With several ranks on a node, the hierarchical all-reduce from this size up: below it, its two
 # node barriers cost more than MPI_Allreduce's whole call (crossover 16-32 KiB on 2 and 4 ranks).
-HIERARCHICAL_MIN_BYTES = int(os.environ.get("MPIFED_HIERARCHICAL_MIN_BYTES", 32 * 1024))
+# MPIFED_HIERARCHICAL_MIN_BYTES moves it.
+HIERARCHICAL_MIN_BYTES = 32 * 1024
+
+
+def _threshold(name: str, default: int) -> int:
+    """Return the byte threshold `name` from the environment, else `default`."""
+    value = os.environ.get(name)
+    return int(value) if value else default
 
 
 def choose_algorithm(nbytes: int, ranks: int, per_node: int = 1) -> str:
@@ -28,8 +36,10 @@ def choose_algorithm(nbytes: int, ranks: int, per_node: int = 1) -> str:
     memory needs no messages), MPI_Allreduce below. One rank per node: by size, as above.
     """
     if per_node > 1:
-        return "hierarchical" if nbytes >= HIERARCHICAL_MIN_BYTES else "mpi"
-    if ranks > 1 and nbytes >= RING_MIN_BYTES * (ranks - 1):
+        least = _threshold("MPIFED_HIERARCHICAL_MIN_BYTES", HIERARCHICAL_MIN_BYTES)
+        return "hierarchical" if nbytes >= least else "mpi"
+    least = _threshold("MPIFED_RING_MIN_BYTES", RING_MIN_BYTES)
+    if ranks > 1 and nbytes >= least * (ranks - 1):
         return "ring"
     return "mpi"
 

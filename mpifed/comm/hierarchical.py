@@ -18,40 +18,12 @@ from .backend import host_view
 from .checks import check_local, check_same_signature
 from .ring import ring_allreduce
 from .shared import SharedWindow, window_of
-from .topology import node_comm
+from .topology import topology
 
 BLOCK_BYTES = 64 * 1024  # the running sum stays in L1/L2 while L segments stream past
 
-# Cached on the communicator itself (an MPI attribute), so it goes when the communicator does.
-_TOPOLOGY = MPI.Comm.Create_keyval()
+# The scratch window is cached on the node communicator, so it goes when that does.
 _SCRATCH = MPI.Comm.Create_keyval()
-
-
-def topology(comm):
-    """Return (node, cross) for `comm`, split once and cached: cross joins equal node ranks.
-
-    cross is None when nodes hold different rank counts (slices would not line up).
-    Collective over `comm` the first time.
-    """
-    cached = comm.Get_attr(_TOPOLOGY)
-    if cached is None:
-        node = node_comm(comm)
-        smallest = comm.allreduce(node.size, op=MPI.MIN)
-        largest = comm.allreduce(node.size, op=MPI.MAX)
-        cross = comm.Split(node.rank, comm.rank) if smallest == largest else None
-        cached = (node, cross)
-        comm.Set_attr(_TOPOLOGY, cached)
-    return cached
-
-
-_last_count: list = [None, 1]  # [comm, ranks per node]: every step asks about the same comm
-
-
-def ranks_per_node(comm) -> int:
-    """Return how many ranks of `comm` share this rank's node (collective the first time)."""
-    if comm is not _last_count[0]:  # held here, so its identity cannot be reused meanwhile
-        _last_count[:] = [comm, topology(comm)[0].size]
-    return _last_count[1]
 
 
 def hierarchical_allreduce(buf, comm, op: str = "sum", *, check: bool = True):
@@ -67,7 +39,7 @@ def hierarchical_allreduce(buf, comm, op: str = "sum", *, check: bool = True):
     if cross is None:
         return ring_allreduce(buf, comm, op, check=False)
     if comm.size > 1 and buf.size > 0:
-        work, copy_back = host_view(buf)  # shared memory is host memory, CUDA-aware MPI or not
+        work, copy_back = host_view(buf, comm)  # shared memory is host memory, CUDA-aware MPI or not
         _reduce_on_node(work, node, cross, comm.size if op == "mean" else 1, agree=check)
         copy_back()
     return buf

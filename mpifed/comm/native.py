@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from mpi4py import MPI
 
-from .backend import get_array_module, mpi_view
+from ..xp import get_array_module
+from .backend import mpi_view
 from .checks import check_local, check_same_signature
 
 
@@ -14,7 +15,7 @@ def mpi_allreduce(buf, comm, op: str = "sum", *, check: bool = True):
     if check:
         check_same_signature(comm, buf.size, buf.dtype)
     if comm.size > 1 and buf.size > 0:
-        work, copy_back = mpi_view(buf)
+        work, copy_back = mpi_view(buf, comm)
         comm.Allreduce(MPI.IN_PLACE, work, op=MPI.SUM)
         copy_back()
     if op == "mean" and comm.size > 1:

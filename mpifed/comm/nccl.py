@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from mpi4py import MPI
 
-from .backend import cupy_module, get_array_module
+from ..xp import cupy_module, get_array_module
 from .checks import check_local, check_same_signature
 
 _NCCL = MPI.Comm.Create_keyval()

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 from mpi4py import MPI
 
-from .backend import get_array_module, is_device_array, mpi_view
+from ..xp import get_array_module, is_device_array
+from .backend import mpi_view
 from .checks import check_local, check_same_signature
 
 SEGMENT_BYTES = 1 << 20  # big enough to amortise a message's cost, small enough to stay in L2/L3
 POOL_DEPTH = 2  # receives in flight per reduce-scatter step (tuned with bench/allreduce.py)
 
-_scratch_cache: dict = {}  # (array module, dtype) -> reusable receive pool, grown as needed
-
+# (array module, dtype) -> reusable receive pool, grown as needed; cached on the communicator.
+_SCRATCH = MPI.Comm.Create_keyval()
 
 
 def chunk_bounds(length: int, parts: int) -> list[tuple[int, int]]:
@@ -57,7 +58,7 @@ def ring_allreduce(buf, comm, op: str = "sum", *, check: bool = True,
     if check:
         check_same_signature(comm, buf.size, buf.dtype)
     if comm.size > 1 and buf.size > 0:
-        work, copy_back = mpi_view(buf)
+        work, copy_back = mpi_view(buf, comm)
         seg = max(1, segment_bytes // work.itemsize)
         chunks = chunk_bounds(work.size, comm.size)
         for step in range(comm.size - 1):
@@ -71,17 +72,21 @@ def ring_allreduce(buf, comm, op: str = "sum", *, check: bool = True,
     return buf
 
 
-def _scratch_pool(xp, dtype, elements: int) -> list:
+def _scratch_pool(comm, xp, dtype, elements: int) -> list:
     """Return POOL_DEPTH reusable receive buffers of at least `elements` (kept warm).
 
     One pool per array module and dtype, grown only when a larger piece comes: reductions of
     several sizes in turn (the per-layer buckets of comm.overlap) reuse it instead of
     reallocating every step. Callers slice what they need.
     """
+    pools = comm.Get_attr(_SCRATCH)
+    if pools is None:
+        pools = {}
+        comm.Set_attr(_SCRATCH, pools)
     key = (xp.__name__, dtype.str)
-    pool = _scratch_cache.get(key)
+    pool = pools.get(key)
     if pool is None or pool[0].size < elements:
-        pool = _scratch_cache[key] = [xp.empty(elements, dtype=dtype) for _ in range(POOL_DEPTH)]
+        pool = pools[key] = [xp.empty(elements, dtype=dtype) for _ in range(POOL_DEPTH)]
     return pool
 
 
@@ -93,7 +98,7 @@ def _reduce_step(buf, comm, chunks, step: int, seg: int) -> None:
     send_lo, send_hi = chunks[(rank - step) % size]
     recv_lo, recv_hi = chunks[(rank - step - 1) % size]
     pieces = segment_bounds(recv_lo, recv_hi, seg)
-    pool = _scratch_pool(xp, buf.dtype, min(seg, chunks[0][1] - chunks[0][0]))
+    pool = _scratch_pool(comm, xp, buf.dtype, min(seg, chunks[0][1] - chunks[0][0]))
     sends = [comm.Isend(buf[a:b], dest, tag=step)
              for a, b in segment_bounds(send_lo, send_hi, seg)]
     recvs = {}

@@ -1,10 +1,17 @@
-"""Which ranks share a node: the node communicator and node-local ranks."""
+"""Which ranks share a node: the node communicator, node-local ranks and the node count.
+
+Everything in mpifed that asks "how many ranks share this node" asks `topology(comm)`, which
+splits once per communicator and caches the result on it (an MPI attribute, so it goes when the
+communicator does).
+"""
 
 from __future__ import annotations
 
 import os
 
 from mpi4py import MPI
+
+_TOPOLOGY = MPI.Comm.Create_keyval()
 
 
 def node_comm(comm):
@@ -22,12 +29,36 @@ def node_comm(comm):
     return comm.Split_type(MPI.COMM_TYPE_SHARED, comm.rank)
 
 
-def layout(comm) -> dict:
-    """Return node facts for `comm`: node_rank, ranks_per_node (max), nodes."""
-    local = node_comm(comm)
-    node_rank, local_size = local.rank, local.size
-    local.Free()
-    is_leader = 1 if node_rank == 0 else 0
-    nodes = comm.allreduce(is_leader, op=MPI.SUM)
-    ranks_per_node = comm.allreduce(local_size, op=MPI.MAX)
-    return {"node_rank": node_rank, "ranks_per_node": ranks_per_node, "nodes": nodes}
+def topology(comm):
+    """Return (node, cross) for `comm`, split once and cached: cross joins equal node ranks.
+
+    cross is None when nodes hold different rank counts (slices would not line up).
+    Collective over `comm` the first time.
+    """
+    cached = comm.Get_attr(_TOPOLOGY)
+    if cached is None:
+        node = node_comm(comm)
+        smallest = comm.allreduce(node.size, op=MPI.MIN)
+        largest = comm.allreduce(node.size, op=MPI.MAX)
+        cross = comm.Split(node.rank, comm.rank) if smallest == largest else None
+        cached = (node, cross)
+        comm.Set_attr(_TOPOLOGY, cached)
+    return cached
+
+
+def ranks_per_node(comm) -> int:
+    """Return how many ranks of `comm` share this rank's node (collective the first time)."""
+    return topology(comm)[0].size
+
+
+def node_rank(comm) -> int:
+    """Return this rank's place among the ranks of `comm` on its node (collective the first time)."""
+    return topology(comm)[0].rank
+
+
+def node_facts(comm) -> dict:
+    """Return node facts for `comm`: node_rank, ranks_per_node (max), nodes (collective)."""
+    node = topology(comm)[0]
+    nodes = comm.allreduce(1 if node.rank == 0 else 0, op=MPI.SUM)
+    ranks_per_node = comm.allreduce(node.size, op=MPI.MAX)
+    return {"node_rank": node.rank, "ranks_per_node": ranks_per_node, "nodes": nodes}

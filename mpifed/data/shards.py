@@ -14,7 +14,13 @@ import numpy as np
 from ..errors import UserError
 
 # A shard larger than this many bytes is not held in memory: batches are read from the file.
-SHARD_MEMORY_BYTES = int(os.environ.get("MPIFED_SHARD_MEMORY_BYTES", 8 << 30))
+SHARD_MEMORY_BYTES = 8 << 30  # default of MPIFED_SHARD_MEMORY_BYTES
+
+
+def shard_memory_bytes() -> int:
+    """Return the largest shard held in memory: MPIFED_SHARD_MEMORY_BYTES, read when asked."""
+    value = os.environ.get("MPIFED_SHARD_MEMORY_BYTES")
+    return int(value) if value else SHARD_MEMORY_BYTES
 READ_BLOCK_ROWS = 1 << 16
 
 
@@ -73,7 +79,7 @@ class Shard:
         self.dtype = np.dtype(dtype)
         self._file = None
         nbytes = (stop - start) * info.features * self.dtype.itemsize
-        if nbytes <= SHARD_MEMORY_BYTES:
+        if nbytes <= shard_memory_bytes():
             self.x, self.y = self._read_rows(start, stop)
         else:
             self._file = h5py.File(info.path, "r")

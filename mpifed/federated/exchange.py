@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from ..comm.backend import mpi_view, to_host
+from ..comm.backend import mpi_view
+from ..xp import to_host
 
 META_FIELDS = ("samples", "steps", "loss", "local_loss", "local_accuracy")
 TAG_MODEL, TAG_META = 11, 12
@@ -37,7 +38,7 @@ def collect_at_root(fed, params, meta: np.ndarray, chosen: list[int]):
 
 def broadcast_global(fed, params) -> int:
     """Root -> leaders -> every rank of each site, in place; return bytes the root sent."""
-    work, copy_back = mpi_view(params)  # device arrays go through host memory
+    work, copy_back = mpi_view(params, fed.site)  # device arrays go through host memory
     if fed.leaders is not None:
         fed.leaders.Bcast(work, root=0)
     fed.site.Bcast(work, root=0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..comm.agree import raise_together
-from ..comm.backend import to_host
+from ..xp import to_host
 from ..errors import UserError
 from .privacy import (
     adapt_clip,

@@ -18,7 +18,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..comm.agree import raise_together
-from ..comm.backend import get_array_module, to_host
+from ..xp import get_array_module, to_host
 from ..errors import UserError
 from ..nn.io import save_model
 from ..optim import learning_rate, make_optimizer

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..comm.backend import get_array_module
+from ..xp import get_array_module
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import os
 import h5py
 import numpy as np
 
-from ..comm.fusion import views
+from .layout import views
 from ..data.atomic import atomic_path
 from ..errors import UserError
 from .models import ModelSpec

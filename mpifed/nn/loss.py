@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..comm.backend import get_array_module
+from ..xp import get_array_module
 
 
 def softmax_cross_entropy(logits, labels):

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..comm.backend import get_array_module
-from ..comm.fusion import Layout, views
+from ..xp import get_array_module
+from .layout import Layout, views
 from ..errors import UserError
 from .loss import softmax_cross_entropy, summed_loss_and_correct
 

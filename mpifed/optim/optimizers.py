@@ -6,7 +6,7 @@ momentum keeps v = mu v + g; Nesterov steps along g + mu v.
 
 from __future__ import annotations
 
-from ..comm.backend import get_array_module
+from ..xp import get_array_module
 
 
 class SGD:

@@ -19,8 +19,8 @@ from threadpoolctl import threadpool_limits
 
 from ..comm import backend_module, select_device
 from ..comm.agree import raise_together
-from ..comm.backend import device_copier, get_array_module
-from ..comm.topology import node_comm
+from ..xp import device_copier, get_array_module
+from ..comm.topology import ranks_per_node
 from ..data.atomic import atomic_path
 from ..data.stream import BatchStream, Prefetcher
 from ..errors import UserError
@@ -44,9 +44,7 @@ def blas_threads_per_rank(comm) -> int:
     forced = os.environ.get("MPIFED_BLAS_THREADS")
     if forced:
         return max(1, int(forced))
-    local = node_comm(comm)
-    ranks_here = local.size
-    local.Free()
+    ranks_here = ranks_per_node(comm)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, (cores or 1) // ranks_here)
 

@@ -1,7 +1,9 @@
-"""Tensor fusion: pack the gradients of several layers into one flat buffer.
+"""The flat parameter layout: where each layer's arrays live in one contiguous buffer.
 
-One all-reduce of the packed buffer costs one latency instead of one per tensor (the "flat"
-communicator of ChainerMN, Horovod's Tensor Fusion).
+A model's parameters, its gradients and the optimiser's state are each one flat buffer, so one
+all-reduce moves them all (the "flat" communicator of ChainerMN, Horovod's Tensor Fusion);
+`views` hands each layer its arrays as windows into that buffer. `fuse` and `unfuse` are the
+library helpers for users whose tensors live apart: pack them, all-reduce once, unpack.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import prod
 
-from .backend import get_array_module
+from ..xp import get_array_module
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,12 @@ class Layout:
         return self.offsets[-1]
 
 
+def views(flat, layout: Layout) -> list:
+    """Return arrays shaped as packed that share memory with `flat` (no copies)."""
+    return [flat[lo:hi].reshape(shape)
+            for shape, lo, hi in zip(layout.shapes, layout.offsets, layout.offsets[1:])]
+
+
 def fuse(arrays, out=None):
     """Pack `arrays` into one contiguous 1-D buffer; return `(flat, layout)`.
 
@@ -53,12 +61,6 @@ def fuse(arrays, out=None):
     for a, lo, hi in zip(arrays, layout.offsets, layout.offsets[1:]):
         flat[lo:hi] = a.reshape(-1)
     return flat, layout
-
-
-def views(flat, layout: Layout) -> list:
-    """Return arrays shaped as packed that share memory with `flat` (no copies)."""
-    return [flat[lo:hi].reshape(shape)
-            for shape, lo, hi in zip(layout.shapes, layout.offsets, layout.offsets[1:])]
 
 
 def unfuse(flat, layout: Layout) -> list:
