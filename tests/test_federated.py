@@ -10,7 +10,7 @@ import pytest
 from conftest import run_mpi, write_site
 from reference import global_batches, initial_weights, mlp_sgd, read_model
 
-from mpifed.federated.layout import participants
+from mpifed.federated.institutions import participants
 
 FEATURES, CLASSES, HIDDEN = 5, 3, 4
 

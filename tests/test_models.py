@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from mpifed.nn.layout import views
 from mpifed.errors import UserError
 from mpifed.nn.io import load_model, save_model
+from mpifed.nn.layout import views
 from mpifed.nn.loss import softmax_cross_entropy
 from mpifed.nn.models import ModelSpec, init_params, logits, loss_and_grad
 

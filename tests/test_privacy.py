@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from mpifed.federated.privacy import (
+from mpifed.federated.dp import (
     ORDERS,
     adapt_clip,
     clip_update,

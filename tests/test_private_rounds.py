@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import mpiexec, run_mpi, write_site
 
-from mpifed.federated.privacy import epsilon
+from mpifed.federated.dp import epsilon
 from mpifed.nn.models import ModelSpec, init_params
 
 FEATURES, CLASSES, HIDDEN = 5, 3, 4
@@ -135,7 +135,7 @@ def test_a_leader_reusing_another_leaders_key_fails_on_every_rank(sites):
         "from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey\n"
         "from cryptography.hazmat.primitives import serialization\n"
         "from mpi4py import MPI\n"
-        "import mpifed.federated.private as private\n"
+        "import mpifed.federated.private_aggregation as private\n"
         "fixed = X25519PrivateKey.from_private_bytes(bytes(range(32)))\n"
         "public = fixed.public_key().public_bytes(serialization.Encoding.Raw,\n"
         "                                         serialization.PublicFormat.Raw)\n"

@@ -19,9 +19,8 @@ import numpy as np
 from mpi4py import MPI
 
 from ..comm import allreduce, choose_algorithm
-from ..comm.topology import topology
 from ..comm.shared import release, shared_array
-from ..comm.topology import node_facts
+from ..comm.topology import node_facts, topology
 from .membw import allreduce_bound_seconds, node_copy_bandwidth
 
 ALGOS = ("ring", "mpi", "hierarchical", "auto")

@@ -20,11 +20,11 @@ def run_evaluate(args) -> int:
     import numpy as np
     from mpi4py import MPI
 
-    from ..comm import backend_module
     from ..comm.agree import raise_together
     from ..errors import UserError
     from ..nn.io import load_model
-    from ..train.evaluate import evaluate, open_checked_shard
+    from ..train.evaluate import evaluate
+    from ..train.setup import open_checked_shard
 
     comm = MPI.COMM_WORLD
     spec, host = raise_together(comm, lambda: load_model(args.model, key="model"))
@@ -33,8 +33,7 @@ def run_evaluate(args) -> int:
     if classes > spec.num_classes:
         raise UserError(f"data: {args.data!r} has labels up to {classes - 1}, the model knows "
                         f"{spec.num_classes} classes")
-    xp = backend_module("numpy")
-    result = evaluate(spec, xp.asarray(host), shard, comm, np)
+    result = evaluate(spec, host, shard, comm, np)
     if comm.rank == 0:
         print(f"loss {result['loss']:.6f} accuracy {result['accuracy']:.4f} "
               f"samples {result['samples']}")

@@ -1,9 +1,9 @@
 """Moving bytes between ranks: array backends, the ring all-reduce, MPI's own, fusion."""
 
+from ..nn.layout import Layout, fuse, unfuse, views
 from ..xp import backend_module, get_array_module, synchronize
 from .backend import cuda_aware, select_device
 from .collectives import ALGORITHMS, allreduce, choose_algorithm
-from ..nn.layout import Layout, fuse, unfuse, views
 from .hierarchical import hierarchical_allreduce
 from .native import mpi_allreduce
 from .ring import chunk_bounds, ring_allreduce

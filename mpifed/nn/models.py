@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import UserError
 from ..xp import get_array_module
 from .layout import Layout, views
-from ..errors import UserError
 from .loss import softmax_cross_entropy, summed_loss_and_correct
 
 KINDS = ("softmax", "mlp")

@@ -36,7 +36,7 @@ def checkpoint_dir(out: str) -> str:
 
 
 def save_checkpoint(out: str, kind: str, index: int, params, state: dict, counters: dict,
-                    cfg: dict, layout: dict, keep: int) -> str:
+                    cfg: dict, mpi_shape: dict, keep: int) -> str:
     """Write checkpoint `index` atomically and prune to the newest `keep`; return its path.
 
     state: name -> array (optimiser or server state); counters: name -> int or list of ints.
@@ -50,7 +50,7 @@ def save_checkpoint(out: str, kind: str, index: int, params, state: dict, counte
         fh.attrs["kind"], fh.attrs["index"] = kind, index
         fh.attrs["counters"] = json.dumps(counters)
         fh.attrs["config"] = json.dumps(cfg)
-        fh.attrs["layout"] = json.dumps(layout)
+        fh.attrs["layout"] = json.dumps(mpi_shape)  # the file keeps its attribute name
         fh.attrs["complete"] = True  # last: a file without it was never finished
     for old in list_checkpoints(out, kind)[:-keep]:
         os.remove(old)
@@ -100,11 +100,11 @@ def newest_valid(out: str, kind: str) -> dict | None:
     return None
 
 
-def differences(saved_cfg: dict, cfg: dict, saved_layout: dict, layout: dict) -> list[str]:
+def differences(saved_cfg: dict, cfg: dict, saved_shape: dict, mpi_shape: dict) -> list[str]:
     """Return what differs between a checkpoint's run and this one, in words (empty: resumable)."""
     problems = []
-    if saved_layout != layout:
-        problems.append(f"MPI layout {saved_layout} != {layout}")
+    if saved_shape != mpi_shape:
+        problems.append(f"MPI layout {saved_shape} != {mpi_shape}")
     sections = set(saved_cfg) | set(cfg)
     for section in sorted(sections):
         old, new = saved_cfg.get(section) or {}, cfg.get(section) or {}
@@ -116,7 +116,7 @@ def differences(saved_cfg: dict, cfg: dict, saved_layout: dict, layout: dict) ->
     return problems
 
 
-def choose_checkpoint(cfg: dict, kind: str, layout: dict) -> dict | None:
+def choose_checkpoint(cfg: dict, kind: str, mpi_shape: dict) -> dict | None:
     """Return the checkpoint to resume from per run.resume ("auto", "never" or a path), or None.
 
     A checkpoint from another layout or config is refused, naming what differs.
@@ -130,7 +130,7 @@ def choose_checkpoint(cfg: dict, kind: str, layout: dict) -> dict | None:
             return None
     else:
         found = load_checkpoint(resume)
-    problems = differences(found["config"], cfg, found["layout"], layout)
+    problems = differences(found["config"], cfg, found["layout"], mpi_shape)
     if problems:
         raise UserError(f"run.resume: checkpoint {found['path']!r} is from a different run: "
                         + "; ".join(problems) + ". Use another run.out, or run.resume = \"never\"")

@@ -9,8 +9,8 @@ import numpy as np
 
 from ..comm import allreduce
 from ..comm.checks import check_same_signature
-from ..comm.topology import topology
 from ..comm.shared import release, shared_array
+from ..comm.topology import topology
 from ..errors import UserError
 from ..nn.models import loss_and_grad
 

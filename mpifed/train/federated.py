@@ -5,41 +5,67 @@
 A round: the chosen institutions start from the global model, take their local steps (ring
 all-reduce inside the institution; each rank's data stream continues across rounds), their
 leaders send the models to the root, the root applies the strategy, and the new global model
-flows back to every rank.
+flows back to every rank. The pure pieces (strategies, DP, secure summation, the institutions'
+split, the exchange with the root) live in `mpifed.federated`; this module wires them together.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import numpy as np
 from mpi4py import MPI
 
+from .. import faults
 from ..comm.agree import raise_together
-from ..xp import get_array_module, to_host
+from ..data.shards import Shard
 from ..errors import UserError
-from ..nn.io import save_model
-from ..optim import learning_rate, make_optimizer
-from ..train.checkpoint import choose_checkpoint, save_checkpoint
-from ..train.evaluate import evaluate, open_checked_shard, open_test_shard
-from ..train.loop import batch_loader, build_model, prepare_out, stop_early
-from ..train.report import Reporter
-from ..train.signals import StopFlag
-from ..train.step import DataParallelStep
-from .exchange import META_FIELDS, broadcast_global, collect_at_root, send_to_root
-from .layout import Federation, institution_sizes, make_federation, participants
-from .privacy import update_noise_multiplier
-from .private import (
-    mean_update,
-    next_clip,
+from ..federated.exchange import SiteReport, broadcast_global, collect_at_root, send_to_root
+from ..federated.institutions import Federation, institution_sizes, make_federation, participants
+from ..federated.private_aggregation import (
+    apply_private_sums,
+    dp_settings,
     poisson_participants,
     private_aggregate,
     ring_scales,
     round_epsilon,
 )
-from .strategies import DEFAULT_SERVER_LR, STRATEGIES, ServerHyper
+from ..federated.strategies import DEFAULT_SERVER_LR, STRATEGIES, ServerHyper
+from ..nn.io import save_model
+from ..nn.models import ModelSpec
+from ..optim import learning_rate, make_optimizer
+from ..xp import get_array_module, to_host
+from .checkpoint import choose_checkpoint, save_checkpoint
+from .evaluate import evaluate
+from .report import Reporter
+from .setup import (
+    batch_loader,
+    build_model,
+    open_checked_shard,
+    open_test_shard,
+    prepare_out,
+    stop_early,
+)
+from .signals import StopFlag
+from .step import DataParallelStep
+
+
+@dataclass
+class Site:
+    """What one rank holds for its institution across rounds."""
+
+    shard: Shard  # this rank's training rows
+    stream_comm: MPI.Comm  # the communicator that sharded them (seeds the shuffle)
+    samples: int  # n_k: the institution's training rows
+    spec: ModelSpec
+    params: object  # the flat parameters (xp array), the global model at a round's start
+    per_epoch: int  # steps per local epoch (the institution's smallest shard decides)
+    local_steps: int  # tau_k: local steps per round
+    test: Shard | None  # this rank's rows of data.test
+    dp: dict | None  # the DP settings in use (dp_settings), None without DP
+    site_samples: list[int] | None  # on the root without secure aggregation: every n_k
 
 
 def site_data_path(template: str, institution: int) -> str:
@@ -82,13 +108,13 @@ def local_step_count(fed_cfg: dict, per_epoch: int) -> int:
     return fed_cfg["local_steps"]
 
 
-def federate(cfg: dict, world, xp) -> dict:
+def run_federation(cfg: dict, world, xp) -> dict:
     """Run the federation that `cfg` describes on `world`; return the summary (on every rank)."""
     fed_cfg, run = cfg["federated"], cfg["run"]
     fed = make_federation(world, institution_sizes(fed_cfg, world.size))
-    site = _setup(cfg, fed, xp)
+    site = open_site(cfg, fed, xp)
     out = prepare_out(cfg, world)
-    first, site_steps, server_state = _resume(cfg, fed, site.params)
+    first, site_steps, server_state = resume_round(cfg, fed, site.params)
     reporter = Reporter(out, fed.is_root, fed_cfg["rounds"], run["progress"], append=first > 0)
     reporter.line(f"mpifed federated: {len(fed.sizes)} institutions of {fed.sizes} ranks, "
                   f"strategy {fed_cfg['strategy']}, {fed_cfg['rounds']} rounds, "
@@ -105,19 +131,21 @@ def federate(cfg: dict, world, xp) -> dict:
     try:
         with StopFlag() as flag:
             for rnd in range(first, fed_cfg["rounds"]):
-                if over_budget(fed_cfg, rnd):  # the same decision on every rank, no message
+                if over_budget(site.dp, fed_cfg["fraction"], rnd):  # same on every rank
                     reporter.record(event="budget", round=rnd, epsilon=last.get("epsilon"))
                     reporter.line(f"stopping before round {rnd + 1}: it would exceed "
-                                  f"federated.dp.max_epsilon = {fed_cfg['dp']['max_epsilon']}")
+                                  f"federated.dp.max_epsilon = {site.dp['max_epsilon']}")
                     break
-                last, server_state, took_part = _round(cfg, fed, site, step_fn, loader, rnd,
-                                                       hyper, server_state, xp)
-                site_steps += site.tau if took_part else 0
-                _report_round(reporter, last, site, fed, fed_cfg["rounds"], xp)
+                last, server_state, took_part = run_round(cfg, fed, site, step_fn, loader, rnd,
+                                                          hyper, server_state, xp)
+                site_steps += site.local_steps if took_part else 0
+                report_round(reporter, last, site, fed, fed_cfg["rounds"], xp)
+                faults.inject("round", rnd + 1, world.rank)
                 stop = world.allreduce(flag.value, op=MPI.MAX) > 0
                 every = run["checkpoint_every"]
                 if stop or (every and (rnd + 1) % every == 0 and rnd + 1 < fed_cfg["rounds"]):
-                    _write_checkpoint(cfg, fed, site.params, server_state, rnd + 1, site_steps)
+                    write_round_checkpoint(cfg, fed, site.params, server_state, rnd + 1,
+                                           site_steps)
                 if stop:
                     stopped = flag.raised or "a signal on another rank"
                     break
@@ -127,20 +155,19 @@ def federate(cfg: dict, world, xp) -> dict:
     step_fn.free()
     if stopped:
         return stop_early(cfg, world, reporter, rnd + 1, stopped)
-    return _finish(cfg, fed, site, reporter, last, time.perf_counter() - start)
+    return finish_federation(cfg, fed, site, reporter, last, time.perf_counter() - start)
 
 
-def over_budget(fed_cfg: dict, rnd: int) -> bool:
+def over_budget(dp: dict | None, fraction: float, rnd: int) -> bool:
     """Tell whether round `rnd` (0-based) would take epsilon past federated.dp.max_epsilon."""
-    dp = fed_cfg.get("dp")
     if not dp or not dp["max_epsilon"]:
         return False
-    return round_epsilon(dp, fed_cfg["fraction"], rnd + 1) > dp["max_epsilon"]
+    return round_epsilon(dp, fraction, rnd + 1) > dp["max_epsilon"]
 
 
-def _setup(cfg: dict, fed: Federation, xp) -> SimpleNamespace:
+def open_site(cfg: dict, fed: Federation, xp) -> Site:
     """Open this rank's data and test shard, build the model, plan the local steps."""
-    optim, world = cfg["optim"], fed.world
+    fed_cfg, optim, world = cfg["federated"], cfg["optim"], fed.world
     dtype = np.dtype(cfg["model"]["dtype"])
     shard, stream_comm, samples, classes = open_site_data(cfg, fed, dtype)
     spec, params = raise_together(world, lambda: build_model(cfg, shard.info.features, classes,
@@ -148,36 +175,27 @@ def _setup(cfg: dict, fed: Federation, xp) -> SimpleNamespace:
     smallest = fed.site.allreduce(len(shard), op=MPI.MIN)
     per_epoch = smallest // optim["batch_size"]
     raise_together(world, lambda: _check_batch(per_epoch, optim["batch_size"], smallest, fed))
-    test = None
-    if cfg["data"]["test"]:
-        test = open_test_shard(world, cfg, spec, dtype)
-    secure = cfg["federated"]["secure_aggregation"]
+    test = open_test_shard(world, cfg, spec, dtype) if cfg["data"]["test"] else None
+    secure = fed_cfg["secure_aggregation"]
     # Under secure aggregation the root learns only sums, so not each institution's count.
     site_samples = fed.leaders.gather(samples, root=0) if fed.is_leader and not secure else None
-    dp = cfg["federated"].get("dp")
-    if dp and dp["adaptive"] and dp["clip_count_stddev"] is None:
-        dp["clip_count_stddev"] = cfg["federated"]["fraction"] * len(fed.sizes) / 20  # paper
+    dp = raise_together(world, lambda: dp_settings(fed_cfg, len(fed.sizes)))
     if secure:
-        ring_scales(cfg["federated"], dp, len(fed.sizes))  # a ring too small fails on every rank
-    if dp and dp["adaptive"]:
-        try:  # the count's noise must leave some for the updates: check it on every rank
-            update_noise_multiplier(dp["noise_multiplier"], dp["clip_count_stddev"])
-        except ValueError as err:
-            raise UserError(str(err)) from None
-    return SimpleNamespace(shard=shard, stream_comm=stream_comm, samples=samples, spec=spec,
-                           params=params, per_epoch=per_epoch, test=test,
-                           tau=local_step_count(cfg["federated"], per_epoch),
-                           site_samples=site_samples)
+        ring_scales(fed_cfg, dp, len(fed.sizes))  # a ring too small fails on every rank
+    return Site(shard=shard, stream_comm=stream_comm, samples=samples, spec=spec, params=params,
+                per_epoch=per_epoch, local_steps=local_step_count(fed_cfg, per_epoch), test=test,
+                dp=dp, site_samples=site_samples)
 
 
-def _layout(fed: Federation) -> dict:
+def _mpi_shape(fed: Federation) -> dict:
+    """The MPI shape (ranks and institutions) a checkpoint is valid for."""
     return {"ranks": fed.world.size, "institution_sizes": fed.sizes}
 
 
-def _resume(cfg: dict, fed: Federation, params) -> tuple[int, int, dict]:
+def resume_round(cfg: dict, fed: Federation, params) -> tuple[int, int, dict]:
     """Return (rounds done, this institution's local steps done, server state) from run.resume."""
     world = fed.world
-    found = raise_together(world, lambda: choose_checkpoint(cfg, "round", _layout(fed))
+    found = raise_together(world, lambda: choose_checkpoint(cfg, "round", _mpi_shape(fed))
                            if fed.is_root else None)
     found = world.bcast(found, root=0)
     if found is None:
@@ -189,7 +207,7 @@ def _resume(cfg: dict, fed: Federation, params) -> tuple[int, int, dict]:
     return int(counters["round"]), int(counters["site_steps"][fed.institution]), state
 
 
-def _write_checkpoint(cfg, fed, params, server_state, rounds_done, site_steps) -> None:
+def write_round_checkpoint(cfg, fed, params, server_state, rounds_done, site_steps) -> None:
     """The root writes the checkpoint after `rounds_done` rounds; every rank waits for it."""
     per_rank = fed.world.gather((fed.institution, site_steps), root=0)
     if fed.is_root:
@@ -200,14 +218,15 @@ def _write_checkpoint(cfg, fed, params, server_state, rounds_done, site_steps) -
                         {"round": rounds_done, "site_steps": steps,
                          "rng": {"seed": cfg["run"]["seed"],
                                  "permutation": "(seed, epoch, site rank)",
-                                 "sampling": "(seed, round)"}}, cfg, _layout(fed),
+                                 "sampling": "(seed, round)"}}, cfg, _mpi_shape(fed),
                         cfg["run"]["keep_checkpoints"])
     fed.world.Barrier()
 
 
-def _report_round(reporter, record, site, fed, rounds, xp) -> None:
-    if fed.is_root and "metas" in record:
-        record["institutions"] = _institution_table(record.pop("metas"), site.site_samples)
+def report_round(reporter, record, site: Site, fed: Federation, rounds: int, xp) -> None:
+    """Evaluate the new global model where data.test is set; log the round (root)."""
+    if fed.is_root and "reports" in record:
+        record["institutions"] = institution_table(record.pop("reports"), site.site_samples)
     elif fed.is_root:  # private aggregation: who took part, nothing about any one of them
         chosen = record.pop("participants")
         record["institutions"] = [{"institution": k, "participated": k in chosen}
@@ -217,10 +236,11 @@ def _report_round(reporter, record, site, fed, rounds, xp) -> None:
         record.update(accuracy=result["accuracy"], test_loss=result["loss"],
                       test_samples=result["samples"])
     reporter.record(event="round", **record)
-    reporter.line(_round_line(record, rounds))
+    reporter.line(round_line(record, rounds))
 
 
-def _finish(cfg, fed, site, reporter, last, seconds) -> dict:
+def finish_federation(cfg, fed: Federation, site: Site, reporter, last, seconds) -> dict:
+    """Write the model (root) and the summary; free the institutions' communicators."""
     out = cfg["run"]["out"]
     if fed.is_root:
         save_model(os.path.join(out, "model.h5"), site.spec, site.params)
@@ -243,50 +263,63 @@ def _check_batch(per_epoch, batch, smallest, fed):
                         f"of institution {fed.institution} ({smallest} rows); lower it")
 
 
-def _round(cfg, fed, site, step_fn, loader, rnd, hyper, server_state, xp):
-    """Run one round on every rank; return (record for rank 0, server state, took part)."""
+def local_training(cfg, fed, site: Site, step_fn, loader, rnd: int, xp) -> SiteReport:
+    """Take this institution's local steps from the global model; return its report."""
     fed_cfg, optim = cfg["federated"], cfg["optim"]
-    spec, params, tau = site.spec, site.params, site.tau
+    report = SiteReport(samples=site.samples, steps=site.local_steps)
+    anchor = site.params.copy() if fed_cfg["strategy"] == "fedprox" else None
+    optimizer = make_optimizer(optim)  # each round starts the local optimiser afresh
+    lr = learning_rate(rnd, optim["lr"], fed_cfg["rounds"], optim["schedule"],
+                       optim["warmup"], optim["step_size"], optim["gamma"])
+    tau = site.local_steps
+    losses = [step_fn(*loader.get()[1:], optimizer, lr, rnd * tau + t + 1, anchor,
+                      fed_cfg["mu"]) for t in range(tau)]
+    report.loss = float(np.mean(losses))
+    if fed_cfg["evaluate_local"]:
+        local = evaluate(site.spec, site.params, site.shard, fed.site, xp)  # its rows, its model
+        report.local_loss, report.local_accuracy = local["loss"], local["accuracy"]
+    return report
+
+
+def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, xp):
+    """Run one round on every rank; return (record for rank 0, server state, took part)."""
+    fed_cfg, params = cfg["federated"], site.params
     t0 = time.perf_counter()
     comm_before = step_fn.comm_seconds
-    dp = fed_cfg.get("dp")
-    private = fed_cfg["secure_aggregation"] or dp is not None
-    choose = poisson_participants if dp else participants  # DP's accountant assumes Poisson
+    private = fed_cfg["secure_aggregation"] or site.dp is not None
+    choose = poisson_participants if site.dp else participants  # DP's accountant assumes Poisson
     chosen = choose(len(fed.sizes), fed_cfg["fraction"], cfg["run"]["seed"], rnd)
-    meta = np.zeros(len(META_FIELDS))
-    meta[:2] = site.samples, tau
     keeps_global = fed.is_root or (private and fed.is_leader)
     global_params = to_host(params).astype(np.float64) if keeps_global else None  # round start
+    report = SiteReport(samples=site.samples, steps=site.local_steps)
     if fed.institution in chosen:
-        anchor = params.copy() if fed_cfg["strategy"] == "fedprox" else None
-        optimizer = make_optimizer(optim)  # each round starts the local optimiser afresh
-        lr = learning_rate(rnd, optim["lr"], fed_cfg["rounds"], optim["schedule"],
-                           optim["warmup"], optim["step_size"], optim["gamma"])
-        losses = [step_fn(*loader.get()[1:], optimizer, lr, rnd * tau + t + 1, anchor,
-                          fed_cfg["mu"]) for t in range(tau)]
-        meta[2] = float(np.mean(losses))
-        if fed_cfg["evaluate_local"]:
-            local = evaluate(spec, params, site.shard, fed.site, xp)  # its rows, its model
-            meta[3:5] = local["loss"], local["accuracy"]
+        report = local_training(cfg, fed, site, step_fn, loader, rnd, xp)
     t_exchange = time.perf_counter()
     to_root = from_root = 0
     record = {"round": rnd + 1}
+    strategy = STRATEGIES[fed_cfg["strategy"]]
     if private:
-        sums = private_aggregate(cfg, fed, params, global_params, meta, chosen, rnd,
-                                 server_state)
+        sums = private_aggregate(fed_cfg, site.dp, fed, params, global_params, report, chosen,
+                                 rnd, server_state)
         if fed.is_root:
-            server_state, to_root = _apply_private(cfg, fed, params, global_params, sums, rnd,
-                                                   hyper, server_state, record, xp)
+            new, server_state, fields = apply_private_sums(
+                strategy, site.dp, sums, global_params, len(fed.sizes), fed_cfg["fraction"],
+                server_state, hyper)
+            params[...] = xp.asarray(new.astype(params.dtype))
+            record.update(fields)
+            if site.dp:
+                record["epsilon"] = round_epsilon(site.dp, fed_cfg["fraction"], rnd + 1)
+            to_root = sums["bytes"]
             record["participants"] = chosen
     elif fed.is_root:
-        results, to_root = collect_at_root(fed, params, meta, chosen)
-        new, server_state = STRATEGIES[fed_cfg["strategy"]](
-            global_params.astype(params.dtype), [(p, m[0], m[1]) for p, m in results.values()],
-            server_state, hyper)
+        results, to_root = collect_at_root(fed, params, report, chosen)
+        new, server_state = strategy(
+            global_params.astype(params.dtype),
+            [(p, r.samples, r.steps) for p, r in results.values()], server_state, hyper)
         params[...] = xp.asarray(new)  # strategies run on the host, at the root only
-        record["metas"] = {k: m for k, (_, m) in results.items()}
+        record["reports"] = {k: r for k, (_, r) in results.items()}
     elif fed.is_leader and fed.institution in chosen:
-        send_to_root(fed, params, meta)
+        send_to_root(fed, params, report)
     from_root = broadcast_global(fed, params)
     now = time.perf_counter()
     record.update(bytes_to_root=to_root, bytes_from_root=from_root, round_seconds=now - t0,
@@ -297,37 +330,23 @@ def _round(cfg, fed, site, step_fn, loader, rnd, hyper, server_state, xp):
     return record, server_state, fed.institution in chosen
 
 
-def _apply_private(cfg, fed, params, global_params, sums, rnd, hyper, state, record, xp):
-    """On the root: turn the private sums into the new global model, the clip and epsilon."""
-    fed_cfg, dp = cfg["federated"], cfg["federated"].get("dp")
-    institutions, q = len(fed.sizes), fed_cfg["fraction"]
-    mean = mean_update(sums, dp, institutions, q)
-    new, new_state = STRATEGIES[fed_cfg["strategy"]](global_params, [(global_params + mean, 1.0,
-                                                                       1.0)], state, hyper)
-    params[...] = xp.asarray(new.astype(params.dtype))
-    if sums["weight_sum"] > 0:
-        record["loss"] = sums["loss_sum"] / sums["weight_sum"]  # the institutions' mean loss
-    if dp:
-        new_state["dp_clip"] = np.array(next_clip(dp, sums["clip"], sums, institutions, q))
-        record.update(clip=sums["clip"], epsilon=round_epsilon(dp, q, rnd + 1))
-    return new_state, sums["bytes"]
-
-
-def _institution_table(metas: dict, site_samples: list[int]) -> list[dict]:
+def institution_table(reports: dict, site_samples: list[int]) -> list[dict]:
     """Per-institution entries of a round record (idle institutions marked as such)."""
     table = []
     for k, samples in enumerate(site_samples):
-        entry = {"institution": k, "samples": int(samples), "participated": k in metas}
-        if k in metas:
-            m = metas[k]
-            entry.update(steps=int(m[1]), loss=float(m[2]))
-            if m[4] or m[3]:
-                entry.update(local_loss=float(m[3]), local_accuracy=float(m[4]))
+        entry = {"institution": k, "samples": int(samples), "participated": k in reports}
+        if k in reports:
+            r = reports[k]
+            entry.update(steps=int(r.steps), loss=float(r.loss))
+            if r.local_accuracy or r.local_loss:
+                entry.update(local_loss=float(r.local_loss),
+                             local_accuracy=float(r.local_accuracy))
         table.append(entry)
     return table
 
 
-def _round_line(record: dict, rounds: int) -> str:
+def round_line(record: dict, rounds: int) -> str:
+    """The progress line of a round."""
     text = f"round {record['round']}/{rounds}"
     if "accuracy" in record:
         text += f" accuracy {record['accuracy']:.4f}"

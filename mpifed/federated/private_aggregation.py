@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..comm.agree import raise_together
-from ..xp import to_host
 from ..errors import UserError
-from .privacy import (
+from ..xp import to_host
+from .dp import (
     adapt_clip,
     clip_update,
     epsilon,
@@ -42,19 +42,35 @@ def poisson_participants(count: int, q: float, seed: int, round_index: int) -> l
     return [k for k in range(count) if rng.random() < q]
 
 
-def dp_settings(fed_cfg: dict) -> dict | None:
-    """Return the resolved [federated.dp] settings, or None without DP."""
-    return fed_cfg.get("dp")
+def dp_settings(fed_cfg: dict, institutions: int) -> dict | None:
+    """Return the [federated.dp] settings a run uses (a new dict), or None without DP.
+
+    Derived values are filled in here, never written back into the config: an adaptive run
+    without clip_count_stddev gets Andrew et al.'s q*K/20. Raises UserError when the count's
+    noise would leave none for the updates.
+    """
+    dp = fed_cfg.get("dp")
+    if not dp:
+        return None
+    dp = dict(dp)
+    if dp["adaptive"] and dp["clip_count_stddev"] is None:
+        dp["clip_count_stddev"] = fed_cfg["fraction"] * institutions / 20
+    if dp["adaptive"]:
+        try:
+            update_noise_multiplier(dp["noise_multiplier"], dp["clip_count_stddev"])
+        except ValueError as err:
+            raise UserError(str(err)) from None
+    return dp
 
 
-def leader_vector(params, global_host, meta, weight: float, dp: dict | None, clip: float):
+def leader_vector(params, global_host, report, weight: float, dp: dict | None, clip: float):
     """Return this leader's float vector [w*delta, w*loss, w, bit] before noise and encoding."""
     delta = to_host(params).astype(np.float64) - global_host
     bit = 0.0
     if dp is not None:
         delta, norm = clip_update(delta, clip)
         bit = 1.0 if norm <= clip else 0.0
-    loss = min(float(meta[2]), LOSS_CAP)
+    loss = min(report.loss, LOSS_CAP)
     return np.concatenate([weight * delta, [weight * loss, weight, bit]])
 
 
@@ -67,19 +83,19 @@ def noise_stddevs(dp: dict | None, clip: float, parties: int) -> tuple[float, fl
     return z_update * clip, count_std
 
 
-def private_aggregate(cfg, fed, params, global_host, meta, chosen, rnd, state) -> dict | None:
+def private_aggregate(fed_cfg, dp, fed, params, global_host, report, chosen, rnd,
+                      state) -> dict | None:
     """Collective over the world: aggregate privately; on the root return the sums, else None.
 
+    dp: the run's DP settings (`dp_settings`) or None; report: this institution's SiteReport.
     Returns {"delta_sum", "loss_sum", "weight_sum", "under_clip", "bytes", "clip"} on the root.
     """
-    fed_cfg = cfg["federated"]
-    dp = dp_settings(fed_cfg)
     clip = float(state.get("dp_clip", dp["clip"])) if (fed.is_root and dp) else 0.0
     clip = fed.world.bcast(clip, root=0)
-    weight = 1.0 if dp else float(meta[0])
+    weight = 1.0 if dp else report.samples
     vector = None
     if fed.is_leader and fed.institution in chosen:
-        vector = leader_vector(params, global_host, meta, weight, dp, clip)
+        vector = leader_vector(params, global_host, report, weight, dp, clip)
     if fed_cfg["secure_aggregation"]:
         sums = _secure_sum(fed_cfg, fed, vector, chosen, rnd, dp, clip, params.size)
     else:
@@ -233,3 +249,19 @@ def round_epsilon(dp: dict, q: float, rounds: int) -> float:
     return epsilon(q, dp["noise_multiplier"], rounds, dp["delta"])
 
 
+def apply_private_sums(strategy, dp, sums, global_params, institutions: int, q: float,
+                       state: dict, hyper):
+    """On the root: turn the private sums into (new global model, server state, record fields).
+
+    strategy: a STRATEGIES function, applied to the one averaged model (global + mean update).
+    The record fields: the institutions' mean loss, and under DP the clip used.
+    """
+    mean = mean_update(sums, dp, institutions, q)
+    new, new_state = strategy(global_params, [(global_params + mean, 1.0, 1.0)], state, hyper)
+    record = {}
+    if sums["weight_sum"] > 0:
+        record["loss"] = sums["loss_sum"] / sums["weight_sum"]
+    if dp:
+        new_state["dp_clip"] = np.array(next_clip(dp, sums["clip"], sums, institutions, q))
+        record["clip"] = sums["clip"]
+    return new, new_state, record

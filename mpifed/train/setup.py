@@ -1,0 +1,160 @@
+"""What both training loops set up before their first step: the array backend and BLAS threads,
+the checked data shards, the model, the step plan, the output folder, the batch loader, and the
+report of an early stop. The data-parallel loop (`data_parallel.py`) and the federated round loop
+(`federated.py`) sit on top of this module; neither imports the other.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from mpi4py import MPI
+
+from ..comm.agree import raise_together
+from ..comm.backend import select_device
+from ..comm.topology import ranks_per_node
+from ..data.atomic import atomic_path
+from ..data.shards import Shard, describe, shard_bounds
+from ..data.stream import BatchStream, Prefetcher
+from ..errors import UserError
+from ..nn.io import load_model
+from ..nn.models import ModelSpec, init_params
+from ..xp import backend_module, device_copier
+from .checkpoint import checkpoint_dir
+from .config import to_toml
+
+
+def array_backend(cfg: dict, comm):
+    """Return the array module comm.backend names (collective), bound to this rank's GPU."""
+    def choose():
+        try:
+            return backend_module(cfg["comm"]["backend"])
+        except ValueError as err:
+            raise UserError(f"comm.backend: {err}") from None
+    xp = raise_together(comm, choose)
+    if xp is not np:
+        select_device(comm)
+    return xp
+
+
+def blas_threads_per_rank(comm) -> int:
+    """Return this rank's share of the node's cores, so co-located ranks do not oversubscribe.
+
+    `MPIFED_BLAS_THREADS=k` sets it instead (benchmarks pin one thread per rank).
+    """
+    forced = os.environ.get("MPIFED_BLAS_THREADS")
+    if forced:
+        return max(1, int(forced))
+    ranks_here = ranks_per_node(comm)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // ranks_here)
+
+
+def open_checked_shard(comm, path: str, x: str, y: str, dtype, key: str,
+                       features: int | None = None) -> tuple[Shard, int]:
+    """Open this rank's shard of `path` after checking it on all ranks; return (shard, classes).
+
+    Checks (collectively, so every rank stops together): the file and its datasets, the feature
+    count against `features`, finite values, non-negative labels. Classes come from the file's
+    `num_classes` attribute, else max(y)+1 over all shards.
+    """
+    info = raise_together(comm, lambda: describe(path, x, y, key))
+    if features is not None and info.features != features:
+        raise UserError(f"{key}: {path!r} has {info.features} features, the model expects "
+                        f"{features}")
+    start, stop = shard_bounds(info.samples, comm.size, comm.rank)
+    shard = raise_together(comm, lambda: Shard(info, start, stop, dtype))
+
+    def check_values():
+        if not shard.all_finite():
+            raise UserError(f"{key}: {path!r} has NaN or Inf in {x!r} among rows "
+                            f"[{start}, {stop}); clean the data")
+        low, _ = shard.label_range()
+        if low < 0:
+            raise UserError(f"{key}: {path!r} has a negative label ({low}) in {y!r}")
+    raise_together(comm, check_values)
+    top = comm.allreduce(shard.label_range()[1], op=MPI.MAX)
+    classes = info.num_classes if info.num_classes is not None else top + 1
+
+    def check_classes():
+        if shard.label_range()[1] >= classes:
+            raise UserError(f"{key}: label {shard.label_range()[1]} in {path!r} is out of range "
+                            f"for num_classes={classes} (labels must be 0..{classes - 1})")
+    raise_together(comm, check_classes)
+    return shard, classes
+
+
+def open_test_shard(comm, cfg: dict, spec: ModelSpec, dtype) -> Shard:
+    """Open this rank's shard of data.test, checked against the model (collective)."""
+    data = cfg["data"]
+    shard, classes = open_checked_shard(comm, data["test"], data["x"], data["y"], dtype,
+                                        "data.test", features=spec.features)
+    if classes > spec.num_classes:
+        raise UserError(f"data.test: {data['test']!r} has labels up to {classes - 1}, but the "
+                        f"model knows {spec.num_classes} classes (0..{spec.num_classes - 1}); "
+                        "give the training file a num_classes attribute that covers both")
+    return shard
+
+
+def build_model(cfg: dict, features: int, classes: int, xp, dtype):
+    """Return (spec, flat params) from model.init, or initialised from run.seed."""
+    model = cfg["model"]
+    if model["init"]:
+        spec, host = load_model(model["init"], dtype)
+        if (spec.features, spec.num_classes) != (features, classes):
+            raise UserError(f"model.init: {model['init']!r} maps {spec.features} features to "
+                            f"{spec.num_classes} classes; the data has {features} and {classes}")
+        return spec, xp.asarray(host)
+    spec = ModelSpec(model["kind"], features, tuple(model["hidden"]), classes)
+    return spec, init_params(spec, cfg["run"]["seed"], xp, dtype)
+
+
+def plan_steps(cfg: dict, shard_len: int, comm) -> tuple[int, int]:
+    """Return (steps_per_epoch, total_steps): the smallest shard decides for every rank."""
+    batch = cfg["optim"]["batch_size"]
+    smallest = comm.allreduce(shard_len, op=MPI.MIN)
+    per_epoch = smallest // batch
+    if per_epoch == 0:
+        raise UserError(f"optim.batch_size: {batch} rows per rank is more than the smallest "
+                        f"shard ({smallest} rows on {comm.size} ranks); lower optim.batch_size "
+                        "or use fewer ranks")
+    steps = cfg["optim"]["steps"] or cfg["optim"]["epochs"] * per_epoch
+    return per_epoch, steps
+
+
+def prepare_out(cfg: dict, comm) -> str:
+    """Create run.out on rank 0 and write the resolved config there; return the folder."""
+    out = cfg["run"]["out"]
+
+    def make():
+        if comm.rank == 0:
+            try:
+                os.makedirs(out, exist_ok=True)
+                with atomic_path(os.path.join(out, "config.toml")) as tmp, open(tmp, "w") as fh:
+                    fh.write(to_toml(cfg))
+            except OSError as err:
+                raise UserError(f"run.out: cannot write to {out!r} ({err.strerror})") from None
+    raise_together(comm, make)
+    return out
+
+
+def batch_loader(cfg: dict, shard, per_epoch: int, rank: int, steps_done: int, xp) -> Prefetcher:
+    """Return the prefetching loader of this rank's stream, placed after `steps_done` steps.
+
+    rank: this rank's place in the communicator that sharded the data (it seeds the shuffle).
+    """
+    stream = BatchStream(len(shard), cfg["optim"]["batch_size"], per_epoch, cfg["run"]["seed"],
+                         rank, cfg["data"]["shuffle"], epoch=steps_done // per_epoch,
+                         step=steps_done % per_epoch)
+    return Prefetcher(shard, stream, device_copier(xp))
+
+
+def stop_early(cfg, comm, reporter, step: int, why: str) -> dict:
+    """Report a stop on request (preemption): the checkpoint of `step` is on disk."""
+    reporter.record(event="stopped", step=step, reason=why)
+    reporter.line(f"stopped by {why} after step {step}; checkpoint in "
+                  f"{checkpoint_dir(cfg['run']['out'])}; run the same command to resume")
+    reporter.close()
+    comm.Barrier()
+    return {"event": "stopped", "step": step, "reason": why}

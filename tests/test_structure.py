@@ -1,0 +1,68 @@
+"""The package depends only downward: the pure layers import no MPI, and no module cycles."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mpifed"
+
+
+@pytest.mark.parametrize("module", ["mpifed.nn", "mpifed.nn.models", "mpifed.nn.io",
+                                    "mpifed.nn.layout", "mpifed.optim", "mpifed.xp",
+                                    "mpifed.federated.strategies", "mpifed.federated.dp",
+                                    "mpifed.federated.secagg", "mpifed.data.partition"])
+def test_pure_layers_do_not_import_mpi(module):
+    code = f"import sys, {module}; print('mpi4py' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == "False", f"importing {module} imports mpi4py"
+
+
+def _imports(path: Path) -> set[str]:
+    """Return the mpifed modules that `path` imports (top-level and inside functions)."""
+    package = ".".join(path.relative_to(PACKAGE.parent).parent.parts)
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(max(node.level - 1, 0)):
+                base = base.rsplit(".", 1)[0]
+            if node.level and not node.module:  # from .. import faults
+                found.update(f"{base}.{a.name}" for a in node.names)
+                continue
+            name = f"{base}.{node.module}" if node.level else node.module
+            if name and name.startswith("mpifed"):
+                found.add(name)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("mpifed"))
+    return found
+
+
+# Each package may import those listed (and itself); the architecture of docs/architecture.md.
+ALLOWED = {
+    "xp": set(), "errors": set(), "faults": set(),
+    "nn": {"xp", "errors", "data"}, "optim": {"xp", "errors"},
+    "data": {"xp", "errors"},
+    "comm": {"xp", "errors", "nn"},
+    "federated": {"xp", "errors", "comm"},
+    "train": {"xp", "errors", "faults", "comm", "data", "nn", "optim", "federated"},
+}
+
+
+def test_packages_import_only_downward():
+    problems = []
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        top = parts[0]
+        if top not in ALLOWED:
+            continue  # cli, benchmarks, demo: the top layer may import anything
+        for name in _imports(path):
+            target = name.split(".")[1] if name.count(".") else None
+            if target and target != top and target not in ALLOWED[top]:
+                problems.append(f"{path.relative_to(PACKAGE)} imports {name}")
+    assert not problems, "\n".join(problems)
