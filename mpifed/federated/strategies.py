@@ -100,15 +100,16 @@ def fedyogi(global_params, results, state, hp):
 def fednova(global_params, results, state, hp):
     """FedNova (Wang et al. 2020): normalise each update by its local step count.
 
-    d_k = (w - w_k) / tau_k; tau_eff = sum_k p_k tau_k; w <- w - server_lr tau_eff sum_k p_k d_k.
+    With s_k institution k's local steps (the paper's tau_k; unrelated to FedOpt's `tau`):
+    d_k = (w - w_k) / s_k; s_eff = sum_k p_k s_k; w <- w - server_lr s_eff sum_k p_k d_k.
     With equal step counts it is FedAvg; with unequal ones it removes FedAvg's bias toward
     institutions that took more steps.
     """
     weights = sample_weights(results)
-    tau_eff = sum(p * steps for p, (_, _, steps) in zip(weights, results))
+    steps_eff = sum(p * steps for p, (_, _, steps) in zip(weights, results))
     direction = sum(p * (global_params - params) / steps
                     for p, (params, _, steps) in zip(weights, results))
-    return global_params - hp.server_lr * tau_eff * direction, state
+    return global_params - hp.server_lr * steps_eff * direction, state
 
 
 STRATEGIES = {

@@ -22,7 +22,6 @@ from ..optim import learning_rate, make_optimizer
 from ..xp import get_array_module
 from .checkpoint import choose_checkpoint, save_checkpoint
 from .evaluate import evaluate
-from .report import Reporter
 from .setup import (
     batch_loader,
     build_model,
@@ -30,6 +29,7 @@ from .setup import (
     open_test_shard,
     plan_steps,
     prepare_out,
+    start_report,
     stop_early,
 )
 from .signals import StopFlag
@@ -52,13 +52,11 @@ def run_data_parallel(cfg: dict, comm, xp) -> dict:
     out = prepare_out(cfg, comm)
     optimizer = make_optimizer(optim)
     first = resume_step(cfg, comm, params, optimizer)
-    reporter = Reporter(out, comm.rank == 0, total, run["progress"], append=first > 0)
-    reporter.line(f"mpifed train: {comm.size} ranks, {spec.kind} {spec.sizes}, "
-                  f"{shard.info.samples} samples, global batch {optim['batch_size'] * comm.size}, "
-                  f"{total} steps ({per_epoch} per epoch), backend {xp.__name__}"
-                  + (f", resumed at step {first}" if first else ""))
-    if first:
-        reporter.record(event="resumed", step=first)
+    reporter = start_report(
+        cfg, out, comm.rank == 0, total, first,
+        f"mpifed train: {comm.size} ranks, {spec.kind} {spec.sizes}, {shard.info.samples} "
+        f"samples, global batch {optim['batch_size'] * comm.size}, {total} steps ({per_epoch} "
+        f"per epoch), backend {xp.__name__}", "step")
     step_fn = DataParallelStep(spec, params, comm, cfg["comm"]["allreduce"], xp,
                                cfg["comm"]["overlap"])
     loader = batch_loader(cfg, shard, per_epoch, comm.rank, first, xp)

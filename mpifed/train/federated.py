@@ -39,13 +39,13 @@ from ..optim import learning_rate, make_optimizer
 from ..xp import get_array_module, to_host
 from .checkpoint import choose_checkpoint, save_checkpoint
 from .evaluate import evaluate
-from .report import Reporter
 from .setup import (
     batch_loader,
     build_model,
     open_checked_shard,
     open_test_shard,
     prepare_out,
+    start_report,
     stop_early,
 )
 from .signals import StopFlag
@@ -62,7 +62,7 @@ class Site:
     spec: ModelSpec
     params: object  # the flat parameters (xp array), the global model at a round's start
     per_epoch: int  # steps per local epoch (the institution's smallest shard decides)
-    local_steps: int  # tau_k: local steps per round
+    local_steps: int  # local steps per round (FedNova's tau_k; not federated.tau)
     test: Shard | None  # this rank's rows of data.test
     dp: dict | None  # the DP settings in use (dp_settings), None without DP
     site_samples: list[int] | None  # on the root without secure aggregation: every n_k
@@ -100,7 +100,7 @@ def open_site_data(cfg: dict, fed: Federation, dtype):
 
 
 def local_step_count(fed_cfg: dict, per_epoch: int) -> int:
-    """Return this institution's local steps per round (tau_k)."""
+    """Return this institution's local steps per round."""
     if fed_cfg["local_epochs"] is not None:
         return fed_cfg["local_epochs"] * per_epoch
     if fed_cfg["local_steps"] == "proportional":
@@ -115,13 +115,11 @@ def run_federation(cfg: dict, world, xp) -> dict:
     site = open_site(cfg, fed, xp)
     out = prepare_out(cfg, world)
     first, site_steps, server_state = resume_round(cfg, fed, site.params)
-    reporter = Reporter(out, fed.is_root, fed_cfg["rounds"], run["progress"], append=first > 0)
-    reporter.line(f"mpifed federated: {len(fed.sizes)} institutions of {fed.sizes} ranks, "
-                  f"strategy {fed_cfg['strategy']}, {fed_cfg['rounds']} rounds, "
-                  f"{site.spec.kind} {site.spec.sizes}"
-                  + (f", resumed after round {first}" if first else ""))
-    if first:
-        reporter.record(event="resumed", round=first)
+    reporter = start_report(
+        cfg, out, fed.is_root, fed_cfg["rounds"], first,
+        f"mpifed federated: {len(fed.sizes)} institutions of {fed.sizes} ranks, strategy "
+        f"{fed_cfg['strategy']}, {fed_cfg['rounds']} rounds, {site.spec.kind} {site.spec.sizes}",
+        "round")
     step_fn = DataParallelStep(site.spec, site.params, fed.site, cfg["comm"]["allreduce"], xp,
                                cfg["comm"]["overlap"])
     loader = batch_loader(cfg, site.shard, site.per_epoch, site.stream_comm.rank, site_steps, xp)
@@ -271,9 +269,9 @@ def local_training(cfg, fed, site: Site, step_fn, loader, rnd: int, xp) -> SiteR
     optimizer = make_optimizer(optim)  # each round starts the local optimiser afresh
     lr = learning_rate(rnd, optim["lr"], fed_cfg["rounds"], optim["schedule"],
                        optim["warmup"], optim["step_size"], optim["gamma"])
-    tau = site.local_steps
-    losses = [step_fn(*loader.get()[1:], optimizer, lr, rnd * tau + t + 1, anchor,
-                      fed_cfg["mu"]) for t in range(tau)]
+    steps = site.local_steps
+    losses = [step_fn(*loader.get()[1:], optimizer, lr, rnd * steps + t + 1, anchor,
+                      fed_cfg["mu"]) for t in range(steps)]
     report.loss = float(np.mean(losses))
     if fed_cfg["evaluate_local"]:
         local = evaluate(site.spec, site.params, site.shard, fed.site, xp)  # its rows, its model

@@ -23,6 +23,7 @@ from ..nn.models import ModelSpec, init_params
 from ..xp import backend_module, device_copier
 from .checkpoint import checkpoint_dir
 from .config import to_toml
+from .report import Reporter
 
 
 def array_backend(cfg: dict, comm):
@@ -158,3 +159,15 @@ def stop_early(cfg, comm, reporter, step: int, why: str) -> dict:
     reporter.close()
     comm.Barrier()
     return {"event": "stopped", "step": step, "reason": why}
+
+
+def start_report(cfg: dict, out: str, is_root: bool, total: int, first: int, banner: str,
+                 unit: str) -> Reporter:
+    """Open the run's reporter, print its banner, and record a resumption after `first` steps or
+    rounds (`unit`: "step" or "round")."""
+    reporter = Reporter(out, is_root, total, cfg["run"]["progress"], append=first > 0)
+    resumed = f", resumed at step {first}" if unit == "step" else f", resumed after round {first}"
+    reporter.line(banner + (resumed if first else ""))
+    if first:
+        reporter.record(event="resumed", **{unit: first})
+    return reporter
