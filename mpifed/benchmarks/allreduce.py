@@ -19,9 +19,8 @@ import numpy as np
 from mpi4py import MPI
 
 from ..comm import allreduce, choose_algorithm
-from ..comm.topology import topology
 from ..comm.shared import release, shared_array
-from ..comm.topology import node_facts
+from ..comm.topology import node_facts, topology
 from .membw import allreduce_bound_seconds, node_copy_bandwidth
 
 ALGOS = ("ring", "mpi", "hierarchical", "auto")
@@ -114,7 +113,7 @@ def format_row(row: dict) -> str:
     return line
 
 
-def run(argv=None) -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mpifed bench allreduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-b", "--min-bytes", default="4", help="smallest size (default 4)")
