@@ -9,14 +9,8 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 
 import tomli_w
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 from ..comm.collectives import ALGORITHMS
 from ..errors import UserError
@@ -27,6 +21,7 @@ from ..optim.optimizers import OPTIMIZERS
 from ..optim.schedules import SCHEDULES
 from ..xp import BACKENDS
 from .checkpoint import RESUME_MODES
+from .overrides import apply_override, parse_value, read_raw  # noqa: F401 (public here too)
 from .report import PROGRESS_MODES
 
 # section -> key -> (accepted types, default). A default of None means "required" or "unset".
@@ -92,35 +87,9 @@ CHOICES = {
 OPEN_CHOICES = {("run", "resume"): (*RESUME_MODES, "PATH")}
 
 
-def parse_value(text: str):
-    """Parse a `--set` value as TOML (1, 0.5, true, [64, 32], "s"); a bare word is a string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def apply_override(cfg: dict, assignment: str) -> None:
-    """Apply one `section.key=value` to `cfg` in place."""
-    target, sep, text = assignment.partition("=")
-    section, dot, key = target.strip().partition(".")
-    if not sep or not dot or not key:
-        raise UserError(f"--set {assignment!r}: expected section.key=value, e.g. optim.lr=0.05")
-    cfg.setdefault(section, {})[key] = parse_value(text.strip())
-
-
 def load_config(path: str, overrides=()) -> dict:
     """Read the TOML file at `path`, apply overrides, check it; return the resolved config."""
-    try:
-        with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
-    except FileNotFoundError:
-        raise UserError(f"config file {path!r} does not exist") from None
-    except tomllib.TOMLDecodeError as err:
-        raise UserError(f"config file {path!r} is not valid TOML: {err}") from None
-    for assignment in overrides:
-        apply_override(raw, assignment)
-    return resolve(raw)
+    return resolve(read_raw(path, overrides))
 
 
 def resolve(raw: dict) -> dict:
