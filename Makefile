@@ -37,14 +37,14 @@ test-slurm: install
 	timeout -k 10 900 $(PY) -m pytest -q -p no:cacheprovider -m slurm tests/test_slurm.py -rs
 
 demo: install
-	$(PY) -m mpifed.demo
+	$(PY) -m mpifed demo
 
 # The all-reduce sweep on NP ranks, then the scaling suite (CSV, JSON, and PNG plots where
 # matplotlib is installed, as `make install` does) in bench-out/.
 bench: install
 	mkdir -p bench-out
-	timeout -k 10 1200 $(MPIEXEC) -n $(NP) $(PY) bench/allreduce.py -f 2 --json bench-out/allreduce-$(NP).json
-	timeout -k 10 1200 $(PY) bench/scaling.py --out bench-out/scaling
+	timeout -k 10 1200 $(MPIEXEC) -n $(NP) $(PY) -m mpifed bench allreduce -f 2 --json bench-out/allreduce-$(NP).json
+	timeout -k 10 1200 $(PY) -m mpifed bench suite --out bench-out/scaling
 	$(PY) -m mpifed plot --allreduce bench-out/allreduce-$(NP).json --out bench-out
 
 lint: install

@@ -1,4 +1,7 @@
-"""Training throughput, mpifed vs PyTorch DDP: `python bench/train_throughput.py [--help]`."""
+"""Training throughput, mpifed against PyTorch DDP: `python bench/train_throughput.py [--help]`.
+
+The same as `mpifed bench throughput`; the code is mpifed/benchmarks/train_throughput.py.
+"""
 
 from mpifed.benchmarks.train_throughput import main
 

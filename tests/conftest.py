@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from mpifed.launch import mpiexec_path as mpiexec  # the mpiexec beside this Python, else PATH's
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,12 +35,6 @@ BACKENDS = _backends()
 def xp(request):
     """Each array backend present: numpy always, cupy where a GPU is."""
     return request.param
-
-
-def mpiexec() -> str:
-    """Return the mpiexec next to this Python (the PyPI MPICH wheel), else the one on PATH."""
-    local = Path(sys.executable).with_name("mpiexec")
-    return str(local) if local.exists() else (shutil.which("mpiexec") or "mpiexec")
 
 
 def run_mpi(n: int, args: list[str], timeout: float = 120, cwd=None, env=None):

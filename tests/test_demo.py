@@ -1,8 +1,8 @@
-"""`make demo` trains the digits MLP on 2 ranks to at least 0.95 test accuracy."""
+"""`mpifed demo` (`make demo`) trains the digits MLP on 2 ranks to at least 0.95 test accuracy."""
 
 import json
 
-from mpifed import demo
+from mpifed.cli import demo
 
 
 def test_demo_reaches_its_accuracy(tmp_path, capsys):

@@ -113,7 +113,7 @@ def format_row(row: dict) -> str:
     return line
 
 
-def run(argv=None) -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mpifed bench allreduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-b", "--min-bytes", default="4", help="smallest size (default 4)")

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-FEATURES, HIDDEN, CLASSES = 784, (512, 256), 10
+from .mlp import SIZES
 
 
 def torch_mlp(device=None):
-    """Return the 784-512-256-10 ReLU MLP as a torch Sequential (seeded, on `device`)."""
+    """Return the benchmark MLP (mlp.SIZES) as a torch Sequential (seeded, on `device`)."""
     import torch
 
     torch.manual_seed(0)
-    sizes = [FEATURES, *HIDDEN, CLASSES]
     layers = []
-    for fan_in, fan_out in zip(sizes, sizes[1:]):
+    for fan_in, fan_out in zip(SIZES, SIZES[1:]):
         layers += [torch.nn.Linear(fan_in, fan_out), torch.nn.ReLU()]
     model = torch.nn.Sequential(*layers[:-1])  # no ReLU after the last layer
     return model.to(device) if device is not None else model

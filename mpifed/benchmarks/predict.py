@@ -20,8 +20,7 @@ from mpi4py import MPI
 
 from .costmodel import CostModel, measure
 from .membw import node_copy_bandwidth
-
-GRAD_BYTES = 4 * (784 * 512 + 512 + 512 * 256 + 256 + 256 * 10 + 10)  # the benchmark MLP
+from .mlp import GRAD_BYTES
 
 
 def predictions(model: CostModel, compute: float, nbytes: float, per_node: int,
@@ -56,7 +55,7 @@ def measured_efficiency(path: str | None) -> tuple[dict, float | None]:
     return effs, compute
 
 
-def run(argv=None) -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mpifed bench model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scaling-csv", help="a CSV from jobs/scaling.sbatch or bench/scaling.py")

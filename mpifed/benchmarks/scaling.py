@@ -18,11 +18,13 @@ import os
 
 from mpi4py import MPI
 
+from .mlp import FEATURES, HIDDEN, model_section
+
 FIELDS = ["ranks", "nodes", "mode", "batch_per_rank", "global_batch", "samples_per_s",
           "step_seconds", "compute_fraction", "data_fraction", "comm_fraction", "efficiency"]
 
 
-def run(argv=None) -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mpifed bench scaling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["weak", "strong"], default="weak")
@@ -30,8 +32,10 @@ def run(argv=None) -> int:
                         help="weak: rows per rank; strong: global rows per step (default 128)")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--data", required=True,
-                        help="HDF5 training file (mpifed data synth ... --features 784)")
-    parser.add_argument("--hidden", default="512,256", help="MLP hidden sizes (default 512,256)")
+                        help=f"HDF5 training file (mpifed data synth ... --features {FEATURES})")
+    default_hidden = ",".join(map(str, HIDDEN))
+    parser.add_argument("--hidden", default=default_hidden,
+                        help=f"MLP hidden sizes (default {default_hidden}: the benchmark MLP)")
     parser.add_argument("--csv", required=True, help="CSV file to append the row to")
     parser.add_argument("--out", default=None, help="run folder (default: beside the CSV)")
     parser.add_argument("--algorithm", default="auto", help="comm.allreduce (default auto)")
@@ -46,7 +50,7 @@ def run(argv=None) -> int:
                                    f"scaling-run-{comm.size}")
     cfg = resolve({
         "data": {"train": args.data},
-        "model": {"kind": "mlp", "hidden": [int(h) for h in args.hidden.split(",")]},
+        "model": model_section(int(h) for h in args.hidden.split(",")),
         "optim": {"lr": 0.01, "momentum": 0.9, "batch_size": per_rank, "steps": args.steps},
         "comm": {"allreduce": args.algorithm},
         "run": {"out": out, "log_every": 0, "progress": "none", "resume": "never"},

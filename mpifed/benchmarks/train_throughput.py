@@ -1,11 +1,12 @@
 """Training throughput: mpifed against PyTorch DDP (gloo, CPU) on the same model, data and batch.
 
     python bench/train_throughput.py [--ranks 1 2] [--steps 150] [--no-torch]
+    mpifed bench throughput [...]                                (the same)
 
-Model 784-512-256-10 MLP, float32, batch 128 per rank, SGD with momentum, one BLAS thread per
-rank, data from the same HDF5 file (each rank its shard). Each implementation runs under the same
-mpiexec in turn; the table gives samples/s, the weak-scaling efficiency from 1 rank
-(throughput_p / (p * throughput_1)) and the ratio ours / torch measured in the same run.
+Model: the benchmark MLP 784-512-256-10 (mlp.py), float32, batch 128 per rank, SGD with momentum,
+one BLAS thread per rank, data from the same HDF5 file (each rank its shard). Each implementation
+runs under the same mpiexec in turn; the table gives samples/s, the weak-scaling efficiency from 1
+rank (throughput_p / (p * throughput_1)) and the ratio ours / torch measured in the same run.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .peers import CLASSES, FEATURES, torch_mlp
+from ..launch import mpiexec_path
+from .mlp import CLASSES, FEATURES, NAME, model_section
+from .peers import torch_mlp
 
-HIDDEN, BATCH = [512, 256], 128
+BATCH = 128
 
 
 def worker_ours(data: str, steps: int, out: str, overlap: bool = False) -> dict:
@@ -35,7 +38,7 @@ def worker_ours(data: str, steps: int, out: str, overlap: bool = False) -> dict:
 
     cfg = resolve({
         "data": {"train": data, "shuffle": True},
-        "model": {"kind": "mlp", "hidden": HIDDEN},
+        "model": model_section(),
         "optim": {"lr": 0.01, "momentum": 0.9, "batch_size": BATCH, "steps": steps},
         "comm": {"allreduce": "auto", "overlap": overlap},
         "run": {"out": out, "log_every": 0, "progress": "none"},
@@ -83,10 +86,9 @@ def worker_torch(data: str, steps: int, warmup: int = 10) -> dict:
 
 def launch(impl: str, ranks: int, data: str, steps: int, out: str) -> dict:
     """Run one implementation on `ranks` ranks under mpiexec; return rank 0's JSON result."""
-    mpiexec = Path(sys.executable).with_name("mpiexec")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
                MPIFED_BLAS_THREADS="1")
-    cmd = [str(mpiexec if mpiexec.exists() else "mpiexec"), "-n", str(ranks), sys.executable,
+    cmd = [mpiexec_path(), "-n", str(ranks), sys.executable,
            "-m", "mpifed.benchmarks.train_throughput", "--worker", impl, "--data", data,
            "--steps", str(steps), "--out", out]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
@@ -96,7 +98,7 @@ def launch(impl: str, ranks: int, data: str, steps: int, out: str) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(prog="mpifed bench throughput", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=150)
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
 
 
 def print_table(best: dict, impls: list[str], ranks_list: list[int]) -> None:
-    print(f"# MLP 784-512-256-10, batch {BATCH}/rank, float32, 1 BLAS thread per rank "
+    print(f"# {NAME}, batch {BATCH}/rank, float32, 1 BLAS thread per rank "
           "(best of the repeats)")
     print(f"# {'impl':<12} {'ranks':>5} {'samples/s':>10} {'weak eff.':>9} {'comm %':>7} "
           f"{'ours/torch':>10}")

@@ -1,12 +1,14 @@
 """The `mpifed` command line.
 
     mpifed info                                       MPI, ranks, nodes, GPU facts
+    mpifed demo                                       digits on 2 ranks, then FedAvg/FedProx
     mpiexec -n 4 mpifed train run.toml [--set k=v]    data-parallel training
     mpifed evaluate model.h5 test.h5                  loss and accuracy (alone or under mpiexec)
     mpifed data synth|digits|inspect ...              write or describe datasets
     mpiexec -n 4 mpifed bench allreduce [...]         all-reduce size sweep
     srun -n 4 mpifed bench scaling --data D --csv C   one point of a scaling sweep
     mpiexec -n 2 mpifed bench model --scaling-csv C   alpha-beta predictions to 1024 ranks
+    mpifed bench suite|throughput|federated-round|gpu  suites that launch mpiexec themselves
     mpifed plot scaling.json [--allreduce ar.json]    PNG plots (needs matplotlib)
 """
 
@@ -17,6 +19,34 @@ import sys
 
 from .failures import run_guarded
 
+# `mpifed bench WHICH`: the module in mpifed/benchmarks/ whose main(argv) runs it. The first
+# three run on the ranks of the launch; the others start mpiexec themselves (bench/*.py are the
+# same entry points as scripts).
+BENCHMARKS = {
+    "allreduce": "allreduce", "scaling": "scaling", "model": "predict",
+    "suite": "scaling_suite", "throughput": "train_throughput",
+    "federated-round": "federated_round", "gpu": "gpu_throughput",
+}
+
+
+class ConfigKeysHelp(argparse.Action):
+    """`mpifed train --help`: the usual help, then every config key with its accepted values.
+
+    The keys are read only when asked for: reading them imports the modules that own the
+    choices (the all-reduce algorithms start MPI), which other commands need not pay for.
+    """
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="show this help, with every config key, and exit"):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ..train.config import describe_keys
+
+        parser.epilog = describe_keys()
+        parser.print_help()
+        parser.exit()
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -26,15 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("info", help="print the MPI library, rank and node counts, GPU facts")
+    demo = sub.add_parser("demo", help="train the digits MLP on 2 local ranks, then compare "
+                                       "FedAvg, FedProx and centralised training (make demo)")
+    demo.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
+    demo.add_argument("--ranks", type=int, default=2,
+                      help="ranks of the data-parallel run (default 2)")
 
-    from ..train.config import describe_keys
+    from ..data.partition import SCHEMES
 
     train = sub.add_parser(
         "train", help="train a model (data-parallel, or federated with [federated])",
         description="Train from a TOML config: sections [data], [model], [optim], [comm], [run], "
                     "and [federated] for a federation. Launch under MPI: mpiexec -n 4 mpifed "
                     "train run.toml. The keys, their accepted values and defaults are listed below.",
-        epilog=describe_keys(), formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
+    train.add_argument("-h", "--help", action=ConfigKeysHelp)
     train.add_argument("config", help="TOML config file")
     train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                        help="override a config value (a TOML value; a bare word is a string); "
@@ -60,16 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "(OUT_DIR/train.h5, OUT_DIR/test.h5)")
     digits.add_argument("out_dir")
     digits.add_argument("--seed", type=int, default=0)
-    part = data_sub.add_parser("partition", help="split a dataset into institutions (site-<k>.h5)",
-                               description="Write OUT_DIR/site-0.h5 ... and a table of per-site "
-                                           "class counts (also OUT_DIR/partition.csv).")
+    part = data_sub.add_parser(
+        "partition", help="split a dataset into institutions (site-<k>.h5)",
+        description="Write OUT_DIR/site-0.h5 ... and a table of per-site class counts (also "
+                    "OUT_DIR/partition.csv). Every row goes to exactly one site. iid: near-equal "
+                    "random parts. dirichlet: each class split over the sites by Dirichlet(alpha) "
+                    "shares. pathological: each site holds at most C classes "
+                    "(--classes-per-site), and each class's rows are split evenly among the "
+                    "sites that hold it (needs sites x C >= the class count). sizes: site k gets "
+                    "the k-th fraction of the rows, at random.")
     part.add_argument("input", help="input HDF5 file")
     part.add_argument("out_dir")
     part.add_argument("--institutions", type=int, required=True)
-    part.add_argument("--scheme", default="iid",
-                      choices=["iid", "dirichlet", "pathological", "sizes"])
+    part.add_argument("--scheme", default="iid", choices=SCHEMES)
     part.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
-    part.add_argument("--classes-per-site", type=int, default=2, help="pathological: C")
+    part.add_argument("--classes-per-site", type=int, default=2,
+                      help="pathological: C, the most classes any site holds (default 2)")
     part.add_argument("--sizes", default=None, help="sizes: fractions, e.g. 0.5,0.3,0.2")
     part.add_argument("--seed", type=int, default=0)
     part.add_argument("--x", default="x")
@@ -79,14 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--y", default="y", help="labels dataset name (default y)")
 
     plot = sub.add_parser("plot", help="PNG plots of scaling and all-reduce results")
-    plot.add_argument("scaling", nargs="?", help="scaling.json from bench/scaling.py")
+    plot.add_argument("scaling", nargs="?",
+                      help="scaling.json from mpifed bench suite (bench/scaling.py)")
     plot.add_argument("--allreduce", nargs="*", metavar="JSON",
                       help="JSON files from mpifed bench allreduce --json")
     plot.add_argument("--out", default=".", help="folder for the PNG files (default .)")
 
-    bench = sub.add_parser("bench", help="run a benchmark (allreduce, scaling, model)")
-    bench.add_argument("which", choices=["allreduce", "scaling", "model"],
-                       help="which benchmark")
+    bench = sub.add_parser("bench", help=f"run a benchmark ({', '.join(BENCHMARKS)})")
+    bench.add_argument("which", choices=list(BENCHMARKS), help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="its options (see --help of each)")
     return parser
 
@@ -102,14 +144,15 @@ def dispatch(args) -> int:
         from .plot import run_plot
 
         return run_plot(args)
+    if args.command == "demo":
+        from .demo import main as run_demo
+
+        return run_demo(out=args.out, ranks=args.ranks)
     if args.command == "bench":
-        if args.which == "scaling":
-            from ..benchmarks.scaling import run
-        elif args.which == "model":
-            from ..benchmarks.predict import run
-        else:
-            from ..benchmarks.allreduce import run
-        return run(args.rest)
+        import importlib
+
+        module = importlib.import_module(f"..benchmarks.{BENCHMARKS[args.which]}", __package__)
+        return module.main(args.rest)
     return {"train": commands.run_train, "evaluate": commands.run_evaluate,
             "data": commands.run_data}[args.command](args)
 

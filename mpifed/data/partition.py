@@ -1,5 +1,12 @@
 """Split one dataset into institutions: IID, Dirichlet label skew, pathological, quantity skew.
 
+What each scheme guarantees (every scheme gives every row to exactly one site):
+    iid           a random permutation dealt in near-equal parts
+    dirichlet     each class split over the sites by Dirichlet(alpha) shares; every site >= 2 rows
+    pathological  each site holds at most C classes (C = classes_per_site); each class's rows are
+                  split evenly among the sites that hold it
+    sizes         site k gets fractions[k] of the rows, drawn at random
+
 Each scheme is a pure function returning one array of row numbers per institution; the writer
 puts them in OUT_DIR/site-<k>.h5 with the same `num_classes`, so that every site agrees on it.
 """
@@ -8,13 +15,11 @@ from __future__ import annotations
 
 import os
 
-import h5py
 import numpy as np
 
 from ..errors import UserError
-from .synth import write_arrays
 
-SCHEMES = ("iid", "dirichlet", "pathological", "sizes")
+SCHEMES = ("iid", "dirichlet", "pathological", "sizes")  # `mpifed data partition --scheme`
 
 
 def iid_split(samples: int, sites: int, rng) -> list[np.ndarray]:
@@ -46,11 +51,39 @@ def dirichlet_split(labels, sites: int, alpha: float, rng, min_size: int = 2,
 
 
 def pathological_split(labels, sites: int, classes_per_site: int, rng) -> list[np.ndarray]:
-    """FedAvg paper's split: sort by label, cut into sites*C shards, deal C shards to each site."""
-    order = np.argsort(labels, kind="stable")
-    shards = np.array_split(order, sites * classes_per_site)
-    dealt = rng.permutation(len(shards))
-    return [np.sort(np.concatenate([shards[i] for i in dealt[k::sites]])) for k in range(sites)]
+    """Give each site C classes, then split each class's rows among the sites that hold it.
+
+    Guarantees: every site holds at most C distinct labels (exactly C where each of its classes
+    has rows enough to go round); every row goes to exactly one site; each class is held by
+    floor or ceil(sites * C / classes) sites, and its rows are split among them in near-equal
+    parts. A shuffled class order is dealt round the sites C at a time (site k gets the C classes
+    after site k-1's, wrapping around), as the FedAvg paper's sort-and-shard split intends, but
+    without shards that straddle two classes when class sizes differ.
+    """
+    classes = rng.permutation(np.unique(labels))
+    if classes_per_site > len(classes):
+        raise UserError(f"--classes-per-site {classes_per_site}: the data has only "
+                        f"{len(classes)} classes; use at most {len(classes)}")
+    if sites * classes_per_site < len(classes):
+        raise UserError(f"--classes-per-site {classes_per_site} with --institutions {sites} "
+                        f"holds {sites * classes_per_site} of the {len(classes)} classes, so "
+                        f"some rows would have no site; use --classes-per-site >= "
+                        f"{-(-len(classes) // sites)}")
+    holders: dict = {label: [] for label in classes}
+    for site in range(sites):
+        for slot in range(site * classes_per_site, (site + 1) * classes_per_site):
+            holders[classes[slot % len(classes)]].append(site)
+    parts = [[] for _ in range(sites)]
+    for label, owners in holders.items():
+        members = rng.permutation(np.flatnonzero(labels == label))
+        for site, chunk in zip(owners, np.array_split(members, len(owners))):
+            parts[site].append(chunk)
+    out = [np.sort(np.concatenate(p)) for p in parts]
+    empty = [site for site, rows in enumerate(out) if len(rows) == 0]
+    if empty:
+        raise UserError(f"--scheme pathological: site(s) {empty} got no rows (their classes have "
+                        f"fewer rows than sites holding them); use fewer --institutions")
+    return out
 
 
 def sizes_split(samples: int, fractions, rng) -> list[np.ndarray]:
@@ -92,6 +125,10 @@ def write_partition(in_path: str, out_dir: str, parts, x: str = "x", y: str = "y
 
     Reads the input's x and y whole: partitioning is a one-off preprocessing step on one machine.
     """
+    import h5py  # here, not at the top: the command line reads SCHEMES without loading HDF5
+
+    from .synth import write_arrays
+
     with h5py.File(in_path, "r") as fh:
         features, labels = fh[x][...], fh[y][...]
         classes = int(fh.attrs.get("num_classes", labels.max() + 1))

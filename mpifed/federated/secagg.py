@@ -23,6 +23,8 @@ from ..errors import UserError
 
 UINT = {32: np.uint32, 64: np.uint64}
 SINT = {32: np.int32, 64: np.int64}
+# federated.secure_out_of_range: what `encode` does with a value beyond the range.
+OUT_OF_RANGE_MODES = ("error", "clip")
 
 
 def new_keypair() -> tuple[X25519PrivateKey, bytes]:

@@ -17,6 +17,7 @@ from .layout import Layout, views
 from .loss import softmax_cross_entropy, summed_loss_and_correct
 
 KINDS = ("softmax", "mlp")
+DTYPES = ("float32", "float64")  # model.dtype: the parameters' and the features' dtype
 
 
 @dataclass(frozen=True)

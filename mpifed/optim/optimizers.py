@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from ..xp import get_array_module
 
+OPTIMIZERS = ("sgd", "adam")  # optim.name: the choices of make_optimizer
+
 
 class SGD:
     """Stochastic gradient descent; state: the momentum buffer (flat, like the parameters)."""

@@ -21,6 +21,9 @@ import numpy as np
 from ..data.atomic import atomic_path
 from ..errors import UserError
 
+# run.resume: one of these words, or the path of a checkpoint file.
+RESUME_MODES = ("auto", "never")
+
 # Keys that may change between a run and its resumption: they change how long it runs or what
 # it reports, never the bits of what it computes.
 RESUMABLE_CHANGES = {

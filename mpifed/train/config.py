@@ -1,20 +1,28 @@
 """The run configuration: a TOML file, overridden by `--set section.key=value`, checked in full.
 
-Unknown keys, wrong types and impossible values are UserErrors that name the key.
+Unknown keys, wrong types and impossible values are UserErrors that name the key. Each list of
+accepted values comes from the module that implements the choice, so checking and `--help` cannot
+drift from what the code does.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import sys
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+import tomli_w
 
+from ..comm.collectives import ALGORITHMS
 from ..errors import UserError
+from ..federated.secagg import OUT_OF_RANGE_MODES, SINT
+from ..federated.strategies import STRATEGIES
+from ..nn.models import DTYPES, KINDS
+from ..optim.optimizers import OPTIMIZERS
+from ..optim.schedules import SCHEDULES
+from ..xp import BACKENDS
+from .checkpoint import RESUME_MODES
+from .overrides import apply_override, parse_value, read_raw  # noqa: F401 (public here too)
+from .report import PROGRESS_MODES
 
 # section -> key -> (accepted types, default). A default of None means "required" or "unset".
 SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], object]]] = {
@@ -63,49 +71,25 @@ DP = {
     "target_quantile": ((float, int), 0.5), "clip_lr": ((float, int), 0.2),
     "clip_count_stddev": ((float, int), None), "max_epsilon": ((float, int), 0.0),
 }
-STRATEGY_NAMES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fednova")
+STRATEGY_NAMES = tuple(STRATEGIES)
 
+# (section, key) -> the accepted values, each tuple owned by the module that implements them.
 CHOICES = {
-    ("model", "kind"): ("softmax", "mlp"), ("model", "dtype"): ("float32", "float64"),
-    ("optim", "name"): ("sgd", "adam"), ("optim", "schedule"): ("constant", "step", "cosine"),
-    ("comm", "allreduce"): ("auto", "ring", "mpi", "hierarchical", "nccl"),
-    ("comm", "backend"): ("auto", "numpy", "cupy"),
-    ("run", "progress"): ("auto", "bar", "lines", "none"),
+    ("model", "kind"): KINDS, ("model", "dtype"): DTYPES,
+    ("optim", "name"): OPTIMIZERS, ("optim", "schedule"): SCHEDULES,
+    ("comm", "allreduce"): ALGORITHMS, ("comm", "backend"): BACKENDS,
+    ("run", "progress"): PROGRESS_MODES,
     ("federated", "strategy"): STRATEGY_NAMES,
-    ("federated", "secure_bits"): (32, 64),
-    ("federated", "secure_out_of_range"): ("error", "clip"),
+    ("federated", "secure_bits"): tuple(SINT),
+    ("federated", "secure_out_of_range"): OUT_OF_RANGE_MODES,
 }
-
-
-def parse_value(text: str):
-    """Parse a `--set` value as TOML (1, 0.5, true, [64, 32], "s"); a bare word is a string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def apply_override(cfg: dict, assignment: str) -> None:
-    """Apply one `section.key=value` to `cfg` in place."""
-    target, sep, text = assignment.partition("=")
-    section, dot, key = target.strip().partition(".")
-    if not sep or not dot or not key:
-        raise UserError(f"--set {assignment!r}: expected section.key=value, e.g. optim.lr=0.05")
-    cfg.setdefault(section, {})[key] = parse_value(text.strip())
+# Keys that take one of a few words or a free value (shown in --help, checked in _check_values).
+OPEN_CHOICES = {("run", "resume"): (*RESUME_MODES, "PATH")}
 
 
 def load_config(path: str, overrides=()) -> dict:
     """Read the TOML file at `path`, apply overrides, check it; return the resolved config."""
-    try:
-        with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
-    except FileNotFoundError:
-        raise UserError(f"config file {path!r} does not exist") from None
-    except tomllib.TOMLDecodeError as err:
-        raise UserError(f"config file {path!r} is not valid TOML: {err}") from None
-    for assignment in overrides:
-        apply_override(raw, assignment)
-    return resolve(raw)
+    return resolve(read_raw(path, overrides))
 
 
 def resolve(raw: dict) -> dict:
@@ -257,48 +241,35 @@ def _check_values(cfg: dict) -> None:
     if cfg["run"]["keep_checkpoints"] < 1:
         raise UserError(f"run.keep_checkpoints: must be >= 1, got {cfg['run']['keep_checkpoints']}")
     if not cfg["run"]["resume"]:
-        raise UserError('run.resume: "auto", "never" or the path of a checkpoint file')
+        raise UserError(f"run.resume: {' or '.join(map(repr, RESUME_MODES))} or the path of a "
+                        "checkpoint file")
 
 
 def to_toml(cfg: dict) -> str:
-    """Return `cfg` (sections of str/int/float/bool/list values) as TOML text."""
-    lines = []
-    for section, keys in cfg.items():
-        if keys is None:
-            continue
-        lines.append(f"[{section}]")
-        tables = {k: v for k, v in keys.items() if isinstance(v, dict)}
-        for key, value in keys.items():
-            if value is not None and key not in tables:
-                lines.append(f"{key} = {_toml_value(value)}")
-        lines.append("")
-        for key, table in tables.items():  # nested tables such as [federated.dp]
-            lines.append(f"[{section}.{key}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]
-            lines.append("")
-    return "\n".join(lines)
+    """Return `cfg` as TOML text that `load_config` reads back to the same config.
+
+    Unset (None) values and an absent [federated] section are left out: a reader fills them
+    with the same defaults. Nested tables such as [federated.dp] stay tables.
+    """
+    return tomli_w.dumps(_without_none(cfg))
 
 
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
+def _without_none(table: dict) -> dict:
+    """Return `table` without None values, recursively (TOML has no null)."""
+    return {k: _without_none(v) if isinstance(v, dict) else v
+            for k, v in table.items() if v is not None}
 
 
 def describe_keys() -> str:
     """Return every config section and key with its type and default, for `mpifed train --help`."""
     lines = []
-    for section, keys in dict(SCHEMA, federated=FEDERATED).items():
+    for section, keys in dict(SCHEMA, federated=FEDERATED, **{"federated.dp": DP}).items():
         lines.append(f"[{section}]")
         for key, (types, default) in keys.items():
+            if dict in types:
+                continue  # a nested table, listed as its own section
             kind = "|".join(t.__name__ for t in types)
-            choices = CHOICES.get((section, key))
+            choices = CHOICES.get((section, key)) or OPEN_CHOICES.get((section, key))
             shown = "/".join(map(str, choices)) if choices else kind
             value = "required" if (section, key) == ("data", "train") else (
                 "unset" if default is None else repr(default))

@@ -1,11 +1,18 @@
-"""What rank 0 shows and writes: a progress bar or plain lines, and OUT/metrics.jsonl."""
+"""What rank 0 shows and writes: a progress bar (tqdm) or plain lines, and OUT/metrics.jsonl."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
-import time
+
+from tqdm import tqdm
+
+# run.progress: "auto" is "bar" on a terminal and "lines" otherwise; "none" prints nothing.
+PROGRESS_MODES = ("auto", "bar", "lines", "none")
+
+# The bar: percentage, bar, steps done, elapsed and remaining time, then the step's figures.
+BAR_FORMAT = "{l_bar}{bar}| step {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
 
 
 class Reporter:
@@ -19,7 +26,7 @@ class Reporter:
         self.mode = mode
         path = os.path.join(out, "metrics.jsonl")
         self._fh = open(path, "a" if append else "w") if active else None
-        self._last_bar = 0.0
+        self._bar = None
 
     def record(self, **fields) -> None:
         """Append one JSON object to metrics.jsonl."""
@@ -35,22 +42,38 @@ class Reporter:
         if log:
             self.record(event="step", step=step, epoch=epoch, loss=loss, lr=lr,
                         samples_per_s=samples_per_s, comm_fraction=comm_fraction)
-        text = (f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.4g} "
-                f"{samples_per_s:,.0f} samples/s comm {100 * comm_fraction:.0f}%")
+        figures = (f"epoch {epoch} loss {loss:.4f} lr {lr:.4g} {samples_per_s:,.0f} samples/s "
+                   f"comm {100 * comm_fraction:.0f}%")
         if self.mode == "bar":
-            now = time.monotonic()
-            if now - self._last_bar > 0.1 or step == self.total:
-                filled = int(30 * step / max(self.total, 1))
-                bar = "#" * filled + "." * (30 - filled)
-                print(f"\r[{bar}] {text}", end="\n" if step == self.total else "", flush=True)
-                self._last_bar = now
+            self._advance_bar(step, figures)
         elif self.mode == "lines" and log:
-            print(text, flush=True)
+            print(f"step {step}/{self.total} {figures}", flush=True)
+
+    def _advance_bar(self, step: int, figures: str) -> None:
+        """Move the bar to `step`; tqdm redraws at most every 0.1 s and always at the end."""
+        if self._bar is None:  # a resumed run starts its bar at the step it resumes from
+            self._bar = tqdm(total=self.total, initial=step - 1, file=sys.stdout,
+                             dynamic_ncols=True, mininterval=0.1, bar_format=BAR_FORMAT)
+        self._bar.set_postfix_str(figures, refresh=False)
+        self._bar.update(step - self._bar.n)
+        if step >= self.total:
+            self._close_bar()
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def line(self, text: str) -> None:
-        if self.active and self.mode != "none":
+        """Print one line of text (above the bar while a bar is drawn)."""
+        if not self.active or self.mode == "none":
+            return
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stdout)
+        else:
             print(text, flush=True)
 
     def close(self) -> None:
+        self._close_bar()
         if self._fh:
             self._fh.close()

@@ -1,0 +1,125 @@
+"""GPU training throughput: mpifed on CuPy against PyTorch (CUDA) on the same MLP and batch.
+
+    python bench/gpu_throughput.py [--ranks 1 2] [--steps 200] [--batch 128]
+    mpifed bench gpu [...]                                   (the same)
+
+Needs CuPy and a CUDA device (and torch with CUDA for the peer). The benchmark MLP
+784-512-256-10 (mlp.py), float32,
+SGD with momentum; ours: `mpifed train` with comm.backend = "cupy" (NCCL between the GPUs of a
+node), the peer: torch DDP over NCCL. Prints samples/s and the ratio, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from ..launch import mpiexec_path
+from .mlp import CLASSES, FEATURES, NAME, model_section
+from .peers import torch_mlp
+
+
+def worker_ours(data: str, steps: int, batch: int, out: str) -> dict:
+    from mpi4py import MPI
+
+    from ..train.config import resolve
+    from ..train.loop import train
+
+    cfg = resolve({
+        "data": {"train": data}, "model": model_section(),
+        "optim": {"lr": 0.01, "momentum": 0.9, "batch_size": batch, "steps": steps},
+        "comm": {"backend": "cupy", "allreduce": "nccl" if MPI.COMM_WORLD.size > 1 else "auto"},
+        "run": {"out": out, "log_every": 0, "progress": "none", "resume": "never"},
+    })
+    summary = train(cfg, MPI.COMM_WORLD)
+    return {"samples_per_s": summary["samples_per_s"]}
+
+
+def worker_torch(data: str, steps: int, batch: int, warmup: int = 20) -> dict:
+    import time
+
+    import h5py
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    device = torch.device("cuda", node.rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    port = comm.bcast(29600 + os.getpid() % 1000 if comm.rank == 0 else None)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("nccl", rank=comm.rank, world_size=comm.size)
+    with h5py.File(data) as fh:
+        n = fh["x"].shape[0]
+        lo, hi = comm.rank * n // comm.size, (comm.rank + 1) * n // comm.size
+        x = torch.from_numpy(fh["x"][lo:hi]).to(device)
+        y = torch.from_numpy(fh["y"][lo:hi].astype(np.int64)).to(device)
+    ddp = torch.nn.parallel.DistributedDataParallel(torch_mlp(device), device_ids=[device.index])
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    per_epoch = (hi - lo) // batch
+    for step in range(warmup + steps):
+        if step == warmup:
+            torch.cuda.synchronize()
+            comm.Barrier()
+            start = time.perf_counter()
+        k = step % per_epoch
+        opt.zero_grad(set_to_none=True)
+        loss_fn(ddp(x[k * batch:(k + 1) * batch]), y[k * batch:(k + 1) * batch]).backward()
+        opt.step()
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    dist.destroy_process_group()
+    return {"samples_per_s": steps * batch * comm.size / elapsed}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mpifed bench gpu", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--worker", choices=["ours", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        result = (worker_ours(args.data, args.steps, args.batch, args.out)
+                  if args.worker == "ours" else worker_torch(args.data, args.steps, args.batch))
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.rank == 0:
+            print(json.dumps(result), flush=True)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "bench.h5")
+        subprocess.run([sys.executable, "-m", "mpifed", "data", "synth", data, "--samples",
+                        "65536", "--features", str(FEATURES), "--classes", str(CLASSES)],
+                       check=True)
+        print(f"# GPU: {NAME}, batch {args.batch}/rank, float32")
+        print(f"# {'ranks':>5} {'ours':>12} {'torch':>12} {'ours/torch':>10}")
+        for ranks in args.ranks:
+            got = {}
+            for impl in ("ours", "torch"):
+                cmd = [mpiexec_path(), "-n", str(ranks), sys.executable, "-m",
+                       "mpifed.benchmarks.gpu_throughput", "--worker", impl,
+                       "--data", data, "--steps", str(args.steps), "--batch", str(args.batch),
+                       "--out", os.path.join(tmp, "out")]
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+                if done.returncode != 0:
+                    print(f"# {impl} on {ranks} ranks failed:\n{done.stderr[-1500:]}")
+                    return 1
+                got[impl] = json.loads(done.stdout.strip().splitlines()[-1])["samples_per_s"]
+            print(f"  {ranks:>5} {got['ours']:>12,.0f} {got['torch']:>12,.0f} "
+                  f"{got['ours'] / got['torch']:>9.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
