@@ -6,7 +6,6 @@ Each test states the CUDA rule at stake; the real device checks are in test_gpu.
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np

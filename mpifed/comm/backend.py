@@ -50,8 +50,9 @@ def cuda_aware() -> bool:
     """Tell whether the MPI library accepts device pointers.
 
     `MPIFED_CUDA_AWARE=0/1` decides when set: the override is for MPI libraries whose query
-    answers wrongly, and `select_device` tries a forced yes once (`check_cuda_aware`). Otherwise ask `MPIX_Query_cuda_support` (Open MPI,
-    recent MPICH) in the loaded library; without that function, assume not, which is always safe.
+    answers wrongly, and `select_device` tries a forced yes once (`check_cuda_aware`).
+    Otherwise ask `MPIX_Query_cuda_support` (Open MPI, recent MPICH) in the loaded library;
+    without that function, assume not, which is always safe.
     """
     forced = os.environ.get("MPIFED_CUDA_AWARE")
     if forced is not None:
