@@ -326,3 +326,20 @@ def test_overlap_reduces_on_the_ranks_device_ordered_by_events(fake):
                    for w in waits)  # the reduced gradient is there before the update
     finally:
         comm.Free()
+
+
+def test_training_refuses_nccl_with_the_reason_on_every_rank(fake, monkeypatch):
+    from mpifed.train import setup
+
+    cfg = {"comm": {"backend": "numpy", "allreduce": "nccl"}}
+    with pytest.raises(UserError, match='comm.allreduce = "nccl": comm.backend is numpy'):
+        setup.array_backend(cfg, MPI.COMM_SELF)
+    monkeypatch.setattr(setup, "backend_module", lambda name: fake)
+    monkeypatch.setattr(nccl, "nccl_library", lambda: None)
+    cfg["comm"]["backend"] = "cupy"
+    comm = MPI.COMM_SELF.Dup()
+    try:
+        with pytest.raises(UserError, match="nvidia-nccl-cu12"):
+            setup.array_backend(cfg, comm)
+    finally:
+        comm.Free()
