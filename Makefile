@@ -8,7 +8,7 @@ MPI_TIMEOUT ?= 600
 NP ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install test test-serial test-mpi test-slurm demo bench lint clean
+.PHONY: install test test-serial test-mpi test-slurm test-gpu demo bench lint clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,12 @@ test-mpi: install
 test-slurm: install
 	tests/slurm/start-local-slurm.sh
 	timeout -k 10 900 $(PY) -m pytest -q -p no:cacheprovider -m slurm tests/test_slurm.py -rs
+
+# The GPU check in one command (tests/gpu/run.sh, under ten minutes): with the Python found here
+# (.venv's, else $(PYTHON)) and no network; WHEELS=dir installs carried wheels first (default
+# .whl/ where it exists). Without a GPU it prints "no GPU: skipped" and passes.
+test-gpu:
+	PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) tests/gpu/run.sh $(WHEELS)
 
 demo: install
 	$(PY) -m mpifed demo

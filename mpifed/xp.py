@@ -7,6 +7,9 @@ starts MPI. The bridge from device buffers to MPI lives in `mpifed.comm.backend`
 from __future__ import annotations
 
 import functools
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -55,9 +58,22 @@ def is_device_array(array) -> bool:
 
 
 def synchronize(array) -> None:
-    """Wait until the GPU stream has finished writing `array`; a no-op for host arrays."""
+    """Wait until the GPU stream has finished writing `array`; a no-op for host arrays.
+
+    The stream waited on is this thread's current stream on the array's own device (each
+    device has its own current stream), whichever device the thread is on.
+    """
     if is_device_array(array):
-        cupy_module().cuda.get_current_stream().synchronize()
+        cp = cupy_module()
+        with array.device:
+            cp.cuda.get_current_stream().synchronize()
+
+
+def device_identity() -> str | None:
+    """Return the PCI bus id of this thread's current GPU (one physical device, whatever
+    CUDA_VISIBLE_DEVICES numbers it), or None without CuPy."""
+    cp = cupy_module()
+    return None if cp is None else cp.cuda.Device().pci_bus_id
 
 
 def to_host(array) -> np.ndarray:
@@ -65,17 +81,136 @@ def to_host(array) -> np.ndarray:
     return array.get() if hasattr(array, "get") else array
 
 
+# The stream a pool thread made current; CuPy's current stream must outlive its use.
+_THREAD = threading.local()
+
+
+def bind_thread(xp, device_id: int) -> None:
+    """Put the calling thread on GPU `device_id`, with a non-blocking stream of its own.
+
+    A new host thread starts on device 0 (`cudaSetDevice` is per thread), so every worker
+    thread that touches device arrays binds first. Its own stream lets its work overlap the
+    compute stream; ordering against that stream goes through events (`record_event`).
+    """
+    xp.cuda.Device(device_id).use()
+    _THREAD.stream = xp.cuda.Stream(non_blocking=True)
+    _THREAD.stream.use()
+
+
+def device_thread_pool(xp, name: str) -> ThreadPoolExecutor:
+    """Return a one-thread pool whose thread works on the caller's current GPU (host: plain)."""
+    if xp is np:
+        return ThreadPoolExecutor(1, thread_name_prefix=name)
+    return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=bind_thread,
+                              initargs=(xp, xp.cuda.Device().id))
+
+
+def record_event(xp, timing: bool = False):
+    """Return an event recorded on this thread's current stream; None on the host."""
+    if xp is np:
+        return None
+    event = xp.cuda.Event(disable_timing=not timing)
+    event.record(xp.cuda.get_current_stream())
+    return event
+
+
+def wait_event(event) -> None:
+    """Make this thread's current stream wait for `event` (no host block); None and host
+    time marks pass."""
+    if event is None or isinstance(event, float):
+        return
+    cupy_module().cuda.get_current_stream().wait_event(event)
+
+
+def mark(xp):
+    """Return a time mark: a timed CUDA event on the current stream, or perf_counter() seconds.
+
+    Device work is asynchronous: the host clock says when a call returned, an event when the
+    stream got there, so GPU spans are measured between events (`seconds_between`).
+    """
+    return time.perf_counter() if xp is np else record_event(xp, timing=True)
+
+
+def seconds_between(start, end) -> float:
+    """Return the seconds from mark `start` to mark `end` (waits for a device `end` event)."""
+    if isinstance(start, float):
+        return end - start
+    end.synchronize()
+    return cupy_module().cuda.get_elapsed_time(start, end) / 1000.0  # ms -> s
+
+
+class DeviceCopier:
+    """Move host arrays to the device on a dedicated stream; called from a loader thread.
+
+    Each array goes host -> pinned staging buffer -> device by an asynchronous copy on a
+    non-blocking stream of its own, so it overlaps the compute stream, and an event is
+    recorded after it. `wait()`, called by the consumer before it uses the arrays, makes the
+    consumer's current stream wait on those events: compute never reads a batch before it has
+    arrived, whichever stream it runs on (per-thread default streams too). A staging buffer is
+    written again, or replaced by a larger one, only after the copy that read it has finished.
+
+    The device arrays are allocated while the copy stream is current, so CuPy's pool hands
+    their memory back to that stream's arena and never gives a compute temporary still in use
+    to a copy. The consumer must be done with a batch (its stream synchronised, as each
+    training step's loss read-back does) before it drops it.
+    """
+
+    SLOTS = 4  # staging buffers in a ring: two batches of (x, y) in flight
+
+    def __init__(self, xp):
+        self.xp, self.device = xp, xp.cuda.Device()  # the device chosen now, by node rank
+        self._stream = None  # made on first use, on the device
+        self._slots: list = [None] * self.SLOTS  # (pinned uint8 buffer, event of its copy)
+        self._turn = 0
+        self._pending: list = []  # events the consumer has not waited on yet
+        self._lock = threading.Lock()
+
+    def __call__(self, array):
+        """Start copying `array` (host) to the device; return the device array."""
+        array = np.ascontiguousarray(array)
+        with self.device:
+            if self._stream is None:
+                self._stream = self.xp.cuda.Stream(non_blocking=True)
+            slot, buffer = self._staging(array.nbytes)
+            staging = buffer[:array.nbytes].view(array.dtype).reshape(array.shape)
+            staging[...] = array
+            with self._stream:
+                out = self.xp.empty(array.shape, dtype=array.dtype)
+                out.set(staging, stream=self._stream)
+                event = self._stream.record()
+        self._slots[slot] = (buffer, event)
+        with self._lock:
+            self._pending.append(event)
+        return out
+
+    def _staging(self, nbytes: int):
+        """Return (slot, pinned buffer of at least `nbytes`) once its last copy has finished."""
+        slot, self._turn = self._turn, (self._turn + 1) % self.SLOTS
+        held = self._slots[slot]
+        if held is not None:
+            buffer, event = held
+            event.synchronize()  # the copy that read this buffer is done: safe to overwrite
+            if buffer.nbytes >= nbytes:
+                return slot, buffer
+        memory = self.xp.cuda.alloc_pinned_memory(max(nbytes, 1))
+        return slot, np.frombuffer(memory, dtype=np.uint8, count=max(nbytes, 1))
+
+    def wait(self) -> None:
+        """Make the calling thread's current stream wait for every copy started so far."""
+        with self._lock:
+            events, self._pending = self._pending, []
+        with self.device:
+            stream = self.xp.cuda.get_current_stream()
+            for event in events:
+                stream.wait_event(event)
+
+
 def device_copier(xp):
     """Return a function that moves host arrays to `xp`'s device, usable from other threads.
 
-    A CuPy allocation goes to the calling thread's current device, so the copier pins the
-    device chosen now (by node-local rank) for the data loader's thread.
+    NumPy: `np.asarray`. CuPy: a `DeviceCopier` pinned to the device current now (chosen by
+    node-local rank), whose `wait()` the consumer calls before using what it returned.
     """
     if xp is np:
         return np.asarray
-    device = xp.cuda.Device()
-
-    def copy(array):
-        with device:
-            return xp.asarray(array)
-    return copy
+    return DeviceCopier(xp)

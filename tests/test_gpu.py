@@ -1,36 +1,172 @@
-"""The CuPy path on a GPU: training on the device equals training on the host, NCCL equals MPI,
-each rank binds to the device of its node-local rank. Skipped without CuPy and a GPU."""
+"""The CuPy path on a real GPU: training on the device equals training on the host (overlap,
+Adam, a test set, a resume, federated rounds), NCCL and every collective equal MPI, and each rank
+works on the GPU of its node-local rank, its threads too. Skipped without CuPy and a GPU; the
+logic is also tested without one, against a fake cupy (test_gpu_logic.py).
+
+GPU tests have their own timeout (GPU_TIMEOUT), longer than the session's: a cold start compiles
+kernels and sets up cuBLAS and NCCL. Each subprocess times out first, so a hang reports its output.
+"""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import h5py
 import numpy as np
 import pytest
-from conftest import run_mpi
+from conftest import mpiexec, run_mpi
 
 from mpifed.xp import cupy_module
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
+GPU_TIMEOUT = 420  # per test
+RUN_TIMEOUT = 180  # per subprocess
+
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(GPU_TIMEOUT), pytest.mark.skipif(
     cupy_module() is None, reason="CuPy or a CUDA device is missing: GPU tests run on a GPU")]
+
+
+def gpu_count() -> int:
+    return cupy_module().cuda.runtime.getDeviceCount() if cupy_module() is not None else 0
+
+
+def nccl_reason(ranks: int) -> str | None:
+    """Why NCCL cannot run on `ranks` ranks of this machine, or None."""
+    from mpifed.comm.nccl import nccl_library
+
+    if nccl_library() is None:
+        from mpifed.comm.nccl import install_hint
+
+        return f"NCCL is not installed: {install_hint()}"
+    if gpu_count() < ranks:
+        return f"{ranks} ranks but {gpu_count()} GPU(s): NCCL needs one GPU per rank"
+    return None
+
+
+def skip_nccl_unless_it_runs(algorithm: str, ranks: int) -> None:
+    reason = nccl_reason(ranks) if algorithm == "nccl" else None
+    if reason:
+        pytest.skip(reason)
+
+
+def run_script(tmp_path, ranks: int, script: str):
+    (tmp_path / "check.py").write_text(script)
+    done = subprocess.run([mpiexec(), "-n", str(ranks), sys.executable, "check.py"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert done.returncode == 0 and done.stdout.count("ok") == ranks, done.stdout + done.stderr
+    return done
+
+
+# -- devices ------------------------------------------------------------------------------------
+
+DEVICES = """
+import numpy as np, cupy as cp
+from mpi4py import MPI
+from mpifed.comm import select_device
+from mpifed.xp import device_copier, device_thread_pool
+comm = MPI.COMM_WORLD
+device = select_device(comm)
+assert cp.cuda.Device().id == device, (cp.cuda.Device().id, device)
+buf = cp.zeros(10)
+assert buf.device.id == device
+pool = device_thread_pool(cp, "t")  # the overlap thread
+assert pool.submit(lambda: cp.cuda.Device().id).result() == device
+copy = device_copier(cp)
+loader = __import__("concurrent.futures").futures.ThreadPoolExecutor(1)
+moved = loader.submit(copy, np.arange(5.0)).result()
+copy.wait()
+assert moved.device.id == device and (moved.get() == np.arange(5.0)).all()
+node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+ids = node.allgather(cp.cuda.Device().pci_bus_id)
+if cp.cuda.runtime.getDeviceCount() >= node.size:
+    assert len(set(ids)) == node.size, ids  # one GPU per rank
+print("ok", comm.rank, device, ids[node.rank])
+"""
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_each_rank_and_its_threads_work_on_its_own_gpu(tmp_path, ranks):
+    run_script(tmp_path, ranks, DEVICES)
+
+
+# -- collectives --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "int32", "int64"])
+def test_nccl_on_one_rank_for_every_dtype(dtype):
+    from mpi4py import MPI
+
+    from mpifed.comm.nccl import nccl_allreduce
+
+    skip_nccl_unless_it_runs("nccl", 1)
+    cp = cupy_module()
+    host = (np.arange(1001) % 7).astype(dtype)
+    buf = cp.asarray(host)
+    assert nccl_allreduce(buf, MPI.COMM_SELF) is buf
+    np.testing.assert_array_equal(buf.get(), host)
+
+
+COLLECTIVES = """
+import numpy as np, cupy as cp
+from mpi4py import MPI
+from mpifed.comm import select_device, allreduce
+comm = MPI.COMM_WORLD
+select_device(comm)
+for dtype in ("float32", "float64", "int64"):
+    host = (np.random.default_rng(comm.rank).standard_normal(100_003) * 100).astype(dtype)
+    ref = host.copy(); comm.Allreduce(MPI.IN_PLACE, ref)
+    for algo in {algorithms}:
+        buf = cp.asarray(host)
+        allreduce(buf, comm, algorithm=algo)
+        tol = 1e-5 if dtype == "float32" else 1e-12
+        np.testing.assert_allclose(buf.get(), ref, rtol=tol, atol=tol, err_msg=algo + dtype)
+print("ok", comm.rank)
+"""
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_every_collective_on_device_buffers_equals_mpi_allreduce(tmp_path, ranks):
+    algorithms = ["ring", "mpi", "hierarchical", "auto"]
+    if nccl_reason(ranks) is None:
+        algorithms.append("nccl")
+    run_script(tmp_path, ranks, COLLECTIVES.format(algorithms=tuple(algorithms)))
+
+
+# -- training: the device run equals the host run -----------------------------------------------
 
 CONFIG = """
 [data]
 train = "d.h5"
+test = "{test}"
 [model]
 kind = "mlp"
-hidden = [32]
+hidden = [32, 16]
 dtype = "float64"
 [optim]
+name = "{optim}"
 lr = 0.05
 momentum = 0.9
 batch_size = 16
-steps = 30
+steps = {steps}
 [comm]
 backend = "{backend}"
 allreduce = "{algorithm}"
+overlap = {overlap}
 [run]
 out = "{out}"
+eval_every = {eval_every}
+checkpoint_every = 7
+progress = "none"
 """
+
+
+def write_data(path, seed, samples=500):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, samples)
+    with h5py.File(path, "w") as fh:
+        fh["x"] = rng.standard_normal((samples, 12)) + 0.5 * y[:, None]
+        fh["y"] = y
+        fh.attrs["num_classes"] = 3
 
 
 def params_of(path):
@@ -38,44 +174,94 @@ def params_of(path):
         return [fh[f"layers/{i}/{k}"][...] for i in range(len(fh["layers"])) for k in "Wb"]
 
 
-@pytest.mark.parametrize("algorithm", ["ring", "mpi", "nccl"])
-def test_device_training_equals_host_training(tmp_path, algorithm):
-    rng = np.random.default_rng(0)
-    with h5py.File(tmp_path / "d.h5", "w") as fh:
-        fh["x"] = rng.standard_normal((500, 12))
-        fh["y"] = rng.integers(0, 3, 500)
-    for backend, algo, out in (("numpy", "ring", "host"), ("cupy", algorithm, "device")):
-        (tmp_path / f"{out}.toml").write_text(CONFIG.format(backend=backend, algorithm=algo,
-                                                            out=out))
-        done = run_mpi(2, ["train", f"{out}.toml"], cwd=tmp_path, timeout=300)
-        assert done.returncode == 0, done.stderr
-    for a, b in zip(params_of(tmp_path / "device" / "model.h5"),
-                    params_of(tmp_path / "host" / "model.h5")):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+def evals_of(out):
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["accuracy"]) for r in lines if r.get("event") == "eval"]
 
 
-def test_nccl_equals_mpi_allreduce_and_devices_follow_node_rank(tmp_path):
-    script = (
-        "import numpy as np, cupy as cp\n"
-        "from mpi4py import MPI\n"
-        "from mpifed.comm import select_device, allreduce\n"
-        "comm = MPI.COMM_WORLD\n"
-        "device = select_device(comm)\n"
-        "node = comm.Split_type(MPI.COMM_TYPE_SHARED)\n"
-        "assert device == node.rank % cp.cuda.runtime.getDeviceCount()\n"
-        "host = np.random.default_rng(comm.rank).standard_normal(100_003)\n"
-        "ref = host.copy(); comm.Allreduce(MPI.IN_PLACE, ref)\n"
-        "for algo in ('nccl', 'ring', 'mpi', 'hierarchical'):\n"
-        "    buf = cp.asarray(host)\n"
-        "    allreduce(buf, comm, algorithm=algo)\n"
-        "    np.testing.assert_allclose(buf.get(), ref, rtol=1e-12, atol=1e-12)\n"
-        "print('ok', comm.rank)\n")
-    (tmp_path / "check.py").write_text(script)
-    import subprocess
-    import sys
+def train(tmp_path, ranks, name, *, extra=(), **settings):
+    values = dict(test="", optim="sgd", steps=30, backend="cupy", algorithm="auto",
+                  overlap="false", eval_every=0, out=name)
+    values.update(settings)
+    (tmp_path / f"{name}.toml").write_text(CONFIG.format(**values))
+    done = run_mpi(ranks, ["train", f"{name}.toml", *extra], cwd=tmp_path, timeout=RUN_TIMEOUT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
 
-    from conftest import mpiexec
 
-    done = subprocess.run([mpiexec(), "-n", "2", sys.executable, "check.py"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.count("ok") == 2, done.stderr
+def assert_same_model(a, b):
+    for got, want in zip(params_of(a / "model.h5"), params_of(b / "model.h5")):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
+
+
+CASES = {  # name: (ranks, config settings)
+    "sgd": (2, {}),
+    "overlap": (2, {"overlap": "true"}),
+    "overlap-nccl": (2, {"overlap": "true", "algorithm": "nccl"}),
+    "nccl": (2, {"algorithm": "nccl"}),
+    "ring": (2, {"algorithm": "ring"}),
+    "adam": (2, {"optim": "adam"}),
+    "test-set": (2, {"test": "t.h5", "eval_every": 10}),
+    "one-rank": (1, {"overlap": "true"}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_device_training_equals_host_training(tmp_path, case):
+    ranks, settings = CASES[case]
+    skip_nccl_unless_it_runs(settings.get("algorithm", "auto"), ranks)
+    write_data(tmp_path / "d.h5", 0)
+    write_data(tmp_path / "t.h5", 1, samples=200)
+    host = {**settings, "backend": "numpy", "algorithm": "mpi"}
+    train(tmp_path, ranks, "host", **host)
+    train(tmp_path, ranks, "device", **settings)
+    assert_same_model(tmp_path / "device", tmp_path / "host")
+    if settings.get("test"):
+        host_evals, device_evals = evals_of(tmp_path / "host"), evals_of(tmp_path / "device")
+        assert [e[0] for e in device_evals] == [10, 20, 30, 30]
+        np.testing.assert_allclose(np.array(device_evals)[:, 1:], np.array(host_evals)[:, 1:],
+                                   rtol=1e-5, atol=1e-8)
+
+
+def test_a_resumed_device_run_equals_the_host_run(tmp_path):
+    write_data(tmp_path / "d.h5", 0)
+    train(tmp_path, 2, "host", backend="numpy", algorithm="mpi")
+    train(tmp_path, 2, "device", steps=20)  # checkpoints at 7 and 14
+    train(tmp_path, 2, "device", extra=["--set", "optim.steps=30"], steps=20)
+    records = [json.loads(line) for line in (tmp_path / "device" / "metrics.jsonl").open()]
+    assert any(r.get("event") == "resumed" and r.get("step") == 14 for r in records)
+    assert_same_model(tmp_path / "device", tmp_path / "host")
+
+
+FEDERATED = """
+[data]
+train = "site-{{institution}}.h5"
+[model]
+kind = "mlp"
+hidden = [16]
+dtype = "float64"
+[optim]
+lr = 0.05
+momentum = 0.9
+batch_size = 8
+[federated]
+institution_sizes = [1, 1]
+rounds = 2
+local_steps = 7
+strategy = "fedavg"
+[comm]
+backend = "{backend}"
+[run]
+out = "{backend}"
+progress = "none"
+"""
+
+
+def test_two_federated_rounds_on_the_device_equal_the_host(tmp_path):
+    for site in range(2):
+        write_data(tmp_path / f"site-{site}.h5", 10 + site, samples=200)
+    for backend in ("numpy", "cupy"):
+        (tmp_path / f"{backend}.toml").write_text(FEDERATED.format(backend=backend))
+        done = run_mpi(2, ["train", f"{backend}.toml"], cwd=tmp_path, timeout=RUN_TIMEOUT)
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert_same_model(tmp_path / "cupy", tmp_path / "numpy")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from ..xp import is_device_array
 from .hierarchical import hierarchical_allreduce
 from .native import mpi_allreduce
 from .ring import ring_allreduce
@@ -29,12 +30,19 @@ def _threshold(name: str, default: int) -> int:
     return int(value) if value else default
 
 
-def choose_algorithm(nbytes: int, ranks: int, per_node: int = 1) -> str:
+def choose_algorithm(nbytes: int, ranks: int, per_node: int = 1, *, device: bool = False,
+                     nccl: bool = False) -> str:
     """Return the algorithm that "auto" uses for `nbytes` on `ranks` ranks, `per_node` per node.
 
-    Several ranks on a node: the hierarchical all-reduce from HIERARCHICAL_MIN_BYTES (shared
-    memory needs no messages), MPI_Allreduce below. One rank per node: by size, as above.
+    Device buffers (`device`): NCCL where it can run (`nccl`), else MPI_Allreduce, which is
+    CUDA-aware or stages once; never the hierarchical all-reduce, whose shared window is host
+    memory (device -> host -> window -> device every step).
+    Host buffers, several ranks on a node: the hierarchical all-reduce from
+    HIERARCHICAL_MIN_BYTES (shared memory needs no messages), MPI_Allreduce below. One rank per
+    node: by size, as above.
     """
+    if device:
+        return "nccl" if nccl and ranks > 1 else "mpi"
     if per_node > 1:
         least = _threshold("MPIFED_HIERARCHICAL_MIN_BYTES", HIERARCHICAL_MIN_BYTES)
         return "hierarchical" if nbytes >= least else "mpi"
@@ -44,18 +52,29 @@ def choose_algorithm(nbytes: int, ranks: int, per_node: int = 1) -> str:
     return "mpi"
 
 
+def _auto(buf, comm) -> str:
+    """Return "auto"'s choice for `buf` on `comm` (collective the first time per communicator)."""
+    if comm.size == 1:
+        return "mpi"  # nothing moves
+    if is_device_array(buf):
+        from .nccl import nccl_unavailable
+
+        return choose_algorithm(buf.nbytes, comm.size, device=True,
+                                nccl=nccl_unavailable(comm) is None)
+    return choose_algorithm(buf.nbytes, comm.size, ranks_per_node(comm))
+
+
 def allreduce(buf, comm, op: str = "sum", algorithm: str = "auto", *, check: bool = True):
     """Sum (or average) a contiguous 1-D NumPy/CuPy array over `comm` in place; return `buf`.
 
     algorithm: "ring" (our pipelined ring), "mpi" (MPI_Allreduce), "hierarchical" (shared memory
-    inside a node, rings across nodes), "nccl" (CuPy buffers, GPU to GPU) or "auto" (by
-    topology and message size).
+    inside a node, rings across nodes), "nccl" (CuPy buffers, GPU to GPU) or "auto" (device
+    buffers: nccl where it can run, else mpi; host buffers: by topology and message size).
     check: agree on length and dtype first (one tiny all-reduce); pass False on a hot path whose
     buffer was checked once already.
     """
     if algorithm == "auto":
-        per_node = ranks_per_node(comm) if comm.size > 1 else 1
-        algorithm = choose_algorithm(buf.nbytes, comm.size, per_node)
+        algorithm = _auto(buf, comm)
     if algorithm == "hierarchical":
         return hierarchical_allreduce(buf, comm, op, check=check)
     if algorithm == "nccl":

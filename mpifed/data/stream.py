@@ -70,6 +70,8 @@ class Prefetcher:
 
         start = time.perf_counter()
         epoch, x, y = self._next.result()
+        if hasattr(self.to_device, "wait"):  # device copies: the compute stream waits for them
+            self.to_device.wait()
         self.wait_seconds += time.perf_counter() - start
         self._next = self._pool.submit(self._load)
         return epoch, x, y

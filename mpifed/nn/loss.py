@@ -16,7 +16,8 @@ def softmax_cross_entropy(logits, labels):
     exp = xp.exp(shifted)
     total = exp.sum(axis=1, keepdims=True)
     rows = xp.arange(batch)
-    loss = float((xp.log(total[:, 0]) - shifted[rows, labels]).mean()) if batch else 0.0
+    # kept on the device (a 0-d array on a GPU): the step reads it back with the stop flag
+    loss = (xp.log(total[:, 0]) - shifted[rows, labels]).mean() if batch else 0.0
     grad = exp / total
     grad[rows, labels] -= 1.0
     grad /= max(batch, 1)

@@ -13,6 +13,7 @@ from mpi4py import MPI
 
 from ..comm.agree import raise_together
 from ..comm.backend import select_device
+from ..comm.nccl import nccl_unavailable
 from ..comm.topology import ranks_per_node
 from ..data.atomic import atomic_path
 from ..data.shards import Shard, describe, shard_bounds
@@ -27,7 +28,8 @@ from .report import Reporter
 
 
 def array_backend(cfg: dict, comm):
-    """Return the array module comm.backend names (collective), bound to this rank's GPU."""
+    """Return the array module comm.backend names (collective), bound to this rank's GPU;
+    refuse comm.allreduce = "nccl" where NCCL cannot run, on every rank with one message."""
     def choose():
         try:
             return backend_module(cfg["comm"]["backend"])
@@ -36,6 +38,11 @@ def array_backend(cfg: dict, comm):
     xp = raise_together(comm, choose)
     if xp is not np:
         select_device(comm)
+    if cfg["comm"]["allreduce"] == "nccl":
+        reason = ("comm.backend is numpy, and NCCL reduces GPU buffers" if xp is np
+                  else nccl_unavailable(comm))  # the same answer on every rank
+        if reason:
+            raise UserError(f'comm.allreduce = "nccl": {reason}')
     return xp
 
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
 from ..comm import allreduce
@@ -13,6 +10,7 @@ from ..comm.shared import release, shared_array
 from ..comm.topology import topology
 from ..errors import UserError
 from ..nn.models import loss_and_grad
+from ..xp import device_thread_pool, mark, record_event, seconds_between, to_host, wait_event
 
 
 def _gradient_buffer(size: int, dtype, comm, algorithm: str, xp):
@@ -32,28 +30,38 @@ class DataParallelStep:
 
     The flat gradient buffer carries two extra slots: the rank's loss, so the step's single
     all-reduce also yields the global mean loss, and its stop request (a signal arrived), so all
-    ranks agree on stopping at no extra cost. Collective over `comm`.
+    ranks agree on stopping at no extra cost; both come back to the host in one transfer.
+    Collective over `comm`.
+
+    On a GPU, communication is timed between CUDA events (NCCL returns before it is done, and a
+    host clock around a staged reduction would charge it the backward pass it waits for).
     """
 
     def __init__(self, spec, params, comm, algorithm: str, xp, overlap: bool = False):
         self.spec, self.params, self.comm, self.algorithm = spec, params, comm, algorithm
+        self.xp = xp
         self.grad = _gradient_buffer(params.size + 2, params.dtype, comm, algorithm, xp)
         self.stop_agreed = False  # after a step: some rank asked to stop
         check_same_signature(comm, self.grad.size, self.grad.dtype)  # once; steps skip it
         self.comm_seconds = 0.0
         # Overlap: one thread reduces each layer's gradients, last layer first, while the
         # backward pass goes on (DDP's buckets). Every rank issues the same reductions in the
-        # same order, so the collectives match.
-        self._pool = (ThreadPoolExecutor(1, thread_name_prefix="mpifed-comm")
+        # same order, so the collectives match. On a GPU the thread works on this rank's
+        # device, on a stream of its own, ordered against the compute stream by events.
+        self._pool = (device_thread_pool(xp, "mpifed-comm")
                       if overlap and comm.size > 1 else None)
 
-    def _reduce(self, lo: int, hi: int) -> float:
-        start = time.perf_counter()
+    def _reduce(self, lo: int, hi: int, after=None) -> tuple:
+        """Mean-reduce grad[lo:hi] once event `after` has happened; return its (start, end)
+        time marks."""
+        wait_event(after)
+        start = mark(self.xp)
         allreduce(self.grad[lo:hi], self.comm, "mean", self.algorithm, check=False)
-        return time.perf_counter() - start
+        return start, mark(self.xp)
 
-    def _backward_overlapped(self, x, y) -> None:
-        """Gradients with each layer's all-reduce started as soon as the layer is done."""
+    def _backward_overlapped(self, x, y) -> tuple:
+        """Gradients with each layer's all-reduce started as soon as the layer is done; return
+        the time marks (backward done, last reduction done)."""
         n = self.params.size
         futures = []
 
@@ -61,13 +69,13 @@ class DataParallelStep:
             if hi == n:  # the last layer carries the loss and stop slots along
                 self.grad[n] = loss
                 hi = n + 2
-            futures.append(self._pool.submit(self._reduce, lo, hi))
+            futures.append(self._pool.submit(self._reduce, lo, hi, record_event(self.xp)))
 
         loss_and_grad(self.spec, self.params, x, y, self.grad[:n], on_ready=ready)
-        start = time.perf_counter()
-        for future in futures:
-            future.result()
-        self.comm_seconds += time.perf_counter() - start  # the part the backward did not hide
+        backward_done = mark(self.xp)
+        spans = [future.result() for future in futures]
+        wait_event(spans[-1][1])  # one comm stream, in order: the last reduction ends them all
+        return backward_done, spans[-1][1]
 
     def close(self) -> None:
         """Stop the communication thread (local; safe in a `finally`)."""
@@ -92,12 +100,14 @@ class DataParallelStep:
         grads = self.grad[:n]
         self.grad[n + 1] = stop
         if self._pool is not None:
-            self._backward_overlapped(x, y)
+            start, end = self._backward_overlapped(x, y)
         else:
             self.grad[n] = loss_and_grad(self.spec, self.params, x, y, grads)
-            self.comm_seconds += self._reduce(0, n + 2)
-        loss = float(self.grad[n])
-        self.stop_agreed = bool(self.grad[n + 1] > 0)
+            start, end = self._reduce(0, n + 2)
+        loss, stop_flag = (float(v) for v in to_host(self.grad[n:n + 2]))  # one transfer
+        self.stop_agreed = stop_flag > 0
+        # overlapped: the part the backward did not hide (none if it ended first)
+        self.comm_seconds += max(0.0, seconds_between(start, end))
         if loss != loss or loss in (float("inf"), float("-inf")):
             raise UserError(f"training diverged: the loss is {loss} at step {step_number}; "
                             "lower optim.lr or add optim.warmup")
