@@ -20,6 +20,7 @@ from mpi4py import MPI
 from ..comm.agree import raise_together
 from ..xp import get_array_module, to_host
 from ..errors import UserError
+from ..faults import inject
 from ..nn.io import save_model
 from ..optim import learning_rate, make_optimizer
 from ..train.checkpoint import choose_checkpoint, save_checkpoint
@@ -113,6 +114,7 @@ def federate(cfg: dict, world, xp) -> dict:
                 last, server_state, took_part = _round(cfg, fed, site, step_fn, loader, rnd,
                                                        hyper, server_state, xp)
                 site_steps += site.tau if took_part else 0
+                inject("round", rnd + 1, world.rank)  # tests only: MPIFED_FAULT
                 _report_round(reporter, last, site, fed, fed_cfg["rounds"], xp)
                 stop = world.allreduce(flag.value, op=MPI.MAX) > 0
                 every = run["checkpoint_every"]

@@ -24,6 +24,7 @@ from ..comm.topology import ranks_per_node
 from ..data.atomic import atomic_path
 from ..data.stream import BatchStream, Prefetcher
 from ..errors import UserError
+from ..faults import inject
 from ..nn.io import load_model, save_model
 from ..nn.models import ModelSpec, init_params
 from ..optim import learning_rate, make_optimizer
@@ -149,6 +150,7 @@ def _train(cfg: dict, comm, xp) -> dict:
                                    optim["step_size"], optim["gamma"])
                 loss = step_fn(x, y, optimizer, lr, step + 1, stop=flag.value)
                 done = step + 1
+                inject("step", done, comm.rank)  # tests only: MPIFED_FAULT
                 trace_step(timeline, done, t_data, t_compute, step_fn.comm_seconds - comm_before)
                 log = run["log_every"] > 0 and (done % run["log_every"] == 0 or done == total)
                 rate, comm_share = window.tick(step_fn.comm_seconds, log)
