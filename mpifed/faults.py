@@ -63,10 +63,10 @@ def parse(text: str) -> Fault:
         try:
             values[key] = int(value)
         except ValueError:
-            raise ValueError(f"{ENV}={text!r}: {key} must be a whole number, got {value!r}") \
-                from None
+            raise ValueError(f"{ENV}={text!r}: {key} must be a whole number, got {value!r}; "
+                             f"expected {FORM}") from None
         if values[key] < 0:
-            raise ValueError(f"{ENV}={text!r}: {key} must be >= 0, got {value}")
+            raise ValueError(f"{ENV}={text!r}: {key} must be >= 0, got {value}; expected {FORM}")
     points = [p for p in POINTS if p in values]
     if len(points) != 1:
         raise ValueError(f"{ENV}={text!r}: name exactly one of {POINTS}; expected {FORM}")

@@ -177,7 +177,7 @@ def stopped_processes(launch: subprocess.Popen) -> list[int]:
     mpiexec's proxy and ranks run in sessions of their own, so they are found as descendants
     of mpiexec, not as members of its process group.
     """
-    table, family, found = _process_table(), {launch.pid}, []
+    table, family = _process_table(), {launch.pid}
     grew = True
     while grew:
         children = {pid for pid, (parent, _) in table.items() if parent in family} - family

@@ -3,54 +3,36 @@ each rank binds to the device of its node-local rank. Skipped without CuPy and a
 
 from __future__ import annotations
 
-import h5py
+import subprocess
+import sys
+
 import numpy as np
 import pytest
-from conftest import run_mpi
+from helpers import mpiexec, read_model, run_mpi, write_config, write_dataset
 
 from mpifed.xp import cupy_module
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     cupy_module() is None, reason="CuPy or a CUDA device is missing: GPU tests run on a GPU")]
 
-CONFIG = """
-[data]
-train = "d.h5"
-[model]
-kind = "mlp"
-hidden = [32]
-dtype = "float64"
-[optim]
-lr = 0.05
-momentum = 0.9
-batch_size = 16
-steps = 30
-[comm]
-backend = "{backend}"
-allreduce = "{algorithm}"
-[run]
-out = "{out}"
-"""
-
-
-def params_of(path):
-    with h5py.File(path) as fh:
-        return [fh[f"layers/{i}/{k}"][...] for i in range(len(fh["layers"])) for k in "Wb"]
+CONFIG = {
+    "data": {"train": "d.h5"},
+    "model": {"kind": "mlp", "hidden": [32], "dtype": "float64"},
+    "optim": {"lr": 0.05, "momentum": 0.9, "batch_size": 16, "steps": 30},
+}
 
 
 @pytest.mark.parametrize("algorithm", ["ring", "mpi", "nccl"])
 def test_device_training_equals_host_training(tmp_path, algorithm):
-    rng = np.random.default_rng(0)
-    with h5py.File(tmp_path / "d.h5", "w") as fh:
-        fh["x"] = rng.standard_normal((500, 12))
-        fh["y"] = rng.integers(0, 3, 500)
+    write_dataset(tmp_path / "d.h5", 500, seed=0, features=12, classes=3, shift=0.0,
+                  num_classes=False)
     for backend, algo, out in (("numpy", "ring", "host"), ("cupy", algorithm, "device")):
-        (tmp_path / f"{out}.toml").write_text(CONFIG.format(backend=backend, algorithm=algo,
-                                                            out=out))
+        write_config(tmp_path / f"{out}.toml", CONFIG, {
+            "comm": {"backend": backend, "allreduce": algo}, "run": {"out": out}})
         done = run_mpi(2, ["train", f"{out}.toml"], cwd=tmp_path, timeout=300)
         assert done.returncode == 0, done.stderr
-    for a, b in zip(params_of(tmp_path / "device" / "model.h5"),
-                    params_of(tmp_path / "host" / "model.h5")):
+    for a, b in zip(read_model(tmp_path / "device" / "model.h5"),
+                    read_model(tmp_path / "host" / "model.h5")):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
 
 
@@ -71,11 +53,6 @@ def test_nccl_equals_mpi_allreduce_and_devices_follow_node_rank(tmp_path):
         "    np.testing.assert_allclose(buf.get(), ref, rtol=1e-12, atol=1e-12)\n"
         "print('ok', comm.rank)\n")
     (tmp_path / "check.py").write_text(script)
-    import subprocess
-    import sys
-
-    from conftest import mpiexec
-
     done = subprocess.run([mpiexec(), "-n", "2", sys.executable, "check.py"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.count("ok") == 2, done.stderr
