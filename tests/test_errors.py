@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
-from helpers import LAUNCH_TIMEOUT, mpiexec, run_cli, run_mpi, write_config, write_h5
+from helpers import run_cli, run_mpi, run_script, write_config, write_h5
 
 GOOD = {"data": {"train": "d.h5"}, "optim": {"batch_size": 4, "steps": 3}, "run": {"out": "out"}}
 
@@ -103,7 +100,5 @@ def test_abort_hook_ends_every_rank_of_a_library_script(tmp_path):
               "if comm.rank == 1:\n"
               "    raise RuntimeError('rank 1 fails alone')\n"
               "comm.Barrier()  # the others would wait here forever without the hook\n")
-    (tmp_path / "lib.py").write_text(script)
-    done = subprocess.run([mpiexec(), "-n", "3", sys.executable, "lib.py"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    done = run_script(3, script, tmp_path)
     assert done.returncode != 0 and "rank 1 fails alone" in done.stderr

@@ -3,12 +3,9 @@ each rank binds to the device of its node-local rank. Skipped without CuPy and a
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
-from helpers import mpiexec, read_model, run_mpi, write_config, write_dataset
+from helpers import read_model, run_mpi, run_script, write_config, write_dataset
 
 from mpifed.xp import cupy_module
 
@@ -52,7 +49,5 @@ def test_nccl_equals_mpi_allreduce_and_devices_follow_node_rank(tmp_path):
         "    allreduce(buf, comm, algorithm=algo)\n"
         "    np.testing.assert_allclose(buf.get(), ref, rtol=1e-12, atol=1e-12)\n"
         "print('ok', comm.rank)\n")
-    (tmp_path / "check.py").write_text(script)
-    done = subprocess.run([mpiexec(), "-n", "2", sys.executable, "check.py"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    done = run_script(2, script, tmp_path, timeout=300)
     assert done.returncode == 0 and done.stdout.count("ok") == 2, done.stderr

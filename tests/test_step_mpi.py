@@ -42,6 +42,15 @@ def global_data(ranks: int, steps: int):
     return rng.standard_normal((rows, FEATURES)) + y[:, None], y
 
 
+def one_step_setup(comm):
+    """Return (x, y, spec, params, reference weights, this rank's rows) for one global batch."""
+    x, y = global_data(comm.size, 1)
+    spec = ModelSpec("mlp", FEATURES, (HIDDEN,), CLASSES)
+    params = init_params(spec, SEED, dtype="float64")
+    mine = np.arange(comm.rank * BATCH, (comm.rank + 1) * BATCH)
+    return x, y, spec, params, initial_weights(FEATURES, HIDDEN, CLASSES, SEED), mine
+
+
 def serial_loss(weights, x, y) -> float:
     """Mean cross-entropy of the 1-hidden-layer ReLU MLP (plain NumPy)."""
     w1, b1, w2, b2 = weights
@@ -78,13 +87,9 @@ def test_steps_equal_serial_sgd_on_the_global_batch(comm, algorithm, overlap):
 
 
 def test_fedprox_anchor_and_a_stop_on_one_rank(comm):
-    x, y = global_data(comm.size, 1)
-    spec = ModelSpec("mlp", FEATURES, (HIDDEN,), CLASSES)
-    params = init_params(spec, SEED, dtype="float64")
-    weights = initial_weights(FEATURES, HIDDEN, CLASSES, SEED)
+    x, y, spec, params, weights, mine = one_step_setup(comm)
     anchor = [w + 0.3 for w in weights]
     step = DataParallelStep(spec, params, comm, "ring", np)
-    mine = np.arange(comm.rank * BATCH, (comm.rank + 1) * BATCH)
     stop = 1.0 if comm.rank == comm.size - 1 else 0.0
     step(x[mine], y[mine], optimizer(0.0), 0.2, 1,
          np.concatenate([a.ravel() for a in anchor]), 0.7, stop=stop)
@@ -97,13 +102,10 @@ def test_fedprox_anchor_and_a_stop_on_one_rank(comm):
 
 
 def test_a_diverged_loss_is_raised_on_every_rank(comm):
-    x, y = global_data(comm.size, 1)
-    spec = ModelSpec("mlp", FEATURES, (HIDDEN,), CLASSES)
-    params = init_params(spec, SEED, dtype="float64")
+    x, y, spec, params, _, mine = one_step_setup(comm)
     if comm.rank == 0:
         params[0] = np.inf  # one rank's loss is not finite: the mean is not either
     step = DataParallelStep(spec, params, comm, "ring", np)
-    mine = np.arange(comm.rank * BATCH, (comm.rank + 1) * BATCH)
     with pytest.raises(UserError, match="training diverged: the loss is .* at step 4"), \
             np.errstate(invalid="ignore", over="ignore"):
         step(x[mine], y[mine], optimizer(0.0), 0.1, 4)
