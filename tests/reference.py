@@ -64,11 +64,3 @@ def initial_weights(features: int, hidden: int, classes: int, seed: int):
     cuts = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
     return [flat[a:b].reshape(s).copy() for a, b, s in zip(cuts, cuts[1:], shapes)]
 
-
-def read_model(path):
-    """Return [W1, b1, W2, b2] of a 2-layer model file."""
-    import h5py
-
-    with h5py.File(path) as fh:
-        return [fh["layers/0/W"][...], fh["layers/0/b"][...], fh["layers/1/W"][...],
-                fh["layers/1/b"][...]]

@@ -2,6 +2,7 @@
 
 import h5py
 import numpy as np
+from helpers import write_h5
 
 from mpifed.data.inspect import inspect_lines
 from mpifed.data.shards import Shard, describe, shard_bounds
@@ -48,9 +49,7 @@ def test_digits_and_inspect(tmp_path):
 
 def test_shard_reads_only_its_rows(tmp_path, monkeypatch):
     path = str(tmp_path / "s.h5")
-    with h5py.File(path, "w") as fh:
-        fh["x"] = np.arange(20, dtype=np.float32).reshape(10, 2)
-        fh["y"] = np.arange(10)
+    write_h5(path, x=np.arange(20, dtype=np.float32).reshape(10, 2), y=np.arange(10))
     info = describe(path)
     shard = Shard(info, 3, 6)
     np.testing.assert_array_equal(shard.y, [3, 4, 5])

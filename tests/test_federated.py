@@ -3,43 +3,28 @@
 from __future__ import annotations
 
 import itertools
-import json
 
 import numpy as np
 import pytest
-from conftest import run_mpi, write_site
-from reference import global_batches, initial_weights, mlp_sgd, read_model
+from helpers import read_metrics, read_model, run_mpi, write_config, write_dataset
+from reference import global_batches, initial_weights, mlp_sgd
 
 from mpifed.federated.institutions import participants
 
 FEATURES, CLASSES, HIDDEN = 5, 3, 4
 
 
-def config(strategy, sizes_key, rounds, local_steps, lr, momentum, mu=0.0, batch=3,
-           train="site-{institution}.h5", extra=""):
-    return f"""
-[data]
-train = "{train}"
-shuffle = true
-[model]
-kind = "mlp"
-hidden = [{HIDDEN}]
-dtype = "float64"
-[optim]
-lr = {lr}
-momentum = {momentum}
-batch_size = {batch}
-[federated]
-{sizes_key}
-rounds = {rounds}
-local_steps = {local_steps}
-strategy = "{strategy}"
-mu = {mu}
-{extra}
-[run]
-seed = 5
-out = "out"
-"""
+def config(strategy, sizes, rounds, local_steps, lr, momentum, mu=0.0, batch=3,
+           train="site-{institution}.h5", extra=None):
+    """A federated run's config layers; sizes: {"institutions": K} or {"institution_sizes": [...]}."""
+    return [{
+        "data": {"train": train, "shuffle": True},
+        "model": {"kind": "mlp", "hidden": [HIDDEN], "dtype": "float64"},
+        "optim": {"lr": lr, "momentum": momentum, "batch_size": batch},
+        "federated": {**sizes, "rounds": rounds, "local_steps": local_steps,
+                      "strategy": strategy, "mu": mu},
+        "run": {"seed": 5, "out": "out"},
+    }, {"federated": extra or {}}]
 
 
 def simulate(sites, site_ranks, rounds, local_steps, lr, momentum, seed, strategy="fedavg",
@@ -64,18 +49,17 @@ def simulate(sites, site_ranks, rounds, local_steps, lr, momentum, seed, strateg
                                                 ([1, 2, 1], "fedprox", 0.3)])
 def test_federation_equals_serial_simulation(tmp_path, sizes, strategy, mu):
     site_samples = [23, 31, 17][:len(sizes)]
-    sites = [write_site(tmp_path / f"site-{k}.h5", n, seed=k) for k, n in enumerate(site_samples)]
-    key = (f"institutions = {len(sizes)}" if len(set(sizes)) == 1
-           else f"institution_sizes = {sizes}")
-    (tmp_path / "fed.toml").write_text(config(strategy, key, rounds=4, local_steps=3, lr=0.1,
-                                              momentum=0.5, mu=mu))
-    done = run_mpi(sum(sizes), ["train", "fed.toml"], cwd=tmp_path, timeout=120)
+    sites = [write_dataset(tmp_path / f"site-{k}.h5", n, seed=k) for k, n in enumerate(site_samples)]
+    key = ({"institutions": len(sizes)} if len(set(sizes)) == 1
+           else {"institution_sizes": sizes})
+    write_config(tmp_path / "fed.toml", *config(strategy, key, rounds=4, local_steps=3, lr=0.1,
+                                                momentum=0.5, mu=mu))
+    done = run_mpi(sum(sizes), ["train", "fed.toml"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     expected = simulate(sites, sizes, 4, 3, 0.1, 0.5, seed=5, strategy=strategy, mu=mu)
     for got, want in zip(read_model(tmp_path / "out" / "model.h5"), expected):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
-    rounds = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open()
-              if '"round"' in line]
+    rounds = read_metrics(tmp_path / "out", "round")
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
     params = sum(w.size for w in expected) * 8
     # Each non-root leader sends one model (plus 40 bytes of counts) and receives one.
@@ -86,34 +70,23 @@ def test_federation_equals_serial_simulation(tmp_path, sizes, strategy, mu):
 
 
 def sync_config(steps, batch, lr, train="d.h5"):
-    return f"""
-[data]
-train = "{train}"
-[model]
-kind = "mlp"
-hidden = [{HIDDEN}]
-dtype = "float64"
-[optim]
-lr = {lr}
-batch_size = {batch}
-steps = {steps}
-[run]
-seed = 5
-out = "sync"
-"""
+    return {"data": {"train": train},
+            "model": {"kind": "mlp", "hidden": [HIDDEN], "dtype": "float64"},
+            "optim": {"lr": lr, "batch_size": batch, "steps": steps},
+            "run": {"seed": 5, "out": "sync"}}
 
 
 @pytest.mark.parametrize("ranks,institutions", [(2, 1), (4, 4)])
 def test_reduces_to_synchronous_sgd(tmp_path, ranks, institutions):
     # One institution, or one rank per institution with local_steps = 1 and plain SGD, is
     # synchronous SGD on the union (shards of equal size, so FedAvg's weights are equal too).
-    write_site(tmp_path / "d.h5", 40, seed=9)
-    (tmp_path / "sync.toml").write_text(sync_config(steps=6, batch=2, lr=0.2))
+    write_dataset(tmp_path / "d.h5", 40, seed=9)
+    write_config(tmp_path / "sync.toml", sync_config(steps=6, batch=2, lr=0.2))
     assert run_mpi(ranks, ["train", "sync.toml"], cwd=tmp_path).returncode == 0
     local_steps = 6 if institutions == 1 else 1
     rounds = 6 // local_steps
-    (tmp_path / "fed.toml").write_text(config("fedavg", f"institutions = {institutions}", rounds,
-                                              local_steps, 0.2, 0.0, batch=2, train="d.h5"))
+    write_config(tmp_path / "fed.toml", *config("fedavg", {"institutions": institutions}, rounds,
+                                                local_steps, 0.2, 0.0, batch=2, train="d.h5"))
     done = run_mpi(ranks, ["train", "fed.toml"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     for fed, sync in zip(read_model(tmp_path / "out" / "model.h5"),
@@ -123,15 +96,12 @@ def test_reduces_to_synchronous_sgd(tmp_path, ranks, institutions):
 
 def test_fraction_idles_institutions_and_fednova_runs(tmp_path):
     for k, n in enumerate([20, 40, 20, 30]):
-        write_site(tmp_path / f"site-{k}.h5", n, seed=k)
-    extra = "fraction = 0.5\n"
-    (tmp_path / "fed.toml").write_text(config("fednova", "institutions = 4", 3,
-                                              '"proportional"', 0.1, 0.0, extra=extra))
+        write_dataset(tmp_path / f"site-{k}.h5", n, seed=k)
+    write_config(tmp_path / "fed.toml", *config("fednova", {"institutions": 4}, 3, "proportional",
+                                                0.1, 0.0, extra={"fraction": 0.5}))
     done = run_mpi(4, ["train", "fed.toml"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    rounds = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open()
-              if '"round"' in line]
-    for record in rounds:
+    for record in read_metrics(tmp_path / "out", "round"):
         chosen = participants(4, 0.5, 5, record["round"] - 1)
         took_part = [e["institution"] for e in record["institutions"] if e["participated"]]
         assert took_part == chosen and len(chosen) == 2
@@ -143,19 +113,19 @@ def test_fraction_idles_institutions_and_fednova_runs(tmp_path):
 
 @pytest.mark.parametrize("ranks", [2, 3])
 @pytest.mark.parametrize("key,needle", [
-    ("institutions = 5", "need at least 5 ranks"),
-    ("institution_sizes = [1, 1, 1, 1, 1]", "adds up to 5 ranks"),
-])
+    ({"institutions": 5}, "need at least 5 ranks"),
+    ({"institution_sizes": [1, 1, 1, 1, 1]}, "adds up to 5 ranks"),
+], ids=["institutions", "institution_sizes"])
 def test_layout_errors(tmp_path, ranks, key, needle):
-    write_site(tmp_path / "d.h5", 30, seed=0)
-    (tmp_path / "fed.toml").write_text(config("fedavg", key, 1, 1, 0.1, 0.0, train="d.h5"))
-    done = run_mpi(ranks, ["train", "fed.toml"], cwd=tmp_path, timeout=60)
+    write_dataset(tmp_path / "d.h5", 30, seed=0)
+    write_config(tmp_path / "fed.toml", *config("fedavg", key, 1, 1, 0.1, 0.0, train="d.h5"))
+    done = run_mpi(ranks, ["train", "fed.toml"], cwd=tmp_path)
     assert done.returncode != 0 and needle in done.stderr and "Traceback" not in done.stderr
 
 
 def test_missing_site_file_ends_all_ranks(tmp_path):
-    write_site(tmp_path / "site-0.h5", 30, seed=0)  # site-1.h5 is missing
-    (tmp_path / "fed.toml").write_text(config("fedavg", "institutions = 2", 1, 1, 0.1, 0.0))
-    done = run_mpi(2, ["train", "fed.toml"], cwd=tmp_path, timeout=60)
+    write_dataset(tmp_path / "site-0.h5", 30, seed=0)  # site-1.h5 is missing
+    write_config(tmp_path / "fed.toml", *config("fedavg", {"institutions": 2}, 1, 1, 0.1, 0.0))
+    done = run_mpi(2, ["train", "fed.toml"], cwd=tmp_path)
     assert done.returncode != 0 and "site-1.h5" in done.stderr
     assert len([ln for ln in done.stderr.splitlines() if "error" in ln]) == 1

@@ -1,116 +1,81 @@
-"""Runs killed or preempted at any step resume from their last checkpoint to the same bits."""
+"""Runs killed or preempted at any step resume from their last checkpoint to the same bits.
+
+The kills land at steps or rounds that the run itself reaches (the MPIFED_FAULT hook of
+mpifed/faults.py), never after a guessed delay: a fast machine cannot finish first, a slow one
+cannot be killed before it starts.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
-import subprocess
-import sys
-import time
 
 import h5py
 import numpy as np
 import pytest
-from conftest import mpiexec, run_mpi
+from helpers import (
+    assert_same_bits,
+    has_pending,
+    kill_group,
+    read_metrics,
+    run_mpi,
+    start_mpi,
+    stopped_processes,
+    wait_until,
+    write_config,
+    write_dataset,
+)
 
-TRAIN = """
-[data]
-train = "d.h5"
-[model]
-kind = "mlp"
-hidden = [16]
-[optim]
-name = "{optim}"
-lr = 0.01
-momentum = 0.9
-batch_size = 8
-steps = {steps}
-[run]
-out = "{out}"
-checkpoint_every = 37
-keep_checkpoints = 2
-log_every = 500
-"""
+TRAIN = {
+    "data": {"train": "d.h5"},
+    "model": {"kind": "mlp", "hidden": [16]},
+    "optim": {"lr": 0.01, "momentum": 0.9, "batch_size": 8},
+    "run": {"checkpoint_every": 37, "keep_checkpoints": 2, "log_every": 500},
+}
 
-FEDERATED = """
-[data]
-train = "site-{{institution}}.h5"
-[model]
-kind = "mlp"
-hidden = [16]
-[optim]
-lr = 0.05
-momentum = 0.9
-batch_size = 8
-[federated]
-institution_sizes = [1, 2]
-rounds = {rounds}
-local_steps = 7
-strategy = "fedadam"
-secure_aggregation = {secure}
-[run]
-out = "{out}"
-checkpoint_every = 3
-"""
+FEDERATED = {
+    "data": {"train": "site-{institution}.h5"},
+    "model": {"kind": "mlp", "hidden": [16]},
+    "optim": {"lr": 0.05, "momentum": 0.9, "batch_size": 8},
+    "federated": {"institution_sizes": [1, 2], "local_steps": 7, "strategy": "fedadam"},
+    "run": {"checkpoint_every": 3},
+}
 
 
 def write_data(path, samples, seed):
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 4, size=samples)
-    with h5py.File(path, "w") as fh:
-        fh["x"] = rng.standard_normal((samples, 20)).astype(np.float32) + y[:, None]
-        fh["y"] = y
-        fh.attrs["num_classes"] = 4
+    write_dataset(path, samples, seed, features=20, classes=4, shift=1.0, dtype="float32")
 
 
-def params_of(path):
-    with h5py.File(path) as fh:
-        return [fh[f"layers/{i}/{k}"][...] for i in range(len(fh["layers"])) for k in "Wb"]
+def fault(action: str, point: str, number: int, rank: int) -> dict:
+    return {"MPIFED_FAULT": f"{action}:{point}={number}:rank={rank}"}
 
 
-def start(ranks, config, cwd):
-    cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpifed", "train", config]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, env=env)
+def kill_from_outside(ranks, config, cwd, step, rank) -> None:
+    """Freeze `rank` after `step`, then SIGKILL every process of the launch (as a job killer)."""
+    proc = start_mpi(ranks, ["train", config], cwd=cwd, env=fault("stop", "step", step, rank))
+    wait_until(lambda: stopped_processes(proc), f"rank {rank} stopping at step {step}",
+               proc=proc)
+    kill_group(proc)
 
 
-def kill_at_random(proc, rng, lo=0.7, hi=2.0, after=None) -> None:
-    """SIGKILL the whole launch (mpiexec and every rank) at a random moment.
-
-    after: a folder; wait first until it holds a checkpoint, so that a slow start (a fresh
-    clone's first imports) cannot make the kill land before any step was taken.
-    """
-    deadline = time.monotonic() + 60
-    while after is not None and not list(after.glob("*.h5")) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(rng.uniform(lo, hi))
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass  # it had already finished
-    proc.communicate(timeout=30)
-
-
-def assert_same_bits(got_path, want_path):
-    for got, want in zip(params_of(got_path), params_of(want_path)):
-        assert got.dtype == want.dtype and np.array_equal(got, want)
-
-
-@pytest.mark.parametrize("ranks,optim,steps", [(2, "sgd", 12000), (3, "adam", 6000)])
+@pytest.mark.parametrize("ranks,optim,steps", [(2, "sgd", 700), (3, "adam", 500)])
 def test_killed_runs_resume_to_the_same_bits(tmp_path, ranks, optim, steps):
     write_data(tmp_path / "d.h5", 3000, seed=1)
-    (tmp_path / "full.toml").write_text(TRAIN.format(optim=optim, steps=steps, out="full"))
-    (tmp_path / "cut.toml").write_text(TRAIN.format(optim=optim, steps=steps, out="cut"))
+    for out in ("full", "cut"):
+        write_config(tmp_path / f"{out}.toml", TRAIN,
+                     {"optim": {"name": optim, "steps": steps}, "run": {"out": out}})
     assert run_mpi(ranks, ["train", "full.toml"], cwd=tmp_path).returncode == 0
     rng = random.Random(ranks)
-    for _ in range(2):  # killed twice, at random steps
-        kill_at_random(start(ranks, "cut.toml", tmp_path), rng)
+    first, second = sorted(rng.sample(range(1, steps), 2))  # two random steps, random ranks
+    killed = run_mpi(ranks, ["train", "cut.toml"], cwd=tmp_path,
+                     env=fault("kill", "step", first, rng.randrange(ranks)))
+    assert killed.returncode != 0, "the fault did not kill the run"
+    kill_from_outside(ranks, "cut.toml", tmp_path, second, rng.randrange(ranks))
     assert not (tmp_path / "cut" / "model.h5").exists(), "the kills came too late to test"
     done = run_mpi(ranks, ["train", "cut.toml"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
+    assert f"resumed at step {second // 37 * 37}" in done.stdout
     assert_same_bits(tmp_path / "cut" / "model.h5", tmp_path / "full" / "model.h5")
     assert len(list((tmp_path / "cut" / "checkpoints").glob("step-*.h5"))) <= 2  # keep = 2
     assert not list((tmp_path / "cut" / "checkpoints").glob(".*tmp*"))  # no half-written leftovers
@@ -118,18 +83,22 @@ def test_killed_runs_resume_to_the_same_bits(tmp_path, ranks, optim, steps):
 
 def test_sigusr1_checkpoints_and_stops_then_resumes(tmp_path):
     write_data(tmp_path / "d.h5", 3000, seed=2)
-    (tmp_path / "full.toml").write_text(TRAIN.format(optim="sgd", steps=8000, out="full"))
-    (tmp_path / "cut.toml").write_text(TRAIN.format(optim="sgd", steps=8000, out="cut"))
+    for out in ("full", "cut"):
+        write_config(tmp_path / f"{out}.toml", TRAIN,
+                     {"optim": {"name": "sgd", "steps": 400}, "run": {"out": out}})
     assert run_mpi(2, ["train", "full.toml"], cwd=tmp_path).returncode == 0
-    proc = start(2, "cut.toml", tmp_path)
-    time.sleep(1.2)
+    # Rank 0 freezes after step 100; the signal reaches it while frozen, so once it goes on
+    # it asks to stop at step 101, and the other rank learns so in that step's all-reduce.
+    proc = start_mpi(2, ["train", "cut.toml"], cwd=tmp_path, env=fault("stop", "step", 100, 0))
+    [frozen] = wait_until(lambda: stopped_processes(proc), "rank 0 stopping", proc=proc)
     os.kill(proc.pid, signal.SIGUSR1)  # to mpiexec, which forwards it to every rank
-    out, err = proc.communicate(timeout=60)
+    wait_until(lambda: has_pending(frozen, signal.SIGUSR1), "SIGUSR1 reaching rank 0")
+    os.kill(frozen, signal.SIGCONT)
+    out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err
     assert "stopped by SIGUSR1" in out
-    records = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").open()]
-    stopped = [r for r in records if r["event"] == "stopped"]
-    assert stopped and stopped[0]["step"] < 8000
+    stopped = read_metrics(tmp_path / "cut", "stopped")
+    assert stopped and stopped[0]["step"] == 101
     checkpoints = sorted((tmp_path / "cut" / "checkpoints").glob("step-*.h5"))
     assert checkpoints[-1].name == f"step-{stopped[0]['step']:09d}.h5"
     done = run_mpi(2, ["train", "cut.toml"], cwd=tmp_path)
@@ -137,15 +106,20 @@ def test_sigusr1_checkpoints_and_stops_then_resumes(tmp_path):
     assert_same_bits(tmp_path / "cut" / "model.h5", tmp_path / "full" / "model.h5")
 
 
-@pytest.mark.parametrize("secure", ["false", "true"])
+@pytest.mark.parametrize("secure", [False, True])
 def test_federated_run_killed_resumes_to_the_same_bits(tmp_path, secure):
     write_data(tmp_path / "site-0.h5", 400, seed=3)
     write_data(tmp_path / "site-1.h5", 700, seed=4)
-    (tmp_path / "full.toml").write_text(FEDERATED.format(rounds=300, out="full", secure=secure))
-    (tmp_path / "cut.toml").write_text(FEDERATED.format(rounds=300, out="cut", secure=secure))
+    rounds = 20
+    for out in ("full", "cut"):
+        write_config(tmp_path / f"{out}.toml", FEDERATED, {
+            "federated": {"rounds": rounds, "secure_aggregation": secure}, "run": {"out": out}})
     assert run_mpi(3, ["train", "full.toml"], cwd=tmp_path).returncode == 0
-    kill_at_random(start(3, "cut.toml", tmp_path), random.Random(7), 0.0, 0.6,
-                   after=tmp_path / "cut" / "checkpoints")
+    rng = random.Random(7)
+    at = rng.randrange(4, rounds)  # after the checkpoint of round 3
+    killed = run_mpi(3, ["train", "cut.toml"], cwd=tmp_path,
+                     env=fault("kill", "round", at, rng.randrange(3)))
+    assert killed.returncode != 0, "the fault did not kill the run"
     assert not (tmp_path / "cut" / "model.h5").exists(), "the kill came too late to test"
     assert list((tmp_path / "cut" / "checkpoints").glob("round-*.h5")), "nor too early"
     done = run_mpi(3, ["train", "cut.toml"], cwd=tmp_path)
@@ -155,7 +129,8 @@ def test_federated_run_killed_resumes_to_the_same_bits(tmp_path, secure):
 
 def test_checkpoint_of_another_run_is_refused(tmp_path):
     write_data(tmp_path / "d.h5", 500, seed=5)
-    (tmp_path / "a.toml").write_text(TRAIN.format(optim="sgd", steps=100, out="a"))
+    write_config(tmp_path / "a.toml", TRAIN, {"optim": {"name": "sgd", "steps": 100},
+                                              "run": {"out": "a"}})
     assert run_mpi(2, ["train", "a.toml"], cwd=tmp_path).returncode == 0
     # A longer run may continue from it; a different learning rate or rank count may not.
     done = run_mpi(2, ["train", "a.toml", "--set", "optim.steps=150", "--set", "optim.lr=0.5"],
@@ -169,9 +144,8 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
 
 def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     write_data(tmp_path / "d.h5", 500, seed=6)
-    (tmp_path / "a.toml").write_text(TRAIN.format(optim="sgd", steps=400, out="a")
-                                     .replace("lr = 0.01", "lr = 30.0")
-                                     .replace("checkpoint_every = 37", "checkpoint_every = 1"))
+    write_config(tmp_path / "a.toml", TRAIN, {"optim": {"name": "sgd", "steps": 400, "lr": 30.0},
+                                              "run": {"out": "a", "checkpoint_every": 1}})
     done = run_mpi(2, ["train", "a.toml"], cwd=tmp_path)
     assert done.returncode != 0 and "diverged" in done.stderr
     diverged_at = int(done.stderr.split("at step ")[1].split(";")[0])
@@ -184,17 +158,8 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_an_unforeseen_exception_on_one_rank_ends_all_ranks(tmp_path):
     write_data(tmp_path / "d.h5", 3000, seed=8)
-    (tmp_path / "a.toml").write_text(TRAIN.format(optim="sgd", steps=100000, out="a"))
-    code = ("import mpifed.nn.models as m; from mpi4py import MPI\n"
-            "real = m.loss_and_grad\n"
-            "calls = [0]\n"
-            "def broken(*a, **k):\n"
-            "    calls[0] += 1\n"
-            "    if MPI.COMM_WORLD.rank == 1 and calls[0] == 50: raise RuntimeError('boom')\n"
-            "    return real(*a, **k)\n"
-            "import mpifed.train.step as s; s.loss_and_grad = broken\n"
-            "from mpifed.cli.main import main; raise SystemExit(main(['train', 'a.toml']))\n")
-    cmd = [mpiexec(), "-n", "3", sys.executable, "-c", code]
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    write_config(tmp_path / "a.toml", TRAIN, {"optim": {"name": "sgd", "steps": 1000},
+                                              "run": {"out": "a"}})
+    done = run_mpi(3, ["train", "a.toml"], cwd=tmp_path, env=fault("raise", "step", 50, 1))
     assert done.returncode != 0
-    assert "[rank 1]: RuntimeError: boom" in done.stderr
+    assert "[rank 1]: RuntimeError: injected fault raise:step=50:rank=1" in done.stderr

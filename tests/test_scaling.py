@@ -5,10 +5,8 @@ from __future__ import annotations
 import csv
 import json
 
-import h5py
-import numpy as np
 import pytest
-from conftest import run_cli, run_mpi
+from helpers import run_cli, run_mpi, write_dataset
 
 from mpifed.benchmarks.costmodel import CostModel
 from mpifed.benchmarks.predict import measured_efficiency, predictions
@@ -32,10 +30,8 @@ def test_predictions_fall_with_ranks():
 
 
 def test_scaling_points_model_and_plots(tmp_path):
-    with h5py.File(tmp_path / "d.h5", "w") as fh:
-        rng = np.random.default_rng(0)
-        fh["x"] = rng.standard_normal((4000, 784)).astype(np.float32)
-        fh["y"] = rng.integers(0, 10, 4000)
+    write_dataset(tmp_path / "d.h5", 4000, seed=0, features=784, classes=10, shift=0.0,
+                  dtype="float32", num_classes=False)
     for ranks in (1, 2):
         done = run_mpi(ranks, ["bench", "scaling", "--data", "d.h5", "--csv", "s.csv",
                                "--steps", "10", "--hidden", "32", "--batch", "64"], cwd=tmp_path)

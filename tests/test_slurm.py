@@ -6,7 +6,6 @@ why. Job state is read with `scontrol show job` (accounting is off on the local 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -15,10 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pytest
-from conftest import ROOT, run_mpi
+from helpers import ROOT, assert_same_bits, read_metrics, run_mpi, write_config, write_dataset
 
 
 def slurm_reason() -> str:
@@ -36,29 +33,21 @@ pytestmark = [pytest.mark.slurm,
 
 VENV = str(Path(sys.executable).parent.parent)
 
-CONFIG = """
-[data]
-train = "d.h5"
-[model]
-kind = "mlp"
-hidden = [16]
-[optim]
-lr = 0.01
-momentum = 0.9
-batch_size = 8
-steps = {steps}
-[run]
-checkpoint_every = 100
-log_every = 1000
-"""
+CONFIG = {
+    "data": {"train": "d.h5"},
+    "model": {"kind": "mlp", "hidden": [16]},
+    "optim": {"lr": 0.01, "momentum": 0.9, "batch_size": 8},
+    "run": {"checkpoint_every": 100, "log_every": 1000},
+}
 
 
 def write_data(path, samples=2000, seed=0):
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 4, size=samples)
-    with h5py.File(path, "w") as fh:
-        fh["x"] = rng.standard_normal((samples, 20)).astype(np.float32) + y[:, None]
-        fh["y"] = y
+    write_dataset(path, samples, seed, features=20, classes=4, shift=1.0, dtype="float32",
+                  num_classes=False)
+
+
+def write_run(path, steps):
+    write_config(path, CONFIG, {"optim": {"steps": steps}})
 
 
 def sbatch(cwd, *args, **extra_env) -> str:
@@ -87,27 +76,21 @@ def wait_for(job: str, states: set[str], timeout: float = 240) -> str:
                          f"(last state {job_field(job, 'JobState')})")
 
 
-def params_of(path):
-    with h5py.File(path) as fh:
-        return [fh[f"layers/{i}/{k}"][...] for i in range(len(fh["layers"])) for k in "Wb"]
-
-
 def test_train_job_completes_and_matches_mpiexec(tmp_path):
     write_data(tmp_path / "d.h5")
-    (tmp_path / "run.toml").write_text(CONFIG.format(steps=300))
+    write_run(tmp_path / "run.toml", 300)
     job = sbatch(tmp_path, "-n", "2", str(ROOT / "jobs" / "train.sbatch"), "run.toml")
     assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
     model = tmp_path / "runs" / f"mpifed-{job}" / "model.h5"
     assert model.exists()
     # The same run through the PyPI MPICH's own launcher gives the same bits as srun's PMI.
     assert run_mpi(2, ["train", "run.toml", "--set", "run.out=direct"], cwd=tmp_path).returncode == 0
-    for a, b in zip(params_of(model), params_of(tmp_path / "direct" / "model.h5")):
-        assert np.array_equal(a, b)
+    assert_same_bits(model, tmp_path / "direct" / "model.h5")
 
 
 def test_preempted_job_requeues_and_resumes(tmp_path):
     write_data(tmp_path / "d.h5")
-    (tmp_path / "run.toml").write_text(CONFIG.format(steps=40000))
+    write_run(tmp_path / "run.toml", 40000)
     job = sbatch(tmp_path, "-n", "2", str(ROOT / "jobs" / "train.sbatch"), "run.toml")
     out = tmp_path / "runs" / f"mpifed-{job}"
     deadline = time.monotonic() + 120
@@ -121,7 +104,7 @@ def test_preempted_job_requeues_and_resumes(tmp_path):
         time.sleep(1)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
-    records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    records = read_metrics(out)
     stopped = [r for r in records if r["event"] == "stopped"]
     resumed = [r for r in records if r["event"] == "resumed"]
     assert stopped and resumed and resumed[0]["step"] == stopped[0]["step"] < 40000
@@ -130,21 +113,19 @@ def test_preempted_job_requeues_and_resumes(tmp_path):
     assert "requeueing job" in log and "restart 1" in log
     assert run_mpi(2, ["train", "run.toml", "--set", "run.out=direct"], cwd=tmp_path,
                    timeout=200).returncode == 0
-    for a, b in zip(params_of(out / "model.h5"), params_of(tmp_path / "direct" / "model.h5")):
-        assert np.array_equal(a, b)
+    assert_same_bits(out / "model.h5", tmp_path / "direct" / "model.h5")
 
 
 def test_federated_job_completes(tmp_path):
     for k, n in enumerate([300, 500]):
         write_data(tmp_path / f"site-{k}.h5", n, seed=k)
-    (tmp_path / "fed.toml").write_text(CONFIG.format(steps=1).replace(
-        'train = "d.h5"', 'train = "site-{institution}.h5"').replace("steps = 1\n", "") +
-        "[federated]\ninstitution_sizes = [1, 2]\nrounds = 5\nlocal_steps = 4\n")
+    write_config(tmp_path / "fed.toml", CONFIG, {
+        "data": {"train": "site-{institution}.h5"},
+        "federated": {"institution_sizes": [1, 2], "rounds": 5, "local_steps": 4}})
     job = sbatch(tmp_path, "-n", "3", str(ROOT / "jobs" / "train.sbatch"), "fed.toml")
     assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
-    records = [json.loads(line) for line in
-               (tmp_path / "runs" / f"mpifed-{job}" / "metrics.jsonl").open()]
-    assert [r["round"] for r in records if r["event"] == "round"] == [1, 2, 3, 4, 5]
+    rounds = read_metrics(tmp_path / "runs" / f"mpifed-{job}", "round")
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
 
 
 def test_scaling_job_writes_one_csv(tmp_path):
@@ -166,7 +147,7 @@ def test_missing_config_fails_the_job_with_one_message(tmp_path):
 
 def test_train_job_with_mpiexec_launcher(tmp_path):
     write_data(tmp_path / "d.h5")
-    (tmp_path / "run.toml").write_text(CONFIG.format(steps=200))
+    write_run(tmp_path / "run.toml", 200)
     job = sbatch(tmp_path, "-n", "3", str(ROOT / "jobs" / "train.sbatch"), "run.toml",
                  MPIFED_LAUNCHER="mpiexec")
     assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"

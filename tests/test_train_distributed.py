@@ -13,18 +13,16 @@ import json
 import h5py
 import numpy as np
 import pytest
-from conftest import run_mpi
-from reference import global_batches, initial_weights, mlp_sgd, read_model
+from helpers import read_metrics, read_model, run_mpi, write_config, write_dataset
+from reference import global_batches, initial_weights, mlp_sgd
 
 FEATURES, CLASSES, SAMPLES = 6, 3, 103  # a prime: shards of unequal size
 
 
 def make_data(path):
-    rng = np.random.default_rng(42)
-    y = rng.integers(0, CLASSES, size=SAMPLES)
-    x = rng.standard_normal((SAMPLES, FEATURES)) + y[:, None]
-    with h5py.File(path, "w") as fh:
-        fh["x"], fh["y"] = x, y
+    """Write the data file; return (x, y)."""
+    return write_dataset(path, SAMPLES, seed=42, features=FEATURES, classes=CLASSES, shift=1.0,
+                  num_classes=False)
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 3, 4])
@@ -33,41 +31,25 @@ def make_data(path):
                                                                 ("auto", True, True, None),
                                                                 ("hierarchical", True, False, 2)])
 def test_distributed_equals_serial(tmp_path, ranks, algorithm, shuffle, overlap, per_node):
-    make_data(tmp_path / "d.h5")
+    x, y = make_data(tmp_path / "d.h5")
     batch, steps, seed, lr, momentum = 4, 23, 3, 0.05, 0.9  # 23 steps: crosses epochs
-    (tmp_path / "run.toml").write_text(f"""
-[data]
-train = "d.h5"
-shuffle = {str(shuffle).lower()}
-[model]
-kind = "mlp"
-hidden = [5]
-dtype = "float64"
-[optim]
-lr = {lr}
-momentum = {momentum}
-batch_size = {batch}
-steps = {steps}
-[comm]
-allreduce = "{algorithm}"
-overlap = {str(overlap).lower()}
-[run]
-seed = {seed}
-out = "out"
-log_every = 5
-""")
+    write_config(tmp_path / "run.toml", {
+        "data": {"train": "d.h5", "shuffle": shuffle},
+        "model": {"kind": "mlp", "hidden": [5], "dtype": "float64"},
+        "optim": {"lr": lr, "momentum": momentum, "batch_size": batch, "steps": steps},
+        "comm": {"allreduce": algorithm, "overlap": overlap},
+        "run": {"seed": seed, "out": "out", "log_every": 5},
+    })
     env = {"MPIFED_RANKS_PER_NODE": str(per_node)} if per_node else None  # emulated nodes
-    done = run_mpi(ranks, ["train", "run.toml"], cwd=tmp_path, timeout=120, env=env)
+    done = run_mpi(ranks, ["train", "run.toml"], cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
-    with h5py.File(tmp_path / "d.h5") as fh:
-        x, y = fh["x"][...], fh["y"][...]
     weights = initial_weights(FEATURES, 5, CLASSES, seed)
     batches = itertools.islice(global_batches(SAMPLES, ranks, batch, seed, shuffle), steps)
     expected = mlp_sgd(x, y, weights, batches, lr, momentum)
     got = read_model(tmp_path / "out" / "model.h5")
     for g, e in zip(got, expected):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-7)
-    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open()]
+    records = read_metrics(tmp_path / "out")
     steps_logged = [r for r in records if r["event"] == "step"]
     assert {"step", "epoch", "loss", "lr", "samples_per_s", "comm_fraction"} <= set(
         steps_logged[0])
@@ -79,11 +61,11 @@ log_every = 5
 
 def test_evaluate_matches_training_report(tmp_path):
     make_data(tmp_path / "d.h5")
-    (tmp_path / "run.toml").write_text(
-        '[data]\ntrain = "d.h5"\ntest = "d.h5"\n[optim]\nbatch_size = 8\nepochs = 3\n'
-        '[run]\nout = "out"\n')
+    write_config(tmp_path / "run.toml", {"data": {"train": "d.h5", "test": "d.h5"},
+                                         "optim": {"batch_size": 8, "epochs": 3},
+                                         "run": {"out": "out"}})
     assert run_mpi(2, ["train", "run.toml"], cwd=tmp_path).returncode == 0
-    summary = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
+    summary = read_metrics(tmp_path / "out")[-1]
     for ranks in (1, 3):
         done = run_mpi(ranks, ["evaluate", "out/model.h5", "d.h5"], cwd=tmp_path)
         assert done.returncode == 0, done.stderr
@@ -97,9 +79,9 @@ def test_evaluate_matches_training_report(tmp_path):
 
 def test_timeline_has_every_rank_and_step(tmp_path):
     make_data(tmp_path / "d.h5")
-    (tmp_path / "run.toml").write_text(
-        '[data]\ntrain = "d.h5"\n[optim]\nbatch_size = 4\nsteps = 12\n'
-        '[run]\nout = "out"\ntimeline = true\n')
+    write_config(tmp_path / "run.toml", {"data": {"train": "d.h5"},
+                                         "optim": {"batch_size": 4, "steps": 12},
+                                         "run": {"out": "out", "timeline": True}})
     assert run_mpi(3, ["train", "run.toml"], cwd=tmp_path).returncode == 0
     trace = json.loads((tmp_path / "out" / "timeline.json").read_text())
     spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
@@ -108,6 +90,6 @@ def test_timeline_has_every_rank_and_step(tmp_path):
         assert sorted({e["args"]["step"] for e in mine}) == list(range(1, 13))
         assert {e["name"] for e in mine} == {"data", "compute", "allreduce"}
         assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in mine)
-    summary = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
+    summary = read_metrics(tmp_path / "out")[-1]
     rank0_comm = sum(e["dur"] for e in spans if e["pid"] == 0 and e["name"] == "allreduce")
     assert rank0_comm / 1e6 == pytest.approx(summary["comm_seconds"], rel=1e-6)

@@ -1,0 +1,220 @@
+"""What many tests do: launch mpifed, write datasets and configs, read models and metrics back.
+
+Fixtures stay in conftest.py; independent reference computations in reference.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import tomli_w
+
+from mpifed.launch import mpiexec_path as mpiexec  # beside this Python, else PATH's
+
+ROOT = Path(__file__).resolve().parents[1]
+# Generous: a hang fails the test, a loaded machine (make test beside another job) does not.
+LAUNCH_TIMEOUT = 240
+
+
+def _env(extra: dict | None) -> dict:
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(extra or {}))
+
+
+def run_mpi(n: int, args: list[str], timeout: float = LAUNCH_TIMEOUT, cwd=None, env=None):
+    """Run `mpiexec -n n python -m mpifed ARGS`; return the CompletedProcess (never hangs).
+
+    env: variables added to this process's environment (e.g. MPIFED_FAULT).
+    """
+    cmd = [mpiexec(), "-n", str(n), sys.executable, "-m", "mpifed", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env=_env(env))
+
+
+def run_cli(args: list[str], timeout: float = LAUNCH_TIMEOUT, cwd=None, env=None):
+    """Run `python -m mpifed ARGS` as one process, without mpiexec."""
+    return subprocess.run([sys.executable, "-m", "mpifed", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd, env=_env(env))
+
+
+def run_script(n: int, text: str, folder, timeout: float = LAUNCH_TIMEOUT):
+    """Write `text` to FOLDER/script.py and run it on n ranks; return the CompletedProcess.
+
+    For what is itself a user's program (a script that imports mpifed), not for injecting
+    faults into mpifed (MPIFED_FAULT does that).
+    """
+    (Path(folder) / "script.py").write_text(text)
+    return subprocess.run([mpiexec(), "-n", str(n), sys.executable, "script.py"], cwd=folder,
+                          capture_output=True, text=True, timeout=timeout, env=_env(None))
+
+
+def start_mpi(n: int, args: list[str], cwd=None, env=None) -> subprocess.Popen:
+    """Start `mpiexec -n n python -m mpifed ARGS` in a session of its own; return the Popen.
+
+    Signals to `proc.pid` reach mpiexec, which forwards SIGUSR1/SIGTERM to every rank and, if
+    killed, takes the ranks down with it.
+    """
+    cmd = [mpiexec(), "-n", str(n), sys.executable, "-m", "mpifed", *args]
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env=_env(env))
+
+
+def kill_group(proc: subprocess.Popen, sig=signal.SIGKILL, timeout: float = LAUNCH_TIMEOUT):
+    """Send `sig` to mpiexec's process group; return (stdout, stderr) once the launch ends.
+
+    SIGKILL: mpiexec dies and its proxy kills every rank (a job killer's view of a crash).
+    """
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass  # it had already ended
+    return proc.communicate(timeout=timeout)
+
+
+# ---- datasets -------------------------------------------------------------------------------
+
+def write_h5(path, attrs: dict | None = None, **datasets) -> Path:
+    """Write `datasets` (name -> array) and file attributes to a new HDF5 file; return its path."""
+    with h5py.File(path, "w") as fh:
+        for name, value in datasets.items():
+            fh[name] = value
+        for key, value in (attrs or {}).items():
+            fh.attrs[key] = value
+    return Path(path)
+
+
+def make_classification(samples: int, seed: int, features: int = 5, classes: int = 3,
+                        shift: float = 0.7, dtype="float64"):
+    """Return (x, y): labels uniform in [0, classes), x standard normal + shift * label (learnable)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, size=samples)
+    x = (rng.standard_normal((samples, features)) + shift * y[:, None]).astype(dtype)
+    return x, y
+
+
+def write_dataset(path, samples: int, seed: int = 0, features: int = 5, classes: int = 3,
+                  shift: float = 0.7, dtype="float64", num_classes: bool = True):
+    """Write a small learnable classification file (datasets x and y); return (x, y).
+
+    num_classes: also store the `num_classes` attribute (else mpifed infers it from y).
+    """
+    x, y = make_classification(samples, seed, features, classes, shift, dtype)
+    write_h5(path, {"num_classes": classes} if num_classes else None, x=x, y=y)
+    return x, y
+
+
+# ---- configs --------------------------------------------------------------------------------
+
+def merged(*layers: dict) -> dict:
+    """Return the layers deep-merged left to right (tables merge, other values replace)."""
+    out: dict = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = merged(out[key], value)
+            else:
+                out[key] = copy.deepcopy(value)
+    return out
+
+
+def write_config(path, *layers: dict) -> Path:
+    """Write the deep-merged layers as a TOML config (a key set to None is left out)."""
+    def drop_none(table):
+        return {k: drop_none(v) if isinstance(v, dict) else v for k, v in table.items()
+                if v is not None}
+    Path(path).write_text(tomli_w.dumps(drop_none(merged(*layers))))
+    return Path(path)
+
+
+# ---- results --------------------------------------------------------------------------------
+
+def read_model(path) -> list[np.ndarray]:
+    """Return a model file's parameters per layer: [W0, b0, W1, b1, ...]."""
+    with h5py.File(path) as fh:
+        return [fh[f"layers/{i}/{k}"][...] for i in range(len(fh["layers"])) for k in "Wb"]
+
+
+def model_vector(path) -> np.ndarray:
+    """Return a model file's parameters as one flat vector (layer by layer, W then b)."""
+    return np.concatenate([p.ravel() for p in read_model(path)])
+
+
+def assert_same_bits(got_path, want_path) -> None:
+    """Assert two model files hold bit-identical parameters of the same dtypes."""
+    got, want = read_model(got_path), read_model(want_path)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def read_metrics(out, event: str | None = None) -> list[dict]:
+    """Return the records of OUT/metrics.jsonl, only those of `event` when given."""
+    with open(Path(out) / "metrics.jsonl") as fh:
+        records = [json.loads(line) for line in fh]
+    return [r for r in records if event is None or r.get("event") == event]
+
+
+# ---- processes ------------------------------------------------------------------------------
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """Return {pid: (parent pid, state letter)} of every process (Linux /proc)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # it ended while we looked
+            table[int(entry.name)] = (int(fields[1]), fields[0])
+    return table
+
+
+def stopped_processes(launch: subprocess.Popen) -> list[int]:
+    """Return the pids of a launch's processes that are stopped (state T, as after SIGSTOP).
+
+    mpiexec's proxy and ranks run in sessions of their own, so they are found as descendants
+    of mpiexec, not as members of its process group.
+    """
+    table, family = _process_table(), {launch.pid}
+    grew = True
+    while grew:
+        children = {pid for pid, (parent, _) in table.items() if parent in family} - family
+        family |= children
+        grew = bool(children)
+    return sorted(pid for pid in family if table.get(pid, (0, ""))[1] == "T")
+
+
+def has_pending(pid: int, sig: int) -> bool:
+    """Tell whether signal `sig` is pending (delivered, not yet handled) for process `pid`."""
+    for line in (Path("/proc") / str(pid) / "status").read_text().splitlines():
+        if line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) >> (sig - 1) & 1:
+            return True
+    return False
+
+
+def wait_until(predicate, what: str, timeout: float = LAUNCH_TIMEOUT, proc=None):
+    """Poll predicate() until it returns something truthy; return that (fail after `timeout`).
+
+    proc: a launch that must still be running meanwhile (its output is shown if it ended).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        found = predicate()
+        if found:
+            return found
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the launch ended before {what}:\n{out}\n{err}")
+        if time.monotonic() > deadline:
+            if proc is not None:
+                kill_group(proc)
+            raise AssertionError(f"{what} did not happen in {timeout} s")
+        time.sleep(0.02)
