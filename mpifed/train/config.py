@@ -15,6 +15,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from ..errors import UserError
+from . import checks
 
 # section -> key -> (accepted types, default). A default of None means "required" or "unset".
 SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], object]]] = {
@@ -86,12 +87,11 @@ def parse_value(text: str):
 
 
 def apply_override(cfg: dict, assignment: str) -> None:
-    """Apply one `section.key=value` to `cfg` in place."""
+    """Apply one `section.key=value` (any depth: federated.dp.clip=0.5) to `cfg` in place."""
     target, sep, text = assignment.partition("=")
-    section, dot, key = target.strip().partition(".")
-    if not sep or not dot or not key:
+    if not sep:
         raise UserError(f"--set {assignment!r}: expected section.key=value, e.g. optim.lr=0.05")
-    cfg.setdefault(section, {})[key] = parse_value(text.strip())
+    checks.set_dotted(cfg, target.strip(), parse_value(text.strip()))
 
 
 def load_config(path: str, overrides=()) -> dict:
@@ -103,9 +103,17 @@ def load_config(path: str, overrides=()) -> dict:
         raise UserError(f"config file {path!r} does not exist") from None
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"config file {path!r} is not valid TOML: {err}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path!r} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"config file {path!r} cannot be read ({err.strerror}); give the path "
+                        "of a TOML file") from None
     for assignment in overrides:
         apply_override(raw, assignment)
-    return resolve(raw)
+    cfg = resolve(raw)
+    if cfg["federated"]:
+        checks.warn(checks.ignored_keys(raw["federated"], cfg["federated"]["strategy"]))
+    return cfg
 
 
 def resolve(raw: dict) -> dict:
@@ -135,6 +143,8 @@ def resolve(raw: dict) -> dict:
             cfg[section][key] = value
     _check_values(cfg)
     cfg["federated"] = _check_federated(cfg["federated"]) if "federated" in cfg else None
+    checks.check_ranges(cfg)
+    checks.check_meaning(cfg)
     return cfg
 
 
@@ -257,7 +267,7 @@ def _check_values(cfg: dict) -> None:
     if cfg["run"]["keep_checkpoints"] < 1:
         raise UserError(f"run.keep_checkpoints: must be >= 1, got {cfg['run']['keep_checkpoints']}")
     if not cfg["run"]["resume"]:
-        raise UserError('run.resume: "auto", "never" or the path of a checkpoint file')
+        raise UserError(f"run.resume: expected {checks.RESUME_CHOICES}")
 
 
 def to_toml(cfg: dict) -> str:
