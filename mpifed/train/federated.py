@@ -96,6 +96,10 @@ def open_site_data(cfg: dict, fed: Federation, dtype):
     if len(set(features)) > 1:
         raise UserError(f"data.train: institutions' files have different feature counts "
                         f"({sorted(set(features))}); every site needs the same features")
+    declared = {c for c in fed.world.allgather(shard.info.num_classes) if c is not None}
+    if len(declared) > 1:
+        raise UserError(f"data.train: institutions' files declare different num_classes "
+                        f"({sorted(declared)}); give every site the same num_classes attribute")
     return shard, comm, samples, fed.world.allreduce(classes, op=MPI.MAX)
 
 

@@ -76,6 +76,10 @@ def open_checked_shard(comm, path: str, x: str, y: str, dtype, key: str,
     raise_together(comm, check_values)
     top = comm.allreduce(shard.label_range()[1], op=MPI.MAX)
     classes = info.num_classes if info.num_classes is not None else top + 1
+    bottom = comm.allreduce(shard.label_range()[0] if len(shard) else top, op=MPI.MIN)
+    if classes < 2 or (key == "data.train" and bottom == top):
+        raise UserError(f"{key}: every label in {y!r} of {path!r} is {top}; a classifier needs "
+                        "at least two classes")
 
     def check_classes():
         if shard.label_range()[1] >= classes:
@@ -105,6 +109,10 @@ def build_model(cfg: dict, features: int, classes: int, xp, dtype):
         if (spec.features, spec.num_classes) != (features, classes):
             raise UserError(f"model.init: {model['init']!r} maps {spec.features} features to "
                             f"{spec.num_classes} classes; the data has {features} and {classes}")
+        if (spec.kind, list(spec.hidden)) != (model["kind"], list(model["hidden"])):
+            raise UserError(f"model.init: {model['init']!r} holds kind = {spec.kind!r}, hidden = "
+                            f"{list(spec.hidden)}, but [model] says kind = {model['kind']!r}, "
+                            f"hidden = {model['hidden']}; set [model] to match the file")
         return spec, xp.asarray(host)
     spec = ModelSpec(model["kind"], features, tuple(model["hidden"]), classes)
     return spec, init_params(spec, cfg["run"]["seed"], xp, dtype)
