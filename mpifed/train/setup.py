@@ -17,7 +17,7 @@ from ..comm.topology import ranks_per_node
 from ..data.atomic import atomic_path
 from ..data.shards import Shard, describe, shard_bounds
 from ..data.stream import BatchStream, Prefetcher
-from ..errors import UserError
+from ..errors import UserError, check_memory
 from ..nn.io import load_model
 from ..nn.models import ModelSpec, init_params
 from ..xp import backend_module, device_copier
@@ -115,6 +115,10 @@ def build_model(cfg: dict, features: int, classes: int, xp, dtype):
                             f"hidden = {model['hidden']}; set [model] to match the file")
         return spec, xp.asarray(host)
     spec = ModelSpec(model["kind"], features, tuple(model["hidden"]), classes)
+    # parameters, gradients, two optimiser states, a checkpoint's host copy
+    check_memory(5 * sum(a * b + b for a, b in zip(spec.sizes, spec.sizes[1:]))
+                 * np.dtype(dtype).itemsize, f"model {spec.kind} {spec.sizes}",
+                 "use smaller model.hidden")
     return spec, init_params(spec, cfg["run"]["seed"], xp, dtype)
 
 
