@@ -13,6 +13,7 @@ from ..errors import UserError
 # (section path, key) -> (low, high, low included, high included); None: unbounded on that side.
 RANGES = {
     ("optim", "lr"): (0, None, False, False),
+    ("comm", "stall_timeout"): (0, None, True, False),
     ("optim", "momentum"): (0, 1, True, False),
     ("optim", "weight_decay"): (0, None, True, False),
     ("optim", "gamma"): (0, None, False, False),

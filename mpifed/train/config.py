@@ -36,7 +36,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], object]]] = {
         "beta2": ((float, int), 0.999), "eps": ((float, int), 1e-8),
     },
     "comm": {"allreduce": ((str,), "auto"), "backend": ((str,), "auto"),
-             "overlap": ((bool,), False)},
+             "overlap": ((bool,), False), "stall_timeout": ((float, int), 600)},
     "run": {
         "seed": ((int,), 0), "out": ((str,), "runs/latest"), "log_every": ((int,), 10),
         "eval_every": ((int,), 0), "progress": ((str,), "auto"),

@@ -60,7 +60,7 @@ def run_data_parallel(cfg: dict, comm, xp) -> dict:
     if first:
         reporter.record(event="resumed", step=first)
     step_fn = DataParallelStep(spec, params, comm, cfg["comm"]["allreduce"], xp,
-                               cfg["comm"]["overlap"])
+                               cfg["comm"]["overlap"], cfg["comm"]["stall_timeout"])
     loader = batch_loader(cfg, shard, per_epoch, comm.rank, first, xp)
     window = Window(optim["batch_size"] * comm.size)
     timeline = Timeline(run["timeline"], comm.rank)

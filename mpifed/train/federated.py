@@ -127,7 +127,7 @@ def run_federation(cfg: dict, world, xp) -> dict:
     if first:
         reporter.record(event="resumed", round=first)
     step_fn = DataParallelStep(site.spec, site.params, fed.site, cfg["comm"]["allreduce"], xp,
-                               cfg["comm"]["overlap"])
+                               cfg["comm"]["overlap"], cfg["comm"]["stall_timeout"])
     loader = batch_loader(cfg, site.shard, site.per_epoch, site.stream_comm.rank, site_steps, xp)
     hyper = ServerHyper(fed_cfg["server_lr"] or DEFAULT_SERVER_LR.get(fed_cfg["strategy"], 1.0),
                         fed_cfg["beta1"], fed_cfg["beta2"], fed_cfg["tau"])
