@@ -68,3 +68,21 @@ def test_a_model_too_big_for_memory_is_refused_before_allocating():
     cfg = {"model": {"init": "", "kind": "mlp", "hidden": [2_000_000_000]}, "run": {"seed": 0}}
     with pytest.raises(UserError, match="bytes.*model.hidden"):
         build_model(cfg, 100, 10, np, np.float32)
+
+
+def test_partition_out_dir_that_is_a_file(tmp_path, capsys):
+    write_site(tmp_path / "all.h5", 30, 0)
+    (tmp_path / "taken").write_text("x")
+    assert main(["data", "partition", str(tmp_path / "all.h5"), str(tmp_path / "taken"),
+                 "--institutions", "2"]) == 1
+    assert "is an existing file" in errors(capsys)[0]
+
+
+def test_nccl_without_gpu_arrays_is_named():
+    from mpi4py import MPI
+
+    from mpifed.train.setup import array_backend
+
+    cfg = {"comm": {"backend": "numpy", "allreduce": "nccl"}}
+    with pytest.raises(UserError, match='comm.allreduce = "nccl" needs GPU arrays'):
+        array_backend(cfg, MPI.COMM_SELF)

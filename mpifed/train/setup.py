@@ -7,6 +7,8 @@ report of an early stop. The data-parallel loop (`data_parallel.py`) and the fed
 from __future__ import annotations
 
 import os
+import sys
+import time
 
 import numpy as np
 from mpi4py import MPI
@@ -29,9 +31,14 @@ def array_backend(cfg: dict, comm):
     """Return the array module comm.backend names (collective), bound to this rank's GPU."""
     def choose():
         try:
-            return backend_module(cfg["comm"]["backend"])
+            module = backend_module(cfg["comm"]["backend"])
         except ValueError as err:
             raise UserError(f"comm.backend: {err}") from None
+        if cfg["comm"]["allreduce"] == "nccl" and module is np:
+            raise UserError("comm.allreduce = \"nccl\" needs GPU arrays, but the backend is "
+                            "NumPy (CuPy or a GPU is missing, or comm.backend = \"numpy\"); use "
+                            "comm.allreduce = \"auto\", \"ring\", \"mpi\" or \"hierarchical\"")
+        return module
     xp = raise_together(comm, choose)
     if xp is not np:
         select_device(comm)
@@ -142,6 +149,7 @@ def prepare_out(cfg: dict, comm) -> str:
     def make():
         if comm.rank == 0:
             try:
+                set_aside_finished_run(out)
                 os.makedirs(out, exist_ok=True)
                 with atomic_path(os.path.join(out, "config.toml")) as tmp, open(tmp, "w") as fh:
                     fh.write(to_toml(cfg))
@@ -149,6 +157,25 @@ def prepare_out(cfg: dict, comm) -> str:
                 raise UserError(f"run.out: cannot write to {out!r} ({err.strerror})") from None
     raise_together(comm, make)
     return out
+
+
+def set_aside_finished_run(out: str) -> None:
+    """Move an earlier run's model.h5 with its config.toml and metrics.jsonl to
+    OUT/previous-<time>/, so that a new run's files never pose as the description of that model
+    (whether the new run finishes or fails)."""
+    model = os.path.join(out, "model.h5")
+    if not os.path.isfile(model):
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = os.path.join(out, f"previous-{stamp}"), 1
+    while os.path.exists(target):
+        target, n = os.path.join(out, f"previous-{stamp}-{n}"), n + 1
+    os.makedirs(target)
+    for name in ("model.h5", "config.toml", "metrics.jsonl"):
+        if os.path.exists(os.path.join(out, name)):
+            os.replace(os.path.join(out, name), os.path.join(target, name))
+    print(f"mpifed: moved the earlier run's model.h5, config.toml and metrics.jsonl to "
+          f"{target!r}", file=sys.stderr, flush=True)
 
 
 def batch_loader(cfg: dict, shard, per_epoch: int, rank: int, steps_done: int, xp) -> Prefetcher:
