@@ -100,3 +100,24 @@ def test_resume_values_that_are_not_checkpoints(tmp_path):
         fh["layers/0/W"], fh["layers/0/b"] = np.zeros((4, 3)), np.zeros(3)
     with pytest.raises(UserError, match="is a model file, not a checkpoint"):
         choose_checkpoint(config(tmp_path, str(model)), "step", SHAPE)
+
+
+def test_resuming_past_the_end_is_nothing_to_do(tmp_path):
+    from conftest import run_mpi, write_site
+
+    write_site(tmp_path / "d.h5", 40, 0)
+    run = ['train', 'run.toml']
+    (tmp_path / "run.toml").write_text('[data]\ntrain = "d.h5"\n[optim]\nbatch_size = 4\n'
+                                       'steps = 6\n[run]\nout = "o"\ncheckpoint_every = 4\n')
+    assert run_mpi(1, run, cwd=tmp_path, timeout=60).returncode == 0
+    done = run_mpi(1, run + ["--set", "optim.steps=3"], cwd=tmp_path, timeout=60)
+    assert done.returncode == 1 and "nothing to do" in done.stderr, done.stderr
+    assert "samples/s" not in done.stdout
+
+
+def test_federated_resume_past_the_last_round_is_nothing_to_do(tmp_path):
+    cfg = config(tmp_path)
+    cfg["federated"] = {"rounds": 3}
+    save_checkpoint(cfg["run"]["out"], "round", 5, np.zeros(3), {}, {"round": 5}, cfg, SHAPE, 3)
+    with pytest.raises(UserError, match="nothing to do"):
+        choose_checkpoint(cfg, "round", SHAPE)

@@ -228,6 +228,11 @@ def choose_checkpoint(cfg: dict, kind: str, mpi_shape: dict) -> dict | None:
                         "checkpoint file; use one of those")
     else:
         found = load_checkpoint(resume)
+    rounds = (cfg.get("federated") or {}).get("rounds")
+    if kind == "round" and rounds is not None and found["counters"]["round"] > rounds:
+        raise UserError(f"federated.rounds: nothing to do, {found['path']!r} is after round "
+                        f"{found['counters']['round']}, past this run's {rounds} rounds; raise "
+                        "federated.rounds, or set run.resume = \"never\"")
     problems = differences(found["config"], cfg, found["layout"], mpi_shape)
     now = data_fingerprint(cfg)
     for path, then in (found["data"] or {}).items():

@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import faults
 from ..comm.agree import raise_together
+from ..errors import UserError
 from ..nn.io import save_model
 from ..optim import learning_rate, make_optimizer
 from ..xp import get_array_module
@@ -52,6 +53,10 @@ def run_data_parallel(cfg: dict, comm, xp) -> dict:
     out = prepare_out(cfg, comm)
     optimizer = make_optimizer(optim)
     first = resume_step(cfg, comm, params, optimizer)
+    if first > total:  # same on every rank
+        raise UserError(f"optim.steps: nothing to do, the checkpoint in {run['out']!r} is at step "
+                        f"{first}, past this run's {total} steps; raise optim.steps (or epochs), "
+                        "or set run.resume = \"never\"")
     reporter = Reporter(out, comm.rank == 0, total, run["progress"], append=first > 0)
     reporter.line(f"mpifed train: {comm.size} ranks, {spec.kind} {spec.sizes}, "
                   f"{shard.info.samples} samples, global batch {optim['batch_size'] * comm.size}, "
