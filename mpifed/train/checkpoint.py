@@ -33,7 +33,7 @@ RESUMABLE_CHANGES = {
     ("optim", "epochs"), ("optim", "steps"), ("federated", "rounds"), ("data", "test"),
     ("run", "log_every"), ("run", "eval_every"), ("run", "progress"),
     ("run", "checkpoint_every"), ("run", "resume"), ("run", "keep_checkpoints"),
-    ("run", "timeline"),
+    ("run", "timeline"), ("comm", "stall_timeout"),
 }
 
 
