@@ -69,13 +69,16 @@ def test_auto_takes_the_newest_complete_checkpoint(tmp_path):
     assert choose_checkpoint(cfg, "step", LAYOUT)["index"] == 74
 
 
-def test_never_ignores_checkpoints_and_a_path_names_one(tmp_path):
+def test_never_sets_checkpoints_aside_and_a_path_names_one(tmp_path):
     cfg = config(tmp_path)
     first, _ = save(cfg, 37), save(cfg, 74)
-    assert choose_checkpoint(config(tmp_path, {"run": {"resume": "never"}}), "step",
-                             LAYOUT) is None
     assert choose_checkpoint(config(tmp_path, {"run": {"resume": first}}), "step",
                              LAYOUT)["index"] == 37
+    assert choose_checkpoint(config(tmp_path, {"run": {"resume": "never"}}), "step",
+                             LAYOUT) is None
+    assert not list((tmp_path / "checkpoints").glob("step-*.h5"))  # moved, not mixed with
+    moved = sorted(tmp_path.glob("checkpoints.before-*/step-*.h5"))
+    assert [p.name for p in moved] == ["step-000000037.h5", "step-000000074.h5"]
 
 
 def test_a_named_checkpoint_that_cannot_be_used_is_an_error(tmp_path):
@@ -86,7 +89,7 @@ def test_a_named_checkpoint_that_cannot_be_used_is_an_error(tmp_path):
     with pytest.raises(UserError, match="is incomplete"):
         choose_checkpoint(config(tmp_path, {"run": {"resume": path}}), "step", LAYOUT)
     missing = str(tmp_path / "nope.h5")
-    with pytest.raises(UserError, match="nope.h5.*cannot be read"):
+    with pytest.raises(UserError, match="nope.h5.*neither"):
         choose_checkpoint(config(tmp_path, {"run": {"resume": missing}}), "step", LAYOUT)
 
 

@@ -332,7 +332,7 @@ def test_training_refuses_nccl_with_the_reason_on_every_rank(fake, monkeypatch):
     from mpifed.train import setup
 
     cfg = {"comm": {"backend": "numpy", "allreduce": "nccl"}}
-    with pytest.raises(UserError, match='comm.allreduce = "nccl": comm.backend is numpy'):
+    with pytest.raises(UserError, match='comm.allreduce = "nccl" needs GPU arrays'):
         setup.array_backend(cfg, MPI.COMM_SELF)
     monkeypatch.setattr(setup, "backend_module", lambda name: fake)
     monkeypatch.setattr(nccl, "nccl_library", lambda: None)

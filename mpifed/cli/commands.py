@@ -62,11 +62,11 @@ def _data_command(args) -> int:
             if sys.stderr.isatty():
                 print(f"\rwrote {done:,}/{total:,} rows", end="", file=sys.stderr, flush=True)
         write_synthetic(args.out, args.samples, args.features, args.classes, args.seed,
-                        progress=progress)
+                        progress=progress, force=args.force)
         print(f"wrote {args.out}: {args.samples} samples x {args.features} features, "
               f"{args.classes} classes")
     elif args.data_command == "digits":
-        train, test = write_digits(args.out_dir, seed=args.seed)
+        train, test = write_digits(args.out_dir, seed=args.seed, force=args.force)
         print(f"wrote {train} and {test}")
     elif args.data_command == "partition":
         print("\n".join(partition_command(args)))
@@ -93,4 +93,4 @@ def partition_command(args) -> list[str]:
         labels = fh[args.y][...]
     parts = split(labels, args.institutions, args.scheme, args.seed, args.alpha,
                   args.classes_per_site, sizes)
-    return write_partition(args.input, args.out_dir, parts, args.x, args.y)
+    return write_partition(args.input, args.out_dir, parts, args.x, args.y, args.force)

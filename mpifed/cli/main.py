@@ -92,10 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--features", type=int, required=True)
     synth.add_argument("--classes", type=int, required=True)
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--force", action="store_true", help="replace an existing file")
     digits = data_sub.add_parser("digits", help="write scikit-learn's handwritten digits "
                                                 "(OUT_DIR/train.h5, OUT_DIR/test.h5)")
     digits.add_argument("out_dir")
     digits.add_argument("--seed", type=int, default=0)
+    digits.add_argument("--force", action="store_true", help="replace existing files")
     part = data_sub.add_parser(
         "partition", help="split a dataset into institutions (site-<k>.h5)",
         description="Write OUT_DIR/site-0.h5 ... and a table of per-site class counts (also "
@@ -114,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="pathological: C, the most classes any site holds (default 2)")
     part.add_argument("--sizes", default=None, help="sizes: fractions, e.g. 0.5,0.3,0.2")
     part.add_argument("--seed", type=int, default=0)
+    part.add_argument("--force", action="store_true",
+                      help="replace the site files already in OUT_DIR")
     part.add_argument("--x", default="x")
     part.add_argument("--y", default="y")
     insp = data_sub.add_parser("inspect", help="print shapes, dtypes and class counts")

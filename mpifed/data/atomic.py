@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+
+from ..errors import UserError
 
 
 @contextlib.contextmanager
@@ -25,7 +28,14 @@ def atomic_path(path: str):
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(err, OSError) and (err.errno in (errno.ENOSPC, errno.EDQUOT)
+                                         or "No space left" in str(err)):
+            full = UserError(f"no space left on device writing {path!r}; free space there "
+                             f"(or choose another folder) and run again; {path!r} was left as "
+                             "it was")
+            full.collective = False  # often one rank alone writes: the others must end too
+            raise full from None
         raise

@@ -13,11 +13,12 @@ puts them in OUT_DIR/site-<k>.h5 with the same `num_classes`, so that every site
 
 from __future__ import annotations
 
+import glob
 import os
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, check_output_path
 
 SCHEMES = ("iid", "dirichlet", "pathological", "sizes")  # `mpifed data partition --scheme`
 
@@ -99,6 +100,8 @@ def sizes_split(samples: int, fractions, rng) -> list[np.ndarray]:
 def split(labels, sites: int, scheme: str, seed: int, alpha=0.5, classes_per_site=2,
           sizes=None) -> list[np.ndarray]:
     """Return the rows of each site under `scheme` (one of SCHEMES)."""
+    if seed < 0:
+        raise UserError(f"--seed must be >= 0, got {seed}")
     rng = np.random.default_rng(seed)
     if sites < 1:
         raise UserError(f"--institutions must be >= 1, got {sites}")
@@ -120,7 +123,29 @@ def split(labels, sites: int, scheme: str, seed: int, alpha=0.5, classes_per_sit
     raise UserError(f"--scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
 
 
-def write_partition(in_path: str, out_dir: str, parts, x: str = "x", y: str = "y") -> list[str]:
+def check_partition_output(in_path: str, out_dir: str, parts, force: bool) -> list[str]:
+    """Refuse a partition that would overwrite its input, write an empty site, or leave stale
+    site files beside new ones (unless `force`); return the existing site files to remove."""
+    check_output_path(out_dir, "out_dir", force, is_folder=True)
+    for site, rows in enumerate(parts):
+        if len(rows) == 0:
+            raise UserError(f"--institutions {len(parts)}: site {site} would get no rows (the "
+                            f"input has {sum(map(len, parts))}); use fewer institutions")
+    existing = sorted(glob.glob(os.path.join(out_dir, "site-*.h5")))
+    written = [os.path.join(out_dir, f"site-{k}.h5") for k in range(len(parts))]
+    written.append(os.path.join(out_dir, "partition.csv"))
+    source = os.path.realpath(in_path)
+    if source in {os.path.realpath(p) for p in written + existing}:
+        raise UserError(f"input {in_path!r} lies among the files the partition writes in "
+                        f"{out_dir!r}; choose another out_dir")
+    if existing and not force:
+        raise UserError(f"out_dir {out_dir!r} already holds {len(existing)} site files; add "
+                        "--force to replace them all, or choose another folder")
+    return existing
+
+
+def write_partition(in_path: str, out_dir: str, parts, x: str = "x", y: str = "y",
+                    force: bool = False) -> list[str]:
     """Write OUT_DIR/site-<k>.h5 for each part and OUT_DIR/partition.csv; return the table lines.
 
     Reads the input's x and y whole: partitioning is a one-off preprocessing step on one machine.
@@ -129,6 +154,8 @@ def write_partition(in_path: str, out_dir: str, parts, x: str = "x", y: str = "y
 
     from .synth import write_arrays
 
+    for stale in check_partition_output(in_path, out_dir, parts, force):
+        os.remove(stale)
     with h5py.File(in_path, "r") as fh:
         features, labels = fh[x][...], fh[y][...]
         classes = int(fh.attrs.get("num_classes", labels.max() + 1))

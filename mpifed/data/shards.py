@@ -53,10 +53,10 @@ def describe(path: str, x: str = "x", y: str = "y", key: str = "data.train") -> 
     with fh:
         names = sorted(fh.keys())
         for name, which in ((x, "x"), (y, "y")):
-            if name not in fh or not isinstance(fh[name], h5py.Dataset):
+            if name not in fh or not isinstance(_dataset(fh, name, path, key), h5py.Dataset):
                 raise UserError(f"{key}: {path!r} has no dataset {name!r} (found: "
                                 f"{', '.join(map(repr, names)) or 'nothing'}); set data.{which}")
-        dx, dy = fh[x], fh[y]
+        dx, dy = _dataset(fh, x, path, key), _dataset(fh, y, path, key)
         if dx.ndim != 2 or dx.dtype.kind not in "fiu":
             raise UserError(f"{key}: dataset {x!r} in {path!r} must be 2-D numeric "
                             f"(samples x features), got shape {dx.shape} of {dx.dtype}")
@@ -66,9 +66,64 @@ def describe(path: str, x: str = "x", y: str = "y", key: str = "data.train") -> 
         if dx.shape[0] != dy.shape[0]:
             raise UserError(f"{key}: {path!r} has {dx.shape[0]} rows in {x!r} but "
                             f"{dy.shape[0]} labels in {y!r}; they must match")
-        classes = fh.attrs.get("num_classes")
+        if dx.shape[0] == 0 or dx.shape[1] == 0:
+            raise UserError(f"{key}: dataset {x!r} in {path!r} has shape {dx.shape}: no "
+                            f"{'rows' if dx.shape[0] == 0 else 'features'}; give a file with data")
+        for dataset in (dx, dy):
+            check_virtual_sources(dataset, path, key)
         return DatasetInfo(path, x, y, int(dx.shape[0]), int(dx.shape[1]),
-                           None if classes is None else int(classes))
+                           class_count(fh.attrs.get("num_classes"), path, key))
+
+
+MAX_CLASSES = 1 << 24
+
+
+def class_count(value, path: str, key: str) -> int | None:
+    """Return the `num_classes` attribute as an int >= 2, or None when absent; else UserError."""
+    if value is None:
+        return None
+    number = np.asarray(value)
+    ok = number.ndim == 0 and number.dtype.kind in "iuf" and np.isfinite(number) and \
+        float(number) == int(number) and 2 <= int(number) <= MAX_CLASSES
+    if not ok:
+        raise UserError(f"{key}: attribute num_classes of {path!r} is {value!r}; it must be a "
+                        f"whole number from 2 to {MAX_CLASSES} (or absent: max(y)+1)")
+    return int(number)
+
+
+def _dataset(fh, name: str, path: str, key: str):
+    """Return fh[name]; a link to a missing file or object is a UserError naming it."""
+    try:
+        return fh[name]
+    except KeyError as err:
+        link = fh.get(name, getlink=True)
+        target = f" to {link.filename!r}" if isinstance(link, h5py.ExternalLink) else ""
+        raise UserError(f"{key}: {name!r} in {path!r} is a link{target} that cannot be opened "
+                        f"({err}); restore the file it points to") from None
+
+
+def check_virtual_sources(dataset, path: str, key: str) -> None:
+    """Refuse a virtual dataset whose source files are missing (it would read its fill value)."""
+    if not dataset.is_virtual:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    for source in dataset.virtual_sources():
+        name = source.file_name
+        if name == ".":
+            continue
+        full = name if os.path.isabs(name) else os.path.join(folder, name)
+        if not os.path.exists(full):
+            raise UserError(f"{key}: dataset {dataset.name!r} in {path!r} is virtual and its "
+                            f"source file {name!r} is missing; restore it")
+
+
+def file_identity(path: str) -> tuple:
+    """Return what tells a file apart from a changed one: (device, inode, size, mtime_ns)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class Shard:
@@ -83,8 +138,9 @@ class Shard:
             self.x, self.y = self._read_rows(start, stop)
         else:
             self._file = h5py.File(info.path, "r")
+            self._identity = file_identity(info.path)
             self.x = None
-            self.y = self._file[info.y][start:stop].astype(np.int64)
+            self.y = self._read(self._file[info.y], slice(start, stop)).astype(np.int64)
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -96,17 +152,38 @@ class Shard:
             dx = fh[self.info.x]
             for lo in range(start, stop, READ_BLOCK_ROWS):
                 hi = min(stop, lo + READ_BLOCK_ROWS)
-                x[lo - start:hi - start] = dx[lo:hi]
-            y = fh[self.info.y][start:stop].astype(np.int64)
+                x[lo - start:hi - start] = self._read(dx, slice(lo, hi))
+            y = self._read(fh[self.info.y], slice(start, stop)).astype(np.int64)
         return x, y
+
+    def _read(self, dataset, rows):
+        """Read dataset[rows]; a failed read (a corrupt chunk) is a UserError naming it."""
+        try:
+            return dataset[rows]
+        except OSError as err:
+            error = UserError(f"{self.info.path!r}: dataset {dataset.name!r} cannot be read "
+                              f"({err}); the file is damaged, write it again")
+            error.collective = False  # during training only this rank knows
+            raise error from None
 
     def rows(self, local_index):
         """Return (x, y) for the shard-local row numbers `local_index` (host arrays)."""
         if self.x is not None:
             return self.x[local_index], self.y[local_index]
+        if file_identity(self.info.path) != self._identity:  # one stat per batch
+            error = UserError(f"{self.info.path!r} changed or was truncated while training read "
+                              "it batch by batch; restore it and resume from the checkpoint")
+            error.collective = False  # this rank alone sees it: abort the others
+            raise error
         order = np.argsort(local_index)
         sorted_rows = local_index[order] + self.start
-        x = self._file[self.info.x][sorted_rows].astype(self.dtype)  # h5py wants increasing rows
+        x = self._read(self._file[self.info.x], sorted_rows)  # h5py wants increasing rows
+        if x.shape != (len(local_index), self.info.features):
+            error = UserError(f"{self.info.path!r}: a short read ({x.shape[0]} of "
+                              f"{len(local_index)} rows); the file changed during training")
+            error.collective = False
+            raise error
+        x = x.astype(self.dtype)
         inverse = np.empty_like(order)
         inverse[order] = np.arange(order.size)
         return x[inverse], self.y[local_index]

@@ -10,14 +10,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, check_memory, check_output_path
 from .atomic import atomic_path
 
 BLOCK_ROWS = 1 << 16
 
 
 def write_synthetic(out: str, samples: int, features: int, classes: int, seed: int = 0,
-                    noise: float = 1.0, progress=None) -> None:
+                    noise: float = 1.0, progress=None, force: bool = False) -> None:
     """Write a Gaussian-blobs classification set (x float32, y int64), streamed in blocks.
 
     Class centres are drawn once from `seed`; each row is its class centre plus N(0, noise^2), so
@@ -26,6 +26,11 @@ def write_synthetic(out: str, samples: int, features: int, classes: int, seed: i
     if samples < 1 or features < 1 or classes < 2:
         raise UserError(f"need --samples >= 1, --features >= 1, --classes >= 2 "
                         f"(got {samples}, {features}, {classes})")
+    if seed < 0:
+        raise UserError(f"--seed must be >= 0, got {seed}")
+    check_output_path(out, "out", force, is_folder=False)
+    check_memory((classes + 2 * min(samples, BLOCK_ROWS)) * features * 4,
+                 f"--features {features}", "use fewer --features")
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((classes, features)).astype(np.float32) * 2.0
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as fh:
@@ -55,8 +60,14 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return (table[:, :-1] / 16.0).astype(np.float32), table[:, -1].astype(np.int64)
 
 
-def write_digits(out_dir: str, test_fraction: float = 0.2, seed: int = 0) -> tuple[str, str]:
+def write_digits(out_dir: str, test_fraction: float = 0.2, seed: int = 0,
+                 force: bool = False) -> tuple[str, str]:
     """Write OUT_DIR/train.h5 and OUT_DIR/test.h5 (a seeded, class-stratified split)."""
+    if seed < 0:
+        raise UserError(f"--seed must be >= 0, got {seed}")
+    check_output_path(out_dir, "out_dir", force, is_folder=True)
+    for name in ("train.h5", "test.h5"):
+        check_output_path(os.path.join(out_dir, name), "out_dir", force, is_folder=False)
     x, y = digits_arrays()
     rng = np.random.default_rng(seed)
     test_mask = np.zeros(len(y), dtype=bool)

@@ -42,6 +42,16 @@ def poisson_participants(count: int, q: float, seed: int, round_index: int) -> l
     return [k for k in range(count) if rng.random() < q]
 
 
+def default_count_stddev(noise_multiplier: float, expected_sites: float) -> float:
+    """Return the clip count's noise stddev when none is set: Andrew et al.'s q*K/20, raised to
+    noise_multiplier for small federations, where q*K/20 would leave the updates no noise budget
+    (it must exceed noise_multiplier / 2); the updates then keep z / sqrt(3/4). Zero without
+    noise."""
+    if noise_multiplier == 0:
+        return 0.0
+    return max(expected_sites / 20, noise_multiplier)
+
+
 def dp_settings(fed_cfg: dict, institutions: int) -> dict | None:
     """Return the [federated.dp] settings a run uses (a new dict), or None without DP.
 
@@ -54,7 +64,8 @@ def dp_settings(fed_cfg: dict, institutions: int) -> dict | None:
         return None
     dp = dict(dp)
     if dp["adaptive"] and dp["clip_count_stddev"] is None:
-        dp["clip_count_stddev"] = fed_cfg["fraction"] * institutions / 20
+        dp["clip_count_stddev"] = default_count_stddev(dp["noise_multiplier"],
+                                                       fed_cfg["fraction"] * institutions)
     if dp["adaptive"]:
         try:
             update_noise_multiplier(dp["noise_multiplier"], dp["clip_count_stddev"])

@@ -11,7 +11,7 @@ import numpy as np
 from ..data.atomic import atomic_path
 from ..errors import UserError
 from .layout import views
-from .models import ModelSpec
+from .models import KINDS, ModelSpec
 
 
 def save_model(path: str, spec: ModelSpec, flat) -> None:
@@ -50,7 +50,19 @@ def load_model(path: str, dtype=None, key: str = "model.init") -> tuple[ModelSpe
             raise UserError(f"{key}: {path!r} is not an mpifed model file (missing {err}); "
                             "it needs layers/<i>/W, layers/<i>/b and attributes kind, hidden, "
                             "num_classes") from None
-    spec = ModelSpec(kind, int(arrays[0].shape[0]), hidden, classes)
+    if not arrays:
+        raise UserError(f"{key}: {path!r} has an empty 'layers' group: no weights to read; "
+                        "give a model file written by mpifed train")
+    try:
+        spec = ModelSpec(kind, int(arrays[0].shape[0]), hidden, classes)
+    except UserError:  # ModelSpec names the [model] keys, but the file is at fault here
+        raise UserError(f"{key}: {path!r} holds kind = {kind!r}, hidden = {list(hidden)}, which "
+                        f"is no model mpifed knows ({', '.join(KINDS)}; only mlp has hidden "
+                        "layers); the file is damaged or not from mpifed") from None
+    for i, array in enumerate(arrays):
+        if not np.isfinite(array).all():
+            raise UserError(f"{key}: {path!r} has NaN or Inf in layers/{i // 2}/{'Wb'[i % 2]}; "
+                            "the model it holds is broken (a diverged run?)")
     layout = spec.layout(dtype or arrays[0].dtype)
     if tuple(a.shape for a in arrays) != layout.shapes:
         raise UserError(f"{key}: layer shapes in {path!r} do not match kind={kind!r}, "

@@ -5,15 +5,21 @@ A checkpoint is OUT/checkpoints/<kind>-<index>.h5 (kind "step" or "round"): the 
 optimiser's (or the server's) state, the counters that place every rank's data stream, the
 resolved config and the MPI layout. Randomness in mpifed is derived from (seed, epoch, rank) and
 (seed, round), so the seed in the config is the whole RNG state. Files are written to a temporary
-name, fsynced and renamed; the newest `keep` are kept.
+name, fsynced and renamed; the newest `keep` are kept. Every dataset carries the SHA-256 of its
+bytes and the attributes theirs, checked on load: a damaged newest file falls back to the one
+before it with a warning. The data's fingerprint (sizes, shapes, a hash of a few rows) is kept
+too, so a resume on data that changed under the same path is refused.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import re
+import sys
+import time
 
 import h5py
 import numpy as np
@@ -30,7 +36,7 @@ RESUMABLE_CHANGES = {
     ("optim", "epochs"), ("optim", "steps"), ("federated", "rounds"), ("data", "test"),
     ("run", "log_every"), ("run", "eval_every"), ("run", "progress"),
     ("run", "checkpoint_every"), ("run", "resume"), ("run", "keep_checkpoints"),
-    ("run", "timeline"),
+    ("run", "timeline"), ("comm", "stall_timeout"),
 }
 
 
@@ -45,15 +51,18 @@ def save_checkpoint(out: str, kind: str, index: int, params, state: dict, counte
     state: name -> array (optimiser or server state); counters: name -> int or list of ints.
     """
     path = os.path.join(checkpoint_dir(out), f"{kind}-{index:09d}.h5")
+    texts = {"counters": json.dumps(counters), "config": json.dumps(cfg),
+             "layout": json.dumps(mpi_shape),  # the file keeps its attribute name
+             "data": json.dumps(data_fingerprint(cfg))}
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as fh:
-        fh.create_dataset("params", data=_host(params))
+        _dataset(fh, "params", _host(params))
         group = fh.create_group("state")
         for name, value in state.items():
-            group.create_dataset(name, data=_host(value))
+            _dataset(group, name, _host(value))
         fh.attrs["kind"], fh.attrs["index"] = kind, index
-        fh.attrs["counters"] = json.dumps(counters)
-        fh.attrs["config"] = json.dumps(cfg)
-        fh.attrs["layout"] = json.dumps(mpi_shape)  # the file keeps its attribute name
+        for name, text in texts.items():
+            fh.attrs[name] = text
+        fh.attrs["sha256"] = _sha256(*texts.values())
         fh.attrs["complete"] = True  # last: a file without it was never finished
     for old in list_checkpoints(out, kind)[:-keep]:
         os.remove(old)
@@ -67,6 +76,52 @@ def _host(array):
     return np.asarray(array.get() if hasattr(array, "get") else array)
 
 
+def _sha256(*parts) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode() if isinstance(part, str) else
+                      np.ascontiguousarray(part).tobytes())
+    return digest.hexdigest()
+
+
+def _dataset(group, name: str, array) -> None:
+    """Write `array` with the SHA-256 of its bytes as attribute `sha256`."""
+    group.create_dataset(name, data=array).attrs["sha256"] = _sha256(array)
+
+
+def _verified(dataset):
+    """Read a dataset and check it against its `sha256` attribute (when it has one)."""
+    value = dataset[()]
+    want = dataset.attrs.get("sha256")
+    if want is not None and _sha256(np.asarray(value)) != want:
+        raise ValueError(f"dataset {dataset.name!r} does not match its checksum")
+    return value
+
+
+def data_fingerprint(cfg: dict) -> dict:
+    """Return {path: (bytes, x shape, x dtype, y shape, SHA-256 of the first, middle, last rows)}
+    for every training file of `cfg` (each institution's file under a template)."""
+    train, fed = cfg["data"]["train"], cfg.get("federated")
+    paths = [train]
+    if fed and "{institution}" in train:
+        count = fed["institutions"] or len(fed["institution_sizes"])
+        paths = [train.format(institution=k) for k in range(count)]
+    return {path: _file_fingerprint(path, cfg["data"]["x"], cfg["data"]["y"]) for path in paths}
+
+
+def _file_fingerprint(path: str, x: str, y: str, rows: int = 64):
+    try:
+        with h5py.File(path, "r") as fh:
+            dx, dy = fh[x], fh[y]
+            n = dx.shape[0]
+            picks = [(lo, min(n, lo + rows)) for lo in sorted({0, max(0, n // 2 - rows // 2),
+                                                               max(0, n - rows)})]
+            digest = _sha256(*[a for lo, hi in picks for a in (dx[lo:hi], dy[lo:hi])])
+            return [os.path.getsize(path), list(dx.shape), str(dx.dtype), list(dy.shape), digest]
+    except (OSError, KeyError):
+        return None  # a missing file is reported by the data checks, not here
+
+
 def list_checkpoints(out: str, kind: str) -> list[str]:
     """Return the checkpoint files of `kind` in run.out, oldest first."""
     pattern = re.compile(rf"{kind}-(\d+)\.h5$")
@@ -76,31 +131,67 @@ def list_checkpoints(out: str, kind: str) -> list[str]:
 
 
 def load_checkpoint(path: str) -> dict:
-    """Read a checkpoint; raise UserError if it is unreadable or incomplete."""
+    """Read a checkpoint and verify its checksums; raise UserError if it is unreadable,
+    incomplete, damaged or not a checkpoint at all."""
     try:
         with h5py.File(path, "r") as fh:
+            if "layers" in fh and "params" not in fh:
+                raise UserError(f"run.resume: {path!r} is a model file, not a checkpoint; to "
+                                "start from its weights set model.init to it instead")
             if not fh.attrs.get("complete", False):
-                raise UserError(f"checkpoint {path!r} is incomplete")
+                raise UserError(f"checkpoint {path!r} is incomplete (its write never finished)")
+            texts = {name: str(fh.attrs[name]) for name in ("counters", "config", "layout")}
+            data = fh.attrs.get("data")
+            want = fh.attrs.get("sha256")
+            if want is not None and _sha256(*texts.values(), str(data)) != want:
+                raise ValueError("its attributes do not match their checksum")
             return {
                 "path": path, "kind": str(fh.attrs["kind"]), "index": int(fh.attrs["index"]),
-                "params": fh["params"][...],
-                "state": {name: fh["state"][name][()] for name in fh["state"]},
-                "counters": json.loads(fh.attrs["counters"]),
-                "config": json.loads(fh.attrs["config"]),
-                "layout": json.loads(fh.attrs["layout"]),
+                "params": _verified(fh["params"]),
+                "state": {name: _verified(fh["state"][name]) for name in fh["state"]},
+                **{name: json.loads(text) for name, text in texts.items()},
+                "data": None if data is None else json.loads(data),
             }
-    except (OSError, KeyError) as err:
-        raise UserError(f"checkpoint {path!r} cannot be read ({err})") from None
+    except (OSError, KeyError, ValueError) as err:
+        raise UserError(f"checkpoint {path!r} is damaged or unreadable ({err})") from None
 
 
 def newest_valid(out: str, kind: str) -> dict | None:
-    """Return the newest checkpoint of `kind` that reads back complete, or None."""
-    for path in reversed(list_checkpoints(out, kind)):
+    """Return the newest checkpoint of `kind` that reads back whole, or None when there is none.
+
+    Falling back past a damaged file prints one warning naming it; when every file is damaged,
+    raise UserError rather than silently start afresh.
+    """
+    paths = list_checkpoints(out, kind)
+    bad = []
+    for path in reversed(paths):
         try:
-            return load_checkpoint(path)
-        except UserError:
-            continue  # a damaged newest file falls back to the one before it
+            found = load_checkpoint(path)
+        except UserError as err:
+            bad.append(str(err))
+            continue
+        for message in bad:
+            print(f"mpifed: warning: {message}; resuming from {path!r} instead", file=sys.stderr,
+                  flush=True)
+        return found
+    if bad:
+        raise UserError(f"run.resume: every checkpoint in {checkpoint_dir(out)!r} is damaged "
+                        f"({bad[0]}); move them aside to start afresh, or set "
+                        "run.resume = \"never\"")
     return None
+
+
+def set_aside(out: str) -> str | None:
+    """Move OUT/checkpoints to a new OUT/checkpoints.before-<time> folder; return it (or None)."""
+    folder = checkpoint_dir(out)
+    if not glob.glob(os.path.join(folder, "*.h5")):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = f"{folder}.before-{stamp}", 1
+    while os.path.exists(target):
+        target, n = f"{folder}.before-{stamp}-{n}", n + 1
+    os.rename(folder, target)
+    return target
 
 
 def differences(saved_cfg: dict, cfg: dict, saved_shape: dict, mpi_shape: dict) -> list[str]:
@@ -124,16 +215,33 @@ def choose_checkpoint(cfg: dict, kind: str, mpi_shape: dict) -> dict | None:
 
     A checkpoint from another layout or config is refused, naming what differs.
     """
-    resume = cfg["run"]["resume"]
+    resume, out = cfg["run"]["resume"], cfg["run"]["out"]
     if resume == "never":
+        moved = set_aside(out)
+        if moved:  # a fresh run never mixes with (or prunes) another run's checkpoints
+            print(f"mpifed: run.resume = \"never\": moved the earlier checkpoints of {out!r} "
+                  f"to {moved!r}", file=sys.stderr, flush=True)
         return None
     if resume == "auto":
-        found = newest_valid(cfg["run"]["out"], kind)
+        found = newest_valid(out, kind)
         if found is None:
             return None
+    elif not os.path.isfile(resume):
+        raise UserError(f"run.resume: {resume!r} is neither \"auto\", \"never\" nor an existing "
+                        "checkpoint file; use one of those")
     else:
         found = load_checkpoint(resume)
+    rounds = (cfg.get("federated") or {}).get("rounds")
+    if kind == "round" and rounds is not None and found["counters"]["round"] > rounds:
+        raise UserError(f"federated.rounds: nothing to do, {found['path']!r} is after round "
+                        f"{found['counters']['round']}, past this run's {rounds} rounds; raise "
+                        "federated.rounds, or set run.resume = \"never\"")
     problems = differences(found["config"], cfg, found["layout"], mpi_shape)
+    now = data_fingerprint(cfg)
+    for path, then in (found["data"] or {}).items():
+        if path in now and then is not None and now[path] != then:
+            problems.append(f"data file {path!r} changed since the checkpoint was written "
+                            "(size, shape or content)")
     if problems:
         raise UserError(f"run.resume: checkpoint {found['path']!r} is from a different run: "
                         + "; ".join(problems) + ". Use another run.out, or run.resume = \"never\"")

@@ -20,6 +20,7 @@ from ..nn.models import DTYPES, KINDS
 from ..optim.optimizers import OPTIMIZERS
 from ..optim.schedules import SCHEDULES
 from ..xp import BACKENDS
+from . import checks
 from .checkpoint import RESUME_MODES
 from .overrides import apply_override, parse_value, read_raw  # noqa: F401 (public here too)
 from .report import PROGRESS_MODES
@@ -43,7 +44,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], object]]] = {
         "beta2": ((float, int), 0.999), "eps": ((float, int), 1e-8),
     },
     "comm": {"allreduce": ((str,), "auto"), "backend": ((str,), "auto"),
-             "overlap": ((bool,), False)},
+             "overlap": ((bool,), False), "stall_timeout": ((float, int), 600)},
     "run": {
         "seed": ((int,), 0), "out": ((str,), "runs/latest"), "log_every": ((int,), 10),
         "eval_every": ((int,), 0), "progress": ((str,), "auto"),
@@ -89,7 +90,11 @@ OPEN_CHOICES = {("run", "resume"): (*RESUME_MODES, "PATH")}
 
 def load_config(path: str, overrides=()) -> dict:
     """Read the TOML file at `path`, apply overrides, check it; return the resolved config."""
-    return resolve(read_raw(path, overrides))
+    raw = read_raw(path, overrides)
+    cfg = resolve(raw)
+    if cfg["federated"]:
+        checks.warn(checks.ignored_keys(raw["federated"], cfg["federated"]["strategy"]))
+    return cfg
 
 
 def resolve(raw: dict) -> dict:
@@ -119,6 +124,8 @@ def resolve(raw: dict) -> dict:
             cfg[section][key] = value
     _check_values(cfg)
     cfg["federated"] = _check_federated(cfg["federated"]) if "federated" in cfg else None
+    checks.check_ranges(cfg)
+    checks.check_meaning(cfg)
     return cfg
 
 
@@ -241,8 +248,8 @@ def _check_values(cfg: dict) -> None:
     if cfg["run"]["keep_checkpoints"] < 1:
         raise UserError(f"run.keep_checkpoints: must be >= 1, got {cfg['run']['keep_checkpoints']}")
     if not cfg["run"]["resume"]:
-        raise UserError(f"run.resume: {' or '.join(map(repr, RESUME_MODES))} or the path of a "
-                        "checkpoint file")
+        raise UserError("run.resume: expected " + ", ".join(f'"{m}"' for m in RESUME_MODES)
+                        + " or the path of a checkpoint file")
 
 
 def to_toml(cfg: dict) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import faults
 from ..comm.agree import raise_together
+from ..errors import UserError
 from ..nn.io import save_model
 from ..optim import learning_rate, make_optimizer
 from ..xp import get_array_module
@@ -52,13 +53,17 @@ def run_data_parallel(cfg: dict, comm, xp) -> dict:
     out = prepare_out(cfg, comm)
     optimizer = make_optimizer(optim)
     first = resume_step(cfg, comm, params, optimizer)
+    if first > total:  # same on every rank
+        raise UserError(f"optim.steps: nothing to do, the checkpoint in {run['out']!r} is at step "
+                        f"{first}, past this run's {total} steps; raise optim.steps (or epochs), "
+                        "or set run.resume = \"never\"")
     reporter = start_report(
         cfg, out, comm.rank == 0, total, first,
         f"mpifed train: {comm.size} ranks, {spec.kind} {spec.sizes}, {shard.info.samples} "
         f"samples, global batch {optim['batch_size'] * comm.size}, {total} steps ({per_epoch} "
         f"per epoch), backend {xp.__name__}", "step")
     step_fn = DataParallelStep(spec, params, comm, cfg["comm"]["allreduce"], xp,
-                               cfg["comm"]["overlap"])
+                               cfg["comm"]["overlap"], cfg["comm"]["stall_timeout"])
     loader = batch_loader(cfg, shard, per_epoch, comm.rank, first, xp)
     window = Window(optim["batch_size"] * comm.size)
     timeline = Timeline(run["timeline"], comm.rank)

@@ -96,6 +96,10 @@ def open_site_data(cfg: dict, fed: Federation, dtype):
     if len(set(features)) > 1:
         raise UserError(f"data.train: institutions' files have different feature counts "
                         f"({sorted(set(features))}); every site needs the same features")
+    declared = {c for c in fed.world.allgather(shard.info.num_classes) if c is not None}
+    if len(declared) > 1:
+        raise UserError(f"data.train: institutions' files declare different num_classes "
+                        f"({sorted(declared)}); give every site the same num_classes attribute")
     return shard, comm, samples, fed.world.allreduce(classes, op=MPI.MAX)
 
 
@@ -121,7 +125,7 @@ def run_federation(cfg: dict, world, xp) -> dict:
         f"{fed_cfg['strategy']}, {fed_cfg['rounds']} rounds, {site.spec.kind} {site.spec.sizes}",
         "round")
     step_fn = DataParallelStep(site.spec, site.params, fed.site, cfg["comm"]["allreduce"], xp,
-                               cfg["comm"]["overlap"])
+                               cfg["comm"]["overlap"], cfg["comm"]["stall_timeout"])
     loader = batch_loader(cfg, site.shard, site.per_epoch, site.stream_comm.rank, site_steps, xp)
     hyper = ServerHyper(fed_cfg["server_lr"] or DEFAULT_SERVER_LR.get(fed_cfg["strategy"], 1.0),
                         fed_cfg["beta1"], fed_cfg["beta2"], fed_cfg["tau"])

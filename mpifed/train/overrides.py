@@ -14,6 +14,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from ..errors import UserError
+from .checks import set_dotted
 
 
 def parse_value(text: str):
@@ -25,12 +26,12 @@ def parse_value(text: str):
 
 
 def apply_override(cfg: dict, assignment: str) -> None:
-    """Apply one `section.key=value` to `cfg` in place."""
+    """Apply one `section.key=value` (any depth: federated.dp.clip=0.5) to `cfg` in place; a
+    table value (`federated.dp={clip=0.5}`) merges into the table already there."""
     target, sep, text = assignment.partition("=")
-    section, dot, key = target.strip().partition(".")
-    if not sep or not dot or not key:
+    if not sep:
         raise UserError(f"--set {assignment!r}: expected section.key=value, e.g. optim.lr=0.05")
-    cfg.setdefault(section, {})[key] = parse_value(text.strip())
+    set_dotted(cfg, target.strip(), parse_value(text.strip()))
 
 
 def read_raw(path: str, overrides=()) -> dict:
@@ -42,6 +43,11 @@ def read_raw(path: str, overrides=()) -> dict:
         raise UserError(f"config file {path!r} does not exist") from None
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"config file {path!r} is not valid TOML: {err}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path!r} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"config file {path!r} cannot be read ({err.strerror}); give the path "
+                        "of a TOML file") from None
     for assignment in overrides:
         apply_override(raw, assignment)
     return raw

@@ -7,6 +7,8 @@ report of an early stop. The data-parallel loop (`data_parallel.py`) and the fed
 from __future__ import annotations
 
 import os
+import sys
+import time
 
 import numpy as np
 from mpi4py import MPI
@@ -18,7 +20,7 @@ from ..comm.topology import ranks_per_node
 from ..data.atomic import atomic_path
 from ..data.shards import Shard, describe, shard_bounds
 from ..data.stream import BatchStream, Prefetcher
-from ..errors import UserError
+from ..errors import UserError, check_memory
 from ..nn.io import load_model
 from ..nn.models import ModelSpec, init_params
 from ..xp import backend_module, device_copier
@@ -32,15 +34,19 @@ def array_backend(cfg: dict, comm):
     refuse comm.allreduce = "nccl" where NCCL cannot run, on every rank with one message."""
     def choose():
         try:
-            return backend_module(cfg["comm"]["backend"])
+            module = backend_module(cfg["comm"]["backend"])
         except ValueError as err:
             raise UserError(f"comm.backend: {err}") from None
+        return module
     xp = raise_together(comm, choose)
     if xp is not np:
         select_device(comm)
     if cfg["comm"]["allreduce"] == "nccl":
-        reason = ("comm.backend is numpy, and NCCL reduces GPU buffers" if xp is np
-                  else nccl_unavailable(comm))  # the same answer on every rank
+        if xp is np:
+            raise UserError('comm.allreduce = "nccl" needs GPU arrays, but the backend is NumPy '
+                            '(CuPy or a GPU is missing, or comm.backend = "numpy"); use '
+                            'comm.allreduce = "auto", "ring", "mpi" or "hierarchical"')
+        reason = nccl_unavailable(comm)  # the same answer on every rank
         if reason:
             raise UserError(f'comm.allreduce = "nccl": {reason}')
     return xp
@@ -84,6 +90,10 @@ def open_checked_shard(comm, path: str, x: str, y: str, dtype, key: str,
     raise_together(comm, check_values)
     top = comm.allreduce(shard.label_range()[1], op=MPI.MAX)
     classes = info.num_classes if info.num_classes is not None else top + 1
+    bottom = comm.allreduce(shard.label_range()[0] if len(shard) else top, op=MPI.MIN)
+    if classes < 2 or (key == "data.train" and bottom == top):
+        raise UserError(f"{key}: every label in {y!r} of {path!r} is {top}; a classifier needs "
+                        "at least two classes")
 
     def check_classes():
         if shard.label_range()[1] >= classes:
@@ -113,8 +123,16 @@ def build_model(cfg: dict, features: int, classes: int, xp, dtype):
         if (spec.features, spec.num_classes) != (features, classes):
             raise UserError(f"model.init: {model['init']!r} maps {spec.features} features to "
                             f"{spec.num_classes} classes; the data has {features} and {classes}")
+        if (spec.kind, list(spec.hidden)) != (model["kind"], list(model["hidden"])):
+            raise UserError(f"model.init: {model['init']!r} holds kind = {spec.kind!r}, hidden = "
+                            f"{list(spec.hidden)}, but [model] says kind = {model['kind']!r}, "
+                            f"hidden = {model['hidden']}; set [model] to match the file")
         return spec, xp.asarray(host)
     spec = ModelSpec(model["kind"], features, tuple(model["hidden"]), classes)
+    # parameters, gradients, two optimiser states, a checkpoint's host copy
+    check_memory(5 * sum(a * b + b for a, b in zip(spec.sizes, spec.sizes[1:]))
+                 * np.dtype(dtype).itemsize, f"model {spec.kind} {spec.sizes}",
+                 "use smaller model.hidden")
     return spec, init_params(spec, cfg["run"]["seed"], xp, dtype)
 
 
@@ -138,6 +156,7 @@ def prepare_out(cfg: dict, comm) -> str:
     def make():
         if comm.rank == 0:
             try:
+                set_aside_finished_run(out)
                 os.makedirs(out, exist_ok=True)
                 with atomic_path(os.path.join(out, "config.toml")) as tmp, open(tmp, "w") as fh:
                     fh.write(to_toml(cfg))
@@ -145,6 +164,25 @@ def prepare_out(cfg: dict, comm) -> str:
                 raise UserError(f"run.out: cannot write to {out!r} ({err.strerror})") from None
     raise_together(comm, make)
     return out
+
+
+def set_aside_finished_run(out: str) -> None:
+    """Move an earlier run's model.h5 with its config.toml and metrics.jsonl to
+    OUT/previous-<time>/, so that a new run's files never pose as the description of that model
+    (whether the new run finishes or fails)."""
+    model = os.path.join(out, "model.h5")
+    if not os.path.isfile(model):
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = os.path.join(out, f"previous-{stamp}"), 1
+    while os.path.exists(target):
+        target, n = os.path.join(out, f"previous-{stamp}-{n}"), n + 1
+    os.makedirs(target)
+    for name in ("model.h5", "config.toml", "metrics.jsonl"):
+        if os.path.exists(os.path.join(out, name)):
+            os.replace(os.path.join(out, name), os.path.join(target, name))
+    print(f"mpifed: moved the earlier run's model.h5, config.toml and metrics.jsonl to "
+          f"{target!r}", file=sys.stderr, flush=True)
 
 
 def batch_loader(cfg: dict, shard, per_epoch: int, rank: int, steps_done: int, xp) -> Prefetcher:

@@ -7,6 +7,7 @@ import numpy as np
 from ..comm import allreduce
 from ..comm.checks import check_same_signature
 from ..comm.shared import release, shared_array
+from ..comm.stall import StallWatch
 from ..comm.topology import topology
 from ..errors import UserError
 from ..nn.models import loss_and_grad
@@ -37,13 +38,15 @@ class DataParallelStep:
     host clock around a staged reduction would charge it the backward pass it waits for).
     """
 
-    def __init__(self, spec, params, comm, algorithm: str, xp, overlap: bool = False):
+    def __init__(self, spec, params, comm, algorithm: str, xp, overlap: bool = False,
+                 stall_timeout: float = 0.0):
         self.spec, self.params, self.comm, self.algorithm = spec, params, comm, algorithm
         self.xp = xp
         self.grad = _gradient_buffer(params.size + 2, params.dtype, comm, algorithm, xp)
         self.stop_agreed = False  # after a step: some rank asked to stop
         check_same_signature(comm, self.grad.size, self.grad.dtype)  # once; steps skip it
-        self.comm_seconds = 0.0
+        self.comm_seconds, self._step_number = 0.0, 0
+        self.watch = StallWatch(comm, stall_timeout)  # names the ranks an all-reduce waits for
         # Overlap: one thread reduces each layer's gradients, last layer first, while the
         # backward pass goes on (DDP's buckets). Every rank issues the same reductions in the
         # same order, so the collectives match. On a GPU the thread works on this rank's
@@ -53,10 +56,12 @@ class DataParallelStep:
 
     def _reduce(self, lo: int, hi: int, after=None) -> tuple:
         """Mean-reduce grad[lo:hi] once event `after` has happened; return its (start, end)
-        time marks."""
+        time marks. The stall watch is armed while the all-reduce waits."""
         wait_event(after)
         start = mark(self.xp)
+        self.watch.arm(self._step_number)
         allreduce(self.grad[lo:hi], self.comm, "mean", self.algorithm, check=False)
+        self.watch.disarm()
         return start, mark(self.xp)
 
     def _backward_overlapped(self, x, y) -> tuple:
@@ -81,6 +86,7 @@ class DataParallelStep:
         """Stop the communication thread (local; safe in a `finally`)."""
         if self._pool is not None:
             self._pool.shutdown()
+        self.watch.close()
 
     def free(self) -> None:
         """Free the shared gradient window: collective, so only on the path all ranks take,
@@ -99,6 +105,7 @@ class DataParallelStep:
         n = self.params.size
         grads = self.grad[:n]
         self.grad[n + 1] = stop
+        self._step_number = step_number
         if self._pool is not None:
             start, end = self._backward_overlapped(x, y)
         else:

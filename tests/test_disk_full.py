@@ -1,0 +1,65 @@
+"""Disk full while writing a checkpoint or the model: one line saying so, the path named, files
+intact, and run.out never describing a model that this run did not write."""
+
+import errno
+import os
+
+import h5py
+import pytest
+from conftest import write_site
+from mpi4py import MPI
+
+from mpifed.data import atomic
+from mpifed.errors import UserError
+from mpifed.train.config import load_config
+from mpifed.train.loop import train
+
+RUN = '[data]\ntrain = "d.h5"\n[optim]\nbatch_size = 4\nsteps = 6\nlr = {lr}\n' \
+      '[run]\nout = "out"\nprogress = "none"\ncheckpoint_every = {every}\nresume = "never"\n'
+
+
+def run(tmp_path, lr, every=0):
+    (tmp_path / "run.toml").write_text(RUN.format(lr=lr, every=every))
+    return train(load_config(str(tmp_path / "run.toml")), MPI.COMM_SELF)
+
+
+def disk_full_for(monkeypatch, name):
+    real = os.fsync
+
+    def fsync(fd):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(f".{name}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_disk_full_writing_the_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_site(tmp_path / "d.h5", 40, 0)
+    run(tmp_path, 0.1)
+    with h5py.File("out/model.h5") as fh:
+        old_weights = fh["layers/0/W"][...]
+    disk_full_for(monkeypatch, "model.h5")
+    with pytest.raises(UserError) as caught:
+        run(tmp_path, 0.2)
+    first = str(caught.value).splitlines()[0]
+    assert first.startswith("no space left on device") and "model.h5" in first
+    assert getattr(caught.value, "collective", True) is False  # rank 0 alone: abort the others
+    assert not os.path.exists("out/model.h5")  # the new config.toml describes no model
+    (previous,) = [p for p in (tmp_path / "out").iterdir() if p.name.startswith("previous-")]
+    assert "lr = 0.1" in (previous / "config.toml").read_text()
+    with h5py.File(previous / "model.h5") as fh:
+        assert (fh["layers/0/W"][...] == old_weights).all()
+    assert not [p for p in (tmp_path / "out").iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_disk_full_writing_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_site(tmp_path / "d.h5", 40, 0)
+    disk_full_for(monkeypatch, "step-000000004")
+    with pytest.raises(UserError, match=r"^no space left on device writing .*step-000000004"):
+        run(tmp_path, 0.1, every=2)
+    kept = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    assert kept == ["step-000000002.h5"]
