@@ -77,6 +77,7 @@ class Conv2d(Layer):
         if k > h + 2 * pad or k > w + 2 * pad:
             self.fail(f"kernel ({k}, {k}) is larger than its input {in_shape}"
                       + (f" padded by {pad}" if pad else ""))
+        self.in_channels = c  # W's shape is fixed from now on
         return (self.out, out_size(h, k, self.stride, pad), out_size(w, k, self.stride, pad))
 
     def params(self):

@@ -26,6 +26,7 @@ class Linear(Layer):
         if self.in_features is not None and in_shape[0] != self.in_features:
             self.fail(f"input shape {in_shape} does not fit W of shape "
                       f"({self.in_features}, {self.out})")
+        self.in_features = in_shape[0]  # W's shape is fixed from now on
         return (self.out,)
 
     def params(self):

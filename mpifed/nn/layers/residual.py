@@ -33,7 +33,7 @@ class Residual(Layer):
 
     def _projection(self, in_shape, out) -> Layer:
         if len(in_shape) == 3 and len(out) == 3 and out[1] <= in_shape[1]:
-            proj = Conv2d(out[0], 1, stride=max(1, in_shape[1] // out[1]))
+            proj = Conv2d(out[0], 1, stride=max(1, -(-in_shape[1] // out[1])))  # ceil
         elif len(in_shape) == 1 and len(out) == 1:
             proj = Linear(out[0])
         else:
