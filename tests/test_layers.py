@@ -5,9 +5,23 @@ import numpy as np
 import pytest
 
 from mpifed.errors import UserError
-from mpifed.nn.layers import (AvgPool2d, BatchNorm2d, Context, Conv2d, Dropout, Flatten, GELU,
-                              GlobalAvgPool, LayerNorm, Linear, MaxPool2d, ReLU, Residual, Tanh,
-                              layers_from_config)
+from mpifed.nn.layers import (
+    GELU,
+    AvgPool2d,
+    BatchNorm2d,
+    Context,
+    Conv2d,
+    Dropout,
+    Flatten,
+    GlobalAvgPool,
+    LayerNorm,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    Residual,
+    Tanh,
+    layers_from_config,
+)
 from mpifed.nn.models import loss_and_grad
 from mpifed.nn.sequential import Sequential
 

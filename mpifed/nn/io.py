@@ -8,9 +8,9 @@ import os
 import h5py
 import numpy as np
 
-from .layout import views
 from ..data.atomic import atomic_path
 from ..errors import UserError
+from .layout import views
 from .models import ModelSpec
 
 

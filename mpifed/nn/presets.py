@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from ..errors import UserError
-from .layers import (BatchNorm2d, Conv2d, Flatten, GlobalAvgPool, Linear, MaxPool2d, ReLU,
-                     Residual)
+from .layers import BatchNorm2d, Conv2d, Flatten, GlobalAvgPool, Linear, MaxPool2d, ReLU, Residual
 from .sequential import Sequential
 
 RESNET_DEPTHS = (8, 14, 20)

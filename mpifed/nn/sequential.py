@@ -13,7 +13,6 @@ from math import prod
 import numpy as np
 
 from ..errors import UserError
-from ..xp import get_array_module
 from .layers import Chain, Context, Layer
 from .layout import Layout, views
 from .loss import softmax_cross_entropy, summed_loss_and_correct

@@ -21,8 +21,8 @@ into the parameters after the all-reduce has averaged it over the ranks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ...errors import UserError
 
