@@ -143,7 +143,7 @@ def _setup(cfg: dict, fed: Federation, xp) -> SimpleNamespace:
     optim, world = cfg["optim"], fed.world
     dtype = np.dtype(cfg["model"]["dtype"])
     shard, stream_comm, samples, classes = open_site_data(cfg, fed, dtype)
-    spec, params = raise_together(world, lambda: build_model(cfg, shard.info.features, classes,
+    spec, params = raise_together(world, lambda: build_model(cfg, shard.info.input_shape, classes,
                                                              xp, dtype))
     smallest = fed.site.allreduce(len(shard), op=MPI.MIN)
     per_epoch = smallest // optim["batch_size"]

@@ -15,6 +15,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from ..errors import UserError
+from ..nn.spec import KINDS as MODEL_KINDS, MODEL_SCHEMA, check_model_config
 
 # section -> key -> (accepted types, default). A default of None means "required" or "unset".
 SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], object]]] = {
@@ -22,10 +23,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], object]]] = {
         "train": ((str,), None), "test": ((str,), ""), "x": ((str,), "x"), "y": ((str,), "y"),
         "shuffle": ((bool,), True),
     },
-    "model": {
-        "kind": ((str,), "softmax"), "hidden": ((list,), []), "init": ((str,), ""),
-        "dtype": ((str,), "float32"),
-    },
+    "model": MODEL_SCHEMA,
     "optim": {
         "name": ((str,), "sgd"), "lr": ((float, int), 0.1), "momentum": ((float, int), 0.0),
         "nesterov": ((bool,), False), "weight_decay": ((float, int), 0.0),
@@ -66,7 +64,7 @@ DP = {
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fednova")
 
 CHOICES = {
-    ("model", "kind"): ("softmax", "mlp"), ("model", "dtype"): ("float32", "float64"),
+    ("model", "kind"): MODEL_KINDS, ("model", "dtype"): ("float32", "float64"),
     ("optim", "name"): ("sgd", "adam"), ("optim", "schedule"): ("constant", "step", "cosine"),
     ("comm", "allreduce"): ("auto", "ring", "mpi", "hierarchical", "nccl"),
     ("comm", "backend"): ("auto", "numpy", "cupy"),
@@ -224,9 +222,7 @@ def _check_values(cfg: dict) -> None:
     """Check values that are of the right type but impossible."""
     if not cfg["data"]["train"]:
         raise UserError("data.train: required; set it to an HDF5 file with datasets x and y")
-    hidden = cfg["model"]["hidden"]
-    if not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
-        raise UserError(f"model.hidden: expected a list of positive integers, got {hidden!r}")
+    check_model_config(cfg["model"])
     optim = cfg["optim"]
     if not (optim["lr"] > 0 and math.isfinite(optim["lr"])):
         raise UserError(f"optim.lr: must be a positive number, got {optim['lr']!r}")
@@ -288,6 +284,8 @@ def _toml_value(value) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table, e.g. one of model.layers
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 

@@ -25,7 +25,7 @@ from ..data.atomic import atomic_path
 from ..data.stream import BatchStream, Prefetcher
 from ..errors import UserError
 from ..nn.io import load_model, save_model
-from ..nn.models import ModelSpec, init_params
+from ..nn.spec import fit_to_data, model_from_config
 from ..optim import learning_rate, make_optimizer
 from .checkpoint import checkpoint_dir, choose_checkpoint, save_checkpoint
 from .config import to_toml
@@ -49,17 +49,21 @@ def blas_threads_per_rank(comm) -> int:
     return max(1, (cores or 1) // ranks_here)
 
 
-def build_model(cfg: dict, features: int, classes: int, xp, dtype):
-    """Return (spec, flat params) from model.init, or initialised from run.seed."""
+def build_model(cfg: dict, input_shape, classes: int, xp, dtype):
+    """Return (model, flat params) from model.init, or initialised from run.seed.
+
+    input_shape: one sample's shape in the training data, e.g. (1, 8, 8) or (64,).
+    """
     model = cfg["model"]
     if model["init"]:
         spec, host = load_model(model["init"], dtype)
-        if (spec.features, spec.num_classes) != (features, classes):
-            raise UserError(f"model.init: {model['init']!r} maps {spec.features} features to "
-                            f"{spec.num_classes} classes; the data has {features} and {classes}")
-        return spec, xp.asarray(host)
-    spec = ModelSpec(model["kind"], features, tuple(model["hidden"]), classes)
-    return spec, init_params(spec, cfg["run"]["seed"], xp, dtype)
+        fit_to_data(spec, input_shape, classes, "model.init")
+        params = xp.asarray(host)
+    else:
+        spec = model_from_config(model, input_shape, classes)
+        params = spec.init(cfg["run"]["seed"], xp, dtype)
+    spec.seed = cfg["run"]["seed"]  # dropout's masks: (seed, step, rank)
+    return spec, params
 
 
 def plan_steps(cfg: dict, shard_len: int, comm) -> tuple[int, int]:
@@ -117,7 +121,7 @@ def _train(cfg: dict, comm, xp) -> dict:
     dtype = np.dtype(cfg["model"]["dtype"])
     shard, classes = open_checked_shard(comm, data["train"], data["x"], data["y"], dtype,
                                         "data.train")
-    spec, params = raise_together(comm, lambda: build_model(cfg, shard.info.features, classes,
+    spec, params = raise_together(comm, lambda: build_model(cfg, shard.info.input_shape, classes,
                                                             xp, dtype))
     per_epoch, total = plan_steps(cfg, len(shard), comm)
     test = None

@@ -12,6 +12,7 @@ from ..comm.checks import check_same_signature
 from ..comm.topology import topology
 from ..comm.shared import release, shared_array
 from ..errors import UserError
+from ..nn.layers import Context
 from ..nn.models import loss_and_grad
 
 
@@ -52,7 +53,21 @@ class DataParallelStep:
         allreduce(self.grad[lo:hi], self.comm, "mean", self.algorithm, check=False)
         return time.perf_counter() - start
 
-    def _backward_overlapped(self, x, y) -> None:
+    def _sum_over_ranks(self, buf):
+        """Sync batch norm's reducer: sum a small array over the ranks, in place. With overlap
+        it queues behind the layer reductions already started, so every rank issues its
+        collectives in the same order."""
+        def reduce():
+            return allreduce(buf, self.comm, "sum", "nccl" if self.algorithm == "nccl" else "mpi",
+                             check=False)
+        return self._pool.submit(reduce).result() if self._pool is not None else reduce()
+
+    def _context(self, step_number: int) -> Context:
+        return Context(train=True, seed=getattr(self.spec, "seed", 0), step=step_number,
+                       rank=self.comm.rank, reduce=self._sum_over_ranks if self.comm.size > 1
+                       else None)
+
+    def _backward_overlapped(self, x, y, ctx) -> None:
         """Gradients with each layer's all-reduce started as soon as the layer is done."""
         n = self.params.size
         futures = []
@@ -63,7 +78,7 @@ class DataParallelStep:
                 hi = n + 2
             futures.append(self._pool.submit(self._reduce, lo, hi))
 
-        loss_and_grad(self.spec, self.params, x, y, self.grad[:n], on_ready=ready)
+        loss_and_grad(self.spec, self.params, x, y, self.grad[:n], on_ready=ready, ctx=ctx)
         start = time.perf_counter()
         for future in futures:
             future.result()
@@ -91,17 +106,21 @@ class DataParallelStep:
         n = self.params.size
         grads = self.grad[:n]
         self.grad[n + 1] = stop
+        ctx = self._context(step_number)
         if self._pool is not None:
-            self._backward_overlapped(x, y)
+            self._backward_overlapped(x, y, ctx)
         else:
-            self.grad[n] = loss_and_grad(self.spec, self.params, x, y, grads)
+            self.grad[n] = loss_and_grad(self.spec, self.params, x, y, grads, ctx=ctx)
             self.comm_seconds += self._reduce(0, n + 2)
         loss = float(self.grad[n])
         self.stop_agreed = bool(self.grad[n + 1] > 0)
         if loss != loss or loss in (float("inf"), float("-inf")):
             raise UserError(f"training diverged: the loss is {loss} at step {step_number}; "
                             "lower optim.lr or add optim.warmup")
+        buffers = self.spec.take_buffers(grads)  # running statistics, averaged: not trained
         if anchor is not None and mu:
             grads += mu * (self.params - anchor)
+            self.spec.take_buffers(grads)
         optimizer.step(self.params, grads, lr)
+        self.spec.put_buffers(self.params, buffers)
         return loss
