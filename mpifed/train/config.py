@@ -15,7 +15,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from ..errors import UserError
-from ..nn.spec import KINDS as MODEL_KINDS, MODEL_SCHEMA, check_model_config
+from ..nn.spec import KINDS as MODEL_KINDS
+from ..nn.spec import MODEL_SCHEMA, check_model_config
 
 # section -> key -> (accepted types, default). A default of None means "required" or "unset".
 SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], object]]] = {
