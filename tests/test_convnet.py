@@ -233,3 +233,27 @@ def test_digits_and_synthetic_images_carry_their_shape(tmp_path):
     shard = Shard(info, 10, 20)
     with h5py.File(tmp_path / "s.h5") as fh:
         np.testing.assert_array_equal(shard.x, fh["x"][10:20].reshape(10, -1))
+
+
+def test_script_api_returns_the_summary(tmp_path):
+    """mpifed.train.run(dict) alone: the summary it returns is the metrics file's last record,
+    and its accuracy is an independent count from the model file."""
+    import json
+
+    from mpifed.train import run
+
+    make_images(tmp_path / "d.h5", n=40)
+    out = str(tmp_path / "out")
+    summary = run({"data": {"train": str(tmp_path / "d.h5"), "test": str(tmp_path / "d.h5")},
+                   "model": {"kind": "sequential", "dtype": "float64", "layers": [
+                       {"type": "conv2d", "out": 3, "kernel": 3}, {"type": "tanh"},
+                       {"type": "global_avgpool"}, {"type": "linear", "out": CLASSES}]},
+                   "optim": {"batch_size": 8, "steps": 6}, "run": {"out": out,
+                                                                  "progress": "none"}},
+                  overrides=["optim.lr=0.2"])
+    last = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary == last and summary["steps"] == 6
+    model, flat = load_model(out + "/model.h5")
+    with h5py.File(tmp_path / "d.h5") as fh:
+        x, y = fh["x"][...], fh["y"][...]
+    assert summary["accuracy"] == pytest.approx((logits(model, flat, x).argmax(1) == y).mean())
