@@ -265,3 +265,33 @@ def test_unknown_layer_type_and_key_are_named():
         layers_from_config([{"type": "linear", "size": 3}])
     with pytest.raises(UserError, match=r"model.layers\[0\].out: required"):
         layers_from_config([{"type": "linear"}])
+
+
+def test_readme_layer_example_backward(tmp_path, monkeypatch):
+    """The README's "Writing a layer" example: its backward against finite differences, and a
+    factory model built from it trains through loss_and_grad."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("### Writing a layer", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "readme_layer.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import readme_layer
+
+    check_layer(readme_layer.ChannelScale(), (3, 4, 5))
+    check_layer(readme_layer.ChannelScale(), (6,))
+    from mpifed.nn.spec import model_from_factory
+
+    model = model_from_factory("readme_layer:build", (3, 4, 5), 2)
+    flat = model.init(0, dtype="float64")
+    grad = np.zeros_like(flat)
+    x, y = np.random.default_rng(0).standard_normal((4, 3, 4, 5)), np.array([0, 1, 1, 0])
+    loss_and_grad(model, flat, x, y, grad)
+    i = 1  # a scale: d loss / d s[1] by central differences
+    flat[i] += EPS
+    up = loss_and_grad(model, flat, x, y, np.zeros_like(flat))
+    flat[i] -= 2 * EPS
+    down = loss_and_grad(model, flat, x, y, np.zeros_like(flat))
+    assert grad[i] == pytest.approx((up - down) / (2 * EPS), rel=1e-5)
