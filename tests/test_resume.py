@@ -198,3 +198,42 @@ def test_an_unforeseen_exception_on_one_rank_ends_all_ranks(tmp_path):
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "[rank 1]: RuntimeError: boom" in done.stderr
+
+
+DROPOUT_BN = """
+[data]
+train = "d.h5"
+[model]
+kind = "sequential"
+layers = [{{type = "linear", out = 16}}, {{type = "batchnorm2d", sync = true}}, {{type = "relu"}},
+          {{type = "dropout", p = 0.3}}, {{type = "linear", out = 4}}]
+[optim]
+lr = 0.01
+momentum = 0.9
+batch_size = 8
+steps = {steps}
+[run]
+out = "{out}"
+checkpoint_every = 37
+keep_checkpoints = 2
+log_every = 500
+"""
+
+
+def test_dropout_and_batchnorm_runs_resume_to_the_same_bits(tmp_path):
+    """Dropout masks come from (seed, step, rank) and running statistics live in the
+    checkpointed buffer, so a run killed twice ends with the uncut run's bits, statistics too."""
+    from mpifed.nn.io import load_model
+
+    write_data(tmp_path / "d.h5", 3000, seed=3)
+    for name in ("full", "cut"):
+        (tmp_path / f"{name}.toml").write_text(DROPOUT_BN.format(steps=8000, out=name))
+    assert run_mpi(2, ["train", "full.toml"], cwd=tmp_path, timeout=300).returncode == 0
+    rng = random.Random(5)
+    for _ in range(2):
+        kill_at_random(start(2, "cut.toml", tmp_path), rng, after=tmp_path / "cut" / "checkpoints")
+    assert not (tmp_path / "cut" / "model.h5").exists(), "the kills came too late to test"
+    done = run_mpi(2, ["train", "cut.toml"], cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (_, got), (_, want) = (load_model(str(tmp_path / p / "model.h5")) for p in ("cut", "full"))
+    assert got.dtype == want.dtype and np.array_equal(got, want)

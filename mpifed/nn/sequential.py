@@ -124,11 +124,15 @@ class Sequential:
 
     def buffer_ranges(self, dtype="float32") -> list[tuple[int, int]]:
         """Element ranges of the buffers (running statistics): state, not trained."""
+        key = ("buffers", np.dtype(dtype).name)
+        if key in self._layouts:
+            return self._layouts[key]
         offsets, out = self.layout(dtype).offsets, []
         for layer, e, lo in zip(self.layers, self.entries, self.bounds):
             for j, (name, _) in enumerate(e):
                 if name in layer.buffers:
                     out.append((offsets[lo + j], offsets[lo + j + 1]))
+        self._layouts[key] = out
         return out
 
     def take_buffers(self, grads) -> list:
