@@ -1,6 +1,6 @@
 """`make demo`: write the digits set, train an MLP and a small convnet on 2 local ranks, print
-test accuracy; then split the digits non-IID over 4 institutions and compare FedAvg, FedProx and centralised training
-round by round.
+test accuracy; then split the digits non-IID over 4 institutions and compare FedAvg, FedProx
+and centralised training round by round.
 
 Needs no cluster and no GPU: MPI is the PyPI MPICH next to this Python.
 """
