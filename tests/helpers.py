@@ -147,12 +147,22 @@ def model_vector(path) -> np.ndarray:
     return np.concatenate([p.ravel() for p in read_model(path)])
 
 
+def model_arrays(path) -> dict[str, np.ndarray]:
+    """Return every dataset of a model file by its path (W, b, gamma, running_mean, ...)."""
+    found = {}
+    with h5py.File(path) as fh:
+        fh.visititems(lambda name, obj: found.__setitem__(name, obj[...])
+                      if isinstance(obj, h5py.Dataset) else None)
+    return found
+
+
 def assert_same_bits(got_path, want_path) -> None:
-    """Assert two model files hold bit-identical parameters of the same dtypes."""
-    got, want = read_model(got_path), read_model(want_path)
-    assert len(got) == len(want)
-    for a, b in zip(got, want):
-        assert a.dtype == b.dtype and np.array_equal(a, b)
+    """Assert two model files hold bit-identical arrays (parameters and running statistics)
+    of the same dtypes."""
+    got, want = model_arrays(got_path), model_arrays(want_path)
+    assert sorted(got) == sorted(want) and got
+    for name, array in got.items():
+        assert array.dtype == want[name].dtype and np.array_equal(array, want[name]), name
 
 
 def read_metrics(out, event: str | None = None) -> list[dict]:

@@ -72,7 +72,7 @@ def test_choices_come_from_the_modules_that_implement_them():
     from mpifed.comm.collectives import ALGORITHMS
     from mpifed.data.partition import SCHEMES
     from mpifed.federated.strategies import STRATEGIES
-    from mpifed.nn.models import KINDS
+    from mpifed.nn.spec import KINDS
     from mpifed.optim.optimizers import OPTIMIZERS
     from mpifed.optim.schedules import SCHEDULES
     from mpifed.train.config import CHOICES, describe_keys

@@ -10,4 +10,7 @@ def test_demo_reaches_its_accuracy(tmp_path, capsys):
     summary = json.loads((tmp_path / "demo" / "train" / "metrics.jsonl").read_text()
                          .splitlines()[-1])
     assert summary["accuracy"] >= 0.95
+    convnet = json.loads((tmp_path / "demo" / "convnet" / "metrics.jsonl").read_text()
+                         .splitlines()[-1])
+    assert convnet["accuracy"] >= 0.98
     assert "test accuracy" in capsys.readouterr().out

@@ -10,6 +10,7 @@ from conftest import write_site
 
 from mpifed.cli.main import main
 from mpifed.errors import UserError
+from mpifed.train.config import resolve
 from mpifed.train.setup import build_model
 
 
@@ -65,7 +66,8 @@ def test_digits_refuses_to_overwrite(tmp_path, capsys):
 
 
 def test_a_model_too_big_for_memory_is_refused_before_allocating():
-    cfg = {"model": {"init": "", "kind": "mlp", "hidden": [2_000_000_000]}, "run": {"seed": 0}}
+    cfg = resolve({"data": {"train": "d.h5"},
+                   "model": {"kind": "mlp", "hidden": [2_000_000_000]}})
     with pytest.raises(UserError, match="bytes.*model.hidden"):
         build_model(cfg, 100, 10, np, np.float32)
 

@@ -163,3 +163,27 @@ def test_an_unforeseen_exception_on_one_rank_ends_all_ranks(tmp_path):
     done = run_mpi(3, ["train", "a.toml"], cwd=tmp_path, env=fault("raise", "step", 50, 1))
     assert done.returncode != 0
     assert "[rank 1]: RuntimeError: injected fault raise:step=50:rank=1" in done.stderr
+
+
+DROPOUT_BN = dict(TRAIN, model={
+    "kind": "sequential",
+    "layers": [{"type": "linear", "out": 16}, {"type": "batchnorm2d", "sync": True},
+               {"type": "relu"}, {"type": "dropout", "p": 0.3}, {"type": "linear", "out": 4}]})
+
+
+def test_dropout_and_batchnorm_runs_resume_to_the_same_bits(tmp_path):
+    """Dropout masks come from (seed, step, rank) and running statistics live in the
+    checkpointed buffer, so a run killed twice ends with the uncut run's bits, statistics too."""
+    write_data(tmp_path / "d.h5", 3000, seed=3)
+    for out in ("full", "cut"):
+        write_config(tmp_path / f"{out}.toml", DROPOUT_BN,
+                     {"optim": {"steps": 300}, "run": {"out": out}})
+    assert run_mpi(2, ["train", "full.toml"], cwd=tmp_path).returncode == 0
+    killed = run_mpi(2, ["train", "cut.toml"], cwd=tmp_path, env=fault("kill", "step", 90, 1))
+    assert killed.returncode != 0, "the fault did not kill the run"
+    kill_from_outside(2, "cut.toml", tmp_path, 200, 0)
+    assert not (tmp_path / "cut" / "model.h5").exists(), "the kills came too late to test"
+    done = run_mpi(2, ["train", "cut.toml"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "resumed at step 185" in done.stdout
+    assert_same_bits(tmp_path / "cut" / "model.h5", tmp_path / "full" / "model.h5")

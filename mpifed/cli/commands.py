@@ -55,16 +55,29 @@ def run_data(args) -> int:
 
 def _data_command(args) -> int:
     from ..data.inspect import inspect_lines
-    from ..data.synth import write_digits, write_synthetic
+    from ..data.synth import write_digits, write_synthetic, write_synthetic_images
+    from ..errors import UserError
 
     if args.data_command == "synth":
         def progress(done, total):
             if sys.stderr.isatty():
                 print(f"\rwrote {done:,}/{total:,} rows", end="", file=sys.stderr, flush=True)
-        write_synthetic(args.out, args.samples, args.features, args.classes, args.seed,
-                        progress=progress, force=args.force)
-        print(f"wrote {args.out}: {args.samples} samples x {args.features} features, "
-              f"{args.classes} classes")
+        if (args.features is None) == (args.shape is None):
+            raise UserError("mpifed data synth: give exactly one of --features N and "
+                            "--shape C,H,W")
+        if args.shape is not None:
+            try:
+                shape = tuple(int(v) for v in args.shape.split(","))
+            except ValueError:
+                raise UserError(f"--shape {args.shape!r}: expected C,H,W, e.g. 3,32,32") from None
+            write_synthetic_images(args.out, args.samples, shape, args.classes, args.seed,
+                                   progress=progress, force=args.force)
+            what = "x".join(map(str, shape)) + " images"
+        else:
+            write_synthetic(args.out, args.samples, args.features, args.classes, args.seed,
+                            progress=progress, force=args.force)
+            what = f"{args.features} features"
+        print(f"wrote {args.out}: {args.samples} samples x {what}, {args.classes} classes")
     elif args.data_command == "digits":
         train, test = write_digits(args.out_dir, seed=args.seed, force=args.force)
         print(f"wrote {train} and {test}")

@@ -89,7 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth = data_sub.add_parser("synth", help="write a learnable synthetic set (streamed)")
     synth.add_argument("out", help="output HDF5 file")
     synth.add_argument("--samples", type=int, required=True)
-    synth.add_argument("--features", type=int, required=True)
+    synth.add_argument("--features", type=int, default=None,
+                       help="flat rows of this many features (Gaussian blobs)")
+    synth.add_argument("--shape", default=None, metavar="C,H,W",
+                       help="images of this shape instead, e.g. 3,32,32 (class patterns at "
+                            "random places: a convnet beats a linear model)")
     synth.add_argument("--classes", type=int, required=True)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--force", action="store_true", help="replace an existing file")

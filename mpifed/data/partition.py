@@ -159,11 +159,12 @@ def write_partition(in_path: str, out_dir: str, parts, x: str = "x", y: str = "y
     with h5py.File(in_path, "r") as fh:
         features, labels = fh[x][...], fh[y][...]
         classes = int(fh.attrs.get("num_classes", labels.max() + 1))
+        shape = fh.attrs.get("input_shape")
     os.makedirs(out_dir, exist_ok=True)
     counts = np.zeros((len(parts), classes), dtype=np.int64)
     for site, rows in enumerate(parts):
         write_arrays(os.path.join(out_dir, f"site-{site}.h5"), features[rows], labels[rows],
-                     num_classes=classes)
+                     num_classes=classes, input_shape=shape)
         counts[site] = np.bincount(labels[rows], minlength=classes)
     header = ["site", "samples", *[f"class_{c}" for c in range(classes)]]
     rows = [[f"site-{s}", int(counts[s].sum()), *counts[s].tolist()] for s in range(len(parts))]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from math import prod
 
 import h5py
 import numpy as np
@@ -39,10 +40,31 @@ class DatasetInfo:
     samples: int
     features: int
     num_classes: int | None  # from the file attribute; None means max(y)+1, found collectively
+    input_shape: tuple[int, ...] = ()  # one sample's shape, e.g. (1, 8, 8); (features,) if flat
+
+    def __post_init__(self):
+        self.input_shape = tuple(self.input_shape) or (self.features,)
+
+
+def sample_shape(dx, attr, name: str, path: str, key: str) -> tuple[int, ...]:
+    """One sample's shape: x's trailing axes when N-D, else the `input_shape` attribute (which
+    reshapes each row), else (features,)."""
+    if dx.ndim > 2:
+        return tuple(int(s) for s in dx.shape[1:])
+    if attr is None:
+        return (int(dx.shape[1]),)
+    shape = tuple(int(s) for s in np.atleast_1d(attr))
+    if not shape or min(shape) < 1 or prod(shape) != dx.shape[1]:
+        raise UserError(f"{key}: the input_shape attribute {list(shape)} of {path!r} does not "
+                        f"hold the {dx.shape[1]} features of each row of {name!r}; fix or "
+                        "remove it")
+    return shape
 
 
 def describe(path: str, x: str = "x", y: str = "y", key: str = "data.train") -> DatasetInfo:
-    """Open `path` and check that `x` is 2-D float and `y` is 1-D integer of the same length."""
+    """Open `path` and check that `x` is numeric, 2-D (samples x features, each row maybe
+    reshaped by an `input_shape` attribute) or N-D (samples, channels, height, width), and `y`
+    1-D integer of the same length."""
     if not os.path.exists(path):
         raise UserError(f"{key}: file {path!r} does not exist; check the path "
                         "(relative paths are taken from the working directory)")
@@ -57,22 +79,24 @@ def describe(path: str, x: str = "x", y: str = "y", key: str = "data.train") -> 
                 raise UserError(f"{key}: {path!r} has no dataset {name!r} (found: "
                                 f"{', '.join(map(repr, names)) or 'nothing'}); set data.{which}")
         dx, dy = _dataset(fh, x, path, key), _dataset(fh, y, path, key)
-        if dx.ndim != 2 or dx.dtype.kind not in "fiu":
+        if dx.ndim < 2 or dx.dtype.kind not in "fiu":
             raise UserError(f"{key}: dataset {x!r} in {path!r} must be 2-D numeric "
-                            f"(samples x features), got shape {dx.shape} of {dx.dtype}")
+                            f"(samples x features) or N-D (samples, channels, height, width), "
+                            f"got shape {dx.shape} of {dx.dtype}")
         if dy.ndim != 1 or dy.dtype.kind not in "iu":
             raise UserError(f"{key}: dataset {y!r} in {path!r} must be 1-D integer labels, "
                             f"got shape {dy.shape} of {dy.dtype}")
         if dx.shape[0] != dy.shape[0]:
             raise UserError(f"{key}: {path!r} has {dx.shape[0]} rows in {x!r} but "
                             f"{dy.shape[0]} labels in {y!r}; they must match")
-        if dx.shape[0] == 0 or dx.shape[1] == 0:
+        if dx.shape[0] == 0 or prod(dx.shape[1:]) == 0:
             raise UserError(f"{key}: dataset {x!r} in {path!r} has shape {dx.shape}: no "
                             f"{'rows' if dx.shape[0] == 0 else 'features'}; give a file with data")
         for dataset in (dx, dy):
             check_virtual_sources(dataset, path, key)
-        return DatasetInfo(path, x, y, int(dx.shape[0]), int(dx.shape[1]),
-                           class_count(fh.attrs.get("num_classes"), path, key))
+        shape = sample_shape(dx, fh.attrs.get("input_shape"), x, path, key)
+        return DatasetInfo(path, x, y, int(dx.shape[0]), prod(shape),
+                           class_count(fh.attrs.get("num_classes"), path, key), shape)
 
 
 MAX_CLASSES = 1 << 24
@@ -127,7 +151,10 @@ def file_identity(path: str) -> tuple:
 
 
 class Shard:
-    """One rank's rows [start, stop) of a dataset: in memory, or read from the file per batch."""
+    """One rank's rows [start, stop) of a dataset: in memory, or read from the file per batch.
+
+    Rows are held flat, (rows, features); the model reshapes them to its input shape.
+    """
 
     def __init__(self, info: DatasetInfo, start: int, stop: int, dtype="float32"):
         self.info, self.start, self.stop = info, start, stop
@@ -152,7 +179,7 @@ class Shard:
             dx = fh[self.info.x]
             for lo in range(start, stop, READ_BLOCK_ROWS):
                 hi = min(stop, lo + READ_BLOCK_ROWS)
-                x[lo - start:hi - start] = self._read(dx, slice(lo, hi))
+                x[lo - start:hi - start] = self._read(dx, slice(lo, hi)).reshape(hi - lo, -1)
             y = self._read(fh[self.info.y], slice(start, stop)).astype(np.int64)
         return x, y
 
@@ -178,12 +205,12 @@ class Shard:
         order = np.argsort(local_index)
         sorted_rows = local_index[order] + self.start
         x = self._read(self._file[self.info.x], sorted_rows)  # h5py wants increasing rows
-        if x.shape != (len(local_index), self.info.features):
+        if x.shape[0] != len(local_index) or prod(x.shape[1:]) != self.info.features:
             error = UserError(f"{self.info.path!r}: a short read ({x.shape[0]} of "
                               f"{len(local_index)} rows); the file changed during training")
             error.collective = False
             raise error
-        x = x.astype(self.dtype)
+        x = x.reshape(len(sorted_rows), -1).astype(self.dtype)
         inverse = np.empty_like(order)
         inverse[order] = np.arange(order.size)
         return x[inverse], self.y[local_index]

@@ -48,6 +48,51 @@ def write_synthetic(out: str, samples: int, features: int, classes: int, seed: i
                 progress(hi, samples)
 
 
+def write_synthetic_images(out: str, samples: int, shape, classes: int, seed: int = 0,
+                           noise: float = 1.0, progress=None, force: bool = False) -> None:
+    """Write image-shaped classes: x (samples, C, H, W) float32, y int64, streamed in blocks.
+
+    Each class owns a small pattern (C, k, k), k = min(5, H, W), drawn once from `seed`; a sample
+    is N(0, noise^2) pixels with its class's pattern added at a uniformly random place. The place
+    varies, so no fixed pixel weighting (a linear model) finds the class as well as a
+    convolution, which sees the pattern wherever it is.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 1 or samples < 1 or classes < 2:
+        raise UserError(f"need --shape C,H,W of positive sizes, --samples >= 1, --classes >= 2 "
+                        f"(got {','.join(map(str, shape))}, {samples}, {classes})")
+    if seed < 0:
+        raise UserError(f"--seed must be >= 0, got {seed}")
+    check_output_path(out, "out", force, is_folder=False)
+    c, h, w = shape
+    check_memory(min(samples, BLOCK_ROWS) * c * h * w * 4 * 2, f"--shape {c},{h},{w}",
+                 "use a smaller --shape")
+    k = min(5, h, w)
+    patterns = np.random.default_rng(seed).standard_normal((classes, c, k, k)).astype(np.float32)
+    patterns *= 3.0
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as fh:
+        rows = max(1, min(samples, (1 << 20) // (c * h * w)))
+        dx = fh.create_dataset("x", (samples, c, h, w), dtype="float32", chunks=(rows, c, h, w))
+        dy = fh.create_dataset("y", (samples,), dtype="int64", chunks=(min(samples, 4096),))
+        fh.attrs["num_classes"] = classes
+        block = max(1, min(BLOCK_ROWS, (256 << 20) // (4 * c * h * w)))
+        for lo in range(0, samples, block):
+            hi = min(samples, lo + block)
+            rng = np.random.default_rng([seed, lo, 1])
+            y = rng.integers(0, classes, size=hi - lo)
+            x = noise * rng.standard_normal((hi - lo, c, h, w), np.float32)
+            top = rng.integers(0, h - k + 1, size=hi - lo)
+            left = rng.integers(0, w - k + 1, size=hi - lo)
+            n = np.arange(hi - lo)[:, None, None, None]
+            ch = np.arange(c)[None, :, None, None]
+            rows_at = (top[:, None] + np.arange(k))[:, None, :, None]  # (n, 1, k, 1)
+            cols_at = (left[:, None] + np.arange(k))[:, None, None, :]  # (n, 1, 1, k)
+            x[n, ch, rows_at, cols_at] += patterns[y]  # (n, C, k, k)
+            dx[lo:hi], dy[lo:hi] = x, y
+            if progress:
+                progress(hi, samples)
+
+
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """Return the 1797 8x8 handwritten digits that scikit-learn ships: x in [0, 1], y in 0..9."""
     spec = importlib.util.find_spec("sklearn")
@@ -79,15 +124,21 @@ def write_digits(out_dir: str, test_fraction: float = 0.2, seed: int = 0,
     for name, mask in (("train", ~test_mask), ("test", test_mask)):
         order = rng.permutation(np.flatnonzero(mask))  # mixed classes: shards see every digit
         path = os.path.join(out_dir, f"{name}.h5")
-        write_arrays(path, x[order], y[order], num_classes=10)
+        write_arrays(path, x[order], y[order], num_classes=10, input_shape=[1, 8, 8])
         paths.append(path)
     return paths[0], paths[1]
 
 
-def write_arrays(path: str, x, y, num_classes: int | None = None) -> None:
-    """Write arrays as datasets `x` and `y` of a new HDF5 file (atomically)."""
+def write_arrays(path: str, x, y, num_classes: int | None = None, input_shape=None) -> None:
+    """Write arrays as datasets `x` and `y` of a new HDF5 file (atomically).
+
+    input_shape: written as the attribute that reshapes each row of a 2-D x, e.g. [1, 8, 8].
+    """
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as fh:
-        fh.create_dataset("x", data=x, chunks=(min(len(x), 4096), x.shape[1]) if len(x) else None)
+        fh.create_dataset("x", data=x,
+                          chunks=(min(len(x), 4096), *x.shape[1:]) if len(x) else None)
         fh.create_dataset("y", data=y)
         if num_classes is not None:
             fh.attrs["num_classes"] = num_classes
+        if input_shape is not None:
+            fh.attrs["input_shape"] = np.asarray(input_shape, dtype=np.int64)

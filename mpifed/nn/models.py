@@ -1,126 +1,59 @@
-"""`softmax` (multinomial logistic regression) and `mlp` (ReLU) with hand-written backward.
+"""The model functions the training code calls, over any `Sequential` model (layers.py):
+`softmax` and `mlp` are presets of the same layer library.
 
-All parameters live in one flat buffer, with per-layer views W (in x out) and b (out), so one
-all-reduce moves all gradients. Layer i maps (B, in_i) to (B, out_i); ReLU between layers.
+All parameters live in one flat buffer with per-layer views, so one all-reduce moves all
+gradients. `ModelSpec(kind, features, hidden, num_classes)` builds the softmax or mlp preset.
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
 import numpy as np
 
 from ..errors import UserError
-from ..xp import get_array_module
-from .layout import Layout, views
-from .loss import softmax_cross_entropy, summed_loss_and_correct
+from .layers import Context
+from .presets import mlp, softmax
+from .sequential import Sequential
 
-KINDS = ("softmax", "mlp")
+LEGACY_KINDS = ("softmax", "mlp")  # the presets whose files keep the layout before the layers
 DTYPES = ("float32", "float64")  # model.dtype: the parameters' and the features' dtype
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """The architecture: kind, input features, hidden sizes (mlp only), classes."""
-
-    kind: str
-    features: int
-    hidden: tuple[int, ...]
-    num_classes: int
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise UserError(f"model.kind: {self.kind!r} is not a model; use one of {KINDS}")
-        if self.kind == "softmax" and self.hidden:
+def ModelSpec(kind: str, features, hidden=(), num_classes: int = 2) -> Sequential:  # noqa: N802
+    """Return the softmax or mlp preset on inputs of `features` (an int or a shape)."""
+    shape = (features,) if isinstance(features, (int, np.integer)) else tuple(features)
+    if kind not in LEGACY_KINDS:
+        raise UserError(f"model.kind: {kind!r} is not a model; use one of {LEGACY_KINDS}")
+    if kind == "softmax":
+        if hidden:
             raise UserError("model.hidden: a softmax model has no hidden layers; "
                             "remove model.hidden or set model.kind = \"mlp\"")
-        if self.kind == "mlp" and not self.hidden:
-            raise UserError("model.hidden: an mlp needs at least one hidden size, e.g. [128]")
-
-    @property
-    def sizes(self) -> list[int]:
-        return [self.features, *self.hidden, self.num_classes]
-
-    def layout(self, dtype="float32") -> Layout:
-        """Return the flat-buffer layout: W0, b0, W1, b1, ..."""
-        return _layout(self, np.dtype(dtype).name)
+        return softmax(shape, num_classes)
+    return mlp(shape, tuple(hidden), num_classes)
 
 
-@functools.lru_cache(maxsize=64)
-def _layout(spec: ModelSpec, name: str) -> Layout:
-    """Compute a spec's layout once per dtype: a training step asks for it every time."""
-    shapes, offsets = [], [0]
-    for fan_in, fan_out in zip(spec.sizes, spec.sizes[1:]):
-        for shape in ((fan_in, fan_out), (fan_out,)):
-            shapes.append(shape)
-            offsets.append(offsets[-1] + int(np.prod(shape)))
-    return Layout(tuple(shapes), (name,) * len(shapes), tuple(offsets), name)
+def init_params(spec: Sequential, seed: int, xp=np, dtype="float32"):
+    """Return a flat parameter buffer initialised from `seed` (He normal weights, zero biases,
+    unit scales); drawn on the host with NumPy, so every rank and backend agrees."""
+    return spec.init(seed, xp, dtype)
 
 
-def init_params(spec: ModelSpec, seed: int, xp=np, dtype="float32"):
-    """Return a flat parameter buffer initialised from `seed` (He normal W, zero b).
-
-    Drawn on the host with NumPy, so every rank and every backend gets the same values.
-    """
-    layout = spec.layout(dtype)
-    rng = np.random.default_rng([seed, 0x6D6F64])
-    host = np.zeros(layout.size, dtype=dtype)
-    for w in views(host, layout)[0::2]:
-        w[...] = rng.standard_normal(w.shape) * np.sqrt(2.0 / w.shape[0])
-    return xp.asarray(host)
+def logits(spec: Sequential, flat, x):
+    """Return logits (B, C) of inputs x (B, *input_shape) or (B, features), in eval mode."""
+    return spec.forward(flat, x)
 
 
-def logits(spec: ModelSpec, flat, x):
-    """Return logits (B, C) of inputs x (B, features)."""
-    layers = views(flat, spec.layout(flat.dtype))
-    h = x
-    for i in range(0, len(layers), 2):
-        h = h @ layers[i]
-        h += layers[i + 1]
-        if i + 2 < len(layers):
-            h = _relu(h)
-    return h
-
-
-def _relu(h):
-    xp = get_array_module(h)
-    return xp.maximum(h, 0, out=h)
-
-
-def loss_and_grad(spec: ModelSpec, flat, x, y, grad_out, on_ready=None):
+def loss_and_grad(spec: Sequential, flat, x, y, grad_out, on_ready=None,
+                  ctx: Context | None = None):
     """Write d(mean loss)/d(params) into `grad_out` (flat, like `flat`); return the mean loss.
 
-    x: (B, features) in the parameters' dtype; y: (B,) integer labels.
-    on_ready(lo, hi, loss): called as soon as grad_out[lo:hi] (one layer's W and b) is final,
+    x: (B, *input_shape) or (B, features) in the parameters' dtype; y: (B,) integer labels.
+    on_ready(lo, hi, loss): called as soon as grad_out[lo:hi] (one layer's arrays) is final,
     last layer first, so that its all-reduce can start while earlier layers still compute.
+    ctx: training context (step, rank, seed, the ranks' reducer); training mode by default.
     """
-    layout = spec.layout(flat.dtype)
-    layers = views(flat, layout)
-    grads = views(grad_out, spec.layout(grad_out.dtype))
-    activations = [x]  # input of each layer, post-ReLU
-    h = x
-    xp = get_array_module(flat)
-    for i in range(0, len(layers), 2):
-        h = h @ layers[i]  # (B, out_i)
-        h += layers[i + 1]
-        if i + 2 < len(layers):
-            h = _relu(h)
-            activations.append(h)
-    loss, delta = softmax_cross_entropy(h, y)  # delta: (B, C)
-    delta = delta.astype(flat.dtype, copy=False)
-    for i in range(len(layers) - 2, -1, -2):
-        inputs = activations[i // 2]
-        xp.matmul(inputs.T, delta, out=grads[i])  # (in, out), straight into the flat buffer
-        delta.sum(axis=0, out=grads[i + 1])  # (out,)
-        if on_ready is not None:
-            on_ready(layout.offsets[i], layout.offsets[i + 2], loss)
-        if i > 0:
-            delta = delta @ layers[i].T
-            delta *= inputs > 0  # ReLU' of the layer below
-    return loss
+    return spec.loss_and_grad(flat, x, y, grad_out, on_ready, ctx or Context(seed=spec.seed))
 
 
-def evaluate_batch(spec: ModelSpec, flat, x, y) -> tuple[float, int]:
-    """Return (summed loss, correct count) of the model on one batch."""
-    return summed_loss_and_correct(logits(spec, flat, x), y)
+def evaluate_batch(spec: Sequential, flat, x, y) -> tuple[float, int]:
+    """Return (summed loss, correct count) of the model on one batch (evaluation mode)."""
+    return spec.evaluate_batch(flat, x, y)

@@ -16,7 +16,8 @@ from ..comm.collectives import ALGORITHMS
 from ..errors import UserError
 from ..federated.secagg import OUT_OF_RANGE_MODES, SINT
 from ..federated.strategies import STRATEGIES
-from ..nn.models import DTYPES, KINDS
+from ..nn.models import DTYPES
+from ..nn.spec import KINDS, MODEL_SCHEMA, check_model_config
 from ..optim.optimizers import OPTIMIZERS
 from ..optim.schedules import SCHEDULES
 from ..xp import BACKENDS
@@ -31,10 +32,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], object]]] = {
         "train": ((str,), None), "test": ((str,), ""), "x": ((str,), "x"), "y": ((str,), "y"),
         "shuffle": ((bool,), True),
     },
-    "model": {
-        "kind": ((str,), "softmax"), "hidden": ((list,), []), "init": ((str,), ""),
-        "dtype": ((str,), "float32"),
-    },
+    "model": MODEL_SCHEMA,
     "optim": {
         "name": ((str,), "sgd"), "lr": ((float, int), 0.1), "momentum": ((float, int), 0.0),
         "nesterov": ((bool,), False), "weight_decay": ((float, int), 0.0),
@@ -215,9 +213,7 @@ def _check_values(cfg: dict) -> None:
     """Check values that are of the right type but impossible."""
     if not cfg["data"]["train"]:
         raise UserError("data.train: required; set it to an HDF5 file with datasets x and y")
-    hidden = cfg["model"]["hidden"]
-    if not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
-        raise UserError(f"model.hidden: expected a list of positive integers, got {hidden!r}")
+    check_model_config(cfg["model"])
     optim = cfg["optim"]
     if not (optim["lr"] > 0 and math.isfinite(optim["lr"])):
         raise UserError(f"optim.lr: must be a positive number, got {optim['lr']!r}")

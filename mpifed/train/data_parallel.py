@@ -44,7 +44,7 @@ def run_data_parallel(cfg: dict, comm, xp) -> dict:
     dtype = np.dtype(cfg["model"]["dtype"])
     shard, classes = open_checked_shard(comm, data["train"], data["x"], data["y"], dtype,
                                         "data.train")
-    spec, params = raise_together(comm, lambda: build_model(cfg, shard.info.features, classes,
+    spec, params = raise_together(comm, lambda: build_model(cfg, shard.info.input_shape, classes,
                                                             xp, dtype))
     per_epoch, total = plan_steps(cfg, len(shard), comm)
     test = None

@@ -172,7 +172,7 @@ def open_site(cfg: dict, fed: Federation, xp) -> Site:
     fed_cfg, optim, world = cfg["federated"], cfg["optim"], fed.world
     dtype = np.dtype(cfg["model"]["dtype"])
     shard, stream_comm, samples, classes = open_site_data(cfg, fed, dtype)
-    spec, params = raise_together(world, lambda: build_model(cfg, shard.info.features, classes,
+    spec, params = raise_together(world, lambda: build_model(cfg, shard.info.input_shape, classes,
                                                              xp, dtype))
     smallest = fed.site.allreduce(len(shard), op=MPI.MIN)
     per_epoch = smallest // optim["batch_size"]

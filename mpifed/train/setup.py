@@ -22,7 +22,7 @@ from ..data.shards import Shard, describe, shard_bounds
 from ..data.stream import BatchStream, Prefetcher
 from ..errors import UserError, check_memory
 from ..nn.io import load_model
-from ..nn.models import ModelSpec, init_params
+from ..nn.spec import fit_to_data, model_from_config
 from ..xp import backend_module, device_copier
 from .checkpoint import checkpoint_dir
 from .config import to_toml
@@ -103,7 +103,7 @@ def open_checked_shard(comm, path: str, x: str, y: str, dtype, key: str,
     return shard, classes
 
 
-def open_test_shard(comm, cfg: dict, spec: ModelSpec, dtype) -> Shard:
+def open_test_shard(comm, cfg: dict, spec, dtype) -> Shard:
     """Open this rank's shard of data.test, checked against the model (collective)."""
     data = cfg["data"]
     shard, classes = open_checked_shard(comm, data["test"], data["x"], data["y"], dtype,
@@ -115,25 +115,42 @@ def open_test_shard(comm, cfg: dict, spec: ModelSpec, dtype) -> Shard:
     return shard
 
 
-def build_model(cfg: dict, features: int, classes: int, xp, dtype):
-    """Return (spec, flat params) from model.init, or initialised from run.seed."""
-    model = cfg["model"]
+def build_model(cfg: dict, input_shape, classes: int, xp, dtype):
+    """Return (model, flat params) from model.init, or initialised from run.seed.
+
+    input_shape: one sample's shape in the training data, e.g. (1, 8, 8) or (64,) (an int is a
+    flat feature count).
+    """
+    model, seed = cfg["model"], cfg["run"]["seed"]
+    shape = (input_shape,) if isinstance(input_shape, int) else tuple(input_shape)
     if model["init"]:
         spec, host = load_model(model["init"], dtype)
-        if (spec.features, spec.num_classes) != (features, classes):
-            raise UserError(f"model.init: {model['init']!r} maps {spec.features} features to "
-                            f"{spec.num_classes} classes; the data has {features} and {classes}")
-        if (spec.kind, list(spec.hidden)) != (model["kind"], list(model["hidden"])):
-            raise UserError(f"model.init: {model['init']!r} holds kind = {spec.kind!r}, hidden = "
-                            f"{list(spec.hidden)}, but [model] says kind = {model['kind']!r}, "
-                            f"hidden = {model['hidden']}; set [model] to match the file")
-        return spec, xp.asarray(host)
-    spec = ModelSpec(model["kind"], features, tuple(model["hidden"]), classes)
-    # parameters, gradients, two optimiser states, a checkpoint's host copy
-    check_memory(5 * sum(a * b + b for a, b in zip(spec.sizes, spec.sizes[1:]))
-                 * np.dtype(dtype).itemsize, f"model {spec.kind} {spec.sizes}",
-                 "use smaller model.hidden")
-    return spec, init_params(spec, cfg["run"]["seed"], xp, dtype)
+        fit_to_data(spec, shape, classes, "model.init")
+        check_init_matches(model, spec, shape, classes)
+        params = xp.asarray(host)
+    else:
+        spec = model_from_config(model, shape, classes)
+        # parameters, gradients, two optimiser states, a checkpoint's host copy
+        check_memory(5 * spec.layout(dtype).size * np.dtype(dtype).itemsize,
+                     f"model {spec.kind} {spec.sizes}",
+                     "use a smaller model (model.hidden or model.layers)")
+        params = spec.init(seed, xp, dtype)
+    spec.seed = seed  # dropout's masks: (seed, step, rank)
+    return spec, params
+
+
+def check_init_matches(model: dict, spec, shape, classes: int) -> None:
+    """Refuse a model.init file whose model differs from [model]: config.toml must describe the
+    model that is trained."""
+    if model.get("factory"):
+        return  # the factory's model is whatever the file holds; its name is in the file
+    if spec.kind != model["kind"] or list(spec.hidden) != list(model.get("hidden") or []):
+        raise UserError(f"model.init: {model['init']!r} holds kind = {spec.kind!r}, hidden = "
+                        f"{list(spec.hidden)}, but [model] says kind = {model['kind']!r}, "
+                        f"hidden = {model.get('hidden') or []}; set [model] to match the file")
+    if spec.kind not in ("softmax", "mlp") and model_from_config(model, shape, classes) != spec:
+        raise UserError(f"model.init: {model['init']!r} holds {spec.kind} {spec.sizes}, which "
+                        "differs from what [model] describes; set [model] to match the file")
 
 
 def plan_steps(cfg: dict, shard_len: int, comm) -> tuple[int, int]:

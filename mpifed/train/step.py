@@ -10,6 +10,7 @@ from ..comm.shared import release, shared_array
 from ..comm.stall import StallWatch
 from ..comm.topology import topology
 from ..errors import UserError
+from ..nn.layers import Context
 from ..nn.models import loss_and_grad
 from ..xp import device_thread_pool, mark, record_event, seconds_between, to_host, wait_event
 
@@ -64,7 +65,21 @@ class DataParallelStep:
         self.watch.disarm()
         return start, mark(self.xp)
 
-    def _backward_overlapped(self, x, y) -> tuple:
+    def _sum_over_ranks(self, buf):
+        """Sync batch norm's reducer: sum a small array over the ranks, in place. With overlap
+        it queues behind the layer reductions already started, so every rank issues its
+        collectives in the same order."""
+        def reduce():
+            return allreduce(buf, self.comm, "sum", "nccl" if self.algorithm == "nccl" else "mpi",
+                             check=False)
+        return self._pool.submit(reduce).result() if self._pool is not None else reduce()
+
+    def _context(self, step_number: int) -> Context:
+        return Context(train=True, seed=getattr(self.spec, "seed", 0), step=step_number,
+                       rank=self.comm.rank, reduce=self._sum_over_ranks if self.comm.size > 1
+                       else None)
+
+    def _backward_overlapped(self, x, y, ctx) -> tuple:
         """Gradients with each layer's all-reduce started as soon as the layer is done; return
         the time marks (backward done, last reduction done)."""
         n = self.params.size
@@ -76,7 +91,7 @@ class DataParallelStep:
                 hi = n + 2
             futures.append(self._pool.submit(self._reduce, lo, hi, record_event(self.xp)))
 
-        loss_and_grad(self.spec, self.params, x, y, self.grad[:n], on_ready=ready)
+        loss_and_grad(self.spec, self.params, x, y, self.grad[:n], on_ready=ready, ctx=ctx)
         backward_done = mark(self.xp)
         spans = [future.result() for future in futures]
         wait_event(spans[-1][1])  # one comm stream, in order: the last reduction ends them all
@@ -106,10 +121,11 @@ class DataParallelStep:
         grads = self.grad[:n]
         self.grad[n + 1] = stop
         self._step_number = step_number
+        ctx = self._context(step_number)
         if self._pool is not None:
-            start, end = self._backward_overlapped(x, y)
+            start, end = self._backward_overlapped(x, y, ctx)
         else:
-            self.grad[n] = loss_and_grad(self.spec, self.params, x, y, grads)
+            self.grad[n] = loss_and_grad(self.spec, self.params, x, y, grads, ctx=ctx)
             start, end = self._reduce(0, n + 2)
         loss, stop_flag = (float(v) for v in to_host(self.grad[n:n + 2]))  # one transfer
         self.stop_agreed = stop_flag > 0
@@ -118,7 +134,10 @@ class DataParallelStep:
         if loss != loss or loss in (float("inf"), float("-inf")):
             raise UserError(f"training diverged: the loss is {loss} at step {step_number}; "
                             "lower optim.lr or add optim.warmup")
+        buffers = self.spec.take_buffers(grads)  # running statistics, averaged: not trained
         if anchor is not None and mu:
             grads += mu * (self.params - anchor)
+            self.spec.take_buffers(grads)
         optimizer.step(self.params, grads, lr)
+        self.spec.put_buffers(self.params, buffers)
         return loss

@@ -1,0 +1,89 @@
+"""The layer protocol: told its input shape, a layer answers its output and parameter shapes.
+
+A layer is a small object (JAX stax's shape-first layers, Chainer's forward and backward side by
+side). Shapes exclude the batch axis; images are (channels, height, width).
+
+    out_shape = layer.build(in_shape, where)   # check the input, fix every shape; `where` names
+                                               # the layer in errors: "model.layers[3]"
+    layer.params()      -> [(name, shape), ...] arrays the layer owns in the flat buffer
+    layer.buffers       -> names among them that are state, not trained (running statistics)
+    layer.init(rng, p)  -> fill p (dict name -> host view) from a NumPy Generator
+    y  = layer.forward(p, x, ctx)               # p: dict of views of the parameters
+    dx = layer.backward(p, g, dy, ctx, need_dx) # g: dict of views of the gradient buffer;
+                                                # writes every g[name], returns d loss / d x
+    layer.settings()    -> the keys written to model files (type excluded)
+
+A layer never allocates its parameters or gradients: `p` and `g` are windows into the flat
+buffers that the all-reduce, the optimiser and the checkpoint see. For a buffer (running
+statistics) `backward` writes the state's new value into `g`, and the training step moves it
+into the parameters after the all-reduce has averaged it over the ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ...errors import UserError
+
+
+@dataclass
+class Context:
+    """What a forward pass may depend on besides its input.
+
+    train: batch statistics and dropout (True) or running statistics and identity (False).
+    seed, step, rank: seed dropout's generator, so a resumed run draws the same masks.
+    reduce: sums a small 1-D xp array over the data-parallel ranks (in place, returns it);
+        None alone. Passed in, so that nothing under nn/ imports MPI.
+    """
+
+    train: bool = True
+    seed: int = 0
+    step: int = 0
+    rank: int = 0
+    reduce: Callable | None = None
+
+
+class Layer:
+    """Defaults for a layer without parameters; subclasses override what they need."""
+
+    type = "layer"
+    buffers: tuple[str, ...] = ()
+
+    def build(self, in_shape: tuple[int, ...], where: str) -> tuple[int, ...]:
+        self.in_shape, self.where = tuple(in_shape), where
+        self.out_shape = tuple(self.output_shape(self.in_shape))
+        return self.out_shape
+
+    def output_shape(self, in_shape):
+        return in_shape
+
+    def params(self) -> list[tuple[str, tuple[int, ...]]]:
+        return []
+
+    def init(self, rng, p: dict) -> None:
+        pass
+
+    def settings(self) -> dict:
+        return {}
+
+    def fail(self, message: str):
+        """Raise the one-line UserError that names this layer: `where (type): message`."""
+        raise UserError(f"{self.where} ({self.type}): {message}")
+
+    def __repr__(self):
+        keys = ", ".join(f"{k}={v}" for k, v in self.settings().items())
+        return f"{self.type}({keys})"
+
+
+def need_rank(layer: Layer, in_shape, ranks: tuple[int, ...], what: str) -> None:
+    """Fail unless the input (batch axis excluded) has one of `ranks` dimensions."""
+    if len(in_shape) not in ranks:
+        layer.fail(f"input shape {tuple(in_shape)} does not fit: it needs {what}")
+
+
+def positive(layer_type: str, key: str, value, minimum: int = 1) -> int:
+    """Check an integer setting; raise a UserError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"{layer_type}.{key}: expected an integer >= {minimum}, got {value!r}")
+    return value

@@ -1,0 +1,146 @@
+"""`layernorm` and `batchnorm2d` (optionally synchronised over the data-parallel ranks)."""
+
+from __future__ import annotations
+
+from ...errors import UserError
+from ...xp import get_array_module
+from .base import Layer, need_rank
+
+
+def _eps(layer_type: str, eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise UserError(f"{layer_type}.eps: expected a number > 0, got {eps!r}")
+    return float(eps)
+
+
+class LayerNorm(Layer):
+    """Normalise each sample over all its axes; gamma and beta have the input's shape (as
+    PyTorch's LayerNorm(normalized_shape=input shape))."""
+
+    type = "layernorm"
+
+    def __init__(self, eps: float = 1e-5):
+        self.eps = _eps("layernorm", eps)
+
+    def settings(self):
+        return {"eps": self.eps}
+
+    def params(self):
+        return [("gamma", self.in_shape), ("beta", self.in_shape)]
+
+    def init(self, rng, p):
+        p["gamma"][...] = 1.0
+
+    def forward(self, p, x, ctx):
+        xp = get_array_module(x)
+        axes = tuple(range(1, x.ndim))
+        centered = x - x.mean(axis=axes, keepdims=True)  # (B, ...)
+        var = (centered * centered).mean(axis=axes, keepdims=True)  # (B, 1, ...)
+        self.inv = 1 / xp.sqrt(var + x.dtype.type(self.eps))
+        self.xhat = centered * self.inv
+        return self.xhat * p["gamma"] + p["beta"]
+
+    def backward(self, p, g, dy, ctx, need_dx=True):
+        xhat, inv = self.xhat, self.inv
+        self.xhat = self.inv = None
+        (dy * xhat).sum(axis=0, out=g["gamma"])
+        dy.sum(axis=0, out=g["beta"])
+        if not need_dx:
+            return None
+        axes = tuple(range(1, dy.ndim))
+        dxhat = dy * p["gamma"]
+        return inv * (dxhat - dxhat.mean(axis=axes, keepdims=True)
+                      - xhat * (dxhat * xhat).mean(axis=axes, keepdims=True))
+
+
+class BatchNorm2d(Layer):
+    """Per-channel batch normalisation of (B, C, H, W) (or (B, C)), as PyTorch's BatchNorm2d.
+
+    Training normalises by the batch mean and biased variance; with `sync`, over the global batch
+    of all data-parallel ranks (SyncBatchNorm: two small all-reduces forward, one backward).
+    running_mean and running_var (unbiased) move by `momentum` each step and serve evaluation;
+    they are buffers: backward writes their new values into the gradient buffer, the all-reduce
+    averages them over the ranks, and the step copies them into the parameters.
+    """
+
+    type = "batchnorm2d"
+    buffers = ("running_mean", "running_var")
+
+    def __init__(self, sync: bool = False, momentum: float = 0.1, eps: float = 1e-5):
+        if not isinstance(sync, bool):
+            raise UserError(f"batchnorm2d.sync: expected true or false, got {sync!r}")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
+                or not 0 <= momentum <= 1:
+            raise UserError(f"batchnorm2d.momentum: expected a number in [0, 1], got {momentum!r}")
+        self.sync, self.momentum, self.eps = sync, float(momentum), _eps("batchnorm2d", eps)
+
+    def settings(self):
+        return {"sync": self.sync, "momentum": self.momentum, "eps": self.eps}
+
+    def output_shape(self, in_shape):
+        need_rank(self, in_shape, (1, 3), "(channels, height, width) or (channels,)")
+        return in_shape
+
+    def params(self):
+        c = (self.in_shape[0],)
+        return [("gamma", c), ("beta", c), ("running_mean", c), ("running_var", c)]
+
+    def init(self, rng, p):
+        p["gamma"][...] = 1.0
+        p["running_var"][...] = 1.0
+
+    def _axes_and_shape(self, x):
+        """The reduced axes and the broadcast shape of a per-channel vector."""
+        if x.ndim == 4:
+            return (0, 2, 3), (1, x.shape[1], 1, 1)
+        return (0,), (1, x.shape[1])
+
+    def _sum(self, parts, ctx):
+        """Sum per-channel arrays (and counts) over the ranks when synchronised."""
+        xp = get_array_module(parts[0])
+        if not (self.sync and ctx.reduce):
+            return parts
+        sizes = [a.size for a in parts]
+        total = ctx.reduce(xp.concatenate([a.reshape(-1) for a in parts]))
+        out, lo = [], 0
+        for a, n in zip(parts, sizes):
+            out.append(total[lo:lo + n].reshape(a.shape))
+            lo += n
+        return out
+
+    def forward(self, p, x, ctx):
+        xp = get_array_module(x)
+        axes, shape = self._axes_and_shape(x)
+        if not ctx.train:
+            inv = 1 / xp.sqrt(p["running_var"] + x.dtype.type(self.eps))  # (C,)
+            scale = (p["gamma"] * inv).reshape(shape)
+            return (x - p["running_mean"].reshape(shape)) * scale + p["beta"].reshape(shape)
+        count = xp.asarray([x.size // x.shape[1]], dtype=x.dtype)
+        total, count = self._sum([x.sum(axis=axes), count], ctx)  # (C,), (1,)
+        mean = total / count  # (C,)
+        centered = x - mean.reshape(shape)  # (B, C, H, W)
+        (square,) = self._sum([(centered * centered).sum(axis=axes)], ctx)  # (C,)
+        var = square / count  # biased: normalises the batch
+        self.n = count
+        self.inv = (1 / xp.sqrt(var + x.dtype.type(self.eps))).reshape(shape)  # (1, C, 1, 1)
+        self.xhat = centered * self.inv
+        m = x.dtype.type(self.momentum)
+        unbiased = square / xp.maximum(count - 1, 1)
+        self.new_stats = ((1 - m) * p["running_mean"] + m * mean,
+                          (1 - m) * p["running_var"] + m * unbiased)
+        return self.xhat * p["gamma"].reshape(shape) + p["beta"].reshape(shape)
+
+    def backward(self, p, g, dy, ctx, need_dx=True):
+        axes, shape = self._axes_and_shape(dy)
+        xhat, inv, n = self.xhat, self.inv, self.n
+        self.xhat = self.inv = None
+        g["running_mean"][...], g["running_var"][...] = self.new_stats
+        dyx = (dy * xhat).sum(axis=axes)  # (C,), this rank's share
+        dyy = dy.sum(axis=axes)
+        g["gamma"][...] = dyx
+        g["beta"][...] = dyy
+        if not need_dx:
+            return None
+        dyx, dyy = self._sum([dyx, dyy], ctx)  # the global batch's sums when synchronised
+        scale = p["gamma"].reshape(shape) * inv / n  # (1, C, 1, 1)
+        return scale * (n * dy - dyy.reshape(shape) - xhat * dyx.reshape(shape))

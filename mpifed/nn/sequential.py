@@ -1,0 +1,201 @@
+"""`Sequential`: a model that is a list of layers over one flat parameter buffer.
+
+The layers' arrays are packed in order into one buffer (`Layout`); so are their gradients, so
+one all-reduce moves them all, and `on_ready` tells the training step when one layer's slice of
+the gradient buffer is final (last layer first) to start its reduction early.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from math import prod
+
+import numpy as np
+
+from ..errors import UserError
+from .layers import Chain, Context, Layer
+from .layout import Layout, views
+from .loss import softmax_cross_entropy, summed_loss_and_correct
+
+TRAIN = Context(train=True)
+EVAL = Context(train=False)
+
+
+class Sequential:
+    """Layers applied in order to inputs (B, *input_shape), ending in logits (B, num_classes).
+
+    kind: how the model was described ("sequential", a preset name, "factory"); `extra` holds
+    what a model file needs to describe it again (hidden sizes, depth, the factory's name).
+    """
+
+    def __init__(self, layers: list[Layer], input_shape, num_classes: int,
+                 kind: str = "sequential", where: str = "model.layers", **extra):
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise UserError(f"{where}[{i}]: {layer!r} is not an mpifed.nn layer "
+                                "(see README, Writing a layer)")
+        self.kind, self.num_classes, self.extra = kind, int(num_classes), extra
+        self.seed = 0  # dropout's seed: run.seed, set by whoever builds the model for training
+        self.chain = Chain(list(layers))
+        self.input_shape = ()
+        self.build(input_shape, where)
+
+    def build(self, input_shape, where: str = "model.layers") -> None:
+        """(Re)build every layer for inputs of `input_shape`; errors name the layer."""
+        input_shape = tuple(int(s) for s in input_shape)
+        out = self.chain.build(input_shape, where)
+        if out != (self.num_classes,):
+            raise UserError(f"{where}: the last layer gives outputs of shape {out}, the loss "
+                            f"needs ({self.num_classes},), one logit per class; end with "
+                            f"{{type = \"linear\", out = {self.num_classes}}}")
+        self.input_shape = input_shape
+        self._layouts, self._views = {}, OrderedDict()
+        entries = [[(n, tuple(s)) for n, s in layer.params()] for layer in self.layers]
+        self.entries = entries
+        bounds = [0]
+        for e in entries:
+            bounds.append(bounds[-1] + len(e))
+        self.bounds = bounds  # layer i's arrays are layout entries bounds[i]:bounds[i+1]
+
+    @property
+    def layers(self) -> list[Layer]:
+        return self.chain.layers
+
+    # What the training loop, the reporter and the model files read.
+    @property
+    def features(self) -> int:
+        return prod(self.input_shape)
+
+    @property
+    def hidden(self) -> tuple[int, ...]:
+        return tuple(self.extra.get("hidden", ()))
+
+    @property
+    def sizes(self):
+        if self.kind in ("softmax", "mlp"):
+            return [self.features, *self.hidden, self.num_classes]
+        shape = "x".join(map(str, self.input_shape))
+        return f"[{shape} -> {self.num_classes}, {len(self.layers)} layers, " \
+               f"{self.layout().size:,} parameters]"
+
+    def __eq__(self, other):
+        return isinstance(other, Sequential) and self.describe() == other.describe()
+
+    def __hash__(self):
+        return hash(repr(self.describe()))
+
+    def describe(self):
+        return (self.kind, self.input_shape, self.num_classes,
+                tuple(repr(layer) for layer in self.layers),
+                tuple(s for e in self.entries for _, s in e))
+
+    def __repr__(self):
+        return f"Sequential({self.kind}, {self.input_shape} -> {self.num_classes}, {self.layers})"
+
+    # The flat buffer.
+    def layout(self, dtype="float32") -> Layout:
+        name = np.dtype(dtype).name
+        if name not in self._layouts:
+            shapes = [s for e in self.entries for _, s in e]
+            offsets = [0]
+            for s in shapes:
+                offsets.append(offsets[-1] + prod(s))
+            self._layouts[name] = Layout(tuple(shapes), (name,) * len(shapes), tuple(offsets),
+                                         name)
+        return self._layouts[name]
+
+    def param_views(self, flat) -> list[dict]:
+        """Per layer, {name: view of flat}; cached per buffer (views keep their buffer alive)."""
+        key = (_address(flat), flat.size, flat.dtype.name)
+        found = self._views.get(key)
+        if found is None:
+            arrays = views(flat, self.layout(flat.dtype))
+            found = [{name: arrays[j] for j, (name, _) in zip(range(lo, hi), e)}
+                     for e, lo, hi in zip(self.entries, self.bounds, self.bounds[1:])]
+            self._views[key] = found
+            if len(self._views) > 8:
+                self._views.popitem(last=False)
+        return found
+
+    def layer_range(self, i: int, dtype) -> tuple[int, int]:
+        """Elements [lo, hi) of the flat buffer that layer i's arrays occupy."""
+        offsets = self.layout(dtype).offsets
+        return offsets[self.bounds[i]], offsets[self.bounds[i + 1]]
+
+    def buffer_ranges(self, dtype="float32") -> list[tuple[int, int]]:
+        """Element ranges of the buffers (running statistics): state, not trained."""
+        key = ("buffers", np.dtype(dtype).name)
+        if key in self._layouts:
+            return self._layouts[key]
+        offsets, out = self.layout(dtype).offsets, []
+        for layer, e, lo in zip(self.layers, self.entries, self.bounds):
+            for j, (name, _) in enumerate(e):
+                if name in layer.buffers:
+                    out.append((offsets[lo + j], offsets[lo + j + 1]))
+        self._layouts[key] = out
+        return out
+
+    def take_buffers(self, grads) -> list:
+        """After the all-reduce: copy out the buffers' new values (backward wrote them into the
+        gradient buffer, averaged over the ranks now) and zero them there, so the optimiser
+        leaves them alone; `put_buffers` puts them into the parameters after its step."""
+        kept = []
+        for lo, hi in self.buffer_ranges(grads.dtype):
+            kept.append((lo, hi, grads[lo:hi].copy()))
+            grads[lo:hi] = 0
+        return kept
+
+    @staticmethod
+    def put_buffers(params, kept) -> None:
+        for lo, hi, values in kept:
+            params[lo:hi] = values
+
+    def init(self, seed: int, xp=np, dtype="float32"):
+        """Return a flat parameter buffer initialised from `seed`, drawn on the host with NumPy
+        so every rank and backend gets the same values."""
+        host = np.zeros(self.layout(dtype).size, dtype=dtype)
+        rng = np.random.default_rng([seed, 0x6D6F64])
+        for layer, p in zip(self.layers, self.param_views(host)):
+            layer.init(rng, p)
+        self._views.clear()  # the host buffer goes away
+        return xp.asarray(host)
+
+    # Forward and backward.
+    def forward(self, flat, x, ctx: Context = EVAL):
+        """Return logits (B, C) of inputs x (B, *input_shape)."""
+        ps = self.param_views(flat)
+        return self.chain.forward(lambda i: ps[i], self._shaped(x), ctx)
+
+    def loss_and_grad(self, flat, x, y, grad_out, on_ready=None, ctx: Context = TRAIN):
+        """Write d(mean loss)/d(params) into `grad_out` (flat, like `flat`); return the loss.
+
+        on_ready(lo, hi, loss): grad_out[lo:hi] (one layer's arrays) is final; last layer first.
+        """
+        ps, gs = self.param_views(flat), self.param_views(grad_out)
+        h = self.chain.forward(lambda i: ps[i], self._shaped(x), ctx)
+        loss, delta = softmax_cross_entropy(h, y)  # delta: (B, C)
+        delta = delta.astype(flat.dtype, copy=False)
+        done = None
+        if on_ready is not None:
+            def done(i):
+                lo, hi = self.layer_range(i, flat.dtype)
+                if hi > lo:
+                    on_ready(lo, hi, loss)
+        self.chain.backward(lambda i: ps[i], lambda i: gs[i], delta, ctx, False, done)
+        return loss
+
+    def evaluate_batch(self, flat, x, y) -> tuple[float, int]:
+        return summed_loss_and_correct(self.forward(flat, x, EVAL), y)
+
+    def _shaped(self, x):
+        """Rows (B, features) of image data come shaped (B, *input_shape)."""
+        if x.shape[1:] != self.input_shape:
+            x = x.reshape(x.shape[0], *self.input_shape)
+        return x
+
+
+def _address(a) -> int:
+    """The address of an array's first element (NumPy or CuPy)."""
+    if isinstance(a, np.ndarray):
+        return a.__array_interface__["data"][0]
+    return a.data.ptr

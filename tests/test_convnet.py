@@ -1,0 +1,242 @@
+"""Convnets end to end: data-parallel training equals a serial computation on the global batch,
+model files round-trip, presets, users' factories, N-D data."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from helpers import run_mpi, write_config
+from reference import global_batches
+
+from mpifed.errors import UserError
+from mpifed.nn.io import load_model, save_model
+from mpifed.nn.layers import Context, layers_from_config
+from mpifed.nn.models import logits
+from mpifed.nn.sequential import Sequential
+from mpifed.nn.spec import fit_to_data, model_from_config
+from mpifed.train.config import resolve, to_toml
+
+SHAPE, CLASSES, SAMPLES = (2, 6, 5), 3, 61  # odd sizes; a prime count: unequal shards
+
+LAYERS = [
+    {"type": "conv2d", "out": 4, "kernel": 3, "padding": 1},
+    {"type": "batchnorm2d", "sync": True, "momentum": 0.2},
+    {"type": "relu"},
+    {"type": "residual", "layers": [
+        {"type": "conv2d", "out": 5, "kernel": 3, "stride": 2, "padding": 1},
+        {"type": "batchnorm2d", "sync": True}, {"type": "relu"},
+        {"type": "conv2d", "out": 5, "kernel": 3, "padding": 1}]},
+    {"type": "maxpool2d", "kernel": 2, "stride": 1},
+    {"type": "flatten"},
+    {"type": "linear", "out": CLASSES},
+]
+
+
+def make_images(path, n=SAMPLES, seed=42):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, CLASSES, size=n)
+    x = rng.standard_normal((n, *SHAPE)) + 0.5 * y[:, None, None, None]
+    with h5py.File(path, "w") as fh:
+        fh["x"], fh["y"] = x, y
+    return x, y
+
+
+def serial_reference(x, y, batches, seed, lr, momentum):
+    """The global batch on one process: the same layers with unsynchronised batch norm (so
+    statistics are the global batch's) and plain NumPy SGD with momentum written here; no
+    sharding, all-reduce, synchronised statistics or training step from mpifed."""
+    plain = [dict(e, sync=False) if e["type"] == "batchnorm2d" else e for e in LAYERS]
+    plain[3] = dict(LAYERS[3], layers=[dict(e, sync=False) if e["type"] == "batchnorm2d" else e
+                                       for e in LAYERS[3]["layers"]])
+    model = Sequential(layers_from_config(plain), SHAPE, CLASSES)
+    flat = model.init(seed, dtype="float64")
+    stats = np.zeros(flat.size, bool)
+    for lo, hi in model.buffer_ranges("float64"):
+        stats[lo:hi] = True
+    velocity = np.zeros_like(flat)
+    for rows in batches:
+        grad = np.zeros_like(flat)
+        model.loss_and_grad(flat, x[rows], y[rows], grad, ctx=Context())
+        new_stats = grad[stats].copy()
+        grad[stats] = 0
+        velocity = momentum * velocity + grad
+        flat -= lr * velocity
+        flat[stats] = new_stats
+    return flat
+
+
+@pytest.mark.parametrize("ranks,overlap", [(1, False), (2, False), (3, True), (4, False),
+                                           (4, True)])
+def test_convnet_with_sync_batchnorm_equals_serial(tmp_path, ranks, overlap):
+    x, y = make_images(tmp_path / "d.h5")
+    batch, steps, seed, lr, momentum = 3, 9, 5, 0.05, 0.9
+    write_config(tmp_path / "run.toml", {
+        "data": {"train": "d.h5"},
+        "model": {"kind": "sequential", "layers": LAYERS, "dtype": "float64"},
+        "optim": {"lr": lr, "momentum": momentum, "batch_size": batch, "steps": steps},
+        "comm": {"overlap": overlap}, "run": {"seed": seed, "out": "out"}})
+    done = run_mpi(ranks, ["train", "run.toml"], cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    batches = itertools.islice(global_batches(SAMPLES, ranks, batch, seed, True), steps)
+    expected = serial_reference(x, y, batches, seed, lr, momentum)
+    model, got = load_model(str(tmp_path / "out" / "model.h5"))
+    assert model.kind == "sequential" and model.input_shape == SHAPE
+    np.testing.assert_allclose(got, expected, rtol=1e-7, atol=1e-9)
+
+
+def test_model_file_layout_and_round_trip(tmp_path):
+    model = Sequential(layers_from_config(LAYERS), SHAPE, CLASSES)
+    flat = model.init(3, dtype="float64")
+    flat += np.random.default_rng(0).standard_normal(flat.size) * 0.1  # running stats too
+    save_model(str(tmp_path / "m.h5"), model, flat)
+    with h5py.File(tmp_path / "m.h5") as fh:
+        assert fh.attrs["kind"] == "sequential" and fh.attrs["num_classes"] == CLASSES
+        assert list(fh.attrs["input_shape"]) == list(SHAPE)
+        assert fh["layers/0"].attrs["type"] == "conv2d" and fh["layers/0"].attrs["padding"] == 1
+        assert fh["layers/0/W"].shape == (4, 2, 3, 3) and fh["layers/0/b"].shape == (4,)
+        assert set(fh["layers/1"]) == {"gamma", "beta", "running_mean", "running_var"}
+        assert bool(fh["layers/1"].attrs["sync"]) and fh["layers/1"].attrs["momentum"] == 0.2
+        assert fh["layers/3"].attrs["type"] == "residual"
+        assert fh["layers/3/layers/0"].attrs["stride"] == 2
+        assert fh["layers/3/layers/0/W"].shape == (5, 4, 3, 3)
+        assert fh["layers/3/projection/W"].shape == (5, 4, 1, 1)
+        assert fh["layers/6/W"].shape == (5 * 2 * 2, CLASSES)
+    again, flat2 = load_model(str(tmp_path / "m.h5"))
+    assert again == model
+    np.testing.assert_array_equal(flat2, flat)
+    x = np.random.default_rng(1).standard_normal((4, *SHAPE))
+    np.testing.assert_array_equal(logits(again, flat2, x), logits(model, flat, x))
+
+
+# Counted by hand: LeNet-5 as PyTorch counts it; ResNet-8 = stem conv 448 + BN 32, one block
+# per stage of 4704, 14560 and 57792 (biased convs, BN, 1x1 projections), linear 650.
+@pytest.mark.parametrize("kind,extra,params", [("lenet5", {}, 61706),
+                                               ("resnet", {"depth": 8}, 78186)])
+def test_presets_and_their_files(tmp_path, kind, extra, params):
+    cfg = resolve({"data": {"train": "d.h5"}, "model": {"kind": kind, **extra}})
+    shape = (1, 28, 28) if kind == "lenet5" else (3, 32, 32)
+    model = model_from_config(cfg["model"], shape, 10)
+    trained = model.layout().size - sum(hi - lo for lo, hi in model.buffer_ranges())
+    assert trained == params
+    flat = model.init(0)
+    save_model(str(tmp_path / "m.h5"), model, flat)
+    again, flat2 = load_model(str(tmp_path / "m.h5"), dtype="float32")
+    assert again == model and again.kind == kind
+    np.testing.assert_array_equal(flat2, flat)
+
+
+def test_factory_model_with_a_layer_of_ones_own(tmp_path, monkeypatch):
+    (tmp_path / "mymodels.py").write_text('''
+from mpifed.nn import layers as L
+
+class Square(L.Layer):
+    type = "square"
+    def forward(self, p, x, ctx):
+        self.x = x
+        return x * x
+    def backward(self, p, g, dy, ctx, need_dx=True):
+        return 2 * self.x * dy if need_dx else None
+
+def build(input_shape, num_classes):
+    return [L.Flatten(), L.Linear(4), Square(), L.Linear(num_classes)]
+''')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = resolve({"data": {"train": "d.h5"}, "model": {"factory": "mymodels:build"}})
+    model = model_from_config(cfg["model"], (1, 3, 3), 2)
+    assert model.kind == "factory"
+    flat = model.init(1, dtype="float64")
+    save_model(str(tmp_path / "m.h5"), model, flat)
+    again, flat2 = load_model(str(tmp_path / "m.h5"))
+    x = np.random.default_rng(0).standard_normal((3, 9))
+    np.testing.assert_array_equal(logits(again, flat2, x), logits(model, flat, x))
+    with pytest.raises(UserError, match="model.factory: cannot import 'nosuch'"):
+        model_from_config(dict(cfg["model"], factory="nosuch:build"), (9,), 2)
+    sys.modules.pop("mymodels", None)
+
+
+def test_model_init_with_other_channels_names_layer_and_shapes(tmp_path):
+    model = model_from_config(resolve({"data": {"train": "d"}, "model": {"kind": "lenet5"}})
+                              ["model"], (3, 32, 32), 10)
+    save_model(str(tmp_path / "m.h5"), model, model.init(0))
+    loaded, _ = load_model(str(tmp_path / "m.h5"))
+    with pytest.raises(UserError) as err:
+        fit_to_data(loaded, (1, 32, 32), 10, "model.init")
+    message = str(err.value)
+    assert "layers[0] (conv2d)" in message and "(1, 32, 32)" in message
+    assert "(6, 3, 5, 5)" in message and "\n" not in message
+
+
+def test_old_mlp_files_load_and_images_flatten(tmp_path):
+    with h5py.File(tmp_path / "old.h5", "w") as fh:  # as the version before layers wrote it
+        fh.attrs["kind"], fh.attrs["hidden"], fh.attrs["num_classes"] = "mlp", [5], 3
+        rng = np.random.default_rng(0)
+        for i, (a, b) in enumerate([(64, 5), (5, 3)]):
+            fh[f"layers/{i}/W"], fh[f"layers/{i}/b"] = rng.random((a, b)), rng.random(b)
+    model, flat = load_model(str(tmp_path / "old.h5"))
+    assert model.kind == "mlp" and model.input_shape == (64,)
+    fit_to_data(model, (1, 8, 8), 3, "model.init")  # digits' rows, as images now
+    x = rng.random((2, 1, 8, 8))
+    with h5py.File(tmp_path / "old.h5") as fh:
+        want = np.maximum(x.reshape(2, 64) @ fh["layers/0/W"][...] + fh["layers/0/b"][...], 0) \
+            @ fh["layers/1/W"][...] + fh["layers/1/b"][...]
+    np.testing.assert_allclose(logits(model, flat, x), want, rtol=1e-12)
+
+
+def test_config_checks_and_writes_layers():
+    cfg = resolve({"data": {"train": "d.h5"}, "model": {"kind": "sequential", "layers": LAYERS}})
+    text = to_toml(cfg)
+    import tomllib
+
+    assert tomllib.loads(text)["model"]["layers"] == LAYERS
+    with pytest.raises(UserError, match=r"model.layers\[3\].layers\[1\]: unknown key 'moment'"):
+        bad = [dict(e) for e in LAYERS]
+        bad[3] = dict(bad[3], layers=[bad[3]["layers"][0], {"type": "batchnorm2d", "moment": 1}])
+        resolve({"data": {"train": "d"}, "model": {"kind": "sequential", "layers": bad}})
+    with pytest.raises(UserError, match="model.depth: a resnet has depth 8, 14 or 20"):
+        resolve({"data": {"train": "d"}, "model": {"kind": "resnet", "depth": 10}})
+    with pytest.raises(UserError, match="model.layers: only read when"):
+        resolve({"data": {"train": "d"}, "model": {"kind": "mlp", "hidden": [3],
+                                                   "layers": LAYERS}})
+
+
+def test_digits_and_synthetic_images_carry_their_shape(tmp_path):
+    from mpifed.data.shards import Shard, describe
+    from mpifed.data.synth import write_digits, write_synthetic_images
+
+    train, _ = write_digits(str(tmp_path / "digits"))
+    info = describe(train)
+    assert info.input_shape == (1, 8, 8) and info.features == 64
+    write_synthetic_images(str(tmp_path / "s.h5"), 50, (3, 7, 9), 4, seed=1)
+    info = describe(str(tmp_path / "s.h5"))
+    assert info.input_shape == (3, 7, 9) and info.num_classes == 4
+    shard = Shard(info, 10, 20)
+    with h5py.File(tmp_path / "s.h5") as fh:
+        np.testing.assert_array_equal(shard.x, fh["x"][10:20].reshape(10, -1))
+
+
+def test_script_api_returns_the_summary(tmp_path):
+    """mpifed.train.run(dict) alone: the summary it returns is the metrics file's last record,
+    and its accuracy is an independent count from the model file."""
+    import json
+
+    from mpifed.train import run
+
+    make_images(tmp_path / "d.h5", n=40)
+    out = str(tmp_path / "out")
+    summary = run({"data": {"train": str(tmp_path / "d.h5"), "test": str(tmp_path / "d.h5")},
+                   "model": {"kind": "sequential", "dtype": "float64", "layers": [
+                       {"type": "conv2d", "out": 3, "kernel": 3}, {"type": "tanh"},
+                       {"type": "global_avgpool"}, {"type": "linear", "out": CLASSES}]},
+                   "optim": {"batch_size": 8, "steps": 6}, "run": {"out": out,
+                                                                  "progress": "none"}},
+                  overrides=["optim.lr=0.2"])
+    last = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary == last and summary["steps"] == 6
+    model, flat = load_model(out + "/model.h5")
+    with h5py.File(tmp_path / "d.h5") as fh:
+        x, y = fh["x"][...], fh["y"][...]
+    assert summary["accuracy"] == pytest.approx((logits(model, flat, x).argmax(1) == y).mean())
