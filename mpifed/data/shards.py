@@ -111,6 +111,20 @@ class Shard:
         inverse[order] = np.arange(order.size)
         return x[inverse], self.y[local_index]
 
+    def read_block(self, lo: int, hi: int, out) -> None:
+        """Read shard-local rows [lo, hi) of a file-backed shard into `out` (hi-lo, features).
+
+        One contiguous hyperslab, converted to the shard's dtype by HDF5 (no temporary).
+        """
+        self._file[self.info.x].read_direct(out, np.s_[self.start + lo:self.start + hi])
+
+    def x_chunks(self) -> tuple | None:
+        """Return the chunk shape of the features dataset, or None if it is contiguous."""
+        if self._file is not None:
+            return self._file[self.info.x].chunks
+        with h5py.File(self.info.path, "r") as fh:
+            return fh[self.info.x].chunks
+
     def label_range(self) -> tuple[int, int]:
         """Return (min, max) label of this shard, or (0, -1) when it is empty."""
         return (int(self.y.min()), int(self.y.max())) if len(self) else (0, -1)

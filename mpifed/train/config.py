@@ -20,7 +20,7 @@ from ..errors import UserError
 SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], object]]] = {
     "data": {
         "train": ((str,), None), "test": ((str,), ""), "x": ((str,), "x"), "y": ((str,), "y"),
-        "shuffle": ((bool,), True),
+        "shuffle": ((bool,), True), "shuffle_block": ((int,), 0), "shuffle_buffer": ((int,), 0),
     },
     "model": {
         "kind": ((str,), "softmax"), "hidden": ((list,), []), "init": ((str,), ""),
@@ -224,6 +224,10 @@ def _check_values(cfg: dict) -> None:
     """Check values that are of the right type but impossible."""
     if not cfg["data"]["train"]:
         raise UserError("data.train: required; set it to an HDF5 file with datasets x and y")
+    for key in ("shuffle_block", "shuffle_buffer"):  # 0: the default (mpifed/data/blocks.py)
+        if cfg["data"][key] < 0:
+            raise UserError(f"data.{key}: must be >= 0 (0 picks the default), got "
+                            f"{cfg['data'][key]}")
     hidden = cfg["model"]["hidden"]
     if not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
         raise UserError(f"model.hidden: expected a list of positive integers, got {hidden!r}")

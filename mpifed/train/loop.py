@@ -22,7 +22,7 @@ from ..comm.agree import raise_together
 from ..xp import device_copier, get_array_module
 from ..comm.topology import ranks_per_node
 from ..data.atomic import atomic_path
-from ..data.stream import BatchStream, Prefetcher
+from ..data.stream import Prefetcher, shard_stream
 from ..errors import UserError
 from ..nn.io import load_model, save_model
 from ..nn.models import ModelSpec, init_params
@@ -135,9 +135,9 @@ def _train(cfg: dict, comm, xp) -> dict:
         reporter.record(event="resumed", step=first)
     step_fn = DataParallelStep(spec, params, comm, cfg["comm"]["allreduce"], xp,
                                cfg["comm"]["overlap"])
-    loader = batch_loader(cfg, shard, per_epoch, comm.rank, first, xp)
-    window = Window(optim["batch_size"] * comm.size)
     timeline = Timeline(run["timeline"], comm.rank)
+    loader = batch_loader(cfg, shard, per_epoch, comm.rank, first, xp, timeline)
+    window = Window(optim["batch_size"] * comm.size)
     start, loss, stopped = time.perf_counter(), math.nan, ""
     try:
         with StopFlag() as flag:
@@ -173,14 +173,18 @@ def _train(cfg: dict, comm, xp) -> dict:
                   (time.perf_counter() - start, step_fn.comm_seconds, loader.wait_seconds), loss)
 
 
-def batch_loader(cfg: dict, shard, per_epoch: int, rank: int, steps_done: int, xp) -> Prefetcher:
+def batch_loader(cfg: dict, shard, per_epoch: int, rank: int, steps_done: int, xp,
+                 timeline=None) -> Prefetcher:
     """Return the prefetching loader of this rank's stream, placed after `steps_done` steps.
 
     rank: this rank's place in the communicator that sharded the data (it seeds the shuffle).
+    timeline: where a streamed shard's block reads are traced (optional).
     """
-    stream = BatchStream(len(shard), cfg["optim"]["batch_size"], per_epoch, cfg["run"]["seed"],
-                         rank, cfg["data"]["shuffle"], epoch=steps_done // per_epoch,
-                         step=steps_done % per_epoch)
+    data = cfg["data"]
+    stream = shard_stream(shard, cfg["optim"]["batch_size"], per_epoch, cfg["run"]["seed"],
+                          rank, data["shuffle"], epoch=steps_done // per_epoch,
+                          step=steps_done % per_epoch, block=data["shuffle_block"],
+                          buffer=data["shuffle_buffer"], timeline=timeline)
     return Prefetcher(shard, stream, device_copier(xp))
 
 
