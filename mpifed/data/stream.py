@@ -92,7 +92,7 @@ class Buffer(NamedTuple):
     epoch: int
     start: int  # offset of its first row in the epoch order
     stop: int
-    x: np.ndarray  # (rows, features) its blocks' rows, block after block
+    x: np.ndarray  # (rows, features) its blocks' rows, block after block (memory reused)
     position: np.ndarray  # (rows,) the shuffle: row i of the order is x[position[i]]
     index: np.ndarray  # (rows,) the shard-local row numbers in shuffled order
 
@@ -149,7 +149,10 @@ class BufferReader:
     """A thread that fills shuffle buffers in stream order, reading each block whole.
 
     One filled buffer waits in the queue while the next is read, so reads run a buffer (several
-    blocks) ahead of the batches. Errors reach the consumer through the queue.
+    blocks) ahead of the batches. Errors reach the consumer through the queue. Three buffers'
+    memory is reused in turn (the one drawn from, the one queued, the one being filled): group k
+    is filled only after group k-1 was queued, so after the consumer took group k-2 and let go
+    of group k-3, whose memory it takes (no page faults on fresh memory every buffer).
     """
 
     def __init__(self, shard, plan: BlockPlan, seed_rank, used_rows: int, first, timeline=None):
@@ -157,6 +160,10 @@ class BufferReader:
             raise ValueError("a block stream needs at least one row per epoch")
         self.shard, self.plan, self.used_rows, self.timeline = shard, plan, used_rows, timeline
         self.seed, self.rank = seed_rank
+        rows = int(min(plan.buffer * np.diff(plan.edges).max(initial=0), plan.edges[-1]))
+        self._memory = [np.empty((rows, shard.info.features), dtype=shard.dtype)
+                        for _ in range(3)]
+        self._filled = 0  # buffers filled so far: the next one uses memory[filled % 3]
         self._queue = queue.Queue(maxsize=1)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=first, name="mpifed-read",
@@ -191,7 +198,8 @@ class BufferReader:
         """Read the blocks of buffer `group` whole and draw its shuffle; None when stopped."""
         plan, shard = self.plan, self.shard
         blocks = plan.group_blocks(order, group)
-        x = np.empty((stop - start, shard.info.features), dtype=shard.dtype)
+        x = self._memory[self._filled % 3][:stop - start]
+        self._filled += 1
         filled = 0
         for b in blocks:
             if self._stop.is_set():
