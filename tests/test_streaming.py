@@ -261,7 +261,8 @@ def test_block_reads_equal_hdf5_reads_for_every_layout(tmp_path, monkeypatch, la
     kwargs = {"contiguous": {}, "chunks": {"chunks": (10, FEATURES)},
               "gzip": {"chunks": (10, FEATURES), "compression": "gzip"},
               "float32": {"chunks": (10, FEATURES), "dtype": np.float32},
-              "split": {"chunks": (10, 2)}, "unwritten": {"chunks": (10, FEATURES), "dtype": "f8"}}[layout]
+              "split": {"chunks": (10, 2)},
+              "unwritten": {"chunks": (10, FEATURES), "dtype": "f8"}}[layout]
     with h5py.File(tmp_path / "d.h5", "w") as fh:
         if layout == "unwritten":  # rows 40..59 never written: HDF5 gives the fill value 0
             dx = fh.create_dataset("x", (97, FEATURES), **kwargs)
