@@ -8,11 +8,13 @@ import itertools
 import numpy as np
 
 
-def global_batches(samples: int, ranks: int, batch: int, seed: int, shuffle: bool):
+def global_batches(samples: int, ranks: int, batch: int, seed: int, shuffle: bool,
+                   block: int = 0, buffer: int = 0):
     """Yield, forever, each step's global batch rows: rank 0's rows, then rank 1's, ...
 
     Rank r owns rows [r*N//p, (r+1)*N//p), walks them in order or in a permutation seeded by
-    (seed, epoch, r), and every rank takes floor(smallest shard / batch) steps per epoch.
+    (seed, epoch, r) (block-shuffled when `block` is given: a shard streamed from its file), and
+    every rank takes floor(smallest shard / batch) steps per epoch.
     """
     bounds = [((r * samples) // ranks, ((r + 1) * samples) // ranks) for r in range(ranks)]
     per_epoch = min(b - a for a, b in bounds) // batch
@@ -20,10 +22,33 @@ def global_batches(samples: int, ranks: int, batch: int, seed: int, shuffle: boo
         epoch, k = divmod(step, per_epoch)
         rows = []
         for r, (a, b) in enumerate(bounds):
-            order = (np.random.default_rng([seed, epoch, r]).permutation(b - a) if shuffle
-                     else np.arange(b - a))
+            if shuffle and block:
+                order = block_shuffled_order(a, b, block, buffer, seed, epoch, r)
+            elif shuffle:
+                order = np.random.default_rng([seed, epoch, r]).permutation(b - a)
+            else:
+                order = np.arange(b - a)
             rows.append(a + order[k * batch:(k + 1) * batch])
         yield np.concatenate(rows)
+
+
+def block_shuffled_order(start: int, stop: int, block: int, buffer: int, seed: int, epoch: int,
+                         rank: int) -> np.ndarray:
+    """Return one epoch's shard-local rows of file rows [start, stop) under block shuffling.
+
+    From the definition in the README: blocks end at file rows that are multiples of `block`;
+    the blocks are visited in the permutation of (seed, epoch, rank); every `buffer` blocks in
+    that order fill a buffer whose rows come out in the permutation of (seed, epoch, rank, g+1).
+    """
+    cuts = [start] + [row for row in range(start + 1, stop) if row % block == 0] + [stop]
+    blocks = [list(range(lo - start, hi - start)) for lo, hi in zip(cuts, cuts[1:])]
+    visit = np.random.default_rng([seed, epoch, rank]).permutation(len(blocks))
+    order = []
+    for g, first in enumerate(range(0, len(blocks), buffer)):
+        rows = [row for k in visit[first:first + buffer] for row in blocks[k]]
+        shuffle = np.random.default_rng([seed, epoch, rank, g + 1]).permutation(len(rows))
+        order += [rows[i] for i in shuffle]
+    return np.array(order, dtype=np.int64)
 
 
 def mlp_sgd(x, y, weights, batches, lr, momentum=0.0, anchor=None, mu=0.0):

@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 
 from ..errors import UserError
+from .direct import DirectRows
 
 # A shard larger than this many bytes is not held in memory: batches are read from the file.
 SHARD_MEMORY_BYTES = 8 << 30  # default of MPIFED_SHARD_MEMORY_BYTES
@@ -159,7 +160,7 @@ class Shard:
     def __init__(self, info: DatasetInfo, start: int, stop: int, dtype="float32"):
         self.info, self.start, self.stop = info, start, stop
         self.dtype = np.dtype(dtype)
-        self._file = None
+        self._file = self._direct = None
         nbytes = (stop - start) * info.features * self.dtype.itemsize
         if nbytes <= shard_memory_bytes():
             self.x, self.y = self._read_rows(start, stop)
@@ -168,6 +169,8 @@ class Shard:
             self._identity = file_identity(info.path)
             self.x = None
             self.y = self._read(self._file[info.y], slice(start, stop)).astype(np.int64)
+            dx = self._file[info.x]
+            self._direct = DirectRows(info.path, dx) if DirectRows.usable(dx, self.dtype) else None
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -215,6 +218,23 @@ class Shard:
         inverse[order] = np.arange(order.size)
         return x[inverse], self.y[local_index]
 
+    def read_block(self, lo: int, hi: int, out) -> None:
+        """Read shard-local rows [lo, hi) of a file-backed shard into `out` (hi-lo, features).
+
+        By file offset where the layout allows (mpifed/data/direct.py), else one hyperslab
+        converted to the shard's dtype by HDF5 (no temporary).
+        """
+        if self._direct is not None and self._direct.read(self.start + lo, self.start + hi, out):
+            return
+        self._file[self.info.x].read_direct(out, np.s_[self.start + lo:self.start + hi])
+
+    def x_chunks(self) -> tuple | None:
+        """Return the chunk shape of the features dataset, or None if it is contiguous."""
+        if self._file is not None:
+            return self._file[self.info.x].chunks
+        with h5py.File(self.info.path, "r") as fh:
+            return fh[self.info.x].chunks
+
     def label_range(self) -> tuple[int, int]:
         """Return (min, max) label of this shard, or (0, -1) when it is empty."""
         return (int(self.y.min()), int(self.y.max())) if len(self) else (0, -1)
@@ -228,5 +248,7 @@ class Shard:
                    for lo in range(self.start, self.stop, READ_BLOCK_ROWS))
 
     def close(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
         if self._file is not None:
             self._file.close()

@@ -14,6 +14,12 @@ from ..errors import UserError, check_memory, check_output_path
 from .atomic import atomic_path
 
 BLOCK_ROWS = 1 << 16
+CHUNK_BYTES = 1 << 20  # chunks of about 1 MiB: whole rows, read as one piece when streaming
+
+
+def chunk_rows(features: int, itemsize: int, samples: int) -> int:
+    """Return the rows per chunk that make a chunk of whole rows about CHUNK_BYTES (at least 1)."""
+    return max(1, min(samples, CHUNK_BYTES // max(1, features * itemsize)))
 
 
 def write_synthetic(out: str, samples: int, features: int, classes: int, seed: int = 0,
@@ -34,9 +40,10 @@ def write_synthetic(out: str, samples: int, features: int, classes: int, seed: i
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((classes, features)).astype(np.float32) * 2.0
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as fh:
-        chunk = (min(samples, 4096), features)
-        dx = fh.create_dataset("x", (samples, features), dtype="float32", chunks=chunk)
-        dy = fh.create_dataset("y", (samples,), dtype="int64", chunks=(chunk[0],))
+        dx = fh.create_dataset("x", (samples, features), dtype="float32",
+                               chunks=(chunk_rows(features, 4, samples), features))
+        dy = fh.create_dataset("y", (samples,), dtype="int64",
+                               chunks=(chunk_rows(1, 8, samples),))
         fh.attrs["num_classes"] = classes
         for lo in range(0, samples, BLOCK_ROWS):
             hi = min(samples, lo + BLOCK_ROWS)
@@ -130,13 +137,15 @@ def write_digits(out_dir: str, test_fraction: float = 0.2, seed: int = 0,
 
 
 def write_arrays(path: str, x, y, num_classes: int | None = None, input_shape=None) -> None:
-    """Write arrays as datasets `x` and `y` of a new HDF5 file (atomically).
+    """Write arrays as datasets `x` and `y` of a new HDF5 file (atomically), x in ~1 MiB chunks
+    of whole rows.
 
     input_shape: written as the attribute that reshapes each row of a 2-D x, e.g. [1, 8, 8].
     """
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as fh:
-        fh.create_dataset("x", data=x,
-                          chunks=(min(len(x), 4096), *x.shape[1:]) if len(x) else None)
+        row = int(np.prod(x.shape[1:]))
+        rows = chunk_rows(row, x.dtype.itemsize, len(x)) if len(x) else 0
+        fh.create_dataset("x", data=x, chunks=(rows, *x.shape[1:]) if rows else None)
         fh.create_dataset("y", data=y)
         if num_classes is not None:
             fh.attrs["num_classes"] = num_classes

@@ -30,7 +30,7 @@ from .report import PROGRESS_MODES
 SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], object]]] = {
     "data": {
         "train": ((str,), None), "test": ((str,), ""), "x": ((str,), "x"), "y": ((str,), "y"),
-        "shuffle": ((bool,), True),
+        "shuffle": ((bool,), True), "shuffle_block": ((int,), 0), "shuffle_buffer": ((int,), 0),
     },
     "model": MODEL_SCHEMA,
     "optim": {
@@ -214,6 +214,10 @@ def _check_values(cfg: dict) -> None:
     if not cfg["data"]["train"]:
         raise UserError("data.train: required; set it to an HDF5 file with datasets x and y")
     check_model_config(cfg["model"])
+    for key in ("shuffle_block", "shuffle_buffer"):  # 0: the default (mpifed/data/blocks.py)
+        if cfg["data"][key] < 0:
+            raise UserError(f"data.{key}: must be >= 0 (0 picks the default), got "
+                            f"{cfg['data'][key]}")
     optim = cfg["optim"]
     if not (optim["lr"] > 0 and math.isfinite(optim["lr"])):
         raise UserError(f"optim.lr: must be a positive number, got {optim['lr']!r}")

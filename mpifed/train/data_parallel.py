@@ -64,9 +64,9 @@ def run_data_parallel(cfg: dict, comm, xp) -> dict:
         f"per epoch), backend {xp.__name__}", "step")
     step_fn = DataParallelStep(spec, params, comm, cfg["comm"]["allreduce"], xp,
                                cfg["comm"]["overlap"], cfg["comm"]["stall_timeout"])
-    loader = batch_loader(cfg, shard, per_epoch, comm.rank, first, xp)
-    window = Window(optim["batch_size"] * comm.size)
     timeline = Timeline(run["timeline"], comm.rank)
+    loader = batch_loader(cfg, shard, per_epoch, comm.rank, first, xp, timeline)
+    window = Window(optim["batch_size"] * comm.size)
     start, loss, stopped = time.perf_counter(), math.nan, ""
     try:
         with StopFlag() as flag:

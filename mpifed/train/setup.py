@@ -19,7 +19,7 @@ from ..comm.nccl import nccl_unavailable
 from ..comm.topology import ranks_per_node
 from ..data.atomic import atomic_path
 from ..data.shards import Shard, describe, shard_bounds
-from ..data.stream import BatchStream, Prefetcher
+from ..data.stream import Prefetcher, shard_stream
 from ..errors import UserError, check_memory
 from ..nn.io import load_model
 from ..nn.spec import fit_to_data, model_from_config
@@ -202,14 +202,18 @@ def set_aside_finished_run(out: str) -> None:
           f"{target!r}", file=sys.stderr, flush=True)
 
 
-def batch_loader(cfg: dict, shard, per_epoch: int, rank: int, steps_done: int, xp) -> Prefetcher:
+def batch_loader(cfg: dict, shard, per_epoch: int, rank: int, steps_done: int, xp,
+                 timeline=None) -> Prefetcher:
     """Return the prefetching loader of this rank's stream, placed after `steps_done` steps.
 
     rank: this rank's place in the communicator that sharded the data (it seeds the shuffle).
+    timeline: where a streamed shard's block reads are traced (optional).
     """
-    stream = BatchStream(len(shard), cfg["optim"]["batch_size"], per_epoch, cfg["run"]["seed"],
-                         rank, cfg["data"]["shuffle"], epoch=steps_done // per_epoch,
-                         step=steps_done % per_epoch)
+    data = cfg["data"]
+    stream = shard_stream(shard, cfg["optim"]["batch_size"], per_epoch, cfg["run"]["seed"],
+                          rank, data["shuffle"], epoch=steps_done // per_epoch,
+                          step=steps_done % per_epoch, block=data["shuffle_block"],
+                          buffer=data["shuffle_buffer"], timeline=timeline)
     return Prefetcher(shard, stream, device_copier(xp))
 
 

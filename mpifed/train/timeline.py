@@ -3,6 +3,8 @@
 Open OUT/timeline.json in chrome://tracing or https://ui.perfetto.dev: one row per rank, with a
 span for waiting on data, computing, and communicating in every step, so that a straggler (a
 rank whose compute spans are longer, making the others' communication spans long) stands out.
+A shard streamed in block-shuffled order adds a "data reader" row: one span per block read, with
+its rows, bytes and MB/s, and a `read MB/s` counter.
 """
 
 from __future__ import annotations
@@ -27,6 +29,18 @@ class Timeline:
                                 "tid": 0, "ts": (start - self.origin) * 1e6,
                                 "dur": (end - start) * 1e6, "args": {"step": step}})
 
+    def read(self, start: float, end: float, rows: int, nbytes: int) -> None:
+        """Record one block read of the data reader thread: a span with its size and rate, and a
+        `read MB/s` counter (the thread's own row in the trace, tid 1). Thread-safe."""
+        if self.enabled and end > start:
+            rate = nbytes / (end - start) / 1e6
+            ts, dur = (start - self.origin) * 1e6, (end - start) * 1e6
+            self.events.append({"name": "read", "cat": "data", "ph": "X", "pid": self.rank,
+                                "tid": 1, "ts": ts, "dur": dur,
+                                "args": {"rows": rows, "bytes": nbytes, "MB_per_s": rate}})
+            self.events.append({"name": "read MB/s", "ph": "C", "pid": self.rank, "ts": ts,
+                                "args": {"MB/s": rate}})
+
     def write(self, comm, path: str) -> None:
         """Gather every rank's spans to rank 0 and write one trace file (collective)."""
         if not self.enabled:
@@ -40,6 +54,8 @@ class Timeline:
             events = [e for rank_events in gathered for e in rank_events]
             events += [{"name": "process_name", "ph": "M", "pid": r,
                         "args": {"name": f"rank {r}"}} for r in range(comm.size)]
+            events += [{"name": "thread_name", "ph": "M", "pid": r, "tid": 1,
+                        "args": {"name": "data reader"}} for r in range(comm.size)]
             with atomic_path(path) as tmp, open(tmp, "w") as fh:
                 json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, fh)
 
