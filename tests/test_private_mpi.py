@@ -121,7 +121,7 @@ def test_under_dp_every_leader_sends_and_the_unsampled_send_zeros(fed, identity,
     assert sums["under_clip"] == pytest.approx(-0.5 * len(chosen), abs=1e-6)  # all over
     assert "loss" not in sums and "weight" not in sums
     if secure:
-        assert sums["bytes"] == (count - 1) * (SIZE + 1) * 8 + (count - 1) * ENTRY * 2
+        assert sums["bytes"] == (count - 1) * ((SIZE + 1) * 8 + ENTRY + 65)  # + signed lists
 
 
 def test_fewer_senders_than_min_participants_is_refused_on_every_rank(fed):

@@ -187,6 +187,10 @@ class PrivateAggregator:
         self.fed_cfg, self.dp, self.fed, self.identity = fed_cfg, dp, fed, identity
         self.relay = relay or Relay()
         self.buffers = KeystreamBuffers()
+        # Every rank takes part in the consistency round's agreement, leaders or not.
+        self.authenticated = bool(fed_cfg["keys"])
+        if self.authenticated and fed.is_leader and identity is None:
+            raise ValueError("federated.keys is set but this leader was given no identity")
 
     def __call__(self, params, global_host, report, senders: list[int], sampled: bool, rnd: int,
                  state: dict) -> dict | None:
@@ -278,7 +282,7 @@ class PrivateAggregator:
             table = self._relay(mine, senders, TAG_KEY, TAG_TABLE, self.relay.key_tables)
             code, culprit = self._check_keys(table, senders, rnd, public)
         self._agree(rnd, code, culprit)
-        if self.identity is not None:
+        if self.authenticated:
             code, culprit = 0, fed.institution
             if sending:
                 sig = self.identity.sign(list_message(rnd, fed.institution, table))
@@ -410,7 +414,7 @@ class PrivateAggregator:
             fed.leaders.Recv(buf, k, TAG_VECTOR)
             total += buf  # wraps modulo 2^bits: the masks cancel here
             received += buf.nbytes
-        received += (len(senders) - 1) * ENTRY * (2 if self.identity else 1)
+        received += (len(senders) - 1) * (ENTRY + (1 + SIGNATURE_BYTES) * self.authenticated)
         _, f_delta, f_tail = ring_scales(self.fed_cfg, self.dp, max(len(senders), 1), clip)
         values = np.concatenate([decode(total[:size], f_delta, bits),
                                  decode(total[size:], f_tail, bits)])
