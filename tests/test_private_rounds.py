@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
-from helpers import merged, model_vector, read_metrics, run_mpi, write_config, write_dataset
+from helpers import (
+    merged,
+    model_vector,
+    read_metrics,
+    run_cli,
+    run_mpi,
+    write_config,
+    write_dataset,
+)
 
 from mpifed.federated.dp import epsilon
+from mpifed.federated.private_aggregation import ENTRY
 from mpifed.nn.models import ModelSpec, init_params
 
 FEATURES, CLASSES, HIDDEN = 5, 3, 4
@@ -35,15 +46,18 @@ def sites(tmp_path):
 @pytest.mark.parametrize("strategy,layout,ranks", [
     ("fedavg", {"institutions": 4}, 4),
     ("fedadam", {"institution_sizes": [1, 2, 1]}, 4),
-    ("fedprox", {"institutions": 2}, 4),
+    ("fedprox", {"institutions": 2, "min_participants": 2}, 4),
 ], ids=["fedavg-4", "fedadam-1-2-1", "fedprox-2"])
 def test_secure_aggregation_equals_plain_aggregation(sites, strategy, layout, ranks):
     institutions = layout.get("institutions") or len(layout["institution_sizes"])
     for k in range(institutions, 4):
         (sites / f"site-{k}.h5").unlink()
+    assert run_cli(["keys", "generate", "keys", "--institutions", str(institutions)],
+                   cwd=sites).returncode == 0
     for secure in (False, True):
+        keys = {"keys": "keys"} if secure else {}  # authenticated: signed keys, checked lists
         write_config(sites / f"{secure}.toml", config(
-            f"out-{secure}", strategy, {"secure_aggregation": secure}, layout=layout))
+            f"out-{secure}", strategy, {"secure_aggregation": secure, **keys}, layout=layout))
         done = run_mpi(ranks, ["train", f"{secure}.toml"], cwd=sites)
         assert done.returncode == 0, done.stderr
     plain, secure = (model_vector(sites / "out-False" / "model.h5"),
@@ -86,6 +100,8 @@ def test_clipping_bounds_the_update_and_the_noise_has_its_stddev(sites, secure):
 
 
 def test_epsilon_per_round_and_the_budget_stop(sites):
+    """Items 2, 3, 6: secret sampling (no participation, every leader sends), no loss, the
+    ledger's epsilon with amplification, the budget stop."""
     write_config(sites / "dp.toml", config(
         "dp", extra={"fraction": 0.5, "secure_aggregation": True, "secure_range": 20.0},
         dp={"clip": 1.0, "noise_multiplier": 1.5, "delta": 1e-5, "adaptive": True,
@@ -99,8 +115,69 @@ def test_epsilon_per_round_and_the_budget_stop(sites):
     assert len(rounds) < 50 and "would exceed federated.dp.max_epsilon" in done.stdout
     clips = [r["clip"] for r in rounds]
     assert len(set(clips)) > 1  # adaptive clipping moved the clip
+    size = (FEATURES + 1) * HIDDEN + (HIDDEN + 1) * CLASSES
+    for r in rounds:
+        assert "loss" not in r and "institutions" not in r and "participants" not in r
+        assert r["bytes_to_root"] == 3 * (size + 1) * 8 + 3 * ENTRY  # every leader, every round
+    ledger = [json.loads(line) for line in open(sites / "dp" / "privacy-ledger.jsonl")]
+    assert [e["round"] for e in ledger] == list(range(1, len(rounds) + 1))
     summary = read_metrics(sites / "dp")[-1]
     assert summary["epsilon"] == pytest.approx(expected[-1])
+
+
+def test_dp_without_secure_aggregation_reports_each_institutions_epsilon(sites):
+    """Item 3: the root sees who sent, so no amplification: each institution's epsilon is the
+    unsampled Gaussian's over the rounds it took part in; the summary has the largest."""
+    write_config(sites / "dp.toml", config("dp", extra={"fraction": 0.5},
+                                           dp={"clip": 1.0, "noise_multiplier": 2.0},
+                                           rounds=6))
+    done = run_mpi(4, ["train", "dp.toml"], cwd=sites)
+    assert done.returncode == 0, done.stderr
+    rounds = read_metrics(sites / "dp", "round")
+    counts = [0] * 4
+    for r in rounds:
+        assert "loss" not in r and all("loss" not in e for e in r["institutions"])
+        for e in r["institutions"]:
+            counts[e["institution"]] += e["participated"]
+        assert r["epsilon_per_institution"] == pytest.approx(
+            [epsilon(1.0, 2.0, n, 1e-5) for n in counts], rel=1e-9)
+        assert r["epsilon"] == pytest.approx(max(r["epsilon_per_institution"]))
+    assert read_metrics(sites / "dp")[-1]["epsilon"] == pytest.approx(
+        max(epsilon(1.0, 2.0, n, 1e-5) for n in counts))
+
+
+def test_a_replayed_round_is_counted(sites):
+    """Item 6: killed after round 3 (checkpoint at 2), resumed: round 3 runs twice and the
+    epsilon composes all 7 releases, as max_epsilon does."""
+    cfg = config("dp", extra={"secure_aggregation": True, "secure_range": 20.0},
+                 dp={"clip": 1.0, "noise_multiplier": 3.0}, rounds=6)
+    cfg["run"]["checkpoint_every"] = 2
+    write_config(sites / "dp.toml", cfg)
+    killed = run_mpi(4, ["train", "dp.toml"], cwd=sites,
+                     env={"MPIFED_FAULT": "kill:round=3:rank=1"})
+    assert killed.returncode != 0
+    done = run_mpi(4, ["train", "dp.toml"], cwd=sites)
+    assert done.returncode == 0, done.stderr
+    ledger = [json.loads(line) for line in open(sites / "dp" / "privacy-ledger.jsonl")]
+    assert [e["round"] for e in ledger] == [1, 2, 3, 3, 4, 5, 6]
+    summary = read_metrics(sites / "dp")[-1]
+    assert summary["epsilon"] == pytest.approx(epsilon(1.0, 3.0, 7, 1e-5), rel=1e-9)
+    assert summary["epsilon"] > epsilon(1.0, 3.0, 6, 1e-5) * 1.01
+    # A budget between 6 and 7 releases: the resumed run now stops one round earlier.
+    budget = (epsilon(1.0, 3.0, 6, 1e-5) + epsilon(1.0, 3.0, 7, 1e-5)) / 2
+    write_config(sites / "b.toml", merged(cfg, {"run": {"out": "b"},
+                                                "federated": {"dp": {"max_epsilon": budget}}}))
+    run_mpi(4, ["train", "b.toml"], cwd=sites, env={"MPIFED_FAULT": "kill:round=3:rank=1"})
+    done = run_mpi(4, ["train", "b.toml"], cwd=sites)
+    assert done.returncode == 0, done.stderr
+    assert read_metrics(sites / "b", "round")[-1]["round"] == 5
+
+
+def test_secure_dp_with_too_few_institutions_is_refused(sites):
+    write_config(sites / "s.toml", config("s", extra={"secure_aggregation": True},
+                                          dp={"colluders": 3}))
+    done = run_mpi(4, ["train", "s.toml"], cwd=sites)
+    assert done.returncode != 0 and "federated.dp.colluders" in done.stderr
 
 
 def test_fednova_is_refused_with_privacy(sites):

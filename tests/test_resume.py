@@ -113,7 +113,8 @@ def test_federated_run_killed_resumes_to_the_same_bits(tmp_path, secure):
     rounds = 20
     for out in ("full", "cut"):
         write_config(tmp_path / f"{out}.toml", FEDERATED, {
-            "federated": {"rounds": rounds, "secure_aggregation": secure}, "run": {"out": out}})
+            "federated": {"rounds": rounds, "secure_aggregation": secure,
+                          "min_participants": 2}, "run": {"out": out}})
     assert run_mpi(3, ["train", "full.toml"], cwd=tmp_path).returncode == 0
     rng = random.Random(7)
     at = rng.randrange(4, rounds)  # after the checkpoint of round 3

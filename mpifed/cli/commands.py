@@ -40,6 +40,15 @@ def run_evaluate(args) -> int:
     return 0
 
 
+def run_keys(args) -> int:
+    from ..federated.identity import generate_keys
+
+    paths = generate_keys(args.dir, args.institutions, force=args.force)
+    print(f"wrote {len(paths) - 1} identity keys and {paths[-1]}; give institution k only "
+          f"{args.dir}/site-<k>.key and the roster")
+    return 0
+
+
 def run_data(args) -> int:
     from mpi4py import MPI
 

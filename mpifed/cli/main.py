@@ -5,6 +5,7 @@
     mpiexec -n 4 mpifed train run.toml [--set k=v]    data-parallel training
     mpifed evaluate model.h5 test.h5                  loss and accuracy (alone or under mpiexec)
     mpifed data synth|digits|inspect ...              write or describe datasets
+    mpifed keys generate DIR --institutions K         identity keys for secure aggregation
     mpiexec -n 4 mpifed bench allreduce [...]         all-reduce size sweep
     srun -n 4 mpifed bench scaling --data D --csv C   one point of a scaling sweep
     mpiexec -n 2 mpifed bench model --scaling-csv C   alpha-beta predictions to 1024 ranks
@@ -128,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("file")
     insp.add_argument("--y", default="y", help="labels dataset name (default y)")
 
+    keys = sub.add_parser("keys", help="identity keys for authenticated secure aggregation")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    gen = keys_sub.add_parser(
+        "generate", help="write DIR/site-<k>.key (Ed25519, mode 0600) and DIR/roster.toml",
+        description="One Ed25519 identity key per institution and the public roster. Give "
+                    "institution k only DIR/site-<k>.key and the roster; set federated.keys = "
+                    "\"DIR\" to sign and check every round's keys.")
+    gen.add_argument("dir", help="output folder")
+    gen.add_argument("--institutions", type=int, required=True)
+    gen.add_argument("--force", action="store_true", help="replace existing keys")
+
     plot = sub.add_parser("plot", help="PNG plots of scaling and all-reduce results")
     plot.add_argument("scaling", nargs="?",
                       help="scaling.json from mpifed bench suite (bench/scaling.py)")
@@ -162,7 +174,7 @@ def dispatch(args) -> int:
         module = importlib.import_module(f"..benchmarks.{BENCHMARKS[args.which]}", __package__)
         return module.main(args.rest)
     return {"train": commands.run_train, "evaluate": commands.run_evaluate,
-            "data": commands.run_data}[args.command](args)
+            "data": commands.run_data, "keys": commands.run_keys}[args.command](args)
 
 
 def main(argv=None) -> int:

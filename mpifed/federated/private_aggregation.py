@@ -1,15 +1,24 @@
 """A round's aggregation under secure aggregation and/or differential privacy.
 
-Each participating leader turns its institution's result into one vector
-    [w * delta (+ its share of the noise), w * loss, w, under-clip bit (+ noise share)]
-with delta = its model minus the round's global model, w = n_k (FedAvg weights) or 1 under DP
-(the bounded weights of DP-FedAvg), the delta clipped to the DP clip. With secure aggregation
-the vector is encoded in fixed point, masked pairwise, and the root learns only the sum; without
-it the root sums the vectors and adds the noise itself. The root turns the sum into the mean
-update (divided by sum(w), or by the fixed q*K under DP) and hands it to the strategy.
+Each sending leader turns its institution's result into one vector
+    [w * delta (+ its noise share), tail]
+with delta = its model minus the round's global model. Without DP, w = n_k and the tail is
+[w * loss, w]; under DP, w = 1 (the bounded weights of DP-FedAvg), delta is clipped, no loss
+leaves the institution, and the tail is [b - 1/2 (+ noise share)] with adaptive clipping
+(b: the under-clip bit), else empty. Under secure aggregation with DP every leader sends every
+round (zeros when its secret draw left it out), so the root learns neither who took part nor how
+many. With secure aggregation the vector is encoded in fixed point and masked pairwise; the root
+learns only the sum. The noise shares are sized so that the shares of the leaders other than the
+root and `federated.dp.colluders` of them alone give the full standard deviation.
+
+Everything that crosses an institution's boundary here is a fixed-size numeric buffer (mpi4py's
+upper-case methods), never a pickle. The root's part is a `Relay`: tests replace it by liars.
 """
 
 from __future__ import annotations
+
+import hashlib
+import struct
 
 import numpy as np
 
@@ -17,29 +26,46 @@ from ..comm.agree import raise_together
 from ..errors import UserError
 from ..xp import to_host
 from .dp import (
+    COUNT_SENSITIVITY,
     adapt_clip,
     clip_update,
-    epsilon,
-    gaussian_noise,
-    split_noise_stddev,
+    secure_gaussian,
+    share_stddev,
     update_noise_multiplier,
 )
-from .secagg import add_pairwise_mask, check_distinct, decode, encode, new_keypair, scale_bits
+from .identity import SIGNATURE_BYTES, Identity
+from .secagg import (
+    KeystreamBuffers,
+    add_pairwise_mask,
+    decode,
+    encode,
+    new_keypair,
+    scale_bits,
+)
 
-TAG_KEY, TAG_VECTOR = 21, 22
+TAG_KEY, TAG_VECTOR, TAG_TABLE, TAG_CONFIRM, TAG_CONFIRMS, TAG_CLIP = 21, 22, 23, 24, 25, 26
 LOSS_CAP = 1e4  # losses are metrics: capped so that their fixed-point range is known
-TAIL = 3  # w * loss, w, under-clip bit
+PUBLIC_BYTES = 32
+ENTRY = 1 + PUBLIC_BYTES + SIGNATURE_BYTES  # present flag, X25519 key, its signature
+NOISE_SIGMAS = 8  # the ring's range covers a leader's noise share to 8 standard deviations
+
+# What an honest leader checks, by refusal code (the codes travel; each rank writes the text).
+CHECKS = {
+    1: "the clip relayed by the root is not finite and positive",
+    2: "a relayed key's signature does not verify (a substituted key)",
+    3: "a participant's key is missing from the relayed list",
+    4: "the relayed list holds a key of an institution that does not take part",
+    5: "its own key came back altered",
+    6: "two institutions present the same public key (a reused key)",
+    7: "a list signature does not verify (the root sent different lists to different leaders)",
+}
 
 
-def poisson_participants(count: int, q: float, seed: int, round_index: int) -> list[int]:
-    """Return the institutions of a round under Poisson sampling (each alone with probability q).
-
-    The draw is public (seeded) so every rank agrees; the privacy comes from the noise.
-    """
-    if q >= 1:
-        return list(range(count))
-    rng = np.random.default_rng([seed, round_index, 0x706F6973])
-    return [k for k in range(count) if rng.random() < q]
+def tail_fields(dp: dict | None) -> tuple[str, ...]:
+    """Return the names of the values after the update in a leader's vector."""
+    if dp is None:
+        return ("loss", "weight")
+    return ("under_clip",) if dp["adaptive"] else ()
 
 
 def default_count_stddev(noise_multiplier: float, expected_sites: float) -> float:
@@ -52,12 +78,18 @@ def default_count_stddev(noise_multiplier: float, expected_sites: float) -> floa
     return max(expected_sites / 20, noise_multiplier)
 
 
+def honest_shares(fed_cfg: dict, dp: dict, senders: int) -> int:
+    """Return how many noise shares neither the root nor the colluders know: K - 1 - t."""
+    return senders - 1 - dp["colluders"]
+
+
 def dp_settings(fed_cfg: dict, institutions: int) -> dict | None:
     """Return the [federated.dp] settings a run uses (a new dict), or None without DP.
 
     Derived values are filled in here, never written back into the config: an adaptive run
     without clip_count_stddev gets Andrew et al.'s q*K/20. Raises UserError when the count's
-    noise would leave none for the updates.
+    noise would leave none for the updates, or when under secure aggregation no leader's noise
+    share is left that the root and the colluders do not know.
     """
     dp = fed_cfg.get("dp")
     if not dp:
@@ -71,74 +103,38 @@ def dp_settings(fed_cfg: dict, institutions: int) -> dict | None:
             update_noise_multiplier(dp["noise_multiplier"], dp["clip_count_stddev"])
         except ValueError as err:
             raise UserError(str(err)) from None
+    if fed_cfg["secure_aggregation"] and honest_shares(fed_cfg, dp, institutions) < 1:
+        raise UserError(f"federated.dp.colluders: with {institutions} institutions, the root and "
+                        f"{dp['colluders']} colluding leaders know every noise share; lower it "
+                        f"to at most {institutions - 2} or add institutions")
     return dp
 
 
-def leader_vector(params, global_host, report, weight: float, dp: dict | None, clip: float):
-    """Return this leader's float vector [w*delta, w*loss, w, bit] before noise and encoding."""
+def leader_vector(params, global_host, report, weight: float, dp: dict | None,
+                  clip: float) -> np.ndarray:
+    """Return this leader's float vector [w*delta, tail] before noise and encoding.
+
+    Raises UserError when the update holds NaN or Inf (nothing is sent then).
+    """
     delta = to_host(params).astype(np.float64) - global_host
-    bit = 0.0
-    if dp is not None:
-        delta, norm = clip_update(delta, clip)
-        bit = 1.0 if norm <= clip else 0.0
-    loss = min(report.loss, LOSS_CAP)
-    return np.concatenate([weight * delta, [weight * loss, weight, bit]])
+    if not np.all(np.isfinite(delta)):
+        raise UserError("federated: this institution's update holds NaN or Inf (local training "
+                        "diverged); lower optim.lr. Nothing was sent")
+    if dp is None:
+        loss = min(report.loss, LOSS_CAP) if np.isfinite(report.loss) else LOSS_CAP
+        return np.concatenate([weight * delta, [weight * loss, weight]])
+    delta, norm = clip_update(delta, clip)
+    tail = [(1.0 if norm <= clip else 0.0) - COUNT_SENSITIVITY] if dp["adaptive"] else []
+    return np.concatenate([delta, tail])
 
 
-def noise_stddevs(dp: dict | None, clip: float, parties: int) -> tuple[float, float]:
-    """Return (stddev on the update sum, stddev on the clip count) for a round."""
+def noise_stddevs(dp: dict | None, clip: float) -> tuple[float, float]:
+    """Return the full (stddev on the update sum, stddev on the clip count) of a round."""
     if dp is None:
         return 0.0, 0.0
     count_std = dp["clip_count_stddev"] if dp["adaptive"] else 0.0
     z_update = update_noise_multiplier(dp["noise_multiplier"], count_std)
     return z_update * clip, count_std
-
-
-def private_aggregate(fed_cfg, dp, fed, params, global_host, report, chosen, rnd,
-                      state) -> dict | None:
-    """Collective over the world: aggregate privately; on the root return the sums, else None.
-
-    dp: the run's DP settings (`dp_settings`) or None; report: this institution's SiteReport.
-    Returns {"delta_sum", "loss_sum", "weight_sum", "under_clip", "bytes", "clip"} on the root.
-    """
-    clip = float(state.get("dp_clip", dp["clip"])) if (fed.is_root and dp) else 0.0
-    clip = fed.world.bcast(clip, root=0)
-    weight = 1.0 if dp else report.samples
-    vector = None
-    if fed.is_leader and fed.institution in chosen:
-        vector = leader_vector(params, global_host, report, weight, dp, clip)
-    if fed_cfg["secure_aggregation"]:
-        sums = _secure_sum(fed_cfg, fed, vector, chosen, rnd, dp, clip, params.size)
-    else:
-        sums = _plain_sum(fed, vector, chosen, dp, clip, params.size)
-    if sums is not None:
-        sums["clip"] = clip
-    return sums
-
-
-def _plain_sum(fed, vector, chosen, dp, clip, size) -> dict | None:
-    """Leaders send their vectors; the root sums them and adds the DP noise itself."""
-    if fed.is_leader and not fed.is_root and vector is not None:
-        fed.leaders.Send(vector, 0, TAG_VECTOR)
-    if not fed.is_root:
-        return None
-    total, received = np.zeros(size + TAIL), 0
-    for k in chosen:
-        if k == fed.institution:
-            total += vector
-            continue
-        buf = np.empty(size + TAIL)
-        fed.leaders.Recv(buf, k, TAG_VECTOR)
-        total += buf
-        received += buf.nbytes
-    update_std, count_std = noise_stddevs(dp, clip, 1)
-    rng = np.random.default_rng()  # OS entropy: noise nobody can reproduce and subtract
-    total[:size] += gaussian_noise(size, update_std, rng)
-    total[-1] += gaussian_noise(1, count_std, rng)[0]
-    return _sums(total, size, received)
-
-
-NOISE_SIGMAS = 8  # the ring's range covers a leader's noise share to 8 standard deviations
 
 
 def ring_scales(fed_cfg: dict, dp, parties: int, clip: float = 0.0) -> tuple[float, int, int]:
@@ -149,115 +145,316 @@ def ring_scales(fed_cfg: dict, dp, parties: int, clip: float = 0.0) -> tuple[flo
     """
     bits = fed_cfg["secure_bits"]
     w_max = 1.0 if dp else float(fed_cfg["secure_max_samples"])
-    update_std, _ = noise_stddevs(dp, clip, parties)
-    bound = w_max * fed_cfg["secure_range"] + NOISE_SIGMAS * split_noise_stddev(update_std,
-                                                                                parties)
+    update_std, _ = noise_stddevs(dp, clip)
+    share = share_stddev(update_std, honest_shares(fed_cfg, dp, parties)) if dp else 0.0
+    bound = w_max * fed_cfg["secure_range"] + NOISE_SIGMAS * share
     return bound, scale_bits(bound, parties, bits), scale_bits(w_max * LOSS_CAP, parties, bits)
 
 
-def _masked_ring(fed_cfg, institution, vector, private, publics, rnd, dp, clip, size):
-    """Return a leader's vector with its noise share, in fixed point, masked (or raise)."""
-    bits = fed_cfg["secure_bits"]
-    w_max = 1.0 if dp else float(fed_cfg["secure_max_samples"])
-    bound, f_delta, f_tail = ring_scales(fed_cfg, dp, len(publics), clip)
-    if vector[-2] > w_max:
-        raise UserError(f"secure aggregation: institution {institution} has {vector[-2]:.0f} "
-                        "samples, above federated.secure_max_samples; raise it")
-    update_std, count_std = noise_stddevs(dp, clip, len(publics))
-    rng = np.random.default_rng()  # OS entropy: the noise shares are secrets too
-    vector[:size] += gaussian_noise(size, split_noise_stddev(update_std, len(publics)), rng)
-    vector[-1] += gaussian_noise(1, split_noise_stddev(count_std, len(publics)), rng)[0]
-    ring = np.concatenate([
-        encode(vector[:size], bound, f_delta, bits, fed_cfg["secure_out_of_range"]),
-        encode(vector[size:], w_max * LOSS_CAP, f_tail, bits, "clip")])
-    return add_pairwise_mask(ring, institution, private, publics, rnd)
+class Relay:
+    """The root's half of the exchange: what it relays to each leader (honest: the same to all).
+
+    Each method returns one buffer per leader (index = institution). Tests substitute roots
+    that lie, to check that every honest leader refuses before any masked vector is sent.
+    """
+
+    def clips(self, clip: np.ndarray, leaders: int) -> list[np.ndarray]:
+        return [clip] * leaders
+
+    def key_tables(self, table: np.ndarray, leaders: int) -> list[np.ndarray]:
+        return [table] * leaders
+
+    def confirmations(self, table: np.ndarray, leaders: int) -> list[np.ndarray]:
+        return [table] * leaders
 
 
-def _secure_sum(fed_cfg, fed, vector, chosen, rnd, dp, clip, size) -> dict | None:
-    """Masked fixed-point vectors: the root relays fresh public keys and learns only the sum."""
-    bits = fed_cfg["secure_bits"]
-    private = public = None
-    if vector is not None:
-        private, public = new_keypair()  # fresh every round
-    publics = _relay_keys(fed, public, chosen)
-    ring = raise_together(fed.world, lambda: None if vector is None else _masked_ring(
-        fed_cfg, fed.institution, vector, private, publics, rnd, dp, clip, size))
-    if ring is not None and not fed.is_root:
-        fed.leaders.Send(ring, 0, TAG_VECTOR)
-    if not fed.is_root:
-        return None
-    total, received = np.zeros(size + TAIL, dtype=ring_dtype(bits)), len(publics) * 32
-    for k in chosen:
-        if k == fed.institution:
-            total += ring
-            continue
-        buf = np.empty(size + TAIL, dtype=ring_dtype(bits))
-        fed.leaders.Recv(buf, k, TAG_VECTOR)
-        total += buf  # wraps modulo 2^bits: the masks cancel here
-        received += buf.nbytes
-    _, f_delta, f_tail = ring_scales(fed_cfg, dp, max(len(publics), 1), clip)
-    values = np.concatenate([decode(total[:size], f_delta, bits),
-                             decode(total[size:], f_tail, bits)])
-    return _sums(values, size, received)
+def key_message(round_index: int, institution: int, public: bytes) -> bytes:
+    return b"mpifed-secagg-key" + struct.pack("<qq", round_index, institution) + public
+
+
+def list_message(round_index: int, institution: int, table: np.ndarray) -> bytes:
+    digest = hashlib.sha256(np.ascontiguousarray(table).tobytes()).digest()
+    return b"mpifed-secagg-list" + struct.pack("<qq", round_index, institution) + digest
+
+
+class PrivateAggregator:
+    """Aggregates rounds privately (collective over the world); one per run, it owns the
+    keystream buffers. identity: this leader's keys (federated.keys), None without; relay: the
+    root's behaviour (tests only)."""
+
+    def __init__(self, fed_cfg: dict, dp: dict | None, fed, identity: Identity | None = None,
+                 relay: Relay | None = None):
+        self.fed_cfg, self.dp, self.fed, self.identity = fed_cfg, dp, fed, identity
+        self.relay = relay or Relay()
+        self.buffers = KeystreamBuffers()
+        # Every rank takes part in the consistency round's agreement, leaders or not.
+        self.authenticated = bool(fed_cfg["keys"])
+        if self.authenticated and fed.is_leader and identity is None:
+            raise ValueError("federated.keys is set but this leader was given no identity")
+
+    def __call__(self, params, global_host, report, senders: list[int], sampled: bool, rnd: int,
+                 state: dict) -> dict | None:
+        """Aggregate one round; on the root return the sums, else None.
+
+        senders: the institutions whose leaders send a vector (public: every institution under
+        secure aggregation with DP); sampled: whether this institution's vector carries its
+        update (False: zeros). Returns {"delta_sum", one key per tail field, "bytes", "clip"}.
+        """
+        fed, fed_cfg, dp = self.fed, self.fed_cfg, self.dp
+        secure = fed_cfg["secure_aggregation"]
+        if secure and len(senders) < fed_cfg["min_participants"]:
+            raise UserError(f"secure aggregation: round {rnd + 1} would have {len(senders)} "
+                            f"leaders sending, fewer than federated.min_participants = "
+                            f"{fed_cfg['min_participants']} (with two, the root subtracts its "
+                            "own vector and reads the other's); refused")
+        clip = self._relay_clip(state, senders, rnd) if dp else 0.0
+        size = params.size
+        vector = None
+        if fed.is_leader and fed.institution in senders:
+            weight = 1.0 if dp else report.samples
+            vector = raise_together(fed.world, lambda: leader_vector(
+                params, global_host, report, weight, dp, clip) if sampled else
+                np.zeros(size + len(tail_fields(dp))))
+        else:
+            raise_together(fed.world, lambda: None)
+        if secure:
+            sums = self._secure_sum(vector, senders, rnd, clip, size)
+        else:
+            sums = self._plain_sum(vector, senders, clip, size)
+        if sums is not None:
+            sums["clip"] = clip
+        return sums
+
+    # -- the clip ---------------------------------------------------------------------------
+
+    def _relay_clip(self, state, senders, rnd) -> float:
+        """The root relays the clip to every sending leader; each checks it is finite and > 0."""
+        fed, buf = self.fed, np.zeros(1)
+        if fed.is_root:
+            buf[0] = float(state.get("dp_clip", self.dp["clip"]))
+            clips = self.relay.clips(buf, len(fed.sizes))
+            for k in senders:
+                if k != fed.institution:
+                    fed.leaders.Send(np.ascontiguousarray(clips[k], dtype=np.float64), k,
+                                     TAG_CLIP)
+            buf = np.array(clips[fed.institution], dtype=np.float64)
+        elif fed.is_leader and fed.institution in senders:
+            fed.leaders.Recv(buf, 0, TAG_CLIP)
+        clip = float(buf[0])
+        sending = fed.is_leader and fed.institution in senders
+        ok = np.isfinite(clip) and clip > 0
+        self._agree(rnd, 1 if sending and not ok else 0, fed.institution)
+        return clip
+
+    # -- refusals, agreed without pickle ------------------------------------------------------
+
+    def _agree(self, rnd: int, code: int, culprit: int) -> None:
+        """Every rank learns every leader's refusal (int64[3] each); all raise the same."""
+        fed = self.fed
+        mine = np.array([code, fed.institution, culprit], dtype=np.int64)
+        every = np.empty((fed.world.size, 3), dtype=np.int64)
+        fed.world.Allgather(mine, every)
+        refused = every[every[:, 0] > 0]
+        if not len(refused):
+            return
+        code, institution, culprit = (int(v) for v in refused[0])
+        who = sorted({int(k) for k in refused[:, 1]})
+        raise UserError(f"secure aggregation: round {rnd + 1} refused by institution "
+                        f"{institution}: {CHECKS[code]} (institution {culprit}); refused by "
+                        f"institutions {who}; no masked vector was sent")
+
+    # -- keys -------------------------------------------------------------------------------
+
+    def _exchange_keys(self, senders, rnd, public: bytes | None) -> dict[int, bytes]:
+        """Leaders send signed keys; the root relays the list; every sender checks it, then
+        (with identities) confirms it by signing it (Bonawitz et al.'s consistency round)."""
+        fed, count = self.fed, len(self.fed.sizes)
+        table = np.zeros((count, ENTRY), dtype=np.uint8)
+        code, culprit = 0, fed.institution
+        sending = fed.is_leader and fed.institution in senders
+        if sending:
+            mine = np.zeros(ENTRY, dtype=np.uint8)
+            mine[0] = 1
+            mine[1:1 + PUBLIC_BYTES] = np.frombuffer(public, dtype=np.uint8)
+            if self.identity is not None:
+                sig = self.identity.sign(key_message(rnd, fed.institution, public))
+                mine[1 + PUBLIC_BYTES:] = np.frombuffer(sig, dtype=np.uint8)
+            table = self._relay(mine, senders, TAG_KEY, TAG_TABLE, self.relay.key_tables)
+            code, culprit = self._check_keys(table, senders, rnd, public)
+        self._agree(rnd, code, culprit)
+        if self.authenticated:
+            code, culprit = 0, fed.institution
+            if sending:
+                sig = self.identity.sign(list_message(rnd, fed.institution, table))
+                entry = np.zeros(1 + SIGNATURE_BYTES, dtype=np.uint8)
+                entry[0], entry[1:] = 1, np.frombuffer(sig, dtype=np.uint8)
+                confirms = self._relay(entry, senders, TAG_CONFIRM, TAG_CONFIRMS,
+                                       self.relay.confirmations)
+                code, culprit = self._check_confirmations(confirms, table, senders, rnd)
+            self._agree(rnd, code, culprit)
+        return {k: table[k, 1:1 + PUBLIC_BYTES].tobytes() for k in senders} if sending else {}
+
+    def _relay(self, entry, senders, tag_up, tag_down, relay_fn) -> np.ndarray:
+        """Each sender sends `entry` to the root; the root returns the table (via the relay)."""
+        fed = self.fed
+        table = np.zeros((len(fed.sizes), entry.size), dtype=np.uint8)
+        if fed.is_root:
+            table[fed.institution] = entry
+            for k in senders:
+                if k != fed.institution:
+                    fed.leaders.Recv(table[k], k, tag_up)
+            tables = relay_fn(table, len(fed.sizes))
+            for k in senders:
+                if k != fed.institution:
+                    fed.leaders.Send(np.ascontiguousarray(tables[k], dtype=np.uint8), k,
+                                     tag_down)
+            return np.array(tables[fed.institution], dtype=np.uint8)
+        fed.leaders.Send(entry, 0, tag_up)
+        fed.leaders.Recv(table, 0, tag_down)
+        return table
+
+    def _check_keys(self, table, senders, rnd, public) -> tuple[int, int]:
+        """Return (refusal code, culprit) for a relayed key list; (0, me) when it holds."""
+        me, present = self.fed.institution, set(np.flatnonzero(table[:, 0]).tolist())
+        for k in senders:
+            if k not in present:
+                return 3, k
+        for k in sorted(present - set(senders)):
+            return 4, k
+        if table[me, 1:1 + PUBLIC_BYTES].tobytes() != public:
+            return 5, me
+        if self.identity is not None:
+            for k in senders:
+                key = table[k, 1:1 + PUBLIC_BYTES].tobytes()
+                if not self.identity.verify(k, table[k, 1 + PUBLIC_BYTES:].tobytes(),
+                                            key_message(rnd, k, key)):
+                    return 2, k
+        seen: dict[bytes, int] = {}
+        for k in senders:
+            key = table[k, 1:1 + PUBLIC_BYTES].tobytes()
+            if key in seen:
+                return 6, k
+            seen[key] = k
+        return 0, me
+
+    def _check_confirmations(self, confirms, table, senders, rnd) -> tuple[int, int]:
+        """Every sender must have signed the very list this leader received."""
+        for k in senders:
+            if not confirms[k, 0] or not self.identity.verify(
+                    k, confirms[k, 1:].tobytes(), list_message(rnd, k, table)):
+                return 7, k
+        return 0, self.fed.institution
+
+    # -- sums -------------------------------------------------------------------------------
+
+    def _plain_sum(self, vector, senders, clip, size) -> dict | None:
+        """Leaders send their vectors; the root sums them and adds the DP noise itself."""
+        fed, width = self.fed, size + len(tail_fields(self.dp))
+        if fed.is_leader and not fed.is_root and vector is not None:
+            fed.leaders.Send(vector, 0, TAG_VECTOR)
+        if not fed.is_root:
+            return None
+        total, received = np.zeros(width), 0
+        for k in senders:
+            if k == fed.institution:
+                total += vector
+                continue
+            buf = np.empty(width)
+            fed.leaders.Recv(buf, k, TAG_VECTOR)
+            total += buf
+            received += buf.nbytes
+        update_std, count_std = noise_stddevs(self.dp, clip)
+        total[:size] += secure_gaussian(size, update_std)
+        if width > size and count_std:
+            total[size:] += secure_gaussian(width - size, count_std)
+        return self._sums(total, size, received)
+
+    def _masked_ring(self, vector, private, publics, rnd, clip, size):
+        """Return a leader's vector with its noise share, in fixed point, masked (or raise)."""
+        fed_cfg, dp, me = self.fed_cfg, self.dp, self.fed.institution
+        bits = fed_cfg["secure_bits"]
+        w_max = 1.0 if dp else float(fed_cfg["secure_max_samples"])
+        bound, f_delta, f_tail = ring_scales(fed_cfg, dp, len(publics), clip)
+        if dp is None and vector[-1] > w_max:
+            raise UserError(f"secure aggregation: institution {me} has {vector[-1]:.0f} "
+                            "samples, above federated.secure_max_samples; raise it")
+        if dp is not None:
+            honest = honest_shares(fed_cfg, dp, len(publics))
+            update_std, count_std = noise_stddevs(dp, clip)
+            vector[:size] += secure_gaussian(size, share_stddev(update_std, honest))
+            if vector.size > size and count_std:
+                vector[size:] += secure_gaussian(vector.size - size,
+                                                 share_stddev(count_std, honest))
+        ring = np.concatenate([
+            encode(vector[:size], bound, f_delta, bits, fed_cfg["secure_out_of_range"]),
+            encode(vector[size:], w_max * LOSS_CAP, f_tail, bits, "clip")])
+        return add_pairwise_mask(ring, me, private, publics, rnd, self.buffers)
+
+    def _secure_sum(self, vector, senders, rnd, clip, size) -> dict | None:
+        """Masked fixed-point vectors: the root relays fresh public keys and learns only the
+        sum."""
+        fed, bits = self.fed, self.fed_cfg["secure_bits"]
+        private = public = None
+        if vector is not None:
+            private, public = new_keypair()  # fresh every round
+        publics = self._exchange_keys(senders, rnd, public)
+        ring = raise_together(fed.world, lambda: None if vector is None else self._masked_ring(
+            vector, private, publics, rnd, clip, size))
+        if ring is not None and not fed.is_root:
+            fed.leaders.Send(ring, 0, TAG_VECTOR)
+        if not fed.is_root:
+            return None
+        width = size + len(tail_fields(self.dp))
+        total, received = np.zeros(width, dtype=ring_dtype(bits)), 0
+        for k in senders:
+            if k == fed.institution:
+                total += ring
+                continue
+            buf = np.empty(width, dtype=ring_dtype(bits))
+            fed.leaders.Recv(buf, k, TAG_VECTOR)
+            total += buf  # wraps modulo 2^bits: the masks cancel here
+            received += buf.nbytes
+        received += (len(senders) - 1) * (ENTRY + (1 + SIGNATURE_BYTES) * self.authenticated)
+        _, f_delta, f_tail = ring_scales(self.fed_cfg, self.dp, max(len(senders), 1), clip)
+        values = np.concatenate([decode(total[:size], f_delta, bits),
+                                 decode(total[size:], f_tail, bits)])
+        return self._sums(values, size, received)
+
+    def _sums(self, total, size, received) -> dict:
+        sums = {"delta_sum": total[:size], "bytes": received}
+        for i, name in enumerate(tail_fields(self.dp)):
+            sums[name] = float(total[size + i])
+        return sums
 
 
 def ring_dtype(bits: int):
     return np.uint64 if bits == 64 else np.uint32
 
 
-def _relay_keys(fed, public, chosen) -> dict[int, bytes]:
-    """Leaders send public keys to the root, which checks them and returns them to all leaders.
-
-    A reused key ends the round on every rank with the same message.
-    """
-    problem, publics = None, {}
-    if fed.is_leader:
-        if fed.is_root:
-            publics = {fed.institution: public} if public is not None else {}
-            for k in chosen:
-                if k != fed.institution:
-                    buf = bytearray(32)
-                    fed.leaders.Recv(buf, k, TAG_KEY)
-                    publics[k] = bytes(buf)
-            try:
-                check_distinct(publics)
-            except UserError as err:
-                problem = str(err)
-        elif public is not None:
-            fed.leaders.Send(public, 0, TAG_KEY)
-    problem = fed.world.bcast(problem, root=0)
-    if problem:
-        raise UserError(problem)
-    if fed.is_leader:
-        publics = fed.leaders.bcast(publics, root=0)
-    return publics
-
-
-def _sums(total, size, received) -> dict:
-    return {"delta_sum": total[:size], "loss_sum": float(total[size]),
-            "weight_sum": float(total[size + 1]), "under_clip": float(total[size + 2]),
-            "bytes": received}
+def private_aggregate(fed_cfg, dp, fed, params, global_host, report, senders, rnd, state,
+                      sampled: bool = True, identity=None, relay=None) -> dict | None:
+    """One round with a one-off PrivateAggregator (tests; runs keep one aggregator)."""
+    return PrivateAggregator(fed_cfg, dp, fed, identity, relay)(
+        params, global_host, report, senders, sampled, rnd, state)
 
 
 def mean_update(sums: dict, dp: dict | None, institutions: int, q: float) -> np.ndarray:
     """Return the mean update: / sum of weights, or / q*K (DP's fixed denominator)."""
-    denominator = q * institutions if dp else sums["weight_sum"]
+    denominator = q * institutions if dp else sums["weight"]
     if denominator <= 0:
         return np.zeros_like(sums["delta_sum"])
     return sums["delta_sum"] / denominator
 
 
 def next_clip(dp: dict, clip: float, sums: dict, institutions: int, q: float) -> float:
-    """Adaptive clipping: move the clip toward the target quantile of the update norms."""
+    """Adaptive clipping: move the clip toward the target quantile of the update norms.
+
+    The noised sum of (b - 1/2) over the participants, / q K, plus the 1/2 added back.
+    """
     if not dp["adaptive"]:
         return clip
-    fraction_under = sums["under_clip"] / max(q * institutions, 1e-12)
+    fraction_under = sums["under_clip"] / max(q * institutions, 1e-12) + COUNT_SENSITIVITY
     return adapt_clip(clip, fraction_under, dp["target_quantile"], dp["clip_lr"])
-
-
-def round_epsilon(dp: dict, q: float, rounds: int) -> float:
-    """Return (epsilon at dp.delta) after `rounds` rounds of Poisson-sampled Gaussian noise."""
-    return epsilon(q, dp["noise_multiplier"], rounds, dp["delta"])
 
 
 def apply_private_sums(strategy, dp, sums, global_params, institutions: int, q: float,
@@ -265,13 +462,14 @@ def apply_private_sums(strategy, dp, sums, global_params, institutions: int, q: 
     """On the root: turn the private sums into (new global model, server state, record fields).
 
     strategy: a STRATEGIES function, applied to the one averaged model (global + mean update).
-    The record fields: the institutions' mean loss, and under DP the clip used.
+    The record fields: without DP the institutions' mean loss; under DP the clip used (no loss:
+    it would be a release outside the accounting).
     """
     mean = mean_update(sums, dp, institutions, q)
     new, new_state = strategy(global_params, [(global_params + mean, 1.0, 1.0)], state, hyper)
     record = {}
-    if sums["weight_sum"] > 0:
-        record["loss"] = sums["loss_sum"] / sums["weight_sum"]
+    if dp is None and sums["weight"] > 0:
+        record["loss"] = sums["loss"] / sums["weight"]
     if dp:
         new_state["dp_clip"] = np.array(next_clip(dp, sums["clip"], sums, institutions, q))
         record["clip"] = sums["clip"]

@@ -55,42 +55,57 @@ def pair_key(private: X25519PrivateKey, peer_public: bytes, round_index: int, lo
     return hkdf.derive(secret)
 
 
-_zeros: list = [b""]  # the plaintext of every keystream: zeros, allocated once at the size needed
-_scratch: list = [bytearray()]  # the keystream's buffer, reused: a round makes K-1 of them
+class KeystreamBuffers:
+    """The buffers that keystreams reuse, owned by the caller (one per aggregator): the zeros
+    every keystream encrypts and the scratch that holds one stream until it is consumed."""
+
+    def __init__(self):
+        self.zeros = b""
+        self.scratch = bytearray()
+
+    def zeros_of(self, nbytes: int) -> memoryview:
+        if len(self.zeros) < nbytes:
+            self.zeros = bytes(nbytes)
+        return memoryview(self.zeros)[:nbytes]
+
+    def scratch_of(self, nbytes: int) -> bytearray:
+        if len(self.scratch) < nbytes + 15:  # update_into wants room for one block more
+            self.scratch = bytearray(nbytes + 15)
+        return self.scratch
 
 
-def keystream(key: bytes, count: int, bits: int, reuse: bool = False) -> np.ndarray:
+def keystream(key: bytes, count: int, bits: int, buffers: KeystreamBuffers | None = None
+              ) -> np.ndarray:
     """Return `count` pseudo-random ring elements: AES-256-CTR's keystream under `key`.
 
     AES-CTR (a cryptographic stream, with AES-NI several GB/s here) rather than a seeded NumPy
     generator, whose 32 to 128-bit seeds are no secret (Flower's issue #7522). The key is fresh
     for every pair and round, so the one fixed counter block never repeats under a key.
+    buffers: reuse the caller's buffers; the result is then valid until the next call with them.
     """
     nbytes = count * bits // 8
-    if len(_zeros[0]) < nbytes:
-        _zeros[0] = bytes(nbytes)
-    if reuse:  # the caller consumes it before the next call
-        if len(_scratch[0]) < nbytes + 15:
-            _scratch[0] = bytearray(nbytes + 15)
-        out = _scratch[0]
+    if buffers is None:
+        zeros, out = bytes(nbytes), bytearray(nbytes + 15)
     else:
-        out = bytearray(nbytes + 15)  # update_into wants room for one block more
+        zeros, out = buffers.zeros_of(nbytes), buffers.scratch_of(nbytes)
     encryptor = Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor()
-    encryptor.update_into(memoryview(_zeros[0])[:nbytes], out)
+    encryptor.update_into(zeros, out)
     return np.frombuffer(out, dtype=UINT[bits], count=count)
 
 
 def add_pairwise_mask(ring: np.ndarray, me: int, private: X25519PrivateKey,
-                      publics: dict[int, bytes], round_index: int) -> np.ndarray:
+                      publics: dict[int, bytes], round_index: int,
+                      buffers: KeystreamBuffers | None = None) -> np.ndarray:
     """Add this institution's mask to `ring` in place (+ stream for each higher peer, - for each
     lower); return it. Unsigned arithmetic wraps modulo 2^bits, as the ring wants."""
     bits = ring.dtype.itemsize * 8
+    buffers = buffers if buffers is not None else KeystreamBuffers()
     for peer, public in publics.items():
         if peer == me:
             continue
         low, high = min(me, peer), max(me, peer)
         key = pair_key(private, public, round_index, low, high)
-        stream = keystream(key, ring.size, bits, reuse=True)
+        stream = keystream(key, ring.size, bits, buffers)
         if me == low:
             np.add(ring, stream, out=ring)
         else:
@@ -125,8 +140,12 @@ def encode(values: np.ndarray, bound: float, frac_bits: int, bits: int,
     """Return `values` in fixed point with `frac_bits` fraction bits, as ring elements.
 
     Values beyond +-bound are an error, or clipped with a warning when out_of_range = "clip":
-    never a silent wrap-around.
+    never a silent wrap-around. NaN or Inf is an error (it would encode as -2^(bits-1)).
     """
+    if not np.all(np.isfinite(values)):
+        bad = int(np.count_nonzero(~np.isfinite(values)))
+        raise UserError(f"secure aggregation: {bad} values of the update are NaN or Inf; "
+                        "the local training diverged (lower optim.lr) and nothing was sent")
     if values.size and max(float(values.max()), -float(values.min())) > bound:
         over = np.abs(values) > bound
         worst = float(np.abs(values).max())

@@ -14,6 +14,7 @@ import tomli_w
 
 from ..comm.collectives import ALGORITHMS
 from ..errors import UserError
+from ..federated.dp import ACCOUNTANTS
 from ..federated.secagg import OUT_OF_RANGE_MODES, SINT
 from ..federated.strategies import STRATEGIES
 from ..nn.models import DTYPES
@@ -60,7 +61,8 @@ FEDERATED = {
     "fraction": ((float, int), 1.0), "evaluate_local": ((bool,), False),
     "secure_aggregation": ((bool,), False), "secure_bits": ((int,), 64),
     "secure_range": ((float, int), 1.0), "secure_max_samples": ((int,), 2 ** 31),
-    "secure_out_of_range": ((str,), "error"), "dp": ((dict,), None),
+    "secure_out_of_range": ((str,), "error"), "min_participants": ((int,), 3),
+    "keys": ((str,), ""), "dp": ((dict,), None),
 }
 
 # The optional [federated.dp] table: institution-level DP-FedAvg.
@@ -69,6 +71,7 @@ DP = {
     "delta": ((float, int), 1e-5), "adaptive": ((bool,), False),
     "target_quantile": ((float, int), 0.5), "clip_lr": ((float, int), 0.2),
     "clip_count_stddev": ((float, int), None), "max_epsilon": ((float, int), 0.0),
+    "colluders": ((int,), 0), "accountant": ((str,), "rdp"),
 }
 STRATEGY_NAMES = tuple(STRATEGIES)
 
@@ -81,6 +84,7 @@ CHOICES = {
     ("federated", "strategy"): STRATEGY_NAMES,
     ("federated", "secure_bits"): tuple(SINT),
     ("federated", "secure_out_of_range"): OUT_OF_RANGE_MODES,
+    ("federated.dp", "accountant"): ACCOUNTANTS,
 }
 # Keys that take one of a few words or a free value (shown in --help, checked in _check_values).
 OPEN_CHOICES = {("run", "resume"): (*RESUME_MODES, "PATH")}
@@ -164,6 +168,12 @@ def _check_federated(fed: dict) -> dict:
             raise UserError(f"federated.{key}: must be in [0, 1), got {fed[key]}")
     if fed["server_lr"] is not None and fed["server_lr"] <= 0:
         raise UserError(f"federated.server_lr: must be > 0, got {fed['server_lr']}")
+    if fed["min_participants"] < 1:
+        raise UserError(f"federated.min_participants: must be >= 1, got "
+                        f"{fed['min_participants']}")
+    if fed["keys"] and not fed["secure_aggregation"]:
+        raise UserError("federated.keys: authenticated keys serve secure aggregation; set "
+                        "federated.secure_aggregation = true or remove federated.keys")
     if fed["secure_range"] <= 0 or fed["secure_max_samples"] < 1:
         raise UserError("federated.secure_range and federated.secure_max_samples must be > 0")
     if fed["dp"] is not None:
@@ -196,9 +206,12 @@ def _check_dp(given: dict) -> dict:
     if not 0 < dp["target_quantile"] < 1:
         raise UserError(f"federated.dp.target_quantile: must be in (0, 1), "
                         f"got {dp['target_quantile']}")
-    for key in ("clip_lr", "max_epsilon"):
+    for key in ("clip_lr", "max_epsilon", "colluders"):
         if dp[key] < 0:
             raise UserError(f"federated.dp.{key}: must be >= 0, got {dp[key]}")
+    if dp["accountant"] not in ACCOUNTANTS:
+        raise UserError(f"federated.dp.accountant: {dp['accountant']!r} is not one of "
+                        f"{ACCOUNTANTS}")
     return dp
 
 

@@ -22,15 +22,16 @@ from .. import faults
 from ..comm.agree import raise_together
 from ..data.shards import Shard
 from ..errors import UserError
+from ..federated.dp import secure_bernoulli
 from ..federated.exchange import SiteReport, broadcast_global, collect_at_root, send_to_root
+from ..federated.identity import load_identity
 from ..federated.institutions import Federation, institution_sizes, make_federation, participants
+from ..federated.ledger import PrivacyLedger, ledger_epsilon, release_entry
 from ..federated.private_aggregation import (
+    PrivateAggregator,
     apply_private_sums,
     dp_settings,
-    poisson_participants,
-    private_aggregate,
     ring_scales,
-    round_epsilon,
 )
 from ..federated.strategies import DEFAULT_SERVER_LR, STRATEGIES, ServerHyper
 from ..nn.io import save_model
@@ -66,6 +67,8 @@ class Site:
     test: Shard | None  # this rank's rows of data.test
     dp: dict | None  # the DP settings in use (dp_settings), None without DP
     site_samples: list[int] | None  # on the root without secure aggregation: every n_k
+    aggregator: PrivateAggregator | None = None  # with secure aggregation or DP
+    ledger: PrivacyLedger | None = None  # on the root under DP: every release
 
 
 def site_data_path(template: str, institution: int) -> str:
@@ -92,15 +95,23 @@ def open_site_data(cfg: dict, fed: Federation, dtype):
     shard, classes = raise_together(fed.world, lambda: open_checked_shard(
         comm, path, data["x"], data["y"], dtype, f"data.train (institution {fed.institution})"))
     samples = shard.info.samples if templated else fed.site.allreduce(len(shard), op=MPI.SUM)
-    features = fed.world.allgather(shard.info.features)
+    features = _allgather_ints(fed.world, shard.info.features)
     if len(set(features)) > 1:
         raise UserError(f"data.train: institutions' files have different feature counts "
                         f"({sorted(set(features))}); every site needs the same features")
-    declared = {c for c in fed.world.allgather(shard.info.num_classes) if c is not None}
+    declared = {c for c in _allgather_ints(fed.world, shard.info.num_classes) if c >= 0}
     if len(declared) > 1:
         raise UserError(f"data.train: institutions' files declare different num_classes "
                         f"({sorted(declared)}); give every site the same num_classes attribute")
-    return shard, comm, samples, fed.world.allreduce(classes, op=MPI.MAX)
+    return shard, comm, samples, max(_allgather_ints(fed.world, classes))
+
+
+def _allgather_ints(comm, value: int | None) -> list[int]:
+    """Every rank's integer (None as -1), in an int64 buffer: nothing pickled across
+    institutions."""
+    every = np.empty(comm.size, dtype=np.int64)
+    comm.Allgather(np.array([-1 if value is None else value], dtype=np.int64), every)
+    return every.tolist()
 
 
 def local_step_count(fed_cfg: dict, per_epoch: int) -> int:
@@ -129,21 +140,23 @@ def run_federation(cfg: dict, world, xp) -> dict:
     loader = batch_loader(cfg, site.shard, site.per_epoch, site.stream_comm.rank, site_steps, xp)
     hyper = ServerHyper(fed_cfg["server_lr"] or DEFAULT_SERVER_LR.get(fed_cfg["strategy"], 1.0),
                         fed_cfg["beta1"], fed_cfg["beta2"], fed_cfg["tau"])
+    if site.dp is not None and fed.is_root:
+        site.ledger = PrivacyLedger(out)
     start, last, stopped = time.perf_counter(), {}, ""
     try:
         with StopFlag() as flag:
             for rnd in range(first, fed_cfg["rounds"]):
-                if over_budget(site.dp, fed_cfg["fraction"], rnd):  # same on every rank
+                if over_budget(site, fed, fed_cfg, rnd):  # the root decides for every rank
                     reporter.record(event="budget", round=rnd, epsilon=last.get("epsilon"))
                     reporter.line(f"stopping before round {rnd + 1}: it would exceed "
                                   f"federated.dp.max_epsilon = {site.dp['max_epsilon']}")
                     break
-                last, server_state, took_part = run_round(cfg, fed, site, step_fn, loader, rnd,
+                last, server_state, advanced = run_round(cfg, fed, site, step_fn, loader, rnd,
                                                           hyper, server_state, xp)
-                site_steps += site.local_steps if took_part else 0
+                site_steps += site.local_steps if advanced else 0
                 report_round(reporter, last, site, fed, fed_cfg["rounds"], xp)
                 faults.inject("round", rnd + 1, world.rank)
-                stop = world.allreduce(flag.value, op=MPI.MAX) > 0
+                stop = _any_flag(world, flag.value)
                 every = run["checkpoint_every"]
                 if stop or (every and (rnd + 1) % every == 0 and rnd + 1 < fed_cfg["rounds"]):
                     write_round_checkpoint(cfg, fed, site.params, server_state, rnd + 1,
@@ -160,11 +173,27 @@ def run_federation(cfg: dict, world, xp) -> dict:
     return finish_federation(cfg, fed, site, reporter, last, time.perf_counter() - start)
 
 
-def over_budget(dp: dict | None, fraction: float, rnd: int) -> bool:
-    """Tell whether round `rnd` (0-based) would take epsilon past federated.dp.max_epsilon."""
+def _any_flag(world, value: int) -> bool:
+    """Tell whether any rank's flag is set (an int64 Allreduce, nothing pickled)."""
+    flag = np.array([value], dtype=np.int64)
+    world.Allreduce(MPI.IN_PLACE, flag, op=MPI.MAX)
+    return bool(flag[0] > 0)
+
+
+def over_budget(site: Site, fed: Federation, fed_cfg: dict, rnd: int) -> bool:
+    """Tell whether round `rnd` (0-based) would take epsilon past federated.dp.max_epsilon,
+    counting every release in the ledger (replayed rounds included). The root decides."""
+    dp = site.dp
     if not dp or not dp["max_epsilon"]:
         return False
-    return round_epsilon(dp, fraction, rnd + 1) > dp["max_epsilon"]
+    verdict = np.zeros(1, dtype=np.int64)
+    if fed.is_root:
+        everyone = None if fed_cfg["secure_aggregation"] else list(range(len(fed.sizes)))
+        next_one = release_entry(dp, rnd, fed_cfg["fraction"], everyone)  # the worst case
+        eps, _ = ledger_epsilon(dp, [*site.ledger.entries, next_one], len(fed.sizes))
+        verdict[0] = eps > dp["max_epsilon"]
+    fed.world.Bcast(verdict, root=0)
+    return bool(verdict[0])
 
 
 def open_site(cfg: dict, fed: Federation, xp) -> Site:
@@ -180,13 +209,35 @@ def open_site(cfg: dict, fed: Federation, xp) -> Site:
     test = open_test_shard(world, cfg, spec, dtype) if cfg["data"]["test"] else None
     secure = fed_cfg["secure_aggregation"]
     # Under secure aggregation the root learns only sums, so not each institution's count.
-    site_samples = fed.leaders.gather(samples, root=0) if fed.is_leader and not secure else None
+    site_samples = None
+    if fed.is_leader and not secure:
+        every = np.empty(len(fed.sizes), dtype=np.int64) if fed.is_root else None
+        fed.leaders.Gather(np.array([samples], dtype=np.int64), every, root=0)
+        site_samples = every.tolist() if fed.is_root else None
     dp = raise_together(world, lambda: dp_settings(fed_cfg, len(fed.sizes)))
+    identity = None
     if secure:
+        raise_together(world, lambda: _check_senders(fed_cfg, dp, len(fed.sizes)))
         ring_scales(fed_cfg, dp, len(fed.sizes))  # a ring too small fails on every rank
+        if fed_cfg["keys"]:
+            identity = raise_together(world, lambda: load_identity(
+                fed_cfg["keys"], fed.institution, len(fed.sizes)) if fed.is_leader else None)
+    private = secure or dp is not None
     return Site(shard=shard, stream_comm=stream_comm, samples=samples, spec=spec, params=params,
                 per_epoch=per_epoch, local_steps=local_step_count(fed_cfg, per_epoch), test=test,
-                dp=dp, site_samples=site_samples)
+                dp=dp, site_samples=site_samples,
+                aggregator=PrivateAggregator(fed_cfg, dp, fed, identity) if private else None)
+
+
+def _check_senders(fed_cfg: dict, dp, institutions: int) -> None:
+    """Refuse, before round 1, secure aggregation with fewer leaders sending than
+    federated.min_participants (under DP every leader sends every round)."""
+    senders = institutions if dp else max(1, round(fed_cfg["fraction"] * institutions))
+    if senders < fed_cfg["min_participants"]:
+        raise UserError(f"federated.min_participants: secure aggregation with {senders} leaders "
+                        f"sending per round is refused (at least {fed_cfg['min_participants']}; "
+                        "with two, the root subtracts its own vector and reads the other's); "
+                        "add institutions or raise federated.fraction")
 
 
 def _mpi_shape(fed: Federation) -> dict:
@@ -199,22 +250,29 @@ def resume_round(cfg: dict, fed: Federation, params) -> tuple[int, int, dict]:
     world = fed.world
     found = raise_together(world, lambda: choose_checkpoint(cfg, "round", _mpi_shape(fed))
                            if fed.is_root else None)
-    found = world.bcast(found, root=0)
-    if found is None:
+    head = np.zeros(2 + len(fed.sizes), dtype=np.int64)  # found, round, steps per institution
+    if found is not None:
+        head[:] = [1, found["counters"]["round"], *found["counters"]["site_steps"]]
+    world.Bcast(head, root=0)  # numbers, never a pickle from the root
+    if not head[0]:
         return 0, 0, {}
+    host = np.empty(params.size, dtype=np.dtype(params.dtype))
+    if found is not None:
+        host[:] = np.asarray(found["params"]).ravel()
+    world.Bcast(host, root=0)
     xp = get_array_module(params)
-    params[...] = xp.asarray(found["params"])
+    params[...] = xp.asarray(host).reshape(params.shape)
     state = dict(found["state"]) if fed.is_root else {}  # the server's state lives on the host
-    counters = found["counters"]
-    return int(counters["round"]), int(counters["site_steps"][fed.institution]), state
+    return int(head[1]), int(head[2 + fed.institution]), state
 
 
 def write_round_checkpoint(cfg, fed, params, server_state, rounds_done, site_steps) -> None:
     """The root writes the checkpoint after `rounds_done` rounds; every rank waits for it."""
-    per_rank = fed.world.gather((fed.institution, site_steps), root=0)
+    per_rank = np.empty((fed.world.size, 2), dtype=np.int64) if fed.is_root else None
+    fed.world.Gather(np.array([fed.institution, site_steps], dtype=np.int64), per_rank, root=0)
     if fed.is_root:
         steps = [0] * len(fed.sizes)
-        for institution, count in per_rank:
+        for institution, count in per_rank.tolist():
             steps[institution] = count
         save_checkpoint(cfg["run"]["out"], "round", rounds_done, params, server_state,
                         {"round": rounds_done, "site_steps": steps,
@@ -229,7 +287,7 @@ def report_round(reporter, record, site: Site, fed: Federation, rounds: int, xp)
     """Evaluate the new global model where data.test is set; log the round (root)."""
     if fed.is_root and "reports" in record:
         record["institutions"] = institution_table(record.pop("reports"), site.site_samples)
-    elif fed.is_root:  # private aggregation: who took part, nothing about any one of them
+    elif fed.is_root and "participants" in record:  # who took part, nothing of any one of them
         chosen = record.pop("participants")
         record["institutions"] = [{"institution": k, "participated": k in chosen}
                                   for k in range(len(fed.sizes))]
@@ -248,7 +306,7 @@ def finish_federation(cfg, fed: Federation, site: Site, reporter, last, seconds)
         save_model(os.path.join(out, "model.h5"), site.spec, site.params)
     summary = {"event": "summary", "rounds": last.get("round", 0), "seconds": seconds,
                "accuracy": last.get("accuracy"), "test_loss": last.get("test_loss")}
-    if "epsilon" in last:
+    if "epsilon" in last:  # under DP without secure aggregation: the largest institution's
         summary["epsilon"] = last["epsilon"]
     reporter.record(**summary)
     reporter.line(f"done: {summary['rounds']} rounds in {seconds:.2f} s; model in "
@@ -283,44 +341,90 @@ def local_training(cfg, fed, site: Site, step_fn, loader, rnd: int, xp) -> SiteR
     return report
 
 
+def round_senders(cfg, fed, site: Site, rnd: int) -> tuple[list[int], bool]:
+    """Return (the institutions whose leaders send this round, whether this one trains).
+
+    Under secure aggregation with DP every leader sends every round and draws its own
+    participation from os.urandom (shared inside its institution only): the root learns neither
+    who took part nor how many. Otherwise the sample is public (seeded by run.seed): Poisson
+    under DP (accounted without amplification), a fixed-size draw without.
+    """
+    fed_cfg, count = cfg["federated"], len(fed.sizes)
+    if fed_cfg["secure_aggregation"] and site.dp:
+        drawn = np.array([secure_bernoulli(fed_cfg["fraction"]) if fed.is_leader else 0],
+                         dtype=np.int64)
+        fed.site.Bcast(drawn, root=0)  # inside the institution
+        return list(range(count)), bool(drawn[0])
+    choose = poisson_participants if site.dp else participants
+    chosen = choose(count, fed_cfg["fraction"], cfg["run"]["seed"], rnd)
+    return chosen, fed.institution in chosen
+
+
+def poisson_participants(count: int, q: float, seed: int, round_index: int) -> list[int]:
+    """Return a public Poisson sample (each institution alone with probability q), seeded: the
+    root sees who sends anyway, so no amplification is claimed for it."""
+    if q >= 1:
+        return list(range(count))
+    rng = np.random.default_rng([seed, round_index, 0x706F6973])
+    return [k for k in range(count) if rng.random() < q]
+
+
+def record_release(site: Site, fed: Federation, fed_cfg: dict, rnd: int, senders) -> dict:
+    """On the root under DP: write the round's release to the ledger (before any vector is
+    sent) and return the record's epsilon fields, counting every release in the ledger."""
+    secure = fed_cfg["secure_aggregation"]
+    site.ledger.append(release_entry(site.dp, rnd, fed_cfg["fraction"],
+                                     None if secure else senders))
+    eps, each = ledger_epsilon(site.dp, site.ledger.entries, len(fed.sizes))
+    fields = {"epsilon": eps, "releases": len(site.ledger.entries)}
+    if each is not None:
+        fields["epsilon_per_institution"] = each
+    return fields
+
+
 def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, xp):
-    """Run one round on every rank; return (record for rank 0, server state, took part)."""
+    """Run one round on every rank; return (record for rank 0, server state, whether this
+    institution's data stream advanced)."""
     fed_cfg, params = cfg["federated"], site.params
     t0 = time.perf_counter()
     comm_before = step_fn.comm_seconds
-    private = fed_cfg["secure_aggregation"] or site.dp is not None
-    choose = poisson_participants if site.dp else participants  # DP's accountant assumes Poisson
-    chosen = choose(len(fed.sizes), fed_cfg["fraction"], cfg["run"]["seed"], rnd)
+    private = site.aggregator is not None
+    senders, takes_part = round_senders(cfg, fed, site, rnd)
     keeps_global = fed.is_root or (private and fed.is_leader)
     global_params = to_host(params).astype(np.float64) if keeps_global else None  # round start
     report = SiteReport(samples=site.samples, steps=site.local_steps)
-    if fed.institution in chosen:
+    secret = fed_cfg["secure_aggregation"] and site.dp is not None
+    if takes_part:
         report = local_training(cfg, fed, site, step_fn, loader, rnd, xp)
+    elif secret:  # the data position stays independent of the secret draw (checkpoints)
+        for _ in range(site.local_steps):
+            loader.get()
     t_exchange = time.perf_counter()
     to_root = from_root = 0
     record = {"round": rnd + 1}
     strategy = STRATEGIES[fed_cfg["strategy"]]
     if private:
-        sums = private_aggregate(fed_cfg, site.dp, fed, params, global_params, report, chosen,
-                                 rnd, server_state)
+        if site.dp and fed.is_root:
+            record.update(record_release(site, fed, fed_cfg, rnd, senders))
+        sums = site.aggregator(params, global_params, report, senders, takes_part, rnd,
+                               server_state)
         if fed.is_root:
             new, server_state, fields = apply_private_sums(
                 strategy, site.dp, sums, global_params, len(fed.sizes), fed_cfg["fraction"],
                 server_state, hyper)
             params[...] = xp.asarray(new.astype(params.dtype))
             record.update(fields)
-            if site.dp:
-                record["epsilon"] = round_epsilon(site.dp, fed_cfg["fraction"], rnd + 1)
             to_root = sums["bytes"]
-            record["participants"] = chosen
+            if not (fed_cfg["secure_aggregation"] and site.dp):  # public samples only
+                record["participants"] = senders
     elif fed.is_root:
-        results, to_root = collect_at_root(fed, params, report, chosen)
+        results, to_root = collect_at_root(fed, params, report, senders)
         new, server_state = strategy(
             global_params.astype(params.dtype),
             [(p, r.samples, r.steps) for p, r in results.values()], server_state, hyper)
         params[...] = xp.asarray(new)  # strategies run on the host, at the root only
         record["reports"] = {k: r for k, (_, r) in results.items()}
-    elif fed.is_leader and fed.institution in chosen:
+    elif fed.is_leader and takes_part:
         send_to_root(fed, params, report)
     from_root = broadcast_global(fed, params)
     now = time.perf_counter()
@@ -329,7 +433,7 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
                   allreduce_seconds=step_fn.comm_seconds - comm_before)
     record["comm_fraction"] = (record["exchange_seconds"] + record["allreduce_seconds"]) / max(
         now - t0, 1e-9)
-    return record, server_state, fed.institution in chosen
+    return record, server_state, takes_part or secret
 
 
 def institution_table(reports: dict, site_samples: list[int]) -> list[dict]:
