@@ -11,7 +11,11 @@ import os
 
 from mpi4py import MPI
 
-_TOPOLOGY = MPI.Comm.Create_keyval()
+from . import lifetime
+
+# (node, cross) cached on the communicator; its delete callback frees both with it, and
+# lifetime frees them before MPI_Finalize when the communicator lives that long.
+_TOPOLOGY = lifetime.keyval()
 
 
 def node_comm(comm):
@@ -42,7 +46,7 @@ def topology(comm):
         largest = comm.allreduce(node.size, op=MPI.MAX)
         cross = comm.Split(node.rank, comm.rank) if smallest == largest else None
         cached = (node, cross)
-        comm.Set_attr(_TOPOLOGY, cached)
+        lifetime.cache(comm, _TOPOLOGY, cached)
     return cached
 
 
