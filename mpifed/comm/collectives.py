@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -21,7 +22,7 @@ ALGORITHMS = ("auto", "ring", "mpi", "hierarchical", "nccl")
 # 2(ranks - 1) Python-driven messages, and the ring's latency grows with the rank count. Above it
 # the ring wins. Measured with `mpifed bench allreduce -f 2` with MPICH 5.0.2 on a 2-core machine:
 # crossover between 256 KiB and 1 MiB on 2 ranks, between 1 and 2 MiB on 4 (README, "All-reduce
-# benchmark"). MPIFED_RING_MIN_BYTES moves it for other machines (read at each choice).
+# benchmark"). MPIFED_RING_MIN_BYTES moves it for other machines (read at the first choice).
 RING_MIN_BYTES = 512 * 1024
 # With several ranks on a node, the hierarchical all-reduce from this size up: below it, its two
 # node barriers cost more than MPI_Allreduce's whole call (crossover 16-32 KiB on 2 and 4 ranks).
@@ -35,8 +36,13 @@ HIERARCHICAL_MIN_BYTES = 32 * 1024
 HIERARCHICAL_COPY_MIN_BYTES = 256 * 1024
 
 
+@functools.cache
 def _threshold(name: str, default: int) -> int:
-    """Return the byte threshold `name` from the environment, else `default`."""
+    """Return the byte threshold `name` from the environment, else `default`.
+
+    Read once per process, at the first choice (an environment read costs a few microseconds
+    on a busy machine, as much as a small MPI_Allreduce); `_threshold.cache_clear()` rereads.
+    """
     value = os.environ.get(name)
     return int(value) if value else default
 
@@ -86,13 +92,14 @@ def _auto(buf, comm, check: bool) -> tuple[str, bool]:
         return choose_algorithm(buf.nbytes, comm.size, device=True,
                                 nccl=nccl_unavailable(comm) is None), check
     node, _ = topology(comm)
-    if node.size == 1:  # no window can help: no need to ask about one
-        return choose_algorithm(buf.nbytes, comm.size, 1), check
+    nodes = comm.size // node.size
+    plain = choose_algorithm(buf.nbytes, comm.size, node.size, window=False, nodes=nodes)
+    if node.size == 1 or plain == choose_algorithm(buf.nbytes, comm.size, node.size, nodes=nodes):
+        return plain, check  # windows make no difference here (small sizes): do not ask
     window, offset = window_of(buf)
     in_window, mixed = window is not None, False
     if check:
         in_window, mixed = _agree(comm, buf, window.ident if in_window else 0, offset)
-    nodes = comm.size // node.size
     algorithm = choose_algorithm(buf.nbytes, comm.size, node.size, window=in_window, nodes=nodes)
     # where some ranks' buffers are in a window and others' not, hierarchical must agree itself
     return algorithm, mixed and algorithm == "hierarchical"

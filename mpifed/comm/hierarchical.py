@@ -37,7 +37,7 @@ def hierarchical_allreduce(buf, comm, op: str = "sum", *, check: bool = True):
     if check:
         check_same_signature(comm, buf.size, buf.dtype)
     node, cross = topology(comm)
-    if cross is None:
+    if cross is None or node.size == 1:  # one rank per node: the ring itself, with no copies
         return ring_allreduce(buf, comm, op, check=False)
     if comm.size > 1 and buf.size > 0:
         work, copy_back = host_view(buf, comm)  # shared memory is host memory, CUDA-aware MPI or not

@@ -108,7 +108,7 @@ def window_of(array) -> tuple[SharedWindow | None, int]:
     if array is _last_lookup[0] and _last_lookup[1] is not None \
             and _last_lookup[1].ident in _live_idents:
         return _last_lookup[1], _last_lookup[2]
-    if not isinstance(array, np.ndarray):
+    if not isinstance(array, np.ndarray) or not _registry:
         return None, 0
     address = array.__array_interface__["data"][0]
     for base, window in _registry.items():
