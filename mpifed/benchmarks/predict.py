@@ -97,12 +97,14 @@ def fit_two_level(results: list[dict], min_bytes: int = 0) -> TwoLevelModel:
 def held_out_rows(model: TwoLevelModel, result: dict) -> list[dict]:
     """Return predicted against measured seconds per size and algorithm for one sweep."""
     nodes, per_node = _config(result)
+    arrays = result["meta"].get("arrays")
+    config = f"{nodes}x{per_node}" + (f" {arrays}" if arrays else "")
     out = []
     for row in result["rows"]:
         for algo in HELD_OUT_ALGOS:
             measured = row[algo]["time_us"] * 1e-6
             predicted = model.predict(algo, nodes, per_node, row["size"])
-            out.append({"config": f"{nodes}x{per_node}", "algorithm": algo, "size": row["size"],
+            out.append({"config": config, "algorithm": algo, "size": row["size"],
                         "predicted_s": predicted, "measured_s": measured,
                         "error": predicted / measured - 1})
     return out
@@ -119,13 +121,13 @@ def held_out_main(args) -> int:
           f"1/beta {1 / max(model.intra.beta, 1e-30) / 1e9:.2f} GB/s; inter-node link: alpha "
           f"{model.inter.alpha * 1e6:.1f} us, 1/beta {1 / max(model.inter.beta, 1e-30) / 1e9:.2f} GB/s"
           f" (fit on {', '.join(args.fit)})")
-    print(f"# {'config':>6} {'algorithm':>12} {'size':>10} {'predicted us':>13} "
+    print(f"# {'config':>12} {'algorithm':>12} {'size':>10} {'predicted us':>13} "
           f"{'measured us':>12} {'error':>7}")
     rows = []
     for path in args.predict:
         rows += held_out_rows(model, load(path))
     for r in rows:
-        print(f"  {r['config']:>6} {r['algorithm']:>12} {r['size']:>10} "
+        print(f"  {r['config']:>12} {r['algorithm']:>12} {r['size']:>10} "
               f"{r['predicted_s'] * 1e6:>13.1f} {r['measured_s'] * 1e6:>12.1f} "
               f"{100 * r['error']:>+6.0f}%")
     big = [abs(r["error"]) for r in rows if r["size"] >= 1 << 20]

@@ -148,7 +148,8 @@ def plot_allreduce(result: dict, out: str) -> str:
     ax.set(xlabel="bytes per rank", ylabel="bus bandwidth (GB/s)", xscale="log",
            title=f"All-reduce, {nodes} node(s) x {per_node} ranks, {link}{arrays}")
     ax.legend()
-    name = f"busbw-{meta['ranks']}.png" if nodes == 1 else f"busbw-{nodes}x{per_node}.png"
+    name = f"busbw-{meta['ranks']}.png" if nodes == 1 else \
+        f"busbw-{nodes}x{per_node}{'-' + meta['arrays'] if meta.get('arrays') else ''}.png"
     return _save(fig, out, name)
 
 
@@ -163,7 +164,11 @@ def _save(fig, out: str, name: str) -> str:
 def run_plot(args) -> int:
     written = []
     if args.scaling:
-        written += plot_scaling(_load(args.scaling), args.out)
+        data = _load(args.scaling)
+        if "intra" in data and "inter" in data:  # a held-out table: mpifed bench model --fit
+            written.append(plot_heldout(data, args.out))
+        else:
+            written += plot_scaling(data, args.out)
     for path in args.allreduce or []:
         written.append(plot_allreduce(_load(path), args.out))
     if not written:

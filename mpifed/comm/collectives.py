@@ -76,6 +76,14 @@ def choose_algorithm(nbytes: int, ranks: int, per_node: int = 1, *, device: bool
     return "mpi"
 
 
+@functools.cache
+def _smallest_threshold() -> int:
+    """Return the size below which every host-buffer choice is MPI_Allreduce (bytes)."""
+    return min(_threshold("MPIFED_RING_MIN_BYTES", RING_MIN_BYTES),
+               _threshold("MPIFED_HIERARCHICAL_MIN_BYTES", HIERARCHICAL_MIN_BYTES),
+               _threshold("MPIFED_HIERARCHICAL_COPY_MIN_BYTES", HIERARCHICAL_COPY_MIN_BYTES))
+
+
 def _auto(buf, comm, check: bool) -> tuple[str, bool]:
     """Return "auto"'s choice for `buf` on `comm` and whether the buffer still needs its check.
 
@@ -91,6 +99,8 @@ def _auto(buf, comm, check: bool) -> tuple[str, bool]:
 
         return choose_algorithm(buf.nbytes, comm.size, device=True,
                                 nccl=nccl_unavailable(comm) is None), check
+    if buf.nbytes < _smallest_threshold():
+        return "mpi", check  # below every crossover: MPI_Allreduce whatever the topology
     node, _ = topology(comm)
     nodes = comm.size // node.size
     plain = choose_algorithm(buf.nbytes, comm.size, node.size, window=False, nodes=nodes)
