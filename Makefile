@@ -8,7 +8,7 @@ MPI_TIMEOUT ?= 600
 NP ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install test test-serial test-mpi test-slurm test-gpu demo bench lint clean
+.PHONY: install test test-serial test-mpi test-multinode test-slurm test-gpu demo bench lint clean
 
 install: $(VENV)/.installed
 
@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 test: test-serial test-mpi
 
 test-serial: install
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slurm"
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slurm and not multinode"
 
 test-mpi: install
 	@for n in 1 2 3 4; do \
@@ -29,6 +29,19 @@ test-mpi: install
 	  timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) -n $$n $(PY) -m pytest -q -p no:cacheprovider \
 	    --with-mpi -m mpi tests || exit 1; \
 	done
+
+# Several nodes for real on this host: MPICH splits the ranks into nodes (MPIR_CVAR_NUM_CLIQUES),
+# shared memory inside one, libfabric's TCP provider over loopback (FI_TCP_IFACE=lo) between
+# them. The MPI suite on 2 nodes x 2 ranks and 3 nodes x 1 rank, then tests/test_multinode.py
+# (collectives, training, a federation across nodes, a lost node and its resumption).
+MULTINODE_ENV = MPIR_CVAR_CLIQUES_BY_BLOCK=1 MPIR_CVAR_CH4_NETMOD=ofi FI_PROVIDER=tcp FI_TCP_IFACE=lo
+test-multinode: install
+	@for cfg in "2 4" "3 3"; do set -- $$cfg; \
+	  echo "== MPI tests on $$1 nodes, $$2 ranks (TCP over loopback between nodes)"; \
+	  $(MULTINODE_ENV) MPIR_CVAR_NUM_CLIQUES=$$1 timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) -n $$2 \
+	    $(PY) -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests || exit 1; \
+	done
+	timeout -k 10 $(MPI_TIMEOUT) $(PY) -m pytest -q -p no:cacheprovider -m multinode tests/test_multinode.py
 
 # The jobs/ scripts under a real single-node SLURM: needs root; installs Debian's slurm-wlm and
 # munge when missing and starts munged, slurmctld and slurmd on this host.

@@ -7,6 +7,7 @@ environment variable MPIFED_FAULT names that point, number and rank:
 
     MPIFED_FAULT="kill:step=5:rank=1"   # world rank 1 SIGKILLs itself after data-parallel step 5
     MPIFED_FAULT="raise:round=2"        # every rank raises RuntimeError after federated round 2
+    MPIFED_FAULT="kill:step=5:rank=2,3" # ranks 2 and 3 (a whole node of 2 x 2) die after step 5
 
 Points: `step` (the data-parallel loop, after step NUMBER is taken, before it is reported or
 checkpointed) and `round` (the federated loop, after round NUMBER, before it is reported or
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 ENV = "MPIFED_FAULT"
 ACTIONS = ("raise", "kill", "exit", "stop")
 POINTS = ("step", "round")
-FORM = "ACTION:POINT=NUMBER[:rank=R], e.g. kill:step=5:rank=1"
+FORM = "ACTION:POINT=NUMBER[:rank=R[,R...]], e.g. kill:step=5:rank=1"
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,11 @@ class Fault:
     action: str
     point: str
     number: int
-    rank: int | None = None
+    rank: int | tuple[int, ...] | None = None  # a tuple: several ranks (one node's, say)
 
     def __str__(self) -> str:
-        rank = "" if self.rank is None else f":rank={self.rank}"
+        ranks = ",".join(map(str, self.rank)) if isinstance(self.rank, tuple) else self.rank
+        rank = "" if self.rank is None else f":rank={ranks}"
         return f"{self.action}:{self.point}={self.number}{rank}"
 
 
@@ -61,12 +63,13 @@ def parse(text: str) -> Fault:
         if not sep or key not in POINTS + ("rank",) or key in values:
             raise ValueError(f"{ENV}={text!r}: cannot read {field!r}; expected {FORM}")
         try:
-            values[key] = int(value)
+            numbers = tuple(int(v) for v in value.split(",")) if key == "rank" else (int(value),)
         except ValueError:
             raise ValueError(f"{ENV}={text!r}: {key} must be a whole number, got {value!r}; "
                              f"expected {FORM}") from None
-        if values[key] < 0:
+        if min(numbers) < 0:
             raise ValueError(f"{ENV}={text!r}: {key} must be >= 0, got {value}; expected {FORM}")
+        values[key] = numbers[0] if len(numbers) == 1 else numbers
     points = [p for p in POINTS if p in values]
     if len(points) != 1:
         raise ValueError(f"{ENV}={text!r}: name exactly one of {POINTS}; expected {FORM}")
@@ -83,7 +86,10 @@ def inject(point: str, number: int, rank: int) -> None:
     if not text:
         return
     fault = parse(text)
-    if fault.point != point or fault.number != number or fault.rank not in (None, rank):
+    if fault.point != point or fault.number != number:
+        return
+    if fault.rank is not None and rank not in (
+            fault.rank if isinstance(fault.rank, tuple) else (fault.rank,)):
         return
     if fault.action == "raise":
         raise RuntimeError(f"injected fault {fault} ({ENV})")

@@ -45,7 +45,7 @@ def run_cli(args: list[str], timeout: float = LAUNCH_TIMEOUT, cwd=None, env=None
                           text=True, timeout=timeout, cwd=cwd, env=_env(env))
 
 
-def run_script(n: int, text: str, folder, timeout: float = LAUNCH_TIMEOUT):
+def run_script(n: int, text: str, folder, timeout: float = LAUNCH_TIMEOUT, env=None):
     """Write `text` to FOLDER/script.py and run it on n ranks; return the CompletedProcess.
 
     For what is itself a user's program (a script that imports mpifed), not for injecting
@@ -53,7 +53,7 @@ def run_script(n: int, text: str, folder, timeout: float = LAUNCH_TIMEOUT):
     """
     (Path(folder) / "script.py").write_text(text)
     return subprocess.run([mpiexec(), "-n", str(n), sys.executable, "script.py"], cwd=folder,
-                          capture_output=True, text=True, timeout=timeout, env=_env(None))
+                          capture_output=True, text=True, timeout=timeout, env=_env(env))
 
 
 def start_mpi(n: int, args: list[str], cwd=None, env=None) -> subprocess.Popen:

@@ -72,3 +72,65 @@ def test_allreduce_json_plots(tmp_path):
 def test_plot_without_inputs_is_a_clear_error(tmp_path):
     done = run_cli(["plot"], cwd=tmp_path)
     assert done.returncode == 1 and "nothing to plot" in done.stderr
+
+
+def test_link_fit_recovers_alpha_and_beta():
+    from mpifed.benchmarks.costmodel import fit_link
+
+    sizes = [2.0 ** k for k in range(10, 25)]
+    alpha, beta = 40e-6, 1 / 2e9
+    for ranks in (2, 4):
+        times = [2 * (ranks - 1) * alpha + 2 * (ranks - 1) / ranks * s * beta for s in sizes]
+        link = fit_link(sizes, times, ranks)
+        assert link.alpha == pytest.approx(alpha, rel=1e-6)
+        assert link.beta == pytest.approx(beta, rel=1e-6)
+
+
+def test_two_level_model_by_hand():
+    from mpifed.benchmarks.costmodel import Link, TwoLevelModel
+
+    model = TwoLevelModel(intra=Link(1e-6, 1e-10), inter=Link(50e-6, 5e-10))
+    # flat ring on 2 x 2: 6 messages and 1.5 S bytes, every step waiting on the TCP link
+    assert model.ring(2, 2, 4e6) == pytest.approx(6 * 50e-6 + 1.5 * 4e6 * 5e-10)
+    assert model.ring(1, 2, 4e6) == pytest.approx(2 * 1e-6 + 4e6 * 1e-10)
+    # hierarchical on 2 x 2: the node's exchange of S, then a 2-node ring of S/2
+    assert model.hierarchical(2, 2, 4e6) == pytest.approx(
+        2 * 1e-6 + 4e6 * 1e-10 + 2 * 50e-6 + 2e6 * 5e-10)
+    assert model.predict("hierarchical", 4, 1, 4e6) == model.ring(4, 1, 4e6)
+
+
+def _sweep(nodes, per_node, link_time):
+    sizes = [4096 * 4 ** k for k in range(8)]
+    rows = [{"size": s, **{a: {"time_us": link_time(s) * 1e6} for a in ("ring", "hierarchical")}}
+            for s in sizes]
+    return {"meta": {"ranks": nodes * per_node, "nodes": nodes, "ranks_per_node": per_node},
+            "rows": rows}
+
+
+def test_held_out_configurations_are_predicted_from_the_fit():
+    from mpifed.benchmarks.costmodel import Link, TwoLevelModel
+    from mpifed.benchmarks.predict import fit_two_level, held_out_rows
+
+    truth = TwoLevelModel(Link(3e-6, 1 / 6e9), Link(45e-6, 1 / 1.5e9))
+    one_node = _sweep(1, 2, lambda s: truth.ring(1, 2, s))
+    two_nodes = _sweep(2, 1, lambda s: truth.ring(2, 1, s))
+    model = fit_two_level([one_node, two_nodes])
+    assert model.inter.alpha == pytest.approx(45e-6, rel=1e-6)
+    held = _sweep(2, 2, lambda s: truth.ring(2, 2, s))
+    rows = held_out_rows(model, held)
+    ring = [r for r in rows if r["algorithm"] == "ring"]
+    assert all(abs(r["error"]) < 1e-6 for r in ring)
+    with pytest.raises(ValueError, match="one node or on one rank per node"):
+        fit_two_level([held])
+
+
+def test_auto_tells_window_arrays_from_ordinary_ones():
+    from mpifed.comm.collectives import choose_algorithm
+
+    # one node of 2: window arrays go hierarchical, ordinary ones by size (no copy into a window)
+    assert choose_algorithm(1 << 20, 2, 2, window=True, nodes=1) == "hierarchical"
+    assert choose_algorithm(1 << 20, 2, 2, window=False, nodes=1) == "ring"
+    assert choose_algorithm(64 << 10, 2, 2, window=False, nodes=1) == "mpi"
+    # 2 nodes x 2: ordinary arrays take the hierarchical all-reduce once the copy pays
+    assert choose_algorithm(16 << 20, 4, 2, window=False, nodes=2) == "hierarchical"
+    assert choose_algorithm(4 << 10, 4, 2, window=False, nodes=2) == "mpi"

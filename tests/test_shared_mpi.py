@@ -63,3 +63,61 @@ def test_an_empty_shared_array(node):
     empty = shared_array(0, "float64", node)
     assert empty.size == 0
     release(empty)
+
+
+def test_lifetime_holds_windows_until_released_or_freed_at_exit(node):
+    from mpifed.comm import lifetime
+
+    before = lifetime.held()
+    kept = shared_array(100, "float64", node)
+    forgotten = shared_array(100, "float64", node)
+    assert lifetime.held() == before + 2
+    release(kept)
+    assert lifetime.held() == before + 1 and window_of(kept)[0] is None
+    window = window_of(forgotten)[0]
+    assert lifetime.release_all() >= 1  # what atexit and MPI_Finalize's first step do
+    assert lifetime.held() == 0 and window.win == MPI.WIN_NULL
+    assert window_of(forgotten)[0] is None
+    window.free()  # a second free does nothing
+
+
+def test_cached_attributes_are_freed_with_their_communicator():
+    from mpifed.comm import lifetime
+    from mpifed.comm.topology import topology
+
+    comm = MPI.COMM_WORLD.Dup()
+    node, cross = topology(comm)
+    held = lifetime.held()
+    comm.Free()  # the keyval's delete callback frees node and cross and forgets them
+    assert node == MPI.COMM_NULL and cross == MPI.COMM_NULL
+    assert lifetime.held() == held - 1
+
+
+@pytest.mark.mpi(min_size=2)
+def test_auto_tells_window_arrays_from_ordinary_ones():
+    from mpifed.comm.collectives import _auto, choose_algorithm
+    from mpifed.comm.topology import topology
+
+    comm = MPI.COMM_WORLD
+    node, _ = topology(comm)
+    if node.size < 2:
+        pytest.skip("needs several ranks on a node")
+    nodes = comm.size // node.size
+    count = 1 << 18  # 1 MiB of float32: above every crossover but the ring's on 4+ ranks
+    win = shared_array(count, "float32", node)
+    plain = np.zeros(count, np.float32)
+    try:
+        windowed = choose_algorithm(win.nbytes, comm.size, node.size, nodes=nodes)
+        expected = choose_algorithm(win.nbytes, comm.size, node.size, window=False, nodes=nodes)
+        mixed = win if comm.rank == 0 else plain
+        assert windowed == "hierarchical" and (expected != "hierarchical" or nodes > 1)
+        if windowed == expected:  # windows make no difference: not asked, the algorithm checks
+            for buf in (win, plain, mixed):
+                assert _auto(buf, comm, True) == (expected, True)
+            return
+        assert _auto(win, comm, True) == ("hierarchical", False)  # agreed, checked once
+        assert _auto(plain, comm, True) == (expected, False)
+        # some ranks in a window, others not: the ordinary choice
+        assert _auto(mixed, comm, True) == (expected, False)
+    finally:
+        release(win)

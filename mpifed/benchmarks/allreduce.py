@@ -2,6 +2,11 @@
 
     mpiexec -n 4 mpifed bench allreduce --min-bytes 4 --max-bytes 64M --json out.json
 
+Several nodes on one host (MPICH; MPI then sees 2 nodes, TCP over loopback between them):
+
+    MPIR_CVAR_NUM_CLIQUES=2 MPIR_CVAR_CLIQUES_BY_BLOCK=1 MPIR_CVAR_CH4_NETMOD=ofi FI_PROVIDER=tcp \
+    FI_TCP_IFACE=lo mpiexec -n 4 mpifed bench allreduce --nodes 2 --arrays ordinary
+
 Algorithms: ring, mpi (MPI_Allreduce), hierarchical (shared memory in a node), auto.
 Columns: size (bytes per rank), count (elements), type, then for each algorithm the median time
 (us) over iterations (the slowest rank's time), algbw = size / time and busbw = algbw * 2(n-1)/n
@@ -20,7 +25,7 @@ from mpi4py import MPI
 
 from ..comm import allreduce, choose_algorithm
 from ..comm.shared import release, shared_array
-from ..comm.topology import node_facts, topology
+from ..comm.topology import node_facts, topology, transport
 from .membw import allreduce_bound_seconds, node_copy_bandwidth
 
 ALGOS = ("ring", "mpi", "hierarchical", "auto")
@@ -53,8 +58,9 @@ def iterations_for(nbytes: int, requested: int | None) -> int:
 def time_size(comm, nbytes: int, dtype, iters: int, warmup: int, node=None) -> dict:
     """Time each algorithm at one size, interleaved so that noise hits all alike.
 
-    node: on one node, the buffer is allocated in node shared memory (shared_array), as the
-    training step allocates its gradients; the ring and MPI see ordinary memory either way.
+    node: given, the buffer is allocated in node shared memory (shared_array), as the training
+    step allocates its gradients ("window arrays"); else it is an ordinary NumPy array. Every
+    algorithm is called the same way on the same buffer.
     """
     count = max(1, nbytes // np.dtype(dtype).itemsize)
     fill = dtype(comm.rank + 1)
@@ -76,7 +82,9 @@ def time_size(comm, nbytes: int, dtype, iters: int, warmup: int, node=None) -> d
     per_node = topology(comm)[0].size if comm.size > 1 else 1
     row = {"size": count * np.dtype(dtype).itemsize, "count": count,
            "type": np.dtype(dtype).name,
-           "auto_picks": choose_algorithm(buf.nbytes, comm.size, per_node)}
+           "auto_picks": "mpi" if comm.size == 1 else choose_algorithm(
+               buf.nbytes, comm.size, per_node, window=node is not None,
+               nodes=comm.size // per_node)}
     factor = 2 * (comm.size - 1) / comm.size if comm.size > 1 else 1.0
     for algo in ALGOS:
         slowest = np.empty(len(times[algo]))
@@ -90,9 +98,12 @@ def time_size(comm, nbytes: int, dtype, iters: int, warmup: int, node=None) -> d
     return row
 
 
-def print_header(comm, node_bw) -> None:
+def print_header(comm, node_bw, facts: dict, arrays: str) -> None:
     print(f"# mpifed all-reduce benchmark: {comm.size} ranks, "
           f"{MPI.Get_library_version().splitlines()[0].strip()}")
+    print(f"# --nodes {facts['nodes']}: {facts['nodes']} x {facts['ranks_per_node']} ranks "
+          f"({' + '.join(map(str, facts['node_sizes']))}); between nodes: {transport(facts)}; "
+          f"{arrays} arrays")
     if node_bw:
         print(f"# node memory bandwidth (copy, all ranks at once): {node_bw / 1e9:.1f} GB/s; "
               "bound = 2 * ranks * size / bandwidth")
@@ -125,6 +136,13 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "int32",
                                                                 "int64"])
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON for plotting")
+    parser.add_argument("--nodes", type=int, default=None,
+                        help="the nodes this run must see (checked against MPI's count: on one "
+                             "host, set MPIR_CVAR_NUM_CLIQUES as above)")
+    parser.add_argument("--arrays", choices=["window", "ordinary"], default=None,
+                        help="window: buffers from shared_array, as training allocates "
+                             "gradients; ordinary: NumPy arrays, as library users pass "
+                             "(default: window on one node, ordinary across nodes)")
     args = parser.parse_args(argv)
     comm = MPI.COMM_WORLD
     lo, hi = parse_size(args.min_bytes), parse_size(args.max_bytes)
@@ -134,16 +152,23 @@ def main(argv=None) -> int:
                          f"(got {lo}, {hi}, {args.factor})")
         return 2
     facts = node_facts(comm)
+    if args.nodes is not None and args.nodes != facts["nodes"]:
+        if comm.rank == 0:
+            parser.error(f"--nodes {args.nodes}: MPI sees {facts['nodes']} node(s); on one host "
+                         f"set MPIR_CVAR_NUM_CLIQUES={args.nodes} MPIR_CVAR_CH4_NETMOD=ofi "
+                         "FI_PROVIDER=tcp FI_TCP_IFACE=lo (or MPIFED_RANKS_PER_NODE)")
+        return 2
     one_node = facts["nodes"] == 1
+    arrays = args.arrays or ("window" if one_node else "ordinary")
     node = topology(comm)[0] if comm.size > 1 else None
     node_bw = node_copy_bandwidth(node if node is not None else comm) if one_node else None
     dtype = np.dtype(args.dtype).type
     if comm.rank == 0:
-        print_header(comm, node_bw)
+        print_header(comm, node_bw, facts, arrays)
     rows = []
     for nbytes in sizes(lo, hi, args.factor):
         row = time_size(comm, nbytes, dtype, iterations_for(nbytes, args.iters), args.warmup,
-                        node if one_node else None)
+                        node if arrays == "window" else None)
         best = min(row[a]["time_us"] for a in ALGOS if a != "auto")
         row["auto_vs_best"] = row["auto"]["time_us"] / best
         if node_bw:
@@ -168,7 +193,9 @@ def main(argv=None) -> int:
                   f"hierarchical time <= {slower:.2f}x the ring's")
         print(f"# worst auto/best over all sizes: {max(r['auto_vs_best'] for r in rows):.2f}x")
         if args.json:
-            meta = {"ranks": comm.size, "nodes": facts["nodes"], "node_bandwidth": node_bw,
+            meta = {"ranks": comm.size, "nodes": facts["nodes"],
+                    "ranks_per_node": facts["ranks_per_node"], "arrays": arrays,
+                    "transport": transport(facts), "node_bandwidth": node_bw,
                     "mpi": MPI.Get_library_version().splitlines()[0].strip()}
             with open(args.json, "w") as fh:
                 json.dump({"meta": meta, "rows": rows}, fh, indent=1)

@@ -82,3 +82,61 @@ def measure(comm) -> CostModel:
     beta = max(pingpong(comm, big, repeats=20) - alpha, 0.0) / big
     gamma = comm.allreduce(reduction_seconds_per_byte(), op=MPI.MAX)
     return CostModel(alpha, beta, gamma)
+
+
+@dataclass(frozen=True)
+class Link:
+    """One kind of link: alpha (s per message) and beta (s per byte, the reduction included)."""
+
+    alpha: float
+    beta: float
+
+
+def fit_link(sizes, seconds, ranks: int = 2) -> Link:
+    """Fit alpha and beta of T = 2(p-1) alpha + 2(p-1)/p S beta to a ring's measured times.
+
+    sizes: bytes per rank; seconds: the measured time at each size, on `ranks` ranks that all
+    talk over this link. Least squares on relative error (every size weighs alike), coefficients
+    kept non-negative.
+    """
+    s = np.asarray(sizes, dtype=float)
+    t = np.asarray(seconds, dtype=float)
+    a = np.stack([np.full_like(s, 2.0 * (ranks - 1)), 2.0 * (ranks - 1) / ranks * s], axis=1)
+    weighted = a / t[:, None]
+    coef, *_ = np.linalg.lstsq(weighted, np.ones_like(t), rcond=None)
+    alpha, beta = (max(float(c), 0.0) for c in coef)
+    if beta == 0.0 or alpha == 0.0:  # refit the other one alone
+        col = 0 if beta == 0.0 else 1
+        one = np.linalg.lstsq(weighted[:, col:col + 1], np.ones_like(t), rcond=None)[0][0]
+        alpha, beta = (max(float(one), 0.0), 0.0) if col == 0 else (0.0, max(float(one), 0.0))
+    return Link(alpha, beta)
+
+
+@dataclass(frozen=True)
+class TwoLevelModel:
+    """A machine of nodes: `intra` is the link inside a node, `inter` the link between nodes."""
+
+    intra: Link
+    inter: Link
+
+    def ring(self, nodes: int, per_node: int, nbytes: float) -> float:
+        """Predicted seconds of the flat ring on nodes x per_node ranks (placed by block).
+
+        Every step waits for its slowest link: the inter-node one as soon as there are 2 nodes.
+        """
+        ranks = nodes * per_node
+        if ranks < 2:
+            return 0.0
+        link = self.inter if nodes > 1 else self.intra
+        return 2 * (ranks - 1) * link.alpha + 2 * (ranks - 1) / ranks * nbytes * link.beta
+
+    def hierarchical(self, nodes: int, per_node: int, nbytes: float) -> float:
+        """Predicted seconds of the hierarchical all-reduce: in the node, then rings of S/L."""
+        inside = self.ring(1, per_node, nbytes)
+        return inside + self.ring(nodes, 1, nbytes / per_node)
+
+    def predict(self, algorithm: str, nodes: int, per_node: int, nbytes: float) -> float:
+        """Predicted seconds of `algorithm` ("ring" or "hierarchical")."""
+        if algorithm == "hierarchical" and per_node > 1:
+            return self.hierarchical(nodes, per_node, nbytes)
+        return self.ring(nodes, per_node, nbytes)

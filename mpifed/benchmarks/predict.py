@@ -2,6 +2,15 @@
 
     mpiexec -n 2 mpifed bench model --scaling-csv scaling.csv [--ranks-per-node 4]
 
+Held-out check of the two-level model (no MPI needed): fit alpha and beta of the link inside a
+node and of the link between nodes from all-reduce sweeps (`mpifed bench allreduce --json`),
+then predict the sweeps of other configurations and print predicted against measured:
+
+    mpifed bench model --fit 1x2.json 2x1.json --predict 2x2.json 4x1.json [--json out.json]
+
+The fit uses the ring's times: on one node of 2 ranks for the intra-node link, on 2 nodes of 1
+rank for the inter-node link.
+
 Measures alpha, beta (ping-pong between ranks 0 and 1) and gamma (a float32 add) in this run,
 takes the compute time of one step from the 1-rank weak-scaling row of the CSV (or
 --compute-seconds), and prints, for 1 to 1024 ranks, the predicted all-reduce time of the
@@ -18,7 +27,7 @@ import json
 
 from mpi4py import MPI
 
-from .costmodel import CostModel, measure
+from .costmodel import CostModel, TwoLevelModel, fit_link, measure
 from .membw import node_copy_bandwidth
 from .mlp import GRAD_BYTES
 
@@ -55,6 +64,82 @@ def measured_efficiency(path: str | None) -> tuple[dict, float | None]:
     return effs, compute
 
 
+HELD_OUT_ALGOS = ("ring", "hierarchical")
+
+
+def _config(result: dict) -> tuple[int, int]:
+    """Return (nodes, ranks per node) of an all-reduce sweep's JSON."""
+    meta = result["meta"]
+    nodes = int(meta.get("nodes", 1))
+    return nodes, int(meta.get("ranks_per_node", meta["ranks"] // nodes))
+
+
+def fit_two_level(results: list[dict], min_bytes: int = 0) -> TwoLevelModel:
+    """Fit the intra-node link on one-node sweeps and the inter-node link on 1-rank-per-node ones.
+
+    results: JSON of `mpifed bench allreduce`; the ring's median time at each size >= min_bytes.
+    """
+    links = {}
+    for result in results:
+        nodes, per_node = _config(result)
+        kind = "intra" if nodes == 1 else "inter" if per_node == 1 else None
+        if kind is None:
+            raise ValueError(f"fit on one node or on one rank per node, not {nodes}x{per_node}")
+        rows = [r for r in result["rows"] if r["size"] >= min_bytes]
+        links[kind] = fit_link([r["size"] for r in rows],
+                               [r["ring"]["time_us"] * 1e-6 for r in rows], nodes * per_node)
+    missing = {"intra", "inter"} - set(links)
+    if missing:
+        raise ValueError(f"no sweep to fit the {', '.join(sorted(missing))}-node link on")
+    return TwoLevelModel(links["intra"], links["inter"])
+
+
+def held_out_rows(model: TwoLevelModel, result: dict) -> list[dict]:
+    """Return predicted against measured seconds per size and algorithm for one sweep."""
+    nodes, per_node = _config(result)
+    arrays = result["meta"].get("arrays")
+    config = f"{nodes}x{per_node}" + (f" {arrays}" if arrays else "")
+    out = []
+    for row in result["rows"]:
+        for algo in HELD_OUT_ALGOS:
+            measured = row[algo]["time_us"] * 1e-6
+            predicted = model.predict(algo, nodes, per_node, row["size"])
+            out.append({"config": config, "algorithm": algo, "size": row["size"],
+                        "predicted_s": predicted, "measured_s": measured,
+                        "error": predicted / measured - 1})
+    return out
+
+
+def held_out_main(args) -> int:
+    """Fit on --fit sweeps, predict the --predict sweeps, print the table (no MPI)."""
+    def load(path):
+        with open(path) as fh:
+            return json.load(fh)
+
+    model = fit_two_level([load(p) for p in args.fit])
+    print(f"# intra-node link: alpha {model.intra.alpha * 1e6:.1f} us, "
+          f"1/beta {1 / max(model.intra.beta, 1e-30) / 1e9:.2f} GB/s; inter-node link: alpha "
+          f"{model.inter.alpha * 1e6:.1f} us, 1/beta {1 / max(model.inter.beta, 1e-30) / 1e9:.2f} GB/s"
+          f" (fit on {', '.join(args.fit)})")
+    print(f"# {'config':>12} {'algorithm':>12} {'size':>10} {'predicted us':>13} "
+          f"{'measured us':>12} {'error':>7}")
+    rows = []
+    for path in args.predict:
+        rows += held_out_rows(model, load(path))
+    for r in rows:
+        print(f"  {r['config']:>12} {r['algorithm']:>12} {r['size']:>10} "
+              f"{r['predicted_s'] * 1e6:>13.1f} {r['measured_s'] * 1e6:>12.1f} "
+              f"{100 * r['error']:>+6.0f}%")
+    big = [abs(r["error"]) for r in rows if r["size"] >= 1 << 20]
+    if big:
+        print(f"# worst |error| at >= 1 MiB: {100 * max(big):.0f}% (goal: 20%)")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"intra": model.intra.__dict__, "inter": model.inter.__dict__,
+                       "fit": args.fit, "rows": rows}, fh, indent=1)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mpifed bench model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,7 +149,13 @@ def main(argv=None) -> int:
                         help=f"bytes all-reduced per step (default {GRAD_BYTES:,}: the MLP)")
     parser.add_argument("--ranks-per-node", type=int, default=4)
     parser.add_argument("--json", metavar="PATH", help="write model and predictions as JSON")
+    parser.add_argument("--fit", nargs="+", metavar="JSON",
+                        help="all-reduce sweeps to fit the two links on (one node; 1 rank/node)")
+    parser.add_argument("--predict", nargs="+", metavar="JSON", default=[],
+                        help="all-reduce sweeps of held-out configurations to predict")
     args = parser.parse_args(argv)
+    if args.fit:
+        return held_out_main(args)
     comm = MPI.COMM_WORLD
     if comm.size < 2:
         if comm.rank == 0:

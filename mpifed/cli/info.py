@@ -13,7 +13,7 @@ def info_lines(comm) -> list[str]:
     from mpi4py import MPI
 
     from ..comm.backend import cupy_module, select_device
-    from ..comm.topology import node_facts
+    from ..comm.topology import node_facts, transport
 
     facts = node_facts(comm)
     cp = cupy_module()
@@ -28,7 +28,9 @@ def info_lines(comm) -> list[str]:
         f"mpi4py           : {mpi4py.__version__}",
         f"ranks            : {comm.size}",
         f"nodes            : {facts['nodes']}",
-        f"ranks per node   : {facts['ranks_per_node']}",
+        f"ranks per node   : {facts['ranks_per_node']} "
+        f"({' + '.join(str(s) for s in facts['node_sizes'])})",
+        f"between nodes    : {transport(facts)}",
         f"numpy            : {np.__version__}",
         f"cupy             : {cp.__version__ if cp is not None else 'not installed or no GPU'}",
         f"GPUs on node 0   : {gpus}",

@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     plot = sub.add_parser("plot", help="PNG plots of scaling and all-reduce results")
     plot.add_argument("scaling", nargs="?",
-                      help="scaling.json from mpifed bench suite (bench/scaling.py)")
+                      help="scaling.json from mpifed bench suite (bench/scaling.py), or the held-out "
+                           "table of mpifed bench model --fit ... --json")
     plot.add_argument("--allreduce", nargs="*", metavar="JSON",
                       help="JSON files from mpifed bench allreduce --json")
     plot.add_argument("--out", default=".", help="folder for the PNG files (default .)")

@@ -39,11 +39,19 @@ def check_same_signature(comm, size: int, dtype) -> None:
     local = np.array([size, -size, code, -code], dtype=np.int64)
     agreed = np.empty_like(local)
     comm.Allreduce(local, agreed, op=MPI.MAX)
+    error = signature_error(agreed)
+    if error:
+        raise ValueError(error)
+
+
+def signature_error(agreed) -> str | None:
+    """Return the message for an agreed (max len, -min len, max dtype, -min dtype), or None."""
     longest, shortest = int(agreed[0]), -int(agreed[1])
     if longest != shortest:
-        raise ValueError(f"allreduce: ranks passed buffers of different lengths "
-                         f"({shortest} to {longest} elements); every rank must pass the same length")
+        return (f"allreduce: ranks passed buffers of different lengths "
+                f"({shortest} to {longest} elements); every rank must pass the same length")
     if agreed[2] != -agreed[3]:
         kinds = SUPPORTED_DTYPES[-int(agreed[3])], SUPPORTED_DTYPES[int(agreed[2])]
-        raise ValueError(f"allreduce: ranks passed buffers of different dtypes ({kinds[0]} and "
-                         f"{kinds[1]} among them); cast every rank's buffer to one dtype")
+        return (f"allreduce: ranks passed buffers of different dtypes ({kinds[0]} and "
+                f"{kinds[1]} among them); cast every rank's buffer to one dtype")
+    return None

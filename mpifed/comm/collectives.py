@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
+import numpy as np
+from mpi4py import MPI
+
 from ..xp import is_device_array
+from .checks import SUPPORTED_DTYPES, check_local, signature_error
 from .hierarchical import hierarchical_allreduce
 from .native import mpi_allreduce
 from .ring import ring_allreduce
-from .topology import ranks_per_node
+from .shared import window_of
+from .topology import topology
 
 ALGORITHMS = ("auto", "ring", "mpi", "hierarchical", "nccl")
 
@@ -16,52 +22,112 @@ ALGORITHMS = ("auto", "ring", "mpi", "hierarchical", "nccl")
 # 2(ranks - 1) Python-driven messages, and the ring's latency grows with the rank count. Above it
 # the ring wins. Measured with `mpifed bench allreduce -f 2` with MPICH 5.0.2 on a 2-core machine:
 # crossover between 256 KiB and 1 MiB on 2 ranks, between 1 and 2 MiB on 4 (README, "All-reduce
-# benchmark"). MPIFED_RING_MIN_BYTES moves it for other machines (read at each choice).
+# benchmark"). MPIFED_RING_MIN_BYTES moves it for other machines (read at the first choice).
 RING_MIN_BYTES = 512 * 1024
 # With several ranks on a node, the hierarchical all-reduce from this size up: below it, its two
 # node barriers cost more than MPI_Allreduce's whole call (crossover 16-32 KiB on 2 and 4 ranks).
 # MPIFED_HIERARCHICAL_MIN_BYTES moves it.
 HIERARCHICAL_MIN_BYTES = 32 * 1024
+# Ordinary (non-window) arrays, several ranks on each of several nodes: the hierarchical
+# all-reduce copies the array into its window and back (2 extra passes over memory), which pays
+# for itself only when the bytes between nodes dominate: it sends 1/L of them per rank where the
+# flat ring sends them all. Measured with `mpifed bench allreduce --arrays ordinary` on 2 nodes x
+# 2 ranks over TCP (README, "Several nodes"). MPIFED_HIERARCHICAL_COPY_MIN_BYTES moves it.
+HIERARCHICAL_COPY_MIN_BYTES = 256 * 1024
 
 
+@functools.cache
 def _threshold(name: str, default: int) -> int:
-    """Return the byte threshold `name` from the environment, else `default`."""
+    """Return the byte threshold `name` from the environment, else `default`.
+
+    Read once per process, at the first choice (an environment read costs a few microseconds
+    on a busy machine, as much as a small MPI_Allreduce); `_threshold.cache_clear()` rereads.
+    """
     value = os.environ.get(name)
     return int(value) if value else default
 
 
 def choose_algorithm(nbytes: int, ranks: int, per_node: int = 1, *, device: bool = False,
-                     nccl: bool = False) -> str:
+                     nccl: bool = False, window: bool = True, nodes: int | None = None) -> str:
     """Return the algorithm that "auto" uses for `nbytes` on `ranks` ranks, `per_node` per node.
 
     Device buffers (`device`): NCCL where it can run (`nccl`), else MPI_Allreduce, which is
     CUDA-aware or stages once; never the hierarchical all-reduce, whose shared window is host
     memory (device -> host -> window -> device every step).
-    Host buffers, several ranks on a node: the hierarchical all-reduce from
-    HIERARCHICAL_MIN_BYTES (shared memory needs no messages), MPI_Allreduce below. One rank per
-    node: by size, as above.
+    Host buffers in a shared window (`window`: every rank's buffer from shared_array), several
+    ranks on a node: the hierarchical all-reduce from HIERARCHICAL_MIN_BYTES (shared memory needs
+    no messages), MPI_Allreduce below.
+    Ordinary host arrays, several ranks on each of `nodes` > 1 nodes: the hierarchical all-reduce
+    (with its copy in and out) from HIERARCHICAL_COPY_MIN_BYTES; on one node, or below that, as
+    with one rank per node: by size, MPI_Allreduce below the ring's threshold, the ring above.
     """
     if device:
         return "nccl" if nccl and ranks > 1 else "mpi"
-    if per_node > 1:
+    nodes = nodes if nodes is not None else max(1, ranks // max(per_node, 1))
+    if per_node > 1 and window:
         least = _threshold("MPIFED_HIERARCHICAL_MIN_BYTES", HIERARCHICAL_MIN_BYTES)
         return "hierarchical" if nbytes >= least else "mpi"
+    if per_node > 1 and nodes > 1 and nbytes >= _threshold(
+            "MPIFED_HIERARCHICAL_COPY_MIN_BYTES", HIERARCHICAL_COPY_MIN_BYTES):
+        return "hierarchical"
     least = _threshold("MPIFED_RING_MIN_BYTES", RING_MIN_BYTES)
     if ranks > 1 and nbytes >= least * (ranks - 1):
         return "ring"
     return "mpi"
 
 
-def _auto(buf, comm) -> str:
-    """Return "auto"'s choice for `buf` on `comm` (collective the first time per communicator)."""
+@functools.cache
+def _smallest_threshold() -> int:
+    """Return the size below which every host-buffer choice is MPI_Allreduce (bytes)."""
+    return min(_threshold("MPIFED_RING_MIN_BYTES", RING_MIN_BYTES),
+               _threshold("MPIFED_HIERARCHICAL_MIN_BYTES", HIERARCHICAL_MIN_BYTES),
+               _threshold("MPIFED_HIERARCHICAL_COPY_MIN_BYTES", HIERARCHICAL_COPY_MIN_BYTES))
+
+
+def _auto(buf, comm, check: bool) -> tuple[str, bool]:
+    """Return "auto"'s choice for `buf` on `comm` and whether the buffer still needs its check.
+
+    Collective the first time per communicator. For host buffers the choice depends on whether
+    every rank's buffer lies in a shared window: with `check`, that is agreed in the one tiny
+    all-reduce that also checks length and dtype (so the chosen algorithm skips its own check);
+    without it, each rank trusts its own buffer, as a training step does once checked.
+    """
     if comm.size == 1:
-        return "mpi"  # nothing moves
+        return "mpi", check  # nothing moves
     if is_device_array(buf):
         from .nccl import nccl_unavailable
 
         return choose_algorithm(buf.nbytes, comm.size, device=True,
-                                nccl=nccl_unavailable(comm) is None)
-    return choose_algorithm(buf.nbytes, comm.size, ranks_per_node(comm))
+                                nccl=nccl_unavailable(comm) is None), check
+    if buf.nbytes < _smallest_threshold():
+        return "mpi", check  # below every crossover: MPI_Allreduce whatever the topology
+    node, _ = topology(comm)
+    nodes = comm.size // node.size
+    plain = choose_algorithm(buf.nbytes, comm.size, node.size, window=False, nodes=nodes)
+    if node.size == 1 or plain == choose_algorithm(buf.nbytes, comm.size, node.size, nodes=nodes):
+        return plain, check  # windows make no difference here (small sizes): do not ask
+    window, offset = window_of(buf)
+    in_window, mixed = window is not None, False
+    if check:
+        in_window, mixed = _agree(comm, buf, window.ident if in_window else 0, offset)
+    algorithm = choose_algorithm(buf.nbytes, comm.size, node.size, window=in_window, nodes=nodes)
+    # where some ranks' buffers are in a window and others' not, hierarchical must agree itself
+    return algorithm, mixed and algorithm == "hierarchical"
+
+
+def _agree(comm, buf, ident: int, offset: int) -> tuple[bool, bool]:
+    """Check length and dtype on all ranks; return (all buffers sit alike in one window,
+    some do and some do not)."""
+    code = SUPPORTED_DTYPES.index(buf.dtype.name)
+    local = np.array([buf.size, -buf.size, code, -code, ident, -ident, offset, -offset],
+                     dtype=np.int64)
+    agreed = np.empty_like(local)
+    comm.Allreduce(local, agreed, op=MPI.MAX)
+    error = signature_error(agreed[:4])
+    if error:
+        raise ValueError(error)
+    alike = bool(agreed[-4] != 0 and agreed[-4] == -agreed[-3] and agreed[-2] == -agreed[-1])
+    return alike, not alike and agreed[-4] != 0
 
 
 def allreduce(buf, comm, op: str = "sum", algorithm: str = "auto", *, check: bool = True):
@@ -69,12 +135,14 @@ def allreduce(buf, comm, op: str = "sum", algorithm: str = "auto", *, check: boo
 
     algorithm: "ring" (our pipelined ring), "mpi" (MPI_Allreduce), "hierarchical" (shared memory
     inside a node, rings across nodes), "nccl" (CuPy buffers, GPU to GPU) or "auto" (device
-    buffers: nccl where it can run, else mpi; host buffers: by topology and message size).
+    buffers: nccl where it can run, else mpi; host buffers: by topology, message size and
+    whether the buffers lie in shared windows from shared_array).
     check: agree on length and dtype first (one tiny all-reduce); pass False on a hot path whose
     buffer was checked once already.
     """
     if algorithm == "auto":
-        algorithm = _auto(buf, comm)
+        check_local(buf, op)
+        algorithm, check = _auto(buf, comm, check)
     if algorithm == "hierarchical":
         return hierarchical_allreduce(buf, comm, op, check=check)
     if algorithm == "nccl":

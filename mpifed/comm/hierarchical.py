@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
+from . import lifetime
 from .backend import host_view
 from .checks import check_local, check_same_signature
 from .ring import ring_allreduce
@@ -23,7 +24,7 @@ from .topology import topology
 BLOCK_BYTES = 64 * 1024  # the running sum stays in L1/L2 while L segments stream past
 
 # The scratch window is cached on the node communicator, so it goes when that does.
-_SCRATCH = MPI.Comm.Create_keyval()
+_SCRATCH = lifetime.keyval()
 
 
 def hierarchical_allreduce(buf, comm, op: str = "sum", *, check: bool = True):
@@ -36,7 +37,7 @@ def hierarchical_allreduce(buf, comm, op: str = "sum", *, check: bool = True):
     if check:
         check_same_signature(comm, buf.size, buf.dtype)
     node, cross = topology(comm)
-    if cross is None:
+    if cross is None or node.size == 1:  # one rank per node: the ring itself, with no copies
         return ring_allreduce(buf, comm, op, check=False)
     if comm.size > 1 and buf.size > 0:
         work, copy_back = host_view(buf, comm)  # shared memory is host memory, CUDA-aware MPI or not
@@ -131,5 +132,5 @@ def _scratch_window(node, nbytes: int) -> SharedWindow:
         if window is not None:
             window.free()
         window = SharedWindow.allocate(node, nbytes)
-        node.Set_attr(_SCRATCH, window)
+        lifetime.cache(node, _SCRATCH, window)
     return window

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from mpi4py import MPI
 
+from . import lifetime
+
 _window_ids = itertools.count(1)  # the same sequence on every rank: windows are collective
 
 
@@ -66,6 +68,15 @@ class SharedWindow:
         self.win.Sync()
 
     def free(self) -> None:
+        """Free the window (collective over `node`); a second call does nothing."""
+        if self.win == MPI.WIN_NULL:
+            return
+        _registry.pop(self.segments[self.node.rank].ctypes.data, None)
+        _live_idents.discard(self.ident)
+        if _last_lookup[1] is self:
+            _last_lookup[:] = [None, None, 0]
+        lifetime.let_go(self)
+        self.segments, self._views = [], {}
         self.win.Unlock_all()
         self.win.Free()
 
@@ -85,6 +96,7 @@ def shared_array(count: int, dtype, node) -> np.ndarray:
     own = window.segments[node.rank]
     _registry[own.ctypes.data] = window
     _live_idents.add(window.ident)
+    lifetime.hold(window)  # freed before MPI_Finalize if the caller never releases it
     return own[:count * dtype.itemsize].view(dtype)
 
 
@@ -96,7 +108,7 @@ def window_of(array) -> tuple[SharedWindow | None, int]:
     if array is _last_lookup[0] and _last_lookup[1] is not None \
             and _last_lookup[1].ident in _live_idents:
         return _last_lookup[1], _last_lookup[2]
-    if not isinstance(array, np.ndarray):
+    if not isinstance(array, np.ndarray) or not _registry:
         return None, 0
     address = array.__array_interface__["data"][0]
     for base, window in _registry.items():
@@ -110,7 +122,4 @@ def release(array) -> None:
     """Free the window that `shared_array` made for `array` (collective over its node)."""
     window, _ = window_of(array)
     if window is not None:
-        _registry.pop(window.segments[window.node.rank].ctypes.data, None)
-        _live_idents.discard(window.ident)
-        _last_lookup[:] = [None, None, 0]
         window.free()

@@ -18,6 +18,8 @@ import sys
 import threading
 import time
 
+from . import lifetime
+
 STALL_EXIT = 4  # the exit code of a job ended by the stall check
 _TAG = 0x57A1
 
@@ -32,7 +34,8 @@ class StallWatch:
         if self.timeout <= 0 or comm.size == 1:
             return
         self.comm = comm
-        self.side = comm.Dup()  # the late-rank census never mixes with the job's messages
+        # the late-rank census never mixes with the job's messages; freed before MPI_Finalize
+        self.side = lifetime.hold(comm.Dup())
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="mpifed-stall", daemon=True)
         self._thread.start()

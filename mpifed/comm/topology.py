@@ -11,7 +11,11 @@ import os
 
 from mpi4py import MPI
 
-_TOPOLOGY = MPI.Comm.Create_keyval()
+from . import lifetime
+
+# (node, cross) cached on the communicator; its delete callback frees both with it, and
+# lifetime frees them before MPI_Finalize when the communicator lives that long.
+_TOPOLOGY = lifetime.keyval()
 
 
 def node_comm(comm):
@@ -42,7 +46,7 @@ def topology(comm):
         largest = comm.allreduce(node.size, op=MPI.MAX)
         cross = comm.Split(node.rank, comm.rank) if smallest == largest else None
         cached = (node, cross)
-        comm.Set_attr(_TOPOLOGY, cached)
+        lifetime.cache(comm, _TOPOLOGY, cached)
     return cached
 
 
@@ -57,8 +61,48 @@ def node_rank(comm) -> int:
 
 
 def node_facts(comm) -> dict:
-    """Return node facts for `comm`: node_rank, ranks_per_node (max), nodes (collective)."""
+    """Return node facts for `comm` (collective): node_rank, ranks_per_node (max), nodes,
+    node_sizes (ranks on each node, by the node's lowest rank) and mpi_nodes (the nodes MPI
+    itself sees, which differ from `nodes` only under MPIFED_RANKS_PER_NODE)."""
     node = topology(comm)[0]
     nodes = comm.allreduce(1 if node.rank == 0 else 0, op=MPI.SUM)
     ranks_per_node = comm.allreduce(node.size, op=MPI.MAX)
-    return {"node_rank": node.rank, "ranks_per_node": ranks_per_node, "nodes": nodes}
+    sizes = [s for s in comm.allgather(node.size if node.rank == 0 else 0) if s]
+    return {"node_rank": node.rank, "ranks_per_node": ranks_per_node, "nodes": nodes,
+            "node_sizes": sizes, "mpi_nodes": mpi_nodes(comm)}
+
+
+def mpi_nodes(comm) -> int:
+    """Return how many nodes MPI itself reports for `comm` (MPI_COMM_TYPE_SHARED; collective)."""
+    shared = comm.Split_type(MPI.COMM_TYPE_SHARED, comm.rank)
+    try:
+        return comm.allreduce(1 if shared.rank == 0 else 0, op=MPI.SUM)
+    finally:
+        shared.Free()
+
+
+def transport(facts: dict) -> str:
+    """Say how bytes move between nodes: the netmod and provider MPI was told to use.
+
+    MPICH's own choice is not queryable through mpi4py; the environment that steers it
+    (MPIR_CVAR_CH4_NETMOD, FI_PROVIDER, FI_TCP_IFACE, MPIR_CVAR_NUM_CLIQUES) is what decides it,
+    and MPIR_CVAR_DEBUG_SUMMARY=1 prints the provider and address to confirm.
+    """
+    env = os.environ
+    if facts["mpi_nodes"] == 1:
+        if facts["nodes"] > 1:
+            return ("shared memory (nodes emulated by MPIFED_RANKS_PER_NODE="
+                    f"{env.get('MPIFED_RANKS_PER_NODE')}; MPI sees one node)")
+        return "none (one node: shared memory)"
+    netmod = env.get("MPIR_CVAR_CH4_NETMOD", "the MPI library's default")
+    provider = env.get("FI_PROVIDER")
+    iface = env.get("FI_TCP_IFACE")
+    text = f"netmod {netmod}"
+    if provider:
+        text += f", libfabric provider {provider}"
+    if iface:
+        text += f" on interface {iface}" + (" (loopback, 127.0.0.1)" if iface == "lo" else "")
+    cliques = env.get("MPIR_CVAR_NUM_CLIQUES")
+    if cliques:
+        text += f"; nodes emulated on one host by MPIR_CVAR_NUM_CLIQUES={cliques}"
+    return text
