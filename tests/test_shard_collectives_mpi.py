@@ -5,9 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from mpi4py import MPI
-
-from mpifed.comm import allgather, allreduce, chunk_bounds, reduce_scatter, shared_array
-from mpifed.comm.topology import topology
 from test_collectives_mpi import (
     DTYPES,
     LENGTHS,
@@ -15,6 +12,9 @@ from test_collectives_mpi import (
     rank_data,
     tolerance,
 )
+
+from mpifed.comm import allgather, allreduce, chunk_bounds, reduce_scatter, shared_array
+from mpifed.comm.topology import topology
 
 pytestmark = pytest.mark.mpi
 
