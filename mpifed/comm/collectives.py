@@ -92,7 +92,8 @@ def _resolve(algorithm: str, buf, comm, what: str) -> str:
     return algorithm
 
 
-def reduce_scatter(buf, comm, op: str = "sum", algorithm: str = "auto", *, check: bool = True):
+def reduce_scatter(buf, comm, op: str = "sum", algorithm: str = "auto", *, check: bool = True,
+                   bounds=None):
     """Reduce a contiguous 1-D array over `comm` in place; return this rank's chunk, a view.
 
     buf: the same length and dtype on every rank of `comm` (float16/32/64, int32/64; NumPy or
@@ -100,18 +101,20 @@ def reduce_scatter(buf, comm, op: str = "sum", algorithm: str = "auto", *, check
     holds the sum (op="sum") or mean (op="mean") over all ranks; the rest of `buf` is
     unspecified. algorithm: "ring", "hierarchical", "mpi" (MPI_Reduce_scatter) or "auto".
     A length or dtype mismatch raises the same ValueError on every rank (unless check=False).
+    bounds: other (start, stop) chunks, one per rank in rank order, covering `buf` and the same
+    on every rank (a layer's part of the model's chunks, as the sharded step uses).
 
     >>> reduce_scatter(np.ones(5), MPI.COMM_WORLD)   # on 2 ranks: rank 0 [2. 2. 2.], rank 1 [2. 2.]
     """
     algorithm = _resolve(algorithm, buf, comm, "reduce_scatter")
     if algorithm == "hierarchical":
-        return hierarchical_reduce_scatter(buf, comm, op, check=check)
+        return hierarchical_reduce_scatter(buf, comm, op, check=check, bounds=bounds)
     if algorithm == "ring":
-        return ring_reduce_scatter(buf, comm, op, check=check)
-    return mpi_reduce_scatter(buf, comm, op, check=check)
+        return ring_reduce_scatter(buf, comm, op, check=check, bounds=bounds)
+    return mpi_reduce_scatter(buf, comm, op, check=check, bounds=bounds)
 
 
-def allgather(buf, comm, algorithm: str = "auto", *, check: bool = True):
+def allgather(buf, comm, algorithm: str = "auto", *, check: bool = True, bounds=None):
     """Fill every chunk of a contiguous 1-D array from the rank of `comm` that owns it; return it.
 
     Rank r contributes buf[chunk_bounds(buf.size, comm.size)[r]]; afterwards every rank holds
@@ -121,7 +124,7 @@ def allgather(buf, comm, algorithm: str = "auto", *, check: bool = True):
     """
     algorithm = _resolve(algorithm, buf, comm, "allgather")
     if algorithm == "hierarchical":
-        return hierarchical_allgather(buf, comm, check=check)
+        return hierarchical_allgather(buf, comm, check=check, bounds=bounds)
     if algorithm == "ring":
-        return ring_allgather(buf, comm, check=check)
-    return mpi_allgather(buf, comm, check=check)
+        return ring_allgather(buf, comm, check=check, bounds=bounds)
+    return mpi_allgather(buf, comm, check=check, bounds=bounds)

@@ -118,7 +118,8 @@ def _packed(chunks: list) -> list[tuple[int, int]]:
     return out
 
 
-def hierarchical_reduce_scatter(buf, comm, op: str = "sum", *, check: bool = True):
+def hierarchical_reduce_scatter(buf, comm, op: str = "sum", *, check: bool = True,
+                                bounds=None):
     """Reduce `buf` over `comm`; return this rank's chunk of chunk_bounds (a view of `buf`).
 
     Node rank k sums, from the node's shared segments, the chunks of the ranks with node rank k
@@ -130,8 +131,8 @@ def hierarchical_reduce_scatter(buf, comm, op: str = "sum", *, check: bool = Tru
         check_same_signature(comm, buf.size, buf.dtype)
     node, cross = topology(comm)
     if cross is None:
-        return ring_reduce_scatter(buf, comm, op, check=False)
-    bounds = chunk_bounds(buf.size, comm.size)
+        return ring_reduce_scatter(buf, comm, op, check=False, bounds=bounds)
+    bounds = bounds or chunk_bounds(buf.size, comm.size)
     lo, hi = bounds[comm.rank]
     if comm.size > 1 and buf.size > 0:
         work, copy_back = host_view(buf, comm)
@@ -155,7 +156,7 @@ def hierarchical_reduce_scatter(buf, comm, op: str = "sum", *, check: bool = Tru
     return own
 
 
-def hierarchical_allgather(buf, comm, *, check: bool = True):
+def hierarchical_allgather(buf, comm, *, check: bool = True, bounds=None):
     """Fill every chunk of `buf` from its owner (in place); return `buf`.
 
     Each rank leaves its chunk in its shared segment; node rank k gathers the chunks of the
@@ -167,9 +168,9 @@ def hierarchical_allgather(buf, comm, *, check: bool = True):
         check_same_signature(comm, buf.size, buf.dtype)
     node, cross = topology(comm)
     if cross is None:
-        return ring_allgather(buf, comm, check=False)
+        return ring_allgather(buf, comm, check=False, bounds=bounds)
     if comm.size > 1 and buf.size > 0:
-        bounds = chunk_bounds(buf.size, comm.size)
+        bounds = bounds or chunk_bounds(buf.size, comm.size)
         lo, hi = bounds[comm.rank]
         work, copy_back = host_view(buf, comm)
         window, segments, zero_copy = _node_segments(work, node, check, lo, hi)

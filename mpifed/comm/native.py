@@ -26,7 +26,7 @@ def mpi_allreduce(buf, comm, op: str = "sum", *, check: bool = True):
     return buf
 
 
-def mpi_reduce_scatter(buf, comm, op: str = "sum", *, check: bool = True):
+def mpi_reduce_scatter(buf, comm, op: str = "sum", *, check: bool = True, bounds=None):
     """Reduce `buf` over `comm` with MPI_Reduce_scatter; return this rank's chunk (a view).
 
     The chunk is chunk_bounds(buf.size, comm.size)[comm.rank]; the rest of `buf` is unchanged.
@@ -34,7 +34,7 @@ def mpi_reduce_scatter(buf, comm, op: str = "sum", *, check: bool = True):
     check_local(buf, op)
     if check:
         check_same_signature(comm, buf.size, buf.dtype)
-    bounds = chunk_bounds(buf.size, comm.size)
+    bounds = bounds or chunk_bounds(buf.size, comm.size)
     lo, hi = bounds[comm.rank]
     if comm.size > 1 and buf.size > 0:
         work, copy_back = mpi_view(buf, comm)
@@ -49,13 +49,13 @@ def mpi_reduce_scatter(buf, comm, op: str = "sum", *, check: bool = True):
     return chunk
 
 
-def mpi_allgather(buf, comm, *, check: bool = True):
+def mpi_allgather(buf, comm, *, check: bool = True, bounds=None):
     """Fill every chunk of `buf` from its owner with MPI_Allgatherv (in place); return `buf`."""
     check_local(buf, "sum")
     if check:
         check_same_signature(comm, buf.size, buf.dtype)
     if comm.size > 1 and buf.size > 0:
-        bounds = chunk_bounds(buf.size, comm.size)
+        bounds = bounds or chunk_bounds(buf.size, comm.size)
         work, copy_back = mpi_view(buf, comm)
         counts, displs = [b - a for a, b in bounds], [a for a, _ in bounds]
         comm.Allgatherv(MPI.IN_PLACE, [work, (counts, displs)])

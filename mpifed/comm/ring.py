@@ -72,21 +72,22 @@ def ring_allreduce(buf, comm, op: str = "sum", *, check: bool = True,
 
 
 def ring_reduce_scatter(buf, comm, op: str = "sum", *, check: bool = True,
-                        segment_bytes: int = SEGMENT_BYTES):
+                        segment_bytes: int = SEGMENT_BYTES, bounds=None):
     """Reduce `buf` over `comm` so that this rank's chunk holds the sum (or mean); return it.
 
     The chunk is `buf[lo:hi]` with (lo, hi) = chunk_bounds(buf.size, comm.size)[comm.rank], a
     view of `buf`; the rest of `buf` holds partial sums afterwards. Same contract as
-    ring_allreduce otherwise.
+    ring_allreduce otherwise. bounds: other (start, stop) per rank, in rank order and covering
+    `buf` (the same on every rank), instead of chunk_bounds.
     """
     check_local(buf, op)
     if check:
         check_same_signature(comm, buf.size, buf.dtype)
-    lo, hi = chunk_bounds(buf.size, comm.size)[comm.rank]
+    bounds = bounds or chunk_bounds(buf.size, comm.size)
+    lo, hi = bounds[comm.rank]
     if comm.size > 1 and buf.size > 0:
         work, copy_back = mpi_view(buf, comm)
-        reduce_scatter_steps(work, comm, ring_order(chunk_bounds(work.size, comm.size)),
-                             segment_bytes)
+        reduce_scatter_steps(work, comm, ring_order(bounds), segment_bytes)
         copy_back()
     own = buf[lo:hi]
     if op == "mean" and comm.size > 1:
@@ -95,17 +96,18 @@ def ring_reduce_scatter(buf, comm, op: str = "sum", *, check: bool = True,
     return own
 
 
-def ring_allgather(buf, comm, *, check: bool = True):
+def ring_allgather(buf, comm, *, check: bool = True, bounds=None):
     """Fill every chunk of `buf` (chunk_bounds(buf.size, comm.size)) from its owner; return `buf`.
 
     Rank r contributes buf[chunk r]; afterwards every rank holds the same bytes everywhere.
+    bounds: other chunks per rank, as in ring_reduce_scatter.
     """
     check_local(buf, "sum")
     if check:
         check_same_signature(comm, buf.size, buf.dtype)
     if comm.size > 1 and buf.size > 0:
         work, copy_back = mpi_view(buf, comm)
-        allgather_steps(work, comm, ring_order(chunk_bounds(work.size, comm.size)))
+        allgather_steps(work, comm, ring_order(bounds or chunk_bounds(work.size, comm.size)))
         copy_back()
     return buf
 

@@ -87,35 +87,67 @@ def _relu(h):
     return xp.maximum(h, 0, out=h)
 
 
+def layer_ranges(spec: ModelSpec, dtype="float32") -> list[tuple[int, int]]:
+    """Return each layer's [lo, hi) in the flat buffer (its W then its b), first layer first."""
+    offsets = spec.layout(dtype).offsets
+    return [(offsets[i], offsets[i + 2]) for i in range(0, len(offsets) - 1, 2)]
+
+
+def _layer_arrays(source, layout: Layout):
+    """Return a function layer -> (W, b): views of a flat buffer, or of what `source` hands out.
+
+    source: a flat buffer, or a function (layer, lo, hi) -> a flat array of hi - lo elements
+    (a sharded step's per-layer buffer: gathered parameters, or a gradient bucket).
+    """
+    if not callable(source):
+        whole = views(source, layout)
+        return lambda k: (whole[2 * k], whole[2 * k + 1])
+
+    def arrays(k):
+        lo, mid, hi = layout.offsets[2 * k:2 * k + 3]
+        flat = source(k, lo, hi)
+        return flat[:mid - lo].reshape(layout.shapes[2 * k]), flat[mid - lo:]
+    return arrays
+
+
 def loss_and_grad(spec: ModelSpec, flat, x, y, grad_out, on_ready=None):
     """Write d(mean loss)/d(params) into `grad_out` (flat, like `flat`); return the mean loss.
 
     x: (B, features) in the parameters' dtype; y: (B,) integer labels.
     on_ready(lo, hi, loss): called as soon as grad_out[lo:hi] (one layer's W and b) is final,
     last layer first, so that its all-reduce can start while earlier layers still compute.
+    flat, grad_out: flat buffers, or functions (layer, lo, hi) -> flat array of layer's
+    elements (ZeRO: parameters gathered per layer, gradients written into per-layer buckets).
+    Parameters are asked for in the order forward 0..L-1, then backward L-1..1 (the first
+    layer's W is not needed to go further down).
     """
-    layout = spec.layout(flat.dtype)
-    layers = views(flat, layout)
-    grads = views(grad_out, spec.layout(grad_out.dtype))
+    dtype = x.dtype if callable(flat) else flat.dtype
+    layout = spec.layout(dtype)
+    params_of, grads_of = _layer_arrays(flat, layout), _layer_arrays(grad_out, layout)
+    count = len(layout.shapes) // 2
     activations = [x]  # input of each layer, post-ReLU
     h = x
-    xp = get_array_module(flat)
-    for i in range(0, len(layers), 2):
-        h = h @ layers[i]  # (B, out_i)
-        h += layers[i + 1]
-        if i + 2 < len(layers):
+    xp = get_array_module(x)
+    for k in range(count):
+        w, b = params_of(k)
+        h = h @ w  # (B, out_k)
+        h += b
+        if k + 1 < count:
             h = _relu(h)
             activations.append(h)
     loss, delta = softmax_cross_entropy(h, y)  # delta: (B, C)
-    delta = delta.astype(flat.dtype, copy=False)
-    for i in range(len(layers) - 2, -1, -2):
-        inputs = activations[i // 2]
-        xp.matmul(inputs.T, delta, out=grads[i])  # (in, out), straight into the flat buffer
-        delta.sum(axis=0, out=grads[i + 1])  # (out,)
+    delta = delta.astype(dtype, copy=False)
+    for k in range(count - 1, -1, -1):
+        inputs = activations[k]
+        gw, gb = grads_of(k)
+        xp.matmul(inputs.T, delta, out=gw)  # (in, out), straight into the flat buffer
+        delta.sum(axis=0, out=gb)  # (out,)
+        if k > 0:
+            w, _ = params_of(k)
         if on_ready is not None:
-            on_ready(layout.offsets[i], layout.offsets[i + 2], loss)
-        if i > 0:
-            delta = delta @ layers[i].T
+            on_ready(layout.offsets[2 * k], layout.offsets[2 * k + 2], loss)
+        if k > 0:
+            delta = delta @ w.T
             delta *= inputs > 0  # ReLU' of the layer below
     return loss
 

@@ -35,7 +35,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], object]]] = {
         "beta2": ((float, int), 0.999), "eps": ((float, int), 1e-8),
     },
     "comm": {"allreduce": ((str,), "auto"), "backend": ((str,), "auto"),
-             "overlap": ((bool,), False)},
+             "overlap": ((bool,), False), "shard": ((str,), "none")},
     "run": {
         "seed": ((int,), 0), "out": ((str,), "runs/latest"), "log_every": ((int,), 10),
         "eval_every": ((int,), 0), "progress": ((str,), "auto"),
@@ -70,6 +70,7 @@ CHOICES = {
     ("optim", "name"): ("sgd", "adam"), ("optim", "schedule"): ("constant", "step", "cosine"),
     ("comm", "allreduce"): ("auto", "ring", "mpi", "hierarchical", "nccl"),
     ("comm", "backend"): ("auto", "numpy", "cupy"),
+    ("comm", "shard"): ("none", "optimizer", "gradients", "parameters"),
     ("run", "progress"): ("auto", "bar", "lines", "none"),
     ("federated", "strategy"): STRATEGY_NAMES,
     ("federated", "secure_bits"): (32, 64),

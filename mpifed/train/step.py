@@ -13,6 +13,7 @@ from ..comm.shared import release, shared_array
 from ..comm.topology import topology
 from ..errors import UserError
 from ..nn.models import loss_and_grad
+from .sharded_step import ShardedStep
 
 
 def _gradient_buffer(size: int, dtype, comm, algorithm: str, xp):
@@ -27,6 +28,15 @@ def _gradient_buffer(size: int, dtype, comm, algorithm: str, xp):
     return xp.zeros(size, dtype=dtype)
 
 
+def make_step(spec, params, comm, comm_cfg: dict, xp):
+    """Return the data-parallel step that `[comm]` asks for: DataParallelStep, or a ShardedStep
+    when comm.shard is "optimizer", "gradients" or "parameters" (ZeRO stages 1 to 3)."""
+    stage = comm_cfg.get("shard", "none")
+    if stage == "none":
+        return DataParallelStep(spec, params, comm, comm_cfg["allreduce"], xp, comm_cfg["overlap"])
+    return ShardedStep(spec, params, comm, comm_cfg["allreduce"], xp, comm_cfg["overlap"], stage)
+
+
 class DataParallelStep:
     """Local gradient, one all-reduce (mean) of gradients and loss, the same update on every rank.
 
@@ -39,6 +49,7 @@ class DataParallelStep:
         self.spec, self.params, self.comm, self.algorithm = spec, params, comm, algorithm
         self.grad = _gradient_buffer(params.size + 2, params.dtype, comm, algorithm, xp)
         self.stop_agreed = False  # after a step: some rank asked to stop
+        self.stage = "none"
         check_same_signature(comm, self.grad.size, self.grad.dtype)  # once; steps skip it
         self.comm_seconds = 0.0
         # Overlap: one thread reduces each layer's gradients, last layer first, while the
@@ -68,6 +79,14 @@ class DataParallelStep:
         for future in futures:
             future.result()
         self.comm_seconds += time.perf_counter() - start  # the part the backward did not hide
+
+    def gather_params(self):
+        """Return the whole parameter vector (every rank holds it)."""
+        return self.params
+
+    def memory_bytes(self) -> dict:
+        """Return the bytes this rank holds for parameters and gradients."""
+        return {"param_bytes": int(self.params.nbytes), "grad_bytes": int(self.grad.nbytes)}
 
     def close(self) -> None:
         """Stop the communication thread (local; safe in a `finally`)."""
