@@ -98,7 +98,7 @@ def test_sharded_checkpoint_loads_on_another_rank_count(tmp_path_factory, stage)
     train(step_fn, local, steps=7)
     whole = step_fn.gather_params().copy()
     m = np.zeros(whole.size + 2)
-    lo, hi = step_fn.lo, step_fn.hi
+    lo = step_fn.lo
     m[lo:lo + step_fn.n_own] = local.m
     world.Allreduce(MPI.IN_PLACE, m)
     save_sharded(cfg, world, step_fn, local, 7, {"step": 7})

@@ -83,3 +83,65 @@ def test_sharded_training_equals_unsharded_and_resumes_bitwise(tmp_path, shard):
     assert again.returncode == 0, again.stderr
     assert "resumed at step 10" in again.stdout + again.stderr
     assert model_bytes(tmp_path / "out" / "model.h5") == reference
+
+
+@pytest.mark.parametrize("shard", ["optimizer", "gradients"])
+def test_federation_with_sharded_institutions_equals_unsharded(tmp_path, shard):
+    """Two institutions of two ranks each: their ranks shard, the leaders send whole models."""
+    from conftest import write_site
+
+    for i in range(2):
+        write_site(tmp_path / f"site-{i}.h5", 41 + 6 * i, seed=i)
+    models = []
+    for stage in ("none", shard):
+        (tmp_path / "fed.toml").write_text(f"""
+[data]
+train = "site-{{institution}}.h5"
+[model]
+kind = "mlp"
+hidden = [4]
+dtype = "float64"
+[optim]
+name = "sgd"
+lr = 0.05
+momentum = 0.9
+nesterov = true
+batch_size = 3
+[comm]
+shard = "{stage}"
+[federated]
+institutions = 2
+rounds = 3
+local_steps = 4
+strategy = "fedprox"
+[run]
+seed = 5
+out = "out-{stage}"
+""")
+        done = run_mpi(4, ["train", "fed.toml"], cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        models.append(model_arrays(tmp_path / f"out-{stage}" / "model.h5"))
+    for got, want in zip(models[1], models[0]):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
+
+
+def test_federation_refuses_sharded_parameters(tmp_path):
+    from conftest import write_site
+
+    for i in range(2):
+        write_site(tmp_path / f"site-{i}.h5", 80, seed=i)
+    (tmp_path / "fed.toml").write_text("""
+[data]
+train = "site-{institution}.h5"
+[model]
+kind = "softmax"
+[comm]
+shard = "parameters"
+[federated]
+institutions = 2
+[run]
+out = "out"
+""")
+    done = run_mpi(2, ["train", "fed.toml"], cwd=tmp_path)
+    assert done.returncode != 0
+    assert 'comm.shard: "parameters" is not supported in a federation' in done.stderr + done.stdout
