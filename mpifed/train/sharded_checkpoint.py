@@ -16,13 +16,21 @@ import json
 import os
 import re
 import shutil
+import sys
 
 import h5py
 import numpy as np
 
 from ..data.atomic import atomic_path
 from ..errors import UserError
-from .checkpoint import checkpoint_dir, differences
+from .checkpoint import (
+    _dataset,
+    _verified,
+    checkpoint_dir,
+    data_fingerprint,
+    differences,
+    set_aside,
+)
 
 _FOLDER = re.compile(r"step-(\d+)\.sharded$")
 
@@ -48,16 +56,16 @@ def save_sharded(cfg: dict, comm, step_fn, optimizer, index: int, counters: dict
                for k, v in optimizer.state().items() if not np.ndim(v)}
     path = os.path.join(folder, f"rank-{comm.rank:05d}.h5")
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as fh:
-        fh.create_dataset("params", data=_host(step_fn.shard[:own]))
+        _dataset(fh, "params", _host(step_fn.shard[:own]))  # with its SHA-256, checked on load
         group = fh.create_group("state")
         for name, value in arrays.items():
-            group.create_dataset(name, data=_host(value))
+            _dataset(group, name, _host(value))
     comm.Barrier()  # every part is on disk before the manifest says so
     if comm.rank == 0:
         manifest = {"index": index, "ranks": comm.size, "n": step_fn.n,
                     "bounds": [[a, min(b, step_fn.n)] for a, b in step_fn.bounds],
                     "stage": step_fn.stage, "scalars": scalars, "counters": counters,
-                    "config": cfg}
+                    "config": cfg, "data": data_fingerprint(cfg)}
         with atomic_path(os.path.join(folder, "manifest.json")) as tmp, open(tmp, "w") as fh:
             json.dump(manifest, fh)
         for old in list_sharded(out)[:-keep]:
@@ -90,6 +98,10 @@ def choose_sharded(cfg: dict) -> dict | None:
     """Return the manifest to resume from per run.resume, or None; refuse another run's."""
     resume = cfg["run"]["resume"]
     if resume == "never":
+        moved = set_aside(cfg["run"]["out"])  # a fresh run never mixes with another's
+        if moved:
+            print(f"mpifed: run.resume = \"never\": moved the earlier checkpoints of "
+                  f"{cfg['run']['out']!r} to {moved!r}", file=sys.stderr, flush=True)
         return None
     if resume == "auto":
         found = list_sharded(cfg["run"]["out"])
@@ -99,8 +111,13 @@ def choose_sharded(cfg: dict) -> dict | None:
     elif os.path.isdir(resume):
         manifest = read_manifest(resume)
     else:
-        return None
+        raise UserError(f"run.resume: {resume!r} is neither \"auto\", \"never\" nor a sharded "
+                        "checkpoint folder (OUT/checkpoints/step-N.sharded); use one of those")
     problems = differences(manifest["config"], cfg, {}, {})  # any rank count will do
+    now = data_fingerprint(cfg)
+    for path, then in (manifest.get("data") or {}).items():
+        if path in now and then is not None and now[path] != then:
+            problems.append(f"data file {path!r} changed since the checkpoint was written")
     if problems:
         raise UserError(f"run.resume: checkpoint {manifest['path']!r} is from a different run: "
                         + "; ".join(problems) + ". Use another run.out, or run.resume = \"never\"")
@@ -115,8 +132,13 @@ def read_range(manifest: dict, name: str, lo: int, hi: int) -> np.ndarray:
         x, y = max(a, lo), min(b, hi)
         if y > x:
             path = os.path.join(manifest["path"], f"rank-{rank:05d}.h5")
-            with h5py.File(path, "r") as fh:
-                parts.append(fh[name][x - a:y - a])
+            try:
+                with h5py.File(path, "r") as fh:
+                    parts.append(_verified(fh[name])[x - a:y - a])
+            except (OSError, KeyError, ValueError) as err:
+                folder = manifest["path"]
+                raise UserError(f"checkpoint {path!r} is damaged or unreadable ({err}); move "
+                                f"{folder!r} aside to resume from the one before") from None
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
