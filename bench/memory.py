@@ -32,9 +32,11 @@ def worker(stage: str, steps: int, batch: int, overlap: bool) -> None:
 
     comm = MPI.COMM_WORLD
     spec = ModelSpec("mlp", SIZES[0], SIZES[1], SIZES[2])
-    params = init_params(spec, 0, np, "float32")
+    spec.seed = 0
+    # ZeRO-3 draws only its chunk: the whole model is never on any rank
+    params = None if stage == "parameters" else init_params(spec, 0, np, "float32")
     step_fn = make_step(spec, params, comm, {"allreduce": "auto", "overlap": overlap,
-                                             "shard": stage}, np)
+                                             "shard": stage}, np, np.float32)
     del params
     rng = np.random.default_rng(comm.rank)
     x = rng.standard_normal((batch, SIZES[0])).astype(np.float32)
@@ -48,7 +50,9 @@ def worker(stage: str, steps: int, batch: int, overlap: bool) -> None:
     step_fn.close()
     row = dict(step_fn.memory_bytes(), optimizer_state_bytes=state_bytes(optimizer),
                peak_rss_bytes=peak_rss_bytes(), step_s=float(np.median(times[1:] or times)),
-               n=step_fn.params.size if step_fn.params is not None else step_fn.n)
+               n=spec.layout("float32").size,
+               widest=max(b - a for a, b in (spec.layer_range(i, "float32")
+                                             for i in range(len(spec.layers)))))
     rows = comm.gather(row)
     if comm.rank == 0:
         print(json.dumps({"stage": stage, "ranks": comm.size, "rows": rows}), flush=True)
@@ -68,7 +72,7 @@ def main() -> int:
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     env = dict(os.environ, OMP_NUM_THREADS="1", MPIFED_BLAS_THREADS="1")
     print(f"{'p':>2} {'stage':<10} {'param MiB':>9} {'grad MiB':>8} {'optim MiB':>9} "
-          f"{'vs 1/p':>6} {'peak RSS MiB':>12} {'step s':>7} {'vs none':>7}")
+          f"{'vs 1/p':>6} {'peak RSS MiB':>12} {'goal MiB':>8} {'step s':>7} {'vs none':>7}")
     for ranks in [int(r) for r in args.ranks.split(",")]:
         base = None
         for stage in STAGES:
@@ -84,13 +88,18 @@ def main() -> int:
             n, mib = rows[0]["n"], 1 / 2 ** 20
             whole_state = 2 * 4 * n  # Adam: m and v in float32
             worst = max(rows, key=lambda r: r["peak_rss_bytes"])
+            # ZeRO-3's goal: (params + grads + Adam state)/p + the largest layer's working set
+            # (two gather buffers and two gradient buckets) + 100 MiB
+            goal = (16 * n / ranks + 4 * 4 * rows[0]["widest"]) * mib + 100
             step = max(r["step_s"] for r in rows)
             base = step if stage == "none" else base
             print(f"{ranks:>2} {stage:<10} {worst['param_bytes'] * mib:9.1f} "
                   f"{worst['grad_bytes'] * mib:8.1f} "
                   f"{max(r['optimizer_state_bytes'] for r in rows) * mib:9.1f} "
                   f"{max(r['optimizer_state_bytes'] for r in rows) / (whole_state / ranks):6.3f} "
-                  f"{worst['peak_rss_bytes'] * mib:12.1f} {step:7.3f} {step / base:7.2f}",
+                  f"{worst['peak_rss_bytes'] * mib:12.1f} "
+                  f"{goal if stage == 'parameters' else float('nan'):8.1f} "
+                  f"{step:7.3f} {step / base:7.2f}",
                   flush=True)
     return 0
 
