@@ -1,4 +1,5 @@
-"""`allreduce`: one entry point that picks the ring or the MPI library's own algorithm."""
+"""`allreduce`, `reduce_scatter` and `allgather`: entry points that pick the ring, the
+hierarchical scheme or the MPI library's own algorithm."""
 
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ from mpi4py import MPI
 
 from ..xp import is_device_array
 from .checks import SUPPORTED_DTYPES, check_local, signature_error
-from .hierarchical import hierarchical_allreduce
-from .native import mpi_allreduce
-from .ring import ring_allreduce
+from .hierarchical import (
+    hierarchical_allgather,
+    hierarchical_allreduce,
+    hierarchical_reduce_scatter,
+)
+from .native import mpi_allgather, mpi_allreduce, mpi_reduce_scatter
+from .ring import ring_allgather, ring_allreduce, ring_reduce_scatter
 from .shared import window_of
 from .topology import topology
 
@@ -154,3 +159,59 @@ def allreduce(buf, comm, op: str = "sum", algorithm: str = "auto", *, check: boo
     if algorithm == "mpi":
         return mpi_allreduce(buf, comm, op, check=check)
     raise ValueError(f"algorithm={algorithm!r} is not known; use one of {ALGORITHMS}")
+
+
+SHARD_ALGORITHMS = ("auto", "ring", "mpi", "hierarchical")
+
+
+def _resolve(algorithm: str, buf, comm, what: str) -> str:
+    """Return the algorithm "auto" stands for (by the bytes moved), or raise for unknown names.
+
+    The halves move half an all-reduce's bytes but cross the same thresholds: each has the
+    same per-message latency and per-byte cost as the all-reduce it is half of.
+    """
+    if algorithm == "auto":
+        chosen, _ = _auto(buf, comm, False)  # each rank asks of its own buffer, as in a step
+        return "mpi" if chosen == "nccl" else chosen  # no NCCL halves: MPI's own, CUDA-aware
+    if algorithm not in SHARD_ALGORITHMS:
+        raise ValueError(f"{what}: algorithm={algorithm!r} is not known; use one of "
+                         f"{SHARD_ALGORITHMS}")
+    return algorithm
+
+
+def reduce_scatter(buf, comm, op: str = "sum", algorithm: str = "auto", *, check: bool = True,
+                   bounds=None):
+    """Reduce a contiguous 1-D array over `comm` in place; return this rank's chunk, a view.
+
+    buf: the same length and dtype on every rank of `comm` (float16/32/64, int32/64; NumPy or
+    CuPy). Afterwards buf[lo:hi], with (lo, hi) = chunk_bounds(buf.size, comm.size)[comm.rank],
+    holds the sum (op="sum") or mean (op="mean") over all ranks; the rest of `buf` is
+    unspecified. algorithm: "ring", "hierarchical", "mpi" (MPI_Reduce_scatter) or "auto".
+    A length or dtype mismatch raises the same ValueError on every rank (unless check=False).
+    bounds: other (start, stop) chunks, one per rank in rank order, covering `buf` and the same
+    on every rank (a layer's part of the model's chunks, as the sharded step uses).
+
+    >>> reduce_scatter(np.ones(5), MPI.COMM_WORLD)   # on 2 ranks: rank 0 [2. 2. 2.], rank 1 [2. 2.]
+    """
+    algorithm = _resolve(algorithm, buf, comm, "reduce_scatter")
+    if algorithm == "hierarchical":
+        return hierarchical_reduce_scatter(buf, comm, op, check=check, bounds=bounds)
+    if algorithm == "ring":
+        return ring_reduce_scatter(buf, comm, op, check=check, bounds=bounds)
+    return mpi_reduce_scatter(buf, comm, op, check=check, bounds=bounds)
+
+
+def allgather(buf, comm, algorithm: str = "auto", *, check: bool = True, bounds=None):
+    """Fill every chunk of a contiguous 1-D array from the rank of `comm` that owns it; return it.
+
+    Rank r contributes buf[chunk_bounds(buf.size, comm.size)[r]]; afterwards every rank holds
+    the same bytes in all of `buf`. The inverse half of `reduce_scatter`; same arguments.
+
+    >>> allgather(np.full(5, float(MPI.COMM_WORLD.rank)), MPI.COMM_WORLD)  # 2 ranks: [0 0 0 1 1]
+    """
+    algorithm = _resolve(algorithm, buf, comm, "allgather")
+    if algorithm == "hierarchical":
+        return hierarchical_allgather(buf, comm, check=check, bounds=bounds)
+    if algorithm == "ring":
+        return ring_allgather(buf, comm, check=check, bounds=bounds)
+    return mpi_allgather(buf, comm, check=check, bounds=bounds)

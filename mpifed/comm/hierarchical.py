@@ -14,10 +14,19 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
+from ..xp import get_array_module
 from . import lifetime
 from .backend import host_view
 from .checks import check_local, check_same_signature
-from .ring import ring_allreduce
+from .ring import (
+    allgather_steps,
+    chunk_bounds,
+    reduce_scatter_steps,
+    ring_allgather,
+    ring_allreduce,
+    ring_order,
+    ring_reduce_scatter,
+)
 from .shared import SharedWindow, window_of
 from .topology import topology
 
@@ -25,6 +34,8 @@ BLOCK_BYTES = 64 * 1024  # the running sum stays in L1/L2 while L segments strea
 
 # The scratch window is cached on the node communicator, so it goes when that does.
 _SCRATCH = lifetime.keyval()
+# Every rank's node rank, cached on the communicator (the cross groups of the reduce-scatter).
+_NODE_RANKS = MPI.Comm.Create_keyval()  # a plain list: nothing to free
 
 
 def hierarchical_allreduce(buf, comm, op: str = "sum", *, check: bool = True):
@@ -47,11 +58,26 @@ def hierarchical_allreduce(buf, comm, op: str = "sum", *, check: bool = True):
 
 
 def _reduce_on_node(buf, node, cross, divide_by: int, agree: bool) -> None:
-    """Take the zero-copy path if every rank can, reduce this rank's slice, share it back.
+    """Take the zero-copy path if every rank can, reduce this rank's slice, share it back."""
+    window, segments, zero_copy = _node_segments(buf, node, agree, 0, buf.size)
+    lo, hi = slice_bounds(buf.size, node.size, node.rank)
+    if cross.size == 1:
+        _sum_slice_into_all(segments, lo, hi, divide_by, window.scratch(buf.dtype, BLOCK_BYTES))
+    else:
+        _sum_slice_across_nodes(segments, lo, hi, cross, divide_by)
+    window.fence()  # every slice is written everywhere
+    if not zero_copy:
+        buf[...] = segments[node.rank]
 
-    agree: decide the path collectively (one tiny all-reduce, which is also the barrier that
-    says the inputs are ready); without it each rank trusts that all buffers sit alike, as a
-    training step's gradient buffer does once checked.
+
+def _node_segments(buf, node, agree: bool, lo: int, hi: int):
+    """Return (window, every node rank's segment as `buf`, zero_copy) with the inputs ready.
+
+    Zero copy when every rank's `buf` lies at the same place of one shared window; otherwise
+    buf[lo:hi] is copied into a cached scratch window. agree: decide the path collectively (one
+    tiny all-reduce, which is also the barrier that says the inputs are ready); without it each
+    rank trusts that all buffers sit alike, as a training step's gradient buffer does once
+    checked.
     """
     window, offset = window_of(buf)
     if agree:
@@ -65,19 +91,110 @@ def _reduce_on_node(buf, node, cross, divide_by: int, agree: bool) -> None:
             window.fence()  # the inputs are ready
     if not zero_copy:
         window, offset = _scratch_window(node, buf.nbytes), 0
-        window.views(buf.dtype, buf.size)[node.rank][...] = buf
+        window.views(buf.dtype, buf.size)[node.rank][lo:hi] = buf[lo:hi]
         window.fence()
     elif agree:
         window.win.Sync()
-    segments = window.views(buf.dtype, buf.size, offset)
-    lo, hi = slice_bounds(buf.size, node.size, node.rank)
-    if cross.size == 1:
-        _sum_slice_into_all(segments, lo, hi, divide_by, window.scratch(buf.dtype, BLOCK_BYTES))
-    else:
-        _sum_slice_across_nodes(segments, lo, hi, cross, divide_by)
-    window.fence()  # every slice is written everywhere
-    if not zero_copy:
-        buf[...] = segments[node.rank]
+    return window, window.views(buf.dtype, buf.size, offset), zero_copy
+
+
+def _cross_chunks(comm, node, bounds: list) -> list[list[tuple[int, int]]]:
+    """Return, per node rank k, the chunks of the ranks with node rank k in cross-rank order."""
+    node_ranks = comm.Get_attr(_NODE_RANKS)
+    if node_ranks is None:
+        node_ranks = comm.allgather(node.rank)
+        comm.Set_attr(_NODE_RANKS, node_ranks)
+    groups = [[] for _ in range(node.size)]
+    for world_rank, k in enumerate(node_ranks):  # cross ranks follow comm ranks
+        groups[k].append(bounds[world_rank])
+    return groups
+
+
+def _packed(chunks: list) -> list[tuple[int, int]]:
+    """Return where each of `chunks` lies when they are packed one after another."""
+    out, start = [], 0
+    for a, b in chunks:
+        out.append((start, start + b - a))
+        start += b - a
+    return out
+
+
+def hierarchical_reduce_scatter(buf, comm, op: str = "sum", *, check: bool = True,
+                                bounds=None):
+    """Reduce `buf` over `comm`; return this rank's chunk of chunk_bounds (a view of `buf`).
+
+    Node rank k sums, from the node's shared segments, the chunks of the ranks with node rank k
+    on every node, then reduce-scatters them over the ring of those ranks (`cross`). Same
+    contract as ring_reduce_scatter; the rest of `buf` is unspecified afterwards.
+    """
+    check_local(buf, op)
+    if check:
+        check_same_signature(comm, buf.size, buf.dtype)
+    node, cross = topology(comm)
+    if cross is None:
+        return ring_reduce_scatter(buf, comm, op, check=False, bounds=bounds)
+    bounds = bounds or chunk_bounds(buf.size, comm.size)
+    lo, hi = bounds[comm.rank]
+    if comm.size > 1 and buf.size > 0:
+        work, copy_back = host_view(buf, comm)
+        window, segments, _ = _node_segments(work, node, check, 0, work.size)
+        mine = _cross_chunks(comm, node, bounds)[node.rank]
+        places = _packed(mine)
+        packed = np.empty(places[-1][1], dtype=work.dtype)
+        for (a, b), (pa, pb) in zip(mine, places):
+            if b > a:
+                _sum_block(segments, a, b, packed[pa:pb], 1)
+        if packed.size:
+            reduce_scatter_steps(packed, cross, ring_order(places))
+        pa, pb = places[cross.rank]
+        work[lo:hi] = packed[pa:pb]
+        window.fence()  # no rank reads this rank's segment any more
+        copy_back()
+    own = buf[lo:hi]
+    if op == "mean" and comm.size > 1:
+        xp = get_array_module(buf)
+        xp.divide(own, buf.dtype.type(comm.size), out=own)
+    return own
+
+
+def hierarchical_allgather(buf, comm, *, check: bool = True, bounds=None):
+    """Fill every chunk of `buf` from its owner (in place); return `buf`.
+
+    Each rank leaves its chunk in its shared segment; node rank k gathers the chunks of the
+    ranks with node rank k over `cross` into its segment, and every rank copies the node's
+    segments out. Same contract as ring_allgather.
+    """
+    check_local(buf, "sum")
+    if check:
+        check_same_signature(comm, buf.size, buf.dtype)
+    node, cross = topology(comm)
+    if cross is None:
+        return ring_allgather(buf, comm, check=False, bounds=bounds)
+    if comm.size > 1 and buf.size > 0:
+        bounds = bounds or chunk_bounds(buf.size, comm.size)
+        lo, hi = bounds[comm.rank]
+        work, copy_back = host_view(buf, comm)
+        window, segments, zero_copy = _node_segments(work, node, check, lo, hi)
+        groups = _cross_chunks(comm, node, bounds)
+        if cross.size > 1:
+            mine = groups[node.rank]
+            places = _packed(mine)
+            packed = np.empty(places[-1][1], dtype=work.dtype)
+            pa, pb = places[cross.rank]
+            packed[pa:pb] = work[lo:hi]
+            if packed.size:
+                allgather_steps(packed, cross, ring_order(places))
+            own_segment = segments[node.rank]
+            for (a, b), (pa, pb) in zip(mine, places):
+                own_segment[a:b] = packed[pa:pb]
+        window.fence()  # every node rank's group of chunks is in its segment
+        for peer, segment in enumerate(segments):
+            if peer != node.rank or not zero_copy:
+                for a, b in groups[peer]:
+                    work[a:b] = segment[a:b]
+        window.fence()  # nobody reads a segment any more: each rank may write its own
+        copy_back()
+    return buf
 
 
 def slice_bounds(length: int, parts: int, index: int) -> tuple[int, int]:

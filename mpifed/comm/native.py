@@ -1,4 +1,5 @@
-"""The MPI library's own `MPI_Allreduce`, behind the same signature as the ring."""
+"""The MPI library's own `MPI_Allreduce`, `MPI_Reduce_scatter` and `MPI_Allgatherv`, behind the
+same signatures as the ring."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from mpi4py import MPI
 from ..xp import get_array_module
 from .backend import mpi_view
 from .checks import check_local, check_same_signature
+from .ring import chunk_bounds
 
 
 def mpi_allreduce(buf, comm, op: str = "sum", *, check: bool = True):
@@ -21,4 +23,41 @@ def mpi_allreduce(buf, comm, op: str = "sum", *, check: bool = True):
     if op == "mean" and comm.size > 1:
         xp = get_array_module(buf)
         xp.divide(buf, buf.dtype.type(comm.size), out=buf)
+    return buf
+
+
+def mpi_reduce_scatter(buf, comm, op: str = "sum", *, check: bool = True, bounds=None):
+    """Reduce `buf` over `comm` with MPI_Reduce_scatter; return this rank's chunk (a view).
+
+    The chunk is chunk_bounds(buf.size, comm.size)[comm.rank]; the rest of `buf` is unchanged.
+    """
+    check_local(buf, op)
+    if check:
+        check_same_signature(comm, buf.size, buf.dtype)
+    bounds = bounds or chunk_bounds(buf.size, comm.size)
+    lo, hi = bounds[comm.rank]
+    if comm.size > 1 and buf.size > 0:
+        work, copy_back = mpi_view(buf, comm)
+        own = get_array_module(work).empty(hi - lo, dtype=work.dtype)
+        comm.Reduce_scatter(work, own, [b - a for a, b in bounds], op=MPI.SUM)
+        work[lo:hi] = own
+        copy_back()
+    chunk = buf[lo:hi]
+    if op == "mean" and comm.size > 1:
+        xp = get_array_module(buf)
+        xp.divide(chunk, buf.dtype.type(comm.size), out=chunk)
+    return chunk
+
+
+def mpi_allgather(buf, comm, *, check: bool = True, bounds=None):
+    """Fill every chunk of `buf` from its owner with MPI_Allgatherv (in place); return `buf`."""
+    check_local(buf, "sum")
+    if check:
+        check_same_signature(comm, buf.size, buf.dtype)
+    if comm.size > 1 and buf.size > 0:
+        bounds = bounds or chunk_bounds(buf.size, comm.size)
+        work, copy_back = mpi_view(buf, comm)
+        counts, displs = [b - a for a, b in bounds], [a for a, _ in bounds]
+        comm.Allgatherv(MPI.IN_PLACE, [work, (counts, displs)])
+        copy_back()
     return buf

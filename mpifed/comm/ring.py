@@ -51,6 +51,8 @@ def ring_allreduce(buf, comm, op: str = "sum", *, check: bool = True,
     op: "sum" or "mean" (mean needs a float dtype).
     segment_bytes: size of the pipelined pieces of the reduce-scatter.
 
+    Literally `ring_reduce_scatter` then `ring_allgather`: the two halves share this code.
+
     >>> ring_allreduce(np.ones(5), MPI.COMM_WORLD)   # on 3 ranks
     array([3., 3., 3., 3., 3.])
     """
@@ -59,17 +61,80 @@ def ring_allreduce(buf, comm, op: str = "sum", *, check: bool = True,
         check_same_signature(comm, buf.size, buf.dtype)
     if comm.size > 1 and buf.size > 0:
         work, copy_back = mpi_view(buf, comm)
-        seg = max(1, segment_bytes // work.itemsize)
-        chunks = chunk_bounds(work.size, comm.size)
-        for step in range(comm.size - 1):
-            _reduce_step(work, comm, chunks, step, seg)
-        for step in range(comm.size - 1):
-            _gather_step(work, comm, chunks, step)
+        chunks = ring_order(chunk_bounds(work.size, comm.size))
+        reduce_scatter_steps(work, comm, chunks, segment_bytes)
+        allgather_steps(work, comm, chunks)
         copy_back()
     if op == "mean" and comm.size > 1:
         xp = get_array_module(buf)
         xp.divide(buf, buf.dtype.type(comm.size), out=buf)
     return buf
+
+
+def ring_reduce_scatter(buf, comm, op: str = "sum", *, check: bool = True,
+                        segment_bytes: int = SEGMENT_BYTES, bounds=None):
+    """Reduce `buf` over `comm` so that this rank's chunk holds the sum (or mean); return it.
+
+    The chunk is `buf[lo:hi]` with (lo, hi) = chunk_bounds(buf.size, comm.size)[comm.rank], a
+    view of `buf`; the rest of `buf` holds partial sums afterwards. Same contract as
+    ring_allreduce otherwise. bounds: other (start, stop) per rank, in rank order and covering
+    `buf` (the same on every rank), instead of chunk_bounds.
+    """
+    check_local(buf, op)
+    if check:
+        check_same_signature(comm, buf.size, buf.dtype)
+    bounds = bounds or chunk_bounds(buf.size, comm.size)
+    lo, hi = bounds[comm.rank]
+    if comm.size > 1 and buf.size > 0:
+        work, copy_back = mpi_view(buf, comm)
+        reduce_scatter_steps(work, comm, ring_order(bounds), segment_bytes)
+        copy_back()
+    own = buf[lo:hi]
+    if op == "mean" and comm.size > 1:
+        xp = get_array_module(buf)
+        xp.divide(own, buf.dtype.type(comm.size), out=own)
+    return own
+
+
+def ring_allgather(buf, comm, *, check: bool = True, bounds=None):
+    """Fill every chunk of `buf` (chunk_bounds(buf.size, comm.size)) from its owner; return `buf`.
+
+    Rank r contributes buf[chunk r]; afterwards every rank holds the same bytes everywhere.
+    bounds: other chunks per rank, as in ring_reduce_scatter.
+    """
+    check_local(buf, "sum")
+    if check:
+        check_same_signature(comm, buf.size, buf.dtype)
+    if comm.size > 1 and buf.size > 0:
+        work, copy_back = mpi_view(buf, comm)
+        allgather_steps(work, comm, ring_order(bounds or chunk_bounds(work.size, comm.size)))
+        copy_back()
+    return buf
+
+
+def ring_order(bounds: list) -> list:
+    """Return `bounds` rotated so that the ring leaves chunk r reduced on rank r.
+
+    After size-1 reduce steps rank r holds ring chunk r+1 complete; ring chunk j is therefore
+    placed at bounds[j - 1].
+    """
+    return bounds[-1:] + bounds[:-1]
+
+
+def reduce_scatter_steps(work, comm, chunks: list, segment_bytes: int = SEGMENT_BYTES) -> None:
+    """Run the ring's size-1 reduce steps on `work`: rank r ends with ring chunk r+1 summed.
+
+    chunks: ring-ordered (start, stop) pairs, any sizes (the same list on every rank).
+    """
+    seg = max(1, segment_bytes // work.itemsize)
+    for step in range(comm.size - 1):
+        _reduce_step(work, comm, chunks, step, seg)
+
+
+def allgather_steps(work, comm, chunks: list) -> None:
+    """Run the ring's size-1 copy steps: rank r sends ring chunk r+1 on; all end complete."""
+    for step in range(comm.size - 1):
+        _gather_step(work, comm, chunks, step)
 
 
 def _scratch_pool(comm, xp, dtype, elements: int) -> list:
@@ -98,7 +163,7 @@ def _reduce_step(buf, comm, chunks, step: int, seg: int) -> None:
     send_lo, send_hi = chunks[(rank - step) % size]
     recv_lo, recv_hi = chunks[(rank - step - 1) % size]
     pieces = segment_bounds(recv_lo, recv_hi, seg)
-    pool = _scratch_pool(comm, xp, buf.dtype, min(seg, chunks[0][1] - chunks[0][0]))
+    pool = _scratch_pool(comm, xp, buf.dtype, min(seg, max(b - a for a, b in chunks)))
     sends = [comm.Isend(buf[a:b], dest, tag=step)
              for a, b in segment_bounds(send_lo, send_hi, seg)]
     recvs = {}

@@ -160,6 +160,20 @@ class Sequential:
         self._views.clear()  # the host buffer goes away
         return xp.asarray(host)
 
+    def init_range(self, seed: int, lo: int, hi: int, xp=np, dtype="float32"):
+        """Return elements [lo, hi) of `init(seed)`'s buffer without ever holding the whole
+        model: layer by layer, at most one layer's arrays besides the result (on the host)."""
+        out = np.zeros(max(0, hi - lo), dtype=dtype)
+        rng = np.random.default_rng([seed, 0x6D6F64])
+        for i, layer in enumerate(self.layers):
+            a, b = self.layer_range(i, dtype)
+            part = np.zeros(b - a, dtype=dtype)
+            layer.init(rng, self.layer_views(i, part))  # draws even when not kept: same stream
+            x, y = max(a, lo), min(b, hi)
+            if y > x:
+                out[x - lo:y - lo] = part[x - a:y - a]
+        return xp.asarray(out)
+
     # Forward and backward.
     def forward(self, flat, x, ctx: Context = EVAL):
         """Return logits (B, C) of inputs x (B, *input_shape)."""
@@ -170,19 +184,46 @@ class Sequential:
         """Write d(mean loss)/d(params) into `grad_out` (flat, like `flat`); return the loss.
 
         on_ready(lo, hi, loss): grad_out[lo:hi] (one layer's arrays) is final; last layer first.
+        flat, grad_out: flat buffers, or providers (i, lo, hi) -> a flat array of layer i's
+        hi - lo elements, asked for just before layer i needs it (a sharded step's parameters
+        gathered per layer, its per-layer gradient buckets). The parameters are asked for in
+        the order forward 0..L-1, then backward L-1..0; x's dtype is the parameters'.
         """
-        ps, gs = self.param_views(flat), self.param_views(grad_out)
-        h = self.chain.forward(lambda i: ps[i], self._shaped(x), ctx)
+        dtype = x.dtype if callable(flat) else flat.dtype
+        ps, gs = self._layer_source(flat, dtype), self._layer_source(grad_out, dtype)
+        h = self.chain.forward(ps, self._shaped(x), ctx)
         loss, delta = softmax_cross_entropy(h, y)  # delta: (B, C)
-        delta = delta.astype(flat.dtype, copy=False)
+        delta = delta.astype(dtype, copy=False)
         done = None
         if on_ready is not None:
             def done(i):
-                lo, hi = self.layer_range(i, flat.dtype)
+                lo, hi = self.layer_range(i, dtype)
                 if hi > lo:
                     on_ready(lo, hi, loss)
-        self.chain.backward(lambda i: ps[i], lambda i: gs[i], delta, ctx, False, done)
+        self.chain.backward(ps, gs, delta, ctx, False, done)
         return loss
+
+    def _layer_source(self, source, dtype):
+        """Return i -> layer i's views: of a flat buffer, or of what a provider hands out."""
+        if not callable(source):
+            whole = self.param_views(source)
+            return lambda i: whole[i]
+
+        def views_of(i):
+            lo, hi = self.layer_range(i, dtype)
+            return self.layer_views(i, source(i, lo, hi) if hi > lo else None)
+        return views_of
+
+    def layer_views(self, i: int, part) -> dict:
+        """Layer i's {name: view} of `part`, a flat array of just its elements (or None when the
+        layer has no parameters)."""
+        if part is None:
+            return {}
+        layout = self.layout(part.dtype)
+        base = layout.offsets[self.bounds[i]]
+        return {name: part[layout.offsets[j] - base:layout.offsets[j + 1] - base].reshape(shape)
+                for j, (name, shape) in zip(range(self.bounds[i], self.bounds[i + 1]),
+                                            self.entries[i])}
 
     def evaluate_batch(self, flat, x, y) -> tuple[float, int]:
         return summed_loss_and_correct(self.forward(flat, x, EVAL), y)

@@ -184,7 +184,7 @@ def newest_valid(out: str, kind: str) -> dict | None:
 def set_aside(out: str) -> str | None:
     """Move OUT/checkpoints to a new OUT/checkpoints.before-<time> folder; return it (or None)."""
     folder = checkpoint_dir(out)
-    if not glob.glob(os.path.join(folder, "*.h5")):
+    if not glob.glob(os.path.join(folder, "*.h5")) + glob.glob(os.path.join(folder, "*.sharded")):
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     target, n = f"{folder}.before-{stamp}", 1

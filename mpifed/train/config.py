@@ -26,6 +26,7 @@ from . import checks
 from .checkpoint import RESUME_MODES
 from .overrides import apply_override, parse_value, read_raw  # noqa: F401 (public here too)
 from .report import PROGRESS_MODES
+from .sharded_step import STAGES
 
 # section -> key -> (accepted types, default). A default of None means "required" or "unset".
 SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], object]]] = {
@@ -43,7 +44,8 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], object]]] = {
         "beta2": ((float, int), 0.999), "eps": ((float, int), 1e-8),
     },
     "comm": {"allreduce": ((str,), "auto"), "backend": ((str,), "auto"),
-             "overlap": ((bool,), False), "stall_timeout": ((float, int), 600)},
+             "overlap": ((bool,), False), "stall_timeout": ((float, int), 600),
+             "shard": ((str,), "none")},
     "run": {
         "seed": ((int,), 0), "out": ((str,), "runs/latest"), "log_every": ((int,), 10),
         "eval_every": ((int,), 0), "progress": ((str,), "auto"),
@@ -79,7 +81,7 @@ STRATEGY_NAMES = tuple(STRATEGIES)
 CHOICES = {
     ("model", "kind"): KINDS, ("model", "dtype"): DTYPES,
     ("optim", "name"): OPTIMIZERS, ("optim", "schedule"): SCHEDULES,
-    ("comm", "allreduce"): ALGORITHMS, ("comm", "backend"): BACKENDS,
+    ("comm", "allreduce"): ALGORITHMS, ("comm", "backend"): BACKENDS, ("comm", "shard"): STAGES,
     ("run", "progress"): PROGRESS_MODES,
     ("federated", "strategy"): STRATEGY_NAMES,
     ("federated", "secure_bits"): tuple(SINT),

@@ -20,7 +20,6 @@ from ..comm.agree import raise_together
 from ..errors import UserError
 from ..nn.io import save_model
 from ..optim import learning_rate, make_optimizer
-from ..xp import get_array_module
 from .checkpoint import choose_checkpoint, save_checkpoint
 from .evaluate import evaluate
 from .setup import (
@@ -33,8 +32,9 @@ from .setup import (
     start_report,
     stop_early,
 )
+from .sharded_checkpoint import choose_sharded, read_sharded, save_sharded
 from .signals import StopFlag
-from .step import DataParallelStep
+from .step import make_step
 from .timeline import Timeline
 
 
@@ -44,15 +44,18 @@ def run_data_parallel(cfg: dict, comm, xp) -> dict:
     dtype = np.dtype(cfg["model"]["dtype"])
     shard, classes = open_checked_shard(comm, data["train"], data["x"], data["y"], dtype,
                                         "data.train")
+    whole = cfg["comm"]["shard"] != "parameters"  # ZeRO-3: each rank draws only its chunk
     spec, params = raise_together(comm, lambda: build_model(cfg, shard.info.input_shape, classes,
-                                                            xp, dtype))
+                                                            xp, dtype, whole=whole))
     per_epoch, total = plan_steps(cfg, len(shard), comm)
     test = None
     if data["test"]:
         test = open_test_shard(comm, cfg, spec, dtype)
     out = prepare_out(cfg, comm)
     optimizer = make_optimizer(optim)
-    first = resume_step(cfg, comm, params, optimizer)
+    step_fn = make_step(spec, params, comm, cfg["comm"], xp, dtype)
+    del params  # the step holds the model now (ZeRO-3: only this rank's chunk)
+    first = resume_step(cfg, comm, step_fn, optimizer, xp)
     if first > total:  # same on every rank
         raise UserError(f"optim.steps: nothing to do, the checkpoint in {run['out']!r} is at step "
                         f"{first}, past this run's {total} steps; raise optim.steps (or epochs), "
@@ -61,9 +64,9 @@ def run_data_parallel(cfg: dict, comm, xp) -> dict:
         cfg, out, comm.rank == 0, total, first,
         f"mpifed train: {comm.size} ranks, {spec.kind} {spec.sizes}, {shard.info.samples} "
         f"samples, global batch {optim['batch_size'] * comm.size}, {total} steps ({per_epoch} "
-        f"per epoch), backend {xp.__name__}", "step")
-    step_fn = DataParallelStep(spec, params, comm, cfg["comm"]["allreduce"], xp,
-                               cfg["comm"]["overlap"], cfg["comm"]["stall_timeout"])
+        f"per epoch), backend {xp.__name__}"
+        + (f", comm.shard {cfg['comm']['shard']}" if cfg["comm"]["shard"] != "none" else ""),
+        "step")
     timeline = Timeline(run["timeline"], comm.rank)
     loader = batch_loader(cfg, shard, per_epoch, comm.rank, first, xp, timeline)
     window = Window(optim["batch_size"] * comm.size)
@@ -85,10 +88,10 @@ def run_data_parallel(cfg: dict, comm, xp) -> dict:
                 reporter.step(done, epoch, loss, lr, rate, comm_share, log)
                 if test is not None and run["eval_every"] and done % run["eval_every"] == 0:
                     reporter.record(event="eval", step=done,
-                                    **evaluate(spec, params, test, comm, xp))
+                                    **evaluate(spec, step_fn.gather_params(), test, comm, xp))
                 every = run["checkpoint_every"]
                 if step_fn.stop_agreed or (every and done % every == 0 and done < total):
-                    write_checkpoint(cfg, comm, params, optimizer, done, per_epoch)
+                    write_checkpoint(cfg, comm, step_fn, optimizer, done, per_epoch)
                 if step_fn.stop_agreed:
                     stopped = flag.raised or "a signal on another rank"
                     break
@@ -99,8 +102,10 @@ def run_data_parallel(cfg: dict, comm, xp) -> dict:
     timeline.write(comm, os.path.join(out, "timeline.json"))
     if stopped:
         return stop_early(cfg, comm, reporter, done, stopped)
-    return finish(cfg, comm, spec, params, test, reporter, xp, (first, total),
-                  (time.perf_counter() - start, step_fn.comm_seconds, loader.wait_seconds), loss)
+    memory = memory_report(comm, step_fn, optimizer)
+    return finish(cfg, comm, spec, step_fn.gather_params(), test, reporter, xp, (first, total),
+                  (time.perf_counter() - start, step_fn.comm_seconds, loader.wait_seconds), loss,
+                  memory)
 
 
 def trace_step(timeline, step: int, t_data: float, t_compute: float, comm: float) -> None:
@@ -135,35 +140,76 @@ def mpi_shape(comm) -> dict:
     return {"ranks": comm.size}
 
 
-def resume_step(cfg: dict, comm, params, optimizer) -> int:
-    """Load the checkpoint run.resume points at into params and optimiser; return its step."""
+def resume_step(cfg: dict, comm, step_fn, optimizer, xp) -> int:
+    """Load the checkpoint run.resume points at into the step's parameters and the optimiser;
+    return its step. Sharded steps read their part of a sharded checkpoint (any rank count)."""
+    if step_fn.stage != "none":
+        return resume_sharded(cfg, comm, step_fn, optimizer, xp)
     found = raise_together(comm, lambda: choose_checkpoint(cfg, "step", mpi_shape(comm))
                            if comm.rank == 0 else None)
     found = comm.bcast(found, root=0)
     if found is None:
         return 0
-    xp = get_array_module(params)
-    params[...] = xp.asarray(found["params"])
+    step_fn.params[...] = xp.asarray(found["params"])
     optimizer.load_state({k: xp.asarray(v) if np.ndim(v) else v
                           for k, v in found["state"].items()})
     return int(found["counters"]["step"])
 
 
-def write_checkpoint(cfg: dict, comm, params, optimizer, step: int, per_epoch: int) -> None:
-    """Rank 0 writes the checkpoint of `step`; every rank waits until it is on disk.
+def resume_sharded(cfg: dict, comm, step_fn, optimizer, xp) -> int:
+    """Load this rank's part of the sharded checkpoint run.resume points at; return its step."""
+    found = raise_together(comm, lambda: choose_sharded(cfg) if comm.rank == 0 else None)
+    found = comm.bcast(found, root=0)
+    if found is None:
+        return 0
+    values, state = raise_together(comm, lambda: read_sharded(found, step_fn, xp))
+    step_fn.load_shard(values)  # collective: ZeRO-1/2 re-gather the model
+    if state:
+        optimizer.load_state(state)
+    return int(found["counters"]["step"])
+
+
+def write_checkpoint(cfg: dict, comm, step_fn, optimizer, step: int, per_epoch: int) -> None:
+    """Write the checkpoint of `step` (rank 0, or every rank its part when sharded); every rank
+    waits until it is on disk.
 
     Every rank walks its shard in lockstep, so one (epoch, step in epoch) places every rank's
     stream; the permutations derive from (run.seed, epoch, rank), the only RNG state there is.
     """
+    counters = {"step": step, "epoch": step // per_epoch, "step_in_epoch": step % per_epoch,
+                "rng": {"seed": cfg["run"]["seed"], "permutation": "(seed, epoch, rank)"}}
+    if step_fn.stage != "none":
+        save_sharded(cfg, comm, step_fn, optimizer, step, counters)
+        return
     if comm.rank == 0:
-        counters = {"step": step, "epoch": step // per_epoch, "step_in_epoch": step % per_epoch,
-                    "rng": {"seed": cfg["run"]["seed"], "permutation": "(seed, epoch, rank)"}}
-        save_checkpoint(cfg["run"]["out"], "step", step, params, optimizer.state(), counters,
-                        cfg, mpi_shape(comm), cfg["run"]["keep_checkpoints"])
+        save_checkpoint(cfg["run"]["out"], "step", step, step_fn.params, optimizer.state(),
+                        counters, cfg, mpi_shape(comm), cfg["run"]["keep_checkpoints"])
     comm.Barrier()
 
 
-def finish(cfg, comm, spec, params, test, reporter, xp, span, timings, loss) -> dict:
+def memory_report(comm, step_fn, optimizer) -> dict:
+    """Return each rank's bytes (lists in rank order, on every rank): param_bytes, grad_bytes,
+    optimizer_state_bytes (the optimiser's arrays) and peak_rss_bytes (the process's peak)."""
+    own = dict(step_fn.memory_bytes(), optimizer_state_bytes=state_bytes(optimizer),
+               peak_rss_bytes=peak_rss_bytes())
+    every = comm.allgather(own)
+    return {key: [r[key] for r in every] for key in own}
+
+
+def state_bytes(optimizer) -> int:
+    """Return the bytes of the optimiser's state arrays on this rank."""
+    return int(sum(v.nbytes for v in optimizer.state().values() if np.ndim(v)))
+
+
+def peak_rss_bytes() -> int:
+    """Return this process's peak resident set size in bytes (Linux reports KiB)."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def finish(cfg, comm, spec, params, test, reporter, xp, span, timings, loss,
+           memory=None) -> dict:
     """Evaluate, write the model and the summary; return the summary.
 
     span: (first, total) steps; timings: (seconds, in all-reduces, waiting for data) that this
@@ -178,6 +224,7 @@ def finish(cfg, comm, spec, params, test, reporter, xp, span, timings, loss) -> 
                "samples_per_s": (steps - first) * per_step / max(seconds, 1e-9)}
     if first:
         summary["resumed_from"] = first
+    summary.update(shard=cfg["comm"]["shard"], **(memory or {}))
     if test is not None:
         result = evaluate(spec, params, test, comm, xp)
         reporter.record(event="eval", step=steps, **result)

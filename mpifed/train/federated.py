@@ -50,7 +50,7 @@ from .setup import (
     stop_early,
 )
 from .signals import StopFlag
-from .step import DataParallelStep
+from .step import make_step
 
 
 @dataclass
@@ -135,8 +135,12 @@ def run_federation(cfg: dict, world, xp) -> dict:
         f"mpifed federated: {len(fed.sizes)} institutions of {fed.sizes} ranks, strategy "
         f"{fed_cfg['strategy']}, {fed_cfg['rounds']} rounds, {site.spec.kind} {site.spec.sizes}",
         "round")
-    step_fn = DataParallelStep(site.spec, site.params, fed.site, cfg["comm"]["allreduce"], xp,
-                               cfg["comm"]["overlap"], cfg["comm"]["stall_timeout"])
+    if cfg["comm"]["shard"] == "parameters":  # the same config on every rank: all raise
+        raise UserError('comm.shard: "parameters" is not supported in a federation yet; use '
+                        '"optimizer" or "gradients" (the institution\'s ranks shard, its leader '
+                        'holds the whole model)')
+    step_fn = make_step(site.spec, site.params, fed.site, cfg["comm"], xp)
+    site.params = step_fn.params  # ZeRO-1/2: all-gathered after every step, whole on the leader
     loader = batch_loader(cfg, site.shard, site.per_epoch, site.stream_comm.rank, site_steps, xp)
     hyper = ServerHyper(fed_cfg["server_lr"] or DEFAULT_SERVER_LR.get(fed_cfg["strategy"], 1.0),
                         fed_cfg["beta1"], fed_cfg["beta2"], fed_cfg["tau"])

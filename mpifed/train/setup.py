@@ -115,8 +115,11 @@ def open_test_shard(comm, cfg: dict, spec, dtype) -> Shard:
     return shard
 
 
-def build_model(cfg: dict, input_shape, classes: int, xp, dtype):
+def build_model(cfg: dict, input_shape, classes: int, xp, dtype, whole: bool = True):
     """Return (model, flat params) from model.init, or initialised from run.seed.
+
+    whole=False (ZeRO-3): without model.init, params is None and the sharded step draws only
+    its chunk from spec.seed (`Sequential.init_range`), so no rank ever holds the whole model.
 
     input_shape: one sample's shape in the training data, e.g. (1, 8, 8) or (64,) (an int is a
     flat feature count).
@@ -134,7 +137,7 @@ def build_model(cfg: dict, input_shape, classes: int, xp, dtype):
         check_memory(5 * spec.layout(dtype).size * np.dtype(dtype).itemsize,
                      f"model {spec.kind} {spec.sizes}",
                      "use a smaller model (model.hidden or model.layers)")
-        params = spec.init(seed, xp, dtype)
+        params = spec.init(seed, xp, dtype) if whole else None
     spec.seed = seed  # dropout's masks: (seed, step, rank)
     return spec, params
 

@@ -27,6 +27,24 @@ def _gradient_buffer(size: int, dtype, comm, algorithm: str, xp):
     return xp.zeros(size, dtype=dtype)
 
 
+def make_step(spec, params, comm, comm_cfg: dict, xp, dtype=None):
+    """Return the data-parallel step that `[comm]` asks for: DataParallelStep, or a ShardedStep
+    when comm.shard is "optimizer", "gradients" or "parameters" (ZeRO stages 1 to 3).
+
+    params: the whole flat model; for "parameters" it may be None, and each rank then draws only
+    its chunk from spec.seed (the model is never whole on any rank).
+    """
+    stage = comm_cfg.get("shard", "none")
+    stall = comm_cfg.get("stall_timeout", 0.0)
+    if stage == "none":
+        return DataParallelStep(spec, params, comm, comm_cfg["allreduce"], xp,
+                                comm_cfg["overlap"], stall)
+    from .sharded_step import ShardedStep
+
+    return ShardedStep(spec, params, comm, comm_cfg["allreduce"], xp, comm_cfg["overlap"], stage,
+                       stall, dtype)
+
+
 class DataParallelStep:
     """Local gradient, one all-reduce (mean) of gradients and loss, the same update on every rank.
 
@@ -45,6 +63,7 @@ class DataParallelStep:
         self.xp = xp
         self.grad = _gradient_buffer(params.size + 2, params.dtype, comm, algorithm, xp)
         self.stop_agreed = False  # after a step: some rank asked to stop
+        self.stage = "none"
         check_same_signature(comm, self.grad.size, self.grad.dtype)  # once; steps skip it
         self.comm_seconds, self._step_number = 0.0, 0
         self.watch = StallWatch(comm, stall_timeout)  # names the ranks an all-reduce waits for
@@ -96,6 +115,14 @@ class DataParallelStep:
         spans = [future.result() for future in futures]
         wait_event(spans[-1][1])  # one comm stream, in order: the last reduction ends them all
         return backward_done, spans[-1][1]
+
+    def gather_params(self):
+        """Return the whole parameter vector (every rank holds it)."""
+        return self.params
+
+    def memory_bytes(self) -> dict:
+        """Return the bytes this rank holds for parameters and gradients."""
+        return {"param_bytes": int(self.params.nbytes), "grad_bytes": int(self.grad.nbytes)}
 
     def close(self) -> None:
         """Stop the communication thread (local; safe in a `finally`)."""

@@ -1,0 +1,108 @@
+"""Memory and step time per ZeRO stage (not a timed test): `python bench/memory.py [--help]`.
+
+Launches `mpiexec -n p` once per (ranks, stage) so that each peak RSS is its own: an MLP of about
+46 M parameters (2048 -> 4096 -> 4096 -> 4096 -> 1024 -> 10, float32) with Adam, synthetic
+batches. Prints per rank: param/grad/optimizer-state bytes, optimizer state against 1/p of the
+unsharded state, peak RSS, and the median step time with its ratio to shard="none" at the same
+rank count (goals on 2 ranks: <= 1.05x for optimizer and gradients, <= 1.5x for parameters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+SIZES = (2048, (4096, 4096, 4096, 1024), 10)
+STAGES = ("none", "optimizer", "gradients", "parameters")
+
+
+def worker(stage: str, steps: int, batch: int, overlap: bool) -> None:
+    """Train `steps` steps at `stage` on COMM_WORLD; rank 0 prints one JSON line."""
+    import numpy as np
+    from mpi4py import MPI
+
+    from mpifed.nn.models import ModelSpec, init_params
+    from mpifed.optim import Adam
+    from mpifed.train.data_parallel import peak_rss_bytes, state_bytes
+    from mpifed.train.step import make_step
+
+    comm = MPI.COMM_WORLD
+    spec = ModelSpec("mlp", SIZES[0], SIZES[1], SIZES[2])
+    spec.seed = 0
+    # ZeRO-3 draws only its chunk: the whole model is never on any rank
+    params = None if stage == "parameters" else init_params(spec, 0, np, "float32")
+    step_fn = make_step(spec, params, comm, {"allreduce": "auto", "overlap": overlap,
+                                             "shard": stage}, np, np.float32)
+    del params
+    rng = np.random.default_rng(comm.rank)
+    x = rng.standard_normal((batch, SIZES[0])).astype(np.float32)
+    y = rng.integers(0, SIZES[2], batch)
+    optimizer, times = Adam(), []
+    for i in range(steps):
+        comm.Barrier()
+        start = time.perf_counter()
+        step_fn(x, y, optimizer, 1e-4, i + 1)
+        times.append(time.perf_counter() - start)
+    step_fn.close()
+    row = dict(step_fn.memory_bytes(), optimizer_state_bytes=state_bytes(optimizer),
+               peak_rss_bytes=peak_rss_bytes(), step_s=float(np.median(times[1:] or times)),
+               n=spec.layout("float32").size,
+               widest=max(b - a for a, b in (spec.layer_range(i, "float32")
+                                             for i in range(len(spec.layers)))))
+    rows = comm.gather(row)
+    if comm.rank == 0:
+        print(json.dumps({"stage": stage, "ranks": comm.size, "rows": rows}), flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", default="1,2,4", help="rank counts (default 1,2,4)")
+    parser.add_argument("--steps", type=int, default=4, help="steps per run (first not timed)")
+    parser.add_argument("--batch", type=int, default=32, help="rows per rank and step")
+    parser.add_argument("--overlap", action="store_true", help="comm.overlap on")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.steps, args.batch, args.overlap)
+        return 0
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPIFED_BLAS_THREADS="1")
+    print(f"{'p':>2} {'stage':<10} {'param MiB':>9} {'grad MiB':>8} {'optim MiB':>9} "
+          f"{'vs 1/p':>6} {'peak RSS MiB':>12} {'goal MiB':>8} {'step s':>7} {'vs none':>7}")
+    for ranks in [int(r) for r in args.ranks.split(",")]:
+        base = None
+        for stage in STAGES:
+            cmd = [mpiexec, "-n", str(ranks), sys.executable, __file__, "--worker", stage,
+                   "--steps", str(args.steps), "--batch", str(args.batch)]
+            cmd += ["--overlap"] if args.overlap else []
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if done.returncode:
+                print(done.stderr[-2000:])
+                return 1
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            rows = result["rows"]
+            n, mib = rows[0]["n"], 1 / 2 ** 20
+            whole_state = 2 * 4 * n  # Adam: m and v in float32
+            worst = max(rows, key=lambda r: r["peak_rss_bytes"])
+            # ZeRO-3's goal: (params + grads + Adam state)/p + the largest layer's working set
+            # (two gather buffers and two gradient buckets) + 100 MiB
+            goal = (16 * n / ranks + 4 * 4 * rows[0]["widest"]) * mib + 100
+            step = max(r["step_s"] for r in rows)
+            base = step if stage == "none" else base
+            print(f"{ranks:>2} {stage:<10} {worst['param_bytes'] * mib:9.1f} "
+                  f"{worst['grad_bytes'] * mib:8.1f} "
+                  f"{max(r['optimizer_state_bytes'] for r in rows) * mib:9.1f} "
+                  f"{max(r['optimizer_state_bytes'] for r in rows) / (whole_state / ranks):6.3f} "
+                  f"{worst['peak_rss_bytes'] * mib:12.1f} "
+                  f"{goal if stage == 'parameters' else float('nan'):8.1f} "
+                  f"{step:7.3f} {step / base:7.2f}",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,333 @@
+"""The data-parallel step with the model state sharded over the ranks (ZeRO, Rajbhandari et al.).
+
+The flat buffer of n parameters plus two slots (the rank's loss and stop request, as in
+DataParallelStep) is cut into chunk_bounds(n + 2, p); rank r owns chunk r. Stages
+(`[comm] shard`):
+
+- "optimizer" (ZeRO-1): whole gradients, reduce-scattered (mean); the unchanged optimiser updates
+  the owned slice of the parameters, so its state covers that slice only; the parameters are
+  all-gathered. Same bytes on the wire as one all-reduce.
+- "gradients" (ZeRO-2): no whole gradient buffer: each layer's gradients go into one of two
+  buckets of the largest layer's size, reduce-scattered as soon as final (on the communication
+  thread with comm.overlap) and only this rank's part kept.
+- "parameters" (ZeRO-3): between steps each rank holds only its chunk of the parameters; each
+  layer is all-gathered into one of two buffers before its forward and again before its backward
+  (the next layer's gather started on the communication thread while this layer computes, with
+  comm.overlap), then dropped. The model is never whole on any rank, not even at the start
+  (`Sequential.init_range`), except when it is written out (model.h5, evaluation).
+
+The layers come from `Sequential.layer_range`: the model asks for one layer's parameter and
+gradient views at a time through providers (`Sequential.loss_and_grad`), so nn/ knows nothing of
+MPI. Batch norm's running statistics live in the flat buffer: their backward writes their new
+values as "gradients", which are averaged like any other, then moved into the parameters on the
+owner's chunk, never trained (as `Sequential.take_buffers` does unsharded).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from ..comm import allgather, allreduce, reduce_scatter
+from ..comm.checks import check_same_signature
+from ..comm.ring import chunk_bounds
+from ..comm.stall import StallWatch
+from ..errors import UserError
+from ..nn.layers import Context
+from ..nn.models import loss_and_grad
+from ..xp import device_thread_pool, record_event, to_host, wait_event
+
+STAGES = ("none", "optimizer", "gradients", "parameters")  # comm.shard
+
+
+def part_bounds(lo: int, hi: int, bounds: list) -> list[tuple[int, int]]:
+    """Return each rank's part of [lo, hi) as (start, stop) relative to lo, in rank order."""
+    width = hi - lo
+    return [(min(max(a - lo, 0), width), min(max(b - lo, 0), width)) for a, b in bounds]
+
+
+def clipped(ranges: list, lo: int, hi: int) -> list[tuple[int, int]]:
+    """Return the parts of `ranges` inside [lo, hi), relative to lo."""
+    return [(max(a, lo) - lo, min(b, hi) - lo) for a, b in ranges if min(b, hi) > max(a, lo)]
+
+
+class ShardedStep:
+    """A data-parallel step over `comm` with the model state sharded at `stage` (see module).
+
+    Same call as DataParallelStep. params: the whole flat model (every rank the same), or None
+    for "parameters", where each rank then draws only its chunk from spec.seed (`dtype` says the
+    parameters' dtype). `params` is the whole model after each step for "optimizer" and
+    "gradients" and None for "parameters" (use `gather_params()`).
+    """
+
+    def __init__(self, spec, params, comm, algorithm: str, xp, overlap: bool, stage: str,
+                 stall_timeout: float = 0.0, dtype=None):
+        if stage not in STAGES[1:]:
+            raise ValueError(f"ShardedStep: stage {stage!r} is not one of {STAGES[1:]}")
+        self.spec, self.comm, self.stage, self.xp = spec, comm, stage, xp
+        self.algorithm = "mpi" if algorithm == "nccl" else algorithm  # no NCCL halves yet
+        self.dtype = np.dtype(params.dtype if params is not None else dtype)
+        self.n = spec.layout(self.dtype).size
+        self.bounds = chunk_bounds(self.n + 2, comm.size)
+        self.lo, self.hi = self.bounds[comm.rank]
+        check_same_signature(comm, self.n + 2, self.dtype)  # once; steps skip it
+        # Trained layers: (index, lo, hi); the last one carries the two slots in its reduction.
+        self.layers = [(i, *spec.layer_range(i, self.dtype)) for i in range(len(spec.layers))]
+        self.layers = [(i, lo, hi) for i, lo, hi in self.layers if hi > lo]
+        self.buffer_parts = clipped(spec.buffer_ranges(self.dtype), self.lo, self.lo + self.n_own)
+        widest = max(hi - lo for _, lo, hi in self.layers) + 2
+        self._make_buffers(params, xp, widest)
+        self.stop_agreed = False
+        self.comm_seconds, self._step_number = 0.0, 0
+        self.watch = StallWatch(comm, stall_timeout)
+        self._pool = device_thread_pool(xp, "mpifed-comm") if overlap and comm.size > 1 else None
+
+    def _make_buffers(self, params, xp, widest: int) -> None:
+        n, lo, hi, dtype = self.n, self.lo, self.hi, self.dtype
+        if self.stage == "parameters":
+            self.weights = self.params = None
+            self.shard = xp.zeros(hi - lo, dtype=dtype)
+            self.shard[:self.n_own] = (params[lo:lo + self.n_own] if params is not None else
+                                       self.spec.init_range(self.spec.seed, lo, lo + self.n_own,
+                                                            xp, dtype))
+            self.gathered = [xp.empty(widest, dtype=dtype) for _ in range(2)]
+        else:
+            self.weights = xp.zeros(n + 2, dtype=dtype)
+            self.weights[:n] = params
+            self.params = self.weights[:n]
+            self.shard = self.weights[lo:hi]
+            self.gathered = []
+        if self.stage == "optimizer":
+            self.grad = xp.zeros(n + 2, dtype=dtype)
+            self.grad_shard = self.grad[lo:hi]
+            self.buckets = []
+        else:
+            self.grad = None
+            self.grad_shard = xp.zeros(hi - lo, dtype=dtype)
+            self.buckets = [xp.zeros(widest, dtype=dtype) for _ in range(2)]
+
+    @property
+    def n_own(self) -> int:
+        """How many of this rank's chunk are parameters (the rest: the loss and stop slots)."""
+        return max(0, min(self.hi, self.n) - self.lo)
+
+    # --- communication -------------------------------------------------------------------
+
+    def _timed(self, after, fn, *args):
+        """Run a collective once event `after` has happened; return (seconds, done event)."""
+        wait_event(after)
+        start = time.perf_counter()
+        self.watch.arm(self._step_number)
+        fn(*args)
+        self.watch.disarm()
+        return time.perf_counter() - start, record_event(self.xp)
+
+    def _run(self, fn, *args):
+        """Run `fn` now, or on the communication thread with overlap; return a waitable."""
+        if self._pool is not None:
+            return self._pool.submit(self._timed, record_event(self.xp), fn, *args)
+        self.comm_seconds += self._timed(None, fn, *args)[0]
+        return None
+
+    def _wait(self, future) -> None:
+        """Wait for a collective started by `_run` (host and device); count the time blocked."""
+        if future is not None:
+            start = time.perf_counter()
+            _, done = future.result()
+            wait_event(done)
+            self.comm_seconds += time.perf_counter() - start
+
+    def _sum_over_ranks(self, buf):
+        """Sync batch norm's reducer, queued behind the collectives already started."""
+        def reduce():
+            return allreduce(buf, self.comm, "sum", "mpi", check=False)
+        if self._pool is None:
+            return reduce()
+        self._pool.submit(self._timed, record_event(self.xp), reduce).result()
+        return buf
+
+    def _scatter(self, bucket, lo: int, hi: int) -> None:
+        """Reduce-scatter (mean) the gradients [lo, hi) held in `bucket`; keep this rank's part."""
+        own = reduce_scatter(bucket[:hi - lo], self.comm, "mean", self.algorithm, check=False,
+                             bounds=part_bounds(lo, hi, self.bounds))
+        a, b = max(lo, self.lo), min(hi, self.hi)
+        if b > a and self.grad is None:  # ZeRO-1's bucket is the whole buffer: already there
+            self.grad_shard[a - self.lo:b - self.lo] = own
+
+    def _gather(self, out, lo: int, hi: int) -> None:
+        """All-gather parameters [lo, hi) into `out` from the owners' shards."""
+        a, b = max(lo, self.lo), min(hi, self.hi)
+        if b > a:
+            out[a - lo:b - lo] = self.shard[a - self.lo:b - self.lo]
+        allgather(out[:hi - lo], self.comm, self.algorithm, check=False,
+                  bounds=part_bounds(lo, hi, self.bounds))
+
+    # --- the backward pass, per stage ------------------------------------------------------
+
+    def _whole_gradients(self, x, y, ctx) -> None:
+        """ZeRO-1: the whole gradient, reduce-scattered at once (or per layer with overlap)."""
+        n, futures = self.n, []
+
+        def ready(lo, hi, loss):
+            if hi == n:  # the last layer carries the loss and stop slots along
+                self.grad[n] = loss
+                hi = n + 2
+            futures.append(self._run(self._scatter, self.grad[lo:], lo, hi))
+
+        if self._pool is not None:
+            loss_and_grad(self.spec, self.params, x, y, self.grad[:n], on_ready=ready, ctx=ctx)
+        else:
+            self.grad[n] = loss_and_grad(self.spec, self.params, x, y, self.grad[:n], ctx=ctx)
+            futures.append(self._run(self._scatter, self.grad, 0, n + 2))
+        for future in futures:
+            self._wait(future)
+
+    def _bucketed_gradients(self, x, y, params, ctx, stop: float) -> None:
+        """ZeRO-2/3: each layer's gradients into a bucket, reduce-scattered as soon as final."""
+        n, pending, slot = self.n, [None, None], [1]
+
+        def bucket(i, lo, hi):
+            slot[0] = 1 - slot[0]
+            self._wait(pending[slot[0]])  # that bucket's last reduction is done
+            pending[slot[0]] = None
+            return self.buckets[slot[0]][:hi - lo]
+
+        def ready(lo, hi, loss):
+            held = self.buckets[slot[0]]
+            if hi == n:
+                held[n - lo:n - lo + 2] = self.xp.asarray([loss, stop], dtype=self.dtype)
+                hi = n + 2
+            pending[slot[0]] = self._run(self._scatter, held, lo, hi)
+
+        loss_and_grad(self.spec, params, x, y, bucket, on_ready=ready, ctx=ctx)
+        for future in pending:
+            self._wait(future)
+
+    def _fetcher(self):
+        """Return ZeRO-3's provider (i, lo, hi) -> layer i's gathered parameters.
+
+        Layers are asked for forward first to last, then backward last to first; the last one
+        is asked twice in a row and served once. Each gather goes into the buffer the model is
+        done with, the next one started as soon as this one is handed out.
+        """
+        trained = [i for i, _, _ in self.layers]
+        order = trained + trained[::-1][1:]
+        ranges = {i: (lo, min(hi, self.n)) for i, lo, hi in self.layers}
+        started, position = {}, [-1]
+
+        def start(j):
+            if j < len(order) and j not in started:
+                lo, hi = ranges[order[j]]
+                started[j] = self._run(self._gather, self.gathered[j % 2], lo, hi)
+
+        def params_of(i, lo, hi):
+            j = position[0]
+            if j < 0 or order[j] != i:  # not a repeat of the layer just handed out
+                j = position[0] = j + 1
+                if j >= len(order) or order[j] != i:
+                    raise RuntimeError(f"ZeRO-3: the model asked for layer {i} out of order")
+                start(j)
+                self._wait(started.pop(j))
+                start(j + 1)
+            return self.gathered[j % 2][:hi - lo]
+        return params_of
+
+    # --- the step --------------------------------------------------------------------------
+
+    def _context(self, step_number: int) -> Context:
+        return Context(train=True, seed=getattr(self.spec, "seed", 0), step=step_number,
+                       rank=self.comm.rank,
+                       reduce=self._sum_over_ranks if self.comm.size > 1 else None)
+
+    def __call__(self, x, y, optimizer, lr: float, step_number: int, anchor=None, mu=0.0,
+                 stop: float = 0.0):
+        """Take one step on the batch (x, y); return the global mean loss (same on all ranks).
+
+        anchor: FedProx's anchor, the whole flat model (its owned slice is used).
+        """
+        self._step_number = step_number
+        ctx = self._context(step_number)
+        if self.stage == "optimizer":
+            self.grad[self.n + 1] = stop
+            self._whole_gradients(x, y, ctx)
+        elif self.stage == "gradients":
+            self._bucketed_gradients(x, y, self.params, ctx, stop)
+        else:
+            self._bucketed_gradients(x, y, self._fetcher(), ctx, stop)
+        own = self.n_own
+        grads, params = self.grad_shard[:own], self.shard[:own]
+        kept = self._take_buffers(grads)  # running statistics, averaged: not trained
+        if anchor is not None and mu:
+            grads += mu * (params - anchor[self.lo:self.lo + own])
+            self._take_buffers(grads)
+        optimizer.step(params, grads, lr)
+        for a, b, values in kept:
+            params[a:b] = values
+        loss, stop_mean = self._share_slots()
+        self.stop_agreed = stop_mean > 0
+        if loss != loss or loss in (float("inf"), float("-inf")):
+            raise UserError(f"training diverged: the loss is {loss} at step {step_number}; "
+                            "lower optim.lr or add optim.warmup")
+        return loss
+
+    def _take_buffers(self, grads) -> list:
+        """Copy out, and zero in `grads`, the owned parts of the running statistics."""
+        kept = [(a, b, grads[a:b].copy()) for a, b in self.buffer_parts]
+        for a, b in self.buffer_parts:
+            grads[a:b] = 0
+        return kept
+
+    def _share_slots(self) -> tuple[float, float]:
+        """Put the loss and stop slots, known to their owners, on every rank; ZeRO-1/2: and
+        all-gather the parameters."""
+        n, lo, hi = self.n, self.lo, self.hi
+        slots = self.grad_shard[max(lo, n) - lo:hi - lo]  # the slots this rank owns, if any
+        start = time.perf_counter()
+        if self.stage == "parameters":
+            local = np.zeros(2)
+            if hi > n:
+                local[max(lo, n) - n:hi - n] = to_host(slots)
+            self.comm.Allreduce(MPI.IN_PLACE, local)
+            self.comm_seconds += time.perf_counter() - start
+            return float(local[0]), float(local[1])
+        self.weights[max(lo, n):hi] = slots
+        allgather(self.weights, self.comm, self.algorithm, check=False, bounds=self.bounds)
+        self.comm_seconds += time.perf_counter() - start
+        loss, stop = (float(v) for v in to_host(self.weights[n:n + 2]))
+        return loss, stop
+
+    # --- whole model on demand -------------------------------------------------------------
+
+    def gather_params(self):
+        """Return the whole parameter vector (collective; a new buffer for "parameters")."""
+        if self.stage != "parameters":
+            return self.params
+        full = self.xp.zeros(self.n + 2, dtype=self.dtype)
+        full[self.lo:self.hi] = self.shard
+        allgather(full, self.comm, self.algorithm, check=False, bounds=self.bounds)
+        return full[:self.n]
+
+    def memory_bytes(self) -> dict:
+        """Return the bytes this rank holds for parameters and gradients (buffers included)."""
+        held = [self.weights if self.weights is not None else self.shard, *self.gathered]
+        grads = [self.grad] if self.grad is not None else [self.grad_shard, *self.buckets]
+        return {"param_bytes": int(sum(a.nbytes for a in held)),
+                "grad_bytes": int(sum(a.nbytes for a in grads))}
+
+    def load_shard(self, values) -> None:
+        """Set this rank's parameters (n_own elements; collective: the model is re-gathered)."""
+        self.shard[:self.n_own] = values
+        if self.stage != "parameters":
+            allgather(self.weights, self.comm, self.algorithm, check=False, bounds=self.bounds)
+
+    def close(self) -> None:
+        """Stop the communication thread (local; safe in a `finally`)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+        self.watch.close()
+
+    def free(self) -> None:
+        return None
+

@@ -1,0 +1,180 @@
+"""`mpifed train` with [comm] shard: the same model as unsharded, memory per rank reported,
+sharded checkpoints that resume to the same bits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+from conftest import write_site
+from helpers import run_mpi
+
+FEATURES, CLASSES, SAMPLES = 6, 3, 103
+
+
+def make_run(tmp_path, shard: str, steps: int = 20, out: str = "out", overlap: bool = False):
+    rng = np.random.default_rng(42)
+    y = rng.integers(0, CLASSES, size=SAMPLES)
+    x = rng.standard_normal((SAMPLES, FEATURES)) + y[:, None]
+    with h5py.File(tmp_path / "d.h5", "w") as fh:
+        fh["x"], fh["y"] = x, y
+    (tmp_path / "run.toml").write_text(f"""
+[data]
+train = "d.h5"
+[model]
+kind = "mlp"
+hidden = [7, 4]
+dtype = "float64"
+[optim]
+name = "adam"
+lr = 0.01
+batch_size = 4
+steps = {steps}
+[comm]
+shard = "{shard}"
+overlap = {str(overlap).lower()}
+[run]
+seed = 3
+out = "{out}"
+checkpoint_every = 5
+keep_checkpoints = 10
+""")
+
+
+def model_bytes(path):
+    with h5py.File(path) as fh:
+        return [fh[k][...].tobytes() for k in sorted(fh) if isinstance(fh[k], h5py.Dataset)]
+
+
+def model_arrays(path):
+    with h5py.File(path) as fh:
+        return [fh[k][...] for k in sorted(fh) if isinstance(fh[k], h5py.Dataset)]
+
+
+@pytest.fixture(scope="module")
+def unsharded(tmp_path_factory):
+    """The model and summary of shard = "none" on 3 ranks (run once)."""
+    folder = tmp_path_factory.mktemp("plain")
+    make_run(folder, "none", out="plain")
+    done = run_mpi(3, ["train", "run.toml"], cwd=folder)
+    assert done.returncode == 0, done.stderr
+    return folder / "plain"
+
+
+def summary_of(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").open()][-1]
+
+
+@pytest.mark.parametrize("shard", ["optimizer", "gradients", "parameters"])
+def test_sharded_training_equals_unsharded(tmp_path, shard, unsharded):
+    ranks = 3
+    make_run(tmp_path, shard, overlap=shard != "optimizer")
+    done = run_mpi(ranks, ["train", "run.toml"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for got, want in zip(model_arrays(tmp_path / "out" / "model.h5"),
+                         model_arrays(unsharded / "model.h5")):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
+    summary, plain = summary_of(tmp_path / "out"), summary_of(unsharded)
+    n = 6 * 7 + 7 + 7 * 4 + 4 + 4 * 3 + 3
+    for key in ("param_bytes", "grad_bytes", "optimizer_state_bytes", "peak_rss_bytes"):
+        assert len(summary[key]) == ranks and all(v > 0 for v in summary[key])
+    assert plain["optimizer_state_bytes"] == [2 * 8 * n] * ranks  # Adam: m and v, whole
+    chunk = -(-(n + 2) // ranks)
+    assert max(summary["optimizer_state_bytes"]) <= 2 * 8 * chunk  # within one chunk of 1/p
+    if shard == "parameters":
+        widest = 6 * 7 + 7 + 2  # the first layer, plus the two slots
+        # its chunk and two gather buffers of the largest layer: never the whole model
+        assert max(summary["param_bytes"]) <= 8 * (chunk + 2 * widest)
+
+
+def test_sigkill_then_resume_gives_the_same_bits_and_another_rank_count_resumes(tmp_path):
+    """ZeRO-3 on 3 ranks: rank 1 is SIGKILLed after step 12; the same command resumes from the
+    step-10 checkpoint to the bits of an uninterrupted run. The step-10 checkpoint, written on
+    3 ranks, resumes on 2 and 4 (the parameters and state it holds: test_sharded_step_mpi)."""
+    make_run(tmp_path, "parameters", out="whole")
+    assert run_mpi(3, ["train", "run.toml"], cwd=tmp_path).returncode == 0
+    make_run(tmp_path, "parameters", out="out", overlap=True)
+    killed = run_mpi(3, ["train", "run.toml"], cwd=tmp_path,
+                     env={"MPIFED_FAULT": "kill:step=12:rank=1"})
+    assert killed.returncode != 0
+    checkpoints = tmp_path / "out" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "step-000000005.sharded", "step-000000010.sharded"]
+    keep = tmp_path / "step-10"
+    shutil.copytree(checkpoints / "step-000000010.sharded", keep)
+    again = run_mpi(3, ["train", "run.toml"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "resumed at step 10" in again.stdout + again.stderr
+    assert model_bytes(tmp_path / "out" / "model.h5") == model_bytes(
+        tmp_path / "whole" / "model.h5")
+    for ranks in (2, 4):  # the same run (config, data) in another folder
+        folder = tmp_path / f"on-{ranks}"
+        shutil.copytree(keep, folder / "out" / "checkpoints" / "step-000000010.sharded")
+        for name in ("run.toml", "d.h5"):
+            shutil.copy(tmp_path / name, folder / name)
+        elsewhere = run_mpi(ranks, ["train", "run.toml"], cwd=folder)
+        assert elsewhere.returncode == 0, elsewhere.stderr
+        assert "resumed at step 10" in elsewhere.stdout + elsewhere.stderr
+
+
+@pytest.mark.parametrize("shard", ["optimizer", "gradients"])
+def test_federation_with_sharded_institutions_equals_unsharded(tmp_path, shard):
+    """Two institutions of two ranks each: their ranks shard, the leaders send whole models."""
+
+    for i in range(2):
+        write_site(tmp_path / f"site-{i}.h5", 41 + 6 * i, seed=i)
+    models = []
+    for stage in ("none", shard):
+        (tmp_path / "fed.toml").write_text(f"""
+[data]
+train = "site-{{institution}}.h5"
+[model]
+kind = "mlp"
+hidden = [4]
+dtype = "float64"
+[optim]
+name = "sgd"
+lr = 0.05
+momentum = 0.9
+nesterov = true
+batch_size = 3
+[comm]
+shard = "{stage}"
+[federated]
+institutions = 2
+rounds = 3
+local_steps = 4
+strategy = "fedprox"
+[run]
+seed = 5
+out = "out-{stage}"
+""")
+        done = run_mpi(4, ["train", "fed.toml"], cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        models.append(model_arrays(tmp_path / f"out-{stage}" / "model.h5"))
+    for got, want in zip(models[1], models[0]):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
+
+
+def test_federation_refuses_sharded_parameters(tmp_path):
+
+    for i in range(2):
+        write_site(tmp_path / f"site-{i}.h5", 80, seed=i)
+    (tmp_path / "fed.toml").write_text("""
+[data]
+train = "site-{institution}.h5"
+[model]
+kind = "softmax"
+[comm]
+shard = "parameters"
+[federated]
+institutions = 2
+[run]
+out = "out"
+""")
+    done = run_mpi(2, ["train", "fed.toml"], cwd=tmp_path)
+    assert done.returncode != 0
+    assert 'comm.shard: "parameters" is not supported in a federation' in done.stderr + done.stdout
