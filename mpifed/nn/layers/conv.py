@@ -1,10 +1,14 @@
 """`conv2d`: im2col by stride tricks, one GEMM; the input gradient by col2im.
 
-Chainer's Convolution2DFunction and cs231n's fast_layers: the (B, C, H, W) input, padded, is
-viewed (no copy) as (B, OH, OW, C, KH, KW) windows by `as_strided`; one reshape copies it into
-the column matrix, and one GEMM with W (O, C*KH*KW) gives every output pixel. The backward's
-col2im adds the column gradients back with one strided slice per kernel offset (KH*KW slices,
-no loop over pixels). CuPy takes the same path (its cuDNN bindings are gone): im2col and cuBLAS.
+Chainer's Convolution2DFunction and Caffe's im2col, channel-major: the input (B, C, H, W),
+padded, is viewed (no copy) by `as_strided` as (C, KH, KW, B, OH, OW) windows; one copy into a
+column buffer kept by the layer gives the (C*KH*KW, B*OH*OW) matrix, and one GEMM with
+W (O, C*KH*KW) gives every output pixel as (O, B*OH*OW). The output is returned as a
+(B, O, OH, OW) view of that channel-major array, and element-wise layers keep the layout, so
+the next convolution's windows and this one's backward read it without a transpose copy.
+The backward's col2im adds the column gradients back with one strided slice per kernel offset
+(KH*KW slices, no loop over pixels). Only xp operations: CuPy takes the same path (im2col and
+cuBLAS).
 """
 
 from __future__ import annotations
@@ -20,38 +24,56 @@ def out_size(size: int, kernel: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - kernel) // stride + 1
 
 
-def windows(x, kh: int, kw: int, stride: int, pad: int = 0):
-    """Return a (B, C, OH, OW, KH, KW) strided view of x (B, C, H, W) padded by `pad` (no copy
-    unless padding)."""
+def windows(x, kh: int, kw: int, stride: int):
+    """Return a (C, KH, KW, B, OH, OW) strided view of x (C, B, H, W) (any strides; no copy)."""
     xp = get_array_module(x)
-    if pad:
-        x = xp.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))  # (B, C, H+2p, W+2p)
-    b, c, h, w = x.shape
+    c, b, h, w = x.shape
     oh, ow = (h - kh) // stride + 1, (w - kw) // stride + 1
-    sb, sc, sh, sw = x.strides
+    sc, sb, sh, sw = x.strides
     return xp.lib.stride_tricks.as_strided(
-        x, (b, c, oh, ow, kh, kw), (sb, sc, sh * stride, sw * stride, sh, sw))
+        x, (c, kh, kw, b, oh, ow), (sc, sh, sw, sb, sh * stride, sw * stride))
 
 
-def im2col(x, kh: int, kw: int, stride: int, pad: int):
-    """Return the column matrix of x (B, C, H, W): (B*OH*OW, C*KH*KW), one row per pixel."""
-    view = windows(x, kh, kw, stride, pad)  # (B, C, OH, OW, KH, KW)
-    b, c, oh, ow = view.shape[:4]
-    return view.transpose(0, 2, 3, 1, 4, 5).reshape(b * oh * ow, c * kh * kw)  # one copy
+def padded(x, pad: int, out=None):
+    """Return x (C, B, H, W) with `pad` zeros around each image: written into `out`
+    (C, B, H+2p, W+2p, its border already zero) when given; x itself when pad is 0."""
+    if not pad:
+        return x
+    xp = get_array_module(x)
+    c, b, h, w = x.shape
+    if out is None:
+        out = xp.zeros((c, b, h + 2 * pad, w + 2 * pad), dtype=x.dtype)
+    out[:, :, pad:pad + h, pad:pad + w] = x
+    return out
+
+
+def im2col(x, kh: int, kw: int, stride: int, pad: int, out=None, pad_out=None):
+    """Return the column matrix of x (B, C, H, W): (C*KH*KW, B*OH*OW), one column per pixel.
+
+    out: a (C, KH, KW, B, OH, OW) buffer to fill (else a new one); pad_out: the padded
+    input's buffer (see `padded`).
+    """
+    xp = get_array_module(x)
+    view = windows(padded(x.transpose(1, 0, 2, 3), pad, pad_out), kh, kw, stride)
+    if out is None:
+        out = xp.empty(view.shape, dtype=x.dtype)
+    out[...] = view  # the one copy: (C, KH, KW, B, OH, OW)
+    c, _, _, b, oh, ow = view.shape
+    return out.reshape(c * kh * kw, b * oh * ow)
 
 
 def col2im(dcol, shape, kh: int, kw: int, stride: int, pad: int):
-    """Add the rows of dcol (B, OH, OW, C, KH, KW) back into an input-shaped (B, C, H, W) array:
-    the adjoint of im2col, one strided slice per kernel offset."""
+    """Add the columns of dcol (C*KH*KW, B*OH*OW) back into an input-shaped (B, C, H, W)
+    array: the adjoint of im2col, one strided slice per kernel offset."""
     xp = get_array_module(dcol)
     b, c, h, w = shape
-    oh, ow = dcol.shape[1:3]
-    dx = xp.zeros((b, c, h + 2 * pad, w + 2 * pad), dtype=dcol.dtype)  # padded
-    d = dcol.transpose(0, 3, 4, 5, 1, 2)  # (B, C, KH, KW, OH, OW), a view
+    oh, ow = out_size(h, kh, stride, pad), out_size(w, kw, stride, pad)
+    d = dcol.reshape(c, kh, kw, b, oh, ow)
+    dx = xp.zeros((c, b, h + 2 * pad, w + 2 * pad), dtype=dcol.dtype)  # padded, channel-major
     for i in range(kh):
         for j in range(kw):
-            dx[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride] += d[:, :, i, j]
-    return dx[:, :, pad:pad + h, pad:pad + w] if pad else dx
+            dx[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride] += d[:, i, j]
+    return dx[:, :, pad:pad + h, pad:pad + w].transpose(1, 0, 2, 3)  # (B, C, H, W) view
 
 
 class Conv2d(Layer):
@@ -93,25 +115,28 @@ class Conv2d(Layer):
                 "padding": self.padding}
 
     def forward(self, p, x, ctx):
-        k, o = self.kernel, self.out
+        xp = get_array_module(x)
+        k, o, pad = self.kernel, self.out, self.padding
+        c, h, w = self.in_shape
         _, oh, ow = self.out_shape
-        self.batch = x.shape[0]
-        self.col = im2col(x, k, k, self.stride, self.padding)  # (B*OH*OW, C*KH*KW)
-        y = self.col @ p["W"].reshape(o, -1).T  # (B*OH*OW, O), the GEMM
-        y += p["b"]
-        return y.reshape(self.batch, oh, ow, o).transpose(0, 3, 1, 2)  # (B, O, OH, OW) view
+        b = self.batch = x.shape[0]
+        cols = self.scratch("col", (c, k, k, b, oh, ow), x.dtype, xp)
+        pads = self.scratch("pad", (c, b, h + 2 * pad, w + 2 * pad), x.dtype, xp, zeroed=True) \
+            if pad else None
+        self.col = im2col(x, k, k, self.stride, pad, cols, pads)  # (C*KH*KW, B*OH*OW)
+        y = xp.matmul(p["W"].reshape(o, -1), self.col)  # (O, B*OH*OW), the GEMM
+        y += p["b"][:, None]
+        return y.reshape(o, b, oh, ow).transpose(1, 0, 2, 3)  # (B, O, OH, OW) view
 
     def backward(self, p, g, dy, ctx, need_dx=True):
         xp = get_array_module(dy)
-        k, o = self.kernel, self.out
-        dy2 = dy.transpose(0, 2, 3, 1).reshape(-1, o)  # (B*OH*OW, O)
-        xp.matmul(dy2.T, self.col, out=g["W"].reshape(o, -1))  # (O, C*KH*KW) into the buffer
-        dy2.sum(axis=0, out=g["b"])  # (O,)
-        self.col = None
+        o = self.out
+        dy2 = dy.transpose(1, 0, 2, 3).reshape(o, -1)  # (O, B*OH*OW), a view if channel-major
+        xp.matmul(dy2, self.col.T, out=g["W"].reshape(o, -1))  # (O, C*KH*KW) into the buffer
+        dy2.sum(axis=1, out=g["b"])  # (O,)
+        col, self.col = self.col, None
         if not need_dx:
             return None
-        c = self.in_shape[0]
-        _, oh, ow = self.out_shape
-        dcol = dy2 @ p["W"].reshape(o, -1)  # (B*OH*OW, C*KH*KW)
-        dcol = dcol.reshape(self.batch, oh, ow, c, k, k)
+        dcol = xp.matmul(p["W"].reshape(o, -1).T, dy2, out=col)  # (C*KH*KW, B*OH*OW), in place
+        k = self.kernel
         return col2im(dcol, (self.batch, *self.in_shape), k, k, self.stride, self.padding)
