@@ -9,14 +9,15 @@ Models: the `lenet5` preset on 1x28x28 images and the `resnet` preset with depth
 image-shaped synthetic data of `mpifed data synth --shape` (each rank its shard). The peer
 builds the same layers in torch (peers.torch_lenet5, peers.torch_resnet) and trains them with
 DistributedDataParallel: over gloo on CPUs with one thread per rank (ours: one BLAS thread per
-rank), over NCCL on GPUs. Each implementation runs under the same mpiexec in turn, both warmed
-up alike (WARMUP steps, then `--steps` timed), repeats alternate and the best is kept; the table
-gives samples/s and ours / torch, measured in the same run.
+rank; "ours-overlap" sets comm.overlap, as DDP overlaps its buckets), over NCCL on GPUs. Each
+implementation runs under the same mpiexec in turn, all warmed up alike (WARMUP steps, then
+`--steps` timed); repeats alternate and the best is kept. The table gives samples/s and
+ours / torch, measured in the same run.
 
-After the table, `--breakdown` (on by default) times one rank's forward and backward per layer
-type (mpifed.nn.layers.profile; CPU time on the host, synchronised wall time on a GPU) for
-each model, next to the same step in torch, so the ratio can be read against where the time
-goes.
+After the table (unless --no-breakdown), one rank's forward and backward time per layer type
+(mpifed.nn.layers.profile; CPU time on the host, which a busy machine disturbs less than wall
+time; synchronised wall time on a GPU) for each model, next to the same step in torch, so the
+ratio can be read against where the time goes.
 """
 
 from __future__ import annotations
@@ -55,8 +56,10 @@ def torch_model(name: str, device=None):
     return torch_resnet(8, shape[0], CLASSES, device)
 
 
-def worker_ours(name: str, data: str, steps: int, out: str, backend: str) -> dict:
-    """Run `mpifed train` in-process on this rank's shard: WARMUP steps, then `steps` timed."""
+def worker_ours(name: str, data: str, steps: int, out: str, backend: str,
+                overlap: bool = False) -> dict:
+    """Run `mpifed train` in-process on this rank's shard: WARMUP steps, then `steps` timed.
+    overlap: comm.overlap (each layer's all-reduce starts as soon as its gradients are final)."""
     from mpi4py import MPI
 
     from ..train.config import resolve
@@ -70,7 +73,8 @@ def worker_ours(name: str, data: str, steps: int, out: str, backend: str) -> dic
             "model": MODELS[name][0],
             "optim": {"lr": 0.01, "momentum": 0.9, "batch_size": BATCH, "steps": n},
             "comm": {"backend": backend,
-                     "allreduce": "nccl" if backend == "cupy" and comm.size > 1 else "auto"},
+                     "allreduce": "nccl" if backend == "cupy" and comm.size > 1 else "auto",
+                     "overlap": overlap},
             "run": {"out": folder, "log_every": 0, "progress": "none", "resume": "never"},
         })
         return train(cfg, comm)
@@ -257,7 +261,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-breakdown", action="store_true",
                         help="skip the per-layer-type forward/backward times")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    parser.add_argument("--worker", choices=["ours", "torch", "breakdown"],
+    parser.add_argument("--worker", choices=["ours", "ours-overlap", "torch", "breakdown"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -268,7 +272,8 @@ def main(argv=None) -> int:
         print("# skipped: --backend cupy needs CuPy and a CUDA device (pip install mpifed[gpu] "
               "on a GPU machine)")
         return 0
-    impls = ["ours"] + ([] if args.no_torch or not torch_ready(args.backend) else ["torch"])
+    impls = ["ours", "ours-overlap"]
+    impls += [] if args.no_torch or not torch_ready(args.backend) else ["torch"]
     ranks_list = usable_ranks(args.ranks, args.backend)
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_data(tmp, args.samples)
@@ -307,7 +312,8 @@ def run_worker(args) -> int:
     if args.worker == "torch":
         result = worker_torch(name, args.data, args.steps, args.backend)
     else:
-        result = worker_ours(name, args.data, args.steps, args.out, args.backend)
+        result = worker_ours(name, args.data, args.steps, args.out, args.backend,
+                             args.worker == "ours-overlap")
     from mpi4py import MPI
 
     if MPI.COMM_WORLD.rank == 0:
@@ -346,7 +352,7 @@ def print_table(best: dict, impls: list[str], models: list[str], ranks_list: lis
     where = "GPU, CuPy vs torch CUDA/NCCL" if backend == "cupy" else \
         "CPU, 1 BLAS thread per rank, torch DDP over gloo"
     print(f"# convnets, batch {BATCH}/rank, float32, {where} (best of the repeats)")
-    print(f"# {'model':<8} {'impl':<6} {'ranks':>5} {'samples/s':>10} {'comm %':>7} "
+    print(f"# {'model':<8} {'impl':<12} {'ranks':>5} {'samples/s':>10} {'comm %':>7} "
           f"{'ours/torch':>10}")
     for name in models:
         for ranks in ranks_list:
@@ -355,10 +361,10 @@ def print_table(best: dict, impls: list[str], models: list[str], ranks_list: lis
                 comm = "" if row["comm_fraction"] is None else \
                     f"{100 * row['comm_fraction']:.1f}"
                 ratio = ""
-                if impl == "ours" and (name, "torch", ranks) in best:
+                if impl.startswith("ours") and (name, "torch", ranks) in best:
                     peer = best[(name, "torch", ranks)]["samples_per_s"]
                     ratio = f"{row['samples_per_s'] / peer:.2f}x"
-                print(f"  {name:<8} {impl:<6} {ranks:>5} {row['samples_per_s']:>10,.0f} "
+                print(f"  {name:<8} {impl:<12} {ranks:>5} {row['samples_per_s']:>10,.0f} "
                       f"{comm:>7} {ratio:>10}")
 
 
