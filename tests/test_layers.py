@@ -339,3 +339,26 @@ def test_readme_layer_example_backward(tmp_path, monkeypatch):
     flat[i] -= 2 * EPS
     down = loss_and_grad(model, flat, x, y, np.zeros_like(flat))
     assert grad[i] == pytest.approx((up - down) / (2 * EPS), rel=1e-5)
+
+
+def test_layers_use_only_xp_operations():
+    """Forward and backward reach arrays through xp alone, so CuPy runs them unchanged: in the
+    layer modules NumPy (`np.`) appears only where the host is meant (initialisation, dtype
+    names, dropout's host generator) and never as np.add.at and the like on device arrays."""
+    import ast
+    from pathlib import Path
+
+    import mpifed.nn.layers as layers
+
+    allowed = {"dtype", "sqrt", "random", "ndarray"}  # host-only uses, reviewed
+    found = {}
+    for path in Path(layers.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef) or fn.name == "init":
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                        and node.value.id == "np" and node.attr not in allowed:
+                    found.setdefault(f"{path.name}:{fn.name}", []).append(node.attr)
+    assert found == {}
