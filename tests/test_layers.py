@@ -362,3 +362,27 @@ def test_layers_use_only_xp_operations():
                         and node.value.id == "np" and node.attr not in allowed:
                     found.setdefault(f"{path.name}:{fn.name}", []).append(node.attr)
     assert found == {}
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet8"])
+def test_benchmark_peers_build_the_presets(name):
+    """The convnet benchmark's torch peers have the presets' trained arrays, one for one."""
+    pytest.importorskip("torch")
+    from mpifed.benchmarks.cnn_throughput import CLASSES, MODELS, torch_model
+    from mpifed.nn.spec import MODEL_SCHEMA, model_from_config
+
+    section, shape = MODELS[name]
+    ours = model_from_config(dict({k: d for k, (_, d) in MODEL_SCHEMA.items()}, **section),
+                             shape, CLASSES)
+    sizes = sorted(int(np.prod(s)) for layer in ours.layers for n, s in layer.params()
+                   if n.rsplit(".", 1)[-1] not in ("running_mean", "running_var"))
+    peer = sorted(p.numel() for p in torch_model(name).parameters())
+    assert sizes == peer
+
+
+def test_cnn_benchmark_skips_cleanly_without_cupy(capsys, monkeypatch):
+    from mpifed.benchmarks import cnn_throughput
+
+    monkeypatch.setattr(cnn_throughput, "cupy_ready", lambda: False)
+    assert cnn_throughput.main(["--backend", "cupy"]) == 0
+    assert "skipped" in capsys.readouterr().out

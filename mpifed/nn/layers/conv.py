@@ -9,11 +9,11 @@ element-wise layers keep the layout, so the next layer reads it without a transp
 backward's col2im adds the column gradients back with one strided slice per kernel offset
 (KH*KW slices, no loop over pixels).
 
-Stride 1 on wide images reads rows whole (the flat trick): with the output computed on the padded width Wp
-(OW real columns, Wp - OW discarded), window (i, j) of an image is one contiguous run of
-OH*Wp elements starting at i*Wp + j, so the column copy and col2im move long runs instead of
-rows of OW. On the host the batch goes through in chunks whose columns fit in cache
-(COLUMN_BYTES), each copied and multiplied while hot; on a GPU in one piece. Only xp
+Stride 1 on wide images reads rows whole (the flat trick): with the output computed on the
+padded width Wp (OW real columns, Wp - OW discarded), window (i, j) of an image is one
+contiguous run of OH*Wp elements starting at i*Wp + j, so the column copy and col2im move long
+runs instead of rows of OW. On the host the batch goes through in chunks whose columns fit in
+cache (COLUMN_BYTES), each copied and multiplied while hot; on a GPU in one piece. Only xp
 operations: CuPy takes the same path (im2col and cuBLAS).
 """
 
