@@ -265,3 +265,36 @@ def test_two_federated_rounds_on_the_device_equal_the_host(tmp_path):
         done = run_mpi(2, ["train", f"{backend}.toml"], cwd=tmp_path, timeout=RUN_TIMEOUT)
         assert done.returncode == 0, done.stdout + done.stderr
     assert_same_model(tmp_path / "cupy", tmp_path / "numpy")
+
+
+CONVNET = [{"type": "conv2d", "out": 4, "kernel": 3, "padding": 1},
+           {"type": "batchnorm2d", "sync": True}, {"type": "relu"},
+           {"type": "residual", "layers": [{"type": "conv2d", "out": 4, "kernel": 3,
+                                            "padding": 1}, {"type": "relu"}]},
+           {"type": "maxpool2d", "kernel": 2}, {"type": "flatten"}, {"type": "linear", "out": 3}]
+
+
+@pytest.mark.parametrize("shard", ["none", "optimizer", "parameters"])
+def test_a_device_convnet_equals_the_host_convnet(tmp_path, shard):
+    """The layer library (conv, sync batch norm, residual, pooling) and the ZeRO stages on CuPy
+    give the NumPy run's model, running statistics included (float64, 2 ranks)."""
+    from helpers import model_arrays, write_config
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 400)
+    with h5py.File(tmp_path / "img.h5", "w") as fh:
+        fh["x"] = rng.standard_normal((400, 1, 8, 8)) + 0.5 * y[:, None, None, None]
+        fh["y"] = y
+    for name, backend, algorithm in (("host", "numpy", "mpi"), ("device", "cupy", "auto")):
+        write_config(tmp_path / f"{name}.toml", {
+            "data": {"train": "img.h5"},
+            "model": {"kind": "sequential", "layers": CONVNET, "dtype": "float64"},
+            "optim": {"lr": 0.05, "momentum": 0.9, "batch_size": 16, "steps": 20},
+            "comm": {"backend": backend, "allreduce": algorithm, "shard": shard},
+            "run": {"out": name, "progress": "none"}})
+        done = run_mpi(2, ["train", f"{name}.toml"], cwd=tmp_path, timeout=RUN_TIMEOUT)
+        assert done.returncode == 0, done.stdout + done.stderr
+    got, want = model_arrays(tmp_path / "device/model.h5"), model_arrays(tmp_path / "host/model.h5")
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-9, err_msg=name)

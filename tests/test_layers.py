@@ -28,8 +28,8 @@ from mpifed.nn.sequential import Sequential
 EPS = 1e-6
 
 
-def built(layer, in_shape, seed=0):
-    """Build `layer` on in_shape; return (param dict, grad dict) of fresh float64 arrays."""
+def built(layer, in_shape, seed=0, xp=np):
+    """Build `layer` on in_shape; return (param dict, grad dict) of fresh float64 xp arrays."""
     layer.build(in_shape, "model.layers[0]")
     rng = np.random.default_rng(seed)
     p = {n: np.zeros(s) for n, s in layer.params()}
@@ -37,78 +37,122 @@ def built(layer, in_shape, seed=0):
     for name in p:
         if name not in layer.buffers:
             p[name] += 0.3 * rng.standard_normal(p[name].shape)  # non-trivial biases and scales
-    g = {n: np.zeros(s) for n, s in layer.params()}
-    return p, g
+    g = {n: xp.zeros(s) for n, s in layer.params()}
+    return {n: xp.asarray(v) for n, v in p.items()}, g
 
 
-def check_layer(layer, in_shape, batch=3, ctx=None, seed=0, positive=False):
-    """Compare backward with central differences of L = sum(forward(x) * R)."""
+def host(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def check_layer(layer, in_shape, batch=3, ctx=None, seed=0, positive=False, xp=np):
+    """Compare backward with central differences of L = sum(forward(x) * R), on the arrays of
+    `xp` (NumPy, or CuPy on a GPU)."""
     ctx = ctx or Context(train=True, seed=4, step=7, rank=1)
-    p, g = built(layer, in_shape, seed)
+    p, g = built(layer, in_shape, seed, xp)
     rng = np.random.default_rng(seed + 1)
     x = rng.standard_normal((batch, *in_shape))
     if positive:
         x = np.abs(x) + 0.1
+    x = xp.asarray(x)
     out = layer.forward(p, x, ctx)
     assert out.shape == (batch, *layer.out_shape)
-    r = rng.standard_normal(out.shape)
+    assert type(out) is type(x)
+    r = xp.asarray(rng.standard_normal(out.shape))
 
     def loss():
         return float((layer.forward(p, x, ctx) * r).sum())
 
     layer.forward(p, x, ctx)
     dx = layer.backward(p, g, r.copy(), ctx, True)
-    numeric = np.zeros_like(x)
+    numeric = np.zeros(x.shape)
     for i in np.ndindex(x.shape):
-        saved = x[i]
+        saved = float(x[i])
         x[i] = saved + EPS
         up = loss()
         x[i] = saved - EPS
         down = loss()
         x[i] = saved
         numeric[i] = (up - down) / (2 * EPS)
-    np.testing.assert_allclose(dx, numeric, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(host(dx), numeric, rtol=1e-5, atol=1e-7)
     for name, value in p.items():
         if name in layer.buffers:
             continue
-        numeric = np.zeros_like(value)
+        numeric = np.zeros(value.shape)
         for i in np.ndindex(value.shape):
-            saved = value[i]
+            saved = float(value[i])
             value[i] = saved + EPS
             up = loss()
             value[i] = saved - EPS
             down = loss()
             value[i] = saved
             numeric[i] = (up - down) / (2 * EPS)
-        np.testing.assert_allclose(g[name], numeric, rtol=1e-5, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(host(g[name]), numeric, rtol=1e-5, atol=1e-7, err_msg=name)
 
 
 @pytest.mark.parametrize("kernel,stride,padding,shape", [
     (3, 1, 1, (2, 5, 7)), (3, 2, 1, (3, 7, 9)), (2, 3, 0, (1, 8, 7)), (5, 1, 2, (2, 5, 5)),
     (1, 2, 0, (3, 5, 6)), (4, 3, 2, (2, 7, 5))])
-def test_conv2d_backward(kernel, stride, padding, shape):
-    check_layer(Conv2d(4, kernel, stride, padding), shape)
+def test_conv2d_backward(kernel, stride, padding, shape, xp):
+    check_layer(Conv2d(4, kernel, stride, padding), shape, xp=xp)
 
 
-def test_conv2d_forward_equals_direct_loops():
+@pytest.mark.parametrize("path", ["flat", "flat-chunked", "strided-chunked"])
+@pytest.mark.parametrize("kernel,stride,padding,shape", [
+    (3, 1, 1, (2, 5, 7)), (2, 1, 0, (3, 4, 6)), (5, 1, 2, (2, 5, 5)), (3, 2, 1, (3, 7, 9))])
+def test_conv2d_backward_every_path(kernel, stride, padding, shape, path, monkeypatch):
+    """The host's paths for large images, on small ones: rows read whole (the flat trick, stride
+    1) and the batch in chunks of one image, its columns rebuilt in backward."""
+    from mpifed.nn.layers import conv
+
+    monkeypatch.setattr(conv, "FLAT_WASTE", 0 if path.startswith("flat") else 10 ** 6)
+    if path.endswith("chunked"):
+        monkeypatch.setattr(conv, "WHOLE_BYTES", 0)
+        monkeypatch.setattr(conv, "COLUMN_BYTES", 1)
+    layer = Conv2d(4, kernel, stride, padding)
+    check_layer(layer, shape, batch=3)
+    assert layer.flat == (path.startswith("flat") and stride == 1)
+
+
+@pytest.mark.parametrize("stride,path", [(2, "strided"), (1, "strided"), (1, "flat"),
+                                         (2, "chunked"), (1, "flat-chunked")])
+def test_conv2d_forward_equals_direct_loops(stride, path, monkeypatch):
+    from mpifed.nn.layers import conv
+
+    monkeypatch.setattr(conv, "FLAT_WASTE", 0 if path.startswith("flat") else 10 ** 6)
+    if path.endswith("chunked"):
+        monkeypatch.setattr(conv, "WHOLE_BYTES", 0)
+        monkeypatch.setattr(conv, "COLUMN_BYTES", 1)
     rng = np.random.default_rng(2)
-    layer = Conv2d(3, 3, stride=2, padding=1)
+    layer = Conv2d(3, 3, stride=stride, padding=1)
     p, _ = built(layer, (2, 7, 6))
-    x = rng.standard_normal((2, 2, 7, 6))
+    x = rng.standard_normal((3, 2, 7, 6))
     y = layer.forward(p, x, Context())
-    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    want = np.zeros((2, 3, 4, 3))
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    s = stride
+    want = np.zeros((3, 3, (7 + 2 - 3) // s + 1, (6 + 2 - 3) // s + 1))
     for b, o, i, j in np.ndindex(want.shape):
-        want[b, o, i, j] = (xp[b, :, 2 * i:2 * i + 3, 2 * j:2 * j + 3] * p["W"][o]).sum() \
+        want[b, o, i, j] = (padded[b, :, s * i:s * i + 3, s * j:s * j + 3] * p["W"][o]).sum() \
             + p["b"][o]
     np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+
+
+def test_im2col_and_col2im_are_adjoint():
+    """<col2im(D), X> = <D, im2col(X)>: col2im adds back exactly what im2col read."""
+    from mpifed.nn.layers import col2im, im2col
+
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 3, 7, 8))
+    col = im2col(x, 3, 2, 2, 1)  # (C*KH*KW, B*OH*OW)
+    d = rng.standard_normal(col.shape)
+    assert np.vdot(col2im(d, x.shape, 3, 2, 2, 1), x) == pytest.approx(np.vdot(d, col))
 
 
 @pytest.mark.parametrize("cls", [MaxPool2d, AvgPool2d])
 @pytest.mark.parametrize("kernel,stride,shape", [(2, None, (2, 5, 5)), (3, 2, (2, 7, 9)),
                                                   (2, 1, (1, 4, 5)), (3, 3, (3, 6, 8))])
-def test_pool_backward(cls, kernel, stride, shape):
-    check_layer(cls(kernel, stride), shape)
+def test_pool_backward(cls, kernel, stride, shape, xp):
+    check_layer(cls(kernel, stride), shape, xp=xp)
 
 
 def test_pools_forward_equal_direct_loops():
@@ -127,13 +171,13 @@ def test_pools_forward_equal_direct_loops():
     (Linear(5), (7,)), (ReLU(), (3, 5, 4)), (Tanh(), (6,)), (GELU(), (2, 3, 5)),
     (Flatten(), (3, 5, 7)), (GlobalAvgPool(), (3, 5, 7)), (LayerNorm(), (3, 5)),
     (LayerNorm(eps=1e-3), (7,)), (Dropout(0.4), (5, 3)), (Dropout(0.0), (4,))])
-def test_simple_layer_backward(layer, shape):
-    check_layer(layer, shape, batch=4)
+def test_simple_layer_backward(layer, shape, xp):
+    check_layer(layer, shape, batch=4, xp=xp)
 
 
 @pytest.mark.parametrize("shape,batch", [((3, 5, 7), 3), ((4,), 6), ((2, 3, 3), 1)])
-def test_batchnorm_backward(shape, batch):
-    check_layer(BatchNorm2d(), shape, batch=batch)
+def test_batchnorm_backward(shape, batch, xp):
+    check_layer(BatchNorm2d(), shape, batch=batch, xp=xp)
 
 
 def test_batchnorm_eval_uses_running_statistics():
@@ -171,8 +215,8 @@ def test_dropout_mask_depends_on_seed_step_rank_only():
     ([Conv2d(4, 3, 2, 1), ReLU(), Conv2d(4, 3, 1, 1)], (2, 7, 7)),  # 1x1 projection, stride 2
     ([Linear(4), Tanh()], (6,)),  # linear projection
 ])
-def test_residual_backward(sub, shape):
-    check_layer(Residual(sub), shape)
+def test_residual_backward(sub, shape, xp):
+    check_layer(Residual(sub), shape, xp=xp)
 
 
 def test_model_backward_with_batchnorm_and_residual():
@@ -295,3 +339,50 @@ def test_readme_layer_example_backward(tmp_path, monkeypatch):
     flat[i] -= 2 * EPS
     down = loss_and_grad(model, flat, x, y, np.zeros_like(flat))
     assert grad[i] == pytest.approx((up - down) / (2 * EPS), rel=1e-5)
+
+
+def test_layers_use_only_xp_operations():
+    """Forward and backward reach arrays through xp alone, so CuPy runs them unchanged: in the
+    layer modules NumPy (`np.`) appears only where the host is meant (initialisation, dtype
+    names, dropout's host generator) and never as np.add.at and the like on device arrays."""
+    import ast
+    from pathlib import Path
+
+    import mpifed.nn.layers as layers
+
+    allowed = {"dtype", "sqrt", "random", "ndarray"}  # host-only uses, reviewed
+    found = {}
+    for path in Path(layers.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef) or fn.name == "init":
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                        and node.value.id == "np" and node.attr not in allowed:
+                    found.setdefault(f"{path.name}:{fn.name}", []).append(node.attr)
+    assert found == {}
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet8"])
+def test_benchmark_peers_build_the_presets(name):
+    """The convnet benchmark's torch peers have the presets' trained arrays, one for one."""
+    pytest.importorskip("torch")
+    from mpifed.benchmarks.cnn_throughput import CLASSES, MODELS, torch_model
+    from mpifed.nn.spec import MODEL_SCHEMA, model_from_config
+
+    section, shape = MODELS[name]
+    ours = model_from_config(dict({k: d for k, (_, d) in MODEL_SCHEMA.items()}, **section),
+                             shape, CLASSES)
+    sizes = sorted(int(np.prod(s)) for layer in ours.layers for n, s in layer.params()
+                   if n.rsplit(".", 1)[-1] not in ("running_mean", "running_var"))
+    peer = sorted(p.numel() for p in torch_model(name).parameters())
+    assert sizes == peer
+
+
+def test_cnn_benchmark_skips_cleanly_without_cupy(capsys, monkeypatch):
+    from mpifed.benchmarks import cnn_throughput
+
+    monkeypatch.setattr(cnn_throughput, "cupy_ready", lambda: False)
+    assert cnn_throughput.main(["--backend", "cupy"]) == 0
+    assert "skipped" in capsys.readouterr().out

@@ -1,6 +1,6 @@
 """`mpifed demo` (and `make demo`): write the digits set, train an MLP and a small convnet on 2
 local ranks, print test accuracy; then split the digits non-IID over 4 institutions and compare
-FedAvg, FedProx and centralised training round by round.
+FedAvg, FedProx and centralised training round by round, with a FedAvg convnet beside them.
 
 Needs no cluster and no GPU: MPI is the PyPI MPICH next to this Python.
 """
@@ -41,21 +41,30 @@ log_every = 100
 """
 
 # The convnet: the same digits as 1x8x8 images (the file's input_shape attribute).
+CONVNET_MODEL = """\
+[model]
+kind = "sequential"
+layers = [{type = "conv2d", out = 16, kernel = 3, padding = 1}, {type = "batchnorm2d"},
+          {type = "relu"},
+          {type = "conv2d", out = 32, kernel = 3, padding = 1}, {type = "batchnorm2d"},
+          {type = "relu"}, {type = "maxpool2d", kernel = 2},
+          {type = "conv2d", out = 32, kernel = 3, padding = 1}, {type = "batchnorm2d"},
+          {type = "relu"}, {type = "maxpool2d", kernel = 2},
+          {type = "flatten"}, {type = "dropout", p = 0.25}, {type = "linear", out = 10}]
+"""
+
+MLP_MODEL = """\
+[model]
+kind = "mlp"
+hidden = [64]
+"""
+
 CONVNET = """\
 [data]
 train = "{data}/train.h5"
 test = "{data}/test.h5"
 
-[model]
-kind = "sequential"
-layers = [{{type = "conv2d", out = 16, kernel = 3, padding = 1}}, {{type = "batchnorm2d"}},
-          {{type = "relu"}},
-          {{type = "conv2d", out = 32, kernel = 3, padding = 1}}, {{type = "relu"}},
-          {{type = "maxpool2d", kernel = 2}},
-          {{type = "conv2d", out = 32, kernel = 3, padding = 1}}, {{type = "relu"}},
-          {{type = "maxpool2d", kernel = 2}},
-          {{type = "flatten"}}, {{type = "dropout", p = 0.25}}, {{type = "linear", out = 10}}]
-
+{model}
 [optim]
 lr = 0.05
 momentum = 0.9
@@ -79,9 +88,7 @@ FEDERATED = """\
 train = "{out}/sites/site-{{institution}}.h5"
 test = "{data}/test.h5"
 
-[model]
-kind = "mlp"
-hidden = [64]
+{model}
 
 [optim]
 lr = 0.05
@@ -97,7 +104,7 @@ mu = 0.1
 
 [run]
 seed = 0
-out = "{out}/fedavg"
+out = "{out}/{name}"
 progress = "none"
 """
 
@@ -148,7 +155,7 @@ def main(out: str = "demo-out", ranks: int = 2) -> int:
     if summary["accuracy"] < 0.95:
         return 1
     convnet = os.path.join(out, "convnet.toml")
-    Path(convnet).write_text(CONVNET.format(data=data, out=out))
+    Path(convnet).write_text(CONVNET.format(data=data, out=out, model=CONVNET_MODEL))
     start = time.perf_counter()
     run([*mpifed_command(ranks), "train", convnet])
     wall = time.perf_counter() - start
@@ -171,16 +178,21 @@ def accuracy_by_round(metrics: Path, event: str, every: int = 1) -> list[float]:
 
 def federated_comparison(mpifed: list[str], data: str, out: str, rounds: int = 15,
                          local_steps: int = 10) -> None:
-    """Train FedAvg, FedProx and centralised on 4 ranks; print accuracy by round side by side."""
+    """Train FedAvg, FedProx and centralised MLPs and a FedAvg convnet on 4 ranks; print
+    accuracy by round side by side."""
     run([*mpifed, "data", "partition", os.path.join(data, "train.h5"),
          os.path.join(out, "sites"), "--institutions", "4", "--scheme", "dirichlet",
          "--alpha", "0.5", "--seed", "0"])
-    config = os.path.join(out, "federated.toml")
-    Path(config).write_text(FEDERATED.format(data=data, out=out, rounds=rounds,
-                                             local_steps=local_steps))
-    four = [*mpifed_command(4), "train", config]
-    run(four)
-    run([*four, "--set", "federated.strategy=fedprox", "--set", f"run.out={out}/fedprox"])
+    four = {}
+    for name, model in (("fedavg", MLP_MODEL), ("fedavg-convnet", CONVNET_MODEL)):
+        config = os.path.join(out, f"{name}.toml")
+        Path(config).write_text(FEDERATED.format(data=data, out=out, rounds=rounds,
+                                                 local_steps=local_steps, model=model,
+                                                 name=name))
+        four[name] = [*mpifed_command(4), "train", config]
+        run(four[name])
+    run([*four["fedavg"], "--set", "federated.strategy=fedprox", "--set",
+         f"run.out={out}/fedprox"])
     central = os.path.join(out, "central.toml")
     Path(central).write_text(CENTRAL.format(data=data, out=out, steps=rounds * local_steps,
                                             every=local_steps))
@@ -190,11 +202,13 @@ def federated_comparison(mpifed: list[str], data: str, out: str, rounds: int = 1
                                          local_steps),
         "fedavg": accuracy_by_round(Path(out, "fedavg", "metrics.jsonl"), "round"),
         "fedprox": accuracy_by_round(Path(out, "fedprox", "metrics.jsonl"), "round"),
+        "fedavg-convnet": accuracy_by_round(Path(out, "fedavg-convnet", "metrics.jsonl"),
+                                            "round"),
     }
     print(f"\ntest accuracy by round: digits, 4 institutions, Dirichlet(0.5) label skew, "
           f"{local_steps} local steps of batch 16 per round (centralised: the same steps on the "
-          "pooled data, 4 ranks)")
-    print(f"{'round':>5} " + " ".join(f"{name:>12}" for name in table))
+          "pooled data, 4 ranks; the MLP but for fedavg-convnet, FedAvg of the small convnet)")
+    print(f"{'round':>5} " + " ".join(f"{name:>14}" for name in table))
     for i in range(rounds):
-        print(f"{i + 1:>5} " + " ".join(f"{acc[i]:>12.4f}" for acc in table.values()))
+        print(f"{i + 1:>5} " + " ".join(f"{acc[i]:>14.4f}" for acc in table.values()))
 

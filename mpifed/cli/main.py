@@ -9,7 +9,7 @@
     mpiexec -n 4 mpifed bench allreduce [...]         all-reduce size sweep
     srun -n 4 mpifed bench scaling --data D --csv C   one point of a scaling sweep
     mpiexec -n 2 mpifed bench model --scaling-csv C   alpha-beta predictions to 1024 ranks
-    mpifed bench suite|throughput|federated-round|gpu  suites that launch mpiexec themselves
+    mpifed bench suite|throughput|federated-round|gpu|cnn  suites that launch mpiexec themselves
     mpifed plot scaling.json [--allreduce ar.json]    PNG plots (needs matplotlib)
 """
 
@@ -26,7 +26,7 @@ from .failures import run_guarded
 BENCHMARKS = {
     "allreduce": "allreduce", "scaling": "scaling", "model": "predict",
     "suite": "scaling_suite", "throughput": "train_throughput",
-    "federated-round": "federated_round", "gpu": "gpu_throughput",
+    "federated-round": "federated_round", "gpu": "gpu_throughput", "cnn": "cnn_throughput",
 }
 
 

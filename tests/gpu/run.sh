@@ -11,7 +11,8 @@
 # Then, each step with its own time limit and a line of its outcome:
 #   1. mpifed info (1 and 2 ranks)        4. training on CuPy == NumPy (overlap on/off, NCCL,
 #   2. NCCL on one rank, every dtype         Adam, data.test, a resume) and 2 federated rounds
-#   3. the collective suite on CuPy        5. bench/gpu_throughput.py against PyTorch CUDA
+#   3. the collective suite on CuPy        5. bench/gpu_throughput.py and bench/cnn_throughput.py
+#                                             against PyTorch CUDA
 #      under 1 and 2 ranks (NCCL cases        (if torch with CUDA is there)
 #      skipped where GPUs < ranks)
 # Each step has a time limit, and all of them GPU_CHECK_SECONDS (560) together, so the summary is
@@ -153,9 +154,14 @@ step "all collectives on device buffers (NCCL where GPUs >= ranks)" 120 "${PYTES
     tests/test_gpu.py -k every_collective
 step "training on CuPy == NumPy; resume; federated" 330 "${PYTEST[@]}" tests/test_gpu.py \
     -k "training or resumed or federated"
+step "layers: finite differences on CuPy" 120 "${PYTEST[@]}" tests/test_layers.py -k cupy
+step "a convnet and the ZeRO stages on CuPy == NumPy" 200 "${PYTEST[@]}" tests/test_gpu.py \
+    -k convnet
 if "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
     step "bench/gpu_throughput.py against PyTorch CUDA" 150 "$PY" bench/gpu_throughput.py \
         --steps 100
+    step "bench/cnn_throughput.py against PyTorch CUDA" 150 "$PY" bench/cnn_throughput.py \
+        --backend cupy --steps 30 --repeats 1
 else
     echo "-- bench/gpu_throughput.py: skipped (torch with CUDA is not installed)"
     step "bench/gpu_throughput.py (ours only)" 120 "$PY" bench/gpu_throughput.py --steps 100 \

@@ -24,6 +24,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from ...errors import UserError
 
 
@@ -35,6 +37,8 @@ class Context:
     seed, step, rank: seed dropout's generator, so a resumed run draws the same masks.
     reduce: sums a small 1-D xp array over the data-parallel ranks (in place, returns it);
         None alone. Passed in, so that nothing under nn/ imports MPI.
+    timings: a `profile.LayerTimings` that charges each layer's forward and backward time to
+        its type; None (the default) costs nothing.
     """
 
     train: bool = True
@@ -42,6 +46,7 @@ class Context:
     step: int = 0
     rank: int = 0
     reduce: Callable | None = None
+    timings: object | None = None
 
 
 class Layer:
@@ -66,6 +71,24 @@ class Layer:
 
     def settings(self) -> dict:
         return {}
+
+    def scratch(self, name: str, shape, dtype, xp, zeroed: bool = False):
+        """Return this layer's working array `name` of `shape`, kept from call to call.
+
+        Large working arrays (the column matrix) are allocated once: a fresh one of tens of MB
+        costs more in page faults than the copy that fills it. zeroed: filled with zeros when
+        made (a padding border that later calls never write stays zero). Never returned to the
+        caller: a layer's outputs are fresh arrays.
+        """
+        cache = self.__dict__.setdefault("_scratch", {})
+        key = (name, tuple(shape), np.dtype(dtype).str, xp.__name__)
+        found = cache.get(key)
+        if found is None:
+            for old in [k for k in cache if k[0] == name]:
+                del cache[old]  # one per name: a new batch size replaces the old array
+            found = (xp.zeros if zeroed else xp.empty)(shape, dtype=dtype)
+            cache[key] = found
+        return found
 
     def fail(self, message: str):
         """Raise the one-line UserError that names this layer: `where (type): message`."""

@@ -21,8 +21,12 @@ class Chain:
 
     def forward(self, params_of, x, ctx):
         """params_of(i): layer i's parameter views."""
+        timings = ctx.timings
         for i, layer in enumerate(self.layers):
-            x = layer.forward(params_of(i), x, ctx)
+            if timings is None:
+                x = layer.forward(params_of(i), x, ctx)
+            else:
+                x = timings.call(layer, "forward", layer.forward, params_of(i), x, ctx)
         return x
 
     def backward(self, params_of, grads_of, dy, ctx, need_dx=True, on_done=None):
@@ -30,10 +34,16 @@ class Chain:
 
         on_done(i): called once layer i's parameter gradients are final.
         """
+        timings = ctx.timings
         trained = [bool(layer.params()) for layer in self.layers]
         for i in range(len(self.layers) - 1, -1, -1):
             wanted = need_dx or any(trained[:i])  # no input gradient below the first weights
-            dy = self.layers[i].backward(params_of(i), grads_of(i), dy, ctx, wanted)
+            layer = self.layers[i]
+            if timings is None:
+                dy = layer.backward(params_of(i), grads_of(i), dy, ctx, wanted)
+            else:
+                dy = timings.call(layer, "backward", layer.backward, params_of(i), grads_of(i),
+                                  dy, ctx, wanted)
             if on_done is not None:
                 on_done(i)
         return dy

@@ -128,7 +128,9 @@ class BatchNorm2d(Layer):
         unbiased = square / xp.maximum(count - 1, 1)
         self.new_stats = ((1 - m) * p["running_mean"] + m * mean,
                           (1 - m) * p["running_var"] + m * unbiased)
-        return self.xhat * p["gamma"].reshape(shape) + p["beta"].reshape(shape)
+        y = self.xhat * p["gamma"].reshape(shape)
+        y += p["beta"].reshape(shape)
+        return y
 
     def backward(self, p, g, dy, ctx, need_dx=True):
         axes, shape = self._axes_and_shape(dy)
@@ -142,5 +144,10 @@ class BatchNorm2d(Layer):
         if not need_dx:
             return None
         dyx, dyy = self._sum([dyx, dyy], ctx)  # the global batch's sums when synchronised
-        scale = p["gamma"].reshape(shape) * inv / n  # (1, C, 1, 1)
-        return scale * (n * dy - dyy.reshape(shape) - xhat * dyx.reshape(shape))
+        # dx = gamma * inv * (dy - mean(dy) - xhat * mean(dy * xhat)), in one working array
+        dx = xhat * (dyx / n).reshape(shape)  # (B, C, H, W)
+        xp = get_array_module(dy)
+        xp.subtract(dy, dx, out=dx)
+        dx -= (dyy / n).reshape(shape)
+        dx *= p["gamma"].reshape(shape) * inv  # (1, C, 1, 1)
+        return dx

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ...xp import get_array_module
 from .base import Layer, need_rank, positive
-from .conv import out_size, windows
+from .conv import out_size
 
 
 class _Pool2d(Layer):
@@ -24,36 +24,60 @@ class _Pool2d(Layer):
         return (c, out_size(h, k, self.stride, 0), out_size(w, k, self.stride, 0))
 
     def _offsets(self):
-        """Yield (i, j, slice_h, slice_w): the input pixels under kernel offset (i, j)."""
+        """Yield (index i * k + j, slice_h, slice_w): the input pixels under kernel offset
+        (i, j), in row-major order."""
         _, oh, ow = self.out_shape
-        s = self.stride
-        for i in range(self.kernel):
-            for j in range(self.kernel):
-                yield i, j, slice(i, i + s * oh, s), slice(j, j + s * ow, s)
+        s, k = self.stride, self.kernel
+        for i in range(k):
+            for j in range(k):
+                yield i * k + j, slice(i, i + s * oh, s), slice(j, j + s * ow, s)
+
+    def _input_gradient(self, xp, dtype):
+        """A zeroed (B, C, H, W) array laid out channel-major, and its (C, B, H, W) view."""
+        c, h, w = self.in_shape
+        dxt = xp.zeros((c, self.batch, h, w), dtype=dtype)
+        return dxt.transpose(1, 0, 2, 3), dxt
 
 
 class MaxPool2d(_Pool2d):
-    """The window maximum; its gradient goes to the first maximal element of each window."""
+    """The window maximum; its gradient goes to the first maximal element of each window.
+
+    One strided slice per kernel offset (KH*KW of them, no loop over pixels), channel-major
+    (C, B, ...) as the convolutions leave their outputs. Forward keeps the offset of each
+    window's maximum (int8), so backward routes dy without a search.
+    """
 
     type = "maxpool2d"
 
     def forward(self, p, x, ctx):
         xp = get_array_module(x)
-        k = self.kernel
-        view = windows(x, k, k, self.stride)  # (B, C, OH, OW, KH, KW)
-        flat = view.reshape(*view.shape[:4], k * k)  # (B, C, OH, OW, K*K), a copy
-        self.arg = flat.argmax(axis=-1)  # (B, C, OH, OW)
-        self.batch_shape = x.shape
-        return xp.take_along_axis(flat, self.arg[..., None], axis=-1)[..., 0]
+        xt = x.transpose(1, 0, 2, 3)  # (C, B, H, W), a view
+        offsets = self._offsets()
+        _, rows, cols = next(offsets)
+        best = xt[:, :, rows, cols].copy()  # (C, B, OH, OW), the running maximum
+        arg = xp.zeros(best.shape, dtype=xp.int8)  # the offset that holds it
+        for index, rows, cols in offsets:
+            here = xt[:, :, rows, cols]
+            better = here > best  # strict: ties keep the first maximal element
+            xp.maximum(best, here, out=best)
+            # offsets come in increasing order, so the latest better one is the largest
+            xp.maximum(arg, better * xp.int8(index), out=arg)
+        self.arg, self.batch = arg, x.shape[0]
+        return best.transpose(1, 0, 2, 3)  # (B, C, OH, OW) view
 
     def backward(self, p, g, dy, ctx, need_dx=True):
+        arg, self.arg = self.arg, None
         if not need_dx:
             return None
         xp = get_array_module(dy)
-        dx = xp.zeros(self.batch_shape, dtype=dy.dtype)  # (B, C, H, W)
-        for i, j, rows, cols in self._offsets():
-            dx[:, :, rows, cols] += dy * (self.arg == i * self.kernel + j)
-        self.arg = None
+        dx, dxt = self._input_gradient(xp, dy.dtype)
+        dyt = dy.transpose(1, 0, 2, 3)  # (C, B, OH, OW)
+        disjoint = self.stride >= self.kernel
+        for index, rows, cols in self._offsets():
+            if disjoint:  # each input pixel under one window: write, no sum
+                xp.multiply(dyt, arg == index, out=dxt[:, :, rows, cols])
+            else:
+                dxt[:, :, rows, cols] += dyt * (arg == index)
         return dx
 
 
@@ -61,18 +85,24 @@ class AvgPool2d(_Pool2d):
     type = "avgpool2d"
 
     def forward(self, p, x, ctx):
-        k = self.kernel
-        self.batch_shape = x.shape
-        return windows(x, k, k, self.stride).mean(axis=(4, 5))  # (B, C, OH, OW)
+        xt = x.transpose(1, 0, 2, 3)  # (C, B, H, W), a view
+        offsets = self._offsets()
+        _, rows, cols = next(offsets)
+        total = xt[:, :, rows, cols].copy()  # (C, B, OH, OW)
+        for _, rows, cols in offsets:
+            total += xt[:, :, rows, cols]
+        total *= x.dtype.type(1 / self.kernel ** 2)
+        self.batch = x.shape[0]
+        return total.transpose(1, 0, 2, 3)  # (B, C, OH, OW) view
 
     def backward(self, p, g, dy, ctx, need_dx=True):
         if not need_dx:
             return None
         xp = get_array_module(dy)
-        dx = xp.zeros(self.batch_shape, dtype=dy.dtype)  # (B, C, H, W)
-        share = dy / dy.dtype.type(self.kernel ** 2)  # (B, C, OH, OW)
-        for _, _, rows, cols in self._offsets():
-            dx[:, :, rows, cols] += share
+        dx, dxt = self._input_gradient(xp, dy.dtype)
+        share = dy.transpose(1, 0, 2, 3) * dy.dtype.type(1 / self.kernel ** 2)  # (C, B, OH, OW)
+        for _, rows, cols in self._offsets():
+            dxt[:, :, rows, cols] += share
         return dx
 
 

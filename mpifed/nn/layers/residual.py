@@ -62,18 +62,24 @@ class Residual(Layer):
 
     def forward(self, p, x, ctx):
         h = self.chain.forward(lambda i: _part(p, f"layers.{i}."), x, ctx)
-        skip = x if self.projection is None else self.projection.forward(
-            _part(p, "projection."), x, ctx)
-        return h + skip
+        if self.projection is None:
+            return h + x
+        return h + _run(ctx, self.projection, "forward", _part(p, "projection."), x, ctx)
 
     def backward(self, p, g, dy, ctx, need_dx=True):
         dx = self.chain.backward(lambda i: _part(p, f"layers.{i}."),
                                  lambda i: _part(g, f"layers.{i}."), dy, ctx, need_dx)
         if self.projection is None:
             return dx + dy if need_dx else None
-        dskip = self.projection.backward(_part(p, "projection."), _part(g, "projection."), dy,
-                                         ctx, need_dx)
+        dskip = _run(ctx, self.projection, "backward", _part(p, "projection."),
+                     _part(g, "projection."), dy, ctx, need_dx)
         return dx + dskip if need_dx else None
+
+
+def _run(ctx, layer, pass_name: str, *args):
+    """layer.forward or layer.backward on args, timed when ctx.timings is on."""
+    fn = getattr(layer, pass_name)
+    return fn(*args) if ctx.timings is None else ctx.timings.call(layer, pass_name, fn, *args)
 
 
 def _part(views: dict, prefix: str) -> dict:

@@ -1,0 +1,391 @@
+"""Convnet training throughput: mpifed against PyTorch DDP on LeNet-5 and ResNet-8.
+
+    python bench/cnn_throughput.py [--ranks 1 2] [--steps 60] [--models lenet5 resnet8]
+    mpifed bench cnn [...]                                          (the same)
+    mpifed bench cnn --backend cupy                 (on GPUs: CuPy against PyTorch CUDA)
+
+Models: the `lenet5` preset on 1x28x28 images and the `resnet` preset with depth 8 on 3x32x32
+(He et al.'s CIFAR ResNet), 10 classes, float32, batch 64 per rank, SGD with momentum, on the
+image-shaped synthetic data of `mpifed data synth --shape` (each rank its shard). The peer
+builds the same layers in torch (peers.torch_lenet5, peers.torch_resnet) and trains them with
+DistributedDataParallel: over gloo on CPUs with one thread per rank (ours: one BLAS thread per
+rank; "ours-overlap" sets comm.overlap, as DDP overlaps its buckets), over NCCL on GPUs. Each
+implementation runs under the same mpiexec in turn, all warmed up alike (WARMUP steps, then
+`--steps` timed); repeats alternate and the best is kept. The table gives samples/s and
+ours / torch, measured in the same run.
+
+After the table (unless --no-breakdown), one rank's forward and backward time per layer type
+(mpifed.nn.layers.profile; CPU time on the host, which a busy machine disturbs less than wall
+time; synchronised wall time on a GPU) for each model, next to the same step in torch, so the
+ratio can be read against where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..launch import mpiexec_path
+
+BATCH = 64
+CLASSES = 10
+WARMUP = 5  # steps each implementation runs before its timed steps
+MODELS = {  # name -> ([model] section, input shape (C, H, W))
+    "lenet5": ({"kind": "lenet5"}, (1, 28, 28)),
+    "resnet8": ({"kind": "resnet", "depth": 8}, (3, 32, 32)),
+}
+THREADS = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                  "MPIFED_BLAS_THREADS")}
+
+
+def torch_model(name: str, device=None):
+    """The peer's copy of model `name` (torch)."""
+    from .peers import torch_lenet5, torch_resnet
+
+    shape = MODELS[name][1]
+    if name == "lenet5":
+        return torch_lenet5(shape, CLASSES, device)
+    return torch_resnet(8, shape[0], CLASSES, device)
+
+
+def worker_ours(name: str, data: str, steps: int, out: str, backend: str,
+                overlap: bool = False) -> dict:
+    """Run `mpifed train` in-process on this rank's shard: WARMUP steps, then `steps` timed.
+    overlap: comm.overlap (each layer's all-reduce starts as soon as its gradients are final)."""
+    from mpi4py import MPI
+
+    from ..train.config import resolve
+    from ..train.loop import train
+
+    comm = MPI.COMM_WORLD
+
+    def run(n: int, folder: str) -> dict:
+        cfg = resolve({
+            "data": {"train": data, "shuffle": True},
+            "model": MODELS[name][0],
+            "optim": {"lr": 0.01, "momentum": 0.9, "batch_size": BATCH, "steps": n},
+            "comm": {"backend": backend,
+                     "allreduce": "nccl" if backend == "cupy" and comm.size > 1 else "auto",
+                     "overlap": overlap},
+            "run": {"out": folder, "log_every": 0, "progress": "none", "resume": "never"},
+        })
+        return train(cfg, comm)
+
+    run(WARMUP, out + "-warmup")
+    summary = run(steps, out)
+    return {"samples_per_s": summary["samples_per_s"],
+            "comm_fraction": summary["comm_seconds"] / summary["seconds"]}
+
+
+def worker_torch(name: str, data: str, steps: int, backend: str) -> dict:
+    """Train the same model with torch DDP (gloo on CPUs, NCCL on GPUs); ranks from MPI."""
+    import h5py
+    import torch
+    import torch.distributed as dist
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    gpu = backend == "cupy"
+    device = None
+    if gpu:
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        device = torch.device("cuda", node.rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(1)
+    port = comm.bcast(29700 + os.getpid() % 1000 if comm.rank == 0 else None)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("nccl" if gpu else "gloo", rank=comm.rank, world_size=comm.size)
+    with h5py.File(data) as fh:
+        n = fh["x"].shape[0]
+        lo, hi = comm.rank * n // comm.size, (comm.rank + 1) * n // comm.size
+        x = torch.from_numpy(fh["x"][lo:hi])
+        y = torch.from_numpy(fh["y"][lo:hi].astype(np.int64))
+    if gpu:
+        x, y = x.to(device), y.to(device)
+    model = torch_model(name, device)
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if gpu else None)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    per_epoch = (hi - lo) // BATCH
+    start = None
+    for step in range(WARMUP + steps):
+        if step == WARMUP:
+            if gpu:
+                torch.cuda.synchronize()
+            comm.Barrier()
+            start = time.perf_counter()
+        k = step % per_epoch
+        opt.zero_grad(set_to_none=True)
+        loss_fn(ddp(x[k * BATCH:(k + 1) * BATCH]), y[k * BATCH:(k + 1) * BATCH]).backward()
+        opt.step()
+    if gpu:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    dist.destroy_process_group()
+    return {"samples_per_s": steps * BATCH * comm.size / elapsed, "comm_fraction": None}
+
+
+def launch(impl: str, name: str, ranks: int, data: str, steps: int, out: str,
+           backend: str) -> dict:
+    """Run one implementation of one model on `ranks` ranks under mpiexec; return rank 0's
+    JSON result."""
+    cmd = [mpiexec_path(), "-n", str(ranks), sys.executable, "-m",
+           "mpifed.benchmarks.cnn_throughput", "--worker", impl, "--models", name,
+           "--data", data, "--steps", str(steps), "--out", out, "--backend", backend]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **THREADS),
+                          timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"{impl} {name} on {ranks} ranks failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_breakdown(name: str, backend: str) -> dict:
+    """`layer_breakdown` in a process of its own, with one BLAS thread as the runs had."""
+    cmd = [sys.executable, "-m", "mpifed.benchmarks.cnn_throughput", "--worker", "breakdown",
+           "--models", name, "--backend", backend]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **THREADS),
+                          timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {name} breakdown failed:\n{done.stderr[-2000:]}")
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    got["ours"] = {tuple(key.split(".")): s for key, s in got["ours"].items()}
+    return got
+
+
+def layer_breakdown(name: str, backend: str, steps: int = 10) -> dict:
+    """Time one rank's forward and backward per layer type on one batch of model `name`.
+
+    Returns {"ours": {(type, pass): seconds per step}, "ours_step": s, "torch_step": s or
+    None}; CPU time (process_time) on the host, synchronised wall time on a GPU.
+    """
+    from ..nn.layers import Context
+    from ..nn.layers.profile import LayerTimings
+    from ..nn.spec import MODEL_SCHEMA, model_from_config
+    from ..xp import backend_module
+
+    xp = backend_module(backend)
+    section, shape = MODELS[name]
+    model = model_from_config(
+        dict({key: default for key, (_, default) in MODEL_SCHEMA.items()}, **section), shape,
+        CLASSES)
+    flat = model.init(0, xp)
+    grad = xp.zeros_like(flat)
+    rng = np.random.default_rng(0)
+    x = xp.asarray(rng.standard_normal((BATCH, *shape)).astype(np.float32))
+    y = xp.asarray(rng.integers(0, CLASSES, BATCH))
+    gpu = xp is not np
+    sync = (lambda: xp.cuda.get_current_stream().synchronize()) if gpu else None
+    clock = time.perf_counter if gpu else time.process_time
+    for _ in range(2):
+        model.loss_and_grad(flat, x, y, grad)
+    timings = LayerTimings(sync, clock)
+    steps_seconds = []
+    for _ in range(steps):
+        start = clock()
+        model.loss_and_grad(flat, x, y, grad, ctx=Context(timings=timings))
+        steps_seconds.append(clock() - start)
+    result = {"ours": {k: v / steps for k, v in timings.table().items()},
+              "ours_step": float(np.median(steps_seconds)), "torch_step": None}
+    try:
+        result["torch_step"] = torch_step_seconds(name, steps, gpu)
+    except ImportError:
+        pass
+    return result
+
+
+def torch_step_seconds(name: str, steps: int, gpu: bool) -> float:
+    """The median time of one forward and backward of the peer's model on one batch."""
+    import torch
+
+    device = torch.device("cuda") if gpu else None
+    if not gpu:
+        torch.set_num_threads(1)
+    model = torch_model(name, device)
+    shape = MODELS[name][1]
+    x = torch.randn(BATCH, *shape, device=device)
+    y = torch.randint(0, CLASSES, (BATCH,), device=device)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    clock = time.perf_counter if gpu else time.process_time
+    seconds = []
+    for step in range(2 + steps):
+        if gpu:
+            torch.cuda.synchronize()
+        start = clock()
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        if gpu:
+            torch.cuda.synchronize()
+        if step >= 2:
+            seconds.append(clock() - start)
+    return float(np.median(seconds))
+
+
+def write_data(folder: str, samples: int) -> dict:
+    """Write one synthetic image set per input shape (`mpifed data synth --shape`)."""
+    from ..data.synth import write_synthetic_images
+
+    paths = {}
+    for name, (_, shape) in MODELS.items():
+        paths[name] = os.path.join(folder, f"{name}.h5")
+        write_synthetic_images(paths[name], samples, shape, CLASSES, seed=0)
+    return paths
+
+
+def cupy_ready() -> bool:
+    from ..xp import cupy_module
+
+    return cupy_module() is not None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mpifed bench cnn", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per run")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs; best is kept")
+    parser.add_argument("--samples", type=int, default=4096, help="synthetic images per set")
+    parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
+                        help="numpy: CPUs against torch CPU/gloo; cupy: GPUs against CUDA/NCCL")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch DDP peer")
+    parser.add_argument("--no-breakdown", action="store_true",
+                        help="skip the per-layer-type forward/backward times")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--worker", choices=["ours", "ours-overlap", "torch", "breakdown"],
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return run_worker(args)
+    if args.backend == "cupy" and not cupy_ready():
+        print("# skipped: --backend cupy needs CuPy and a CUDA device (pip install mpifed[gpu] "
+              "on a GPU machine)")
+        return 0
+    impls = ["ours", "ours-overlap"]
+    impls += [] if args.no_torch or not torch_ready(args.backend) else ["torch"]
+    ranks_list = usable_ranks(args.ranks, args.backend)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_data(tmp, args.samples)
+        best: dict = {}
+        for _ in range(args.repeats):
+            for name in args.models:
+                for ranks in ranks_list:
+                    for impl in impls:
+                        got = launch(impl, name, ranks, paths[name], args.steps,
+                                     os.path.join(tmp, "out"), args.backend)
+                        key = (name, impl, ranks)
+                        if key not in best or got["samples_per_s"] > best[key]["samples_per_s"]:
+                            best[key] = got
+    print_table(best, impls, args.models, ranks_list, args.backend)
+    breakdowns = {}
+    if not args.no_breakdown:
+        for name in args.models:
+            breakdowns[name] = run_breakdown(name, args.backend)
+            print_breakdown(name, breakdowns[name], args.backend)
+    if args.json:
+        rows = [{"model": m, "impl": i, "ranks": r, **best[(m, i, r)]} for m, i, r in best]
+        extra = {m: {"ours": {f"{t}.{p}": s for (t, p), s in b["ours"].items()},
+                     "ours_step": b["ours_step"], "torch_step": b["torch_step"]}
+                 for m, b in breakdowns.items()}
+        Path(args.json).write_text(json.dumps({"runs": rows, "breakdown": extra}, indent=1))
+    return 0
+
+
+def run_worker(args) -> int:
+    name = args.models[0]
+    if args.worker == "breakdown":
+        got = layer_breakdown(name, args.backend)
+        got["ours"] = {f"{t}.{p}": s for (t, p), s in got["ours"].items()}
+        print(json.dumps(got), flush=True)
+        return 0
+    if args.worker == "torch":
+        result = worker_torch(name, args.data, args.steps, args.backend)
+    else:
+        result = worker_ours(name, args.data, args.steps, args.out, args.backend,
+                             args.worker == "ours-overlap")
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.rank == 0:
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+def torch_ready(backend: str) -> bool:
+    """Tell whether the peer can run (torch installed, with CUDA for the GPU variant)."""
+    try:
+        import torch
+    except ImportError:
+        print("# torch not installed: the DDP peer is skipped (pip install torch==2.13.0)")
+        return False
+    if backend == "cupy" and not torch.cuda.is_available():
+        print("# torch has no CUDA device: the peer is skipped")
+        return False
+    return True
+
+
+def usable_ranks(ranks_list: list[int], backend: str) -> list[int]:
+    """The rank counts to run; on GPUs, those with a GPU per rank (NCCL needs one each)."""
+    if backend != "cupy":
+        return ranks_list
+    from ..xp import cupy_module
+
+    gpus = cupy_module().cuda.runtime.getDeviceCount()
+    for ranks in ranks_list:
+        if ranks > gpus:
+            print(f"# {ranks} ranks skipped: {gpus} GPU(s), and NCCL needs one per rank")
+    return [r for r in ranks_list if r <= gpus]
+
+
+def print_table(best: dict, impls: list[str], models: list[str], ranks_list: list[int],
+                backend: str) -> None:
+    where = "GPU, CuPy vs torch CUDA/NCCL" if backend == "cupy" else \
+        "CPU, 1 BLAS thread per rank, torch DDP over gloo"
+    print(f"# convnets, batch {BATCH}/rank, float32, {where} (best of the repeats)")
+    print(f"# {'model':<8} {'impl':<12} {'ranks':>5} {'samples/s':>10} {'comm %':>7} "
+          f"{'ours/torch':>10}")
+    for name in models:
+        for ranks in ranks_list:
+            for impl in impls:
+                row = best[(name, impl, ranks)]
+                comm = "" if row["comm_fraction"] is None else \
+                    f"{100 * row['comm_fraction']:.1f}"
+                ratio = ""
+                if impl.startswith("ours") and (name, "torch", ranks) in best:
+                    peer = best[(name, "torch", ranks)]["samples_per_s"]
+                    ratio = f"{row['samples_per_s'] / peer:.2f}x"
+                print(f"  {name:<8} {impl:<12} {ranks:>5} {row['samples_per_s']:>10,.0f} "
+                      f"{comm:>7} {ratio:>10}")
+
+
+def print_breakdown(name: str, result: dict, backend: str) -> None:
+    clock = "wall time, synchronised" if backend == "cupy" else "CPU time"
+    print(f"# {name}: one rank, batch {BATCH}, forward + backward per layer type "
+          f"(ms per step, {clock})")
+    forward = {t: s for (t, p), s in result["ours"].items() if p == "forward"}
+    backward = {t: s for (t, p), s in result["ours"].items() if p == "backward"}
+    total = sum(result["ours"].values())
+    for kind in sorted(set(forward) | set(backward),
+                       key=lambda t: -(forward.get(t, 0) + backward.get(t, 0))):
+        both = forward.get(kind, 0) + backward.get(kind, 0)
+        print(f"  {kind:<15} forward {1e3 * forward.get(kind, 0):8.2f}  backward "
+              f"{1e3 * backward.get(kind, 0):8.2f}  ({100 * both / total:4.1f}%)")
+    line = f"  step: ours {1e3 * result['ours_step']:.2f} ms (layers {1e3 * total:.2f} ms)"
+    if result["torch_step"]:
+        line += f", torch {1e3 * result['torch_step']:.2f} ms, ours/torch speed " \
+                f"{result['torch_step'] / result['ours_step']:.2f}x"
+    print(line)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
