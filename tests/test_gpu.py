@@ -274,7 +274,7 @@ CONVNET = [{"type": "conv2d", "out": 4, "kernel": 3, "padding": 1},
            {"type": "maxpool2d", "kernel": 2}, {"type": "flatten"}, {"type": "linear", "out": 3}]
 
 
-@pytest.mark.parametrize("shard", ["none", "optimizer", "parameters"])
+@pytest.mark.parametrize("shard", ["none", "optimizer", "gradients", "parameters"])
 def test_a_device_convnet_equals_the_host_convnet(tmp_path, shard):
     """The layer library (conv, sync batch norm, residual, pooling) and the ZeRO stages on CuPy
     give the NumPy run's model, running statistics included (float64, 2 ranks)."""

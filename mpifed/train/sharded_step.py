@@ -197,7 +197,8 @@ class ShardedStep:
         def ready(lo, hi, loss):
             held = self.buckets[slot[0]]
             if hi == n:
-                held[n - lo:n - lo + 2] = self.xp.asarray([loss, stop], dtype=self.dtype)
+                held[n - lo] = loss  # a device scalar on GPUs: no list of it, no host trip
+                held[n - lo + 1] = stop
                 hi = n + 2
             pending[slot[0]] = self._run(self._scatter, held, lo, hi)
 
