@@ -46,7 +46,8 @@ def _threshold(name: str, default: int) -> int:
     """Return the byte threshold `name` from the environment, else `default`.
 
     Read once per process, at the first choice (an environment read costs a few microseconds
-    on a busy machine, as much as a small MPI_Allreduce); `_threshold.cache_clear()` rereads.
+    on a busy machine, as much as a small MPI_Allreduce); `_threshold.cache_clear()` and
+    `_smallest_threshold.cache_clear()` reread.
     """
     value = os.environ.get(name)
     return int(value) if value else default
@@ -81,6 +82,7 @@ def choose_algorithm(nbytes: int, ranks: int, per_node: int = 1, *, device: bool
     return "mpi"
 
 
+@functools.cache
 @functools.cache
 def _smallest_threshold() -> int:
     """Return the size below which every host-buffer choice is MPI_Allreduce (bytes)."""
@@ -146,6 +148,8 @@ def allreduce(buf, comm, op: str = "sum", algorithm: str = "auto", *, check: boo
     buffer was checked once already.
     """
     if algorithm == "auto":
+        if type(buf) is np.ndarray and buf.nbytes < _smallest_threshold():
+            return mpi_allreduce(buf, comm, op, check=check)  # below every crossover: no lookup
         check_local(buf, op)
         algorithm, check = _auto(buf, comm, check)
     if algorithm == "hierarchical":
