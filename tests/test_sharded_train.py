@@ -44,14 +44,18 @@ keep_checkpoints = 10
 """)
 
 
-def model_bytes(path):
-    with h5py.File(path) as fh:
-        return [fh[k][...].tobytes() for k in sorted(fh) if isinstance(fh[k], h5py.Dataset)]
-
-
 def model_arrays(path):
+    """Every dataset of a model file (layers/<i>/W, ...), in name order; never empty."""
+    found = {}
     with h5py.File(path) as fh:
-        return [fh[k][...] for k in sorted(fh) if isinstance(fh[k], h5py.Dataset)]
+        fh.visititems(lambda name, item: found.update(
+            {name: item[...]} if isinstance(item, h5py.Dataset) else {}))
+    assert found, f"{path} holds no arrays"
+    return [found[k] for k in sorted(found)]
+
+
+def model_bytes(path):
+    return [a.tobytes() for a in model_arrays(path)]
 
 
 @pytest.fixture(scope="module")

@@ -88,7 +88,7 @@ def run_data_parallel(cfg: dict, comm, xp) -> dict:
                 reporter.step(done, epoch, loss, lr, rate, comm_share, log)
                 if test is not None and run["eval_every"] and done % run["eval_every"] == 0:
                     reporter.record(event="eval", step=done,
-                                    **evaluate(spec, step_fn.gather_params(), test, comm, xp))
+                                    **evaluate(spec, model_source(step_fn), test, comm, xp))
                 every = run["checkpoint_every"]
                 if step_fn.stop_agreed or (every and done % every == 0 and done < total):
                     write_checkpoint(cfg, comm, step_fn, optimizer, done, per_epoch)
@@ -103,9 +103,15 @@ def run_data_parallel(cfg: dict, comm, xp) -> dict:
     if stopped:
         return stop_early(cfg, comm, reporter, done, stopped)
     memory = memory_report(comm, step_fn, optimizer)
-    return finish(cfg, comm, spec, step_fn.gather_params(), test, reporter, xp, (first, total),
+    return finish(cfg, comm, spec, model_source(step_fn), test, reporter, xp, (first, total),
                   (time.perf_counter() - start, step_fn.comm_seconds, loader.wait_seconds), loss,
                   memory)
+
+
+def model_source(step_fn):
+    """The model to evaluate and write: flat parameters, or ZeRO-3's per-layer gatherer."""
+    source = getattr(step_fn, "model_source", None)
+    return source() if source is not None else step_fn.params
 
 
 def trace_step(timeline, step: int, t_data: float, t_compute: float, comm: float) -> None:
@@ -208,6 +214,30 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def write_model(path: str, spec, params, comm) -> None:
+    """Write model.h5 on rank 0. ZeRO-3 (`params` a LayerGather): every rank gathers layer by
+    layer as rank 0 writes each into the file, so the whole model is never in memory; a
+    failure on rank 0 is raised on every rank once the gathers are through."""
+    if not callable(params):
+        if comm.rank == 0:
+            save_model(path, spec, params)
+        return
+
+    def write():
+        if comm.rank != 0:
+            params.walk()
+            return
+        before = params.calls
+        try:
+            save_model(path, spec, params, params.step.dtype)
+        except OSError as err:
+            for layer in params.layers[params.calls - before:]:  # the others wait in gathers
+                params(*layer)
+            raise UserError(f"run.out: cannot write {path!r} ({err}); free space or pick "
+                            "another run.out") from None
+    raise_together(comm, write)
+
+
 def finish(cfg, comm, spec, params, test, reporter, xp, span, timings, loss,
            memory=None) -> dict:
     """Evaluate, write the model and the summary; return the summary.
@@ -231,8 +261,7 @@ def finish(cfg, comm, spec, params, test, reporter, xp, span, timings, loss,
         summary.update(accuracy=result["accuracy"], test_loss=result["loss"])
         reporter.line(f"test: accuracy {result['accuracy']:.4f} loss {result['loss']:.4f} "
                       f"on {result['samples']} samples")
-    if comm.rank == 0:
-        save_model(os.path.join(out, "model.h5"), spec, params)
+    write_model(os.path.join(out, "model.h5"), spec, params, comm)
     reporter.record(**summary)
     reporter.line(f"done: {steps} steps in {seconds:.2f} s, {summary['samples_per_s']:,.0f} "
                   f"samples/s, final loss {loss:.4f}; model in {os.path.join(out, 'model.h5')}"

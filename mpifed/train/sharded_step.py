@@ -309,6 +309,13 @@ class ShardedStep:
         allgather(full, self.comm, self.algorithm, check=False, bounds=self.bounds)
         return full[:self.n]
 
+    def model_source(self):
+        """Return the model for evaluation and model.h5: the whole parameters, or for
+        "parameters" a `LayerGather` (collective per layer; the model is never whole)."""
+        if self.stage != "parameters":
+            return self.params
+        return LayerGather(self)
+
     def memory_bytes(self) -> dict:
         """Return the bytes this rank holds for parameters and gradients (buffers included)."""
         held = [self.weights if self.weights is not None else self.shard, *self.gathered]
@@ -331,3 +338,27 @@ class ShardedStep:
     def free(self) -> None:
         return None
 
+
+
+class LayerGather:
+    """ZeRO-3's model, layer by layer: a provider (i, lo, hi) -> layer i's parameters, gathered
+    into one of the step's two buffers on each call (valid until the call after next).
+
+    Collective: every rank must ask for the same layers in the same order (forward order, as
+    `Sequential.forward` and `save_model` do); `layers` lists them for ranks with nothing to do.
+    """
+
+    def __init__(self, step: ShardedStep):
+        self.step, self.calls = step, 0
+        self.layers = [(i, lo, min(hi, step.n)) for i, lo, hi in step.layers]
+
+    def __call__(self, i: int, lo: int, hi: int):
+        out = self.step.gathered[self.calls % 2]
+        self.calls += 1
+        self.step._gather(out, lo, hi)
+        return out[:hi - lo]
+
+    def walk(self) -> None:
+        """Take part in one pass over the layers without using them (a rank without rows)."""
+        for i, lo, hi in self.layers:
+            self(i, lo, hi)
