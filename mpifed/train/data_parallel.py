@@ -46,7 +46,8 @@ def run_data_parallel(cfg: dict, comm, xp) -> dict:
                                         "data.train")
     whole = cfg["comm"]["shard"] != "parameters"  # ZeRO-3: each rank draws only its chunk
     spec, params = raise_together(comm, lambda: build_model(cfg, shard.info.input_shape, classes,
-                                                            xp, dtype, whole=whole))
+                                                            xp, dtype, whole=whole,
+                                                            ranks=comm.size))
     per_epoch, total = plan_steps(cfg, len(shard), comm)
     test = None
     if data["test"]:
