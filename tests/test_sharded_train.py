@@ -167,3 +167,22 @@ out = "out-{stage}"
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
     assert summaries[1]["accuracy"] == summaries[0]["accuracy"]
     assert summaries[1]["test_loss"] == pytest.approx(summaries[0]["test_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("first, then", [("parameters", "none"), ("none", "optimizer")])
+def test_a_run_out_with_the_other_kind_of_checkpoints_is_refused(tmp_path, first, then):
+    """A comm.shard = "none" run in a run.out holding only sharded checkpoint folders (or the
+    other way round) is refused, naming the folder and the fix, instead of starting afresh;
+    run.resume = "never" then starts afresh."""
+    make_run(tmp_path, first, steps=8)
+    assert run_mpi(2, ["train", "run.toml"], cwd=tmp_path).returncode == 0
+    kept = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    assert kept == (["step-000000005.sharded"] if first != "none" else ["step-000000005.h5"])
+    make_run(tmp_path, then, steps=8)
+    refused = run_mpi(2, ["train", "run.toml"], cwd=tmp_path)
+    assert refused.returncode != 0
+    text = refused.stdout + refused.stderr
+    assert "checkpoints" in text and kept[0] in text and f"comm.shard = {first!r}" in text
+    assert 'run.resume = "never"' in text
+    again = run_mpi(2, ["train", "run.toml", "--set", "run.resume=never"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr

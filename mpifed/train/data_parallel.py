@@ -32,7 +32,12 @@ from .setup import (
     start_report,
     stop_early,
 )
-from .sharded_checkpoint import choose_sharded, read_sharded, save_sharded
+from .sharded_checkpoint import (
+    choose_sharded,
+    read_sharded,
+    refuse_other_kind,
+    save_sharded,
+)
 from .signals import StopFlag
 from .step import make_step
 from .timeline import Timeline
@@ -152,7 +157,7 @@ def resume_step(cfg: dict, comm, step_fn, optimizer, xp) -> int:
     return its step. Sharded steps read their part of a sharded checkpoint (any rank count)."""
     if step_fn.stage != "none":
         return resume_sharded(cfg, comm, step_fn, optimizer, xp)
-    found = raise_together(comm, lambda: choose_checkpoint(cfg, "step", mpi_shape(comm))
+    found = raise_together(comm, lambda: choose_unsharded(cfg, mpi_shape(comm))
                            if comm.rank == 0 else None)
     found = comm.bcast(found, root=0)
     if found is None:
@@ -161,6 +166,14 @@ def resume_step(cfg: dict, comm, step_fn, optimizer, xp) -> int:
     optimizer.load_state({k: xp.asarray(v) if np.ndim(v) else v
                           for k, v in found["state"].items()})
     return int(found["counters"]["step"])
+
+
+def choose_unsharded(cfg: dict, shape: dict) -> dict | None:
+    """choose_checkpoint for steps, refusing a run.out that holds only sharded ones."""
+    found = choose_checkpoint(cfg, "step", shape)
+    if found is None and cfg["run"]["resume"] == "auto":
+        refuse_other_kind(cfg, sharded=False)
+    return found
 
 
 def resume_sharded(cfg: dict, comm, step_fn, optimizer, xp) -> int:
