@@ -3,8 +3,9 @@
 Launches `mpiexec -n p` once per (ranks, stage) so that each peak RSS is its own: an MLP of about
 46 M parameters (2048 -> 4096 -> 4096 -> 4096 -> 1024 -> 10, float32) with Adam, synthetic
 batches. Prints per rank: param/grad/optimizer-state bytes, optimizer state against 1/p of the
-unsharded state, peak RSS, and the median step time with its ratio to shard="none" at the same
-rank count (goals on 2 ranks: <= 1.05x for optimizer and gradients, <= 1.5x for parameters).
+unsharded state, peak RSS (the largest over --repeat runs), and the median step time with its
+ratio to shard="none" at the same rank count (with --repeat R: the stages run R times,
+interleaved, and the median run counts; the range follows) (goals on 2 ranks: <= 1.05x for optimizer and gradients, <= 1.5x for parameters).
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=4, help="steps per run (first not timed)")
     parser.add_argument("--batch", type=int, default=32, help="rows per rank and step")
     parser.add_argument("--overlap", action="store_true", help="comm.overlap on")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per stage, interleaved; step time: the median run's")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -74,24 +77,27 @@ def main() -> int:
     print(f"{'p':>2} {'stage':<10} {'param MiB':>9} {'grad MiB':>8} {'optim MiB':>9} "
           f"{'vs 1/p':>6} {'peak RSS MiB':>12} {'goal MiB':>8} {'step s':>7} {'vs none':>7}")
     for ranks in [int(r) for r in args.ranks.split(",")]:
-        base = None
+        base, runs = None, {stage: [] for stage in STAGES}
+        for _ in range(args.repeat):  # stages interleaved: a busy spell hits them all alike
+            for stage in STAGES:
+                cmd = [mpiexec, "-n", str(ranks), sys.executable, __file__, "--worker", stage,
+                       "--steps", str(args.steps), "--batch", str(args.batch)]
+                cmd += ["--overlap"] if args.overlap else []
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if done.returncode:
+                    print(done.stderr[-2000:])
+                    return 1
+                runs[stage].append(json.loads(done.stdout.strip().splitlines()[-1])["rows"])
         for stage in STAGES:
-            cmd = [mpiexec, "-n", str(ranks), sys.executable, __file__, "--worker", stage,
-                   "--steps", str(args.steps), "--batch", str(args.batch)]
-            cmd += ["--overlap"] if args.overlap else []
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if done.returncode:
-                print(done.stderr[-2000:])
-                return 1
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            rows = result["rows"]
+            rows = max(runs[stage], key=lambda rs: max(r["peak_rss_bytes"] for r in rs))
+            steps = sorted(max(r["step_s"] for r in rs) for rs in runs[stage])
             n, mib = rows[0]["n"], 1 / 2 ** 20
             whole_state = 2 * 4 * n  # Adam: m and v in float32
             worst = max(rows, key=lambda r: r["peak_rss_bytes"])
             # ZeRO-3's goal: (params + grads + Adam state)/p + the largest layer's working set
             # (two gather buffers and two gradient buckets) + 100 MiB
             goal = (16 * n / ranks + 4 * 4 * rows[0]["widest"]) * mib + 100
-            step = max(r["step_s"] for r in rows)
+            step = steps[len(steps) // 2]  # the median run's (slowest rank's median step)
             base = step if stage == "none" else base
             print(f"{ranks:>2} {stage:<10} {worst['param_bytes'] * mib:9.1f} "
                   f"{worst['grad_bytes'] * mib:8.1f} "
@@ -99,7 +105,8 @@ def main() -> int:
                   f"{max(r['optimizer_state_bytes'] for r in rows) / (whole_state / ranks):6.3f} "
                   f"{worst['peak_rss_bytes'] * mib:12.1f} "
                   f"{goal if stage == 'parameters' else float('nan'):8.1f} "
-                  f"{step:7.3f} {step / base:7.2f}",
+                  f"{step:7.3f} {step / base:7.2f}"
+                  + (f"  [{steps[0]:.3f} .. {steps[-1]:.3f}]" if len(steps) > 1 else ""),
                   flush=True)
     return 0
 

@@ -223,15 +223,20 @@ class ShardedStep:
 
         Layers are asked for forward first to last, then backward last to first; the last one
         is asked twice in a row and served once. Each gather goes into the buffer the model is
-        done with, the next one started as soon as this one is handed out.
+        done with, the next one started as soon as this one is handed out. The last but one
+        layer's backward finds its forward gather still in its buffer: it is not gathered again.
         """
         trained = [i for i, _, _ in self.layers]
         order = trained + trained[::-1][1:]
         ranges = {i: (lo, min(hi, self.n)) for i, lo, hi in self.layers}
-        started, position = {}, [-1]
+        started, position, held = {}, [-1], [None, None]  # held: the layer in each buffer
 
         def start(j):
             if j < len(order) and j not in started:
+                if held[j % 2] == order[j]:  # the parameters do not change within a step
+                    started[j] = None
+                    return
+                held[j % 2] = order[j]
                 lo, hi = ranges[order[j]]
                 started[j] = self._run(self._gather, self.gathered[j % 2], lo, hi)
 
