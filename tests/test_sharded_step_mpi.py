@@ -166,6 +166,17 @@ def test_sharded_checkpoint_loads_on_another_rank_count(tmp_path_factory, stage)
     world.Barrier()
 
 
+def _datasets(path: str) -> dict:
+    """{name: array} of every dataset in an HDF5 file."""
+    import h5py
+
+    found = {}
+    with h5py.File(path) as fh:
+        fh.visititems(lambda k, v: found.update({k: v[...]} if isinstance(v, h5py.Dataset)
+                                                else {}))
+    return found
+
+
 class _Rows:
     """A test shard of `n` rows held in memory (what `evaluate` reads: len and rows)."""
 
@@ -185,8 +196,6 @@ def test_layer_by_layer_evaluation_and_model_file_equal_the_whole_model(tmp_path
     """ZeRO-3's model, gathered per layer: evaluation over shards of unequal batch counts
     (ranks out of rows still take part in the gathers) and model.h5 written by rank 0 as the
     layers arrive equal the same with the whole parameters."""
-    import h5py
-
     from mpifed.nn.io import save_model
     from mpifed.train import evaluate as evaluation
     from mpifed.train.data_parallel import write_model
@@ -208,13 +217,7 @@ def test_layer_by_layer_evaluation_and_model_file_equal_the_whole_model(tmp_path
     write_model(f"{folder}/gathered.h5", spec, sharded.model_source(), comm)
     if comm.rank == 0:
         save_model(f"{folder}/whole.h5", spec, whole)
-        arrays = []
-        for name in ("gathered", "whole"):
-            with h5py.File(f"{folder}/{name}.h5") as fh:
-                found = {}
-                fh.visititems(lambda k, v: found.update(
-                    {k: v[...]} if isinstance(v, h5py.Dataset) else {}))
-                arrays.append(found)
+        arrays = [_datasets(f"{folder}/{name}.h5") for name in ("gathered", "whole")]
         assert arrays[0].keys() == arrays[1].keys() and arrays[0]
         for key in arrays[0]:
             assert np.array_equal(arrays[0][key], arrays[1][key]), key

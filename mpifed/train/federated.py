@@ -39,6 +39,7 @@ from ..nn.models import ModelSpec
 from ..optim import learning_rate, make_optimizer
 from ..xp import get_array_module, to_host
 from .checkpoint import choose_checkpoint, save_checkpoint
+from .data_parallel import model_source
 from .evaluate import evaluate
 from .setup import (
     batch_loader,
@@ -50,7 +51,6 @@ from .setup import (
     stop_early,
 )
 from .signals import StopFlag
-from .data_parallel import model_source
 from .step import make_step
 
 
