@@ -38,3 +38,55 @@ def test_schedules():
     assert learning_rate(14, 1.0, 24, "cosine", warmup=4) == pytest.approx(
         0.5 * (1 + math.cos(math.pi * 10 / 20)))
     assert learning_rate(7, 0.3, 10) == 0.3
+
+
+def _expression_adam(w, m, v, g, t, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
+    """Adam as whole-array expressions (the form before the chunked update); returns t."""
+    if wd:
+        g = g + wd * w
+    t += 1
+    m *= b1
+    m += (1 - b1) * g
+    v *= b2
+    v += (1 - b2) * g * g
+    scale = lr * (1 - b2 ** t) ** 0.5 / (1 - b1 ** t)
+    w -= w.dtype.type(scale) * m / (np.sqrt(v) + eps)
+    return t
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_adam_in_chunks_equals_expressions_bitwise(dtype, wd):
+    """Pieces across CHUNK boundaries (and a ragged end) give the expression form's bits."""
+    from mpifed.optim.optimizers import CHUNK
+
+    rng = np.random.default_rng(3)
+    n = 2 * CHUNK + 17
+    w = rng.standard_normal(n).astype(dtype)
+    ref, m, v, t = w.copy(), np.zeros(n, dtype), np.zeros(n, dtype), 0
+    opt = Adam(weight_decay=wd)
+    for _ in range(3):
+        g = rng.standard_normal(n).astype(dtype)
+        opt.step(w, g.copy(), lr=0.01)
+        t = _expression_adam(ref, m, v, g.copy(), t, 0.01, wd=wd)
+    assert np.array_equal(w, ref) and np.array_equal(opt.m, m) and np.array_equal(opt.v, v)
+
+
+@pytest.mark.parametrize("make", [lambda: Adam(weight_decay=0.01),
+                                  lambda: SGD(momentum=0.9, nesterov=True, weight_decay=0.01)])
+def test_step_allocates_no_model_sized_temporary(make):
+    """After the first step (state allocated), a step allocates at most its chunk scratch."""
+    import tracemalloc
+
+    from mpifed.optim.optimizers import CHUNK
+
+    n = 8 * CHUNK
+    w, g = np.ones(n, np.float32), np.full(n, 0.5, np.float32)
+    opt = make()
+    opt.step(w, g.copy(), lr=0.01)
+    grad = g.copy()
+    tracemalloc.start()
+    opt.step(w, grad, lr=0.01)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < n * 4 // 4, f"a step allocated {peak} bytes for a {n * 4}-byte model"

@@ -88,3 +88,21 @@ def test_nccl_without_gpu_arrays_is_named():
     cfg = {"comm": {"backend": "numpy", "allreduce": "nccl"}}
     with pytest.raises(UserError, match='comm.allreduce = "nccl" needs GPU arrays'):
         array_backend(cfg, MPI.COMM_SELF)
+
+
+def test_the_memory_check_is_per_rank_for_the_shard_stage():
+    """A deep MLP whose whole state is 5x this machine's memory: refused unsharded (naming the
+    fix), accepted as ZeRO-3 over 64 ranks (5/64 of it plus four of its widest layer)."""
+    import os
+
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    depth = 64  # layers of width k: about depth * k * k parameters
+    k = int((total / (depth * 4)) ** 0.5)  # whole parameters alone: about all of the memory
+    config = {"data": {"train": "d.h5"}, "model": {"kind": "mlp", "hidden": [k] * depth}}
+    with pytest.raises(UserError, match='bytes.*comm.shard = "parameters"'):
+        build_model(resolve(config), k, 10, np, np.float32)
+    config["comm"] = {"shard": "parameters"}
+    spec, params = build_model(resolve(config), k, 10, np, np.float32, whole=False, ranks=64)
+    assert params is None and len(spec.layers) > depth
+    with pytest.raises(UserError, match="'parameters' on 2 ranks, per rank"):
+        build_model(resolve(config), k, 10, np, np.float32, whole=False, ranks=2)

@@ -164,3 +164,61 @@ def test_sharded_checkpoint_loads_on_another_rank_count(tmp_path_factory, stage)
         assert state["t"] == 7
         fewer.Free()
     world.Barrier()
+
+
+def _datasets(path: str) -> dict:
+    """{name: array} of every dataset in an HDF5 file."""
+    import h5py
+
+    found = {}
+    with h5py.File(path) as fh:
+        fh.visititems(lambda k, v: found.update({k: v[...]} if isinstance(v, h5py.Dataset)
+                                                else {}))
+    return found
+
+
+class _Rows:
+    """A test shard of `n` rows held in memory (what `evaluate` reads: len and rows)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def rows(self, index):
+        return self.x[index], self.y[index]
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_layer_by_layer_evaluation_and_model_file_equal_the_whole_model(tmp_path_factory,
+                                                                         monkeypatch, model):
+    """ZeRO-3's model, gathered per layer: evaluation over shards of unequal batch counts
+    (ranks out of rows still take part in the gathers) and model.h5 written by rank 0 as the
+    layers arrive equal the same with the whole parameters."""
+    from mpifed.nn.io import save_model
+    from mpifed.train import evaluate as evaluation
+    from mpifed.train.data_parallel import write_model
+
+    spec, comm = MODELS[model], MPI.COMM_WORLD
+    spec.seed = 3
+    whole = init_params(spec, 3, np, "float64")
+    sharded = ShardedStep(spec, None, comm, "ring", np, False, "parameters", dtype="float64")
+    monkeypatch.setattr(evaluation, "EVAL_BATCH", 4)
+    rng = np.random.default_rng(comm.rank)
+    rows = 2 + 5 * comm.rank  # rank 0: one batch, rank 3: five
+    test = _Rows(rng.standard_normal((rows, *spec.input_shape)),
+                 rng.integers(0, spec.num_classes, rows))
+    got = evaluation.evaluate(spec, sharded.model_source(), test, comm, np)
+    want = evaluation.evaluate(spec, whole, test, comm, np)
+    assert got["samples"] == want["samples"] and got["accuracy"] == want["accuracy"]
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-12)
+    folder = comm.bcast(str(tmp_path_factory.mktemp("model")) if comm.rank == 0 else None)
+    write_model(f"{folder}/gathered.h5", spec, sharded.model_source(), comm)
+    if comm.rank == 0:
+        save_model(f"{folder}/whole.h5", spec, whole)
+        arrays = [_datasets(f"{folder}/{name}.h5") for name in ("gathered", "whole")]
+        assert arrays[0].keys() == arrays[1].keys() and arrays[0]
+        for key in arrays[0]:
+            assert np.array_equal(arrays[0][key], arrays[1][key]), key
+    comm.Barrier()

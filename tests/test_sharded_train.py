@@ -44,14 +44,18 @@ keep_checkpoints = 10
 """)
 
 
-def model_bytes(path):
-    with h5py.File(path) as fh:
-        return [fh[k][...].tobytes() for k in sorted(fh) if isinstance(fh[k], h5py.Dataset)]
-
-
 def model_arrays(path):
+    """Every dataset of a model file (layers/<i>/W, ...), in name order; never empty."""
+    found = {}
     with h5py.File(path) as fh:
-        return [fh[k][...] for k in sorted(fh) if isinstance(fh[k], h5py.Dataset)]
+        fh.visititems(lambda name, item: found.update(
+            {name: item[...]} if isinstance(item, h5py.Dataset) else {}))
+    assert found, f"{path} holds no arrays"
+    return [found[k] for k in sorted(found)]
+
+
+def model_bytes(path):
+    return [a.tobytes() for a in model_arrays(path)]
 
 
 @pytest.fixture(scope="module")
@@ -120,17 +124,20 @@ def test_sigkill_then_resume_gives_the_same_bits_and_another_rank_count_resumes(
         assert "resumed at step 10" in elsewhere.stdout + elsewhere.stderr
 
 
-@pytest.mark.parametrize("shard", ["optimizer", "gradients"])
+@pytest.mark.parametrize("shard", ["optimizer", "gradients", "parameters"])
 def test_federation_with_sharded_institutions_equals_unsharded(tmp_path, shard):
-    """Two institutions of two ranks each: their ranks shard, the leaders send whole models."""
+    """Two institutions of two ranks each: their ranks shard, the leaders send whole models
+    (ZeRO-3: gathered from the chunks; after the root's broadcast each rank keeps its chunk).
+    The test set is scored every round (ZeRO-3: layer by layer) and must agree too."""
 
     for i in range(2):
         write_site(tmp_path / f"site-{i}.h5", 41 + 6 * i, seed=i)
-    models = []
+    models, summaries = [], []
     for stage in ("none", shard):
         (tmp_path / "fed.toml").write_text(f"""
 [data]
 train = "site-{{institution}}.h5"
+test = "site-0.h5"
 [model]
 kind = "mlp"
 hidden = [4]
@@ -155,26 +162,66 @@ out = "out-{stage}"
         done = run_mpi(4, ["train", "fed.toml"], cwd=tmp_path)
         assert done.returncode == 0, done.stderr
         models.append(model_arrays(tmp_path / f"out-{stage}" / "model.h5"))
+        summaries.append(summary_of(tmp_path / f"out-{stage}"))
     for got, want in zip(models[1], models[0]):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
+    assert summaries[1]["accuracy"] == summaries[0]["accuracy"]
+    assert summaries[1]["test_loss"] == pytest.approx(summaries[0]["test_loss"], rel=1e-6)
 
 
-def test_federation_refuses_sharded_parameters(tmp_path):
+@pytest.mark.parametrize("first, then", [("parameters", "none"), ("none", "optimizer")])
+def test_a_run_out_with_the_other_kind_of_checkpoints_is_refused(tmp_path, first, then):
+    """A comm.shard = "none" run in a run.out holding only sharded checkpoint folders (or the
+    other way round) is refused, naming the folder and the fix, instead of starting afresh;
+    run.resume = "never" then starts afresh."""
+    make_run(tmp_path, first, steps=8)
+    assert run_mpi(2, ["train", "run.toml"], cwd=tmp_path).returncode == 0
+    kept = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    assert kept == (["step-000000005.sharded"] if first != "none" else ["step-000000005.h5"])
+    make_run(tmp_path, then, steps=8)
+    refused = run_mpi(2, ["train", "run.toml"], cwd=tmp_path)
+    assert refused.returncode != 0
+    text = refused.stdout + refused.stderr
+    assert "checkpoints" in text and kept[0] in text and f"comm.shard = {first!r}" in text
+    assert 'run.resume = "never"' in text
+    again = run_mpi(2, ["train", "run.toml", "--set", "run.resume=never"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
 
+
+def test_federation_with_zero3_institutions_under_secure_aggregation(tmp_path):
+    """ZeRO-3 institutions under secure aggregation (the private aggregator runs on every rank,
+    the leaders' vectors built from the gathered model) give the unsharded federation's model
+    to within the quantisation step."""
     for i in range(2):
-        write_site(tmp_path / f"site-{i}.h5", 80, seed=i)
-    (tmp_path / "fed.toml").write_text("""
+        write_site(tmp_path / f"site-{i}.h5", 41 + 6 * i, seed=i)
+    models = []
+    for stage in ("none", "parameters"):
+        (tmp_path / "fed.toml").write_text(f"""
 [data]
-train = "site-{institution}.h5"
+train = "site-{{institution}}.h5"
 [model]
-kind = "softmax"
+kind = "mlp"
+hidden = [4]
+dtype = "float64"
+[optim]
+name = "adam"
+lr = 0.01
+batch_size = 3
 [comm]
-shard = "parameters"
+shard = "{stage}"
 [federated]
 institutions = 2
+min_participants = 2
+rounds = 2
+local_steps = 3
+strategy = "fedavg"
+secure_aggregation = true
 [run]
-out = "out"
+seed = 5
+out = "out-{stage}"
 """)
-    done = run_mpi(2, ["train", "fed.toml"], cwd=tmp_path)
-    assert done.returncode != 0
-    assert 'comm.shard: "parameters" is not supported in a federation' in done.stderr + done.stdout
+        done = run_mpi(4, ["train", "fed.toml"], cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        models.append(model_arrays(tmp_path / f"out-{stage}" / "model.h5"))
+    for got, want in zip(models[1], models[0]):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-8)

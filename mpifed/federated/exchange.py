@@ -65,11 +65,15 @@ def collect_at_root(fed, params, report: SiteReport, chosen: list[int]):
     return {k: (p, SiteReport.from_array(m)) for k, (p, m) in wires.items()}, received
 
 
-def broadcast_global(fed, params) -> int:
-    """Root -> leaders -> every rank of each site, in place; return bytes the root sent."""
+def broadcast_global(fed, params, site: bool = True) -> int:
+    """Root -> leaders -> every rank of each site, in place; return bytes the root sent.
+
+    site=False: to the leaders only (called on them alone; a sharded institution's leader
+    then hands each rank its chunk)."""
     work, copy_back = mpi_view(params, fed.site)  # device arrays go through host memory
     if fed.leaders is not None:
         fed.leaders.Bcast(work, root=0)
-    fed.site.Bcast(work, root=0)
+    if site:
+        fed.site.Bcast(work, root=0)
     copy_back()
     return params.nbytes * (len(fed.sizes) - 1) if fed.is_root else 0

@@ -23,25 +23,46 @@ from .models import LEGACY_KINDS
 from .sequential import Sequential
 
 
-def save_model(path: str, spec: Sequential, flat) -> None:
-    """Write the model atomically (temporary name, fsync, rename): never half-written."""
-    host = np.asarray(flat.get() if hasattr(flat, "get") else flat)
+def save_model(path: str, spec: Sequential, flat, dtype=None) -> None:
+    """Write the model atomically (temporary name, fsync, rename): never half-written.
+
+    flat: the flat parameters, or a provider (i, lo, hi) -> layer i's elements (NumPy or
+    CuPy), asked for once per layer with parameters, in layer order (a sharded model gathered
+    layer by layer into the file); `dtype` is then the parameters' dtype.
+    """
+    if callable(flat):
+        dtype = np.dtype(dtype)
+
+        def layer_of(i):
+            lo, hi = spec.layer_range(i, dtype)
+            return spec.layer_views(i, _host(flat(i, lo, hi)) if hi > lo else None)
+    else:
+        host = _host(flat)
+        layers = views(host, spec.layout(host.dtype))
+        bounds = spec.bounds
+
+        def layer_of(i):
+            return {name: layers[j] for j, (name, _) in
+                    zip(range(bounds[i], bounds[i + 1]), spec.entries[i])}
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as fh:
         fh.attrs["kind"] = spec.kind
         fh.attrs["num_classes"] = spec.num_classes
         if spec.kind in LEGACY_KINDS:
-            _save_legacy(fh, spec, host)
+            _save_legacy(fh, spec, layer_of)
             return
         fh.attrs["input_shape"] = np.asarray(spec.input_shape, dtype=np.int64)
         for key, value in spec.extra.items():
             fh.attrs[key] = value
-        for i, (layer, p) in enumerate(zip(spec.layers, spec.param_views(host))):
+        for i, layer in enumerate(spec.layers):
             group = fh.create_group(f"layers/{i}")
-            for name, array in p.items():
+            for name, array in layer_of(i).items():
                 group.create_dataset(name.replace(".", "/"), data=array)
             _write_settings(group, layer)
-        spec.param_views(host)  # keep no views of a temporary copy
-        spec._views.clear()
+
+
+def _host(a):
+    """A NumPy array of `a` (copied from the device for CuPy)."""
+    return np.asarray(a.get() if hasattr(a, "get") else a)
 
 
 def _write_settings(group, layer) -> None:
@@ -53,15 +74,19 @@ def _write_settings(group, layer) -> None:
             _write_settings(group.require_group(f"layers/{j}"), sub)
 
 
-def _save_legacy(fh, spec: Sequential, host) -> None:
+def _save_legacy(fh, spec: Sequential, layer_of) -> None:
+    """softmax/mlp: layers/<k> is the k-th layer with parameters (a linear layer: W, b)."""
     fh.attrs["hidden"] = np.asarray(spec.hidden, dtype=np.int64)
     if spec.input_shape != (spec.features,):
         fh.attrs["input_shape"] = np.asarray(spec.input_shape, dtype=np.int64)
-    arrays = views(host, spec.layout(host.dtype))
-    for i in range(0, len(arrays), 2):
-        group = fh.create_group(f"layers/{i // 2}")
-        group.create_dataset("W", data=arrays[i])
-        group.create_dataset("b", data=arrays[i + 1])
+    k = 0
+    for i, entries in enumerate(spec.entries):
+        if entries:
+            p = layer_of(i)
+            group = fh.create_group(f"layers/{k}")
+            group.create_dataset("W", data=p["W"])
+            group.create_dataset("b", data=p["b"])
+            k += 1
 
 
 def load_model(path: str, dtype=None, key: str = "model.init") -> tuple[Sequential, np.ndarray]:

@@ -176,9 +176,13 @@ class Sequential:
 
     # Forward and backward.
     def forward(self, flat, x, ctx: Context = EVAL):
-        """Return logits (B, C) of inputs x (B, *input_shape)."""
-        ps = self.param_views(flat)
-        return self.chain.forward(lambda i: ps[i], self._shaped(x), ctx)
+        """Return logits (B, C) of inputs x (B, *input_shape).
+
+        flat: the flat parameters, or a provider (i, lo, hi) -> layer i's elements, asked for
+        in layer order (see `loss_and_grad`); x's dtype is then the parameters'.
+        """
+        ps = self._layer_source(flat, x.dtype if callable(flat) else flat.dtype)
+        return self.chain.forward(ps, self._shaped(x), ctx)
 
     def loss_and_grad(self, flat, x, y, grad_out, on_ready=None, ctx: Context = TRAIN):
         """Write d(mean loss)/d(params) into `grad_out` (flat, like `flat`); return the loss.

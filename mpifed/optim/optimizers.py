@@ -2,6 +2,11 @@
 
 Conventions follow PyTorch's, so results compare: weight decay adds wd * w to the gradient;
 momentum keeps v = mu v + g; Nesterov steps along g + mu v.
+
+The updates run chunk by chunk through preallocated scratch of CHUNK elements, so an optimiser
+step never allocates a temporary the size of the model (Adam's expression form made five, which
+set the peak memory of a sharded step). The arithmetic, operation for operation, is that of the
+expressions written in each docstring: the bits do not depend on the chunking.
 """
 
 from __future__ import annotations
@@ -9,6 +14,28 @@ from __future__ import annotations
 from ..xp import get_array_module
 
 OPTIMIZERS = ("sgd", "adam")  # optim.name: the choices of make_optimizer
+CHUNK = 1 << 18  # elements per piece of an update: 1 MiB of float32 scratch, stays in cache
+
+
+def chunks(n: int, size: int = CHUNK):
+    """Yield (start, stop) pieces of at most `size` covering range(n)."""
+    for lo in range(0, n, size):
+        yield lo, min(lo + size, n)
+
+
+class Scratch:
+    """Reusable scratch arrays of up to CHUNK elements, per array module and dtype."""
+
+    def __init__(self, count: int):
+        self.count, self.arrays = count, None
+
+    def get(self, like, n: int) -> list:
+        """Return `count` arrays of n <= CHUNK elements like `like` (views of cached ones)."""
+        arrays = self.arrays
+        if arrays is None or arrays[0].dtype != like.dtype or type(arrays[0]) is not type(like):
+            xp = get_array_module(like)
+            arrays = self.arrays = [xp.empty(CHUNK, dtype=like.dtype) for _ in range(self.count)]
+        return [a[:n] for a in arrays]
 
 
 class SGD:
@@ -17,25 +44,40 @@ class SGD:
     def __init__(self, momentum=0.0, nesterov=False, weight_decay=0.0):
         self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
         self.velocity = None
+        self._scratch = Scratch(1)
 
     def step(self, params, grad, lr: float) -> None:
-        """Update `params` in place from `grad` (same shape); `grad` is used as scratch."""
+        """Update `params` in place from `grad` (same shape); `grad` is used as scratch.
+
+        g += wd * w; v = mu * v + g; w -= lr * (g + mu * v) (Nesterov) or lr * v (momentum)
+        or lr * g (plain).
+        """
         xp = get_array_module(params)
+        if self.momentum and self.velocity is None:
+            self.velocity = xp.zeros_like(params)
+        lr = params.dtype.type(lr)
+        for lo, hi in chunks(params.size):
+            self._step_chunk(xp, params[lo:hi], grad[lo:hi], lr,
+                             None if self.velocity is None else self.velocity[lo:hi])
+
+    def _step_chunk(self, xp, w, g, lr, v) -> None:
+        """SGD's update on one piece: w, g, v views of at most CHUNK elements."""
+        (t,) = self._scratch.get(w, w.size)
         if self.weight_decay:
-            grad += self.weight_decay * params
+            xp.multiply(w, self.weight_decay, out=t)
+            g += t
         if self.momentum:
-            if self.velocity is None:
-                self.velocity = xp.zeros_like(params)
-            self.velocity *= self.momentum
-            self.velocity += grad
+            v *= self.momentum
+            v += g
             if self.nesterov:
-                grad += self.momentum * self.velocity
-                grad *= params.dtype.type(lr)
+                xp.multiply(v, self.momentum, out=t)
+                g += t
+                g *= lr
             else:
-                xp.multiply(self.velocity, params.dtype.type(lr), out=grad)
+                xp.multiply(v, lr, out=g)
         else:
-            grad *= params.dtype.type(lr)  # in place: no temporary the size of the model
-        params -= grad
+            g *= lr
+        w -= g
 
     def state(self) -> dict:
         return {} if self.velocity is None else {"velocity": self.velocity}
@@ -52,20 +94,42 @@ class Adam:
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
         self.m = self.v = None
         self.t = 0
+        self._scratch = Scratch(2)
 
     def step(self, params, grad, lr: float) -> None:
+        """Update `params` in place from `grad` (same shape); `grad` is used as scratch.
+
+        g += wd * w; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g g;
+        w -= (lr sqrt(1 - b2^t) / (1 - b1^t)) m / (sqrt(v) + eps).
+        """
         xp = get_array_module(params)
         if self.m is None:
             self.m, self.v = xp.zeros_like(params), xp.zeros_like(params)
-        if self.weight_decay:
-            grad += self.weight_decay * params
         self.t += 1
-        self.m *= self.beta1
-        self.m += (1 - self.beta1) * grad
-        self.v *= self.beta2
-        self.v += (1 - self.beta2) * grad * grad
         scale = lr * (1 - self.beta2 ** self.t) ** 0.5 / (1 - self.beta1 ** self.t)
-        params -= params.dtype.type(scale) * self.m / (xp.sqrt(self.v) + self.eps)
+        scale = params.dtype.type(scale)
+        for lo, hi in chunks(params.size):
+            self._step_chunk(xp, params[lo:hi], grad[lo:hi], self.m[lo:hi], self.v[lo:hi],
+                             scale)
+
+    def _step_chunk(self, xp, w, g, m, v, scale) -> None:
+        """Adam's update on one piece: w, g, m, v views of at most CHUNK elements."""
+        t, d = self._scratch.get(w, w.size)
+        if self.weight_decay:
+            xp.multiply(w, self.weight_decay, out=t)
+            g += t
+        m *= self.beta1
+        xp.multiply(g, 1 - self.beta1, out=t)
+        m += t
+        v *= self.beta2
+        xp.multiply(g, 1 - self.beta2, out=t)
+        t *= g
+        v += t
+        xp.sqrt(v, out=d)
+        d += self.eps
+        xp.multiply(m, scale, out=t)
+        t /= d
+        w -= t
 
     def state(self) -> dict:
         return {} if self.m is None else {"m": self.m, "v": self.v, "t": self.t}

@@ -32,7 +32,12 @@ from .setup import (
     start_report,
     stop_early,
 )
-from .sharded_checkpoint import choose_sharded, read_sharded, save_sharded
+from .sharded_checkpoint import (
+    choose_sharded,
+    read_sharded,
+    refuse_other_kind,
+    save_sharded,
+)
 from .signals import StopFlag
 from .step import make_step
 from .timeline import Timeline
@@ -46,7 +51,8 @@ def run_data_parallel(cfg: dict, comm, xp) -> dict:
                                         "data.train")
     whole = cfg["comm"]["shard"] != "parameters"  # ZeRO-3: each rank draws only its chunk
     spec, params = raise_together(comm, lambda: build_model(cfg, shard.info.input_shape, classes,
-                                                            xp, dtype, whole=whole))
+                                                            xp, dtype, whole=whole,
+                                                            ranks=comm.size))
     per_epoch, total = plan_steps(cfg, len(shard), comm)
     test = None
     if data["test"]:
@@ -88,7 +94,7 @@ def run_data_parallel(cfg: dict, comm, xp) -> dict:
                 reporter.step(done, epoch, loss, lr, rate, comm_share, log)
                 if test is not None and run["eval_every"] and done % run["eval_every"] == 0:
                     reporter.record(event="eval", step=done,
-                                    **evaluate(spec, step_fn.gather_params(), test, comm, xp))
+                                    **evaluate(spec, model_source(step_fn), test, comm, xp))
                 every = run["checkpoint_every"]
                 if step_fn.stop_agreed or (every and done % every == 0 and done < total):
                     write_checkpoint(cfg, comm, step_fn, optimizer, done, per_epoch)
@@ -103,9 +109,15 @@ def run_data_parallel(cfg: dict, comm, xp) -> dict:
     if stopped:
         return stop_early(cfg, comm, reporter, done, stopped)
     memory = memory_report(comm, step_fn, optimizer)
-    return finish(cfg, comm, spec, step_fn.gather_params(), test, reporter, xp, (first, total),
+    return finish(cfg, comm, spec, model_source(step_fn), test, reporter, xp, (first, total),
                   (time.perf_counter() - start, step_fn.comm_seconds, loader.wait_seconds), loss,
                   memory)
+
+
+def model_source(step_fn):
+    """The model to evaluate and write: flat parameters, or ZeRO-3's per-layer gatherer."""
+    source = getattr(step_fn, "model_source", None)
+    return source() if source is not None else step_fn.params
 
 
 def trace_step(timeline, step: int, t_data: float, t_compute: float, comm: float) -> None:
@@ -145,7 +157,7 @@ def resume_step(cfg: dict, comm, step_fn, optimizer, xp) -> int:
     return its step. Sharded steps read their part of a sharded checkpoint (any rank count)."""
     if step_fn.stage != "none":
         return resume_sharded(cfg, comm, step_fn, optimizer, xp)
-    found = raise_together(comm, lambda: choose_checkpoint(cfg, "step", mpi_shape(comm))
+    found = raise_together(comm, lambda: choose_unsharded(cfg, mpi_shape(comm))
                            if comm.rank == 0 else None)
     found = comm.bcast(found, root=0)
     if found is None:
@@ -154,6 +166,14 @@ def resume_step(cfg: dict, comm, step_fn, optimizer, xp) -> int:
     optimizer.load_state({k: xp.asarray(v) if np.ndim(v) else v
                           for k, v in found["state"].items()})
     return int(found["counters"]["step"])
+
+
+def choose_unsharded(cfg: dict, shape: dict) -> dict | None:
+    """choose_checkpoint for steps, refusing a run.out that holds only sharded ones."""
+    found = choose_checkpoint(cfg, "step", shape)
+    if found is None and cfg["run"]["resume"] == "auto":
+        refuse_other_kind(cfg, sharded=False)
+    return found
 
 
 def resume_sharded(cfg: dict, comm, step_fn, optimizer, xp) -> int:
@@ -208,6 +228,30 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def write_model(path: str, spec, params, comm) -> None:
+    """Write model.h5 on rank 0. ZeRO-3 (`params` a LayerGather): every rank gathers layer by
+    layer as rank 0 writes each into the file, so the whole model is never in memory; a
+    failure on rank 0 is raised on every rank once the gathers are through."""
+    if not callable(params):
+        if comm.rank == 0:
+            save_model(path, spec, params)
+        return
+
+    def write():
+        if comm.rank != 0:
+            params.walk()
+            return
+        before = params.calls
+        try:
+            save_model(path, spec, params, params.step.dtype)
+        except OSError as err:
+            for layer in params.layers[params.calls - before:]:  # the others wait in gathers
+                params(*layer)
+            raise UserError(f"run.out: cannot write {path!r} ({err}); free space or pick "
+                            "another run.out") from None
+    raise_together(comm, write)
+
+
 def finish(cfg, comm, spec, params, test, reporter, xp, span, timings, loss,
            memory=None) -> dict:
     """Evaluate, write the model and the summary; return the summary.
@@ -231,8 +275,7 @@ def finish(cfg, comm, spec, params, test, reporter, xp, span, timings, loss,
         summary.update(accuracy=result["accuracy"], test_loss=result["loss"])
         reporter.line(f"test: accuracy {result['accuracy']:.4f} loss {result['loss']:.4f} "
                       f"on {result['samples']} samples")
-    if comm.rank == 0:
-        save_model(os.path.join(out, "model.h5"), spec, params)
+    write_model(os.path.join(out, "model.h5"), spec, params, comm)
     reporter.record(**summary)
     reporter.line(f"done: {steps} steps in {seconds:.2f} s, {summary['samples_per_s']:,.0f} "
                   f"samples/s, final loss {loss:.4f}; model in {os.path.join(out, 'model.h5')}"

@@ -12,9 +12,21 @@ EVAL_BATCH = 4096
 
 
 def evaluate(spec: ModelSpec, params, shard: Shard, comm, xp) -> dict:
-    """Return {"loss", "accuracy", "samples"} of the model over all ranks' shards."""
+    """Return {"loss", "accuracy", "samples"} of the model over all ranks' shards.
+
+    params: the flat parameters, or a sharded model's `LayerGather` (ZeRO-3), gathered layer
+    by layer for each batch: every rank then runs as many batches as the longest shard needs,
+    walking the gathers without rows once its own shard is done.
+    """
     sums = np.zeros(3)  # summed loss, correct, rows
-    for lo in range(0, len(shard), EVAL_BATCH):
+    batches = -(-len(shard) // EVAL_BATCH)
+    if callable(params):
+        batches = comm.allreduce(batches, op=MPI.MAX)
+    for b in range(batches):
+        lo = b * EVAL_BATCH
+        if lo >= len(shard):
+            params.walk()  # ZeRO-3 only: the other ranks still gather layer by layer
+            continue
         index = np.arange(lo, min(len(shard), lo + EVAL_BATCH))
         x, y = shard.rows(index)
         loss, correct = evaluate_batch(spec, params, xp.asarray(x), xp.asarray(y))

@@ -39,6 +39,7 @@ from ..nn.models import ModelSpec
 from ..optim import learning_rate, make_optimizer
 from ..xp import get_array_module, to_host
 from .checkpoint import choose_checkpoint, save_checkpoint
+from .data_parallel import model_source
 from .evaluate import evaluate
 from .setup import (
     batch_loader,
@@ -135,12 +136,11 @@ def run_federation(cfg: dict, world, xp) -> dict:
         f"mpifed federated: {len(fed.sizes)} institutions of {fed.sizes} ranks, strategy "
         f"{fed_cfg['strategy']}, {fed_cfg['rounds']} rounds, {site.spec.kind} {site.spec.sizes}",
         "round")
-    if cfg["comm"]["shard"] == "parameters":  # the same config on every rank: all raise
-        raise UserError('comm.shard: "parameters" is not supported in a federation yet; use '
-                        '"optimizer" or "gradients" (the institution\'s ranks shard, its leader '
-                        'holds the whole model)')
     step_fn = make_step(site.spec, site.params, fed.site, cfg["comm"], xp)
-    site.params = step_fn.params  # ZeRO-1/2: all-gathered after every step, whole on the leader
+    if step_fn.stage == "parameters":  # ZeRO-3: each rank keeps its chunk; the leader also
+        site.params = site.params if fed.is_leader else None  # the whole model to exchange
+    else:
+        site.params = step_fn.params  # all-gathered after every step, whole on every rank
     loader = batch_loader(cfg, site.shard, site.per_epoch, site.stream_comm.rank, site_steps, xp)
     hyper = ServerHyper(fed_cfg["server_lr"] or DEFAULT_SERVER_LR.get(fed_cfg["strategy"], 1.0),
                         fed_cfg["beta1"], fed_cfg["beta2"], fed_cfg["tau"])
@@ -158,7 +158,8 @@ def run_federation(cfg: dict, world, xp) -> dict:
                 last, server_state, advanced = run_round(cfg, fed, site, step_fn, loader, rnd,
                                                           hyper, server_state, xp)
                 site_steps += site.local_steps if advanced else 0
-                report_round(reporter, last, site, fed, fed_cfg["rounds"], xp)
+                report_round(reporter, last, site, fed, fed_cfg["rounds"], xp,
+                             model_source(step_fn))
                 faults.inject("round", rnd + 1, world.rank)
                 stop = _any_flag(world, flag.value)
                 every = run["checkpoint_every"]
@@ -206,7 +207,7 @@ def open_site(cfg: dict, fed: Federation, xp) -> Site:
     dtype = np.dtype(cfg["model"]["dtype"])
     shard, stream_comm, samples, classes = open_site_data(cfg, fed, dtype)
     spec, params = raise_together(world, lambda: build_model(cfg, shard.info.input_shape, classes,
-                                                             xp, dtype))
+                                                             xp, dtype, ranks=fed.site.size))
     smallest = fed.site.allreduce(len(shard), op=MPI.MIN)
     per_epoch = smallest // optim["batch_size"]
     raise_together(world, lambda: _check_batch(per_epoch, optim["batch_size"], smallest, fed))
@@ -287,7 +288,8 @@ def write_round_checkpoint(cfg, fed, params, server_state, rounds_done, site_ste
     fed.world.Barrier()
 
 
-def report_round(reporter, record, site: Site, fed: Federation, rounds: int, xp) -> None:
+def report_round(reporter, record, site: Site, fed: Federation, rounds: int, xp,
+                 model=None) -> None:
     """Evaluate the new global model where data.test is set; log the round (root)."""
     if fed.is_root and "reports" in record:
         record["institutions"] = institution_table(record.pop("reports"), site.site_samples)
@@ -295,8 +297,9 @@ def report_round(reporter, record, site: Site, fed: Federation, rounds: int, xp)
         chosen = record.pop("participants")
         record["institutions"] = [{"institution": k, "participated": k in chosen}
                                   for k in range(len(fed.sizes))]
-    if site.test is not None:
-        result = evaluate(site.spec, site.params, site.test, fed.world, xp)
+    if site.test is not None:  # model: ZeRO-3's per-layer gatherer, else site.params
+        result = evaluate(site.spec, site.params if model is None else model, site.test,
+                          fed.world, xp)
         record.update(accuracy=result["accuracy"], test_loss=result["loss"],
                       test_samples=result["samples"])
     reporter.record(event="round", **record)
@@ -331,7 +334,7 @@ def local_training(cfg, fed, site: Site, step_fn, loader, rnd: int, xp) -> SiteR
     """Take this institution's local steps from the global model; return its report."""
     fed_cfg, optim = cfg["federated"], cfg["optim"]
     report = SiteReport(samples=site.samples, steps=site.local_steps)
-    anchor = site.params.copy() if fed_cfg["strategy"] == "fedprox" else None
+    anchor = step_fn.anchor() if fed_cfg["strategy"] == "fedprox" else None
     optimizer = make_optimizer(optim)  # each round starts the local optimiser afresh
     lr = learning_rate(rnd, optim["lr"], fed_cfg["rounds"], optim["schedule"],
                        optim["warmup"], optim["step_size"], optim["gamma"])
@@ -340,7 +343,7 @@ def local_training(cfg, fed, site: Site, step_fn, loader, rnd: int, xp) -> SiteR
                       fed_cfg["mu"]) for t in range(steps)]
     report.loss = float(np.mean(losses))
     if fed_cfg["evaluate_local"]:
-        local = evaluate(site.spec, site.params, site.shard, fed.site, xp)  # its rows, its model
+        local = evaluate(site.spec, model_source(step_fn), site.shard, fed.site, xp)  # its own
         report.local_loss, report.local_accuracy = local["loss"], local["accuracy"]
     return report
 
@@ -400,6 +403,7 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
     secret = fed_cfg["secure_aggregation"] and site.dp is not None
     if takes_part:
         report = local_training(cfg, fed, site, step_fn, loader, rnd, xp)
+        step_fn.gather_to_leader(params)  # ZeRO-3: the leader's whole model, from the chunks
     elif secret:  # the data position stays independent of the secret draw (checkpoints)
         for _ in range(site.local_steps):
             loader.get()
@@ -410,8 +414,8 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
     if private:
         if site.dp and fed.is_root:
             record.update(record_release(site, fed, fed_cfg, rnd, senders))
-        sums = site.aggregator(params, global_params, report, senders, takes_part, rnd,
-                               server_state)
+        sums = site.aggregator(params if params is not None else _stand_in(step_fn),
+                               global_params, report, senders, takes_part, rnd, server_state)
         if fed.is_root:
             new, server_state, fields = apply_private_sums(
                 strategy, site.dp, sums, global_params, len(fed.sizes), fed_cfg["fraction"],
@@ -430,7 +434,9 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
         record["reports"] = {k: r for k, (_, r) in results.items()}
     elif fed.is_leader and takes_part:
         send_to_root(fed, params, report)
-    from_root = broadcast_global(fed, params)
+    if params is not None:
+        from_root = broadcast_global(fed, params, site=step_fn.stage != "parameters")
+    step_fn.scatter_from_leader(params)  # ZeRO-3: from the leader, each rank keeps its chunk
     now = time.perf_counter()
     record.update(bytes_to_root=to_root, bytes_from_root=from_root, round_seconds=now - t0,
                   exchange_seconds=now - t_exchange,
@@ -438,6 +444,12 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
     record["comm_fraction"] = (record["exchange_seconds"] + record["allreduce_seconds"]) / max(
         now - t0, 1e-9)
     return record, server_state, takes_part or secret
+
+
+def _stand_in(step_fn):
+    """ZeRO-3, a rank other than the leader: the model's size and dtype, no memory (all the
+    private aggregator reads there)."""
+    return np.broadcast_to(np.zeros(1, dtype=step_fn.dtype), (step_fn.n,))
 
 
 def institution_table(reports: dict, site_samples: list[int]) -> list[dict]:

@@ -115,11 +115,14 @@ def open_test_shard(comm, cfg: dict, spec, dtype) -> Shard:
     return shard
 
 
-def build_model(cfg: dict, input_shape, classes: int, xp, dtype, whole: bool = True):
+def build_model(cfg: dict, input_shape, classes: int, xp, dtype, whole: bool = True,
+                ranks: int = 1):
     """Return (model, flat params) from model.init, or initialised from run.seed.
 
     whole=False (ZeRO-3): without model.init, params is None and the sharded step draws only
     its chunk from spec.seed (`Sequential.init_range`), so no rank ever holds the whole model.
+    ranks: how many ranks share the model's state under comm.shard (the memory check is per
+    rank for that stage).
 
     input_shape: one sample's shape in the training data, e.g. (1, 8, 8) or (64,) (an int is a
     flat feature count).
@@ -133,13 +136,30 @@ def build_model(cfg: dict, input_shape, classes: int, xp, dtype, whole: bool = T
         params = xp.asarray(host)
     else:
         spec = model_from_config(model, shape, classes)
-        # parameters, gradients, two optimiser states, a checkpoint's host copy
-        check_memory(5 * spec.layout(dtype).size * np.dtype(dtype).itemsize,
-                     f"model {spec.kind} {spec.sizes}",
-                     "use a smaller model (model.hidden or model.layers)")
+        stage = cfg.get("comm", {}).get("shard", "none")
+        check_memory(model_bytes(spec, dtype, stage, ranks, whole),
+                     f"model {spec.kind} {spec.sizes}"
+                     + (f" with comm.shard = {stage!r} on {ranks} ranks, per rank,"
+                        if stage != "none" else ""),
+                     "use a smaller model (model.hidden or model.layers)"
+                     + ("" if stage == "parameters" else
+                        ', or shard it over the ranks (comm.shard = "parameters")'))
         params = spec.init(seed, xp, dtype) if whole else None
     spec.seed = seed  # dropout's masks: (seed, step, rank)
     return spec, params
+
+
+def model_bytes(spec, dtype, stage: str, ranks: int, whole: bool = True) -> int:
+    """Return the bytes of model state per rank at comm.shard `stage` on `ranks` ranks
+    (parameters, gradients, two optimiser states, a checkpoint's host copy; plus the whole
+    model drawn at the start where `whole` and the stage shards the parameters)."""
+    from .sharded_step import bytes_per_rank
+
+    n, itemsize = spec.layout(dtype).size, np.dtype(dtype).itemsize
+    widest = max([b - a for a, b in (spec.layer_range(i, dtype)
+                                     for i in range(len(spec.layers)))] or [0])
+    held = bytes_per_rank(n, widest, itemsize, stage, ranks)
+    return held + (n * itemsize if whole and stage == "parameters" else 0)
 
 
 def check_init_matches(model: dict, spec, shape, classes: int) -> None:

@@ -29,6 +29,7 @@ from .checkpoint import (
     checkpoint_dir,
     data_fingerprint,
     differences,
+    list_checkpoints,
     set_aside,
 )
 
@@ -106,6 +107,7 @@ def choose_sharded(cfg: dict) -> dict | None:
     if resume == "auto":
         found = list_sharded(cfg["run"]["out"])
         if not found:
+            refuse_other_kind(cfg, sharded=True)
             return None
         manifest = read_manifest(found[-1])
     elif os.path.isdir(resume):
@@ -122,6 +124,31 @@ def choose_sharded(cfg: dict) -> dict | None:
         raise UserError(f"run.resume: checkpoint {manifest['path']!r} is from a different run: "
                         + "; ".join(problems) + ". Use another run.out, or run.resume = \"never\"")
     return manifest
+
+
+def refuse_other_kind(cfg: dict, sharded: bool) -> None:
+    """With run.resume = "auto" and no checkpoint of this run's kind in run.out: refuse when
+    the folder holds the other kind (sharded step-N.sharded folders for a comm.shard = "none"
+    run, or unsharded step-N.h5 files for a sharded one) rather than silently start afresh."""
+    out, stage = cfg["run"]["out"], cfg["comm"]["shard"]
+    folder = checkpoint_dir(out)
+    others = list_checkpoints(out, "step") if sharded else list_sharded(out)
+    if not others:
+        return
+    newest = os.path.basename(others[-1])
+    if sharded:
+        then, kind = "none", "unsharded checkpoints (step-N.h5)"
+    else:
+        kind = "sharded checkpoints (step-N.sharded folders)"
+        try:
+            then = read_manifest(others[-1])["config"]["comm"]["shard"]
+        except (UserError, KeyError, TypeError):
+            then = "optimizer, gradients or parameters"
+    raise UserError(f"run.resume: {folder!r} holds {kind}, newest {newest!r}, written with "
+                    f"comm.shard = {then!r}, but this run has comm.shard = {stage!r} and "
+                    f"cannot read them; set comm.shard = {then!r} to resume from them, or "
+                    "run.resume = \"never\" to start afresh (they are moved aside), or use "
+                    "another run.out")
 
 
 def read_range(manifest: dict, name: str, lo: int, hi: int) -> np.ndarray:

@@ -42,6 +42,19 @@ from ..xp import device_thread_pool, record_event, to_host, wait_event
 STAGES = ("none", "optimizer", "gradients", "parameters")  # comm.shard
 
 
+def bytes_per_rank(n: int, widest: int, itemsize: int, stage: str, ranks: int) -> int:
+    """Return the bytes of model state one rank holds at `stage` on `ranks` ranks: parameters,
+    gradients, two optimiser states (Adam's m and v) and a checkpoint's host copy, for n
+    parameters whose largest layer has `widest` (two gather buffers and two gradient buckets of
+    that size where the stage uses them)."""
+    chunk = -(-(n + 2) // max(ranks, 1))
+    held = {"none": 5 * n,
+            "optimizer": 2 * n + 3 * chunk,  # whole parameters and gradients
+            "gradients": n + 4 * chunk + 2 * widest,  # whole parameters
+            "parameters": 5 * chunk + 4 * widest}[stage]
+    return held * itemsize
+
+
 def part_bounds(lo: int, hi: int, bounds: list) -> list[tuple[int, int]]:
     """Return each rank's part of [lo, hi) as (start, stop) relative to lo, in rank order."""
     width = hi - lo
@@ -211,15 +224,20 @@ class ShardedStep:
 
         Layers are asked for forward first to last, then backward last to first; the last one
         is asked twice in a row and served once. Each gather goes into the buffer the model is
-        done with, the next one started as soon as this one is handed out.
+        done with, the next one started as soon as this one is handed out. The last but one
+        layer's backward finds its forward gather still in its buffer: it is not gathered again.
         """
         trained = [i for i, _, _ in self.layers]
         order = trained + trained[::-1][1:]
         ranges = {i: (lo, min(hi, self.n)) for i, lo, hi in self.layers}
-        started, position = {}, [-1]
+        started, position, held = {}, [-1], [None, None]  # held: the layer in each buffer
 
         def start(j):
             if j < len(order) and j not in started:
+                if held[j % 2] == order[j]:  # the parameters do not change within a step
+                    started[j] = None
+                    return
+                held[j % 2] = order[j]
                 lo, hi = ranges[order[j]]
                 started[j] = self._run(self._gather, self.gathered[j % 2], lo, hi)
 
@@ -261,7 +279,7 @@ class ShardedStep:
         grads, params = self.grad_shard[:own], self.shard[:own]
         kept = self._take_buffers(grads)  # running statistics, averaged: not trained
         if anchor is not None and mu:
-            grads += mu * (params - anchor[self.lo:self.lo + own])
+            grads += mu * (params - self._own_anchor(anchor))
             self._take_buffers(grads)
         optimizer.step(params, grads, lr)
         for a, b, values in kept:
@@ -272,6 +290,51 @@ class ShardedStep:
             raise UserError(f"training diverged: the loss is {loss} at step {step_number}; "
                             "lower optim.lr or add optim.warmup")
         return loss
+
+    def _own_anchor(self, anchor):
+        """This rank's part of FedProx's anchor: given whole (n) or as `anchor()`'s chunk."""
+        own = self.n_own
+        if anchor.size == self.n and not (self.stage == "parameters" and self.lo == 0):
+            return anchor[self.lo:self.lo + own]
+        return anchor[:own]
+
+    def anchor(self):
+        """Return a copy of the model to anchor FedProx to: whole, or for "parameters" this
+        rank's chunk (`__call__` takes either)."""
+        return self.shard[:self.n_own].copy() if self.stage == "parameters" else \
+            self.params.copy()
+
+    def _counts(self) -> tuple[list[int], list[int]]:
+        """Per rank, how many parameters it owns and where they start (Gatherv/Scatterv)."""
+        return ([max(0, min(b, self.n) - a) for a, b in self.bounds],
+                [min(a, self.n) for a, _ in self.bounds])
+
+    def gather_to_leader(self, out) -> None:
+        """Put the whole parameter vector into `out` (n elements) on rank 0 of the step's
+        communicator, from every rank's chunk (collective; `out` is ignored elsewhere): what
+        an institution's leader sends to the root under "parameters"."""
+        if self.stage != "parameters":
+            return  # `params` is whole on every rank already
+        counts, starts = self._counts()
+        local = to_host(self.shard[:self.n_own])
+        whole = None
+        if self.comm.rank == 0:  # host arrays are received in place
+            whole = out if self.xp is np else np.empty(self.n, dtype=self.dtype)
+        self.comm.Gatherv(local, [whole, counts, starts, _mpi_type(self.dtype)], root=0)
+        if self.comm.rank == 0 and whole is not out:
+            out[...] = self.xp.asarray(whole)
+
+    def scatter_from_leader(self, params) -> None:
+        """Set every rank's chunk from `params` (the whole vector, read on rank 0 only;
+        collective): after the root's broadcast reached the leader, each rank keeps its chunk
+        ("parameters"; the other stages hold `params` itself, nothing to do)."""
+        if self.stage != "parameters":
+            return
+        counts, starts = self._counts()
+        whole = to_host(params) if self.comm.rank == 0 else None
+        mine = np.empty(self.n_own, dtype=self.dtype)
+        self.comm.Scatterv([whole, counts, starts, _mpi_type(self.dtype)], mine, root=0)
+        self.shard[:self.n_own] = self.xp.asarray(mine) if self.xp is not np else mine
 
     def _take_buffers(self, grads) -> list:
         """Copy out, and zero in `grads`, the owned parts of the running statistics."""
@@ -310,6 +373,13 @@ class ShardedStep:
         allgather(full, self.comm, self.algorithm, check=False, bounds=self.bounds)
         return full[:self.n]
 
+    def model_source(self):
+        """Return the model for evaluation and model.h5: the whole parameters, or for
+        "parameters" a `LayerGather` (collective per layer; the model is never whole)."""
+        if self.stage != "parameters":
+            return self.params
+        return LayerGather(self)
+
     def memory_bytes(self) -> dict:
         """Return the bytes this rank holds for parameters and gradients (buffers included)."""
         held = [self.weights if self.weights is not None else self.shard, *self.gathered]
@@ -332,3 +402,34 @@ class ShardedStep:
     def free(self) -> None:
         return None
 
+
+
+def _mpi_type(dtype):
+    """The MPI datatype of a NumPy dtype."""
+    from mpi4py.util.dtlib import from_numpy_dtype
+
+    return from_numpy_dtype(np.dtype(dtype))
+
+
+class LayerGather:
+    """ZeRO-3's model, layer by layer: a provider (i, lo, hi) -> layer i's parameters, gathered
+    into one of the step's two buffers on each call (valid until the call after next).
+
+    Collective: every rank must ask for the same layers in the same order (forward order, as
+    `Sequential.forward` and `save_model` do); `layers` lists them for ranks with nothing to do.
+    """
+
+    def __init__(self, step: ShardedStep):
+        self.step, self.calls = step, 0
+        self.layers = [(i, lo, min(hi, step.n)) for i, lo, hi in step.layers]
+
+    def __call__(self, i: int, lo: int, hi: int):
+        out = self.step.gathered[self.calls % 2]
+        self.calls += 1
+        self.step._gather(out, lo, hi)
+        return out[:hi - lo]
+
+    def walk(self) -> None:
+        """Take part in one pass over the layers without using them (a rank without rows)."""
+        for i, lo, hi in self.layers:
+            self(i, lo, hi)

@@ -120,6 +120,16 @@ class DataParallelStep:
         """Return the whole parameter vector (every rank holds it)."""
         return self.params
 
+    def anchor(self):
+        """Return a copy of the model (FedProx's anchor)."""
+        return self.params.copy()
+
+    def gather_to_leader(self, out) -> None:
+        """Nothing to gather: `params` is whole on every rank (ShardedStep's interface)."""
+
+    def scatter_from_leader(self, params) -> None:
+        """Nothing to scatter: `params` is whole on every rank (ShardedStep's interface)."""
+
     def memory_bytes(self) -> dict:
         """Return the bytes this rank holds for parameters and gradients."""
         return {"param_bytes": int(self.params.nbytes), "grad_bytes": int(self.grad.nbytes)}

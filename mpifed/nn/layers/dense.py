@@ -33,7 +33,9 @@ class Linear(Layer):
         return [("W", (self.in_shape[0], self.out)), ("b", (self.out,))]
 
     def init(self, rng, p):
-        p["W"][...] = rng.standard_normal(p["W"].shape) * np.sqrt(2.0 / self.in_shape[0])
+        w = rng.standard_normal(p["W"].shape)  # float64; scaled in place: one temporary, not two
+        w *= np.sqrt(2.0 / self.in_shape[0])
+        p["W"][...] = w
 
     def settings(self):
         return {"out": self.out}
