@@ -157,6 +157,10 @@ step "training on CuPy == NumPy; resume; federated" 330 "${PYTEST[@]}" tests/tes
 step "layers: finite differences on CuPy" 120 "${PYTEST[@]}" tests/test_layers.py -k cupy
 step "a convnet and the ZeRO stages on CuPy == NumPy" 200 "${PYTEST[@]}" tests/test_gpu.py \
     -k convnet
+for n in 1 2; do
+    step "ZeRO on CuPy: optimisers, stages, gather and scatter, $n rank(s)" 120 \
+        "$MPIEXEC" -n $n "$PY" tests/gpu/zero3_check.py
+done
 if "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
     step "bench/gpu_throughput.py against PyTorch CUDA" 150 "$PY" bench/gpu_throughput.py \
         --steps 100
