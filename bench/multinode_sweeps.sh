@@ -34,4 +34,5 @@ sweep 4 4 ordinary
 sweep 4 4 window
 "$py" -m mpifed bench model --fit "$out/ar-1x2-ordinary.json" "$out/ar-2x1-ordinary.json" \
     --predict "$out/ar-2x2-ordinary.json" "$out/ar-2x2-window.json" "$out/ar-4x1-ordinary.json" \
+    "$out/ar-4x1-window.json" \
     --json "$out/heldout.json"

@@ -134,3 +134,76 @@ def test_auto_tells_window_arrays_from_ordinary_ones():
     # 2 nodes x 2: ordinary arrays take the hierarchical all-reduce once the copy pays
     assert choose_algorithm(16 << 20, 4, 2, window=False, nodes=2) == "hierarchical"
     assert choose_algorithm(4 << 10, 4, 2, window=False, nodes=2) == "mpi"
+
+
+def test_node_bytes_count_every_pass_by_hand():
+    from mpifed.benchmarks.costmodel import node_bytes
+
+    mib = 1 << 20
+    # one node of 2, window: read the 2 halves (S), write the slice into 2 segments (S)
+    assert node_bytes(1, 2, 4 * mib, "window") == 8 * mib
+    # ordinary arrays add the copy into the window and back: read and write S twice
+    assert node_bytes(1, 2, 4 * mib, "ordinary") == 8 * mib + 16 * mib
+    # 2 x 2, 4 MiB: sum into a 2 MiB piece (4 + 2), write it back (2 + 4): 12 MiB
+    assert node_bytes(2, 2, 4 * mib, "window") == 12 * mib
+    # 64 MiB: the 32 MiB piece comes on new pages, zeroed by the kernel first: 32 MiB more
+    assert node_bytes(2, 2, 64 * mib, "window") == (64 + 32 + 32 + 64 + 32) * mib
+    assert node_bytes(2, 2, 64 * mib, "ordinary") == (256 + 224) * mib
+
+
+def test_link_beta_by_buffer_size_interpolates_in_log_size():
+    from mpifed.benchmarks.costmodel import Link
+
+    link = Link(1e-6, 5e-10, ((1e6, 1e-9), (1e8, 3e-9)))
+    assert link.beta_at(1e7) == pytest.approx(2e-9)  # halfway in log size
+    assert link.beta_at(1e3) == 1e-9 and link.beta_at(1e9) == 3e-9  # constant past the ends
+    assert Link(1e-6, 5e-10).beta_at(1e7) == 5e-10
+
+
+def test_hierarchical_with_host_memory_by_hand():
+    from mpifed.benchmarks.costmodel import Link, Memory, TwoLevelModel
+
+    mib = 1 << 20
+    memory = Memory(((1.0, 30e9),), fixed=20e-6)
+    model = TwoLevelModel(Link(10e-6, 1 / 6e9), Link(30e-6, 1 / 2e9), memory)
+    s = 64 * mib
+    # 2 x 2 ordinary, 4 ranks on one host: 20 us + 4 ranks * 480 MiB / 30 GB/s
+    # + a 2-node ring of 32 MiB: 2 steps of 30 us + 16 MiB / 2 GB/s
+    inside = 20e-6 + 4 * 480 * mib / 30e9
+    between = 2 * (30e-6 + 16 * mib / 2e9)
+    assert model.hierarchical(2, 2, s, "ordinary", 4) == pytest.approx(inside + between)
+    # each node on its own host: 2 ranks share the bandwidth
+    assert model.hierarchical(2, 2, s, "ordinary") == pytest.approx(
+        20e-6 + 2 * 480 * mib / 30e9 + between)
+    # one rank per node: the ring itself; flat ring on 2 x 2: 6 steps of S/4 on the TCP link
+    assert model.predict("hierarchical", 4, 1, s) == model.ring(4, 1, s)
+    assert model.ring(2, 2, s) == pytest.approx(6 * (30e-6 + 16 * mib / 2e9))
+    # one NIC for the node's 2 rings: their 2 x 16 MiB between nodes take twice as long
+    shared = TwoLevelModel(model.intra, model.inter, memory, shared_link=True)
+    assert shared.hierarchical(2, 2, s, "window", 4) == pytest.approx(
+        model.hierarchical(2, 2, s, "window", 4) + 32 * mib / 2e9)
+    assert TwoLevelModel.from_json(json.loads(json.dumps(model.to_json()))) == model
+
+
+def test_memory_and_links_fit_on_the_fit_sweeps_only():
+    from mpifed.benchmarks.costmodel import Link, Memory, TwoLevelModel, node_bytes
+    from mpifed.benchmarks.predict import fit_two_level, held_out_rows, host_ranks
+
+    truth = TwoLevelModel(Link(10e-6, 1 / 6e9), Link(30e-6, 1 / 2e9),
+                          Memory(((1.0, 30e9),), fixed=20e-6))
+    one_node = _sweep(1, 2, lambda s: truth.ring(1, 2, s))
+    for row in one_node["rows"]:  # one node: memory passes of 2 ranks plus the fixed cost
+        row["hierarchical"]["time_us"] = (20e-6 + 2 * node_bytes(1, 2, row["size"],
+                                                                  "ordinary") / 30e9) * 1e6
+    one_node["meta"]["arrays"] = "ordinary"
+    two_nodes = _sweep(2, 1, lambda s: truth.ring(2, 1, s))
+    model = fit_two_level([one_node, two_nodes])
+    assert model.memory.fixed == pytest.approx(20e-6)
+    assert all(rate == pytest.approx(30e9) for _, rate in model.memory.curve)
+    assert model.inter.beta_at(1 << 24) == pytest.approx(1 / 2e9)
+    held = _sweep(2, 2, lambda s: truth.hierarchical(2, 2, s, "window", 4))
+    held["meta"].update(arrays="window", transport="tcp; nodes emulated on one host")
+    assert host_ranks(held["meta"]) == 4
+    assert host_ranks({"ranks": 4, "nodes": 2, "ranks_per_node": 2, "transport": "ib"}) == 2
+    hier = [r for r in held_out_rows(model, held) if r["algorithm"] == "hierarchical"]
+    assert all(abs(r["error"]) < 1e-6 for r in hier)

@@ -8,8 +8,9 @@ then predict the sweeps of other configurations and print predicted against meas
 
     mpifed bench model --fit 1x2.json 2x1.json --predict 2x2.json 4x1.json [--json out.json]
 
-The fit uses the ring's times: on one node of 2 ranks for the intra-node link, on 2 nodes of 1
-rank for the inter-node link.
+The fit uses the ring's times (alpha, and beta at each buffer size): on one node of 2 ranks for
+the intra-node link, on 2 nodes of 1 rank for the inter-node link; and the one-node sweep's
+hierarchical times for the host's memory bandwidth per size (costmodel.TwoLevelModel).
 
 Measures alpha, beta (ping-pong between ranks 0 and 1) and gamma (a float32 add) in this run,
 takes the compute time of one step from the 1-rank weak-scaling row of the CSV (or
@@ -25,9 +26,18 @@ import argparse
 import csv
 import json
 
+import numpy as np
 from mpi4py import MPI
 
-from .costmodel import CostModel, TwoLevelModel, fit_link, measure
+from .costmodel import (
+    LATENCY_BYTES,
+    CostModel,
+    Memory,
+    TwoLevelModel,
+    fit_sized_link,
+    measure,
+    node_bytes,
+)
 from .membw import node_copy_bandwidth
 from .mlp import GRAD_BYTES
 
@@ -74,24 +84,62 @@ def _config(result: dict) -> tuple[int, int]:
     return nodes, int(meta.get("ranks_per_node", meta["ranks"] // nodes))
 
 
-def fit_two_level(results: list[dict], min_bytes: int = 0) -> TwoLevelModel:
-    """Fit the intra-node link on one-node sweeps and the inter-node link on 1-rank-per-node ones.
+def host_ranks(meta: dict) -> int:
+    """Return how many ranks share one host's memory in a sweep (all, if nodes are emulated)."""
+    nodes = int(meta.get("nodes", 1))
+    emulated = nodes == 1 or "emulated" in str(meta.get("transport", ""))
+    return int(meta["ranks"]) if emulated else int(meta.get("ranks_per_node", 1))
 
-    results: JSON of `mpifed bench allreduce`; the ring's median time at each size >= min_bytes.
+
+def fit_memory(result: dict) -> Memory:
+    """Fit the host's memory bandwidth per size on a one-node sweep's hierarchical times.
+
+    On one node the hierarchical all-reduce is nothing but memory passes (node_bytes) and two
+    fences: T = fixed + R * node_bytes / B. A least-squares line over every size (relative
+    error) gives the fixed cost; B at each size is R * node_bytes / (T - fixed) wherever the
+    bytes take at least the fixed cost. Without such sizes: the node copy bandwidth of the
+    sweep's header.
     """
-    links = {}
+    meta = result["meta"]
+    per_node, arrays, host = int(meta["ranks"]), meta.get("arrays", "ordinary"), host_ranks(meta)
+    rows = [(r["size"], r["hierarchical"]["time_us"] * 1e-6) for r in result["rows"]]
+    moved = [host * node_bytes(1, per_node, s, arrays) for s, _ in rows]
+    times = np.array([t for _, t in rows])
+    design = np.stack([np.ones_like(times), np.array(moved, dtype=float)], axis=1) / times[:, None]
+    fixed = max(float(np.linalg.lstsq(design, np.ones_like(times), rcond=None)[0][0]), 0.0)
+    curve = tuple((float(s), m / (t - fixed)) for (s, t), m in zip(rows, moved)
+                  if s > LATENCY_BYTES and t >= 2 * fixed)
+    if not curve:
+        if not meta.get("node_bandwidth"):
+            raise ValueError("the one-node sweep has neither large sizes nor a node bandwidth")
+        curve = ((1.0, float(meta["node_bandwidth"])),)
+    return Memory(curve, fixed)
+
+
+def fit_two_level(results: list[dict], min_bytes: int = 0) -> TwoLevelModel:
+    """Fit the intra-node link and the host's memory on a one-node sweep, the inter-node link
+    on a sweep of one rank per node.
+
+    results: JSON of `mpifed bench allreduce`; the ring's median time at each size >= min_bytes
+    gives each link's alpha and beta per size (fit_sized_link); the one-node sweep's
+    hierarchical times give the memory bandwidth per size (fit_memory).
+    """
+    links, memory = {}, None
     for result in results:
         nodes, per_node = _config(result)
         kind = "intra" if nodes == 1 else "inter" if per_node == 1 else None
         if kind is None:
             raise ValueError(f"fit on one node or on one rank per node, not {nodes}x{per_node}")
         rows = [r for r in result["rows"] if r["size"] >= min_bytes]
-        links[kind] = fit_link([r["size"] for r in rows],
-                               [r["ring"]["time_us"] * 1e-6 for r in rows], nodes * per_node)
+        links[kind] = fit_sized_link([r["size"] for r in rows],
+                                     [r["ring"]["time_us"] * 1e-6 for r in rows],
+                                     nodes * per_node)
+        if kind == "intra" and per_node > 1 and all("hierarchical" in r for r in rows):
+            memory = fit_memory({"meta": result["meta"], "rows": rows})
     missing = {"intra", "inter"} - set(links)
     if missing:
         raise ValueError(f"no sweep to fit the {', '.join(sorted(missing))}-node link on")
-    return TwoLevelModel(links["intra"], links["inter"])
+    return TwoLevelModel(links["intra"], links["inter"], memory)
 
 
 def held_out_rows(model: TwoLevelModel, result: dict) -> list[dict]:
@@ -99,15 +147,45 @@ def held_out_rows(model: TwoLevelModel, result: dict) -> list[dict]:
     nodes, per_node = _config(result)
     arrays = result["meta"].get("arrays")
     config = f"{nodes}x{per_node}" + (f" {arrays}" if arrays else "")
+    host = host_ranks(result["meta"])
     out = []
     for row in result["rows"]:
         for algo in HELD_OUT_ALGOS:
             measured = row[algo]["time_us"] * 1e-6
-            predicted = model.predict(algo, nodes, per_node, row["size"])
+            predicted = model.predict(algo, nodes, per_node, row["size"], arrays or "window",
+                                      host)
             out.append({"config": config, "algorithm": algo, "size": row["size"],
                         "predicted_s": predicted, "measured_s": measured,
                         "error": predicted / measured - 1})
     return out
+
+
+def _gbs(seconds_per_byte: float) -> str:
+    return f"{1 / max(seconds_per_byte, 1e-30) / 1e9:.2f}"
+
+
+def describe(model: TwoLevelModel, fit: list[dict]) -> list[str]:
+    """Return the fitted parameters as comment lines (bandwidth per buffer size)."""
+    lines = []
+    for name, link in (("intra-node", model.intra), ("inter-node", model.inter)):
+        per_size = ", ".join(f"{_size(s)} {_gbs(b)}" for s, b in link.curve) or _gbs(link.beta)
+        lines.append(f"# {name} link: alpha {link.alpha * 1e6:.1f} us; 1/beta by buffer size, "
+                     f"GB/s: {per_size}")
+    if model.memory is not None:
+        per_size = ", ".join(f"{_size(s)} {b / 1e9:.1f}" for s, b in model.memory.curve)
+        header = [r["meta"].get("node_bandwidth") for r in fit if r["meta"].get("node_bandwidth")]
+        seen = f"; node copy bandwidth in the sweep's header: {header[0] / 1e9:.1f} GB/s" \
+            if header else ""
+        lines.append(f"# host memory (one-node hierarchical): fixed {model.memory.fixed * 1e6:.1f}"
+                     f" us; GB/s by buffer size: {per_size}{seen}")
+    return lines
+
+
+def _size(nbytes: float) -> str:
+    for unit, shift in (("MiB", 20), ("KiB", 10)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):g} {unit}"
+    return f"{nbytes:g} B"
 
 
 def held_out_main(args) -> int:
@@ -116,11 +194,10 @@ def held_out_main(args) -> int:
         with open(path) as fh:
             return json.load(fh)
 
-    model = fit_two_level([load(p) for p in args.fit])
-    print(f"# intra-node link: alpha {model.intra.alpha * 1e6:.1f} us, "
-          f"1/beta {1 / max(model.intra.beta, 1e-30) / 1e9:.2f} GB/s; inter-node link: alpha "
-          f"{model.inter.alpha * 1e6:.1f} us, 1/beta {1 / max(model.inter.beta, 1e-30) / 1e9:.2f} GB/s"
-          f" (fit on {', '.join(args.fit)})")
+    fit = [load(p) for p in args.fit]
+    model = fit_two_level(fit)
+    print(f"# fit on {', '.join(args.fit)}")
+    print("\n".join(describe(model, fit)))
     print(f"# {'config':>12} {'algorithm':>12} {'size':>10} {'predicted us':>13} "
           f"{'measured us':>12} {'error':>7}")
     rows = []
@@ -135,8 +212,7 @@ def held_out_main(args) -> int:
         print(f"# worst |error| at >= 1 MiB: {100 * max(big):.0f}% (goal: 20%)")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"intra": model.intra.__dict__, "inter": model.inter.__dict__,
-                       "fit": args.fit, "rows": rows}, fh, indent=1)
+            json.dump({**model.to_json(), "fit": args.fit, "rows": rows}, fh, indent=1)
     return 0
 
 

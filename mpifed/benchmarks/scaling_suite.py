@@ -69,10 +69,10 @@ def heldout(out: Path, paths: dict) -> dict | None:
 
 def predicted_weak(model: dict, compute: float | None, nodes: int, per_node: int) -> dict:
     """Return the two-level model's all-reduce seconds and weak efficiency of the MLP's step."""
-    from .costmodel import Link, TwoLevelModel
+    from .costmodel import TwoLevelModel
 
-    two = TwoLevelModel(Link(**model["intra"]), Link(**model["inter"]))
-    seconds = two.predict("hierarchical", nodes, per_node, GRAD_BYTES)
+    two = TwoLevelModel.from_json(model)  # gradients live in the window; nodes share one host
+    seconds = two.predict("hierarchical", nodes, per_node, GRAD_BYTES, "window", nodes * per_node)
     eff = compute / (compute + seconds) if compute else None
     return {"nodes": nodes, "ranks_per_node": per_node, "ranks": nodes * per_node,
             "allreduce_seconds": seconds, "efficiency": eff}
