@@ -105,13 +105,21 @@ def test_fraction_idles_institutions_and_fednova_runs(tmp_path):
     for k, n in enumerate([20, 40, 20, 30]):
         write_dataset(tmp_path / f"site-{k}.h5", n, seed=k)
     write_config(tmp_path / "fed.toml", *config("fednova", {"institutions": 4}, 3, "proportional",
-                                                0.1, 0.0, extra={"fraction": 0.5}))
+                                                0.1, 0.0, extra={"fraction": 0.5,
+                                                                 "evaluate_local": True}),
+                 {"data": {"test": "site-0.h5"}})
     done = run_mpi(4, ["train", "fed.toml"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     for record in read_metrics(tmp_path / "out", "round"):
         chosen = participants(4, 0.5, 5, record["round"] - 1)
         took_part = [e["institution"] for e in record["institutions"] if e["participated"]]
         assert took_part == chosen and len(chosen) == 2
+        assert 0 <= record["accuracy"] <= 1 and record["test_loss"] > 0  # on data.test
+        for e in record["institutions"]:  # evaluate_local: the participants' own scores
+            if e["participated"]:
+                assert 0 <= e["local_accuracy"] <= 1 and e["local_loss"] > 0
+            else:
+                assert "local_accuracy" not in e
         steps = {e["institution"]: e["steps"] for e in record["institutions"] if "steps" in e}
         for k, n in enumerate([20, 40, 20, 30]):
             if k in steps:
