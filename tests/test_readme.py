@@ -3,12 +3,12 @@
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
 
 from mpifed.train.config import load_config
+from mpifed.train.overrides import tomllib  # tomli before Python 3.11
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -36,8 +36,8 @@ def test_every_toml_example_is_valid_toml_and_every_key_is_accepted(tmp_path, bl
 
 
 def test_the_files_and_make_targets_it_names_exist():
-    for path in set(re.findall(r"\b((?:bench|jobs|docs|tests)/[\w./-]+\.(?:py|sbatch|sh|md|log|json|png))",
-                               README)):
+    named = r"\b((?:bench|jobs|docs|tests)/[\w./-]+\.(?:py|sbatch|sh|md|log|json|png))"
+    for path in set(re.findall(named, README)):
         assert (ROOT / path).exists(), path
     targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
     for target in set(re.findall(r"`make ([\w-]+)", README)):

@@ -5,7 +5,6 @@ import os
 import stat
 import subprocess
 import sys
-import tomllib
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from mpifed.federated.secagg import (
     pairwise_mask,
     scale_bits,
 )
+from mpifed.train.overrides import tomllib  # tomli before Python 3.11
 
 
 def masked_vectors(values_by_site, round_index=3, bits=64, bound=1.0):
