@@ -1,5 +1,5 @@
-"""Disk full while writing a checkpoint or the model: one line saying so, the path named, files
-intact, and run.out never describing a model that this run did not write."""
+"""Disk full while writing a checkpoint, the model, the config or a dataset: one line saying so,
+the path named, files intact, and run.out never describing a model that this run did not write."""
 
 import errno
 import os
@@ -10,6 +10,7 @@ from conftest import write_site
 from mpi4py import MPI
 
 from mpifed.data import atomic
+from mpifed.data.synth import write_synthetic
 from mpifed.errors import UserError
 from mpifed.train.config import load_config
 from mpifed.train.loop import train
@@ -63,3 +64,25 @@ def test_disk_full_writing_a_checkpoint(tmp_path, monkeypatch):
         run(tmp_path, 0.1, every=2)
     kept = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
     assert kept == ["step-000000002.h5"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_disk_full_writing_the_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_site(tmp_path / "d.h5", 40, 0)
+    disk_full_for(monkeypatch, "config.toml")
+    with pytest.raises(UserError, match=r"^no space left on device writing .*config\.toml"):
+        run(tmp_path, 0.1)
+    assert not [p for p in (tmp_path / "out").iterdir()]  # no config, no temporary
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_disk_full_writing_a_dataset_leaves_the_old_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "big.h5")
+    write_synthetic(path, 50, 4, 3, seed=0)
+    before = open(path, "rb").read()
+    disk_full_for(monkeypatch, "big.h5")
+    with pytest.raises(UserError, match=r"^no space left on device writing .*big\.h5"):
+        write_synthetic(path, 80, 4, 3, seed=1, force=True)
+    assert open(path, "rb").read() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.h5"]

@@ -17,8 +17,8 @@ def write_data(path, samples=40, features=3, labels=None, x=None, y_name="y", at
 
 
 def assert_one_clear_error(done, *needles):
-    """Assert a non-zero exit and exactly one error line naming every needle, no traceback."""
-    assert done.returncode != 0, done.stdout
+    """Assert exit code 1 and exactly one error line naming every needle, no traceback."""
+    assert done.returncode == 1, (done.returncode, done.stdout)
     errors = [line for line in done.stderr.splitlines() if line.startswith("mpifed: error")]
     assert len(errors) == 1, done.stderr
     assert "Traceback" not in done.stderr
@@ -92,13 +92,19 @@ def test_help_answers():
     assert done.returncode == 0 and "--set" in done.stdout
 
 
-def test_abort_hook_ends_every_rank_of_a_library_script(tmp_path):
+@pytest.mark.parametrize("where", ["main", "thread"])
+def test_abort_hook_ends_every_rank_of_a_library_script(tmp_path, where):
     # The script is what is under test: a user's own program that imports mpifed.
+    fail = ("raise RuntimeError('rank 1 fails alone')" if where == "main" else
+            "t = threading.Thread(target=fail); t.start(); t.join()")
     script = ("import mpifed; mpifed.abort_on_exception()\n"
+              "import threading\n"
               "from mpi4py import MPI\n"
+              "def fail():\n"
+              "    raise RuntimeError('rank 1 fails alone')\n"
               "comm = MPI.COMM_WORLD\n"
               "if comm.rank == 1:\n"
-              "    raise RuntimeError('rank 1 fails alone')\n"
+              f"    {fail}\n"
               "comm.Barrier()  # the others would wait here forever without the hook\n")
     done = run_script(3, script, tmp_path)
-    assert done.returncode != 0 and "rank 1 fails alone" in done.stderr
+    assert done.returncode == 3 and "rank 1 fails alone" in done.stderr  # MPI_Abort(3)

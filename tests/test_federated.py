@@ -10,6 +10,8 @@ from helpers import read_metrics, read_model, run_mpi, write_config, write_datas
 from reference import global_batches, initial_weights, mlp_sgd
 
 from mpifed.federated.institutions import participants
+from mpifed.federated.strategies import DEFAULT_SERVER_LR, STRATEGIES
+from mpifed.train.federated import local_step_count
 
 FEATURES, CLASSES, HIDDEN = 5, 3, 4
 
@@ -67,6 +69,11 @@ def test_federation_equals_serial_simulation(tmp_path, sizes, strategy, mu):
     assert rounds[0]["bytes_from_root"] == (len(sizes) - 1) * params
     table = rounds[0]["institutions"]
     assert [e["samples"] for e in table] == site_samples and all(e["participated"] for e in table)
+    assert all({"steps", "loss"} <= e.keys() for e in table)
+    for record in rounds:  # the README's round record
+        assert all(record[k] >= 0 for k in ("round_seconds", "exchange_seconds",
+                                            "allreduce_seconds"))
+        assert 0 <= record["comm_fraction"] <= 1
 
 
 def sync_config(steps, batch, lr, train="d.h5"):
@@ -98,13 +105,21 @@ def test_fraction_idles_institutions_and_fednova_runs(tmp_path):
     for k, n in enumerate([20, 40, 20, 30]):
         write_dataset(tmp_path / f"site-{k}.h5", n, seed=k)
     write_config(tmp_path / "fed.toml", *config("fednova", {"institutions": 4}, 3, "proportional",
-                                                0.1, 0.0, extra={"fraction": 0.5}))
+                                                0.1, 0.0, extra={"fraction": 0.5,
+                                                                 "evaluate_local": True}),
+                 {"data": {"test": "site-0.h5"}})
     done = run_mpi(4, ["train", "fed.toml"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     for record in read_metrics(tmp_path / "out", "round"):
         chosen = participants(4, 0.5, 5, record["round"] - 1)
         took_part = [e["institution"] for e in record["institutions"] if e["participated"]]
         assert took_part == chosen and len(chosen) == 2
+        assert 0 <= record["accuracy"] <= 1 and record["test_loss"] > 0  # on data.test
+        for e in record["institutions"]:  # evaluate_local: the participants' own scores
+            if e["participated"]:
+                assert 0 <= e["local_accuracy"] <= 1 and e["local_loss"] > 0
+            else:
+                assert "local_accuracy" not in e
         steps = {e["institution"]: e["steps"] for e in record["institutions"] if "steps" in e}
         for k, n in enumerate([20, 40, 20, 30]):
             if k in steps:
@@ -129,3 +144,17 @@ def test_missing_site_file_ends_all_ranks(tmp_path):
     done = run_mpi(2, ["train", "fed.toml"], cwd=tmp_path)
     assert done.returncode != 0 and "site-1.h5" in done.stderr
     assert len([ln for ln in done.stderr.splitlines() if "error" in ln]) == 1
+
+
+def test_local_steps_per_round_from_each_setting():
+    per_epoch = 7  # this institution's steps per local epoch
+    given = {"local_steps": None, "local_epochs": None}
+    assert local_step_count({**given, "local_steps": 10}, per_epoch) == 10
+    assert local_step_count({**given, "local_steps": "proportional"}, per_epoch) == 7
+    assert local_step_count({**given, "local_epochs": 3}, per_epoch) == 21
+
+
+def test_server_lr_defaults_to_one_and_to_a_tenth_for_the_adaptive_servers():
+    adaptive = {"fedadam", "fedyogi", "fedadagrad"}
+    for name in STRATEGIES:
+        assert DEFAULT_SERVER_LR.get(name, 1.0) == (0.1 if name in adaptive else 1.0), name

@@ -22,6 +22,7 @@ from mpifed.federated.dp import (
 from mpifed.federated.exchange import SiteReport
 from mpifed.federated.ledger import PrivacyLedger, ledger_epsilon, release_entry
 from mpifed.federated.private_aggregation import leader_vector, tail_fields
+from mpifed.train.setup import set_aside_finished_run
 
 logging.getLogger("absl").setLevel(logging.ERROR)
 
@@ -178,3 +179,13 @@ def test_the_ledger_is_append_only_and_read_back(tmp_path):
     again = PrivacyLedger(str(tmp_path))
     assert [e["round"] for e in again.entries] == [1, 2, 2]
     assert ledger_epsilon(dp, again.entries, 2)[0] == pytest.approx(epsilon(1.0, 1.0, 3, 1e-5))
+
+
+def test_a_new_run_after_a_finished_one_keeps_composing_the_ledger(tmp_path):
+    """Its model may continue from the finished run's checkpoints: no release may be forgotten."""
+    dp = {"noise_multiplier": 1.0, "delta": 1e-5, "accountant": "rdp"}
+    PrivacyLedger(str(tmp_path)).append(release_entry(dp, 0, 1.0, None))
+    (tmp_path / "model.h5").write_bytes(b"a finished run's model")
+    set_aside_finished_run(str(tmp_path))
+    assert not (tmp_path / "model.h5").exists()  # the model is set aside, the ledger is not
+    assert [e["round"] for e in PrivacyLedger(str(tmp_path)).entries] == [1]

@@ -3,8 +3,8 @@
 The root appends one line per round before any vector of that round is sent (append-only,
 flushed and fsynced), so a crash can lose a checkpoint but never a release: a resumed run
 composes every line, rounds run again after a crash included, and federated.dp.max_epsilon
-counts them too. A new run after a finished one starts a new ledger (the old one moves to
-OUT/previous-<time>/ with the finished run's files); any other start keeps composing.
+counts them too. The ledger is never moved or reset: a new run in the same run.out, even after a
+finished one whose model is set aside, may resume that run's model, so it keeps composing.
 """
 
 from __future__ import annotations
