@@ -394,6 +394,12 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
     global_params = to_host(params).astype(np.float64) if keeps_global else None  # round start
     report = SiteReport(samples=site.samples, steps=site.local_steps)
     secret = fed_cfg["secure_aggregation"] and site.dp is not None
+    release, t_prepare = {}, time.perf_counter()
+    if private:  # clip, keys, masks and noise do not depend on the model: before training
+        site.aggregator.prepare(senders, rnd, server_state, params.size)
+        if site.dp and fed.is_root:  # the ledger holds the release before any vector is sent
+            release = record_release(site, fed, fed_cfg, rnd, senders)
+    prepare_seconds = time.perf_counter() - t_prepare  # part of the exchange, done early
     if takes_part:
         report = local_training(cfg, fed, site, step_fn, loader, rnd, xp)
     elif secret:  # the data position stays independent of the secret draw (checkpoints)
@@ -404,8 +410,7 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
     record = {"round": rnd + 1}
     strategy = STRATEGIES[fed_cfg["strategy"]]
     if private:
-        if site.dp and fed.is_root:
-            record.update(record_release(site, fed, fed_cfg, rnd, senders))
+        record.update(release)
         sums = site.aggregator(params, global_params, report, senders, takes_part, rnd,
                                server_state)
         if fed.is_root:
@@ -429,7 +434,7 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
     from_root = broadcast_global(fed, params)
     now = time.perf_counter()
     record.update(bytes_to_root=to_root, bytes_from_root=from_root, round_seconds=now - t0,
-                  exchange_seconds=now - t_exchange,
+                  exchange_seconds=now - t_exchange + prepare_seconds,
                   allreduce_seconds=step_fn.comm_seconds - comm_before)
     record["comm_fraction"] = (record["exchange_seconds"] + record["allreduce_seconds"]) / max(
         now - t0, 1e-9)
