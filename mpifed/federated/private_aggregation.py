@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..comm.agree import raise_together
+from ..comm.quiet import after_quiet_barrier
 from ..errors import UserError
 from ..xp import to_host
 from .dp import (
@@ -259,11 +260,12 @@ class PrivateAggregator:
             vector = None
             if fed.is_leader and fed.institution in senders:
                 weight = 1.0 if dp else report.samples
-                vector = raise_together(fed.world, lambda: leader_vector(
-                    params, global_host, report, weight, dp, ready.clip) if sampled else
-                    np.zeros(ready.size + len(tail_fields(dp))))
+                vector = raise_together(fed.world, lambda: after_quiet_barrier(
+                    fed.world, lambda: leader_vector(params, global_host, report, weight, dp,
+                                                     ready.clip) if sampled else
+                    np.zeros(ready.size + len(tail_fields(dp)))))
             else:
-                raise_together(fed.world, lambda: None)
+                raise_together(fed.world, lambda: after_quiet_barrier(fed.world, lambda: None))
             sums = self._plain_sum(vector, senders, ready.clip, ready.size)
         if sums is not None:
             sums["clip"] = ready.clip
@@ -483,8 +485,11 @@ class PrivateAggregator:
         """Masked fixed-point vectors: the root relayed fresh public keys (in `prepare`) and
         learns only the sum."""
         fed, bits, senders, size = self.fed, self.fed_cfg["secure_bits"], ready.senders, ready.size
-        ring = raise_together(fed.world, lambda: self._masked_ring(
-            params, global_host, report, sampled, ready) if ready.publics else None)
+        # the leaders left out of the round mask their noise at once, then wait without
+        # taking a core from the ones still training
+        ring = raise_together(fed.world, lambda: after_quiet_barrier(fed.world, lambda: (
+            self._masked_ring(params, global_host, report, sampled, ready)
+            if ready.publics else None)))
         if ring is not None and not fed.is_root:
             fed.leaders.Send(ring, 0, TAG_VECTOR)
         if not fed.is_root:

@@ -20,6 +20,7 @@ from mpi4py import MPI
 
 from .. import faults
 from ..comm.agree import raise_together
+from ..comm.quiet import quiet_barrier
 from ..data.shards import Shard
 from ..errors import UserError
 from ..federated.dp import secure_bernoulli
@@ -401,7 +402,11 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
             release = record_release(site, fed, fed_cfg, rnd, senders)
     prepare_seconds = time.perf_counter() - t_prepare  # part of the exchange, done early
     if takes_part:
-        report = local_training(cfg, fed, site, step_fn, loader, rnd, xp)
+        try:
+            report = local_training(cfg, fed, site, step_fn, loader, rnd, xp)
+        except UserError as err:  # agreed inside this institution only (a diverged loss):
+            err.collective = False  # the other institutions wait for it, so end them too
+            raise
     elif secret:  # the data position stays independent of the secret draw (checkpoints)
         for _ in range(site.local_steps):
             loader.get()
@@ -422,15 +427,17 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
             to_root = sums["bytes"]
             if not (fed_cfg["secure_aggregation"] and site.dp):  # public samples only
                 record["participants"] = senders
-    elif fed.is_root:
-        results, to_root = collect_at_root(fed, params, report, senders)
-        new, server_state = strategy(
-            global_params.astype(params.dtype),
-            [(p, r.samples, r.steps) for p, r in results.values()], server_state, hyper)
-        params[...] = xp.asarray(new)  # strategies run on the host, at the root only
-        record["reports"] = {k: r for k, (_, r) in results.items()}
-    elif fed.is_leader and takes_part:
-        send_to_root(fed, params, report)
+    else:
+        quiet_barrier(fed.world)  # wait for the slowest institution without taking its core
+        if fed.is_root:
+            results, to_root = collect_at_root(fed, params, report, senders)
+            new, server_state = strategy(
+                global_params.astype(params.dtype),
+                [(p, r.samples, r.steps) for p, r in results.values()], server_state, hyper)
+            params[...] = xp.asarray(new)  # strategies run on the host, at the root only
+            record["reports"] = {k: r for k, (_, r) in results.items()}
+        elif fed.is_leader and takes_part:
+            send_to_root(fed, params, report)
     from_root = broadcast_global(fed, params)
     now = time.perf_counter()
     record.update(bytes_to_root=to_root, bytes_from_root=from_root, round_seconds=now - t0,
