@@ -178,3 +178,19 @@ def test_the_ledger_is_append_only_and_read_back(tmp_path):
     again = PrivacyLedger(str(tmp_path))
     assert [e["round"] for e in again.entries] == [1, 2, 2]
     assert ledger_epsilon(dp, again.entries, 2)[0] == pytest.approx(epsilon(1.0, 1.0, 3, 1e-5))
+
+
+def test_secure_noise_matches_the_normal_cdf_and_fills_all_four_quadrants():
+    """The quadrant-folded Box-Muller: each half follows math.erf's normal CDF, the cosine and
+    sine halves are uncorrelated, and their sign pairs land in the four quadrants alike."""
+    count = 1_000_000
+    noise = secure_gaussian(count, 1.0)
+    for z in (-3.0, -1.5, -0.5, 0.0, 0.7, 2.0):
+        want = 0.5 * (1 + math.erf(z / math.sqrt(2)))
+        assert np.mean(noise < z) == pytest.approx(want, abs=0.002)
+    cosines, sines = noise[:count // 2], noise[count // 2:]
+    assert abs(np.corrcoef(cosines, sines)[0, 1]) < 0.005
+    quadrant = (cosines > 0).astype(int) * 2 + (sines > 0)
+    assert np.all(np.abs(np.bincount(quadrant, minlength=4) / (count // 2) - 0.25) < 0.004)
+    odd = secure_gaussian(7, 1.0, out=np.full(9, np.nan))  # odd counts and a longer out
+    assert odd.shape == (7,) and np.all(np.isfinite(odd))
