@@ -189,3 +189,19 @@ def test_a_new_run_after_a_finished_one_keeps_composing_the_ledger(tmp_path):
     set_aside_finished_run(str(tmp_path))
     assert not (tmp_path / "model.h5").exists()  # the model is set aside, the ledger is not
     assert [e["round"] for e in PrivacyLedger(str(tmp_path)).entries] == [1]
+
+
+def test_secure_noise_matches_the_normal_cdf_and_fills_all_four_quadrants():
+    """The quadrant-folded Box-Muller: each half follows math.erf's normal CDF, the cosine and
+    sine halves are uncorrelated, and their sign pairs land in the four quadrants alike."""
+    count = 1_000_000
+    noise = secure_gaussian(count, 1.0)
+    for z in (-3.0, -1.5, -0.5, 0.0, 0.7, 2.0):
+        want = 0.5 * (1 + math.erf(z / math.sqrt(2)))
+        assert np.mean(noise < z) == pytest.approx(want, abs=0.002)
+    cosines, sines = noise[:count // 2], noise[count // 2:]
+    assert abs(np.corrcoef(cosines, sines)[0, 1]) < 0.005
+    quadrant = (cosines > 0).astype(int) * 2 + (sines > 0)
+    assert np.all(np.abs(np.bincount(quadrant, minlength=4) / (count // 2) - 0.25) < 0.004)
+    odd = secure_gaussian(7, 1.0, out=np.full(9, np.nan))  # odd counts and a longer out
+    assert odd.shape == (7,) and np.all(np.isfinite(odd))

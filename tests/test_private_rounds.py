@@ -184,3 +184,15 @@ def test_fednova_is_refused_with_privacy(sites):
     write_config(sites / "n.toml", config("n", "fednova", {"secure_aggregation": True}))
     done = run_mpi(2, ["train", "n.toml"], cwd=sites)
     assert done.returncode != 0 and "fednova" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure+dp"])
+def test_an_institution_that_diverges_ends_every_rank(sites, secure):
+    """The loss check agrees inside one institution; the institutions left out of the round wait
+    for it at the exchange and must end too, not hang."""
+    dp = {"clip": 1.0, "noise_multiplier": 0.0} if secure else None
+    write_config(sites / "div.toml", config("div", extra={"fraction": 0.5,
+                                                          "secure_aggregation": secure},
+                                            dp=dp, lr=1e200, rounds=3))
+    done = run_mpi(4, ["train", "div.toml"], cwd=sites, timeout=120)
+    assert done.returncode != 0 and "training diverged" in done.stderr

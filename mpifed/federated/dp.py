@@ -21,9 +21,9 @@ import math
 import os
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from ..errors import UserError
+from .secagg import KeystreamBuffers, fill_keystream
 
 # dp-accounting's DEFAULT_RDP_ORDERS: 1.1, 1.2, ..., 10.9, 11, ..., 63, 128, 256, 512, 1024.
 ORDERS = tuple(1 + x / 10.0 for x in range(1, 100)) + tuple(range(11, 64)) + (128, 256, 512,
@@ -39,33 +39,69 @@ def clip_update(delta: np.ndarray, clip: float) -> tuple[np.ndarray, float]:
     return delta * scale, norm
 
 
-def secure_uniform_bits(count: int) -> np.ndarray:
-    """Return `count` uint64 words from AES-256-CTR keyed by 32 bytes of os.urandom."""
-    nbytes = 8 * count
-    out = bytearray(nbytes + 15)  # update_into wants room for one block more
-    encryptor = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(b"\0" * 16)).encryptor()
-    encryptor.update_into(bytes(nbytes), out)
+def secure_uniform_bits(count: int, buffers: KeystreamBuffers | None = None) -> np.ndarray:
+    """Return `count` uint64 words from AES-256-CTR keyed by 32 bytes of os.urandom.
+
+    buffers: reuse the caller's buffers; the result is then valid until the next call with them.
+    """
+    buffers = buffers if buffers is not None else KeystreamBuffers()
+    out = buffers.bytes_of("uniform", 8 * count)
+    fill_keystream(os.urandom(32), out, 8 * count, buffers)
     return np.frombuffer(out, dtype=np.uint64, count=count)
 
 
-def secure_gaussian(count: int, stddev: float) -> np.ndarray:
+def unit_interval(words: np.ndarray) -> np.ndarray:
+    """Turn uint64 words in place into float64 uniforms in (0, 1); return the float64 view.
+
+    The top 52 bits k become (2k + 1) 2^-53 (exact: the mantissa trick gives 1 + k 2^-52, and
+    subtracting 1 - 2^-53 lands on a representable value); the low 12 bits are not used.
+    """
+    np.right_shift(words, 12, out=words)
+    np.bitwise_or(words, 0x3FF0000000000000, out=words)
+    floats = words.view(np.float64)
+    np.subtract(floats, 1.0 - 2.0 ** -53, out=floats)
+    return floats
+
+
+def secure_gaussian(count: int, stddev: float, out: np.ndarray | None = None,
+                    buffers: KeystreamBuffers | None = None) -> np.ndarray:
     """Return `count` N(0, stddev^2) float64 values from a cryptographic source (Box-Muller).
 
-    Uniforms in (0, 1) with 53 random bits from `secure_uniform_bits`; each pair gives two
-    Gaussians. A seeded PCG64 would let anyone who learns the seed subtract the noise.
+    Each pair of values takes two 64-bit words of AES-256-CTR under an os.urandom key: a
+    radius word r (the uniform u of its top 52 bits gives sqrt(-2 ln u)) and an angle word (a
+    uniform angle in the first quadrant from its top 52 bits). The two lowest bits of r pick
+    the signs of the cosine and sine parts: the pair's law is symmetric under both reflections,
+    so the four quadrants give the full circle, and sin and cos only ever see (0, pi/2), where
+    NumPy's SIMD versions are several times faster than on (0, 2 pi). All passes run in place.
+    A seeded PCG64 would let anyone who learns the seed subtract the noise.
+    out: float64[count] to write into (else a new array); buffers: reused scratch.
     """
+    out = np.empty(count) if out is None else out[:count]
     if stddev <= 0 or count == 0:
-        return np.zeros(count)
-    pairs = (count + 1) // 2
-    words = secure_uniform_bits(2 * pairs)
-    uniform = ((words >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53  # (0, 1)
-    radius = np.sqrt(-2.0 * np.log(uniform[:pairs]))
-    angle = (2 * math.pi) * uniform[pairs:]
-    out = np.empty(2 * pairs)
-    np.multiply(radius, np.cos(angle), out=out[:pairs])
-    np.multiply(radius, np.sin(angle), out=out[pairs:])
-    out *= stddev
-    return out[:count]
+        out[:] = 0.0
+        return out
+    pairs, singles = (count + 1) // 2, count // 2  # cosine parts, sine parts
+    words = secure_uniform_bits(2 * pairs, buffers)
+    radius_words, angle_words = words[:pairs], words[pairs:]
+    angle = unit_interval(angle_words)
+    np.multiply(angle, math.pi / 2, out=angle)
+    cosines, sines = out[:pairs], out[pairs:]
+    np.cos(angle, out=cosines)
+    np.sin(angle[:singles], out=sines)
+    signs = angle_words  # the angles are spent: their memory holds the sign bits now
+    np.bitwise_and(radius_words, 1, out=signs)
+    np.left_shift(signs, 63, out=signs)
+    np.bitwise_xor(cosines.view(np.uint64), signs, out=cosines.view(np.uint64))
+    np.bitwise_and(radius_words[:singles], 2, out=signs[:singles])
+    np.left_shift(signs[:singles], 62, out=signs[:singles])
+    np.bitwise_xor(sines.view(np.uint64), signs[:singles], out=sines.view(np.uint64))
+    radius = unit_interval(radius_words)
+    np.log(radius, out=radius)
+    np.multiply(radius, -2.0 * stddev * stddev, out=radius)
+    np.sqrt(radius, out=radius)  # stddev * sqrt(-2 ln u)
+    np.multiply(cosines, radius, out=cosines)
+    np.multiply(sines, radius[:singles], out=sines)
+    return out
 
 
 def secure_bernoulli(q: float) -> bool:

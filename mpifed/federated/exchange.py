@@ -9,6 +9,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..comm.backend import mpi_view
+from ..comm.quiet import quiet_barrier
 from ..xp import to_host
 
 TAG_MODEL, TAG_META = 11, 12
@@ -68,8 +69,11 @@ def collect_at_root(fed, params, report: SiteReport, chosen: list[int]):
 def broadcast_global(fed, params, site: bool = True) -> int:
     """Root -> leaders -> every rank of each site, in place; return bytes the root sent.
 
-    site=False: to the leaders only (called on them alone; a sharded institution's leader
-    then hands each rank its chunk)."""
+    Every rank first waits for the root's aggregation in a quiet barrier (no core held).
+    site=False: to the leaders only (called on them alone, so no barrier; a sharded
+    institution's leader then hands each rank its chunk)."""
+    if site:
+        quiet_barrier(fed.world)
     work, copy_back = mpi_view(params, fed.site)  # device arrays go through host memory
     if fed.leaders is not None:
         fed.leaders.Bcast(work, root=0)

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..comm.agree import raise_together
+from ..comm.quiet import after_quiet_barrier
 from ..errors import UserError
 from ..xp import to_host
 from .dp import (
@@ -35,10 +37,11 @@ from .dp import (
 )
 from .identity import SIGNATURE_BYTES, Identity
 from .secagg import (
+    UINT,
     KeystreamBuffers,
     add_pairwise_mask,
     decode,
-    encode,
+    encode_into,
     new_keypair,
     scale_bits,
 )
@@ -177,52 +180,95 @@ def list_message(round_index: int, institution: int, table: np.ndarray) -> bytes
     return b"mpifed-secagg-list" + struct.pack("<qq", round_index, institution) + digest
 
 
+@dataclass
+class PreparedRound:
+    """What a round's model-independent half leaves for its second half (that round only)."""
+
+    rnd: int
+    senders: list[int]
+    clip: float  # the relayed clip under DP, else 0
+    size: int  # the update's length
+    publics: dict[int, bytes] = field(default_factory=dict)  # a sending leader's peers (SA)
+
+
 class PrivateAggregator:
     """Aggregates rounds privately (collective over the world); one per run, it owns the
-    keystream buffers. identity: this leader's keys (federated.keys), None without; relay: the
-    root's behaviour (tests only)."""
+    buffers that keystreams, masks and noise reuse. identity: this leader's keys
+    (federated.keys), None without; relay: the root's behaviour (tests only).
+
+    A round has two halves: `prepare` (before local training: nothing in it depends on the
+    model) and the call (after training). Calling without `prepare` runs both.
+    """
 
     def __init__(self, fed_cfg: dict, dp: dict | None, fed, identity: Identity | None = None,
                  relay: Relay | None = None):
         self.fed_cfg, self.dp, self.fed, self.identity = fed_cfg, dp, fed, identity
         self.relay = relay or Relay()
         self.buffers = KeystreamBuffers()
+        self.ready: PreparedRound | None = None
         # Every rank takes part in the consistency round's agreement, leaders or not.
         self.authenticated = bool(fed_cfg["keys"])
         if self.authenticated and fed.is_leader and identity is None:
             raise ValueError("federated.keys is set but this leader was given no identity")
 
+    def prepare(self, senders: list[int], rnd: int, state: dict, size: int) -> None:
+        """Run round `rnd`'s model-independent half (collective over the world).
+
+        The participant check, the clip relay (DP), the signed key exchange and its consistency
+        round (secure aggregation); then a sending leader draws its pairwise masks and its noise
+        share into the reused buffers, so that after training only one encoding pass and one
+        masking pass remain. size: the update's length. Raises UserError on every rank when a
+        check fails; nothing is sent then.
+        """
+        fed, fed_cfg, dp = self.fed, self.fed_cfg, self.dp
+        self.ready = None
+        if fed_cfg["secure_aggregation"] and len(senders) < fed_cfg["min_participants"]:
+            raise UserError(f"secure aggregation: round {rnd + 1} would have {len(senders)} "
+                            f"leaders sending, fewer than federated.min_participants = "
+                            f"{fed_cfg['min_participants']} (with two, the root subtracts its "
+                            "own vector and reads the other's); refused")
+        ready = PreparedRound(rnd, list(senders), 0.0, size)
+        if dp:
+            ready.clip = self._relay_clip(state, senders, rnd)
+        if fed_cfg["secure_aggregation"]:
+            private = public = None
+            if fed.is_leader and fed.institution in senders:
+                private, public = new_keypair()  # fresh every round
+            ready.publics = self._exchange_keys(senders, rnd, public)
+            if ready.publics:
+                self._draw_mask_and_noise(private, ready)
+        self.ready = ready
+
     def __call__(self, params, global_host, report, senders: list[int], sampled: bool, rnd: int,
                  state: dict) -> dict | None:
-        """Aggregate one round; on the root return the sums, else None.
+        """Aggregate one round (its second half, after `prepare`); on the root return the sums,
+        else None.
 
         senders: the institutions whose leaders send a vector (public: every institution under
         secure aggregation with DP); sampled: whether this institution's vector carries its
         update (False: zeros). Returns {"delta_sum", one key per tail field, "bytes", "clip"}.
         """
-        fed, fed_cfg, dp = self.fed, self.fed_cfg, self.dp
-        secure = fed_cfg["secure_aggregation"]
-        if secure and len(senders) < fed_cfg["min_participants"]:
-            raise UserError(f"secure aggregation: round {rnd + 1} would have {len(senders)} "
-                            f"leaders sending, fewer than federated.min_participants = "
-                            f"{fed_cfg['min_participants']} (with two, the root subtracts its "
-                            "own vector and reads the other's); refused")
-        clip = self._relay_clip(state, senders, rnd) if dp else 0.0
-        size = params.size
-        vector = None
-        if fed.is_leader and fed.institution in senders:
-            weight = 1.0 if dp else report.samples
-            vector = raise_together(fed.world, lambda: leader_vector(
-                params, global_host, report, weight, dp, clip) if sampled else
-                np.zeros(size + len(tail_fields(dp))))
+        ready = self.ready
+        if ready is None or ready.rnd != rnd or ready.senders != list(senders):
+            self.prepare(senders, rnd, state, params.size)
+            ready = self.ready
+        self.ready = None  # a round's keys, masks and noise serve that round once
+        fed, dp = self.fed, self.dp
+        if self.fed_cfg["secure_aggregation"]:
+            sums = self._secure_sum(params, global_host, report, sampled, ready)
         else:
-            raise_together(fed.world, lambda: None)
-        if secure:
-            sums = self._secure_sum(vector, senders, rnd, clip, size)
-        else:
-            sums = self._plain_sum(vector, senders, clip, size)
+            vector = None
+            if fed.is_leader and fed.institution in senders:
+                weight = 1.0 if dp else report.samples
+                vector = raise_together(fed.world, lambda: after_quiet_barrier(
+                    fed.world, lambda: leader_vector(params, global_host, report, weight, dp,
+                                                     ready.clip) if sampled else
+                    np.zeros(ready.size + len(tail_fields(dp)))))
+            else:
+                raise_together(fed.world, lambda: after_quiet_barrier(fed.world, lambda: None))
+            sums = self._plain_sum(vector, senders, ready.clip, ready.size)
         if sums is not None:
-            sums["clip"] = clip
+            sums["clip"] = ready.clip
         return sums
 
     # -- the clip ---------------------------------------------------------------------------
@@ -369,55 +415,100 @@ class PrivateAggregator:
             total[size:] += secure_gaussian(width - size, count_std)
         return self._sums(total, size, received)
 
-    def _masked_ring(self, vector, private, publics, rnd, clip, size):
-        """Return a leader's vector with its noise share, in fixed point, masked (or raise)."""
-        fed_cfg, dp, me = self.fed_cfg, self.dp, self.fed.institution
+    def _draw_mask_and_noise(self, private, ready: PreparedRound) -> None:
+        """Fill the buffers "mask" (this leader's pairwise masks, ring elements) and "vector"
+        (its noise share under DP, else zeros), both [update, tail] wide."""
+        fed_cfg, dp, width = self.fed_cfg, self.dp, ready.size + len(tail_fields(self.dp))
+        mask = self.buffers.array("mask", UINT[fed_cfg["secure_bits"]], width)
+        mask[:] = 0
+        add_pairwise_mask(mask, self.fed.institution, private, ready.publics, ready.rnd,
+                          self.buffers)
+        vector = self.buffers.array("vector", np.float64, width)
+        if dp is None:
+            vector[:] = 0.0
+            return
+        honest = honest_shares(fed_cfg, dp, len(ready.publics))
+        update_std, count_std = noise_stddevs(dp, ready.clip)
+        size = ready.size
+        secure_gaussian(size, share_stddev(update_std, honest), vector[:size], self.buffers)
+        count_share = share_stddev(count_std, honest) if count_std else 0.0
+        secure_gaussian(width - size, count_share, vector[size:], self.buffers)
+
+    def _add_update(self, vector, params, global_host, report, ready: PreparedRound) -> list:
+        """Add w * delta (clipped under DP) to vector[:size] in place; return the tail's values.
+
+        The same values as `leader_vector`, without its temporaries. Raises UserError when the
+        update holds NaN or Inf (nothing is sent then).
+        """
+        dp, size = self.dp, ready.size
+        delta = self.buffers.array("delta", np.float64, size)
+        np.subtract(to_host(params).reshape(-1), global_host, out=delta)
+        norm = float(np.linalg.norm(delta))  # NaN or Inf anywhere makes it so
+        if not np.isfinite(norm) and not np.all(np.isfinite(delta)):
+            raise UserError("federated: this institution's update holds NaN or Inf (local "
+                            "training diverged); lower optim.lr. Nothing was sent")
+        if dp is None:
+            weight = report.samples
+            np.multiply(delta, weight, out=delta)
+            np.add(vector[:size], delta, out=vector[:size])
+            loss = min(report.loss, LOSS_CAP) if np.isfinite(report.loss) else LOSS_CAP
+            return [weight * loss, weight]
+        clip = ready.clip
+        if norm > clip:  # clip_update's scaling
+            np.multiply(delta, clip / norm, out=delta)
+        np.add(vector[:size], delta, out=vector[:size])
+        return [(1.0 if norm <= clip else 0.0) - COUNT_SENSITIVITY] if dp["adaptive"] else []
+
+    def _masked_ring(self, params, global_host, report, sampled, ready: PreparedRound):
+        """Return a leader's [update + noise share, tail] in fixed point, masked (or raise).
+
+        The noise share and the masks wait in the buffers since `prepare`; the result is the
+        buffer "ring", valid until the next round.
+        """
+        fed_cfg, dp, me, size = self.fed_cfg, self.dp, self.fed.institution, ready.size
         bits = fed_cfg["secure_bits"]
         w_max = 1.0 if dp else float(fed_cfg["secure_max_samples"])
-        bound, f_delta, f_tail = ring_scales(fed_cfg, dp, len(publics), clip)
-        if dp is None and vector[-1] > w_max:
-            raise UserError(f"secure aggregation: institution {me} has {vector[-1]:.0f} "
+        bound, f_delta, f_tail = ring_scales(fed_cfg, dp, len(ready.publics), ready.clip)
+        if dp is None and sampled and report.samples > w_max:
+            raise UserError(f"secure aggregation: institution {me} has {report.samples:.0f} "
                             "samples, above federated.secure_max_samples; raise it")
-        if dp is not None:
-            honest = honest_shares(fed_cfg, dp, len(publics))
-            update_std, count_std = noise_stddevs(dp, clip)
-            vector[:size] += secure_gaussian(size, share_stddev(update_std, honest))
-            if vector.size > size and count_std:
-                vector[size:] += secure_gaussian(vector.size - size,
-                                                 share_stddev(count_std, honest))
-        ring = np.concatenate([
-            encode(vector[:size], bound, f_delta, bits, fed_cfg["secure_out_of_range"]),
-            encode(vector[size:], w_max * LOSS_CAP, f_tail, bits, "clip")])
-        return add_pairwise_mask(ring, me, private, publics, rnd, self.buffers)
+        vector = self.buffers.array("vector", np.float64, size + len(tail_fields(dp)))
+        if sampled:
+            vector[size:] += self._add_update(vector, params, global_host, report, ready)
+        ring = self.buffers.array("ring", UINT[bits], vector.size)
+        encode_into(vector[:size], bound, f_delta, ring[:size], fed_cfg["secure_out_of_range"])
+        encode_into(vector[size:], w_max * LOSS_CAP, f_tail, ring[size:], "clip")
+        return np.add(ring, self.buffers.array("mask", UINT[bits], vector.size), out=ring)
 
-    def _secure_sum(self, vector, senders, rnd, clip, size) -> dict | None:
-        """Masked fixed-point vectors: the root relays fresh public keys and learns only the
-        sum."""
-        fed, bits = self.fed, self.fed_cfg["secure_bits"]
-        private = public = None
-        if vector is not None:
-            private, public = new_keypair()  # fresh every round
-        publics = self._exchange_keys(senders, rnd, public)
-        ring = raise_together(fed.world, lambda: None if vector is None else self._masked_ring(
-            vector, private, publics, rnd, clip, size))
+    def _secure_sum(self, params, global_host, report, sampled, ready: PreparedRound
+                    ) -> dict | None:
+        """Masked fixed-point vectors: the root relayed fresh public keys (in `prepare`) and
+        learns only the sum."""
+        fed, bits, senders, size = self.fed, self.fed_cfg["secure_bits"], ready.senders, ready.size
+        # the leaders left out of the round mask their noise at once, then wait without
+        # taking a core from the ones still training
+        ring = raise_together(fed.world, lambda: after_quiet_barrier(fed.world, lambda: (
+            self._masked_ring(params, global_host, report, sampled, ready)
+            if ready.publics else None)))
         if ring is not None and not fed.is_root:
             fed.leaders.Send(ring, 0, TAG_VECTOR)
         if not fed.is_root:
             return None
         width = size + len(tail_fields(self.dp))
-        total, received = np.zeros(width, dtype=ring_dtype(bits)), 0
+        total = self.buffers.array("total", ring_dtype(bits), width)
+        total[:] = ring if ring is not None else 0
+        buf, received = self.buffers.array("received", ring_dtype(bits), width), 0
         for k in senders:
             if k == fed.institution:
-                total += ring
                 continue
-            buf = np.empty(width, dtype=ring_dtype(bits))
             fed.leaders.Recv(buf, k, TAG_VECTOR)
-            total += buf  # wraps modulo 2^bits: the masks cancel here
+            np.add(total, buf, out=total)  # wraps modulo 2^bits: the masks cancel here
             received += buf.nbytes
         received += (len(senders) - 1) * (ENTRY + (1 + SIGNATURE_BYTES) * self.authenticated)
-        _, f_delta, f_tail = ring_scales(self.fed_cfg, self.dp, max(len(senders), 1), clip)
-        values = np.concatenate([decode(total[:size], f_delta, bits),
-                                 decode(total[size:], f_tail, bits)])
+        _, f_delta, f_tail = ring_scales(self.fed_cfg, self.dp, max(len(senders), 1), ready.clip)
+        values = np.empty(width)  # handed to the caller: not a reused buffer
+        decode(total[:size], f_delta, bits, values[:size])
+        decode(total[size:], f_tail, bits, values[size:])
         return self._sums(values, size, received)
 
     def _sums(self, total, size, received) -> dict:

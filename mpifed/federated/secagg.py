@@ -56,22 +56,45 @@ def pair_key(private: X25519PrivateKey, peer_public: bytes, round_index: int, lo
 
 
 class KeystreamBuffers:
-    """The buffers that keystreams reuse, owned by the caller (one per aggregator): the zeros
-    every keystream encrypts and the scratch that holds one stream until it is consumed."""
+    """The buffers that keystreams, masks and noise reuse round after round, owned by the caller
+    (one set per aggregator): the zeros every keystream encrypts and named scratch buffers.
+
+    Reuse is the point: on a VM, the page faults of a fresh 4 MB buffer cost more than the
+    AES-NI keystream that fills it.
+    """
 
     def __init__(self):
         self.zeros = b""
-        self.scratch = bytearray()
+        self.named: dict[str, bytearray] = {}
 
     def zeros_of(self, nbytes: int) -> memoryview:
         if len(self.zeros) < nbytes:
             self.zeros = bytes(nbytes)
         return memoryview(self.zeros)[:nbytes]
 
+    def bytes_of(self, name: str, nbytes: int) -> bytearray:
+        """Return the buffer `name`, at least nbytes + 15 long (update_into wants room for one
+        block more); its content is whatever its last user left."""
+        buf = self.named.get(name)
+        if buf is None or len(buf) < nbytes + 15:
+            buf = self.named[name] = bytearray(nbytes + 16)
+        return buf
+
+    def array(self, name: str, dtype, count: int) -> np.ndarray:
+        """Return the buffer `name` as `count` elements of `dtype` (a writable view)."""
+        dtype = np.dtype(dtype)
+        return np.frombuffer(self.bytes_of(name, count * dtype.itemsize), dtype=dtype,
+                             count=count)
+
     def scratch_of(self, nbytes: int) -> bytearray:
-        if len(self.scratch) < nbytes + 15:  # update_into wants room for one block more
-            self.scratch = bytearray(nbytes + 15)
-        return self.scratch
+        return self.bytes_of("scratch", nbytes)
+
+
+def fill_keystream(key: bytes, out: bytearray, nbytes: int, buffers: KeystreamBuffers) -> None:
+    """Write `nbytes` of AES-256-CTR keystream under `key` to the start of `out` (which holds
+    at least nbytes + 15 bytes)."""
+    encryptor = Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor()
+    encryptor.update_into(buffers.zeros_of(nbytes), out)
 
 
 def keystream(key: bytes, count: int, bits: int, buffers: KeystreamBuffers | None = None
@@ -84,12 +107,9 @@ def keystream(key: bytes, count: int, bits: int, buffers: KeystreamBuffers | Non
     buffers: reuse the caller's buffers; the result is then valid until the next call with them.
     """
     nbytes = count * bits // 8
-    if buffers is None:
-        zeros, out = bytes(nbytes), bytearray(nbytes + 15)
-    else:
-        zeros, out = buffers.zeros_of(nbytes), buffers.scratch_of(nbytes)
-    encryptor = Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor()
-    encryptor.update_into(zeros, out)
+    buffers = buffers if buffers is not None else KeystreamBuffers()
+    out = buffers.scratch_of(nbytes)
+    fill_keystream(key, out, nbytes, buffers)
     return np.frombuffer(out, dtype=UINT[bits], count=count)
 
 
@@ -142,25 +162,49 @@ def encode(values: np.ndarray, bound: float, frac_bits: int, bits: int,
     Values beyond +-bound are an error, or clipped with a warning when out_of_range = "clip":
     never a silent wrap-around. NaN or Inf is an error (it would encode as -2^(bits-1)).
     """
-    if not np.all(np.isfinite(values)):
-        bad = int(np.count_nonzero(~np.isfinite(values)))
-        raise UserError(f"secure aggregation: {bad} values of the update are NaN or Inf; "
-                        "the local training diverged (lower optim.lr) and nothing was sent")
-    if values.size and max(float(values.max()), -float(values.min())) > bound:
-        over = np.abs(values) > bound
-        worst = float(np.abs(values).max())
-        if out_of_range != "clip":
-            raise UserError(f"secure aggregation: a value of magnitude {worst:g} is outside the "
-                            f"declared range +-{bound:g}; raise federated.secure_range or set "
-                            "federated.secure_out_of_range = \"clip\"")
-        warnings.warn(f"secure aggregation: {int(over.sum())} values beyond +-{bound:g} "
-                      f"(largest {worst:g}) were clipped", stacklevel=2)
-        values = np.clip(values, -bound, bound)
-    scaled = np.multiply(values, 2.0 ** frac_bits)
-    np.rint(scaled, out=scaled)
-    return scaled.astype(SINT[bits]).view(UINT[bits])
+    ring = np.empty(values.size, dtype=UINT[bits])
+    return encode_into(np.array(values, dtype=np.float64), bound, frac_bits, ring, out_of_range)
 
 
-def decode(total: np.ndarray, frac_bits: int, bits: int) -> np.ndarray:
-    """Return the real values of a ring sum (two's complement, then / 2^frac_bits)."""
-    return total.view(SINT[bits]).astype(np.float64) / 2.0 ** frac_bits
+def encode_into(values: np.ndarray, bound: float, frac_bits: int, out: np.ndarray,
+                out_of_range: str = "error") -> np.ndarray:
+    """`encode` into the ring elements `out` (uint32 or uint64, values.size of them); return it.
+
+    values (float64) is consumed: it is scaled and rounded in place. Two reductions (max, min)
+    check the range and finiteness at once; the slow count runs only when one fails.
+    """
+    if values.size:
+        high, low = float(values.max()), float(values.min())
+        if not (np.isfinite(high) and np.isfinite(low)):
+            bad = int(np.count_nonzero(~np.isfinite(values)))
+            raise UserError(f"secure aggregation: {bad} values of the update are NaN or Inf; "
+                            "the local training diverged (lower optim.lr) and nothing was sent")
+        if max(high, -low) > bound:
+            _clip_or_refuse(values, bound, out_of_range)
+    np.multiply(values, 2.0 ** frac_bits, out=values)
+    np.rint(values, out=values)
+    np.copyto(out.view(SINT[out.dtype.itemsize * 8]), values, casting="unsafe")
+    return out
+
+
+def _clip_or_refuse(values: np.ndarray, bound: float, out_of_range: str) -> None:
+    """Clip `values` in place to +-bound with a warning, or raise (out_of_range = "error")."""
+    worst = float(np.abs(values).max())
+    if out_of_range != "clip":
+        raise UserError(f"secure aggregation: a value of magnitude {worst:g} is outside the "
+                        f"declared range +-{bound:g}; raise federated.secure_range or set "
+                        "federated.secure_out_of_range = \"clip\"")
+    over = int(np.count_nonzero(np.abs(values) > bound))
+    warnings.warn(f"secure aggregation: {over} values beyond +-{bound:g} "
+                  f"(largest {worst:g}) were clipped", stacklevel=3)
+    np.clip(values, -bound, bound, out=values)
+
+
+def decode(total: np.ndarray, frac_bits: int, bits: int, out: np.ndarray | None = None
+           ) -> np.ndarray:
+    """Return the real values of a ring sum (two's complement, then / 2^frac_bits).
+
+    out: float64[total.size] to write into (else a new array).
+    """
+    out = np.empty(total.size) if out is None else out
+    return np.multiply(total.view(SINT[bits]), 2.0 ** -frac_bits, out=out)

@@ -20,6 +20,7 @@ from mpi4py import MPI
 
 from .. import faults
 from ..comm.agree import raise_together
+from ..comm.quiet import quiet_barrier
 from ..data.shards import Shard
 from ..errors import UserError
 from ..federated.dp import secure_bernoulli
@@ -401,8 +402,19 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
     global_params = to_host(params).astype(np.float64) if keeps_global else None  # round start
     report = SiteReport(samples=site.samples, steps=site.local_steps)
     secret = fed_cfg["secure_aggregation"] and site.dp is not None
+    release, t_prepare = {}, time.perf_counter()
+    if private:  # clip, keys, masks and noise do not depend on the model: before training
+        site.aggregator.prepare(senders, rnd, server_state,
+                                params.size if params is not None else step_fn.n)
+        if site.dp and fed.is_root:  # the ledger holds the release before any vector is sent
+            release = record_release(site, fed, fed_cfg, rnd, senders)
+    prepare_seconds = time.perf_counter() - t_prepare  # part of the exchange, done early
     if takes_part:
-        report = local_training(cfg, fed, site, step_fn, loader, rnd, xp)
+        try:
+            report = local_training(cfg, fed, site, step_fn, loader, rnd, xp)
+        except UserError as err:  # agreed inside this institution only (a diverged loss):
+            err.collective = False  # the other institutions wait for it, so end them too
+            raise
         step_fn.gather_to_leader(params)  # ZeRO-3: the leader's whole model, from the chunks
     elif secret:  # the data position stays independent of the secret draw (checkpoints)
         for _ in range(site.local_steps):
@@ -412,8 +424,7 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
     record = {"round": rnd + 1}
     strategy = STRATEGIES[fed_cfg["strategy"]]
     if private:
-        if site.dp and fed.is_root:
-            record.update(record_release(site, fed, fed_cfg, rnd, senders))
+        record.update(release)
         sums = site.aggregator(params if params is not None else _stand_in(step_fn),
                                global_params, report, senders, takes_part, rnd, server_state)
         if fed.is_root:
@@ -425,21 +436,23 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
             to_root = sums["bytes"]
             if not (fed_cfg["secure_aggregation"] and site.dp):  # public samples only
                 record["participants"] = senders
-    elif fed.is_root:
-        results, to_root = collect_at_root(fed, params, report, senders)
-        new, server_state = strategy(
-            global_params.astype(params.dtype),
-            [(p, r.samples, r.steps) for p, r in results.values()], server_state, hyper)
-        params[...] = xp.asarray(new)  # strategies run on the host, at the root only
-        record["reports"] = {k: r for k, (_, r) in results.items()}
-    elif fed.is_leader and takes_part:
-        send_to_root(fed, params, report)
+    else:
+        quiet_barrier(fed.world)  # wait for the slowest institution without taking its core
+        if fed.is_root:
+            results, to_root = collect_at_root(fed, params, report, senders)
+            new, server_state = strategy(
+                global_params.astype(params.dtype),
+                [(p, r.samples, r.steps) for p, r in results.values()], server_state, hyper)
+            params[...] = xp.asarray(new)  # strategies run on the host, at the root only
+            record["reports"] = {k: r for k, (_, r) in results.items()}
+        elif fed.is_leader and takes_part:
+            send_to_root(fed, params, report)
     if params is not None:
         from_root = broadcast_global(fed, params, site=step_fn.stage != "parameters")
     step_fn.scatter_from_leader(params)  # ZeRO-3: from the leader, each rank keeps its chunk
     now = time.perf_counter()
     record.update(bytes_to_root=to_root, bytes_from_root=from_root, round_seconds=now - t0,
-                  exchange_seconds=now - t_exchange,
+                  exchange_seconds=now - t_exchange + prepare_seconds,
                   allreduce_seconds=step_fn.comm_seconds - comm_before)
     record["comm_fraction"] = (record["exchange_seconds"] + record["allreduce_seconds"]) / max(
         now - t0, 1e-9)
