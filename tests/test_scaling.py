@@ -131,9 +131,27 @@ def test_auto_tells_window_arrays_from_ordinary_ones():
     assert choose_algorithm(1 << 20, 2, 2, window=True, nodes=1) == "hierarchical"
     assert choose_algorithm(1 << 20, 2, 2, window=False, nodes=1) == "ring"
     assert choose_algorithm(64 << 10, 2, 2, window=False, nodes=1) == "mpi"
-    # 2 nodes x 2: ordinary arrays take the hierarchical all-reduce once the copy pays
-    assert choose_algorithm(16 << 20, 4, 2, window=False, nodes=2) == "hierarchical"
+    # 2 nodes x 2: window arrays go hierarchical; ordinary ones take the flat ring (measured
+    # faster than the copy into the window), unless MPIFED_HIERARCHICAL_COPY_MIN_BYTES says so
+    assert choose_algorithm(16 << 20, 4, 2, window=True, nodes=2) == "hierarchical"
+    assert choose_algorithm(16 << 20, 4, 2, window=False, nodes=2) == "ring"
     assert choose_algorithm(4 << 10, 4, 2, window=False, nodes=2) == "mpi"
+
+
+def test_the_copy_path_is_taken_from_the_size_the_environment_sets(monkeypatch):
+    from mpifed.comm import collectives
+
+    monkeypatch.setenv("MPIFED_HIERARCHICAL_COPY_MIN_BYTES", str(256 << 10))
+    collectives._threshold.cache_clear()
+    collectives._smallest_threshold.cache_clear()
+    try:
+        assert collectives.choose_algorithm(16 << 20, 4, 2, window=False, nodes=2) == \
+            "hierarchical"
+        assert collectives.choose_algorithm(128 << 10, 4, 2, window=False, nodes=2) == "mpi"
+    finally:
+        monkeypatch.delenv("MPIFED_HIERARCHICAL_COPY_MIN_BYTES")
+        collectives._threshold.cache_clear()
+        collectives._smallest_threshold.cache_clear()
 
 
 def test_node_bytes_count_every_pass_by_hand():

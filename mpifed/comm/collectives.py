@@ -35,10 +35,13 @@ RING_MIN_BYTES = 512 * 1024
 HIERARCHICAL_MIN_BYTES = 32 * 1024
 # Ordinary (non-window) arrays, several ranks on each of several nodes: the hierarchical
 # all-reduce copies the array into its window and back (2 extra passes over memory), which pays
-# for itself only when the bytes between nodes dominate: it sends 1/L of them per rank where the
-# flat ring sends them all. Measured with `mpifed bench allreduce --arrays ordinary` on 2 nodes x
-# 2 ranks over TCP (README, "Several nodes"). MPIFED_HIERARCHICAL_COPY_MIN_BYTES moves it.
-HIERARCHICAL_COPY_MIN_BYTES = 256 * 1024
+# only where the bytes between nodes cost more than those passes: it sends 1/L of them per rank
+# where the flat ring sends them all. Measured with `mpifed bench allreduce --arrays ordinary` on
+# 2 nodes x 2 ranks over TCP (README, "Several nodes"), the flat ring was faster at 4-64 MiB on
+# both machines we have (1.3-1.4x on a quiet 16-core host, 1.1-1.2x on the 2-core VM), so "auto"
+# never takes that path by default; MPIFED_HIERARCHICAL_COPY_MIN_BYTES=N turns it on from N bytes
+# for networks slower than their nodes' memory.
+HIERARCHICAL_COPY_MIN_BYTES = 1 << 62  # off
 
 
 @functools.cache
@@ -64,8 +67,9 @@ def choose_algorithm(nbytes: int, ranks: int, per_node: int = 1, *, device: bool
     ranks on a node: the hierarchical all-reduce from HIERARCHICAL_MIN_BYTES (shared memory needs
     no messages), MPI_Allreduce below.
     Ordinary host arrays, several ranks on each of `nodes` > 1 nodes: the hierarchical all-reduce
-    (with its copy in and out) from HIERARCHICAL_COPY_MIN_BYTES; on one node, or below that, as
-    with one rank per node: by size, MPI_Allreduce below the ring's threshold, the ring above.
+    (with its copy in and out) from MPIFED_HIERARCHICAL_COPY_MIN_BYTES when set (off by default);
+    otherwise, as with one rank per node: by size, MPI_Allreduce below the ring's threshold, the
+    ring above.
     """
     if device:
         return "nccl" if nccl and ranks > 1 else "mpi"
