@@ -97,30 +97,27 @@ def test_conv2d_backward(kernel, stride, padding, shape, xp):
     check_layer(Conv2d(4, kernel, stride, padding), shape, xp=xp)
 
 
-@pytest.mark.parametrize("path", ["flat", "flat-chunked", "strided-chunked"])
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("kernel,stride,padding,shape", [
     (3, 1, 1, (2, 5, 7)), (2, 1, 0, (3, 4, 6)), (5, 1, 2, (2, 5, 5)), (3, 2, 1, (3, 7, 9))])
-def test_conv2d_backward_every_path(kernel, stride, padding, shape, path, monkeypatch):
-    """The host's paths for large images, on small ones: rows read whole (the flat trick, stride
-    1) and the batch in chunks of one image, its columns rebuilt in backward."""
+def test_conv2d_backward_every_path(kernel, stride, padding, shape, chunked, monkeypatch):
+    """The host's path for large images, on small ones: the output rows in chunks of one row,
+    their columns rebuilt in backward."""
     from mpifed.nn.layers import conv
 
-    monkeypatch.setattr(conv, "FLAT_WASTE", 0 if path.startswith("flat") else 10 ** 6)
-    if path.endswith("chunked"):
+    if chunked:
         monkeypatch.setattr(conv, "WHOLE_BYTES", 0)
         monkeypatch.setattr(conv, "COLUMN_BYTES", 1)
     layer = Conv2d(4, kernel, stride, padding)
     check_layer(layer, shape, batch=3)
-    assert layer.flat == (path.startswith("flat") and stride == 1)
+    assert layer._chunk(np, 3, 8) == (1 if chunked else layer.out_shape[1])
 
 
-@pytest.mark.parametrize("stride,path", [(2, "strided"), (1, "strided"), (1, "flat"),
-                                         (2, "chunked"), (1, "flat-chunked")])
-def test_conv2d_forward_equals_direct_loops(stride, path, monkeypatch):
+@pytest.mark.parametrize("stride,chunked", [(2, False), (1, False), (2, True), (1, True)])
+def test_conv2d_forward_equals_direct_loops(stride, chunked, monkeypatch):
     from mpifed.nn.layers import conv
 
-    monkeypatch.setattr(conv, "FLAT_WASTE", 0 if path.startswith("flat") else 10 ** 6)
-    if path.endswith("chunked"):
+    if chunked:
         monkeypatch.setattr(conv, "WHOLE_BYTES", 0)
         monkeypatch.setattr(conv, "COLUMN_BYTES", 1)
     rng = np.random.default_rng(2)

@@ -168,12 +168,15 @@ def layer_breakdown(name: str, backend: str, steps: int = 10) -> dict:
     Returns {"ours": {(type, pass): seconds per step}, "ours_step": s, "torch_step": s or
     None}; CPU time (process_time) on the host, synchronised wall time on a GPU.
     """
+    from ..hostmem import keep_freed_memory
     from ..nn.layers import Context
     from ..nn.layers.profile import LayerTimings
     from ..nn.spec import MODEL_SCHEMA, model_from_config
     from ..xp import backend_module
 
     xp = backend_module(backend)
+    if xp is np:
+        keep_freed_memory()  # as `mpifed train` does on the host
     section, shape = MODELS[name]
     model = model_from_config(
         dict({key: default for key, (_, default) in MODEL_SCHEMA.items()}, **section), shape,

@@ -21,6 +21,7 @@ from ..data.atomic import atomic_path
 from ..data.shards import Shard, describe, shard_bounds
 from ..data.stream import Prefetcher, shard_stream
 from ..errors import UserError, check_memory
+from ..hostmem import keep_freed_memory
 from ..nn.io import load_model
 from ..nn.spec import fit_to_data, model_from_config
 from ..xp import backend_module, device_copier
@@ -41,6 +42,8 @@ def array_backend(cfg: dict, comm):
     xp = raise_together(comm, choose)
     if xp is not np:
         select_device(comm)
+    else:
+        keep_freed_memory()  # a step's arrays reuse their pages instead of faulting anew
     if cfg["comm"]["allreduce"] == "nccl":
         if xp is np:
             raise UserError('comm.allreduce = "nccl" needs GPU arrays, but the backend is NumPy '
