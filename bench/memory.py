@@ -99,20 +99,29 @@ def interleaved(steps: int, batch: int, overlap: bool) -> None:
         print(json.dumps({"ranks": comm.size, "times": times}), flush=True)
 
 
+def run_worker(args, mpiexec: str, env: dict, ranks: int, worker: str) -> dict | None:
+    """Run this script's `worker` on `ranks` ranks; return rank 0's JSON line, or None after
+    printing the tail of stderr when the run failed."""
+    cmd = [mpiexec, "-n", str(ranks), sys.executable, __file__, "--worker", worker,
+           "--steps", str(args.steps), "--batch", str(args.batch)]
+    cmd += ["--overlap"] if args.overlap else []
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:
+        print(done.stderr[-2000:])
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def print_interleaved(args, mpiexec: str, env: dict) -> int:
     """Run `interleaved` per rank count; print each stage's median step and ratio to none."""
     import statistics
 
     print(f"{'p':>2} {'stage':<10} {'median step s':>13} {'vs none':>7} {'range s':>16}")
     for ranks in [int(r) for r in args.ranks.split(",")]:
-        cmd = [mpiexec, "-n", str(ranks), sys.executable, __file__, "--worker", "interleaved",
-               "--steps", str(args.steps), "--batch", str(args.batch)]
-        cmd += ["--overlap"] if args.overlap else []
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if done.returncode:
-            print(done.stderr[-2000:])
+        got = run_worker(args, mpiexec, env, ranks, "interleaved")
+        if got is None:
             return 1
-        times = json.loads(done.stdout.strip().splitlines()[-1])["times"]
+        times = got["times"]
         base = statistics.median(times["none"])
         for stage in STAGES:
             median = statistics.median(times[stage])
@@ -149,14 +158,10 @@ def main() -> int:
         base, runs = None, {stage: [] for stage in STAGES}
         for _ in range(args.repeat):  # stages interleaved: a busy spell hits them all alike
             for stage in STAGES:
-                cmd = [mpiexec, "-n", str(ranks), sys.executable, __file__, "--worker", stage,
-                       "--steps", str(args.steps), "--batch", str(args.batch)]
-                cmd += ["--overlap"] if args.overlap else []
-                done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                if done.returncode:
-                    print(done.stderr[-2000:])
+                got = run_worker(args, mpiexec, env, ranks, stage)
+                if got is None:
                     return 1
-                runs[stage].append(json.loads(done.stdout.strip().splitlines()[-1])["rows"])
+                runs[stage].append(got["rows"])
         for stage in STAGES:
             rows = max(runs[stage], key=lambda rs: max(r["peak_rss_bytes"] for r in rs))
             steps = sorted(max(r["step_s"] for r in rs) for rs in runs[stage])

@@ -33,3 +33,15 @@ BACKENDS = _backends()
 def xp(request):
     """Each array backend present: numpy always, cupy where a GPU is."""
     return request.param
+
+
+@pytest.fixture
+def emulated_nodes(monkeypatch, request):
+    """A fresh duplicate of COMM_WORLD whose 'nodes' are blocks of `request.param` ranks
+    (MPIFED_RANKS_PER_NODE; use with parametrize(..., indirect=True))."""
+    from mpi4py import MPI
+
+    monkeypatch.setenv("MPIFED_RANKS_PER_NODE", str(request.param))
+    comm = MPI.COMM_WORLD.Dup()
+    yield comm
+    comm.Free()

@@ -139,15 +139,6 @@ def test_chunk_bounds_cover_the_buffer():
             assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
 
 
-@pytest.fixture
-def emulated_nodes(monkeypatch, request):
-    """A fresh duplicate of COMM_WORLD whose 'nodes' are blocks of `request.param` ranks."""
-    monkeypatch.setenv("MPIFED_RANKS_PER_NODE", str(request.param))
-    comm = MPI.COMM_WORLD.Dup()
-    yield comm
-    comm.Free()
-
-
 @pytest.mark.parametrize("emulated_nodes", [1, 2], indirect=True, ids=["1-per-node", "2-per-node"])
 @pytest.mark.parametrize("op", ["sum", "mean"])
 def test_hierarchical_across_emulated_nodes(emulated_nodes, op):

@@ -45,6 +45,21 @@ def host(a):
     return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
+def central_differences(array, loss):
+    """Return d loss() / d array (host float64, array's shape) by central differences of step
+    EPS, one element at a time; `array` (NumPy or CuPy) is restored after each."""
+    numeric = np.zeros(array.shape)
+    for i in np.ndindex(array.shape):
+        saved = float(array[i])
+        array[i] = saved + EPS
+        up = loss()
+        array[i] = saved - EPS
+        down = loss()
+        array[i] = saved
+        numeric[i] = (up - down) / (2 * EPS)
+    return numeric
+
+
 def check_layer(layer, in_shape, batch=3, ctx=None, seed=0, positive=False, xp=np):
     """Compare backward with central differences of L = sum(forward(x) * R), on the arrays of
     `xp` (NumPy, or CuPy on a GPU)."""
@@ -65,29 +80,12 @@ def check_layer(layer, in_shape, batch=3, ctx=None, seed=0, positive=False, xp=n
 
     layer.forward(p, x, ctx)
     dx = layer.backward(p, g, r.copy(), ctx, True)
-    numeric = np.zeros(x.shape)
-    for i in np.ndindex(x.shape):
-        saved = float(x[i])
-        x[i] = saved + EPS
-        up = loss()
-        x[i] = saved - EPS
-        down = loss()
-        x[i] = saved
-        numeric[i] = (up - down) / (2 * EPS)
-    np.testing.assert_allclose(host(dx), numeric, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(host(dx), central_differences(x, loss), rtol=1e-5, atol=1e-7)
     for name, value in p.items():
         if name in layer.buffers:
             continue
-        numeric = np.zeros(value.shape)
-        for i in np.ndindex(value.shape):
-            saved = float(value[i])
-            value[i] = saved + EPS
-            up = loss()
-            value[i] = saved - EPS
-            down = loss()
-            value[i] = saved
-            numeric[i] = (up - down) / (2 * EPS)
-        np.testing.assert_allclose(host(g[name]), numeric, rtol=1e-5, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(host(g[name]), central_differences(value, loss),
+                                   rtol=1e-5, atol=1e-7, err_msg=name)
 
 
 @pytest.mark.parametrize("kernel,stride,padding,shape", [

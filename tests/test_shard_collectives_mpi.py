@@ -123,15 +123,6 @@ def test_unknown_algorithm_is_refused():
         reduce_scatter(np.ones(4), MPI.COMM_SELF, algorithm="nccl")
 
 
-@pytest.fixture
-def emulated_nodes(monkeypatch, request):
-    """A fresh duplicate of COMM_WORLD whose 'nodes' are blocks of `request.param` ranks."""
-    monkeypatch.setenv("MPIFED_RANKS_PER_NODE", str(request.param))
-    comm = MPI.COMM_WORLD.Dup()
-    yield comm
-    comm.Free()
-
-
 @pytest.mark.parametrize("emulated_nodes", [1, 2], indirect=True, ids=["1-per-node", "2-per-node"])
 @pytest.mark.parametrize("n", [0, 1, 3, 5, 97, 100_003])
 def test_hierarchical_halves_across_emulated_nodes(emulated_nodes, n):

@@ -58,6 +58,15 @@ def model_bytes(path):
     return [a.tobytes() for a in model_arrays(path)]
 
 
+def train_federation(tmp_path, config: str, out: str):
+    """Write `config` as tmp_path/fed.toml and train it on 4 ranks (it must succeed); return
+    tmp_path/out, the run.out folder the config names."""
+    (tmp_path / "fed.toml").write_text(config)
+    done = run_mpi(4, ["train", "fed.toml"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    return tmp_path / out
+
+
 @pytest.fixture(scope="module")
 def unsharded(tmp_path_factory):
     """The model and summary of shard = "none" on 3 ranks (run once)."""
@@ -134,7 +143,7 @@ def test_federation_with_sharded_institutions_equals_unsharded(tmp_path, shard):
         write_site(tmp_path / f"site-{i}.h5", 41 + 6 * i, seed=i)
     models, summaries = [], []
     for stage in ("none", shard):
-        (tmp_path / "fed.toml").write_text(f"""
+        out = train_federation(tmp_path, f"""
 [data]
 train = "site-{{institution}}.h5"
 test = "site-0.h5"
@@ -158,11 +167,9 @@ strategy = "fedprox"
 [run]
 seed = 5
 out = "out-{stage}"
-""")
-        done = run_mpi(4, ["train", "fed.toml"], cwd=tmp_path)
-        assert done.returncode == 0, done.stderr
-        models.append(model_arrays(tmp_path / f"out-{stage}" / "model.h5"))
-        summaries.append(summary_of(tmp_path / f"out-{stage}"))
+""", f"out-{stage}")
+        models.append(model_arrays(out / "model.h5"))
+        summaries.append(summary_of(out))
     for got, want in zip(models[1], models[0]):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
     assert summaries[1]["accuracy"] == summaries[0]["accuracy"]
@@ -196,7 +203,7 @@ def test_federation_with_zero3_institutions_under_secure_aggregation(tmp_path):
         write_site(tmp_path / f"site-{i}.h5", 41 + 6 * i, seed=i)
     models = []
     for stage in ("none", "parameters"):
-        (tmp_path / "fed.toml").write_text(f"""
+        out = train_federation(tmp_path, f"""
 [data]
 train = "site-{{institution}}.h5"
 [model]
@@ -219,9 +226,7 @@ secure_aggregation = true
 [run]
 seed = 5
 out = "out-{stage}"
-""")
-        done = run_mpi(4, ["train", "fed.toml"], cwd=tmp_path)
-        assert done.returncode == 0, done.stderr
-        models.append(model_arrays(tmp_path / f"out-{stage}" / "model.h5"))
+""", f"out-{stage}")
+        models.append(model_arrays(out / "model.h5"))
     for got, want in zip(models[1], models[0]):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-8)

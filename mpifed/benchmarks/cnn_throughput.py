@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..launch import mpiexec_path
+from .peers import join_torch_peers, rank_rows, timed_ddp_steps
 
 BATCH = 64
 CLASSES = 10
@@ -87,9 +88,7 @@ def worker_ours(name: str, data: str, steps: int, out: str, backend: str,
 
 def worker_torch(name: str, data: str, steps: int, backend: str) -> dict:
     """Train the same model with torch DDP (gloo on CPUs, NCCL on GPUs); ranks from MPI."""
-    import h5py
     import torch
-    import torch.distributed as dist
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
@@ -101,37 +100,12 @@ def worker_torch(name: str, data: str, steps: int, backend: str) -> dict:
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(1)
-    port = comm.bcast(29700 + os.getpid() % 1000 if comm.rank == 0 else None)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("nccl" if gpu else "gloo", rank=comm.rank, world_size=comm.size)
-    with h5py.File(data) as fh:
-        n = fh["x"].shape[0]
-        lo, hi = comm.rank * n // comm.size, (comm.rank + 1) * n // comm.size
-        x = torch.from_numpy(fh["x"][lo:hi])
-        y = torch.from_numpy(fh["y"][lo:hi].astype(np.int64))
-    if gpu:
-        x, y = x.to(device), y.to(device)
+    join_torch_peers(comm, "nccl" if gpu else "gloo")
+    x, y = rank_rows(data, comm, device)
     model = torch_model(name, device)
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if gpu else None)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    per_epoch = (hi - lo) // BATCH
-    start = None
-    for step in range(WARMUP + steps):
-        if step == WARMUP:
-            if gpu:
-                torch.cuda.synchronize()
-            comm.Barrier()
-            start = time.perf_counter()
-        k = step % per_epoch
-        opt.zero_grad(set_to_none=True)
-        loss_fn(ddp(x[k * BATCH:(k + 1) * BATCH]), y[k * BATCH:(k + 1) * BATCH]).backward()
-        opt.step()
-    if gpu:
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    dist.destroy_process_group()
+    elapsed = timed_ddp_steps(ddp, x, y, BATCH, WARMUP, steps, comm, gpu)
     return {"samples_per_s": steps * BATCH * comm.size / elapsed, "comm_fraction": None}
 
 

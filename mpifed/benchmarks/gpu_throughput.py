@@ -22,7 +22,7 @@ import tempfile
 
 from ..launch import mpiexec_path
 from .mlp import CLASSES, FEATURES, NAME, model_section
-from .peers import torch_mlp
+from .peers import join_torch_peers, rank_rows, timed_ddp_steps, torch_mlp
 
 WARMUP = 20  # steps run before timing starts, by both frameworks
 
@@ -48,42 +48,18 @@ def worker_ours(data: str, steps: int, batch: int, out: str) -> dict:
 
 
 def worker_torch(data: str, steps: int, batch: int, warmup: int = WARMUP) -> dict:
-    import time
 
-    import h5py
-    import numpy as np
     import torch
-    import torch.distributed as dist
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     device = torch.device("cuda", node.rank % torch.cuda.device_count())
     torch.cuda.set_device(device)
-    port = comm.bcast(29600 + os.getpid() % 1000 if comm.rank == 0 else None)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("nccl", rank=comm.rank, world_size=comm.size)
-    with h5py.File(data) as fh:
-        n = fh["x"].shape[0]
-        lo, hi = comm.rank * n // comm.size, (comm.rank + 1) * n // comm.size
-        x = torch.from_numpy(fh["x"][lo:hi]).to(device)
-        y = torch.from_numpy(fh["y"][lo:hi].astype(np.int64)).to(device)
+    join_torch_peers(comm, "nccl")
+    x, y = rank_rows(data, comm, device)
     ddp = torch.nn.parallel.DistributedDataParallel(torch_mlp(device), device_ids=[device.index])
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    per_epoch = (hi - lo) // batch
-    for step in range(warmup + steps):
-        if step == warmup:
-            torch.cuda.synchronize()
-            comm.Barrier()
-            start = time.perf_counter()
-        k = step % per_epoch
-        opt.zero_grad(set_to_none=True)
-        loss_fn(ddp(x[k * batch:(k + 1) * batch]), y[k * batch:(k + 1) * batch]).backward()
-        opt.step()
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    dist.destroy_process_group()
+    elapsed = timed_ddp_steps(ddp, x, y, batch, warmup, steps, comm, gpu=True)
     return {"samples_per_s": steps * batch * comm.size / elapsed}
 
 

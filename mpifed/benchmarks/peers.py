@@ -1,9 +1,79 @@
-"""The PyTorch peers' models, shared by the CPU and GPU throughput benchmarks (torch is optional):
-the benchmark MLP, and the lenet5 and resnet presets of the layer library."""
+"""The PyTorch peers, shared by the CPU and GPU throughput benchmarks (torch is optional): the
+benchmark MLP and the lenet5 and resnet presets of the layer library, and the torch DDP set-up
+(process group from the MPI ranks, this rank's rows of the data set, the timed steps)."""
 
 from __future__ import annotations
 
+import os
+import socket
+import time
+
+import numpy as np
+
 from .mlp import SIZES
+
+
+def free_port(comm) -> int:
+    """Return a TCP port free on 127.0.0.1: rank 0 binds port 0 and broadcasts what it got."""
+    port = None
+    if comm.rank == 0:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+    return comm.bcast(port, root=0)
+
+
+def join_torch_peers(comm, backend: str) -> None:
+    """Start torch.distributed ("gloo" or "nccl") as rank comm.rank of comm.size, on one host."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port(comm)))
+    dist.init_process_group(backend, rank=comm.rank, world_size=comm.size)
+
+
+def rank_rows(data: str, comm, device=None):
+    """Return (x, y): this rank's contiguous 1/comm.size of the HDF5 file's rows as torch tensors.
+
+    data: HDF5 file with "x" (N, ...) and "y" (N,) class indices; y comes back as int64.
+    device: torch device to move both to (None: stay on the CPU).
+    """
+    import h5py
+    import torch
+
+    with h5py.File(data) as fh:
+        n = fh["x"].shape[0]
+        lo, hi = comm.rank * n // comm.size, (comm.rank + 1) * n // comm.size
+        x = torch.from_numpy(fh["x"][lo:hi])
+        y = torch.from_numpy(fh["y"][lo:hi].astype(np.int64))
+    return (x, y) if device is None else (x.to(device), y.to(device))
+
+
+def timed_ddp_steps(ddp, x, y, batch: int, warmup: int, steps: int, comm, gpu: bool) -> float:
+    """Run `warmup` then `steps` SGD steps (lr 0.01, momentum 0.9) of `ddp` on batches of `batch`
+    rows of (x, y), cycling; return the seconds the last `steps` took (after a barrier), then
+    leave the torch process group."""
+    import torch
+    import torch.distributed as dist
+
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    per_epoch = x.shape[0] // batch
+    start = None
+    for step in range(warmup + steps):
+        if step == warmup:
+            if gpu:
+                torch.cuda.synchronize()
+            comm.Barrier()
+            start = time.perf_counter()
+        k = step % per_epoch
+        opt.zero_grad(set_to_none=True)
+        loss_fn(ddp(x[k * batch:(k + 1) * batch]), y[k * batch:(k + 1) * batch]).backward()
+        opt.step()
+    if gpu:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    dist.destroy_process_group()
+    return elapsed
 
 
 def torch_mlp(device=None):

@@ -17,14 +17,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import numpy as np
 
 from ..launch import mpiexec_path
 from .mlp import CLASSES, FEATURES, NAME, model_section
-from .peers import torch_mlp
+from .peers import join_torch_peers, rank_rows, timed_ddp_steps, torch_mlp
 
 BATCH = 128
 
@@ -50,37 +47,15 @@ def worker_ours(data: str, steps: int, out: str, overlap: bool = False) -> dict:
 
 def worker_torch(data: str, steps: int, warmup: int = 10) -> dict:
     """Train the same MLP with torch DDP over gloo; ranks and world size come from MPI."""
-    import h5py
     import torch
-    import torch.distributed as dist
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     torch.set_num_threads(1)
-    port = comm.bcast(29500 + os.getpid() % 1000 if comm.rank == 0 else None)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=comm.rank, world_size=comm.size)
-    with h5py.File(data) as fh:
-        n = fh["x"].shape[0]
-        lo, hi = comm.rank * n // comm.size, (comm.rank + 1) * n // comm.size
-        x = torch.from_numpy(fh["x"][lo:hi])
-        y = torch.from_numpy(fh["y"][lo:hi].astype(np.int64))
+    join_torch_peers(comm, "gloo")
+    x, y = rank_rows(data, comm)
     ddp = torch.nn.parallel.DistributedDataParallel(torch_mlp())
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    per_epoch = (hi - lo) // BATCH
-    start = None
-    for step in range(warmup + steps):
-        if step == warmup:
-            comm.Barrier()
-            start = time.perf_counter()
-        k = step % per_epoch
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(ddp(x[k * BATCH:(k + 1) * BATCH]), y[k * BATCH:(k + 1) * BATCH])
-        loss.backward()
-        opt.step()
-    elapsed = time.perf_counter() - start
-    dist.destroy_process_group()
+    elapsed = timed_ddp_steps(ddp, x, y, BATCH, warmup, steps, comm, gpu=False)
     return {"samples_per_s": steps * BATCH * comm.size / elapsed, "comm_fraction": None}
 
 

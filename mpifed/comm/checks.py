@@ -33,6 +33,13 @@ def check_local(buf, op: str) -> None:
         raise ValueError(f"op='mean' needs a floating dtype, got {buf.dtype.name}; use op='sum'")
 
 
+def check_buffer(buf, comm, op: str, check: bool) -> None:
+    """check_local(buf, op), then check_same_signature over `comm` when `check` (collective)."""
+    check_local(buf, op)
+    if check:
+        check_same_signature(comm, buf.size, buf.dtype)
+
+
 def check_same_signature(comm, size: int, dtype) -> None:
     """Raise the same ValueError on every rank of `comm` unless all ranks agree on size and dtype."""
     code = SUPPORTED_DTYPES.index(np.dtype(dtype).name)

@@ -14,13 +14,13 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from ..xp import get_array_module
 from . import lifetime
 from .backend import host_view
-from .checks import check_local, check_same_signature
+from .checks import check_buffer
 from .ring import (
     allgather_steps,
     chunk_bounds,
+    mean_in_place,
     reduce_scatter_steps,
     ring_allgather,
     ring_allreduce,
@@ -44,9 +44,7 @@ def hierarchical_allreduce(buf, comm, op: str = "sum", *, check: bool = True):
     Same contract as ring_allreduce. Falls back to the ring when the nodes hold different rank
     counts. Fastest on buffers allocated with shared_array(..., node).
     """
-    check_local(buf, op)
-    if check:
-        check_same_signature(comm, buf.size, buf.dtype)
+    check_buffer(buf, comm, op, check)
     node, cross = topology(comm)
     if cross is None or node.size == 1:  # one rank per node: the ring itself, with no copies
         return ring_allreduce(buf, comm, op, check=False)
@@ -127,9 +125,7 @@ def hierarchical_reduce_scatter(buf, comm, op: str = "sum", *, check: bool = Tru
     on every node, then reduce-scatters them over the ring of those ranks (`cross`). Same
     contract as ring_reduce_scatter; the rest of `buf` is unspecified afterwards.
     """
-    check_local(buf, op)
-    if check:
-        check_same_signature(comm, buf.size, buf.dtype)
+    check_buffer(buf, comm, op, check)
     node, cross = topology(comm)
     if cross is None:
         return ring_reduce_scatter(buf, comm, op, check=False, bounds=bounds)
@@ -151,10 +147,7 @@ def hierarchical_reduce_scatter(buf, comm, op: str = "sum", *, check: bool = Tru
         window.fence()  # no rank reads this rank's segment any more
         copy_back()
     own = buf[lo:hi]
-    if op == "mean" and comm.size > 1:
-        xp = get_array_module(buf)
-        xp.divide(own, buf.dtype.type(comm.size), out=own)
-    return own
+    return mean_in_place(own, comm, op)
 
 
 def hierarchical_allgather(buf, comm, *, check: bool = True, bounds=None):
@@ -164,9 +157,7 @@ def hierarchical_allgather(buf, comm, *, check: bool = True, bounds=None):
     ranks with node rank k over `cross` into its segment, and every rank copies the node's
     segments out. Same contract as ring_allgather.
     """
-    check_local(buf, "sum")
-    if check:
-        check_same_signature(comm, buf.size, buf.dtype)
+    check_buffer(buf, comm, "sum", check)
     node, cross = topology(comm)
     if cross is None:
         return ring_allgather(buf, comm, check=False, bounds=bounds)

@@ -7,23 +7,18 @@ from mpi4py import MPI
 
 from ..xp import get_array_module
 from .backend import mpi_view
-from .checks import check_local, check_same_signature
-from .ring import chunk_bounds
+from .checks import check_buffer
+from .ring import chunk_bounds, mean_in_place
 
 
 def mpi_allreduce(buf, comm, op: str = "sum", *, check: bool = True):
     """Sum (or average) a contiguous 1-D array over `comm` in place with MPI_Allreduce; return it."""
-    check_local(buf, op)
-    if check:
-        check_same_signature(comm, buf.size, buf.dtype)
+    check_buffer(buf, comm, op, check)
     if comm.size > 1 and buf.size > 0:
         work, copy_back = mpi_view(buf, comm)
         comm.Allreduce(MPI.IN_PLACE, work, op=MPI.SUM)
         copy_back()
-    if op == "mean" and comm.size > 1:
-        xp = get_array_module(buf)
-        xp.divide(buf, buf.dtype.type(comm.size), out=buf)
-    return buf
+    return mean_in_place(buf, comm, op)
 
 
 def mpi_reduce_scatter(buf, comm, op: str = "sum", *, check: bool = True, bounds=None):
@@ -31,9 +26,7 @@ def mpi_reduce_scatter(buf, comm, op: str = "sum", *, check: bool = True, bounds
 
     The chunk is chunk_bounds(buf.size, comm.size)[comm.rank]; the rest of `buf` is unchanged.
     """
-    check_local(buf, op)
-    if check:
-        check_same_signature(comm, buf.size, buf.dtype)
+    check_buffer(buf, comm, op, check)
     bounds = bounds or chunk_bounds(buf.size, comm.size)
     lo, hi = bounds[comm.rank]
     if comm.size > 1 and buf.size > 0:
@@ -43,17 +36,12 @@ def mpi_reduce_scatter(buf, comm, op: str = "sum", *, check: bool = True, bounds
         work[lo:hi] = own
         copy_back()
     chunk = buf[lo:hi]
-    if op == "mean" and comm.size > 1:
-        xp = get_array_module(buf)
-        xp.divide(chunk, buf.dtype.type(comm.size), out=chunk)
-    return chunk
+    return mean_in_place(chunk, comm, op)
 
 
 def mpi_allgather(buf, comm, *, check: bool = True, bounds=None):
     """Fill every chunk of `buf` from its owner with MPI_Allgatherv (in place); return `buf`."""
-    check_local(buf, "sum")
-    if check:
-        check_same_signature(comm, buf.size, buf.dtype)
+    check_buffer(buf, comm, "sum", check)
     if comm.size > 1 and buf.size > 0:
         bounds = bounds or chunk_bounds(buf.size, comm.size)
         work, copy_back = mpi_view(buf, comm)

@@ -17,7 +17,7 @@ from mpi4py import MPI
 
 from ..xp import get_array_module, is_device_array
 from .backend import mpi_view
-from .checks import check_local, check_same_signature
+from .checks import check_buffer
 
 SEGMENT_BYTES = 1 << 20  # big enough to amortise a message's cost, small enough to stay in L2/L3
 POOL_DEPTH = 2  # receives in flight per reduce-scatter step (tuned with bench/allreduce.py)
@@ -35,6 +35,14 @@ def chunk_bounds(length: int, parts: int) -> list[tuple[int, int]]:
         bounds.append((start, stop))
         start = stop
     return bounds
+
+
+def mean_in_place(part, comm, op: str):
+    """Divide `part` (this rank's reduced sum) by comm.size in place when op is "mean"; return it."""
+    if op == "mean" and comm.size > 1:
+        xp = get_array_module(part)
+        xp.divide(part, part.dtype.type(comm.size), out=part)
+    return part
 
 
 def segment_bounds(start: int, stop: int, seg: int) -> list[tuple[int, int]]:
@@ -56,19 +64,14 @@ def ring_allreduce(buf, comm, op: str = "sum", *, check: bool = True,
     >>> ring_allreduce(np.ones(5), MPI.COMM_WORLD)   # on 3 ranks
     array([3., 3., 3., 3., 3.])
     """
-    check_local(buf, op)
-    if check:
-        check_same_signature(comm, buf.size, buf.dtype)
+    check_buffer(buf, comm, op, check)
     if comm.size > 1 and buf.size > 0:
         work, copy_back = mpi_view(buf, comm)
         chunks = ring_order(chunk_bounds(work.size, comm.size))
         reduce_scatter_steps(work, comm, chunks, segment_bytes)
         allgather_steps(work, comm, chunks)
         copy_back()
-    if op == "mean" and comm.size > 1:
-        xp = get_array_module(buf)
-        xp.divide(buf, buf.dtype.type(comm.size), out=buf)
-    return buf
+    return mean_in_place(buf, comm, op)
 
 
 def ring_reduce_scatter(buf, comm, op: str = "sum", *, check: bool = True,
@@ -80,9 +83,7 @@ def ring_reduce_scatter(buf, comm, op: str = "sum", *, check: bool = True,
     ring_allreduce otherwise. bounds: other (start, stop) per rank, in rank order and covering
     `buf` (the same on every rank), instead of chunk_bounds.
     """
-    check_local(buf, op)
-    if check:
-        check_same_signature(comm, buf.size, buf.dtype)
+    check_buffer(buf, comm, op, check)
     bounds = bounds or chunk_bounds(buf.size, comm.size)
     lo, hi = bounds[comm.rank]
     if comm.size > 1 and buf.size > 0:
@@ -90,10 +91,7 @@ def ring_reduce_scatter(buf, comm, op: str = "sum", *, check: bool = True,
         reduce_scatter_steps(work, comm, ring_order(bounds), segment_bytes)
         copy_back()
     own = buf[lo:hi]
-    if op == "mean" and comm.size > 1:
-        xp = get_array_module(buf)
-        xp.divide(own, buf.dtype.type(comm.size), out=own)
-    return own
+    return mean_in_place(own, comm, op)
 
 
 def ring_allgather(buf, comm, *, check: bool = True, bounds=None):
@@ -102,9 +100,7 @@ def ring_allgather(buf, comm, *, check: bool = True, bounds=None):
     Rank r contributes buf[chunk r]; afterwards every rank holds the same bytes everywhere.
     bounds: other chunks per rank, as in ring_reduce_scatter.
     """
-    check_local(buf, "sum")
-    if check:
-        check_same_signature(comm, buf.size, buf.dtype)
+    check_buffer(buf, comm, "sum", check)
     if comm.size > 1 and buf.size > 0:
         work, copy_back = mpi_view(buf, comm)
         allgather_steps(work, comm, ring_order(bounds or chunk_bounds(work.size, comm.size)))

@@ -29,6 +29,7 @@ from .setup import (
     open_test_shard,
     plan_steps,
     prepare_out,
+    running,
     start_report,
     stop_early,
 )
@@ -38,7 +39,6 @@ from .sharded_checkpoint import (
     refuse_other_kind,
     save_sharded,
 )
-from .signals import StopFlag
 from .step import make_step
 from .timeline import Timeline
 
@@ -77,33 +77,29 @@ def run_data_parallel(cfg: dict, comm, xp) -> dict:
     loader = batch_loader(cfg, shard, per_epoch, comm.rank, first, xp, timeline)
     window = Window(optim["batch_size"] * comm.size)
     start, loss, stopped = time.perf_counter(), math.nan, ""
-    try:
-        with StopFlag() as flag:
-            for step in range(first, total):
-                t_data = time.perf_counter()
-                epoch, x, y = loader.get()
-                t_compute, comm_before = time.perf_counter(), step_fn.comm_seconds
-                lr = learning_rate(step, optim["lr"], total, optim["schedule"], optim["warmup"],
-                                   optim["step_size"], optim["gamma"])
-                loss = step_fn(x, y, optimizer, lr, step + 1, stop=flag.value)
-                done = step + 1
-                trace_step(timeline, done, t_data, t_compute, step_fn.comm_seconds - comm_before)
-                faults.inject("step", done, comm.rank)
-                log = run["log_every"] > 0 and (done % run["log_every"] == 0 or done == total)
-                rate, comm_share = window.tick(step_fn.comm_seconds, log)
-                reporter.step(done, epoch, loss, lr, rate, comm_share, log)
-                if test is not None and run["eval_every"] and done % run["eval_every"] == 0:
-                    reporter.record(event="eval", step=done,
-                                    **evaluate(spec, model_source(step_fn), test, comm, xp))
-                every = run["checkpoint_every"]
-                if step_fn.stop_agreed or (every and done % every == 0 and done < total):
-                    write_checkpoint(cfg, comm, step_fn, optimizer, done, per_epoch)
-                if step_fn.stop_agreed:
-                    stopped = flag.raised or "a signal on another rank"
-                    break
-    finally:
-        loader.close()
-        step_fn.close()
+    with running(loader, step_fn) as flag:
+        for step in range(first, total):
+            t_data = time.perf_counter()
+            epoch, x, y = loader.get()
+            t_compute, comm_before = time.perf_counter(), step_fn.comm_seconds
+            lr = learning_rate(step, optim["lr"], total, optim["schedule"], optim["warmup"],
+                               optim["step_size"], optim["gamma"])
+            loss = step_fn(x, y, optimizer, lr, step + 1, stop=flag.value)
+            done = step + 1
+            trace_step(timeline, done, t_data, t_compute, step_fn.comm_seconds - comm_before)
+            faults.inject("step", done, comm.rank)
+            log = run["log_every"] > 0 and (done % run["log_every"] == 0 or done == total)
+            rate, comm_share = window.tick(step_fn.comm_seconds, log)
+            reporter.step(done, epoch, loss, lr, rate, comm_share, log)
+            if test is not None and run["eval_every"] and done % run["eval_every"] == 0:
+                reporter.record(event="eval", step=done,
+                                **evaluate(spec, model_source(step_fn), test, comm, xp))
+            every = run["checkpoint_every"]
+            if step_fn.stop_agreed or (every and done % every == 0 and done < total):
+                write_checkpoint(cfg, comm, step_fn, optimizer, done, per_epoch)
+            if step_fn.stop_agreed:
+                stopped = flag.raised or "a signal on another rank"
+                break
     step_fn.free()
     timeline.write(comm, os.path.join(out, "timeline.json"))
     if stopped:

@@ -48,10 +48,10 @@ from .setup import (
     open_checked_shard,
     open_test_shard,
     prepare_out,
+    running,
     start_report,
     stop_early,
 )
-from .signals import StopFlag
 from .step import make_step
 
 
@@ -148,31 +148,27 @@ def run_federation(cfg: dict, world, xp) -> dict:
     if site.dp is not None and fed.is_root:
         site.ledger = PrivacyLedger(out)
     start, last, stopped = time.perf_counter(), {}, ""
-    try:
-        with StopFlag() as flag:
-            for rnd in range(first, fed_cfg["rounds"]):
-                if over_budget(site, fed, fed_cfg, rnd):  # the root decides for every rank
-                    reporter.record(event="budget", round=rnd, epsilon=last.get("epsilon"))
-                    reporter.line(f"stopping before round {rnd + 1}: it would exceed "
-                                  f"federated.dp.max_epsilon = {site.dp['max_epsilon']}")
-                    break
-                last, server_state, advanced = run_round(cfg, fed, site, step_fn, loader, rnd,
-                                                          hyper, server_state, xp)
-                site_steps += site.local_steps if advanced else 0
-                report_round(reporter, last, site, fed, fed_cfg["rounds"], xp,
-                             model_source(step_fn))
-                faults.inject("round", rnd + 1, world.rank)
-                stop = _any_flag(world, flag.value)
-                every = run["checkpoint_every"]
-                if stop or (every and (rnd + 1) % every == 0 and rnd + 1 < fed_cfg["rounds"]):
-                    write_round_checkpoint(cfg, fed, site.params, server_state, rnd + 1,
-                                           site_steps)
-                if stop:
-                    stopped = flag.raised or "a signal on another rank"
-                    break
-    finally:
-        loader.close()
-        step_fn.close()
+    with running(loader, step_fn) as flag:
+        for rnd in range(first, fed_cfg["rounds"]):
+            if over_budget(site, fed, fed_cfg, rnd):  # the root decides for every rank
+                reporter.record(event="budget", round=rnd, epsilon=last.get("epsilon"))
+                reporter.line(f"stopping before round {rnd + 1}: it would exceed "
+                              f"federated.dp.max_epsilon = {site.dp['max_epsilon']}")
+                break
+            last, server_state, advanced = run_round(cfg, fed, site, step_fn, loader, rnd,
+                                                      hyper, server_state, xp)
+            site_steps += site.local_steps if advanced else 0
+            report_round(reporter, last, site, fed, fed_cfg["rounds"], xp,
+                         model_source(step_fn))
+            faults.inject("round", rnd + 1, world.rank)
+            stop = _any_flag(world, flag.value)
+            every = run["checkpoint_every"]
+            if stop or (every and (rnd + 1) % every == 0 and rnd + 1 < fed_cfg["rounds"]):
+                write_round_checkpoint(cfg, fed, site.params, server_state, rnd + 1,
+                                       site_steps)
+            if stop:
+                stopped = flag.raised or "a signal on another rank"
+                break
     step_fn.free()
     if stopped:
         return stop_early(cfg, world, reporter, rnd + 1, stopped)

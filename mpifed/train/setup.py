@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
 from mpi4py import MPI
@@ -28,6 +29,7 @@ from ..xp import backend_module, device_copier
 from .checkpoint import checkpoint_dir
 from .config import to_toml
 from .report import Reporter
+from .signals import StopFlag
 
 
 def array_backend(cfg: dict, comm):
@@ -241,6 +243,18 @@ def batch_loader(cfg: dict, shard, per_epoch: int, rank: int, steps_done: int, x
                           step=steps_done % per_epoch, block=data["shuffle_block"],
                           buffer=data["shuffle_buffer"], timeline=timeline)
     return Prefetcher(shard, stream, device_copier(xp))
+
+
+@contextmanager
+def running(loader, step_fn):
+    """Run a training loop's body under a StopFlag (yielded); close `loader` and `step_fn`
+    afterwards, whether the body ended, broke off or raised."""
+    try:
+        with StopFlag() as flag:
+            yield flag
+    finally:
+        loader.close()
+        step_fn.close()
 
 
 def stop_early(cfg, comm, reporter, step: int, why: str) -> dict:
