@@ -8,6 +8,7 @@ exception on one rank calls MPI_Abort, so the ranks waiting for it in a collecti
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 
 from ..errors import UserError
@@ -71,6 +72,10 @@ def _abort_if_parallel(code: int) -> None:
     rank, size = world_rank_and_size()
     if size > 1:
         sys.stderr.flush()
+        # The launcher forwards each rank's stderr through a pipe; an abort lets it kill every
+        # process at once, and on a busy machine it could do so before forwarding the message
+        # just written (seen: exit 3 with an empty stderr). Half a second, on the failure path.
+        time.sleep(0.5)
         sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(code)
 
 
