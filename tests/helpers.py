@@ -68,15 +68,25 @@ def start_mpi(n: int, args: list[str], cwd=None, env=None) -> subprocess.Popen:
 
 
 def kill_group(proc: subprocess.Popen, sig=signal.SIGKILL, timeout: float = LAUNCH_TIMEOUT):
-    """Send `sig` to mpiexec's process group; return (stdout, stderr) once the launch ends.
+    """Send `sig` to every rank of the launch at once; return (stdout, stderr) once it ends.
 
-    SIGKILL: mpiexec dies and its proxy kills every rank (a job killer's view of a crash).
+    SIGKILL: the whole job dies at once, as a job killer's view of a crash. mpiexec and its
+    proxy are left to notice and exit, so that they remove their files in /tmp (killed, they
+    leave them behind).
     """
+    table = _process_table()
+    family = _family(proc.pid, table)
+    parents = {table[pid][0] for pid in family if pid in table}
+    for pid in family - parents:  # the ranks; their proxy and mpiexec then end and clean up
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass  # it had already ended
     try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass  # it had already ended
-    return proc.communicate(timeout=timeout)
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # the last resort: never a hang
+        return proc.communicate()
 
 
 # ---- datasets -------------------------------------------------------------------------------
@@ -193,13 +203,19 @@ def stopped_processes(launch: subprocess.Popen) -> list[int]:
     mpiexec's proxy and ranks run in sessions of their own, so they are found as descendants
     of mpiexec, not as members of its process group.
     """
-    table, family = _process_table(), {launch.pid}
+    table = _process_table()
+    return sorted(pid for pid in _family(launch.pid, table) if table.get(pid, (0, ""))[1] == "T")
+
+
+def _family(root: int, table: dict | None = None) -> set[int]:
+    """Return `root` and every process descended from it."""
+    table, family = table or _process_table(), {root}
     grew = True
     while grew:
         children = {pid for pid, (parent, _) in table.items() if parent in family} - family
         family |= children
         grew = bool(children)
-    return sorted(pid for pid in family if table.get(pid, (0, ""))[1] == "T")
+    return family
 
 
 def has_pending(pid: int, sig: int) -> bool:
