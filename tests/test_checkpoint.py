@@ -27,29 +27,29 @@ def config(out, *changes) -> dict:
 
 def save(cfg, index, kind="step", layout=LAYOUT, keep=5) -> str:
     params = np.full(7, float(index))
-    return save_checkpoint(cfg["run"]["out"], kind, index, params, {"velocity": params * 2},
+    return save_checkpoint(cfg.run.out, kind, index, params, {"velocity": params * 2},
                            {"step": index}, cfg, layout, keep)
 
 
 def test_the_same_run_and_changes_that_keep_the_bits_are_resumable(tmp_path):
     cfg = config(tmp_path)
-    assert differences(cfg, cfg, LAYOUT, dict(LAYOUT)) == []
+    assert differences(cfg.to_dict(), cfg, LAYOUT, dict(LAYOUT)) == []
     longer = config(tmp_path, {"optim": {"steps": 500}, "data": {"test": "t.h5"},
                                "run": {"log_every": 1, "eval_every": 3, "checkpoint_every": 9,
                                        "keep_checkpoints": 1, "timeline": True}})
-    assert differences(cfg, longer, LAYOUT, LAYOUT) == []
+    assert differences(cfg.to_dict(), longer, LAYOUT, LAYOUT) == []
 
 
 def test_every_other_difference_is_named_with_both_values(tmp_path):
     cfg = config(tmp_path)
     other = config(tmp_path, {"optim": {"lr": 0.5}, "model": {"hidden": [8]}})
-    assert differences(cfg, other, LAYOUT, {"ranks": 3}) == [
+    assert differences(cfg.to_dict(), other, LAYOUT, {"ranks": 3}) == [
         "MPI layout {'ranks': 2} != {'ranks': 3}",
         "model.hidden: [4] then, [8] now",
         "optim.lr: 0.01 then, 0.5 now",
     ]
     federated = config(tmp_path, {"federated": {"institutions": 2}})
-    problems = differences(cfg, federated, LAYOUT, LAYOUT)
+    problems = differences(cfg.to_dict(), federated, LAYOUT, LAYOUT)
     assert "federated.institutions: None then, 2 now" in problems  # a section added
 
 

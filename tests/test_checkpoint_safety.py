@@ -4,6 +4,7 @@ import h5py
 import numpy as np
 import pytest
 
+from mpifed.config import FederatedConfig, resolve
 from mpifed.errors import UserError
 from mpifed.train.checkpoint import (
     choose_checkpoint,
@@ -19,8 +20,8 @@ def config(tmp_path, resume="auto"):
     data = tmp_path / "d.h5"
     if not data.exists():
         write_data(data, seed=0)
-    return {"data": {"train": str(data), "x": "x", "y": "y"}, "optim": {"lr": 0.1},
-            "run": {"out": str(tmp_path / "out"), "resume": resume}}
+    return resolve({"data": {"train": str(data), "x": "x", "y": "y"}, "optim": {"lr": 0.1},
+                    "run": {"out": str(tmp_path / "out"), "resume": resume}})
 
 
 def write_data(path, seed, rows=300):
@@ -31,12 +32,12 @@ def write_data(path, seed, rows=300):
 
 def save(cfg, step, keep=3):
     params = np.full(10, float(step))
-    return save_checkpoint(cfg["run"]["out"], "step", step, params, {"m": params * 2},
+    return save_checkpoint(cfg.run.out, "step", step, params, {"m": params * 2},
                            {"step": step}, cfg, SHAPE, keep)
 
 
 def steps_of(cfg):
-    return [int(p.rsplit("-", 1)[1][:-3]) for p in list_checkpoints(cfg["run"]["out"], "step")]
+    return [int(p.rsplit("-", 1)[1][:-3]) for p in list_checkpoints(cfg.run.out, "step")]
 
 
 def test_never_moves_earlier_checkpoints_aside(tmp_path, capsys):
@@ -57,7 +58,7 @@ def test_never_moves_earlier_checkpoints_aside(tmp_path, capsys):
 def test_a_damaged_newest_checkpoint_falls_back_with_one_warning(tmp_path, capsys, damage):
     cfg = config(tmp_path)
     save(cfg, 1), save(cfg, 2)
-    newest = list_checkpoints(cfg["run"]["out"], "step")[-1]
+    newest = list_checkpoints(cfg.run.out, "step")[-1]
     with h5py.File(newest, "r+") as fh:
         if damage == "json":
             fh.attrs["counters"] = '{"step": 2'
@@ -67,7 +68,7 @@ def test_a_damaged_newest_checkpoint_falls_back_with_one_warning(tmp_path, capsy
             fh["params"][...] = raw
         else:
             fh["state/m"][0] = 7.0
-    found = newest_valid(cfg["run"]["out"], "step")
+    found = newest_valid(cfg.run.out, "step")
     assert found["index"] == 1 and np.all(found["params"] == 1.0)
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and newest in warnings[0]
@@ -117,7 +118,7 @@ def test_resuming_past_the_end_is_nothing_to_do(tmp_path):
 
 def test_federated_resume_past_the_last_round_is_nothing_to_do(tmp_path):
     cfg = config(tmp_path)
-    cfg["federated"] = {"rounds": 3}
-    save_checkpoint(cfg["run"]["out"], "round", 5, np.zeros(3), {}, {"round": 5}, cfg, SHAPE, 3)
+    cfg = cfg.with_values(federated=FederatedConfig(institutions=1, rounds=3))
+    save_checkpoint(cfg.run.out, "round", 5, np.zeros(3), {}, {"round": 5}, cfg, SHAPE, 3)
     with pytest.raises(UserError, match="nothing to do"):
         choose_checkpoint(cfg, "round", SHAPE)

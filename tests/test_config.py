@@ -1,10 +1,35 @@
-"""Config parsing: overrides, defaults, and errors that name the key."""
+"""The typed configuration: loading, overrides, errors that name the key, and everything users
+read about settings (help, reference page, JSON Schema, `mpifed config`) from one source."""
 
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
 import pytest
 from conftest import run_cli
 
+from mpifed.config import (
+    ALL_SECTIONS,
+    CommConfig,
+    Config,
+    DataConfig,
+    OptimConfig,
+    load_config,
+    parse_value,
+    resolve,
+    to_toml,
+)
+from mpifed.config.overrides import tomllib
+from mpifed.config.render import describe_keys, json_schema, reference_markdown, show_toml
 from mpifed.errors import UserError
-from mpifed.train.config import load_config, parse_value, resolve, to_toml
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "docs" / "reference" / "configuration.md"
+SCHEMA = ROOT / "docs" / "reference" / "config.schema.json"
 
 
 def write(tmp_path, text):
@@ -17,11 +42,31 @@ def test_defaults_and_overrides(tmp_path):
     path = write(tmp_path, '[data]\ntrain = "a.h5"\n[model]\nkind = "mlp"\nhidden = [8]\n')
     cfg = load_config(path, ["optim.lr=0.5", "model.hidden=[16, 4]", "run.out=somewhere",
                              "data.shuffle=false"])
-    assert cfg["optim"]["lr"] == 0.5 and cfg["model"]["hidden"] == [16, 4]
-    assert cfg["run"]["out"] == "somewhere" and cfg["data"]["shuffle"] is False
-    assert cfg["optim"]["epochs"] == 1 and cfg["optim"]["batch_size"] == 32
-    again = resolve(__import__("tomllib").loads(to_toml(cfg)))
+    assert cfg.optim.lr == 0.5 and cfg.model.hidden == (16, 4)
+    assert cfg.run.out == "somewhere" and cfg.data.shuffle is False
+    assert cfg.optim.epochs == 1 and cfg.optim.batch_size == 32
+    assert cfg.comm.stall_timeout == 600.0 and cfg.federated is None
+    again = resolve(tomllib.loads(to_toml(cfg)))
     assert again == cfg
+
+
+def test_sections_are_immutable_and_typed():
+    cfg = resolve({"data": {"train": "a.h5"}, "optim": {"lr": 1}})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.optim.lr = 0.5
+    assert isinstance(cfg.optim.lr, float) and isinstance(cfg.optim, OptimConfig)
+    assert isinstance(cfg.comm, CommConfig) and isinstance(cfg.data, DataConfig)
+
+
+def test_a_config_built_in_python_is_checked_like_a_file():
+    with pytest.raises(UserError, match=r"optim\.lr: must be > 0"):
+        OptimConfig(lr=-1)
+    with pytest.raises(UserError, match=r"comm\.shard: 'zero4' is not one of"):
+        CommConfig(shard="zero4")
+    with pytest.raises(UserError, match=r"data\.train: required"):
+        Config(data=DataConfig())
+    ok = Config(data=DataConfig(train="a.h5"), optim=OptimConfig(steps=5))
+    assert ok.optim.epochs is None and ok.optim.steps == 5
 
 
 @pytest.mark.parametrize("text,key", [
@@ -35,10 +80,46 @@ def test_defaults_and_overrides(tmp_path):
     ('[data]\ntrain = "a.h5"\n[optim]\nbatch_size = true\n', "optim.batch_size"),
     ('[optim]\nlr = 0.1\n', "data.train"),
     ('[data]\ntrain = "a.h5"\n[wat]\nx = 1\n', "[wat]"),
+    ('[data]\ntrain = "a.h5"\n[federated]\ninstitutions = 2\nlocal_steps = "many"\n',
+     "federated.local_steps"),
+    ('[data]\ntrain = "a.h5"\n[federated]\ninstitutions = 2\nlocal_steps = 0\n',
+     "federated.local_steps"),
 ])
 def test_errors_name_the_key(tmp_path, text, key):
-    with pytest.raises(UserError, match=key.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(UserError, match=re.escape(key)):
         load_config(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("text,message", [
+    ('[data]\ntrain = "a.h5"\n[optim]\nlrr = 0.1\n',
+     "optim.lrr: unknown key (did you mean 'lr'?); known keys of [optim]: name, lr,"),
+    ('[data]\ntrain = "a.h5"\n[optm]\nlr = 0.1\n', "[optm]: unknown section (did you mean "
+                                                    "'optim'?); known: data, model, optim,"),
+    ('[data]\ntrain = "a.h5"\n[comm]\nallreduce = "rng"\n',
+     "comm.allreduce: 'rng' is not one of ('auto', 'ring', 'mpi', 'hierarchical', 'nccl') "
+     "(did you mean 'ring'?)"),
+    ('[data]\ntrain = "a.h5"\n[federated]\ninstitutions = 2\n[federated.dp]\nclipp = 1\n',
+     "federated.dp.clipp: unknown key (did you mean 'clip'?)"),
+])
+def test_a_near_miss_gets_a_suggestion_and_the_known_keys(tmp_path, text, message):
+    with pytest.raises(UserError) as err:
+        load_config(write(tmp_path, text))
+    assert message in str(err.value)
+
+
+def test_one_range_per_key_where_two_checks_disagreed(tmp_path):
+    """federated.tau was >= 0 in one check and > 0 in another; comm.stall_timeout was 600 in
+    the schema and 0 in the step's signature: now one declaration each."""
+    base = '[data]\ntrain = "a.h5"\n[federated]\ninstitutions = 2\n'
+    with pytest.raises(UserError, match=r"federated\.tau: must be > 0"):
+        load_config(write(tmp_path, base), ["federated.tau=0"])
+    field = CommConfig.declared()["stall_timeout"]
+    assert field.default == 600.0 and CommConfig().stall_timeout == 600.0
+    import inspect
+
+    from mpifed.train import step
+
+    assert "stall_timeout" not in inspect.signature(step.make_step).parameters
 
 
 def test_set_values_are_toml_or_bare_strings():
@@ -65,7 +146,7 @@ def test_written_config_loads_back_the_same(tmp_path):
     assert load_config(str(written)) == cfg
     assert "[federated.dp]" in written.read_text() and "null" not in written.read_text()
     plain = load_config(write(tmp_path, '[data]\ntrain = "a.h5"\n'))
-    assert plain["federated"] is None and "[federated]" not in to_toml(plain)
+    assert plain.federated is None and "[federated]" not in to_toml(plain)
 
 
 def test_choices_come_from_the_modules_that_implement_them():
@@ -75,33 +156,158 @@ def test_choices_come_from_the_modules_that_implement_them():
     from mpifed.nn.spec import KINDS
     from mpifed.optim.optimizers import OPTIMIZERS
     from mpifed.optim.schedules import SCHEDULES
-    from mpifed.train.config import CHOICES, describe_keys
     from mpifed.train.report import PROGRESS_MODES
+    from mpifed.train.sharded_step import STAGES
     from mpifed.xp import BACKENDS
 
-    assert CHOICES[("comm", "allreduce")] is ALGORITHMS
-    assert CHOICES[("comm", "backend")] is BACKENDS
-    assert CHOICES[("model", "kind")] is KINDS
-    assert CHOICES[("optim", "name")] is OPTIMIZERS
-    assert CHOICES[("optim", "schedule")] is SCHEDULES
-    assert CHOICES[("run", "progress")] is PROGRESS_MODES
-    assert CHOICES[("federated", "strategy")] == tuple(STRATEGIES)
+    def choices(section, key):
+        return ALL_SECTIONS[section].declared()[key].metadata["choices"]
+
+    assert choices("comm", "allreduce") is ALGORITHMS and choices("comm", "shard") is STAGES
+    assert choices("comm", "backend") is BACKENDS and choices("model", "kind") is KINDS
+    assert choices("optim", "name") is OPTIMIZERS and choices("optim", "schedule") is SCHEDULES
+    assert choices("run", "progress") is PROGRESS_MODES
+    assert choices("federated", "strategy") == tuple(STRATEGIES)
     keys = describe_keys()
-    for choices in (ALGORITHMS, BACKENDS, KINDS, OPTIMIZERS, SCHEDULES, PROGRESS_MODES):
-        assert "/".join(choices) in keys
-    assert "/".join(STRATEGIES) in keys and "[federated.dp]" in keys
+    for words in (ALGORITHMS, BACKENDS, KINDS, OPTIMIZERS, SCHEDULES, PROGRESS_MODES):
+        assert " | ".join(words) in keys
+    assert " | ".join(STRATEGIES) in keys and "[federated.dp]" in keys
     done = run_cli(["data", "partition", "--help"])
     assert "{" + ",".join(SCHEMES) + "}" in done.stdout
 
 
-def test_train_help_lists_every_key():
-    from mpifed.train.config import DP, FEDERATED, SCHEMA
+def every_key():
+    for name, section in ALL_SECTIONS.items():
+        for key, f in section.declared().items():
+            if name != "federated" or key != "dp":
+                yield name, key, f
 
+
+def test_train_help_lists_every_key_with_its_default_and_description():
     done = run_cli(["train", "--help"])
     assert done.returncode == 0, done.stderr
-    sections = dict(SCHEMA, federated=FEDERATED, **{"federated.dp": DP})
-    for section, keys in sections.items():
-        assert f"[{section}]" in done.stdout
-        for key, (types, _) in keys.items():
-            if dict not in types:
-                assert f"\n  {key} " in done.stdout, f"{section}.{key}"
+    for name in ALL_SECTIONS:
+        assert f"[{name}]" in done.stdout
+    for name, key, f in every_key():
+        assert re.search(rf"\n  {key} +.*\n +{re.escape(f.metadata['doc'][:30])}", done.stdout), \
+            f"{name}.{key}"
+    assert re.search(r"\n  stall_timeout +>= 0 +600\.0\n", done.stdout)
+
+
+def test_every_key_has_a_type_a_default_and_a_description():
+    for name, key, f in every_key():
+        assert f.metadata["doc"], f"{name}.{key} has no description"
+        assert f.default is not None or f.metadata["required"] or "unset" in f.metadata["doc"], \
+            f"{name}.{key}: an unset default must say what unset means"
+
+
+def test_the_committed_reference_and_schema_are_current():
+    """Regenerate both; a change to sections.py without `make docs-reference` fails here."""
+    assert REFERENCE.read_text() == reference_markdown(), \
+        "run: python -m mpifed config reference > docs/reference/configuration.md"
+    assert json.loads(SCHEMA.read_text()) == json_schema(), \
+        "run: python -m mpifed config schema > docs/reference/config.schema.json"
+    done = run_cli(["config", "schema"])
+    assert done.returncode == 0 and done.stdout == SCHEMA.read_text()
+
+
+def test_the_schema_defaults_are_the_loaders_defaults():
+    schema = json_schema()["properties"]
+    cfg = resolve({"data": {"train": "a.h5"}, "federated": {"institutions": 2, "dp": {}}})
+    loaded = cfg.to_dict()
+    for name, key, f in every_key():
+        props = schema[name] if name != "federated.dp" else schema["federated"]["properties"]["dp"]
+        entry = props["properties"][key]
+        value = (loaded["federated"]["dp"] if name == "federated.dp" else loaded[name])[key]
+        if "default" in entry:
+            assert entry["default"] == value, f"{name}.{key}"
+        else:  # unset, or derived from another key: the description says which
+            assert f.default is None, f"{name}.{key}"
+
+
+def shipped_configs():
+    """Every configuration the project ships: the demo's, the README's, the docs' examples."""
+    from mpifed.cli import demo
+
+    texts = {"demo": demo.CONFIG.format(data="d", out="o"),
+             "demo-convnet": demo.CONVNET.format(data="d", out="o", model=demo.CONVNET_MODEL),
+             "demo-central": demo.CENTRAL.format(data="d", out="o", steps=5, every=1)}
+    for strategy_model in (demo.MLP_MODEL, demo.CONVNET_MODEL):
+        texts[f"demo-fed-{len(texts)}"] = demo.FEDERATED.format(
+            data="d", out="o", name="f", rounds=3, local_steps=2, model=strategy_model)
+    readme = (ROOT / "README.md").read_text()
+    for i, block in enumerate(re.findall(r"```toml\n(.*?)```", readme, re.S)):
+        text = block if block.lstrip().startswith("[data]") else '[data]\ntrain = "d"\n' + block
+        if "[federated]" in text and "institutions =" not in text:
+            text = text.replace("[federated]\n", "[federated]\ninstitutions = 4\n", 1)
+        texts[f"readme-{i}"] = text
+    for path in sorted(ROOT.glob("examples/**/*.toml")):
+        texts[str(path.relative_to(ROOT))] = path.read_text()
+    return texts
+
+
+@pytest.mark.parametrize("name,text", shipped_configs().items(), ids=list(shipped_configs()))
+def test_the_schema_accepts_every_shipped_configuration(name, text, tmp_path):
+    raw = tomllib.loads(text)
+    jsonschema.validate(raw, json.loads(SCHEMA.read_text()))
+    load_config(write(tmp_path, text))  # and the loader agrees
+
+
+@pytest.mark.parametrize("change,where", [
+    ({"optim": {"lrr": 0.1}}, "lrr"),
+    ({"bogus": {}}, "bogus"),
+    ({"optim": {"lr": "fast"}}, "fast"),
+    ({"optim": {"batch_size": 1.5}}, "1.5"),
+    ({"comm": {"shard": "zero4"}}, "zero4"),
+    ({"federated": {"institutions": 2, "dp": {"clip": -1}}}, "-1"),
+])
+def test_the_schema_rejects_unknown_keys_and_wrong_types(change, where):
+    raw = {"data": {"train": "a.h5"}, **change}
+    with pytest.raises(jsonschema.ValidationError, match=re.escape(where)):
+        jsonschema.validate(raw, json.loads(SCHEMA.read_text()))
+    with pytest.raises(UserError):
+        resolve(raw)
+
+
+def test_config_show_prints_every_key_without_mpi(tmp_path):
+    from mpifed.cli import demo
+
+    path = write(tmp_path, demo.CONFIG.format(data="d", out="o"))
+    code = ("import sys; from mpifed.cli.main import main; rc = main(sys.argv[1:]); "
+            "assert 'mpi4py.MPI' not in sys.modules, 'MPI was imported'; sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, "config", "show", path,
+                           "--set", "optim.lr=0.25"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    shown = tomllib.loads(done.stdout)
+    cfg = load_config(path, ["optim.lr=0.25"])
+    for name, key, f in every_key():
+        if name.startswith("federated"):
+            continue
+        value = getattr(getattr(cfg, name), key)
+        if value is None:
+            assert f"# {key} is unset" in done.stdout, f"{name}.{key}"
+        else:
+            assert shown[name][key] == json.loads(json.dumps(cfg.to_dict()))[name][key]
+    assert shown["optim"]["lr"] == 0.25 and shown["comm"]["stall_timeout"] == 600.0
+    assert "# [federated] is not set" in done.stdout
+    assert resolve(shown) == cfg  # what it prints loads back to the same configuration
+
+
+def test_config_show_of_a_federation_prints_dp(tmp_path):
+    path = write(tmp_path, '[data]\ntrain = "a.h5"\n[federated]\ninstitutions = 3\n'
+                           '[federated.dp]\nclip = 0.5\n')
+    cfg = load_config(path)
+    text = show_toml(cfg)
+    assert "[federated.dp]\nclip = 0.5\n" in text and "# clip_count_stddev is unset" in text
+    assert resolve(tomllib.loads(text)) == cfg
+
+
+def test_config_validate_exits_0_or_1_with_the_message(tmp_path):
+    good = write(tmp_path, '[data]\ntrain = "a.h5"\n')
+    done = run_cli(["config", "validate", good])
+    assert done.returncode == 0 and "valid" in done.stdout
+    done = run_cli(["config", "validate", good, "--set", "optim.momentum=1.5"])
+    assert done.returncode == 1
+    assert done.stderr.strip() == "mpifed: error: optim.momentum: must be in [0, 1), got 1.5"
+    assert "Traceback" not in done.stderr

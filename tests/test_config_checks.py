@@ -36,12 +36,12 @@ def test_every_float_is_finite_and_in_range(tmp_path, assignment):
 
 def test_set_reaches_nested_tables_and_merges(tmp_path):
     cfg = load(tmp_path, DP, ["federated.dp.clip=0.5"])
-    assert cfg["federated"]["dp"]["clip"] == 0.5 and cfg["federated"]["dp"]["max_epsilon"] == 2.0
+    assert cfg.federated.dp.clip == 0.5 and cfg.federated.dp.max_epsilon == 2.0
     cfg = load(tmp_path, DP, ["federated.dp={clip=0.25}"])
-    assert cfg["federated"]["dp"] == dict(cfg["federated"]["dp"], clip=0.25, max_epsilon=2.0,
-                                          noise_multiplier=1.0)
+    assert (cfg.federated.dp.clip, cfg.federated.dp.max_epsilon,
+            cfg.federated.dp.noise_multiplier) == (0.25, 2.0, 1.0)
     cfg = load(tmp_path, FED, ["federated.dp.noise_multiplier=2"])
-    assert cfg["federated"]["dp"]["noise_multiplier"] == 2 and cfg["federated"]["dp"]["clip"] == 1
+    assert cfg.federated.dp.noise_multiplier == 2 and cfg.federated.dp.clip == 1
     with pytest.raises(UserError, match=r"federated\.dp\.bogus"):
         load(tmp_path, DP, ["federated.dp.bogus=1"])
     with pytest.raises(UserError, match="not a table"):
@@ -79,5 +79,5 @@ def test_config_path_that_is_a_folder_or_not_utf8(tmp_path):
 
 def test_finite_defaults_still_load(tmp_path):
     cfg = load(tmp_path, DP)
-    assert all(math.isfinite(v) for v in cfg["federated"]["dp"].values()
+    assert all(math.isfinite(v) for v in cfg.federated.dp.to_dict().values()
                if isinstance(v, float))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -119,7 +120,7 @@ def test_model_file_layout_and_round_trip(tmp_path):
 def test_presets_and_their_files(tmp_path, kind, extra, params):
     cfg = resolve({"data": {"train": "d.h5"}, "model": {"kind": kind, **extra}})
     shape = (1, 28, 28) if kind == "lenet5" else (3, 32, 32)
-    model = model_from_config(cfg["model"], shape, 10)
+    model = model_from_config(cfg.model, shape, 10)
     trained = model.layout().size - sum(hi - lo for lo, hi in model.buffer_ranges())
     assert trained == params
     flat = model.init(0)
@@ -146,7 +147,7 @@ def build(input_shape, num_classes):
 ''')
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = resolve({"data": {"train": "d.h5"}, "model": {"factory": "mymodels:build"}})
-    model = model_from_config(cfg["model"], (1, 3, 3), 2)
+    model = model_from_config(cfg.model, (1, 3, 3), 2)
     assert model.kind == "factory"
     flat = model.init(1, dtype="float64")
     save_model(str(tmp_path / "m.h5"), model, flat)
@@ -154,13 +155,13 @@ def build(input_shape, num_classes):
     x = np.random.default_rng(0).standard_normal((3, 9))
     np.testing.assert_array_equal(logits(again, flat2, x), logits(model, flat, x))
     with pytest.raises(UserError, match="model.factory: cannot import 'nosuch'"):
-        model_from_config(dict(cfg["model"], factory="nosuch:build"), (9,), 2)
+        model_from_config(replace(cfg.model, factory="nosuch:build"), (9,), 2)
     sys.modules.pop("mymodels", None)
 
 
 def test_model_init_with_other_channels_names_layer_and_shapes(tmp_path):
     model = model_from_config(resolve({"data": {"train": "d"}, "model": {"kind": "lenet5"}})
-                              ["model"], (3, 32, 32), 10)
+                              .model, (3, 32, 32), 10)
     save_model(str(tmp_path / "m.h5"), model, model.init(0))
     loaded, _ = load_model(str(tmp_path / "m.h5"))
     with pytest.raises(UserError) as err:

@@ -8,6 +8,7 @@ import pytest
 from conftest import run_mpi, write_site
 from mpi4py import MPI
 
+from mpifed.config import ModelConfig
 from mpifed.data.shards import Shard, describe
 from mpifed.errors import UserError
 from mpifed.federated.dp import update_noise_multiplier
@@ -107,11 +108,11 @@ def model_file(tmp_path, spec, fill=None):
 
 def test_model_init_must_match_model_section(tmp_path):
     path = model_file(tmp_path, ModelSpec("softmax", 4, (), 3))
-    cfg = {"model": {"init": path, "kind": "mlp", "hidden": [32]}, "run": {"seed": 0}}
+    model = ModelConfig(init=path, kind="mlp", hidden=[32])
     with pytest.raises(UserError, match="kind = 'softmax'.*kind = 'mlp'"):
-        build_model(cfg, 4, 3, np, np.float32)
-    cfg["model"].update(kind="softmax", hidden=[])
-    assert build_model(cfg, 4, 3, np, np.float32)[0].kind == "softmax"
+        build_model(model, 0, 4, 3, np, np.float32)
+    model = ModelConfig(init=path, kind="softmax")
+    assert build_model(model, 0, 4, 3, np, np.float32)[0].kind == "softmax"
 
 
 def test_broken_model_files_are_named(tmp_path):

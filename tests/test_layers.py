@@ -364,11 +364,11 @@ def test_benchmark_peers_build_the_presets(name):
     """The convnet benchmark's torch peers have the presets' trained arrays, one for one."""
     pytest.importorskip("torch")
     from mpifed.benchmarks.cnn_throughput import CLASSES, MODELS, torch_model
-    from mpifed.nn.spec import MODEL_SCHEMA, model_from_config
+    from mpifed.config import ModelConfig
+    from mpifed.nn.spec import model_from_config
 
     section, shape = MODELS[name]
-    ours = model_from_config(dict({k: d for k, (_, d) in MODEL_SCHEMA.items()}, **section),
-                             shape, CLASSES)
+    ours = model_from_config(ModelConfig(**section), shape, CLASSES)
     sizes = sorted(int(np.prod(s)) for layer in ours.layers for n, s in layer.params()
                    if n.rsplit(".", 1)[-1] not in ("running_mean", "running_var"))
     peer = sorted(p.numel() for p in torch_model(name).parameters())

@@ -9,8 +9,8 @@ import pytest
 from conftest import write_site
 
 from mpifed.cli.main import main
+from mpifed.config import CommConfig, ModelConfig, resolve
 from mpifed.errors import UserError
-from mpifed.train.config import resolve
 from mpifed.train.setup import build_model
 
 
@@ -69,7 +69,7 @@ def test_a_model_too_big_for_memory_is_refused_before_allocating():
     cfg = resolve({"data": {"train": "d.h5"},
                    "model": {"kind": "mlp", "hidden": [2_000_000_000]}})
     with pytest.raises(UserError, match="bytes.*model.hidden"):
-        build_model(cfg, 100, 10, np, np.float32)
+        build_model(cfg.model, 0, 100, 10, np, np.float32)
 
 
 def test_partition_out_dir_that_is_a_file(tmp_path, capsys):
@@ -85,9 +85,9 @@ def test_nccl_without_gpu_arrays_is_named():
 
     from mpifed.train.setup import array_backend
 
-    cfg = {"comm": {"backend": "numpy", "allreduce": "nccl"}}
+    settings = CommConfig(backend="numpy", allreduce="nccl")
     with pytest.raises(UserError, match='comm.allreduce = "nccl" needs GPU arrays'):
-        array_backend(cfg, MPI.COMM_SELF)
+        array_backend(settings, MPI.COMM_SELF)
 
 
 def test_the_memory_check_is_per_rank_for_the_shard_stage():
@@ -98,11 +98,11 @@ def test_the_memory_check_is_per_rank_for_the_shard_stage():
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     depth = 64  # layers of width k: about depth * k * k parameters
     k = int((total / (depth * 4)) ** 0.5)  # whole parameters alone: about all of the memory
-    config = {"data": {"train": "d.h5"}, "model": {"kind": "mlp", "hidden": [k] * depth}}
+    model = ModelConfig(kind="mlp", hidden=[k] * depth)
     with pytest.raises(UserError, match='bytes.*comm.shard = "parameters"'):
-        build_model(resolve(config), k, 10, np, np.float32)
-    config["comm"] = {"shard": "parameters"}
-    spec, params = build_model(resolve(config), k, 10, np, np.float32, whole=False, ranks=64)
+        build_model(model, 0, k, 10, np, np.float32)
+    spec, params = build_model(model, 0, k, 10, np, np.float32, "parameters", whole=False,
+                               ranks=64)
     assert params is None and len(spec.layers) > depth
     with pytest.raises(UserError, match="'parameters' on 2 ranks, per rank"):
-        build_model(resolve(config), k, 10, np, np.float32, whole=False, ranks=2)
+        build_model(model, 0, k, 10, np, np.float32, "parameters", whole=False, ranks=2)

@@ -14,8 +14,8 @@ from mpifed.train.config import resolve
 from mpifed.train.setup import plan_steps
 
 
-def config(**optim) -> dict:
-    return resolve(merged({"data": {"train": "d.h5"}, "optim": optim}))
+def config(**optim):
+    return resolve(merged({"data": {"train": "d.h5"}, "optim": optim})).optim
 
 
 @pytest.mark.parametrize("optim,shard,expected", [

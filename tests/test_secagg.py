@@ -20,7 +20,7 @@ from mpifed.federated.secagg import (
     pairwise_mask,
     scale_bits,
 )
-from mpifed.train.overrides import tomllib  # tomli before Python 3.11
+from mpifed.config.overrides import tomllib  # tomli before Python 3.11
 
 
 def masked_vectors(values_by_site, round_index=3, bits=64, bound=1.0):

@@ -156,7 +156,7 @@ def test_defaults_follow_chunks_and_stay_under_the_memory_share():
 
 def test_config_keys_default_to_zero_and_refuse_negatives():
     cfg = resolve({"data": {"train": "d.h5"}})
-    assert cfg["data"]["shuffle_block"] == 0 and cfg["data"]["shuffle_buffer"] == 0
+    assert cfg.data.shuffle_block == 0 and cfg.data.shuffle_buffer == 0
     for key in ("shuffle_block", "shuffle_buffer"):
         with pytest.raises(UserError, match=f"data.{key}"):
             resolve({"data": {"train": "d.h5", key: -1}})

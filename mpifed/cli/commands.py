@@ -8,11 +8,29 @@ import sys
 def run_train(args) -> int:
     from mpi4py import MPI
 
-    from ..train.config import load_config
+    from ..config import load_config
     from ..train.loop import train
 
     cfg = load_config(args.config, args.set or ())
     train(cfg, MPI.COMM_WORLD)
+    return 0
+
+
+def run_config(args) -> int:
+    """`mpifed config ACTION`: never imports MPI, so it runs anywhere the package installs."""
+    from ..config import load_config
+    from ..config.render import reference_markdown, schema_text, show_toml
+
+    if args.config_command == "schema":
+        sys.stdout.write(schema_text())
+    elif args.config_command == "reference":
+        sys.stdout.write(reference_markdown())
+    else:
+        cfg = load_config(args.config, args.set or ())
+        if args.config_command == "show":
+            sys.stdout.write(show_toml(cfg))
+        else:
+            print(f"{args.config}: valid")
     return 0
 
 

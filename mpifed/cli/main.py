@@ -3,6 +3,7 @@
     mpifed info                                       MPI, ranks, nodes, GPU facts
     mpifed demo                                       digits on 2 ranks, then FedAvg/FedProx
     mpiexec -n 4 mpifed train run.toml [--set k=v]    data-parallel training
+    mpifed config show|validate|schema run.toml       the resolved config, a check, JSON Schema
     mpifed evaluate model.h5 test.h5                  loss and accuracy (alone or under mpiexec)
     mpifed data synth|digits|inspect ...              write or describe datasets
     mpifed keys generate DIR --institutions K         identity keys for secure aggregation
@@ -31,18 +32,15 @@ BENCHMARKS = {
 
 
 class ConfigKeysHelp(argparse.Action):
-    """`mpifed train --help`: the usual help, then every config key with its accepted values.
-
-    The keys are read only when asked for: reading them imports the modules that own the
-    choices (the all-reduce algorithms start MPI), which other commands need not pay for.
-    """
+    """`mpifed train --help`: the usual help, then every config key with its accepted values,
+    its default and one line of description, all from `mpifed/config/sections.py`."""
 
     def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
                  help="show this help, with every config key, and exit"):
         super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from ..train.config import describe_keys
+        from ..config import describe_keys
 
         parser.epilog = describe_keys()
         parser.print_help()
@@ -78,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "repeatable")
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show tracebacks of errors")
+
+    add_config_parser(sub)
 
     ev = sub.add_parser("evaluate", help="print loss and accuracy of a model file on a dataset")
     ev.add_argument("model", help="model file (HDF5, written by mpifed train)")
@@ -154,6 +154,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_config_parser(sub) -> None:
+    """`mpifed config show|validate|schema|reference`: the configuration without starting MPI."""
+    config = sub.add_parser(
+        "config", help="print the resolved config, check it, or print its JSON Schema",
+        description="Read a run configuration without starting MPI (on a login node, in CI). "
+                    "show: every key with its value, defaults included, as TOML. validate: exit "
+                    "0 if the file loads, else 1 with the message. schema: the JSON Schema "
+                    "(for editors: docs/reference/config.schema.json). reference: the "
+                    "configuration reference page (docs/reference/configuration.md).")
+    actions = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    for name, text in (("show", "print the resolved configuration (every key) as TOML"),
+                       ("validate", "check a configuration: exit 0, or 1 with the message")):
+        action = actions.add_parser(name, help=text, description=text)
+        action.add_argument("config", help="TOML config file")
+        action.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                            help="override a config value, as for mpifed train; repeatable")
+    actions.add_parser("schema", help="print the JSON Schema of a configuration file")
+    actions.add_parser("reference", help="print the configuration reference (Markdown)")
+
+
 def dispatch(args) -> int:
     from . import commands
 
@@ -175,7 +195,8 @@ def dispatch(args) -> int:
         module = importlib.import_module(f"..benchmarks.{BENCHMARKS[args.which]}", __package__)
         return module.main(args.rest)
     return {"train": commands.run_train, "evaluate": commands.run_evaluate,
-            "data": commands.run_data, "keys": commands.run_keys}[args.command](args)
+            "data": commands.run_data, "keys": commands.run_keys,
+            "config": commands.run_config}[args.command](args)
 
 
 def main(argv=None) -> int:

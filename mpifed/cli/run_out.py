@@ -16,7 +16,7 @@ import sys
 def named_out(config: str, overrides) -> str | None:
     """Return run.out as the file at `config` and `overrides` give it, or None if unnamed."""
     from ..errors import UserError
-    from ..train.overrides import read_raw
+    from ..config.overrides import read_raw
 
     try:
         raw = read_raw(config, overrides)

@@ -9,6 +9,7 @@ import os
 import numpy as np
 from mpi4py import MPI
 
+from ..config.choices import ALGORITHMS  # comm.allreduce: named where MPI is not needed
 from ..xp import is_device_array
 from .checks import SUPPORTED_DTYPES, check_local, signature_error
 from .hierarchical import (
@@ -20,8 +21,6 @@ from .native import mpi_allgather, mpi_allreduce, mpi_reduce_scatter
 from .ring import ring_allgather, ring_allreduce, ring_reduce_scatter
 from .shared import window_of
 from .topology import topology
-
-ALGORITHMS = ("auto", "ring", "mpi", "hierarchical", "nccl")
 
 # Below RING_MIN_BYTES * (ranks - 1) bytes MPI_Allreduce wins: latency-bound, one C call beats
 # 2(ranks - 1) Python-driven messages, and the ring's latency grows with the rank count. Above it

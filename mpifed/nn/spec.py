@@ -17,29 +17,19 @@ from .sequential import Sequential
 
 KINDS = ("softmax", "mlp", "sequential", "lenet5", "resnet")
 
-# key -> (accepted types, default), the shape of train/config.py's SCHEMA entries.
-MODEL_SCHEMA = {
-    "kind": ((str,), "softmax"), "hidden": ((list,), []), "layers": ((list,), []),
-    "depth": ((int,), 20), "factory": ((str,), ""), "init": ((str,), ""),
-    "dtype": ((str,), "float32"),
-}
-
-
-def check_model_config(model: dict) -> None:
-    """Check the [model] values (types are checked already); raise a UserError naming the key."""
-    hidden = model["hidden"]
-    if not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
-        raise UserError(f"model.hidden: expected a list of positive integers, got {hidden!r}")
-    kind = model["kind"]
-    if kind == "sequential" and not model["factory"]:
-        layers_from_config(model["layers"])  # every layer's type and keys, named on error
-    elif model["layers"]:
+def check_model_config(model) -> None:
+    """Check a ModelConfig's values (types and ranges are checked already); raise a UserError
+    naming the key."""
+    kind = model.kind
+    if kind == "sequential" and not model.factory:
+        layers_from_config(model.layers)  # every layer's type and keys, named on error
+    elif model.layers:
         raise UserError(f"model.layers: only read when model.kind = \"sequential\" (it is "
                         f"{kind!r}); remove model.layers or set the kind")
-    if kind == "resnet" and model["depth"] not in RESNET_DEPTHS:
-        raise UserError(f"model.depth: a resnet has depth 8, 14 or 20, got {model['depth']}")
-    if model["factory"]:
-        _factory_parts(model["factory"])
+    if kind == "resnet" and model.depth not in RESNET_DEPTHS:
+        raise UserError(f"model.depth: a resnet has depth 8, 14 or 20, got {model.depth}")
+    if model.factory:
+        _factory_parts(model.factory)
 
 
 def _factory_parts(name: str) -> tuple[str, str]:
@@ -49,25 +39,25 @@ def _factory_parts(name: str) -> tuple[str, str]:
     return module, function
 
 
-def model_from_config(model: dict, input_shape, num_classes: int) -> Sequential:
-    """Return the model that the [model] section describes, for inputs of `input_shape`."""
+def model_from_config(model, input_shape, num_classes: int) -> Sequential:
+    """Return the model that a ModelConfig describes, for inputs of `input_shape`."""
     shape = tuple(int(s) for s in input_shape)
-    if model["factory"]:
-        return model_from_factory(model["factory"], shape, num_classes)
-    kind = model["kind"]
+    if model.factory:
+        return model_from_factory(model.factory, shape, num_classes)
+    kind = model.kind
     if kind == "softmax":
-        if model["hidden"]:
+        if model.hidden:
             raise UserError("model.hidden: a softmax model has no hidden layers; "
                             "remove model.hidden or set model.kind = \"mlp\"")
         return softmax(shape, num_classes)
     if kind == "mlp":
-        return mlp(shape, tuple(model["hidden"]), num_classes)
+        return mlp(shape, tuple(model.hidden), num_classes)
     if kind == "lenet5":
         return lenet5(shape, num_classes)
     if kind == "resnet":
-        return resnet(shape, num_classes, model["depth"])
+        return resnet(shape, num_classes, model.depth)
     if kind == "sequential":
-        return Sequential(layers_from_config(model["layers"]), shape, num_classes)
+        return Sequential(layers_from_config(model.layers), shape, num_classes)
     raise UserError(f"model.kind: {kind!r} is not a model; use one of {', '.join(KINDS)}")
 
 

@@ -139,8 +139,9 @@ class Adam:
         self.m, self.v, self.t = state.get("m"), state.get("v"), int(state.get("t", 0))
 
 
-def make_optimizer(cfg: dict):
-    """Return the optimiser that the `[optim]` section names."""
-    if cfg["name"] == "sgd":
-        return SGD(cfg["momentum"], cfg["nesterov"], cfg["weight_decay"])
-    return Adam(cfg["beta1"], cfg["beta2"], cfg["eps"], cfg["weight_decay"])
+def make_optimizer(optim):
+    """Return the optimiser that `optim` (the OptimConfig, or any object with its attributes)
+    names."""
+    if optim.name == "sgd":
+        return SGD(optim.momentum, optim.nesterov, optim.weight_decay)
+    return Adam(optim.beta1, optim.beta2, optim.eps, optim.weight_decay)

@@ -45,13 +45,13 @@ def checkpoint_dir(out: str) -> str:
 
 
 def save_checkpoint(out: str, kind: str, index: int, params, state: dict, counters: dict,
-                    cfg: dict, mpi_shape: dict, keep: int) -> str:
+                    cfg, mpi_shape: dict, keep: int) -> str:
     """Write checkpoint `index` atomically and prune to the newest `keep`; return its path.
 
     state: name -> array (optimiser or server state); counters: name -> int or list of ints.
     """
     path = os.path.join(checkpoint_dir(out), f"{kind}-{index:09d}.h5")
-    texts = {"counters": json.dumps(counters), "config": json.dumps(cfg),
+    texts = {"counters": json.dumps(counters), "config": json.dumps(cfg.to_dict()),
              "layout": json.dumps(mpi_shape),  # the file keeps its attribute name
              "data": json.dumps(data_fingerprint(cfg))}
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as fh:
@@ -98,15 +98,15 @@ def _verified(dataset):
     return value
 
 
-def data_fingerprint(cfg: dict) -> dict:
+def data_fingerprint(cfg) -> dict:
     """Return {path: (bytes, x shape, x dtype, y shape, SHA-256 of the first, middle, last rows)}
     for every training file of `cfg` (each institution's file under a template)."""
-    train, fed = cfg["data"]["train"], cfg.get("federated")
-    paths = [train]
-    if fed and "{institution}" in train:
-        count = fed["institutions"] or len(fed["institution_sizes"])
-        paths = [train.format(institution=k) for k in range(count)]
-    return {path: _file_fingerprint(path, cfg["data"]["x"], cfg["data"]["y"]) for path in paths}
+    data, fed = cfg.data, cfg.federated
+    paths = [data.train]
+    if fed and "{institution}" in data.train:
+        count = fed.institutions or len(fed.institution_sizes)
+        paths = [data.train.format(institution=k) for k in range(count)]
+    return {path: _file_fingerprint(path, data.x, data.y) for path in paths}
 
 
 def _file_fingerprint(path: str, x: str, y: str, rows: int = 64):
@@ -194,9 +194,10 @@ def set_aside(out: str) -> str | None:
     return target
 
 
-def differences(saved_cfg: dict, cfg: dict, saved_shape: dict, mpi_shape: dict) -> list[str]:
-    """Return what differs between a checkpoint's run and this one, in words (empty: resumable)."""
-    problems = []
+def differences(saved_cfg: dict, cfg, saved_shape: dict, mpi_shape: dict) -> list[str]:
+    """Return what differs between a checkpoint's run (its config as saved, a dict) and this
+    one (a Config), in words (empty: resumable)."""
+    problems, cfg = [], cfg.to_dict()
     if saved_shape != mpi_shape:
         problems.append(f"MPI layout {saved_shape} != {mpi_shape}")
     sections = set(saved_cfg) | set(cfg)
@@ -210,12 +211,12 @@ def differences(saved_cfg: dict, cfg: dict, saved_shape: dict, mpi_shape: dict) 
     return problems
 
 
-def choose_checkpoint(cfg: dict, kind: str, mpi_shape: dict) -> dict | None:
+def choose_checkpoint(cfg, kind: str, mpi_shape: dict) -> dict | None:
     """Return the checkpoint to resume from per run.resume ("auto", "never" or a path), or None.
 
     A checkpoint from another layout or config is refused, naming what differs.
     """
-    resume, out = cfg["run"]["resume"], cfg["run"]["out"]
+    resume, out = cfg.run.resume, cfg.run.out
     if resume == "never":
         moved = set_aside(out)
         if moved:  # a fresh run never mixes with (or prunes) another run's checkpoints
@@ -231,7 +232,7 @@ def choose_checkpoint(cfg: dict, kind: str, mpi_shape: dict) -> dict | None:
                         "checkpoint file; use one of those")
     else:
         found = load_checkpoint(resume)
-    rounds = (cfg.get("federated") or {}).get("rounds")
+    rounds = cfg.federated.rounds if cfg.federated else None
     if kind == "round" and rounds is not None and found["counters"]["round"] > rounds:
         raise UserError(f"federated.rounds: nothing to do, {found['path']!r} is after round "
                         f"{found['counters']['round']}, past this run's {rounds} rounds; raise "

@@ -43,58 +43,58 @@ from .step import make_step
 from .timeline import Timeline
 
 
-def run_data_parallel(cfg: dict, comm, xp) -> dict:
-    """Train data-parallel over `comm` as `cfg` (a checked config) says; return the summary."""
-    data, optim, run = cfg["data"], cfg["optim"], cfg["run"]
-    dtype = np.dtype(cfg["model"]["dtype"])
-    shard, classes = open_checked_shard(comm, data["train"], data["x"], data["y"], dtype,
-                                        "data.train")
-    whole = cfg["comm"]["shard"] != "parameters"  # ZeRO-3: each rank draws only its chunk
-    spec, params = raise_together(comm, lambda: build_model(cfg, shard.info.input_shape, classes,
-                                                            xp, dtype, whole=whole,
-                                                            ranks=comm.size))
-    per_epoch, total = plan_steps(cfg, len(shard), comm)
+def run_data_parallel(cfg, comm, xp) -> dict:
+    """Train data-parallel over `comm` as `cfg` (a Config) says; return the summary."""
+    data, optim, run, stage = cfg.data, cfg.optim, cfg.run, cfg.comm.shard
+    dtype = np.dtype(cfg.model.dtype)
+    shard, classes = open_checked_shard(comm, data.train, data.x, data.y, dtype, "data.train")
+    whole = stage != "parameters"  # ZeRO-3: each rank draws only its chunk
+    spec, params = raise_together(comm, lambda: build_model(
+        cfg.model, run.seed, shard.info.input_shape, classes, xp, dtype, stage, whole=whole,
+        ranks=comm.size))
+    per_epoch, total = plan_steps(optim, len(shard), comm)
     test = None
-    if data["test"]:
-        test = open_test_shard(comm, cfg, spec, dtype)
+    if data.test:
+        test = open_test_shard(comm, data, spec, dtype)
     out = prepare_out(cfg, comm)
     optimizer = make_optimizer(optim)
-    step_fn = make_step(spec, params, comm, cfg["comm"], xp, dtype)
+    step_fn = make_step(spec, params, comm, cfg.comm, xp, dtype)
     del params  # the step holds the model now (ZeRO-3: only this rank's chunk)
     first = resume_step(cfg, comm, step_fn, optimizer, xp)
     if first > total:  # same on every rank
-        raise UserError(f"optim.steps: nothing to do, the checkpoint in {run['out']!r} is at step "
+        raise UserError(f"optim.steps: nothing to do, the checkpoint in {run.out!r} is at step "
                         f"{first}, past this run's {total} steps; raise optim.steps (or epochs), "
                         "or set run.resume = \"never\"")
     reporter = start_report(
-        cfg, out, comm.rank == 0, total, first,
+        run.progress, out, comm.rank == 0, total, first,
         f"mpifed train: {comm.size} ranks, {spec.kind} {spec.sizes}, {shard.info.samples} "
-        f"samples, global batch {optim['batch_size'] * comm.size}, {total} steps ({per_epoch} "
+        f"samples, global batch {optim.batch_size * comm.size}, {total} steps ({per_epoch} "
         f"per epoch), backend {xp.__name__}"
-        + (f", comm.shard {cfg['comm']['shard']}" if cfg["comm"]["shard"] != "none" else ""),
+        + (f", comm.shard {stage}" if stage != "none" else ""),
         "step")
-    timeline = Timeline(run["timeline"], comm.rank)
-    loader = batch_loader(cfg, shard, per_epoch, comm.rank, first, xp, timeline)
-    window = Window(optim["batch_size"] * comm.size)
+    timeline = Timeline(run.timeline, comm.rank)
+    loader = batch_loader(data, optim.batch_size, run.seed, shard, per_epoch, comm.rank, first,
+                          xp, timeline)
+    window = Window(optim.batch_size * comm.size)
     start, loss, stopped = time.perf_counter(), math.nan, ""
     with running(loader, step_fn) as flag:
         for step in range(first, total):
             t_data = time.perf_counter()
             epoch, x, y = loader.get()
             t_compute, comm_before = time.perf_counter(), step_fn.comm_seconds
-            lr = learning_rate(step, optim["lr"], total, optim["schedule"], optim["warmup"],
-                               optim["step_size"], optim["gamma"])
+            lr = learning_rate(step, optim.lr, total, optim.schedule, optim.warmup,
+                               optim.step_size, optim.gamma)
             loss = step_fn(x, y, optimizer, lr, step + 1, stop=flag.value)
             done = step + 1
             trace_step(timeline, done, t_data, t_compute, step_fn.comm_seconds - comm_before)
             faults.inject("step", done, comm.rank)
-            log = run["log_every"] > 0 and (done % run["log_every"] == 0 or done == total)
+            log = run.log_every > 0 and (done % run.log_every == 0 or done == total)
             rate, comm_share = window.tick(step_fn.comm_seconds, log)
             reporter.step(done, epoch, loss, lr, rate, comm_share, log)
-            if test is not None and run["eval_every"] and done % run["eval_every"] == 0:
+            if test is not None and run.eval_every and done % run.eval_every == 0:
                 reporter.record(event="eval", step=done,
                                 **evaluate(spec, model_source(step_fn), test, comm, xp))
-            every = run["checkpoint_every"]
+            every = run.checkpoint_every
             if step_fn.stop_agreed or (every and done % every == 0 and done < total):
                 write_checkpoint(cfg, comm, step_fn, optimizer, done, per_epoch)
             if step_fn.stop_agreed:
@@ -103,7 +103,7 @@ def run_data_parallel(cfg: dict, comm, xp) -> dict:
     step_fn.free()
     timeline.write(comm, os.path.join(out, "timeline.json"))
     if stopped:
-        return stop_early(cfg, comm, reporter, done, stopped)
+        return stop_early(run.out, comm, reporter, done, stopped)
     memory = memory_report(comm, step_fn, optimizer)
     return finish(cfg, comm, spec, model_source(step_fn), test, reporter, xp, (first, total),
                   (time.perf_counter() - start, step_fn.comm_seconds, loader.wait_seconds), loss,
@@ -148,7 +148,7 @@ def mpi_shape(comm) -> dict:
     return {"ranks": comm.size}
 
 
-def resume_step(cfg: dict, comm, step_fn, optimizer, xp) -> int:
+def resume_step(cfg, comm, step_fn, optimizer, xp) -> int:
     """Load the checkpoint run.resume points at into the step's parameters and the optimiser;
     return its step. Sharded steps read their part of a sharded checkpoint (any rank count)."""
     if step_fn.stage != "none":
@@ -164,15 +164,15 @@ def resume_step(cfg: dict, comm, step_fn, optimizer, xp) -> int:
     return int(found["counters"]["step"])
 
 
-def choose_unsharded(cfg: dict, shape: dict) -> dict | None:
+def choose_unsharded(cfg, shape: dict) -> dict | None:
     """choose_checkpoint for steps, refusing a run.out that holds only sharded ones."""
     found = choose_checkpoint(cfg, "step", shape)
-    if found is None and cfg["run"]["resume"] == "auto":
+    if found is None and cfg.run.resume == "auto":
         refuse_other_kind(cfg, sharded=False)
     return found
 
 
-def resume_sharded(cfg: dict, comm, step_fn, optimizer, xp) -> int:
+def resume_sharded(cfg, comm, step_fn, optimizer, xp) -> int:
     """Load this rank's part of the sharded checkpoint run.resume points at; return its step."""
     found = raise_together(comm, lambda: choose_sharded(cfg) if comm.rank == 0 else None)
     found = comm.bcast(found, root=0)
@@ -185,7 +185,7 @@ def resume_sharded(cfg: dict, comm, step_fn, optimizer, xp) -> int:
     return int(found["counters"]["step"])
 
 
-def write_checkpoint(cfg: dict, comm, step_fn, optimizer, step: int, per_epoch: int) -> None:
+def write_checkpoint(cfg, comm, step_fn, optimizer, step: int, per_epoch: int) -> None:
     """Write the checkpoint of `step` (rank 0, or every rank its part when sharded); every rank
     waits until it is on disk.
 
@@ -193,13 +193,13 @@ def write_checkpoint(cfg: dict, comm, step_fn, optimizer, step: int, per_epoch: 
     stream; the permutations derive from (run.seed, epoch, rank), the only RNG state there is.
     """
     counters = {"step": step, "epoch": step // per_epoch, "step_in_epoch": step % per_epoch,
-                "rng": {"seed": cfg["run"]["seed"], "permutation": "(seed, epoch, rank)"}}
+                "rng": {"seed": cfg.run.seed, "permutation": "(seed, epoch, rank)"}}
     if step_fn.stage != "none":
         save_sharded(cfg, comm, step_fn, optimizer, step, counters)
         return
     if comm.rank == 0:
-        save_checkpoint(cfg["run"]["out"], "step", step, step_fn.params, optimizer.state(),
-                        counters, cfg, mpi_shape(comm), cfg["run"]["keep_checkpoints"])
+        save_checkpoint(cfg.run.out, "step", step, step_fn.params, optimizer.state(),
+                        counters, cfg, mpi_shape(comm), cfg.run.keep_checkpoints)
     comm.Barrier()
 
 
@@ -256,7 +256,7 @@ def finish(cfg, comm, spec, params, test, reporter, xp, span, timings, loss,
     process spent on steps first..total-1.
     """
     (first, steps), (seconds, comm_seconds, data_seconds) = span, timings
-    out, per_step = cfg["run"]["out"], cfg["optim"]["batch_size"] * comm.size
+    out, per_step = cfg.run.out, cfg.optim.batch_size * comm.size
     summary = {"event": "summary", "steps": steps, "samples": steps * per_step,
                "seconds": seconds, "loss": loss if math.isfinite(loss) else None,
                "comm_seconds": comm_seconds,
@@ -264,7 +264,7 @@ def finish(cfg, comm, spec, params, test, reporter, xp, span, timings, loss,
                "samples_per_s": (steps - first) * per_step / max(seconds, 1e-9)}
     if first:
         summary["resumed_from"] = first
-    summary.update(shard=cfg["comm"]["shard"], **(memory or {}))
+    summary.update(shard=cfg.comm.shard, **(memory or {}))
     if test is not None:
         result = evaluate(spec, params, test, comm, xp)
         reporter.record(event="eval", step=steps, **result)

@@ -14,12 +14,12 @@ from threadpoolctl import threadpool_limits
 from .setup import array_backend, blas_threads_per_rank
 
 
-def train(cfg: dict, comm=None) -> dict:
-    """Run the training that `cfg` (a checked config) describes on `comm`; return the summary."""
+def train(cfg, comm=None) -> dict:
+    """Run the training that `cfg` (a Config) describes on `comm`; return the summary."""
     comm = comm or MPI.COMM_WORLD
-    xp = array_backend(cfg, comm)
+    xp = array_backend(cfg.comm, comm)
     with threadpool_limits(limits=blas_threads_per_rank(comm)):
-        if cfg.get("federated"):
+        if cfg.federated is not None:
             from .federated import run_federation
 
             return run_federation(cfg, comm, xp)

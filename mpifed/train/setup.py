@@ -27,17 +27,18 @@ from ..nn.io import load_model
 from ..nn.spec import fit_to_data, model_from_config
 from ..xp import backend_module, device_copier
 from .checkpoint import checkpoint_dir
-from .config import to_toml
+from ..config import to_toml
 from .report import Reporter
 from .signals import StopFlag
 
 
-def array_backend(cfg: dict, comm):
-    """Return the array module comm.backend names (collective), bound to this rank's GPU;
-    refuse comm.allreduce = "nccl" where NCCL cannot run, on every rank with one message."""
+def array_backend(settings, comm):
+    """Return the array module that `settings` (the CommConfig) names, chosen collectively and
+    bound to this rank's GPU; refuse comm.allreduce = "nccl" where NCCL cannot run, on every
+    rank with one message."""
     def choose():
         try:
-            module = backend_module(cfg["comm"]["backend"])
+            module = backend_module(settings.backend)
         except ValueError as err:
             raise UserError(f"comm.backend: {err}") from None
         return module
@@ -46,7 +47,7 @@ def array_backend(cfg: dict, comm):
         select_device(comm)
     else:
         keep_freed_memory()  # a step's arrays reuse their pages instead of faulting anew
-    if cfg["comm"]["allreduce"] == "nccl":
+    if settings.allreduce == "nccl":
         if xp is np:
             raise UserError('comm.allreduce = "nccl" needs GPU arrays, but the backend is NumPy '
                             '(CuPy or a GPU is missing, or comm.backend = "numpy"); use '
@@ -108,21 +109,23 @@ def open_checked_shard(comm, path: str, x: str, y: str, dtype, key: str,
     return shard, classes
 
 
-def open_test_shard(comm, cfg: dict, spec, dtype) -> Shard:
-    """Open this rank's shard of data.test, checked against the model (collective)."""
-    data = cfg["data"]
-    shard, classes = open_checked_shard(comm, data["test"], data["x"], data["y"], dtype,
+def open_test_shard(comm, data, spec, dtype) -> Shard:
+    """Open this rank's shard of data.test (`data`: the DataConfig), checked against the model
+    (collective)."""
+    shard, classes = open_checked_shard(comm, data.test, data.x, data.y, dtype,
                                         "data.test", features=spec.features)
     if classes > spec.num_classes:
-        raise UserError(f"data.test: {data['test']!r} has labels up to {classes - 1}, but the "
+        raise UserError(f"data.test: {data.test!r} has labels up to {classes - 1}, but the "
                         f"model knows {spec.num_classes} classes (0..{spec.num_classes - 1}); "
                         "give the training file a num_classes attribute that covers both")
     return shard
 
 
-def build_model(cfg: dict, input_shape, classes: int, xp, dtype, whole: bool = True,
-                ranks: int = 1):
-    """Return (model, flat params) from model.init, or initialised from run.seed.
+def build_model(model, seed: int, input_shape, classes: int, xp, dtype, stage: str = "none",
+                whole: bool = True, ranks: int = 1):
+    """Return (model, flat params) from model.init, or initialised from `seed` (run.seed).
+
+    model: the ModelConfig; stage: comm.shard, for the memory check.
 
     whole=False (ZeRO-3): without model.init, params is None and the sharded step draws only
     its chunk from spec.seed (`Sequential.init_range`), so no rank ever holds the whole model.
@@ -132,16 +135,14 @@ def build_model(cfg: dict, input_shape, classes: int, xp, dtype, whole: bool = T
     input_shape: one sample's shape in the training data, e.g. (1, 8, 8) or (64,) (an int is a
     flat feature count).
     """
-    model, seed = cfg["model"], cfg["run"]["seed"]
     shape = (input_shape,) if isinstance(input_shape, int) else tuple(input_shape)
-    if model["init"]:
-        spec, host = load_model(model["init"], dtype)
+    if model.init:
+        spec, host = load_model(model.init, dtype)
         fit_to_data(spec, shape, classes, "model.init")
         check_init_matches(model, spec, shape, classes)
         params = xp.asarray(host)
     else:
         spec = model_from_config(model, shape, classes)
-        stage = cfg.get("comm", {}).get("shard", "none")
         check_memory(model_bytes(spec, dtype, stage, ranks, whole),
                      f"model {spec.kind} {spec.sizes}"
                      + (f" with comm.shard = {stage!r} on {ranks} ranks, per rank,"
@@ -167,36 +168,37 @@ def model_bytes(spec, dtype, stage: str, ranks: int, whole: bool = True) -> int:
     return held + (n * itemsize if whole and stage == "parameters" else 0)
 
 
-def check_init_matches(model: dict, spec, shape, classes: int) -> None:
-    """Refuse a model.init file whose model differs from [model]: config.toml must describe the
-    model that is trained."""
-    if model.get("factory"):
+def check_init_matches(model, spec, shape, classes: int) -> None:
+    """Refuse a model.init file whose model differs from [model] (the ModelConfig):
+    config.toml must describe the model that is trained."""
+    if model.factory:
         return  # the factory's model is whatever the file holds; its name is in the file
-    if spec.kind != model["kind"] or list(spec.hidden) != list(model.get("hidden") or []):
-        raise UserError(f"model.init: {model['init']!r} holds kind = {spec.kind!r}, hidden = "
-                        f"{list(spec.hidden)}, but [model] says kind = {model['kind']!r}, "
-                        f"hidden = {model.get('hidden') or []}; set [model] to match the file")
+    if spec.kind != model.kind or list(spec.hidden) != list(model.hidden):
+        raise UserError(f"model.init: {model.init!r} holds kind = {spec.kind!r}, hidden = "
+                        f"{list(spec.hidden)}, but [model] says kind = {model.kind!r}, "
+                        f"hidden = {list(model.hidden)}; set [model] to match the file")
     if spec.kind not in ("softmax", "mlp") and model_from_config(model, shape, classes) != spec:
-        raise UserError(f"model.init: {model['init']!r} holds {spec.kind} {spec.sizes}, which "
+        raise UserError(f"model.init: {model.init!r} holds {spec.kind} {spec.sizes}, which "
                         "differs from what [model] describes; set [model] to match the file")
 
 
-def plan_steps(cfg: dict, shard_len: int, comm) -> tuple[int, int]:
-    """Return (steps_per_epoch, total_steps): the smallest shard decides for every rank."""
-    batch = cfg["optim"]["batch_size"]
+def plan_steps(optim, shard_len: int, comm) -> tuple[int, int]:
+    """Return (steps_per_epoch, total_steps) for `optim` (the OptimConfig): the smallest shard
+    decides for every rank."""
+    batch = optim.batch_size
     smallest = comm.allreduce(shard_len, op=MPI.MIN)
     per_epoch = smallest // batch
     if per_epoch == 0:
         raise UserError(f"optim.batch_size: {batch} rows per rank is more than the smallest "
                         f"shard ({smallest} rows on {comm.size} ranks); lower optim.batch_size "
                         "or use fewer ranks")
-    steps = cfg["optim"]["steps"] or cfg["optim"]["epochs"] * per_epoch
+    steps = optim.steps or optim.epochs * per_epoch
     return per_epoch, steps
 
 
-def prepare_out(cfg: dict, comm) -> str:
-    """Create run.out on rank 0 and write the resolved config there; return the folder."""
-    out = cfg["run"]["out"]
+def prepare_out(cfg, comm) -> str:
+    """Create run.out on rank 0 and write the resolved Config there; return the folder."""
+    out = cfg.run.out
 
     def make():
         if comm.rank == 0:
@@ -230,18 +232,18 @@ def set_aside_finished_run(out: str) -> None:
           f"{target!r}", file=sys.stderr, flush=True)
 
 
-def batch_loader(cfg: dict, shard, per_epoch: int, rank: int, steps_done: int, xp,
-                 timeline=None) -> Prefetcher:
+def batch_loader(data, batch_size: int, seed: int, shard, per_epoch: int, rank: int,
+                 steps_done: int, xp, timeline=None) -> Prefetcher:
     """Return the prefetching loader of this rank's stream, placed after `steps_done` steps.
 
+    data: the DataConfig (shuffle settings); batch_size: rows per rank; seed: run.seed.
     rank: this rank's place in the communicator that sharded the data (it seeds the shuffle).
     timeline: where a streamed shard's block reads are traced (optional).
     """
-    data = cfg["data"]
-    stream = shard_stream(shard, cfg["optim"]["batch_size"], per_epoch, cfg["run"]["seed"],
-                          rank, data["shuffle"], epoch=steps_done // per_epoch,
-                          step=steps_done % per_epoch, block=data["shuffle_block"],
-                          buffer=data["shuffle_buffer"], timeline=timeline)
+    stream = shard_stream(shard, batch_size, per_epoch, seed,
+                          rank, data.shuffle, epoch=steps_done // per_epoch,
+                          step=steps_done % per_epoch, block=data.shuffle_block,
+                          buffer=data.shuffle_buffer, timeline=timeline)
     return Prefetcher(shard, stream, device_copier(xp))
 
 
@@ -257,21 +259,21 @@ def running(loader, step_fn):
         step_fn.close()
 
 
-def stop_early(cfg, comm, reporter, step: int, why: str) -> dict:
-    """Report a stop on request (preemption): the checkpoint of `step` is on disk."""
+def stop_early(out: str, comm, reporter, step: int, why: str) -> dict:
+    """Report a stop on request (preemption): the checkpoint of `step` is in run.out `out`."""
     reporter.record(event="stopped", step=step, reason=why)
     reporter.line(f"stopped by {why} after step {step}; checkpoint in "
-                  f"{checkpoint_dir(cfg['run']['out'])}; run the same command to resume")
+                  f"{checkpoint_dir(out)}; run the same command to resume")
     reporter.close()
     comm.Barrier()
     return {"event": "stopped", "step": step, "reason": why}
 
 
-def start_report(cfg: dict, out: str, is_root: bool, total: int, first: int, banner: str,
+def start_report(progress: str, out: str, is_root: bool, total: int, first: int, banner: str,
                  unit: str) -> Reporter:
-    """Open the run's reporter, print its banner, and record a resumption after `first` steps or
-    rounds (`unit`: "step" or "round")."""
-    reporter = Reporter(out, is_root, total, cfg["run"]["progress"], append=first > 0)
+    """Open the run's reporter (`progress`: run.progress), print its banner, and record a
+    resumption after `first` steps or rounds (`unit`: "step" or "round")."""
+    reporter = Reporter(out, is_root, total, progress, append=first > 0)
     resumed = f", resumed at step {first}" if unit == "step" else f", resumed after round {first}"
     reporter.line(banner + (resumed if first else ""))
     if first:

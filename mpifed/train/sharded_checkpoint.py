@@ -44,9 +44,9 @@ def folder_of(out: str, index: int) -> str:
     return os.path.join(checkpoint_dir(out), f"step-{index:09d}.sharded")
 
 
-def save_sharded(cfg: dict, comm, step_fn, optimizer, index: int, counters: dict) -> str:
+def save_sharded(cfg, comm, step_fn, optimizer, index: int, counters: dict) -> str:
     """Write this rank's part of checkpoint `index`; rank 0 adds the manifest (collective)."""
-    out, keep = cfg["run"]["out"], cfg["run"]["keep_checkpoints"]
+    out, keep = cfg.run.out, cfg.run.keep_checkpoints
     folder = folder_of(out, index)
     if comm.rank == 0:
         os.makedirs(folder, exist_ok=True)
@@ -66,7 +66,7 @@ def save_sharded(cfg: dict, comm, step_fn, optimizer, index: int, counters: dict
         manifest = {"index": index, "ranks": comm.size, "n": step_fn.n,
                     "bounds": [[a, min(b, step_fn.n)] for a, b in step_fn.bounds],
                     "stage": step_fn.stage, "scalars": scalars, "counters": counters,
-                    "config": cfg, "data": data_fingerprint(cfg)}
+                    "config": cfg.to_dict(), "data": data_fingerprint(cfg)}
         with atomic_path(os.path.join(folder, "manifest.json")) as tmp, open(tmp, "w") as fh:
             json.dump(manifest, fh)
         for old in list_sharded(out)[:-keep]:
@@ -95,17 +95,17 @@ def read_manifest(folder: str) -> dict:
     return manifest
 
 
-def choose_sharded(cfg: dict) -> dict | None:
+def choose_sharded(cfg) -> dict | None:
     """Return the manifest to resume from per run.resume, or None; refuse another run's."""
-    resume = cfg["run"]["resume"]
+    resume, out = cfg.run.resume, cfg.run.out
     if resume == "never":
-        moved = set_aside(cfg["run"]["out"])  # a fresh run never mixes with another's
+        moved = set_aside(out)  # a fresh run never mixes with another's
         if moved:
             print(f"mpifed: run.resume = \"never\": moved the earlier checkpoints of "
-                  f"{cfg['run']['out']!r} to {moved!r}", file=sys.stderr, flush=True)
+                  f"{out!r} to {moved!r}", file=sys.stderr, flush=True)
         return None
     if resume == "auto":
-        found = list_sharded(cfg["run"]["out"])
+        found = list_sharded(out)
         if not found:
             refuse_other_kind(cfg, sharded=True)
             return None
@@ -126,11 +126,11 @@ def choose_sharded(cfg: dict) -> dict | None:
     return manifest
 
 
-def refuse_other_kind(cfg: dict, sharded: bool) -> None:
+def refuse_other_kind(cfg, sharded: bool) -> None:
     """With run.resume = "auto" and no checkpoint of this run's kind in run.out: refuse when
     the folder holds the other kind (sharded step-N.sharded folders for a comm.shard = "none"
     run, or unsharded step-N.h5 files for a sharded one) rather than silently start afresh."""
-    out, stage = cfg["run"]["out"], cfg["comm"]["shard"]
+    out, stage = cfg.run.out, cfg.comm.shard
     folder = checkpoint_dir(out)
     others = list_checkpoints(out, "step") if sharded else list_sharded(out)
     if not others:

@@ -27,21 +27,20 @@ def _gradient_buffer(size: int, dtype, comm, algorithm: str, xp):
     return xp.zeros(size, dtype=dtype)
 
 
-def make_step(spec, params, comm, comm_cfg: dict, xp, dtype=None):
+def make_step(spec, params, comm, comm_cfg, xp, dtype=None):
     """Return the data-parallel step that `[comm]` asks for: DataParallelStep, or a ShardedStep
     when comm.shard is "optimizer", "gradients" or "parameters" (ZeRO stages 1 to 3).
 
     params: the whole flat model; for "parameters" it may be None, and each rank then draws only
     its chunk from spec.seed (the model is never whole on any rank).
     """
-    stage = comm_cfg.get("shard", "none")
-    stall = comm_cfg.get("stall_timeout", 0.0)
+    stage, stall = comm_cfg.shard, comm_cfg.stall_timeout
     if stage == "none":
-        return DataParallelStep(spec, params, comm, comm_cfg["allreduce"], xp,
-                                comm_cfg["overlap"], stall)
+        return DataParallelStep(spec, params, comm, comm_cfg.allreduce, xp,
+                                comm_cfg.overlap, stall)
     from .sharded_step import ShardedStep
 
-    return ShardedStep(spec, params, comm, comm_cfg["allreduce"], xp, comm_cfg["overlap"], stage,
+    return ShardedStep(spec, params, comm, comm_cfg.allreduce, xp, comm_cfg.overlap, stage,
                        stall, dtype)
 
 

@@ -66,7 +66,7 @@ def layer_from_config(entry, where: str = "model.layers[0]") -> Layer:
 
 
 def layers_from_config(entries, where: str = "model.layers") -> list[Layer]:
-    if not isinstance(entries, list) or not entries:
+    if not isinstance(entries, (list, tuple)) or not entries:
         raise UserError(f"{where}: expected a non-empty list of layer tables, e.g. "
                         "[{type = \"flatten\"}, {type = \"linear\", out = 10}]")
     return [layer_from_config(e, f"{where}[{i}]") for i, e in enumerate(entries)]

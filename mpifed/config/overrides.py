@@ -1,6 +1,6 @@
 """The raw run configuration: a TOML file with `--set section.key=value` overrides applied.
 
-Pure: no check against the schema (that is `config.resolve`) and no import of MPI, so a job
+Pure: no check against the sections (that is `config.resolve`) and no import of MPI, so a job
 script can read what a config names before any rank starts.
 """
 
@@ -14,7 +14,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from ..errors import UserError
-from .checks import set_dotted
 
 
 def parse_value(text: str):
@@ -51,3 +50,32 @@ def read_raw(path: str, overrides=()) -> dict:
     for assignment in overrides:
         apply_override(raw, assignment)
     return raw
+
+
+def set_dotted(cfg: dict, path: str, value) -> None:
+    """Set `value` at the dotted `path` of `cfg` (any depth); a table merges into a table."""
+    parts = [p.strip() for p in path.split(".")]
+    if len(parts) < 2 or not all(parts):
+        raise UserError(f"--set {path!r}: expected section.key=value, e.g. optim.lr=0.05 or "
+                        "federated.dp.clip=0.5")
+    table = cfg
+    for depth, part in enumerate(parts[:-1]):
+        inner = table.setdefault(part, {})
+        if not isinstance(inner, dict):
+            raise UserError(f"--set {path}: {'.'.join(parts[:depth + 1])} is a value, not a "
+                            "table")
+        table = inner
+    key = parts[-1]
+    if isinstance(value, dict) and isinstance(table.get(key), dict):
+        merge(table[key], value)
+    else:
+        table[key] = value
+
+
+def merge(into: dict, given: dict) -> None:
+    """Merge the nested dict `given` into `into`, key by key."""
+    for key, value in given.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge(into[key], value)
+        else:
+            into[key] = value

@@ -1,0 +1,55 @@
+"""Loading the configuration: a TOML file, `--set` overrides, then the typed sections.
+
+    cfg = load_config("run.toml", ["optim.lr=0.05"])   # -> Config, every key checked
+    cfg.optim.lr, cfg.comm.allreduce, cfg.federated    # None for a data-parallel run
+
+Loading never imports MPI: `mpifed config show|validate` run on a login node.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .overrides import read_raw
+from .sections import Config
+
+# The [federated] keys that each strategy reads; any other strategy ignores them.
+STRATEGY_KEYS = {
+    "mu": ("fedprox",),
+    "server_lr": ("fedavgm", "fedadam", "fedyogi", "fedadagrad", "fednova"),
+    "beta1": ("fedavgm", "fedadam", "fedyogi", "fedadagrad"),
+    "beta2": ("fedadam", "fedyogi"),
+    "tau": ("fedadam", "fedyogi", "fedadagrad"),
+}
+
+
+def load_config(path: str, overrides=()) -> Config:
+    """Read the TOML file at `path`, apply `overrides` ("section.key=value"), check every key;
+    return the resolved Config. Raises UserError naming the key and the fix."""
+    raw = read_raw(path, overrides)
+    cfg = resolve(raw)
+    if cfg.federated is not None:
+        warn(ignored_keys(raw["federated"], cfg.federated.strategy))
+    return cfg
+
+
+def resolve(raw: dict) -> Config:
+    """Check the dict of sections `raw` (as TOML gives it) and return the typed Config."""
+    return Config.from_table(raw)
+
+
+def ignored_keys(raw_federated: dict, strategy: str) -> list[str]:
+    """Return warnings for [federated] keys given in the file that `strategy` does not read."""
+    return [f"federated.{key} = {raw_federated[key]!r} is ignored by strategy {strategy!r} "
+            f"(it is read by {', '.join(users)})"
+            for key, users in STRATEGY_KEYS.items()
+            if key in raw_federated and strategy not in users]
+
+
+def warn(messages) -> None:
+    """Print each warning once (on world rank 0, where MPI runs) to stderr."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    rank = mpi.COMM_WORLD.rank if mpi is not None and mpi.Is_initialized() else 0
+    if messages and rank == 0:
+        for message in messages:
+            print(f"mpifed: warning: {message}", file=sys.stderr, flush=True)

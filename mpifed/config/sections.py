@@ -1,0 +1,288 @@
+"""The configuration's sections, each a frozen dataclass: the one place where a key's type,
+default, accepted values or range and description are written.
+
+    [data] [model] [optim] [comm] [run]   every run
+    [federated] [federated.dp]            a federation, and its differential privacy
+
+A component receives its own section (the optimizer an `OptimConfig`, the step a `CommConfig`),
+never the whole `Config`. Sections check themselves when built, so a `Config` made in Python
+is held to the same rules as one read from TOML.
+"""
+
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+from ..errors import UserError
+from ..federated.dp import ACCOUNTANTS
+from ..federated.secagg import OUT_OF_RANGE_MODES, SINT
+from ..federated.strategies import DEFAULT_SERVER_LR, STRATEGIES
+from ..nn.models import DTYPES
+from ..nn.spec import KINDS, check_model_config
+from ..optim.optimizers import OPTIMIZERS
+from ..optim.schedules import SCHEDULES
+from ..train.checkpoint import RESUME_MODES
+from ..train.report import PROGRESS_MODES
+from ..xp import BACKENDS
+from .choices import ALGORITHMS, STAGES
+from .fields import Section, did_you_mean, setting
+
+_SERVER_LR = ", ".join(f"{k} {v}" for k, v in DEFAULT_SERVER_LR.items())
+
+
+@dataclass(frozen=True)
+class DataConfig(Section):
+    SECTION: ClassVar[str] = "data"
+    train: str = setting(None, "training set: an HDF5 file with x and y, or a template with "
+                         "{institution} for one file per institution", required=True)
+    test: str = setting("", "test set (HDF5) for run.eval_every and the final accuracy; "
+                        "empty: none")
+    x: str = setting("x", "name of the features dataset in the HDF5 files")
+    y: str = setting("y", "name of the integer labels dataset in the HDF5 files")
+    shuffle: bool = setting(True, "reshuffle the rank's rows every epoch, from (run.seed, "
+                            "epoch, rank)")
+    shuffle_block: int = setting(0, "rows per block of the streamed block permutation; 0 picks "
+                                 "about 1 MiB", low=0)
+    shuffle_buffer: int = setting(0, "blocks held in memory for the in-buffer shuffle when "
+                                  "streaming; 0 picks the default", low=0)
+
+
+@dataclass(frozen=True)
+class ModelConfig(Section):
+    SECTION: ClassVar[str] = "model"
+    kind: str = setting("softmax", "the model: a preset, or sequential (model.layers)",
+                        choices=KINDS)
+    hidden: tuple[int, ...] = setting((), "mlp: hidden layer widths, e.g. [128, 64]", low=1)
+    layers: tuple[dict, ...] = setting((), "sequential: the layers as tables, e.g. "
+                                       "[{type = \"conv2d\", out = 16, kernel = 3}]")
+    depth: int = setting(20, "resnet: depth 8, 14 or 20")
+    factory: str = setting("", "\"package.module:function\" returning layers for "
+                           "(input_shape, num_classes); empty: none")
+    init: str = setting("", "a model file (HDF5) to start from instead of a fresh model; "
+                        "empty: none")
+    dtype: str = setting("float32", "dtype of parameters and features", choices=DTYPES)
+
+    def check(self) -> None:
+        check_model_config(self)
+
+
+@dataclass(frozen=True)
+class OptimConfig(Section):
+    SECTION: ClassVar[str] = "optim"
+    name: str = setting("sgd", "the optimizer", choices=OPTIMIZERS)
+    lr: float = setting(0.1, "learning rate (peak, under a schedule)", low=0, low_in=False)
+    momentum: float = setting(0.0, "SGD momentum", low=0, high=1, high_in=False)
+    nesterov: bool = setting(False, "Nesterov momentum (needs optim.momentum > 0)")
+    weight_decay: float = setting(0.0, "L2 weight decay (coupled, added to the gradient)", low=0)
+    batch_size: int = setting(32, "rows per rank per step", low=1)
+    epochs: int | None = setting(None, "passes over the data; unset: 1 unless optim.steps is "
+                                 "set", low=1)
+    steps: int | None = setting(None, "steps to train instead of optim.epochs; unset: use "
+                                "epochs", low=1)
+    schedule: str = setting("constant", "learning-rate schedule", choices=SCHEDULES)
+    warmup: int = setting(0, "steps of linear warm-up before the schedule", low=0)
+    step_size: int = setting(1000, "schedule = \"step\": steps between decays", low=1)
+    gamma: float = setting(0.1, "schedule = \"step\": decay factor", low=0, low_in=False)
+    beta1: float = setting(0.9, "Adam: first-moment decay", low=0, high=1, high_in=False)
+    beta2: float = setting(0.999, "Adam: second-moment decay", low=0, high=1, high_in=False)
+    eps: float = setting(1e-8, "Adam: denominator epsilon", low=0, low_in=False)
+
+    def __post_init__(self):
+        if self.epochs is None and self.steps is None:
+            object.__setattr__(self, "epochs", 1)
+        super().__post_init__()
+
+    def check(self) -> None:
+        if self.epochs is not None and self.steps is not None:
+            raise UserError("optim.epochs and optim.steps are both set; set only one of them")
+        if self.nesterov and not self.momentum:
+            raise UserError("optim.nesterov: needs optim.momentum > 0")
+
+
+@dataclass(frozen=True)
+class CommConfig(Section):
+    SECTION: ClassVar[str] = "comm"
+    allreduce: str = setting("auto", "gradient all-reduce algorithm; auto picks by size and "
+                             "topology", choices=ALGORITHMS)
+    backend: str = setting("auto", "array module: cupy where a GPU is, else numpy",
+                           choices=BACKENDS)
+    overlap: bool = setting(False, "all-reduce each layer's gradients during the backward pass")
+    stall_timeout: float = setting(600.0, "seconds a collective may wait for a late rank before "
+                                   "the job ends naming it; 0: never", low=0)
+    shard: str = setting("none", "ZeRO stage: shard optimizer state, gradients or parameters "
+                         "across ranks", choices=STAGES)
+
+
+@dataclass(frozen=True)
+class RunConfig(Section):
+    SECTION: ClassVar[str] = "run"
+    seed: int = setting(0, "seed of the model, the shuffles and the sampling", low=0)
+    out: str = setting("runs/latest", "output folder: model.h5, metrics.jsonl, checkpoints")
+    log_every: int = setting(10, "steps between metrics records; 0: none but the last", low=0)
+    eval_every: int = setting(0, "steps (rounds) between test-set evaluations; 0: at the end "
+                              "only (needs data.test)", low=0)
+    progress: str = setting("auto", "progress display: a bar on a terminal, else lines",
+                            choices=PROGRESS_MODES)
+    checkpoint_every: int = setting(0, "steps (rounds) between checkpoints; 0: none", low=0)
+    resume: str = setting("auto", "\"auto\" resumes from run.out's newest checkpoint, \"never\" "
+                          "sets old checkpoints aside, or the path of a checkpoint",
+                          words=RESUME_MODES)
+    keep_checkpoints: int = setting(3, "checkpoints kept in run.out/checkpoints", low=1)
+    timeline: bool = setting(False, "write a per-step timeline (timeline.jsonl) of compute, "
+                             "communication and waits")
+
+    def check(self) -> None:
+        if not self.resume:
+            raise UserError("run.resume: expected " + ", ".join(f'"{m}"' for m in RESUME_MODES)
+                            + " or the path of a checkpoint file")
+
+
+@dataclass(frozen=True)
+class DPConfig(Section):
+    SECTION: ClassVar[str] = "federated.dp"
+    clip: float = setting(1.0, "L2 bound of each institution's update (the starting bound when "
+                          "adaptive)", low=0, low_in=False)
+    noise_multiplier: float = setting(1.0, "z: Gaussian noise stddev over the clip", low=0)
+    delta: float = setting(1e-5, "delta of the reported (epsilon, delta)", low=0, high=1,
+                           low_in=False, high_in=False)
+    adaptive: bool = setting(False, "adapt the clip to a quantile of update norms (Andrew et al.)")
+    target_quantile: float = setting(0.5, "adaptive: the quantile of norms to clip at", low=0,
+                                     high=1, low_in=False, high_in=False)
+    clip_lr: float = setting(0.2, "adaptive: the clip's geometric learning rate", low=0)
+    clip_count_stddev: float | None = setting(None, "adaptive: noise on the clipped count; "
+                                              "unset: max(q*K/20, z)", low=0)
+    max_epsilon: float = setting(0.0, "stop before a round would pass this epsilon; 0: no limit",
+                                 low=0)
+    colluders: int = setting(0, "institutions that may collude with the root: noise shares are "
+                             "sized for the root plus these", low=0)
+    accountant: str = setting("rdp", "privacy accountant", choices=ACCOUNTANTS)
+
+    def check(self) -> None:
+        if self.noise_multiplier == 0 and self.max_epsilon:
+            raise UserError("federated.dp.max_epsilon: with noise_multiplier = 0 every round "
+                            "costs infinite epsilon, so no round could run; set "
+                            "noise_multiplier > 0 or remove max_epsilon")
+
+
+@dataclass(frozen=True)
+class FederatedConfig(Section):
+    SECTION: ClassVar[str] = "federated"
+    institutions: int | None = setting(None, "K institutions of equal size; unset: set "
+                                       "institution_sizes instead", low=1)
+    institution_sizes: tuple[int, ...] | None = setting(None, "ranks of each institution, e.g. "
+                                                        "[2, 1, 3]; unset: set institutions",
+                                                        low=1)
+    rounds: int = setting(10, "federated rounds", low=1)
+    local_steps: int | str | None = setting(None, "local steps per round, or \"proportional\" "
+                                            "to each institution's data; unset: 1 unless "
+                                            "local_epochs is set", words=("proportional",), low=1)
+    local_epochs: int | None = setting(None, "local epochs per round; unset: use "
+                                       "local_steps", low=1)
+    strategy: str = setting("fedavg", "server strategy", choices=tuple(STRATEGIES))
+    mu: float = setting(0.01, "fedprox: proximal term weight", low=0)
+    server_lr: float | None = setting(None, f"server learning rate; unset: {_SERVER_LR}, else 1",
+                                      low=0, low_in=False)
+    beta1: float = setting(0.9, "fedavgm/fedadam/fedyogi/fedadagrad: server momentum", low=0,
+                           high=1, high_in=False)
+    beta2: float = setting(0.99, "fedadam/fedyogi: second-moment decay", low=0, high=1,
+                           high_in=False)
+    tau: float = setting(1e-3, "fedadam/fedyogi/fedadagrad: adaptivity (denominator) epsilon",
+                         low=0, low_in=False)
+    fraction: float = setting(1.0, "fraction of institutions sampled each round", low=0,
+                              high=1, low_in=False)
+    evaluate_local: bool = setting(False, "report each institution's model on its own rows")
+    secure_aggregation: bool = setting(False, "pairwise-masked sums: the root sees only the total")
+    secure_bits: int = setting(64, "width of the masked integers", choices=tuple(SINT))
+    secure_range: float = setting(1.0, "largest |value| of an update coordinate to encode",
+                                  low=0, low_in=False)
+    secure_max_samples: int = setting(2 ** 31, "largest sample weight to encode", low=1)
+    secure_out_of_range: str = setting("error", "a value beyond secure_range: error or clip",
+                                       choices=OUT_OF_RANGE_MODES)
+    min_participants: int = setting(3, "fewest institutions sending per round under secure "
+                                    "aggregation", low=1)
+    keys: str = setting("", "folder of Ed25519 identity keys (mpifed keys generate); empty: "
+                        "unauthenticated")
+    dp: DPConfig | None = setting(None, "institution-level DP-FedAvg ([federated.dp]); unset: "
+                                  "no DP")
+
+    def __post_init__(self):
+        if self.local_steps is None and self.local_epochs is None:
+            object.__setattr__(self, "local_steps", 1)
+        super().__post_init__()
+
+    def check(self) -> None:
+        if (self.institutions is None) == (self.institution_sizes is None):
+            raise UserError("federated: set exactly one of federated.institutions (K equal "
+                            "groups) and federated.institution_sizes (e.g. [2, 1, 3])")
+        sizes = self.institution_sizes
+        if sizes is not None and not sizes:
+            raise UserError(f"federated.institution_sizes: expected a list of positive "
+                            f"integers, got {list(sizes)!r}")
+        self._check_local_work()
+        if self.keys and not self.secure_aggregation:
+            raise UserError("federated.keys: authenticated keys serve secure aggregation; set "
+                            "federated.secure_aggregation = true or remove federated.keys")
+        private = self.secure_aggregation or self.dp is not None
+        if private and self.strategy == "fednova":
+            raise UserError("federated.strategy: fednova needs every institution's own step "
+                            "count, which secure aggregation and DP keep from the root; use "
+                            "another strategy")
+
+    def _check_local_work(self) -> None:
+        steps = self.local_steps
+        if steps is not None and self.local_epochs is not None:
+            raise UserError("federated.local_steps and federated.local_epochs are both set; "
+                            "set only one of them")
+        if isinstance(steps, str) and steps != "proportional":
+            raise UserError(f"federated.local_steps: expected a positive integer or "
+                            f"\"proportional\", got {steps!r}")
+
+    @property
+    def server_step(self) -> float:
+        """The server learning rate in use: server_lr, else the strategy's default."""
+        return self.server_lr or DEFAULT_SERVER_LR.get(self.strategy, 1.0)
+
+
+@dataclass(frozen=True)
+class Config(Section):
+    """The whole run configuration; `federated` is None for a data-parallel run."""
+
+    data: DataConfig
+    model: ModelConfig = setting(ModelConfig(), "the model")
+    optim: OptimConfig = setting(OptimConfig(), "the optimizer, batch and length of training")
+    comm: CommConfig = setting(CommConfig(), "communication: all-reduce, backend, sharding")
+    run: RunConfig = setting(RunConfig(), "seed, output, logging, checkpoints")
+    federated: FederatedConfig | None = setting(None, "a federation of institutions; unset: "
+                                                "one data-parallel run")
+
+    def check(self) -> None:
+        if self.run.eval_every and not self.data.test:
+            raise UserError(f"run.eval_every = {self.run.eval_every} needs a test set; set "
+                            "data.test or remove run.eval_every")
+
+    @classmethod
+    def from_table(cls, table) -> "Config":
+        """Build the configuration from TOML's dict of sections (missing sections: defaults)."""
+        known = cls.declared()
+        for name in table:
+            if name not in known:
+                raise UserError(f"[{name}]: unknown section{did_you_mean(name, known)}; known: "
+                                f"{', '.join(known)}")
+        sections = {}
+        for name, f in known.items():
+            kind = SECTIONS[name]
+            if name in table:
+                sections[name] = kind.from_table(table[name])
+            elif name != "federated":
+                sections[name] = kind.from_table({})
+        return cls(**sections)
+
+    def with_values(self, **sections) -> "Config":
+        """Return a copy with whole sections replaced (each checked when it was built)."""
+        return replace(self, **sections)
+
+
+# section name -> its class, in the order users read them; federated.dp nests in federated.
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "comm": CommConfig,
+            "run": RunConfig, "federated": FederatedConfig}
+ALL_SECTIONS = {**SECTIONS, "federated.dp": DPConfig}
