@@ -269,4 +269,9 @@ def print_table(columns: list[Column], rows: list[dict], title: str | None = Non
         print(f"# {title}")
     print("# " + " ".join(f"{c.header:{c.align}{c.width}}" for c in columns))
     for row in rows:
-        print("  " + " ".join(f"{c.text(row):{c.align}{c.width}}" for c in columns))
+        print(format_row(columns, row))
+
+
+def format_row(columns: list[Column], row: dict) -> str:
+    """Return one row of a table as print_table prints it (for rows printed as they come)."""
+    return "  " + " ".join(f"{c.text(row):{c.align}{c.width}}" for c in columns)
