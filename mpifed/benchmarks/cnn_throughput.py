@@ -3,6 +3,7 @@
     python bench/cnn_throughput.py [--ranks 1 2] [--steps 60] [--models lenet5 resnet8]
     mpifed bench cnn [...]                                          (the same)
     mpifed bench cnn --backend cupy                 (on GPUs: CuPy against PyTorch CUDA)
+    mpifed bench cnn --warmup 10 --records runs.jsonl  (harness records, JSON Lines)
 
 Models: the `lenet5` preset on 1x28x28 images and the `resnet` preset with depth 8 on 3x32x32
 (He et al.'s CIFAR ResNet), 10 classes, float32, batch 64 per rank, SGD with momentum, on the
@@ -10,8 +11,10 @@ image-shaped synthetic data of `mpifed data synth --shape` (each rank its shard)
 builds the same layers in torch (peers.torch_lenet5, peers.torch_resnet) and trains them with
 DistributedDataParallel: over gloo on CPUs with one thread per rank (ours: one BLAS thread per
 rank; "ours-overlap" sets comm.overlap, as DDP overlaps its buckets), over NCCL on GPUs. Each
-implementation runs under the same mpiexec in turn, all warmed up alike (WARMUP steps, then
-`--steps` timed); repeats alternate and the best is kept. The table gives samples/s and
+implementation runs under the same mpiexec in turn and is timed by the one harness (harness.py):
+--warmup steps, a barrier, then --steps timed steps ending in a barrier (and a device
+synchronise on GPUs), ours (`mpifed train`'s step, ours.py) and torch alike; repeats alternate
+and the best is kept. The table gives samples/s and
 ours / torch, measured in the same run.
 
 After the table (unless --no-breakdown), one rank's forward and backward time per layer type
@@ -29,16 +32,28 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from ..launch import mpiexec_path
-from .peers import join_torch_peers, rank_rows, timed_ddp_steps
+from .harness import (
+    WARMUP,
+    Column,
+    Record,
+    Timing,
+    append_records,
+    check_counts,
+    measure,
+    time_steps,
+)
+from .harness import print_table as table
+from .ours import training_steps
+from .peers import ddp_steps, join_torch_peers, rank_rows
 
 BATCH = 64
 CLASSES = 10
-WARMUP = 5  # steps each implementation runs before its timed steps
 MODELS = {  # name -> ([model] section, input shape (C, H, W))
     "lenet5": ({"kind": "lenet5"}, (1, 28, 28)),
     "resnet8": ({"kind": "resnet", "depth": 8}, (3, 32, 32)),
@@ -57,41 +72,36 @@ def torch_model(name: str, device=None):
     return torch_resnet(8, shape[0], CLASSES, device)
 
 
-def worker_ours(name: str, data: str, steps: int, out: str, backend: str,
-                overlap: bool = False) -> dict:
-    """Run `mpifed train` in-process on this rank's shard: WARMUP steps, then `steps` timed.
-    overlap: comm.overlap (each layer's all-reduce starts as soon as its gradients are final)."""
-    from mpi4py import MPI
-
+@contextmanager
+def ours_steps(name: str, data: str, steps: int, out: str, backend: str, comm,
+               overlap: bool = False):
+    """Yield the harness Steps of `mpifed train`'s step on this rank's shard.
+    steps: every step the run takes (warm-up included); overlap: comm.overlap (each layer's
+    all-reduce starts as soon as its gradients are final)."""
     from ..train.config import resolve
-    from ..train.loop import train
 
-    comm = MPI.COMM_WORLD
-
-    def run(n: int, folder: str) -> dict:
-        cfg = resolve({
+    def config(n: int) -> dict:
+        return resolve({
             "data": {"train": data, "shuffle": True},
             "model": MODELS[name][0],
             "optim": {"lr": 0.01, "momentum": 0.9, "batch_size": BATCH, "steps": n},
             "comm": {"backend": backend,
                      "allreduce": "nccl" if backend == "cupy" and comm.size > 1 else "auto",
                      "overlap": overlap},
-            "run": {"out": folder, "log_every": 0, "progress": "none", "resume": "never"},
+            "run": {"out": out, "log_every": 0, "progress": "none", "resume": "never"},
         })
-        return train(cfg, comm)
 
-    run(WARMUP, out + "-warmup")
-    summary = run(steps, out)
-    return {"samples_per_s": summary["samples_per_s"],
-            "comm_fraction": summary["comm_seconds"] / summary["seconds"]}
+    with training_steps(config(steps), comm) as got:
+        yield got
 
 
-def worker_torch(name: str, data: str, steps: int, backend: str) -> dict:
-    """Train the same model with torch DDP (gloo on CPUs, NCCL on GPUs); ranks from MPI."""
+@contextmanager
+def torch_steps(name: str, data: str, steps: int, out: str, backend: str, comm):
+    """Yield the harness Steps of the same model in torch DDP (gloo on CPUs, NCCL on GPUs);
+    ranks come from MPI."""
     import torch
     from mpi4py import MPI
 
-    comm = MPI.COMM_WORLD
     gpu = backend == "cupy"
     device = None
     if gpu:
@@ -105,17 +115,36 @@ def worker_torch(name: str, data: str, steps: int, backend: str) -> dict:
     model = torch_model(name, device)
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if gpu else None)
-    elapsed = timed_ddp_steps(ddp, x, y, BATCH, WARMUP, steps, comm, gpu)
-    return {"samples_per_s": steps * BATCH * comm.size / elapsed, "comm_fraction": None}
+    with ddp_steps(ddp, x, y, BATCH, comm, gpu) as got:
+        yield got
 
 
-def launch(impl: str, name: str, ranks: int, data: str, steps: int, out: str,
+SIDES = {  # impl -> its Steps, as (model, data, steps, out, backend, comm) -> context manager
+    "ours": ours_steps,
+    "ours-overlap": lambda *args: ours_steps(*args, overlap=True),
+    "torch": torch_steps,
+}
+
+
+def run_worker_steps(impl: str, name: str, data: str, steps: int, warmup: int, out: str,
+                     backend: str) -> dict:
+    """Time `impl` on model `name` on the ranks of this launch with the harness: the same
+    warm-up, timer and syncs for ours and the peer. Returns harness.measure's result."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    with SIDES[impl](name, data, warmup + steps, out, backend, comm) as steps_of:
+        return measure(steps_of, steps, warmup, BATCH * comm.size)
+
+
+def launch(impl: str, name: str, ranks: int, data: str, steps: int, warmup: int, out: str,
            backend: str) -> dict:
     """Run one implementation of one model on `ranks` ranks under mpiexec; return rank 0's
     JSON result."""
     cmd = [mpiexec_path(), "-n", str(ranks), sys.executable, "-m",
            "mpifed.benchmarks.cnn_throughput", "--worker", impl, "--models", name,
-           "--data", data, "--steps", str(steps), "--out", out, "--backend", backend]
+           "--data", data, "--steps", str(steps), "--warmup", str(warmup), "--out", out,
+           "--backend", backend]
     done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **THREADS),
                           timeout=1800)
     if done.returncode != 0:
@@ -162,22 +191,28 @@ def layer_breakdown(name: str, backend: str, steps: int = 10) -> dict:
     y = xp.asarray(rng.integers(0, CLASSES, BATCH))
     gpu = xp is not np
     sync = (lambda: xp.cuda.get_current_stream().synchronize()) if gpu else None
-    clock = time.perf_counter if gpu else time.process_time
-    for _ in range(2):
-        model.loss_and_grad(flat, x, y, grad)
-    timings = LayerTimings(sync, clock)
-    steps_seconds = []
-    for _ in range(steps):
-        start = clock()
-        model.loss_and_grad(flat, x, y, grad, ctx=Context(timings=timings))
-        steps_seconds.append(clock() - start)
+    timings = LayerTimings(sync, time.perf_counter if gpu else time.process_time)
+
+    def step(i: int) -> None:  # the profile counts the timed steps only
+        if i < WARMUP:
+            model.loss_and_grad(flat, x, y, grad)
+        else:
+            model.loss_and_grad(flat, x, y, grad, ctx=Context(timings=timings))
+
+    timing = time_steps(step, 1, WARMUP, repeats=steps, sync=sync)
     result = {"ours": {k: v / steps for k, v in timings.table().items()},
-              "ours_step": float(np.median(steps_seconds)), "torch_step": None}
+              "ours_step": step_seconds(timing, gpu), "torch_step": None}
     try:
         result["torch_step"] = torch_step_seconds(name, steps, gpu)
     except ImportError:
         pass
     return result
+
+
+def step_seconds(timing, gpu: bool) -> float:
+    """The median step of a one-rank timing: synchronised wall time on a GPU, CPU time on the
+    host (a busy machine disturbs it less)."""
+    return float(np.median(timing.seconds if gpu else timing.cpu_seconds))
 
 
 def torch_step_seconds(name: str, steps: int, gpu: bool) -> float:
@@ -192,19 +227,14 @@ def torch_step_seconds(name: str, steps: int, gpu: bool) -> float:
     x = torch.randn(BATCH, *shape, device=device)
     y = torch.randint(0, CLASSES, (BATCH,), device=device)
     loss_fn = torch.nn.CrossEntropyLoss()
-    clock = time.perf_counter if gpu else time.process_time
-    seconds = []
-    for step in range(2 + steps):
-        if gpu:
-            torch.cuda.synchronize()
-        start = clock()
+
+    def step(i: int) -> None:
         model.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
-        if gpu:
-            torch.cuda.synchronize()
-        if step >= 2:
-            seconds.append(clock() - start)
-    return float(np.median(seconds))
+
+    timing = time_steps(step, 1, WARMUP, repeats=steps,
+                        sync=torch.cuda.synchronize if gpu else None)
+    return step_seconds(timing, gpu)
 
 
 def write_data(folder: str, samples: int) -> dict:
@@ -230,6 +260,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--steps", type=int, default=60, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=WARMUP,
+                        help=f"steps before timing, ours and torch alike (default {WARMUP})")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs; best is kept")
     parser.add_argument("--samples", type=int, default=4096, help="synthetic images per set")
     parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
@@ -238,11 +270,15 @@ def main(argv=None) -> int:
     parser.add_argument("--no-breakdown", action="store_true",
                         help="skip the per-layer-type forward/backward times")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    parser.add_argument("--worker", choices=["ours", "ours-overlap", "torch", "breakdown"],
+    parser.add_argument("--records", metavar="PATH",
+                        help="append one harness record per model, implementation and rank "
+                             "count (JSON Lines)")
+    parser.add_argument("--worker", choices=[*SIDES, "breakdown"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    check_counts(args.steps, args.warmup, args.repeats)
     if args.worker:
         return run_worker(args)
     if args.backend == "cupy" and not cupy_ready():
@@ -254,24 +290,27 @@ def main(argv=None) -> int:
     ranks_list = usable_ranks(args.ranks, args.backend)
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_data(tmp, args.samples)
-        best: dict = {}
+        runs: dict = {}
         for _ in range(args.repeats):
             for name in args.models:
                 for ranks in ranks_list:
                     for impl in impls:
-                        got = launch(impl, name, ranks, paths[name], args.steps,
+                        got = launch(impl, name, ranks, paths[name], args.steps, args.warmup,
                                      os.path.join(tmp, "out"), args.backend)
-                        key = (name, impl, ranks)
-                        if key not in best or got["samples_per_s"] > best[key]["samples_per_s"]:
-                            best[key] = got
+                        runs.setdefault((name, impl, ranks), []).append(got)
+    best = {key: max(got, key=lambda g: g["samples_per_s"]) for key, got in runs.items()}
     print_table(best, impls, args.models, ranks_list, args.backend)
     breakdowns = {}
     if not args.no_breakdown:
         for name in args.models:
             breakdowns[name] = run_breakdown(name, args.backend)
             print_breakdown(name, breakdowns[name], args.backend)
+    if args.records:
+        append_records(args.records, [record(key, got, args) for key, got in runs.items()])
     if args.json:
-        rows = [{"model": m, "impl": i, "ranks": r, **best[(m, i, r)]} for m, i, r in best]
+        rows = [{"model": m, "impl": i, "ranks": r,
+                 **{k: best[(m, i, r)][k] for k in ("samples_per_s", "comm_fraction")}}
+                for m, i, r in best]
         extra = {m: {"ours": {f"{t}.{p}": s for (t, p), s in b["ours"].items()},
                      "ours_step": b["ours_step"], "torch_step": b["torch_step"]}
                  for m, b in breakdowns.items()}
@@ -286,16 +325,25 @@ def run_worker(args) -> int:
         got["ours"] = {f"{t}.{p}": s for (t, p), s in got["ours"].items()}
         print(json.dumps(got), flush=True)
         return 0
-    if args.worker == "torch":
-        result = worker_torch(name, args.data, args.steps, args.backend)
-    else:
-        result = worker_ours(name, args.data, args.steps, args.out, args.backend,
-                             args.worker == "ours-overlap")
+    result = run_worker_steps(args.worker, name, args.data, args.steps, args.warmup, args.out,
+                              args.backend)
     from mpi4py import MPI
 
     if MPI.COMM_WORLD.rank == 0:
         print(json.dumps(result), flush=True)
     return 0
+
+
+def record(key: tuple, runs: list[dict], args) -> Record:
+    """The harness record of one model, implementation and rank count, launches pooled."""
+    name, impl, ranks = key
+    best = max(runs, key=lambda g: g["samples_per_s"])
+    config = {"model": name, "input_shape": list(MODELS[name][1]), "batch_per_rank": BATCH,
+              "samples": args.samples, "dtype": "float32", "backend": args.backend,
+              "overlap": impl == "ours-overlap"}
+    return Record.build("cnn", "torch-ddp" if impl == "torch" else "mpifed", impl, ranks, config,
+                        [Timing.from_dict(g["timing"]) for g in runs],
+                        {"comm_fraction": best["comm_fraction"]}, best["machine"])
 
 
 def torch_ready(backend: str) -> bool:
@@ -326,23 +374,30 @@ def usable_ranks(ranks_list: list[int], backend: str) -> list[int]:
 
 def print_table(best: dict, impls: list[str], models: list[str], ranks_list: list[int],
                 backend: str) -> None:
+    """Print the best run of each model, implementation and rank count."""
     where = "GPU, CuPy vs torch CUDA/NCCL" if backend == "cupy" else \
         "CPU, 1 BLAS thread per rank, torch DDP over gloo"
-    print(f"# convnets, batch {BATCH}/rank, float32, {where} (best of the repeats)")
-    print(f"# {'model':<8} {'impl':<12} {'ranks':>5} {'samples/s':>10} {'comm %':>7} "
-          f"{'ours/torch':>10}")
+    rows = []
     for name in models:
         for ranks in ranks_list:
             for impl in impls:
-                row = best[(name, impl, ranks)]
-                comm = "" if row["comm_fraction"] is None else \
-                    f"{100 * row['comm_fraction']:.1f}"
-                ratio = ""
-                if impl.startswith("ours") and (name, "torch", ranks) in best:
-                    peer = best[(name, "torch", ranks)]["samples_per_s"]
-                    ratio = f"{row['samples_per_s'] / peer:.2f}x"
-                print(f"  {name:<8} {impl:<12} {ranks:>5} {row['samples_per_s']:>10,.0f} "
-                      f"{comm:>7} {ratio:>10}")
+                peer = best.get((name, "torch", ranks))
+                row = dict(best[(name, impl, ranks)], model=name, impl=impl, ranks=ranks)
+                row["ratio"] = (row["samples_per_s"] / peer["samples_per_s"]
+                                if peer and impl.startswith("ours") else None)
+                rows.append(row)
+    table(COLUMNS, rows, f"convnets, batch {BATCH}/rank, float32, {where} (best of the repeats)")
+
+
+COLUMNS = [
+    Column("model", 8, lambda r: r["model"], "<"),
+    Column("impl", 12, lambda r: r["impl"], "<"),
+    Column("ranks", 5, lambda r: str(r["ranks"])),
+    Column("samples/s", 10, lambda r: f"{r['samples_per_s']:,.0f}"),
+    Column("comm %", 7, lambda r: "" if r["comm_fraction"] is None
+           else f"{100 * r['comm_fraction']:.1f}"),
+    Column("ours/torch", 10, lambda r: "" if r["ratio"] is None else f"{r['ratio']:.2f}x"),
+]
 
 
 def print_breakdown(name: str, result: dict, backend: str) -> None:

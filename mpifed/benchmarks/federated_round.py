@@ -1,7 +1,7 @@
 """Bytes and communication share of a federated round.
 
-    python bench/federated_round.py [--rounds 6] [--local-steps 10]
-    mpifed bench federated-round [...]                       (the same)
+    python bench/federated_round.py [--rounds 6] [--local-steps 10] [--warmup 10]
+    mpifed bench federated-round [...] [--records runs.jsonl]     (the same)
 
 The benchmark MLP 784-512-256-10 (mlp.py; float32, 535,818 parameters), 4 ranks, IID synthetic data
 split over the institutions, FedAvg, batch 128 per rank. Prints, per layout, the bytes each round
@@ -9,7 +9,9 @@ sends to and from the root against the design's minimum (each non-root leader se
 receives one), the round time, and its share spent communicating (leader exchange + in-site all-
 reduce). "4 x 1 auth" is authenticated secure aggregation with DP (federated.keys, q = 0.5, every
 leader sends every round); the last lines give each private layout's round time over plain
-FedAvg's, measured in the same run.
+FedAvg's, measured in the same run. The rounds are timed by `mpifed train` itself (metrics.jsonl);
+the harness's warm-up applies as whole rounds: those covering the first --warmup training steps
+(the harness default, as for every benchmark) are left out of the means.
 """
 
 from __future__ import annotations
@@ -24,6 +26,16 @@ from pathlib import Path
 import numpy as np
 
 from ..launch import mpifed_command
+from .harness import (
+    WARMUP,
+    Column,
+    Record,
+    Timing,
+    append_records,
+    format_row,
+    warmup_rounds,
+)
+from .harness import print_table as table
 from .mlp import FEATURES, NAME, PARAMETERS, model_toml
 
 CONFIG = """
@@ -50,7 +62,17 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--local-steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=WARMUP,
+                        help="training steps before timing (default %(default)s): the first "
+                             "rounds that cover them are left out")
+    parser.add_argument("--records", metavar="PATH",
+                        help="append one harness record per layout (JSON Lines)")
     args = parser.parse_args(argv)
+    skip = warmup_rounds(args.warmup, args.local_steps)
+    if args.rounds - skip < 1:
+        parser.error(f"--rounds {args.rounds} leaves no timed round after the {skip} warm-up "
+                     f"round(s) (--warmup {args.warmup} steps at --local-steps "
+                     f"{args.local_steps}); raise --rounds or lower --warmup")
     mpifed = mpifed_command()
     env = dict(os.environ, OMP_NUM_THREADS="1", MPIFED_BLAS_THREADS="1")
     layouts = {"4 x 1 rank": ("institutions = 4", 4),
@@ -67,9 +89,8 @@ def main(argv=None) -> int:
     params = PARAMETERS
     print(f"# federated round, {NAME} ({params:,} float32 parameters = "
           f"{4 * params:,} B), 4 ranks, FedAvg, {args.local_steps} local steps, batch 128/rank")
-    print(f"# {'layout':<12} {'to root B':>11} {'from root B':>11} {'minimum B':>11} "
-          f"{'round s':>8} {'exchange s':>10} {'allreduce s':>11} {'comm %':>7}")
-    seconds = {}
+    table(COLUMNS, [])  # the header; each layout's row prints as soon as it is measured
+    seconds, records = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         data, keys = os.path.join(tmp, "all.h5"), os.path.join(tmp, "keys")
         subprocess.run([*mpifed, "keys", "generate", keys, "--institutions", "4"], check=True,
@@ -90,19 +111,45 @@ def main(argv=None) -> int:
             subprocess.run([*mpifed_command(4), "train", config], check=True,
                            capture_output=True, env=env)
             rounds = [json.loads(line) for line in Path(out, "metrics.jsonl").open()
-                      if '"round"' in line][1:]  # the first round includes warm-up
+                      if '"round"' in line][skip:]  # the warm-up rounds
             minimum = (sites - 1) * 4 * params
             mean = {k: float(np.mean([r[k] for r in rounds])) for k in
                     ("bytes_to_root", "bytes_from_root", "round_seconds", "exchange_seconds",
                      "allreduce_seconds", "comm_fraction")}
             seconds[name] = mean["round_seconds"]
-            print(f"  {name:<12} {mean['bytes_to_root']:>11,.0f} {mean['bytes_from_root']:>11,.0f} "
-                  f"{minimum:>11,} {mean['round_seconds']:>8.3f} {mean['exchange_seconds']:>10.3f} "
-                  f"{mean['allreduce_seconds']:>11.3f} {100 * mean['comm_fraction']:>6.1f}%")
+            print(format_row(COLUMNS, dict(mean, layout=name, minimum=minimum)), flush=True)
+            records.append(record(name, layout, sites, [r["round_seconds"] for r in rounds],
+                                  dict(mean, minimum_bytes=minimum), skip, args))
+    if args.records:
+        append_records(args.records, records)
     plain = seconds["4 x 1 rank"]
     for name in ("4 x 1 secagg", "4 x 1 sa+dp", "4 x 1 auth"):
         print(f"# {name} round time / plain FedAvg's: {seconds[name] / plain:.2f}x")
     return 0
+
+
+COLUMNS = [
+    Column("layout", 12, lambda r: r["layout"], "<"),
+    Column("to root B", 11, lambda r: f"{r['bytes_to_root']:,.0f}"),
+    Column("from root B", 11, lambda r: f"{r['bytes_from_root']:,.0f}"),
+    Column("minimum B", 11, lambda r: f"{r['minimum']:,}"),
+    Column("round s", 8, lambda r: f"{r['round_seconds']:.3f}"),
+    Column("exchange s", 10, lambda r: f"{r['exchange_seconds']:.3f}"),
+    Column("allreduce s", 11, lambda r: f"{r['allreduce_seconds']:.3f}"),
+    Column("comm %", 7, lambda r: f"{100 * r['comm_fraction']:.1f}%"),
+]
+
+
+def record(name: str, layout: str, sites: int, round_seconds: list[float], metrics: dict,
+           skip: int, args) -> Record:
+    """The harness record of one layout: each timed round is one repeat of one round (the
+    rounds are timed by `mpifed train`'s loop, which this benchmark runs as users do)."""
+    timing = Timing(skip, 1, 0, round_seconds, [])
+    config = {"layout": name, "federated": layout, "institutions": sites, "model": NAME,
+              "batch_per_rank": 128, "local_steps": args.local_steps, "rounds": args.rounds,
+              "strategy": "fedavg", "warmup_steps": args.warmup}
+    return Record.build("federated-round", "mpifed", name, 4, config, [timing], metrics,
+                        unit="round")
 
 
 if __name__ == "__main__":

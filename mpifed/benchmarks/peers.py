@@ -1,15 +1,17 @@
 """The PyTorch peers, shared by the CPU and GPU throughput benchmarks (torch is optional): the
 benchmark MLP and the lenet5 and resnet presets of the layer library, and the torch DDP set-up
-(process group from the MPI ranks, this rank's rows of the data set, the timed steps)."""
+(process group from the MPI ranks, this rank's rows of the data set, the steps the harness
+times)."""
 
 from __future__ import annotations
 
 import os
 import socket
-import time
+from contextlib import contextmanager
 
 import numpy as np
 
+from .harness import Steps, barrier_sync
 from .mlp import SIZES
 
 
@@ -48,32 +50,28 @@ def rank_rows(data: str, comm, device=None):
     return (x, y) if device is None else (x.to(device), y.to(device))
 
 
-def timed_ddp_steps(ddp, x, y, batch: int, warmup: int, steps: int, comm, gpu: bool) -> float:
-    """Run `warmup` then `steps` SGD steps (lr 0.01, momentum 0.9) of `ddp` on batches of `batch`
-    rows of (x, y), cycling; return the seconds the last `steps` took (after a barrier), then
-    leave the torch process group."""
+@contextmanager
+def ddp_steps(ddp, x, y, batch: int, comm, gpu: bool):
+    """Yield the harness Steps of SGD (lr 0.01, momentum 0.9) on `ddp`: step i trains on batch
+    i mod (rows // batch) of (x, y); sync is the CUDA device (gpu) then a barrier over `comm`.
+    Leave the torch process group afterwards."""
     import torch
     import torch.distributed as dist
 
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
     per_epoch = x.shape[0] // batch
-    start = None
-    for step in range(warmup + steps):
-        if step == warmup:
-            if gpu:
-                torch.cuda.synchronize()
-            comm.Barrier()
-            start = time.perf_counter()
-        k = step % per_epoch
+
+    def step(i: int) -> None:
+        k = i % per_epoch
         opt.zero_grad(set_to_none=True)
         loss_fn(ddp(x[k * batch:(k + 1) * batch]), y[k * batch:(k + 1) * batch]).backward()
         opt.step()
-    if gpu:
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    dist.destroy_process_group()
-    return elapsed
+
+    try:
+        yield Steps(step, barrier_sync(comm, torch.cuda.synchronize if gpu else None))
+    finally:
+        dist.destroy_process_group()
 
 
 def torch_mlp(device=None):
