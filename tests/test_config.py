@@ -281,7 +281,7 @@ def test_config_show_prints_every_key_without_mpi(tmp_path):
     assert done.returncode == 0, done.stderr
     shown = tomllib.loads(done.stdout)
     cfg = load_config(path, ["optim.lr=0.25"])
-    for name, key, f in every_key():
+    for name, key, _ in every_key():
         if name.startswith("federated"):
             continue
         value = getattr(getattr(cfg, name), key)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mpifed.train.config import load_config
 from mpifed.config.overrides import tomllib  # tomli before Python 3.11
+from mpifed.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from mpifed.config.overrides import tomllib  # tomli before Python 3.11
 from mpifed.errors import UserError
 from mpifed.federated.identity import load_identity
 from mpifed.federated.secagg import (
@@ -20,7 +21,6 @@ from mpifed.federated.secagg import (
     pairwise_mask,
     scale_bits,
 )
-from mpifed.config.overrides import tomllib  # tomli before Python 3.11
 
 
 def masked_vectors(values_by_site, round_index=3, bits=64, bound=1.0):

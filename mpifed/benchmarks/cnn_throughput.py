@@ -80,7 +80,7 @@ def ours_steps(name: str, data: str, steps: int, out: str, backend: str, comm,
     all-reduce starts as soon as its gradients are final)."""
     from ..train.config import resolve
 
-    def config(n: int) -> dict:
+    def config(n: int):
         return resolve({
             "data": {"train": data, "shuffle": True},
             "model": MODELS[name][0],
@@ -171,19 +171,18 @@ def layer_breakdown(name: str, backend: str, steps: int = 10) -> dict:
     Returns {"ours": {(type, pass): seconds per step}, "ours_step": s, "torch_step": s or
     None}; CPU time (process_time) on the host, synchronised wall time on a GPU.
     """
+    from ..config import ModelConfig
     from ..hostmem import keep_freed_memory
     from ..nn.layers import Context
     from ..nn.layers.profile import LayerTimings
-    from ..nn.spec import MODEL_SCHEMA, model_from_config
+    from ..nn.spec import model_from_config
     from ..xp import backend_module
 
     xp = backend_module(backend)
     if xp is np:
         keep_freed_memory()  # as `mpifed train` does on the host
     section, shape = MODELS[name]
-    model = model_from_config(
-        dict({key: default for key, (_, default) in MODEL_SCHEMA.items()}, **section), shape,
-        CLASSES)
+    model = model_from_config(ModelConfig(**section), shape, CLASSES)
     flat = model.init(0, xp)
     grad = xp.zeros_like(flat)
     rng = np.random.default_rng(0)

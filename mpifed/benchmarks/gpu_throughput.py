@@ -45,7 +45,7 @@ def ours_steps(data: str, steps: int, batch: int, out: str, comm):
     steps: every step the run takes (warm-up included)."""
     from ..train.config import resolve
 
-    def config(n: int) -> dict:
+    def config(n: int):
         return resolve({
             "data": {"train": data}, "model": model_section(),
             "optim": {"lr": 0.01, "momentum": 0.9, "batch_size": batch, "steps": n},

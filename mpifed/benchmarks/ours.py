@@ -27,10 +27,10 @@ from .harness import Steps, barrier_sync
 
 
 @contextmanager
-def training_steps(cfg: dict, comm):
-    """Yield the Steps of data-parallel training as `cfg` (a checked config) describes, on
+def training_steps(cfg, comm):
+    """Yield the Steps of data-parallel training as `cfg` (a Config) describes, on
     `comm` (collective); BLAS threads are limited as `mpifed train` limits them meanwhile."""
-    xp = array_backend(cfg, comm)
+    xp = array_backend(cfg.comm, comm)
     with threadpool_limits(limits=blas_threads_per_rank(comm)):
         step_fn, loader, step = _build(cfg, comm, xp)
         device_sync = xp.cuda.get_current_stream().synchronize if xp is not np else None
@@ -42,23 +42,22 @@ def training_steps(cfg: dict, comm):
         step_fn.free()  # collective: only on the path every rank takes
 
 
-def _build(cfg: dict, comm, xp):
+def _build(cfg, comm, xp):
     """Return (step_fn, loader, step) as run_data_parallel builds them, from step 0."""
-    data, optim = cfg["data"], cfg["optim"]
-    dtype = np.dtype(cfg["model"]["dtype"])
-    shard, classes = open_checked_shard(comm, data["train"], data["x"], data["y"], dtype,
-                                        "data.train")
-    spec, params = raise_together(
-        comm, lambda: build_model(cfg, shard.info.input_shape, classes, xp, dtype))
-    per_epoch, total = plan_steps(cfg, len(shard), comm)
+    data, optim, seed = cfg.data, cfg.optim, cfg.run.seed
+    dtype = np.dtype(cfg.model.dtype)
+    shard, classes = open_checked_shard(comm, data.train, data.x, data.y, dtype, "data.train")
+    spec, params = raise_together(comm, lambda: build_model(
+        cfg.model, seed, shard.info.input_shape, classes, xp, dtype, cfg.comm.shard))
+    per_epoch, total = plan_steps(optim, len(shard), comm)
     optimizer = make_optimizer(optim)
-    step_fn = make_step(spec, params, comm, cfg["comm"], xp, dtype)
-    loader = batch_loader(cfg, shard, per_epoch, comm.rank, 0, xp)
+    step_fn = make_step(spec, params, comm, cfg.comm, xp, dtype)
+    loader = batch_loader(data, optim.batch_size, seed, shard, per_epoch, comm.rank, 0, xp)
 
     def step(i: int) -> None:
         _, x, y = loader.get()
-        lr = learning_rate(i, optim["lr"], total, optim["schedule"], optim["warmup"],
-                           optim["step_size"], optim["gamma"])
+        lr = learning_rate(i, optim.lr, total, optim.schedule, optim.warmup,
+                           optim.step_size, optim.gamma)
         step_fn(x, y, optimizer, lr, i + 1)
 
     return step_fn, loader, step

@@ -15,8 +15,8 @@ import sys
 
 def named_out(config: str, overrides) -> str | None:
     """Return run.out as the file at `config` and `overrides` give it, or None if unnamed."""
-    from ..errors import UserError
     from ..config.overrides import read_raw
+    from ..errors import UserError
 
     try:
         raw = read_raw(config, overrides)

@@ -269,7 +269,7 @@ class Config(Section):
                 raise UserError(f"[{name}]: unknown section{did_you_mean(name, known)}; known: "
                                 f"{', '.join(known)}")
         sections = {}
-        for name, f in known.items():
+        for name in known:
             kind = SECTIONS[name]
             if name in table:
                 sections[name] = kind.from_table(table[name])

@@ -18,6 +18,7 @@ from ..comm.agree import raise_together
 from ..comm.backend import select_device
 from ..comm.nccl import nccl_unavailable
 from ..comm.topology import ranks_per_node
+from ..config import to_toml
 from ..data.atomic import atomic_path
 from ..data.shards import Shard, describe, shard_bounds
 from ..data.stream import Prefetcher, shard_stream
@@ -27,7 +28,6 @@ from ..nn.io import load_model
 from ..nn.spec import fit_to_data, model_from_config
 from ..xp import backend_module, device_copier
 from .checkpoint import checkpoint_dir
-from ..config import to_toml
 from .report import Reporter
 from .signals import StopFlag
 
