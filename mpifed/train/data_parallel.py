@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -59,7 +60,7 @@ def run_data_parallel(cfg: dict, comm, xp) -> dict:
         test = open_test_shard(comm, cfg, spec, dtype)
     out = prepare_out(cfg, comm)
     optimizer = make_optimizer(optim)
-    step_fn = make_step(spec, params, comm, cfg["comm"], xp, dtype)
+    step_fn = make_step(spec, params, comm, SimpleNamespace(**cfg["comm"]), xp, dtype)
     del params  # the step holds the model now (ZeRO-3: only this rank's chunk)
     first = resume_step(cfg, comm, step_fn, optimizer, xp)
     if first > total:  # same on every rank

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 from mpi4py import MPI
@@ -137,7 +138,7 @@ def run_federation(cfg: dict, world, xp) -> dict:
         f"mpifed federated: {len(fed.sizes)} institutions of {fed.sizes} ranks, strategy "
         f"{fed_cfg['strategy']}, {fed_cfg['rounds']} rounds, {site.spec.kind} {site.spec.sizes}",
         "round")
-    step_fn = make_step(site.spec, site.params, fed.site, cfg["comm"], xp)
+    step_fn = make_step(site.spec, site.params, fed.site, SimpleNamespace(**cfg["comm"]), xp)
     if not step_fn.holds_whole_model:  # ZeRO-3: each rank keeps its chunk; the leader also
         site.params = site.params if fed.is_leader else None  # the whole model to exchange
     else:

@@ -42,18 +42,20 @@ def _gradient_buffer(size: int, dtype, comm, algorithm: str, xp):
     return xp.zeros(size, dtype=dtype)
 
 
-def make_step(spec, params, comm, comm_cfg: dict, xp, dtype=None) -> Step:
-    """Return the step that `[comm]` asks for (collective over `comm`).
+def make_step(spec, params, comm, settings, xp, dtype=None) -> Step:
+    """Return the step that the `[comm]` settings ask for (collective over `comm`).
 
+    settings: read by attribute only: `shard` (the registry name), `allreduce`, `overlap` and
+    `stall_timeout` (seconds; 0 turns the stall check off).
     params: the whole flat model; for shard = "parameters" it may be None, and each rank then
     draws only its chunk from spec.seed (the model is never whole on any rank); `dtype` says
     the parameters' dtype then.
     """
     from .sharded_step import step_class  # the registry builds on this module
 
-    return step_class(comm_cfg.get("shard", "none"))(
-        spec, params, comm, comm_cfg["allreduce"], xp, comm_cfg["overlap"],
-        stall_timeout=comm_cfg.get("stall_timeout", 0.0), dtype=dtype)
+    return step_class(settings.shard)(spec, params, comm, settings.allreduce, xp,
+                                      settings.overlap, stall_timeout=settings.stall_timeout,
+                                      dtype=dtype)
 
 
 class Step(abc.ABC):
