@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 SIZES = (2048, (4096, 4096, 4096, 1024), 10)
 STAGES = ("none", "optimizer", "gradients", "parameters")
@@ -41,8 +42,8 @@ def worker(stage: str, steps: int, batch: int, overlap: bool) -> None:
     spec.seed = 0
     # ZeRO-3 draws only its chunk: the whole model is never on any rank
     params = None if stage == "parameters" else init_params(spec, 0, np, "float32")
-    step_fn = make_step(spec, params, comm, {"allreduce": "auto", "overlap": overlap,
-                                             "shard": stage}, np, np.float32)
+    settings = SimpleNamespace(shard=stage, allreduce="auto", overlap=overlap, stall_timeout=0)
+    step_fn = make_step(spec, params, comm, settings, np, np.float32)
     del params
     rng = np.random.default_rng(comm.rank)
     x = rng.standard_normal((batch, SIZES[0])).astype(np.float32)
@@ -79,8 +80,9 @@ def interleaved(steps: int, batch: int, overlap: bool) -> None:
     runs = {}
     for stage in STAGES:
         params = None if stage == "parameters" else init_params(spec, 0, np, "float32")
-        runs[stage] = (make_step(spec, params, comm, {"allreduce": "auto", "overlap": overlap,
-                                                      "shard": stage}, np, np.float32), Adam())
+        settings = SimpleNamespace(shard=stage, allreduce="auto", overlap=overlap,
+                                   stall_timeout=0)
+        runs[stage] = (make_step(spec, params, comm, settings, np, np.float32), Adam())
         del params
     rng = np.random.default_rng(comm.rank)
     x = rng.standard_normal((batch, SIZES[0])).astype(np.float32)

@@ -101,7 +101,7 @@ def worker(data: str, rounds: int, chunk: int) -> None:
     loaders, shards, cache = open_loaders(comm, data, per_epoch, timeline)
     spec = ModelSpec("mlp", info.features, tuple(HIDDEN), int(info.num_classes))
     params = init_params(spec, 0, np, np.float32)
-    step_fn = DataParallelStep(spec, params, comm, "auto", np)
+    step_fn = DataParallelStep(spec, params, comm, "auto", np, False, stall_timeout=0)
     optimizer = make_optimizer(resolve({"data": {"train": data},
                                         "optim": {"momentum": 0.9}})["optim"])
     seconds, cpu, steps = np.zeros(3), np.zeros(3), 0

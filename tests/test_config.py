@@ -157,13 +157,14 @@ def test_choices_come_from_the_modules_that_implement_them():
     from mpifed.optim.optimizers import OPTIMIZERS
     from mpifed.optim.schedules import SCHEDULES
     from mpifed.train.report import PROGRESS_MODES
-    from mpifed.train.sharded_step import STAGES
+    from mpifed.train.sharded_step import STAGES, STEPS
     from mpifed.xp import BACKENDS
 
     def choices(section, key):
         return ALL_SECTIONS[section].declared()[key].metadata["choices"]
 
     assert choices("comm", "allreduce") is ALGORITHMS and choices("comm", "shard") is STAGES
+    assert tuple(STEPS) == STAGES  # the step registry serves exactly the names the config takes
     assert choices("comm", "backend") is BACKENDS and choices("model", "kind") is KINDS
     assert choices("optim", "name") is OPTIMIZERS and choices("optim", "schedule") is SCHEDULES
     assert choices("run", "progress") is PROGRESS_MODES

@@ -251,7 +251,7 @@ def test_a_step_reads_loss_and_stop_back_in_one_transfer(fake, overlap):
     params = init_params(spec, 0, fake, "float64")
     rng = np.random.default_rng(0)
     x, y = fake.asarray(rng.standard_normal((6, 5))), fake.asarray(rng.integers(0, 3, 6))
-    step = DataParallelStep(spec, params, MPI.COMM_SELF, "mpi", fake, overlap)
+    step = DataParallelStep(spec, params, MPI.COMM_SELF, "mpi", fake, overlap, stall_timeout=0)
     try:
         host_params = np.asarray(params).copy()
         want = loss_and_grad(spec, host_params, np.asarray(x), np.asarray(y),
@@ -314,7 +314,7 @@ def test_overlap_reduces_on_the_ranks_device_ordered_by_events(fake):
         results = []
         for xp, overlap in ((np, False), (fake, True)):
             params = init_params(spec, 0, xp, "float64")
-            step = DataParallelStep(spec, params, comm, "mpi", xp, overlap)
+            step = DataParallelStep(spec, params, comm, "mpi", xp, overlap, stall_timeout=0)
             try:
                 loss = step(xp.asarray(x), xp.asarray(y), make_optimizer(opt), 0.1, 1)
             finally:

@@ -19,7 +19,7 @@ from mpifed.nn.layers import (
 from mpifed.nn.models import ModelSpec, init_params
 from mpifed.nn.sequential import Sequential
 from mpifed.optim import SGD, Adam
-from mpifed.train.sharded_step import ShardedStep, part_bounds
+from mpifed.train.sharded_step import STEPS, part_bounds
 from mpifed.train.step import DataParallelStep
 
 pytestmark = pytest.mark.mpi
@@ -77,7 +77,7 @@ def unsharded(model: str, optimizer: str):
     if (model, optimizer) not in _REFERENCE:
         spec = MODELS[model]
         params = init_params(spec, 3, np, "float64")
-        base = DataParallelStep(spec, params, MPI.COMM_WORLD, "mpi", np)
+        base = DataParallelStep(spec, params, MPI.COMM_WORLD, "mpi", np, False, stall_timeout=0)
         losses = train(spec, base, OPTIMIZERS[optimizer]())
         base.free()
         _REFERENCE[model, optimizer] = losses, params
@@ -93,7 +93,8 @@ def test_every_stage_equals_unsharded(stage, optimizer, case):
     want, reference = unsharded(model, optimizer)
     spec.seed = 3
     start = None if stage == "parameters" else init_params(spec, 3, np, "float64")
-    sharded = ShardedStep(spec, start, comm, algorithm, np, overlap, stage, dtype="float64")
+    sharded = STEPS[stage](spec, start, comm, algorithm, np, overlap, stall_timeout=0,
+                           dtype="float64")
     local = OPTIMIZERS[optimizer]()
     got = train(spec, sharded, local)
     np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -116,8 +117,8 @@ def test_running_statistics_move_and_are_not_trained():
 
 def test_stop_request_reaches_every_rank():
     comm = MPI.COMM_WORLD
-    step_fn = ShardedStep(SPEC, init_params(SPEC, 0, np, "float64"), comm, "ring", np, False,
-                          "parameters")
+    step_fn = STEPS["parameters"](SPEC, init_params(SPEC, 0, np, "float64"), comm, "ring", np,
+                                  False, stall_timeout=0)
     x, y = next(global_batches(SPEC, 1, 4))
     step_fn(x, y, SGD(), 0.1, 1, stop=1.0 if comm.rank == comm.size - 1 else 0.0)
     assert step_fn.stop_agreed
@@ -141,8 +142,8 @@ def test_sharded_checkpoint_loads_on_another_rank_count(tmp_path_factory, stage)
     folder = world.bcast(str(tmp_path_factory.mktemp("ckpt")) if world.rank == 0 else None)
     cfg = {"run": {"out": folder, "keep_checkpoints": 2, "resume": "auto"},
            "data": {"train": f"{folder}/absent.h5", "x": "x", "y": "y"}}  # no fingerprint
-    step_fn = ShardedStep(SPEC, init_params(SPEC, 3, np, "float64"), world, "ring", np, False,
-                          stage)
+    step_fn = STEPS[stage](SPEC, init_params(SPEC, 3, np, "float64"), world, "ring", np, False,
+                           stall_timeout=0)
     local = Adam()
     train(SPEC, step_fn, local, steps=7)
     whole = step_fn.gather_params().copy()
@@ -155,7 +156,7 @@ def test_sharded_checkpoint_loads_on_another_rank_count(tmp_path_factory, stage)
     if fewer != MPI.COMM_NULL:
         manifest = choose_sharded(cfg)
         assert manifest["ranks"] == world.size and manifest["counters"]["step"] == 7
-        other = ShardedStep(SPEC, np.zeros_like(whole), fewer, "ring", np, False, stage)
+        other = STEPS[stage](SPEC, np.zeros_like(whole), fewer, "ring", np, False, stall_timeout=0)
         values, state = read_sharded(manifest, other, np)
         other.load_shard(values)
         np.testing.assert_array_equal(other.gather_params(), whole)
@@ -203,7 +204,8 @@ def test_layer_by_layer_evaluation_and_model_file_equal_the_whole_model(tmp_path
     spec, comm = MODELS[model], MPI.COMM_WORLD
     spec.seed = 3
     whole = init_params(spec, 3, np, "float64")
-    sharded = ShardedStep(spec, None, comm, "ring", np, False, "parameters", dtype="float64")
+    sharded = STEPS["parameters"](spec, None, comm, "ring", np, False, stall_timeout=0,
+                                  dtype="float64")
     monkeypatch.setattr(evaluation, "EVAL_BATCH", 4)
     rng = np.random.default_rng(comm.rank)
     rows = 2 + 5 * comm.rank  # rank 0: one batch, rank 3: five

@@ -69,7 +69,7 @@ def test_steps_equal_serial_sgd_on_the_global_batch(comm, algorithm, overlap):
     params = init_params(spec, SEED, dtype="float64")
     start = weights = initial_weights(FEATURES, HIDDEN, CLASSES, SEED)
     batches = np.arange(steps * comm.size * BATCH).reshape(steps, comm.size * BATCH)
-    step = DataParallelStep(spec, params, comm, algorithm, np, overlap)
+    step = DataParallelStep(spec, params, comm, algorithm, np, overlap, stall_timeout=0)
     opt = optimizer(momentum)
     try:
         for t, batch in enumerate(batches):
@@ -89,7 +89,7 @@ def test_steps_equal_serial_sgd_on_the_global_batch(comm, algorithm, overlap):
 def test_fedprox_anchor_and_a_stop_on_one_rank(comm):
     x, y, spec, params, weights, mine = one_step_setup(comm)
     anchor = [w + 0.3 for w in weights]
-    step = DataParallelStep(spec, params, comm, "ring", np)
+    step = DataParallelStep(spec, params, comm, "ring", np, False, stall_timeout=0)
     stop = 1.0 if comm.rank == comm.size - 1 else 0.0
     step(x[mine], y[mine], optimizer(0.0), 0.2, 1,
          np.concatenate([a.ravel() for a in anchor]), 0.7, stop=stop)
@@ -105,7 +105,7 @@ def test_a_diverged_loss_is_raised_on_every_rank(comm):
     x, y, spec, params, _, mine = one_step_setup(comm)
     if comm.rank == 0:
         params[0] = np.inf  # one rank's loss is not finite: the mean is not either
-    step = DataParallelStep(spec, params, comm, "ring", np)
+    step = DataParallelStep(spec, params, comm, "ring", np, False, stall_timeout=0)
     with pytest.raises(UserError, match="training diverged: the loss is .* at step 4"), \
             np.errstate(invalid="ignore", over="ignore"):
         step(x[mine], y[mine], optimizer(0.0), 0.1, 4)

@@ -112,8 +112,7 @@ def run_data_parallel(cfg, comm, xp) -> dict:
 
 def model_source(step_fn):
     """The model to evaluate and write: flat parameters, or ZeRO-3's per-layer gatherer."""
-    source = getattr(step_fn, "model_source", None)
-    return source() if source is not None else step_fn.params
+    return step_fn.model_source()
 
 
 def trace_step(timeline, step: int, t_data: float, t_compute: float, comm: float) -> None:
@@ -151,7 +150,7 @@ def mpi_shape(comm) -> dict:
 def resume_step(cfg, comm, step_fn, optimizer, xp) -> int:
     """Load the checkpoint run.resume points at into the step's parameters and the optimiser;
     return its step. Sharded steps read their part of a sharded checkpoint (any rank count)."""
-    if step_fn.stage != "none":
+    if step_fn.sharded:
         return resume_sharded(cfg, comm, step_fn, optimizer, xp)
     found = raise_together(comm, lambda: choose_unsharded(cfg, mpi_shape(comm))
                            if comm.rank == 0 else None)
@@ -194,7 +193,7 @@ def write_checkpoint(cfg, comm, step_fn, optimizer, step: int, per_epoch: int) -
     """
     counters = {"step": step, "epoch": step // per_epoch, "step_in_epoch": step % per_epoch,
                 "rng": {"seed": cfg.run.seed, "permutation": "(seed, epoch, rank)"}}
-    if step_fn.stage != "none":
+    if step_fn.sharded:
         save_sharded(cfg, comm, step_fn, optimizer, step, counters)
         return
     if comm.rank == 0:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 from mpi4py import MPI
@@ -137,8 +138,8 @@ def run_federation(cfg: dict, world, xp) -> dict:
         f"mpifed federated: {len(fed.sizes)} institutions of {fed.sizes} ranks, strategy "
         f"{fed_cfg['strategy']}, {fed_cfg['rounds']} rounds, {site.spec.kind} {site.spec.sizes}",
         "round")
-    step_fn = make_step(site.spec, site.params, fed.site, cfg["comm"], xp)
-    if step_fn.stage == "parameters":  # ZeRO-3: each rank keeps its chunk; the leader also
+    step_fn = make_step(site.spec, site.params, fed.site, SimpleNamespace(**cfg["comm"]), xp)
+    if not step_fn.holds_whole_model:  # ZeRO-3: each rank keeps its chunk; the leader also
         site.params = site.params if fed.is_leader else None  # the whole model to exchange
     else:
         site.params = step_fn.params  # all-gathered after every step, whole on every rank
@@ -444,7 +445,7 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
         elif fed.is_leader and takes_part:
             send_to_root(fed, params, report)
     if params is not None:
-        from_root = broadcast_global(fed, params, site=step_fn.stage != "parameters")
+        from_root = broadcast_global(fed, params, site=step_fn.holds_whole_model)
     step_fn.scatter_from_leader(params)  # ZeRO-3: from the leader, each rank keeps its chunk
     now = time.perf_counter()
     record.update(bytes_to_root=to_root, bytes_from_root=from_root, round_seconds=now - t0,

@@ -25,6 +25,7 @@ owner's chunk, never trained (as `Sequential.take_buffers` does unsharded).
 
 from __future__ import annotations
 
+import abc
 import time
 
 import numpy as np
@@ -34,25 +35,12 @@ from ..comm import allgather, allreduce, reduce_scatter
 from ..comm.checks import check_same_signature
 from ..comm.ring import chunk_bounds
 from ..comm.stall import StallWatch
+from ..config.choices import STAGES  # comm.shard's names; STEPS serves exactly these
 from ..errors import UserError
 from ..nn.layers import Context
 from ..nn.models import loss_and_grad
 from ..xp import device_thread_pool, record_event, to_host, wait_event
-
-STAGES = ("none", "optimizer", "gradients", "parameters")  # comm.shard
-
-
-def bytes_per_rank(n: int, widest: int, itemsize: int, stage: str, ranks: int) -> int:
-    """Return the bytes of model state one rank holds at `stage` on `ranks` ranks: parameters,
-    gradients, two optimiser states (Adam's m and v) and a checkpoint's host copy, for n
-    parameters whose largest layer has `widest` (two gather buffers and two gradient buckets of
-    that size where the stage uses them)."""
-    chunk = -(-(n + 2) // max(ranks, 1))
-    held = {"none": 5 * n,
-            "optimizer": 2 * n + 3 * chunk,  # whole parameters and gradients
-            "gradients": n + 4 * chunk + 2 * widest,  # whole parameters
-            "parameters": 5 * chunk + 4 * widest}[stage]
-    return held * itemsize
+from .step import DataParallelStep, Step
 
 
 def part_bounds(lo: int, hi: int, bounds: list) -> list[tuple[int, int]]:
@@ -66,20 +54,25 @@ def clipped(ranges: list, lo: int, hi: int) -> list[tuple[int, int]]:
     return [(max(a, lo) - lo, min(b, hi) - lo) for a, b in ranges if min(b, hi) > max(a, lo)]
 
 
-class ShardedStep:
-    """A data-parallel step over `comm` with the model state sharded at `stage` (see module).
+class ShardedStep(Step):
+    """What the ZeRO stages share: a data-parallel step over `comm` whose optimiser state, and
+    more per stage, is cut into the ranks' chunks (see module). Not built itself: the registry
+    builds one of its stages, which differ only in the methods they override.
 
     Same call as DataParallelStep. params: the whole flat model (every rank the same), or None
-    for "parameters", where each rank then draws only its chunk from spec.seed (`dtype` says the
-    parameters' dtype). `params` is the whole model after each step for "optimizer" and
-    "gradients" and None for "parameters" (use `gather_params()`).
+    for ZeRO-3, where each rank then draws only its chunk from spec.seed (`dtype` says the
+    parameters' dtype). Here the parameters are whole on every rank (ZeRO-1 and 2): `weights`
+    holds them and the two slots, `params` is its first n, `shard` this rank's chunk of it.
+
+    For sharded checkpoints (sharded_checkpoint.py): `n`, `dtype`, `bounds` (every rank's
+    chunk), `lo`, `n_own`, `shard` and `load_shard`.
     """
 
-    def __init__(self, spec, params, comm, algorithm: str, xp, overlap: bool, stage: str,
-                 stall_timeout: float = 0.0, dtype=None):
-        if stage not in STAGES[1:]:
-            raise ValueError(f"ShardedStep: stage {stage!r} is not one of {STAGES[1:]}")
-        self.spec, self.comm, self.stage, self.xp = spec, comm, stage, xp
+    sharded = True
+
+    def __init__(self, spec, params, comm, algorithm: str, xp, overlap: bool, *,
+                 stall_timeout: float, dtype=None):
+        self.spec, self.comm, self.xp = spec, comm, xp
         self.algorithm = "mpi" if algorithm == "nccl" else algorithm  # no NCCL halves yet
         self.dtype = np.dtype(params.dtype if params is not None else dtype)
         self.n = spec.layout(self.dtype).size
@@ -91,40 +84,49 @@ class ShardedStep:
         self.layers = [(i, lo, hi) for i, lo, hi in self.layers if hi > lo]
         self.buffer_parts = clipped(spec.buffer_ranges(self.dtype), self.lo, self.lo + self.n_own)
         widest = max(hi - lo for _, lo, hi in self.layers) + 2
-        self._make_buffers(params, xp, widest)
+        self._make_params(params, widest)
+        self._make_grads(widest)
         self.stop_agreed = False
         self.comm_seconds, self._step_number = 0.0, 0
         self.watch = StallWatch(comm, stall_timeout)
         self._pool = device_thread_pool(xp, "mpifed-comm") if overlap and comm.size > 1 else None
 
-    def _make_buffers(self, params, xp, widest: int) -> None:
-        n, lo, hi, dtype = self.n, self.lo, self.hi, self.dtype
-        if self.stage == "parameters":
-            self.weights = self.params = None
-            self.shard = xp.zeros(hi - lo, dtype=dtype)
-            self.shard[:self.n_own] = (params[lo:lo + self.n_own] if params is not None else
-                                       self.spec.init_range(self.spec.seed, lo, lo + self.n_own,
-                                                            xp, dtype))
-            self.gathered = [xp.empty(widest, dtype=dtype) for _ in range(2)]
-        else:
-            self.weights = xp.zeros(n + 2, dtype=dtype)
-            self.weights[:n] = params
-            self.params = self.weights[:n]
-            self.shard = self.weights[lo:hi]
-            self.gathered = []
-        if self.stage == "optimizer":
-            self.grad = xp.zeros(n + 2, dtype=dtype)
-            self.grad_shard = self.grad[lo:hi]
-            self.buckets = []
-        else:
-            self.grad = None
-            self.grad_shard = xp.zeros(hi - lo, dtype=dtype)
-            self.buckets = [xp.zeros(widest, dtype=dtype) for _ in range(2)]
+    @staticmethod
+    def chunk(n: int, ranks: int) -> int:
+        """Return the largest chunk of n parameters and the two slots on `ranks` ranks."""
+        return -(-(n + 2) // max(ranks, 1))
 
     @property
     def n_own(self) -> int:
         """How many of this rank's chunk are parameters (the rest: the loss and stop slots)."""
         return max(0, min(self.hi, self.n) - self.lo)
+
+    # --- what the stages hold ---------------------------------------------------------------
+
+    def _make_params(self, params, widest: int) -> None:
+        """Hold the whole parameters and the two slots; `shard` is this rank's chunk of them."""
+        n, lo, hi = self.n, self.lo, self.hi
+        self.weights = self.xp.zeros(n + 2, dtype=self.dtype)
+        self.weights[:n] = params
+        self.params = self.weights[:n]
+        self.shard = self.weights[lo:hi]
+
+    @abc.abstractmethod
+    def _make_grads(self, widest: int) -> None:
+        """Allocate the gradient buffers; `grad_shard` (hi - lo) receives this rank's part."""
+
+    def _param_buffers(self) -> list:
+        """The arrays that hold parameters on this rank (for memory_bytes)."""
+        return [self.weights]
+
+    @abc.abstractmethod
+    def _grad_buffers(self) -> list:
+        """The arrays that hold gradients on this rank (for memory_bytes)."""
+
+    def memory_bytes(self) -> dict:
+        """Return the bytes this rank holds for parameters and gradients (buffers included)."""
+        return {"param_bytes": int(sum(a.nbytes for a in self._param_buffers())),
+                "grad_bytes": int(sum(a.nbytes for a in self._grad_buffers()))}
 
     # --- communication -------------------------------------------------------------------
 
@@ -165,9 +167,11 @@ class ShardedStep:
         """Reduce-scatter (mean) the gradients [lo, hi) held in `bucket`; keep this rank's part."""
         own = reduce_scatter(bucket[:hi - lo], self.comm, "mean", self.algorithm, check=False,
                              bounds=part_bounds(lo, hi, self.bounds))
-        a, b = max(lo, self.lo), min(hi, self.hi)
-        if b > a and self.grad is None:  # ZeRO-1's bucket is the whole buffer: already there
-            self.grad_shard[a - self.lo:b - self.lo] = own
+        self._keep(own, lo, hi)
+
+    @abc.abstractmethod
+    def _keep(self, own, lo: int, hi: int) -> None:
+        """Put `own`, this rank's reduced part of the gradients [lo, hi), into `grad_shard`."""
 
     def _gather(self, out, lo: int, hi: int) -> None:
         """All-gather parameters [lo, hi) into `out` from the owners' shards."""
@@ -177,11 +181,110 @@ class ShardedStep:
         allgather(out[:hi - lo], self.comm, self.algorithm, check=False,
                   bounds=part_bounds(lo, hi, self.bounds))
 
-    # --- the backward pass, per stage ------------------------------------------------------
+    # --- the step --------------------------------------------------------------------------
 
-    def _whole_gradients(self, x, y, ctx) -> None:
-        """ZeRO-1: the whole gradient, reduce-scattered at once (or per layer with overlap)."""
+    @abc.abstractmethod
+    def _backward(self, x, y, ctx, stop: float) -> None:
+        """Compute this rank's gradients with the loss and stop slots, and leave their mean
+        over the ranks, this rank's part, in `grad_shard`."""
+
+    def _context(self, step_number: int) -> Context:
+        return Context(train=True, seed=getattr(self.spec, "seed", 0), step=step_number,
+                       rank=self.comm.rank,
+                       reduce=self._sum_over_ranks if self.comm.size > 1 else None)
+
+    def __call__(self, x, y, optimizer, lr: float, step_number: int, anchor=None, mu=0.0,
+                 stop: float = 0.0) -> float:
+        """Take one step on the batch (x, y); return the global mean loss (see `Step`).
+
+        anchor: FedProx's anchor, the whole flat model or `anchor()`'s (its owned slice is
+        used).
+        """
+        self._step_number = step_number
+        self._backward(x, y, self._context(step_number), stop)
+        own = self.n_own
+        grads, params = self.grad_shard[:own], self.shard[:own]
+        kept = self._take_buffers(grads)  # running statistics, averaged: not trained
+        if anchor is not None and mu:
+            grads += mu * (params - self._own_anchor(anchor))
+            self._take_buffers(grads)
+        optimizer.step(params, grads, lr)
+        for a, b, values in kept:
+            params[a:b] = values
+        loss, stop_mean = self._share_slots()
+        self.stop_agreed = stop_mean > 0
+        if loss != loss or loss in (float("inf"), float("-inf")):
+            raise UserError(f"training diverged: the loss is {loss} at step {step_number}; "
+                            "lower optim.lr or add optim.warmup")
+        return loss
+
+    def _own_anchor(self, anchor):
+        """This rank's part of FedProx's anchor: given whole (n) or as `anchor()`'s chunk."""
+        own = self.n_own
+        if anchor.size == self.n:  # whole (a chunk of n elements starts at 0: the same slice)
+            return anchor[self.lo:self.lo + own]
+        return anchor[:own]
+
+    def _take_buffers(self, grads) -> list:
+        """Copy out, and zero in `grads`, the owned parts of the running statistics."""
+        kept = [(a, b, grads[a:b].copy()) for a, b in self.buffer_parts]
+        for a, b in self.buffer_parts:
+            grads[a:b] = 0
+        return kept
+
+    def _owned_slots(self):
+        """The loss and stop slots this rank owns, if any (a view of `grad_shard`)."""
+        n, lo, hi = self.n, self.lo, self.hi
+        return self.grad_shard[max(lo, n) - lo:hi - lo]
+
+    def _share_slots(self) -> tuple[float, float]:
+        """Put the loss and stop slots, known to their owners, on every rank: all-gather the
+        parameters, the slots riding along."""
+        n, lo, hi = self.n, self.lo, self.hi
+        slots = self._owned_slots()
+        start = time.perf_counter()
+        self.weights[max(lo, n):hi] = slots
+        allgather(self.weights, self.comm, self.algorithm, check=False, bounds=self.bounds)
+        self.comm_seconds += time.perf_counter() - start
+        loss, stop = (float(v) for v in to_host(self.weights[n:n + 2]))
+        return loss, stop
+
+    def load_shard(self, values) -> None:
+        """Set this rank's parameters (n_own elements; collective: the model is re-gathered)."""
+        self.shard[:self.n_own] = values
+        allgather(self.weights, self.comm, self.algorithm, check=False, bounds=self.bounds)
+
+    def close(self) -> None:
+        """Stop the communication thread (local; safe in a `finally`)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+        self.watch.close()
+
+
+class OptimizerShardedStep(ShardedStep):
+    """ZeRO-1 (comm.shard = "optimizer"): whole gradients, reduce-scattered (mean); the owned
+    slice of the parameters updated, the parameters all-gathered."""
+
+    stage = "optimizer"
+
+    @classmethod
+    def state_elements(cls, n: int, widest: int, ranks: int) -> int:
+        return 2 * n + 3 * cls.chunk(n, ranks)  # whole parameters and gradients
+
+    def _make_grads(self, widest: int) -> None:
+        self.grad = self.xp.zeros(self.n + 2, dtype=self.dtype)
+        self.grad_shard = self.grad[self.lo:self.hi]
+
+    def _grad_buffers(self) -> list:
+        return [self.grad]
+
+    def _keep(self, own, lo: int, hi: int) -> None:
+        """Nothing to copy: the bucket is the whole buffer, the part already in place."""
+
+    def _backward(self, x, y, ctx, stop: float) -> None:
+        """The whole gradient, reduce-scattered at once (or per layer with overlap)."""
         n, futures = self.n, []
+        self.grad[n + 1] = stop
 
         def ready(lo, hi, loss):
             if hi == n:  # the last layer carries the loss and stop slots along
@@ -197,8 +300,36 @@ class ShardedStep:
         for future in futures:
             self._wait(future)
 
-    def _bucketed_gradients(self, x, y, params, ctx, stop: float) -> None:
-        """ZeRO-2/3: each layer's gradients into a bucket, reduce-scattered as soon as final."""
+
+class GradientShardedStep(ShardedStep):
+    """ZeRO-2 (comm.shard = "gradients"): no whole gradient buffer: each layer's gradients go
+    into one of two buckets of the largest layer's size, reduce-scattered as soon as final, and
+    only this rank's part kept."""
+
+    stage = "gradients"
+
+    @classmethod
+    def state_elements(cls, n: int, widest: int, ranks: int) -> int:
+        return n + 4 * cls.chunk(n, ranks) + 2 * widest  # whole parameters
+
+    def _make_grads(self, widest: int) -> None:
+        self.grad_shard = self.xp.zeros(self.hi - self.lo, dtype=self.dtype)
+        self.buckets = [self.xp.zeros(widest, dtype=self.dtype) for _ in range(2)]
+
+    def _grad_buffers(self) -> list:
+        return [self.grad_shard, *self.buckets]
+
+    def _keep(self, own, lo: int, hi: int) -> None:
+        a, b = max(lo, self.lo), min(hi, self.hi)
+        if b > a:
+            self.grad_shard[a - self.lo:b - self.lo] = own
+
+    def _layer_params(self):
+        """What the model reads each layer's parameters from: here the whole vector."""
+        return self.params
+
+    def _backward(self, x, y, ctx, stop: float) -> None:
+        """Each layer's gradients into a bucket, reduce-scattered as soon as final."""
         n, pending, slot = self.n, [None, None], [1]
 
         def bucket(i, lo, hi):
@@ -215,12 +346,42 @@ class ShardedStep:
                 hi = n + 2
             pending[slot[0]] = self._run(self._scatter, held, lo, hi)
 
-        loss_and_grad(self.spec, params, x, y, bucket, on_ready=ready, ctx=ctx)
+        loss_and_grad(self.spec, self._layer_params(), x, y, bucket, on_ready=ready, ctx=ctx)
         for future in pending:
             self._wait(future)
 
+
+class ParameterShardedStep(GradientShardedStep):
+    """ZeRO-3 (comm.shard = "parameters"): ZeRO-2's gradients, and between steps each rank holds
+    only its chunk of the parameters; each layer is all-gathered into one of two buffers before
+    its forward and again before its backward, then dropped. `params` is None: the model is
+    whole only through `gather_params`, `model_source` and `gather_to_leader`."""
+
+    stage = "parameters"
+    holds_whole_model = False
+
+    @classmethod
+    def state_elements(cls, n: int, widest: int, ranks: int) -> int:
+        return 5 * cls.chunk(n, ranks) + 4 * widest
+
+    def _make_params(self, params, widest: int) -> None:
+        """Hold this rank's chunk only (drawn from spec.seed when `params` is None) and two
+        buffers for gathered layers."""
+        lo, hi, own, xp = self.lo, self.hi, self.n_own, self.xp
+        self.params = None
+        self.shard = xp.zeros(hi - lo, dtype=self.dtype)
+        self.shard[:own] = (params[lo:lo + own] if params is not None else
+                            self.spec.init_range(self.spec.seed, lo, lo + own, xp, self.dtype))
+        self.gathered = [xp.empty(widest, dtype=self.dtype) for _ in range(2)]
+
+    def _param_buffers(self) -> list:
+        return [self.shard, *self.gathered]
+
+    def _layer_params(self):
+        return self._fetcher()
+
     def _fetcher(self):
-        """Return ZeRO-3's provider (i, lo, hi) -> layer i's gathered parameters.
+        """Return the provider (i, lo, hi) -> layer i's gathered parameters.
 
         Layers are asked for forward first to last, then backward last to first; the last one
         is asked twice in a row and served once. Each gather goes into the buffer the model is
@@ -253,56 +414,37 @@ class ShardedStep:
             return self.gathered[j % 2][:hi - lo]
         return params_of
 
-    # --- the step --------------------------------------------------------------------------
+    def _share_slots(self) -> tuple[float, float]:
+        """Put the loss and stop slots, known to their owners, on every rank (one small
+        all-reduce: the parameters stay sharded)."""
+        n, lo, hi = self.n, self.lo, self.hi
+        slots = self._owned_slots()
+        start = time.perf_counter()
+        local = np.zeros(2)
+        if hi > n:
+            local[max(lo, n) - n:hi - n] = to_host(slots)
+        self.comm.Allreduce(MPI.IN_PLACE, local)
+        self.comm_seconds += time.perf_counter() - start
+        return float(local[0]), float(local[1])
 
-    def _context(self, step_number: int) -> Context:
-        return Context(train=True, seed=getattr(self.spec, "seed", 0), step=step_number,
-                       rank=self.comm.rank,
-                       reduce=self._sum_over_ranks if self.comm.size > 1 else None)
-
-    def __call__(self, x, y, optimizer, lr: float, step_number: int, anchor=None, mu=0.0,
-                 stop: float = 0.0):
-        """Take one step on the batch (x, y); return the global mean loss (same on all ranks).
-
-        anchor: FedProx's anchor, the whole flat model (its owned slice is used).
-        """
-        self._step_number = step_number
-        ctx = self._context(step_number)
-        if self.stage == "optimizer":
-            self.grad[self.n + 1] = stop
-            self._whole_gradients(x, y, ctx)
-        elif self.stage == "gradients":
-            self._bucketed_gradients(x, y, self.params, ctx, stop)
-        else:
-            self._bucketed_gradients(x, y, self._fetcher(), ctx, stop)
-        own = self.n_own
-        grads, params = self.grad_shard[:own], self.shard[:own]
-        kept = self._take_buffers(grads)  # running statistics, averaged: not trained
-        if anchor is not None and mu:
-            grads += mu * (params - self._own_anchor(anchor))
-            self._take_buffers(grads)
-        optimizer.step(params, grads, lr)
-        for a, b, values in kept:
-            params[a:b] = values
-        loss, stop_mean = self._share_slots()
-        self.stop_agreed = stop_mean > 0
-        if loss != loss or loss in (float("inf"), float("-inf")):
-            raise UserError(f"training diverged: the loss is {loss} at step {step_number}; "
-                            "lower optim.lr or add optim.warmup")
-        return loss
-
-    def _own_anchor(self, anchor):
-        """This rank's part of FedProx's anchor: given whole (n) or as `anchor()`'s chunk."""
-        own = self.n_own
-        if anchor.size == self.n and not (self.stage == "parameters" and self.lo == 0):
-            return anchor[self.lo:self.lo + own]
-        return anchor[:own]
+    def load_shard(self, values) -> None:
+        """Set this rank's parameters (n_own elements; local)."""
+        self.shard[:self.n_own] = values
 
     def anchor(self):
-        """Return a copy of the model to anchor FedProx to: whole, or for "parameters" this
-        rank's chunk (`__call__` takes either)."""
-        return self.shard[:self.n_own].copy() if self.stage == "parameters" else \
-            self.params.copy()
+        """Return a copy of this rank's chunk to anchor FedProx to (`__call__` takes it)."""
+        return self.shard[:self.n_own].copy()
+
+    def gather_params(self):
+        """Return the whole parameter vector (collective; a new buffer)."""
+        full = self.xp.zeros(self.n + 2, dtype=self.dtype)
+        full[self.lo:self.hi] = self.shard
+        allgather(full, self.comm, self.algorithm, check=False, bounds=self.bounds)
+        return full[:self.n]
+
+    def model_source(self):
+        """Return a `LayerGather` (collective per layer; the model is never whole)."""
+        return LayerGather(self)
 
     def _counts(self) -> tuple[list[int], list[int]]:
         """Per rank, how many parameters it owns and where they start (Gatherv/Scatterv)."""
@@ -312,9 +454,7 @@ class ShardedStep:
     def gather_to_leader(self, out) -> None:
         """Put the whole parameter vector into `out` (n elements) on rank 0 of the step's
         communicator, from every rank's chunk (collective; `out` is ignored elsewhere): what
-        an institution's leader sends to the root under "parameters"."""
-        if self.stage != "parameters":
-            return  # `params` is whole on every rank already
+        an institution's leader sends to the root."""
         counts, starts = self._counts()
         local = to_host(self.shard[:self.n_own])
         whole = None
@@ -326,83 +466,12 @@ class ShardedStep:
 
     def scatter_from_leader(self, params) -> None:
         """Set every rank's chunk from `params` (the whole vector, read on rank 0 only;
-        collective): after the root's broadcast reached the leader, each rank keeps its chunk
-        ("parameters"; the other stages hold `params` itself, nothing to do)."""
-        if self.stage != "parameters":
-            return
+        collective): after the root's broadcast reached the leader, each rank keeps its chunk."""
         counts, starts = self._counts()
         whole = to_host(params) if self.comm.rank == 0 else None
         mine = np.empty(self.n_own, dtype=self.dtype)
         self.comm.Scatterv([whole, counts, starts, _mpi_type(self.dtype)], mine, root=0)
         self.shard[:self.n_own] = self.xp.asarray(mine) if self.xp is not np else mine
-
-    def _take_buffers(self, grads) -> list:
-        """Copy out, and zero in `grads`, the owned parts of the running statistics."""
-        kept = [(a, b, grads[a:b].copy()) for a, b in self.buffer_parts]
-        for a, b in self.buffer_parts:
-            grads[a:b] = 0
-        return kept
-
-    def _share_slots(self) -> tuple[float, float]:
-        """Put the loss and stop slots, known to their owners, on every rank; ZeRO-1/2: and
-        all-gather the parameters."""
-        n, lo, hi = self.n, self.lo, self.hi
-        slots = self.grad_shard[max(lo, n) - lo:hi - lo]  # the slots this rank owns, if any
-        start = time.perf_counter()
-        if self.stage == "parameters":
-            local = np.zeros(2)
-            if hi > n:
-                local[max(lo, n) - n:hi - n] = to_host(slots)
-            self.comm.Allreduce(MPI.IN_PLACE, local)
-            self.comm_seconds += time.perf_counter() - start
-            return float(local[0]), float(local[1])
-        self.weights[max(lo, n):hi] = slots
-        allgather(self.weights, self.comm, self.algorithm, check=False, bounds=self.bounds)
-        self.comm_seconds += time.perf_counter() - start
-        loss, stop = (float(v) for v in to_host(self.weights[n:n + 2]))
-        return loss, stop
-
-    # --- whole model on demand -------------------------------------------------------------
-
-    def gather_params(self):
-        """Return the whole parameter vector (collective; a new buffer for "parameters")."""
-        if self.stage != "parameters":
-            return self.params
-        full = self.xp.zeros(self.n + 2, dtype=self.dtype)
-        full[self.lo:self.hi] = self.shard
-        allgather(full, self.comm, self.algorithm, check=False, bounds=self.bounds)
-        return full[:self.n]
-
-    def model_source(self):
-        """Return the model for evaluation and model.h5: the whole parameters, or for
-        "parameters" a `LayerGather` (collective per layer; the model is never whole)."""
-        if self.stage != "parameters":
-            return self.params
-        return LayerGather(self)
-
-    def memory_bytes(self) -> dict:
-        """Return the bytes this rank holds for parameters and gradients (buffers included)."""
-        held = [self.weights if self.weights is not None else self.shard, *self.gathered]
-        grads = [self.grad] if self.grad is not None else [self.grad_shard, *self.buckets]
-        return {"param_bytes": int(sum(a.nbytes for a in held)),
-                "grad_bytes": int(sum(a.nbytes for a in grads))}
-
-    def load_shard(self, values) -> None:
-        """Set this rank's parameters (n_own elements; collective: the model is re-gathered)."""
-        self.shard[:self.n_own] = values
-        if self.stage != "parameters":
-            allgather(self.weights, self.comm, self.algorithm, check=False, bounds=self.bounds)
-
-    def close(self) -> None:
-        """Stop the communication thread (local; safe in a `finally`)."""
-        if self._pool is not None:
-            self._pool.shutdown()
-        self.watch.close()
-
-    def free(self) -> None:
-        return None
-
-
 
 def _mpi_type(dtype):
     """The MPI datatype of a NumPy dtype."""
@@ -419,7 +488,7 @@ class LayerGather:
     `Sequential.forward` and `save_model` do); `layers` lists them for ranks with nothing to do.
     """
 
-    def __init__(self, step: ShardedStep):
+    def __init__(self, step: ParameterShardedStep):
         self.step, self.calls = step, 0
         self.layers = [(i, lo, min(hi, step.n)) for i, lo, hi in step.layers]
 
@@ -433,3 +502,22 @@ class LayerGather:
         """Take part in one pass over the layers without using them (a rank without rows)."""
         for i, lo, hi in self.layers:
             self(i, lo, hi)
+
+
+# The registry: comm.shard -> the step class that does it (`make_step` builds from it).
+STEPS: dict[str, type[Step]] = {cls.stage: cls for cls in (
+    DataParallelStep, OptimizerShardedStep, GradientShardedStep, ParameterShardedStep)}
+
+
+def step_class(stage: str) -> type[Step]:
+    """Return the step class registered for comm.shard `stage`."""
+    if stage not in STEPS:
+        raise UserError(f"comm.shard: {stage!r} is not one of {', '.join(STAGES)}; use one "
+                        "of those")
+    return STEPS[stage]
+
+
+def bytes_per_rank(n: int, widest: int, itemsize: int, stage: str, ranks: int) -> int:
+    """Return the bytes of model state one rank holds at `stage` on `ranks` ranks, for n
+    parameters whose largest layer has `widest` (see `Step.state_elements`)."""
+    return step_class(stage).state_elements(n, widest, ranks) * itemsize

@@ -1,6 +1,21 @@
-"""One synchronous data-parallel step on a communicator (the world, or one institution)."""
+"""The step protocol (`Step`), and one synchronous data-parallel step on a communicator (the
+world, or one institution).
+
+A step is what the training loops call once per batch. `make_step` builds the one comm.shard
+names, from the registry `sharded_step.STEPS`:
+
+    "none"        DataParallelStep       (here) whole model on every rank, one all-reduce
+    "optimizer"   OptimizerShardedStep   (sharded_step.py) ZeRO-1
+    "gradients"   GradientShardedStep    (sharded_step.py) ZeRO-2
+    "parameters"  ParameterShardedStep   (sharded_step.py) ZeRO-3
+
+Every one is a `Step`; the loops, the federation and the checkpoints use only what `Step` lists,
+and never ask which one they hold.
+"""
 
 from __future__ import annotations
+
+import abc
 
 import numpy as np
 
@@ -27,42 +42,127 @@ def _gradient_buffer(size: int, dtype, comm, algorithm: str, xp):
     return xp.zeros(size, dtype=dtype)
 
 
-def make_step(spec, params, comm, comm_cfg, xp, dtype=None):
-    """Return the data-parallel step that `[comm]` asks for: DataParallelStep, or a ShardedStep
-    when comm.shard is "optimizer", "gradients" or "parameters" (ZeRO stages 1 to 3).
+def make_step(spec, params, comm, settings, xp, dtype=None) -> Step:
+    """Return the step that the `[comm]` settings ask for (collective over `comm`).
 
-    params: the whole flat model; for "parameters" it may be None, and each rank then draws only
-    its chunk from spec.seed (the model is never whole on any rank).
+    settings: read by attribute only: `shard` (the registry name), `allreduce`, `overlap` and
+    `stall_timeout` (seconds; 0 turns the stall check off).
+    params: the whole flat model; for shard = "parameters" it may be None, and each rank then
+    draws only its chunk from spec.seed (the model is never whole on any rank); `dtype` says
+    the parameters' dtype then.
     """
-    stage, stall = comm_cfg.shard, comm_cfg.stall_timeout
-    if stage == "none":
-        return DataParallelStep(spec, params, comm, comm_cfg.allreduce, xp,
-                                comm_cfg.overlap, stall)
-    from .sharded_step import ShardedStep
+    from .sharded_step import step_class  # the registry builds on this module
 
-    return ShardedStep(spec, params, comm, comm_cfg.allreduce, xp, comm_cfg.overlap, stage,
-                       stall, dtype)
+    return step_class(settings.shard)(spec, params, comm, settings.allreduce, xp,
+                                      settings.overlap, stall_timeout=settings.stall_timeout,
+                                      dtype=dtype)
 
 
-class DataParallelStep:
-    """Local gradient, one all-reduce (mean) of gradients and loss, the same update on every rank.
+class Step(abc.ABC):
+    """One data-parallel training step over a communicator: what every variant offers.
+
+    Construction (the same for every variant, so the registry builds any of them alike):
+    `Cls(spec, params, comm, algorithm, xp, overlap, *, stall_timeout, dtype=None)`;
+    collective over `comm`.
+
+    Class attributes:
+        stage: the comm.shard name the registry knows it by (written into sharded checkpoints).
+        holds_whole_model: `params` is the whole flat model on every rank after each step;
+            False where each rank holds only its chunk (ZeRO-3: `params` is None).
+        sharded: each rank holds its own part of the model's state, so each writes and reads
+            its part of a checkpoint (sharded_checkpoint.py; see `ShardedStep`).
+
+    Instance attributes:
+        params: the whole flat parameters (n,), updated in place by each step, or None.
+        comm_seconds: seconds this rank spent in (or blocked on) the step's communication.
+        stop_agreed: after a step, whether any rank asked to stop.
+
+    The methods with a body here are those of a step whose `params` is whole on every rank;
+    a step that holds only a chunk overrides them.
+    """
+
+    stage: str
+    holds_whole_model = True
+    sharded = False
+    params = None
+    comm_seconds = 0.0
+    stop_agreed = False
+
+    @abc.abstractmethod
+    def __call__(self, x, y, optimizer, lr: float, step_number: int, anchor=None, mu=0.0,
+                 stop: float = 0.0) -> float:
+        """Take one step on the batch (x, y); return the global mean loss (same on all ranks).
+
+        stop: 1.0 if this rank was asked to stop; afterwards `stop_agreed` tells whether any
+        was. anchor, mu: FedProx's proximal term (mu/2)||w - anchor||^2, anchor as `anchor()`
+        returns it (or the whole model). Raises UserError on every rank if the loss diverged.
+        """
+
+    @classmethod
+    @abc.abstractmethod
+    def state_elements(cls, n: int, widest: int, ranks: int) -> int:
+        """Return how many elements of model state one rank holds on `ranks` ranks, for n
+        parameters whose largest layer has `widest`: parameters, gradients, two optimiser
+        states (Adam's m and v), a checkpoint's host copy, and any working buffers."""
+
+    @abc.abstractmethod
+    def memory_bytes(self) -> dict:
+        """Return the bytes this rank holds: {"param_bytes": ..., "grad_bytes": ...}."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop the step's threads (local; safe in a `finally`)."""
+
+    def free(self) -> None:
+        """Free what the step shares between ranks (collective, so only on the path all ranks
+        take, never in a `finally` one failing rank would reach alone)."""
+        return None
+
+    def anchor(self):
+        """Return a copy of the model to anchor FedProx to (`__call__` takes it back)."""
+        return self.params.copy()
+
+    def gather_params(self):
+        """Return the whole parameter vector (collective)."""
+        return self.params
+
+    def model_source(self):
+        """Return the model for evaluation and model.h5: flat parameters, or a provider of
+        each layer's (collective per layer; see sharded_step.LayerGather)."""
+        return self.params
+
+    def gather_to_leader(self, out) -> None:
+        """Put the whole model into `out` on rank 0 of the step's communicator (collective):
+        nothing to do when `params` is whole on every rank."""
+        return None
+
+    def scatter_from_leader(self, params) -> None:
+        """Set every rank's model from `params`, read on rank 0 (collective): nothing to do
+        when `params` is whole on every rank (it is the leader's buffer)."""
+        return None
+
+
+class DataParallelStep(Step):
+    """Local gradient, one all-reduce (mean) of gradients and loss, the same update on every rank
+    (comm.shard = "none").
 
     The flat gradient buffer carries two extra slots: the rank's loss, so the step's single
     all-reduce also yields the global mean loss, and its stop request (a signal arrived), so all
     ranks agree on stopping at no extra cost; both come back to the host in one transfer.
-    Collective over `comm`.
+    Collective over `comm`. `dtype` is not read: `params` carries it.
 
     On a GPU, communication is timed between CUDA events (NCCL returns before it is done, and a
     host clock around a staged reduction would charge it the backward pass it waits for).
     """
 
-    def __init__(self, spec, params, comm, algorithm: str, xp, overlap: bool = False,
-                 stall_timeout: float = 0.0):
+    stage = "none"
+
+    def __init__(self, spec, params, comm, algorithm: str, xp, overlap: bool, *,
+                 stall_timeout: float, dtype=None):
         self.spec, self.params, self.comm, self.algorithm = spec, params, comm, algorithm
         self.xp = xp
         self.grad = _gradient_buffer(params.size + 2, params.dtype, comm, algorithm, xp)
         self.stop_agreed = False  # after a step: some rank asked to stop
-        self.stage = "none"
         check_same_signature(comm, self.grad.size, self.grad.dtype)  # once; steps skip it
         self.comm_seconds, self._step_number = 0.0, 0
         self.watch = StallWatch(comm, stall_timeout)  # names the ranks an all-reduce waits for
@@ -72,6 +172,10 @@ class DataParallelStep:
         # device, on a stream of its own, ordered against the compute stream by events.
         self._pool = (device_thread_pool(xp, "mpifed-comm")
                       if overlap and comm.size > 1 else None)
+
+    @classmethod
+    def state_elements(cls, n: int, widest: int, ranks: int) -> int:
+        return 5 * n  # everything whole: parameters, gradients, m, v, the checkpoint's copy
 
     def _reduce(self, lo: int, hi: int, after=None) -> tuple:
         """Mean-reduce grad[lo:hi] once event `after` has happened; return its (start, end)
@@ -115,20 +219,6 @@ class DataParallelStep:
         wait_event(spans[-1][1])  # one comm stream, in order: the last reduction ends them all
         return backward_done, spans[-1][1]
 
-    def gather_params(self):
-        """Return the whole parameter vector (every rank holds it)."""
-        return self.params
-
-    def anchor(self):
-        """Return a copy of the model (FedProx's anchor)."""
-        return self.params.copy()
-
-    def gather_to_leader(self, out) -> None:
-        """Nothing to gather: `params` is whole on every rank (ShardedStep's interface)."""
-
-    def scatter_from_leader(self, params) -> None:
-        """Nothing to scatter: `params` is whole on every rank (ShardedStep's interface)."""
-
     def memory_bytes(self) -> dict:
         """Return the bytes this rank holds for parameters and gradients."""
         return {"param_bytes": int(self.params.nbytes), "grad_bytes": int(self.grad.nbytes)}
@@ -145,13 +235,11 @@ class DataParallelStep:
         release(self.grad)
 
     def __call__(self, x, y, optimizer, lr: float, step_number: int, anchor=None, mu=0.0,
-                 stop: float = 0.0):
-        """Take one step on the batch (x, y); return the global mean loss (same on all ranks).
+                 stop: float = 0.0) -> float:
+        """Take one step on the batch (x, y); return the global mean loss (see `Step`).
 
-        stop: 1.0 if this rank was asked to stop; afterwards `stop_agreed` tells whether any was.
-
-        anchor, mu: FedProx's proximal term (mu/2)||w - anchor||^2, whose gradient
-        mu (w - anchor) is added after the all-reduce (it is the same on every rank).
+        FedProx's gradient mu (w - anchor) is added after the all-reduce (it is the same on
+        every rank).
         """
         n = self.params.size
         grads = self.grad[:n]

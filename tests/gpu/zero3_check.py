@@ -19,7 +19,7 @@ from mpifed.optim import SGD, Adam
 from mpifed.optim.optimizers import CHUNK
 from mpifed.train import evaluate as evaluation
 from mpifed.train.data_parallel import write_model
-from mpifed.train.sharded_step import ShardedStep
+from mpifed.train.sharded_step import STEPS
 from mpifed.train.step import DataParallelStep
 
 try:
@@ -127,13 +127,13 @@ def main() -> int:
     optimisers()
     SPEC.seed = 3
     want = init_params(SPEC, 3, cp, "float64")
-    base = DataParallelStep(SPEC, want, COMM, "mpi", cp)
+    base = DataParallelStep(SPEC, want, COMM, "mpi", cp, False, stall_timeout=0)
     train(base)
     base.free()
     for stage in ("optimizer", "gradients", "parameters"):
         start = None if stage == "parameters" else init_params(SPEC, 3, cp, "float64")
-        step_fn = ShardedStep(SPEC, start, COMM, "auto", cp, stage != "optimizer", stage,
-                              dtype="float64")
+        step_fn = STEPS[stage](SPEC, start, COMM, "auto", cp, stage != "optimizer",
+                               stall_timeout=0, dtype="float64")
         train(step_fn)
         check(f"{stage} == none", bool(cp.allclose(step_fn.gather_params(), want, rtol=1e-6,
                                                    atol=1e-9)))
