@@ -24,16 +24,14 @@ from ..comm.quiet import quiet_barrier
 from ..data.shards import Shard
 from ..errors import UserError
 from ..federated.dp import secure_bernoulli
+from ..federated.dp_settings import dp_settings
 from ..federated.exchange import SiteReport, broadcast_global, collect_at_root, send_to_root
 from ..federated.identity import load_identity
 from ..federated.institutions import Federation, institution_sizes, make_federation, participants
 from ..federated.ledger import PrivacyLedger, ledger_epsilon, release_entry
-from ..federated.private_aggregation import (
-    PrivateAggregator,
-    apply_private_sums,
-    dp_settings,
-    ring_scales,
-)
+from ..federated.masked_sum import ring_scales
+from ..federated.private_aggregation import PrivateAggregator
+from ..federated.private_update import apply_private_sums
 from ..federated.strategies import DEFAULT_SERVER_LR, STRATEGIES, ServerHyper
 from ..nn.io import save_model
 from ..nn.models import ModelSpec
