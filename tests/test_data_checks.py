@@ -12,7 +12,7 @@ from mpifed.config import ModelConfig
 from mpifed.data.shards import Shard, describe
 from mpifed.errors import UserError
 from mpifed.federated.dp import update_noise_multiplier
-from mpifed.federated.private_aggregation import dp_settings
+from mpifed.federated.dp_settings import dp_settings
 from mpifed.nn.io import load_model, save_model
 from mpifed.nn.models import ModelSpec, init_params
 from mpifed.train.setup import build_model, open_checked_shard

@@ -11,7 +11,7 @@ from reference import global_batches, initial_weights, mlp_sgd
 
 from mpifed.federated.institutions import participants
 from mpifed.federated.strategies import DEFAULT_SERVER_LR, STRATEGIES
-from mpifed.train.federated import local_step_count
+from mpifed.train.federated_site import local_step_count
 
 FEATURES, CLASSES, HIDDEN = 5, 3, 4
 

@@ -21,7 +21,7 @@ from mpifed.federated.dp import (
 )
 from mpifed.federated.exchange import SiteReport
 from mpifed.federated.ledger import PrivacyLedger, ledger_epsilon, release_entry
-from mpifed.federated.private_aggregation import leader_vector, tail_fields
+from mpifed.federated.masked_sum import leader_vector, tail_fields
 from mpifed.train.setup import set_aside_finished_run
 
 logging.getLogger("absl").setLevel(logging.ERROR)

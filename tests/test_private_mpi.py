@@ -12,13 +12,16 @@ import tempfile
 import numpy as np
 import pytest
 from mpi4py import MPI
+from private_helpers import private_aggregate
 
 import mpifed.federated.private_aggregation as private
 from mpifed.errors import UserError
 from mpifed.federated.exchange import SiteReport
 from mpifed.federated.identity import generate_keys, load_identity
 from mpifed.federated.institutions import make_federation
-from mpifed.federated.private_aggregation import ENTRY, Relay, private_aggregate
+from mpifed.federated.key_exchange import Relay
+from mpifed.federated.masked_sum import MaskedSum
+from mpifed.federated.transcript import ENTRY
 from mpifed.train.config import resolve
 
 pytestmark = pytest.mark.mpi
@@ -229,8 +232,8 @@ def test_a_lying_root_is_refused_by_every_honest_leader(fed, identity, liar, dp,
     dp_table = {"clip": 1.0, "noise_multiplier": 1.0} if dp else None
     cfg = config(count, True, dp_table, keys="x")
     masked = []
-    original = private.PrivateAggregator._masked_ring
-    monkeypatch.setattr(private.PrivateAggregator, "_masked_ring",
+    original = MaskedSum.masked_ring
+    monkeypatch.setattr(MaskedSum, "masked_ring",
                         lambda self, *a: masked.append(1) or original(self, *a))
     with pytest.raises(UserError) as info:
         private_aggregate(cfg["federated"], cfg["federated"]["dp"], fed,

@@ -17,7 +17,7 @@ from helpers import (
 )
 
 from mpifed.federated.dp import epsilon
-from mpifed.federated.private_aggregation import ENTRY
+from mpifed.federated.transcript import ENTRY
 from mpifed.nn.models import ModelSpec, init_params
 
 FEATURES, CLASSES, HIDDEN = 5, 3, 4

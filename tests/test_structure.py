@@ -15,7 +15,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mpifed"
 @pytest.mark.parametrize("module", ["mpifed.nn", "mpifed.nn.models", "mpifed.nn.io",
                                     "mpifed.nn.layout", "mpifed.optim", "mpifed.xp",
                                     "mpifed.federated.strategies", "mpifed.federated.dp",
-                                    "mpifed.federated.secagg", "mpifed.data.partition"])
+                                    "mpifed.federated.secagg", "mpifed.federated.transcript",
+                                    "mpifed.federated.masked_sum", "mpifed.federated.dp_settings",
+                                    "mpifed.federated.private_update", "mpifed.data.partition"])
 def test_pure_layers_do_not_import_mpi(module):
     code = f"import sys, {module}; print('mpi4py' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -1,0 +1,151 @@
+"""A secure round's key exchange over the leaders' communicator, relayed by the root.
+
+Each sending leader sends its signed round key to the root, the root relays the key table, every
+sender checks it (`transcript.py`) and, with identities, confirms it by signing it; under DP the
+root relays the clip the same way. Every rank then learns every leader's refusal, so all raise
+the same message before any masked vector is sent. Only fixed-size uint8/float64/int64 buffers
+cross an institution's boundary, never a pickle.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import UserError
+from .identity import SIGNATURE_BYTES, Identity
+from .transcript import (
+    CHECKS,
+    ENTRY,
+    PUBLIC_BYTES,
+    check_confirmations,
+    check_keys,
+    key_message,
+    list_message,
+)
+
+# 22 is the masked or plain vector's tag (private_aggregation.py).
+TAG_KEY, TAG_TABLE, TAG_CONFIRM, TAG_CONFIRMS, TAG_CLIP = 21, 23, 24, 25, 26
+
+
+class Relay:
+    """The root's half of the exchange: what it relays to each leader (honest: the same to all).
+
+    Each method returns one buffer per leader (index = institution). Tests substitute roots
+    that lie, to check that every honest leader refuses before any masked vector is sent.
+    """
+
+    def clips(self, clip: np.ndarray, leaders: int) -> list[np.ndarray]:
+        return [clip] * leaders
+
+    def key_tables(self, table: np.ndarray, leaders: int) -> list[np.ndarray]:
+        return [table] * leaders
+
+    def confirmations(self, table: np.ndarray, leaders: int) -> list[np.ndarray]:
+        return [table] * leaders
+
+
+class KeyExchange:
+    """The relayed exchanges of a run's rounds (collective over the world: every rank agrees
+    on the refusals). identity: this leader's keys, None without; relay: the root's behaviour;
+    authenticated: whether the run has identities (federated.keys), known on every rank."""
+
+    def __init__(self, fed, identity: Identity | None, relay: Relay, authenticated: bool):
+        self.fed, self.identity, self.relay = fed, identity, relay
+        self.authenticated = authenticated
+
+    # -- the clip ---------------------------------------------------------------------------
+
+    def relay_clip(self, clip: float, senders, rnd) -> float:
+        """The root relays its `clip` to every sending leader; each checks it is finite and
+        > 0. Returns the clip this rank received (the root's own on the root)."""
+        fed, buf = self.fed, np.zeros(1)
+        if fed.is_root:
+            buf[0] = clip
+            clips = self.relay.clips(buf, len(fed.sizes))
+            for k in senders:
+                if k != fed.institution:
+                    fed.leaders.Send(np.ascontiguousarray(clips[k], dtype=np.float64), k,
+                                     TAG_CLIP)
+            buf = np.array(clips[fed.institution], dtype=np.float64)
+        elif fed.is_leader and fed.institution in senders:
+            fed.leaders.Recv(buf, 0, TAG_CLIP)
+        clip = float(buf[0])
+        sending = fed.is_leader and fed.institution in senders
+        ok = np.isfinite(clip) and clip > 0
+        self.agree(rnd, 1 if sending and not ok else 0, fed.institution)
+        return clip
+
+    # -- refusals, agreed without pickle ------------------------------------------------------
+
+    def agree(self, rnd: int, code: int, culprit: int) -> None:
+        """Every rank learns every leader's refusal (int64[3] each); all raise the same."""
+        fed = self.fed
+        mine = np.array([code, fed.institution, culprit], dtype=np.int64)
+        every = np.empty((fed.world.size, 3), dtype=np.int64)
+        fed.world.Allgather(mine, every)
+        refused = every[every[:, 0] > 0]
+        if not len(refused):
+            return
+        code, institution, culprit = (int(v) for v in refused[0])
+        who = sorted({int(k) for k in refused[:, 1]})
+        raise UserError(f"secure aggregation: round {rnd + 1} refused by institution "
+                        f"{institution}: {CHECKS[code]} (institution {culprit}); refused by "
+                        f"institutions {who}; no masked vector was sent")
+
+    # -- keys -------------------------------------------------------------------------------
+
+    def exchange_keys(self, senders, rnd, public: bytes | None) -> dict[int, bytes]:
+        """Leaders send signed keys; the root relays the list; every sender checks it, then
+        (with identities) confirms it by signing it (Bonawitz et al.'s consistency round).
+        Returns the senders' public keys on a sending leader, else {}."""
+        fed, count = self.fed, len(self.fed.sizes)
+        table = np.zeros((count, ENTRY), dtype=np.uint8)
+        code, culprit = 0, fed.institution
+        sending = fed.is_leader and fed.institution in senders
+        if sending:
+            mine = np.zeros(ENTRY, dtype=np.uint8)
+            mine[0] = 1
+            mine[1:1 + PUBLIC_BYTES] = np.frombuffer(public, dtype=np.uint8)
+            if self.identity is not None:
+                sig = self.identity.sign(key_message(rnd, fed.institution, public))
+                mine[1 + PUBLIC_BYTES:] = np.frombuffer(sig, dtype=np.uint8)
+            table = self._relay(mine, senders, TAG_KEY, TAG_TABLE, self.relay.key_tables)
+            code, culprit = check_keys(table, senders, rnd, public, fed.institution,
+                                       self.identity)
+        self.agree(rnd, code, culprit)
+        if self.authenticated:
+            code, culprit = 0, fed.institution
+            if sending:
+                sig = self.identity.sign(list_message(rnd, fed.institution, table))
+                entry = np.zeros(1 + SIGNATURE_BYTES, dtype=np.uint8)
+                entry[0], entry[1:] = 1, np.frombuffer(sig, dtype=np.uint8)
+                confirms = self._relay(entry, senders, TAG_CONFIRM, TAG_CONFIRMS,
+                                       self.relay.confirmations)
+                code, culprit = check_confirmations(confirms, table, senders, rnd,
+                                                    fed.institution, self.identity)
+            self.agree(rnd, code, culprit)
+        return {k: table[k, 1:1 + PUBLIC_BYTES].tobytes() for k in senders} if sending else {}
+
+    def relayed_bytes(self) -> int:
+        """Return the bytes one sender sends the root in the exchange (its key, its
+        confirmation)."""
+        return ENTRY + (1 + SIGNATURE_BYTES) * self.authenticated
+
+    def _relay(self, entry, senders, tag_up, tag_down, relay_fn) -> np.ndarray:
+        """Each sender sends `entry` to the root; the root returns the table (via the relay)."""
+        fed = self.fed
+        table = np.zeros((len(fed.sizes), entry.size), dtype=np.uint8)
+        if fed.is_root:
+            table[fed.institution] = entry
+            for k in senders:
+                if k != fed.institution:
+                    fed.leaders.Recv(table[k], k, tag_up)
+            tables = relay_fn(table, len(fed.sizes))
+            for k in senders:
+                if k != fed.institution:
+                    fed.leaders.Send(np.ascontiguousarray(tables[k], dtype=np.uint8), k,
+                                     tag_down)
+            return np.array(tables[fed.institution], dtype=np.uint8)
+        fed.leaders.Send(entry, 0, tag_up)
+        fed.leaders.Recv(table, 0, tag_down)
+        return table

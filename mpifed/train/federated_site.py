@@ -1,0 +1,143 @@
+"""What one rank holds for its institution across a federation's rounds, and how it is opened:
+its rows of the institution's training data, the model, the local step plan, the DP settings and
+the private aggregator (checked on every rank before round 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+
+from ..comm.agree import raise_together
+from ..data.shards import Shard
+from ..errors import UserError
+from ..federated.dp_settings import dp_settings
+from ..federated.identity import load_identity
+from ..federated.institutions import Federation
+from ..federated.ledger import PrivacyLedger
+from ..federated.masked_sum import ring_scales
+from ..federated.private_aggregation import PrivateAggregator
+from ..nn.models import ModelSpec
+from .setup import build_model, open_checked_shard, open_test_shard
+
+
+@dataclass
+class Site:
+    """What one rank holds for its institution across rounds."""
+
+    shard: Shard  # this rank's training rows
+    stream_comm: MPI.Comm  # the communicator that sharded them (seeds the shuffle)
+    samples: int  # n_k: the institution's training rows
+    spec: ModelSpec
+    params: object  # the flat parameters (xp array), the global model at a round's start
+    per_epoch: int  # steps per local epoch (the institution's smallest shard decides)
+    local_steps: int  # local steps per round (FedNova's tau_k; not federated.tau)
+    test: Shard | None  # this rank's rows of data.test
+    dp: dict | None  # the DP settings in use (dp_settings), None without DP
+    site_samples: list[int] | None  # on the root without secure aggregation: every n_k
+    aggregator: PrivateAggregator | None = None  # with secure aggregation or DP
+    ledger: PrivacyLedger | None = None  # on the root under DP: every release
+
+
+def site_data_path(template: str, institution: int) -> str:
+    """Return institution k's file: the template with {institution} filled in."""
+    try:
+        return template.format(institution=institution)
+    except (KeyError, IndexError, ValueError) as err:
+        raise UserError(f"data.train: {template!r} is not a valid template ({err}); the only "
+                        "field is {institution}") from None
+
+
+def open_site_data(cfg: dict, fed: Federation, dtype):
+    """Open this rank's training rows; return (shard, stream_comm, institution samples, classes).
+
+    With a template, institution k's ranks shard file k among themselves; without one, the file
+    is sharded over the world, and an institution holds its ranks' rows.
+    """
+    data = cfg["data"]
+    templated = "{institution}" in data["train"]
+    if templated:
+        path, comm = site_data_path(data["train"], fed.institution), fed.site
+    else:
+        path, comm = data["train"], fed.world
+    shard, classes = raise_together(fed.world, lambda: open_checked_shard(
+        comm, path, data["x"], data["y"], dtype, f"data.train (institution {fed.institution})"))
+    samples = shard.info.samples if templated else fed.site.allreduce(len(shard), op=MPI.SUM)
+    features = _allgather_ints(fed.world, shard.info.features)
+    if len(set(features)) > 1:
+        raise UserError(f"data.train: institutions' files have different feature counts "
+                        f"({sorted(set(features))}); every site needs the same features")
+    declared = {c for c in _allgather_ints(fed.world, shard.info.num_classes) if c >= 0}
+    if len(declared) > 1:
+        raise UserError(f"data.train: institutions' files declare different num_classes "
+                        f"({sorted(declared)}); give every site the same num_classes attribute")
+    return shard, comm, samples, max(_allgather_ints(fed.world, classes))
+
+
+def _allgather_ints(comm, value: int | None) -> list[int]:
+    """Every rank's integer (None as -1), in an int64 buffer: nothing pickled across
+    institutions."""
+    every = np.empty(comm.size, dtype=np.int64)
+    comm.Allgather(np.array([-1 if value is None else value], dtype=np.int64), every)
+    return every.tolist()
+
+
+def local_step_count(fed_cfg: dict, per_epoch: int) -> int:
+    """Return this institution's local steps per round."""
+    if fed_cfg["local_epochs"] is not None:
+        return fed_cfg["local_epochs"] * per_epoch
+    if fed_cfg["local_steps"] == "proportional":
+        return per_epoch  # one local epoch: steps in proportion to the institution's data
+    return fed_cfg["local_steps"]
+
+
+def open_site(cfg: dict, fed: Federation, xp) -> Site:
+    """Open this rank's data and test shard, build the model, plan the local steps."""
+    fed_cfg, optim, world = cfg["federated"], cfg["optim"], fed.world
+    dtype = np.dtype(cfg["model"]["dtype"])
+    shard, stream_comm, samples, classes = open_site_data(cfg, fed, dtype)
+    spec, params = raise_together(world, lambda: build_model(cfg, shard.info.input_shape, classes,
+                                                             xp, dtype, ranks=fed.site.size))
+    smallest = fed.site.allreduce(len(shard), op=MPI.MIN)
+    per_epoch = smallest // optim["batch_size"]
+    raise_together(world, lambda: _check_batch(per_epoch, optim["batch_size"], smallest, fed))
+    test = open_test_shard(world, cfg, spec, dtype) if cfg["data"]["test"] else None
+    secure = fed_cfg["secure_aggregation"]
+    # Under secure aggregation the root learns only sums, so not each institution's count.
+    site_samples = None
+    if fed.is_leader and not secure:
+        every = np.empty(len(fed.sizes), dtype=np.int64) if fed.is_root else None
+        fed.leaders.Gather(np.array([samples], dtype=np.int64), every, root=0)
+        site_samples = every.tolist() if fed.is_root else None
+    dp = raise_together(world, lambda: dp_settings(fed_cfg, len(fed.sizes)))
+    identity = None
+    if secure:
+        raise_together(world, lambda: _check_senders(fed_cfg, dp, len(fed.sizes)))
+        ring_scales(fed_cfg, dp, len(fed.sizes))  # a ring too small fails on every rank
+        if fed_cfg["keys"]:
+            identity = raise_together(world, lambda: load_identity(
+                fed_cfg["keys"], fed.institution, len(fed.sizes)) if fed.is_leader else None)
+    private = secure or dp is not None
+    return Site(shard=shard, stream_comm=stream_comm, samples=samples, spec=spec, params=params,
+                per_epoch=per_epoch, local_steps=local_step_count(fed_cfg, per_epoch), test=test,
+                dp=dp, site_samples=site_samples,
+                aggregator=PrivateAggregator(fed_cfg, dp, fed, identity) if private else None)
+
+
+def _check_senders(fed_cfg: dict, dp, institutions: int) -> None:
+    """Refuse, before round 1, secure aggregation with fewer leaders sending than
+    federated.min_participants (under DP every leader sends every round)."""
+    senders = institutions if dp else max(1, round(fed_cfg["fraction"] * institutions))
+    if senders < fed_cfg["min_participants"]:
+        raise UserError(f"federated.min_participants: secure aggregation with {senders} leaders "
+                        f"sending per round is refused (at least {fed_cfg['min_participants']}; "
+                        "with two, the root subtracts its own vector and reads the other's); "
+                        "add institutions or raise federated.fraction")
+
+
+def _check_batch(per_epoch, batch, smallest, fed):
+    if per_epoch == 0:
+        raise UserError(f"optim.batch_size: {batch} rows per rank is more than the smallest shard "
+                        f"of institution {fed.institution} ({smallest} rows); lower it")
+
