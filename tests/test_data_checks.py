@@ -8,7 +8,7 @@ import pytest
 from conftest import run_mpi, write_site
 from mpi4py import MPI
 
-from mpifed.config import ModelConfig
+from mpifed.config import DPConfig, FederatedConfig, ModelConfig
 from mpifed.data.shards import Shard, describe
 from mpifed.errors import UserError
 from mpifed.federated.dp import update_noise_multiplier
@@ -132,11 +132,12 @@ def test_broken_model_files_are_named(tmp_path):
 
 @pytest.mark.parametrize("institutions", [1, 2, 3, 5, 10, 11, 100])
 def test_adaptive_dp_defaults_work_for_small_federations(institutions):
-    dp = {"clip": 1.0, "noise_multiplier": 1.0, "delta": 1e-5, "adaptive": True,
-          "target_quantile": 0.5, "clip_lr": 0.2, "clip_count_stddev": None, "max_epsilon": 0}
-    got = dp_settings({"dp": dp, "fraction": 1.0, "secure_aggregation": False}, institutions)
-    assert got["clip_count_stddev"] == max(institutions / 20, 1.0)  # max(qK/20, z), README
-    assert update_noise_multiplier(1.0, got["clip_count_stddev"]) <= 1 / np.sqrt(0.75) + 1e-12
+    dp = DPConfig(clip=1.0, noise_multiplier=1.0, delta=1e-5, adaptive=True)
+    fed = FederatedConfig(institutions=institutions, fraction=1.0, dp=dp)
+    got = dp_settings(fed, institutions)
+    assert got.clip_count_stddev == max(institutions / 20, 1.0)  # max(qK/20, z), README
+    assert update_noise_multiplier(1.0, got.clip_count_stddev) <= 1 / np.sqrt(0.75) + 1e-12
+    assert fed.dp.clip_count_stddev is None  # derived for the run, never written back
 
 
 def test_institutions_declaring_different_num_classes(tmp_path):

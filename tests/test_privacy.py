@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from mpifed.config import DPConfig
 from mpifed.errors import UserError
 from mpifed.federated.dp import (
     adapt_clip,
@@ -95,8 +96,8 @@ def test_the_adaptive_epsilon_is_that_of_the_two_mechanisms_actually_run():
     """Item 1: the count's sensitivity is read off what leaders send; the epsilon the run
     reports equals dp-accounting's for Gaussian(z_update) composed with Gaussian(sigma_b /
     sensitivity)."""
-    dp = {"clip": 1.0, "adaptive": True, "noise_multiplier": 1.2, "clip_count_stddev": 1.0,
-          "delta": 1e-5, "accountant": "rdp"}
+    dp = DPConfig(clip=1.0, adaptive=True, noise_multiplier=1.2, clip_count_stddev=1.0,
+                  delta=1e-5, accountant="rdp")
     size, global_host = 10, np.zeros(10)
     under = leader_vector(np.full(size, 0.01), global_host, SiteReport(), 1.0, dp, 1.0)
     over = leader_vector(np.full(size, 10.0), global_host, SiteReport(), 1.0, dp, 1.0)
@@ -116,7 +117,7 @@ def test_the_adaptive_epsilon_is_that_of_the_two_mechanisms_actually_run():
 def test_no_loss_and_no_weight_leave_an_institution_under_dp():
     """Items 2 and 10: under DP the vector is the clipped update (+ b - 1/2 if adaptive)."""
     report = SiteReport(samples=17, steps=3, loss=0.123)
-    fixed = {"adaptive": False}
+    fixed = DPConfig(adaptive=False)
     vector = leader_vector(np.ones(4), np.zeros(4), report, 1.0, fixed, 100.0)
     np.testing.assert_array_equal(vector, np.ones(4))  # the update only: no loss, no count
     plain = leader_vector(np.ones(4), np.zeros(4), report, 17.0, None, 0.0)
@@ -160,7 +161,7 @@ def test_pld_without_dp_accounting_names_the_package(monkeypatch):
 def test_per_institution_epsilon_counts_each_ones_rounds_without_amplification():
     """Item 3, without secure aggregation: institution k's epsilon is the unsampled
     Gaussian's over the rounds k took part in; the record's epsilon is the largest."""
-    dp = {"noise_multiplier": 1.3, "delta": 1e-5, "accountant": "rdp"}
+    dp = DPConfig(noise_multiplier=1.3, delta=1e-5, accountant="rdp")
     taken = [[0, 1], [1], [1, 2], [0, 1, 2], [1]]
     entries = [release_entry(dp, r, 0.5, chosen) for r, chosen in enumerate(taken)]
     largest, each = ledger_epsilon(dp, entries, 4)
@@ -172,7 +173,7 @@ def test_per_institution_epsilon_counts_each_ones_rounds_without_amplification()
 
 
 def test_the_ledger_is_append_only_and_read_back(tmp_path):
-    dp = {"noise_multiplier": 1.0, "delta": 1e-5, "accountant": "rdp"}
+    dp = DPConfig(noise_multiplier=1.0, delta=1e-5, accountant="rdp")
     ledger = PrivacyLedger(str(tmp_path))
     for r in (0, 1, 1):  # round 2 replayed after a crash
         ledger.append(release_entry(dp, r, 1.0, None))
@@ -183,7 +184,7 @@ def test_the_ledger_is_append_only_and_read_back(tmp_path):
 
 def test_a_new_run_after_a_finished_one_keeps_composing_the_ledger(tmp_path):
     """Its model may continue from the finished run's checkpoints: no release may be forgotten."""
-    dp = {"noise_multiplier": 1.0, "delta": 1e-5, "accountant": "rdp"}
+    dp = DPConfig(noise_multiplier=1.0, delta=1e-5, accountant="rdp")
     PrivacyLedger(str(tmp_path)).append(release_entry(dp, 0, 1.0, None))
     (tmp_path / "model.h5").write_bytes(b"a finished run's model")
     set_aside_finished_run(str(tmp_path))

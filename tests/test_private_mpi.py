@@ -8,6 +8,7 @@ from __future__ import annotations
 import pickle
 import shutil
 import tempfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from mpi4py import MPI
 from private_helpers import private_aggregate
 
 import mpifed.federated.private_aggregation as private
+from mpifed.config import resolve
 from mpifed.errors import UserError
 from mpifed.federated.exchange import SiteReport
 from mpifed.federated.identity import generate_keys, load_identity
@@ -22,14 +24,13 @@ from mpifed.federated.institutions import make_federation
 from mpifed.federated.key_exchange import Relay
 from mpifed.federated.masked_sum import MaskedSum
 from mpifed.federated.transcript import ENTRY
-from mpifed.train.config import resolve
 
 pytestmark = pytest.mark.mpi
 
 SIZE = 257
 
 
-def config(institutions: int, secure: bool, dp=None, keys="") -> dict:
+def config(institutions: int, secure: bool, dp=None, keys=""):
     return resolve({"data": {"train": "site-{institution}.h5"},
                     "federated": {"institutions": institutions, "secure_aggregation": secure,
                                   "secure_max_samples": 1000, "secure_range": 4.0,
@@ -74,7 +75,7 @@ def test_the_root_gets_the_weighted_sums(fed, secure, idle):
     global_host = np.linspace(-1, 1, SIZE)
     params = global_host + update_of(fed.institution)
     cfg = config(count, secure)
-    sums = private_aggregate(cfg["federated"], None, fed, params, global_host,
+    sums = private_aggregate(cfg.federated, None, fed, params, global_host,
                              report_of(fed.institution), chosen, 3, {})
     if not fed.is_root:
         assert sums is None
@@ -113,7 +114,7 @@ def test_under_dp_every_leader_sends_and_the_unsampled_send_zeros(fed, identity,
     monkeypatch.setattr(np.random, "default_rng", refuse)
     MPI.pickle.__init__(pickle.dumps, refuse)
     try:
-        sums = private_aggregate(cfg["federated"], cfg["federated"]["dp"], fed, params,
+        sums = private_aggregate(cfg.federated, cfg.federated.dp, fed, params,
                                  global_host, SiteReport(), list(range(count)), 0, {},
                                  sampled=sampled, identity=identity if secure else None)
     finally:
@@ -130,9 +131,9 @@ def test_under_dp_every_leader_sends_and_the_unsampled_send_zeros(fed, identity,
 def test_fewer_senders_than_min_participants_is_refused_on_every_rank(fed):
     count = len(fed.sizes)
     cfg = config(count, True)
-    cfg["federated"]["min_participants"] = 3
+    cfg = cfg.with_values(federated=replace(cfg.federated, min_participants=3))
     with pytest.raises(UserError) as info:
-        private_aggregate(cfg["federated"], None, fed, np.zeros(SIZE), np.zeros(SIZE),
+        private_aggregate(cfg.federated, None, fed, np.zeros(SIZE), np.zeros(SIZE),
                           report_of(fed.institution), [0, 1][:count], 0, {})
     messages = fed.world.allgather(str(info.value))
     assert len(set(messages)) == 1 and "federated.min_participants = 3" in messages[0]
@@ -151,7 +152,7 @@ def test_a_leader_reusing_another_leaders_key_fails_on_every_rank(fed, monkeypat
     if fed.institution in (1, count - 1):  # two institutions share one key pair
         monkeypatch.setattr(private, "new_keypair", lambda: (fixed, public))
     with pytest.raises(UserError) as info:
-        private_aggregate(config(count, True)["federated"], None, fed, np.zeros(SIZE),
+        private_aggregate(config(count, True).federated, None, fed, np.zeros(SIZE),
                           np.zeros(SIZE), report_of(fed.institution), list(range(count)), 0, {})
     messages = fed.world.allgather(str(info.value))
     assert len(set(messages)) == 1  # one message, the same on every rank
@@ -236,7 +237,7 @@ def test_a_lying_root_is_refused_by_every_honest_leader(fed, identity, liar, dp,
     monkeypatch.setattr(MaskedSum, "masked_ring",
                         lambda self, *a: masked.append(1) or original(self, *a))
     with pytest.raises(UserError) as info:
-        private_aggregate(cfg["federated"], cfg["federated"]["dp"], fed,
+        private_aggregate(cfg.federated, cfg.federated.dp, fed,
                           update_of(fed.institution), np.zeros(SIZE),
                           report_of(fed.institution), list(range(count)), 2, {},
                           identity=identity, relay=relay if fed.is_root else None)

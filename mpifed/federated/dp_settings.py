@@ -17,7 +17,7 @@ def default_count_stddev(noise_multiplier: float, expected_sites: float) -> floa
     return max(expected_sites / 20, noise_multiplier)
 
 
-def dp_settings(fed_cfg: dict, institutions: int) -> dict | None:
+def dp_settings(fed_cfg, institutions: int) -> dict | None:
     """Return the [federated.dp] settings a run uses (a new dict), or None without DP.
 
     Derived values are filled in here, never written back into the config: an adaptive run
@@ -29,16 +29,16 @@ def dp_settings(fed_cfg: dict, institutions: int) -> dict | None:
     if not dp:
         return None
     dp = dict(dp)
-    if dp["adaptive"] and dp["clip_count_stddev"] is None:
-        dp["clip_count_stddev"] = default_count_stddev(dp["noise_multiplier"],
-                                                       fed_cfg["fraction"] * institutions)
-    if dp["adaptive"]:
+    if dp.adaptive and dp.clip_count_stddev is None:
+        dp.clip_count_stddev = default_count_stddev(dp.noise_multiplier,
+                                                       fed_cfg.fraction * institutions)
+    if dp.adaptive:
         try:
-            update_noise_multiplier(dp["noise_multiplier"], dp["clip_count_stddev"])
+            update_noise_multiplier(dp.noise_multiplier, dp.clip_count_stddev)
         except ValueError as err:
             raise UserError(str(err)) from None
-    if fed_cfg["secure_aggregation"] and honest_shares(fed_cfg, dp, institutions) < 1:
+    if fed_cfg.secure_aggregation and honest_shares(fed_cfg, dp, institutions) < 1:
         raise UserError(f"federated.dp.colluders: with {institutions} institutions, the root and "
-                        f"{dp['colluders']} colluding leaders know every noise share; lower it "
+                        f"{dp.colluders} colluding leaders know every noise share; lower it "
                         f"to at most {institutions - 2} or add institutions")
     return dp

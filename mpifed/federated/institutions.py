@@ -15,16 +15,17 @@ from mpi4py import MPI
 from ..errors import UserError
 
 
-def institution_sizes(fed: dict, world_size: int) -> list[int]:
-    """Return the rank count of each institution from [federated] and the world size."""
-    if fed["institution_sizes"] is not None:
-        sizes = list(fed["institution_sizes"])
+def institution_sizes(fed, world_size: int) -> list[int]:
+    """Return the rank count of each institution from `fed` (the FederatedConfig) and the
+    world size."""
+    if fed.institution_sizes is not None:
+        sizes = list(fed.institution_sizes)
         if sum(sizes) != world_size:
             raise UserError(f"federated.institution_sizes: {sizes} adds up to {sum(sizes)} ranks, "
                             f"but the run has {world_size}; launch with -n {sum(sizes)} or change "
                             "the sizes")
         return sizes
-    count = fed["institutions"]
+    count = fed.institutions
     if count > world_size:
         raise UserError(f"federated.institutions: {count} institutions need at least {count} "
                         f"ranks, the run has {world_size}; launch with -n {count} or more")

@@ -46,20 +46,20 @@ class PrivacyLedger:
         self.entries.append(entry)
 
 
-def release_entry(dp: dict, rnd: int, q: float, participants: list[int] | None) -> dict:
+def release_entry(dp, rnd: int, q: float, participants: list[int] | None) -> dict:
     """The ledger line of round `rnd` (0-based): the mechanism, as the accountant needs it.
 
     participants: None under secure aggregation (amplified by the secret Poisson sample);
     otherwise the institutions the root saw send, each accounted without amplification.
     """
-    entry = {"round": rnd + 1, "noise_multiplier": dp["noise_multiplier"], "q": q,
-             "delta": dp["delta"], "accountant": dp["accountant"]}
+    entry = {"round": rnd + 1, "noise_multiplier": dp.noise_multiplier, "q": q,
+             "delta": dp.delta, "accountant": dp.accountant}
     if participants is not None:
         entry.update(q=1.0, participants=list(participants))
     return entry
 
 
-def ledger_epsilon(dp: dict, entries: list[dict], institutions: int
+def ledger_epsilon(dp, entries: list[dict], institutions: int
                    ) -> tuple[float, list[float] | None]:
     """Return (epsilon, epsilon per institution or None) of every release in `entries`.
 
@@ -76,7 +76,7 @@ def ledger_epsilon(dp: dict, entries: list[dict], institutions: int
                 per[k][event] = per[k].get(event, 0) + 1
         else:
             sampled[event] = sampled.get(event, 0) + 1
-    acc, delta = dp["accountant"], dp["delta"]
+    acc, delta = dp.accountant, dp.delta
     if not any(per):
         return account(acc, sampled, delta), None
     each = [account(acc, {e: sampled.get(e, 0) + events.get(e, 0)

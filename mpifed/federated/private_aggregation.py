@@ -51,12 +51,12 @@ class PrivateAggregator:
     model) and the call (after training). Calling without `prepare` runs both.
     """
 
-    def __init__(self, fed_cfg: dict, dp: dict | None, fed, identity: Identity | None = None,
+    def __init__(self, fed_cfg, dp, fed, identity: Identity | None = None,
                  relay: Relay | None = None):
         self.fed_cfg, self.dp, self.fed, self.identity = fed_cfg, dp, fed, identity
         self.ready: PreparedRound | None = None
         # Every rank takes part in the consistency round's agreement, leaders or not.
-        self.authenticated = bool(fed_cfg["keys"])
+        self.authenticated = bool(fed_cfg.keys)
         if self.authenticated and fed.is_leader and identity is None:
             raise ValueError("federated.keys is set but this leader was given no identity")
         self.exchange = KeyExchange(fed, identity, relay or Relay(), self.authenticated)
@@ -73,16 +73,16 @@ class PrivateAggregator:
         """
         fed, fed_cfg, dp = self.fed, self.fed_cfg, self.dp
         self.ready = None
-        if fed_cfg["secure_aggregation"] and len(senders) < fed_cfg["min_participants"]:
+        if fed_cfg.secure_aggregation and len(senders) < fed_cfg.min_participants:
             raise UserError(f"secure aggregation: round {rnd + 1} would have {len(senders)} "
                             f"leaders sending, fewer than federated.min_participants = "
-                            f"{fed_cfg['min_participants']} (with two, the root subtracts its "
+                            f"{fed_cfg.min_participants} (with two, the root subtracts its "
                             "own vector and reads the other's); refused")
         ready = PreparedRound(rnd, list(senders), 0.0, size)
         if dp:  # the root's clip: the server state's (adaptive), else the configured one
-            ready.clip = self.exchange.relay_clip(float(state.get("dp_clip", dp["clip"])),
+            ready.clip = self.exchange.relay_clip(float(state.get("dp_clip", dp.clip)),
                                                   senders, rnd)
-        if fed_cfg["secure_aggregation"]:
+        if fed_cfg.secure_aggregation:
             private = public = None
             if fed.is_leader and fed.institution in senders:
                 private, public = new_keypair()  # fresh every round
@@ -106,7 +106,7 @@ class PrivateAggregator:
             ready = self.ready
         self.ready = None  # a round's keys, masks and noise serve that round once
         fed, dp = self.fed, self.dp
-        if self.fed_cfg["secure_aggregation"]:
+        if self.fed_cfg.secure_aggregation:
             sums = self._secure_sum(params, global_host, report, sampled, ready)
         else:
             vector = None

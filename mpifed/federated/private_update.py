@@ -8,7 +8,7 @@ import numpy as np
 from .dp import COUNT_SENSITIVITY, adapt_clip
 
 
-def mean_update(sums: dict, dp: dict | None, institutions: int, q: float) -> np.ndarray:
+def mean_update(sums: dict, dp, institutions: int, q: float) -> np.ndarray:
     """Return the mean update: / sum of weights, or / q*K (DP's fixed denominator)."""
     denominator = q * institutions if dp else sums["weight"]
     if denominator <= 0:
@@ -16,15 +16,15 @@ def mean_update(sums: dict, dp: dict | None, institutions: int, q: float) -> np.
     return sums["delta_sum"] / denominator
 
 
-def next_clip(dp: dict, clip: float, sums: dict, institutions: int, q: float) -> float:
+def next_clip(dp, clip: float, sums: dict, institutions: int, q: float) -> float:
     """Adaptive clipping: move the clip toward the target quantile of the update norms.
 
     The noised sum of (b - 1/2) over the participants, / q K, plus the 1/2 added back.
     """
-    if not dp["adaptive"]:
+    if not dp.adaptive:
         return clip
     fraction_under = sums["under_clip"] / max(q * institutions, 1e-12) + COUNT_SENSITIVITY
-    return adapt_clip(clip, fraction_under, dp["target_quantile"], dp["clip_lr"])
+    return adapt_clip(clip, fraction_under, dp.target_quantile, dp.clip_lr)
 
 
 def apply_private_sums(strategy, dp, sums, global_params, institutions: int, q: float,

@@ -27,7 +27,7 @@ from ..federated.exchange import SiteReport, broadcast_global, collect_at_root, 
 from ..federated.institutions import Federation, institution_sizes, make_federation
 from ..federated.ledger import PrivacyLedger
 from ..federated.private_update import apply_private_sums
-from ..federated.strategies import DEFAULT_SERVER_LR, STRATEGIES, ServerHyper
+from ..federated.strategies import STRATEGIES, ServerHyper
 from ..nn.io import save_model
 from ..optim import learning_rate, make_optimizer
 from ..xp import to_host
@@ -42,45 +42,46 @@ from .setup import batch_loader, prepare_out, running, start_report, stop_early
 from .step import make_step
 
 
-def run_federation(cfg: dict, world, xp) -> dict:
-    """Run the federation that `cfg` describes on `world`; return the summary (on every rank)."""
-    fed_cfg, run = cfg["federated"], cfg["run"]
+def run_federation(cfg, world, xp) -> dict:
+    """Run the federation that `cfg` (a Config with [federated]) describes on `world`; return
+    the summary (on every rank)."""
+    fed_cfg, run = cfg.federated, cfg.run
     fed = make_federation(world, institution_sizes(fed_cfg, world.size))
     site = open_site(cfg, fed, xp)
     out = prepare_out(cfg, world)
     first, site_steps, server_state = resume_round(cfg, fed, site.params)
     reporter = start_report(
-        cfg, out, fed.is_root, fed_cfg["rounds"], first,
+        run.progress, out, fed.is_root, fed_cfg.rounds, first,
         f"mpifed federated: {len(fed.sizes)} institutions of {fed.sizes} ranks, strategy "
-        f"{fed_cfg['strategy']}, {fed_cfg['rounds']} rounds, {site.spec.kind} {site.spec.sizes}",
+        f"{fed_cfg.strategy}, {fed_cfg.rounds} rounds, {site.spec.kind} {site.spec.sizes}",
         "round")
-    step_fn = make_step(site.spec, site.params, fed.site, SimpleNamespace(**cfg["comm"]), xp)
+    step_fn = make_step(site.spec, site.params, fed.site, cfg.comm, xp)
     if not step_fn.holds_whole_model:  # ZeRO-3: each rank keeps its chunk; the leader also
         site.params = site.params if fed.is_leader else None  # the whole model to exchange
     else:
         site.params = step_fn.params  # all-gathered after every step, whole on every rank
-    loader = batch_loader(cfg, site.shard, site.per_epoch, site.stream_comm.rank, site_steps, xp)
-    hyper = ServerHyper(fed_cfg["server_lr"] or DEFAULT_SERVER_LR.get(fed_cfg["strategy"], 1.0),
-                        fed_cfg["beta1"], fed_cfg["beta2"], fed_cfg["tau"])
+    loader = batch_loader(cfg.data, cfg.optim.batch_size, run.seed, site.shard, site.per_epoch,
+                          site.stream_comm.rank, site_steps, xp)
+    hyper = ServerHyper(fed_cfg.server_step, fed_cfg.beta1, fed_cfg.beta2, fed_cfg.tau)
     if site.dp is not None and fed.is_root:
         site.ledger = PrivacyLedger(out)
     start, last, stopped = time.perf_counter(), {}, ""
     with running(loader, step_fn) as flag:
-        for rnd in range(first, fed_cfg["rounds"]):
+        for rnd in range(first, fed_cfg.rounds):
             if over_budget(site, fed, fed_cfg, rnd):  # the root decides for every rank
                 reporter.record(event="budget", round=rnd, epsilon=last.get("epsilon"))
                 reporter.line(f"stopping before round {rnd + 1}: it would exceed "
-                              f"federated.dp.max_epsilon = {site.dp['max_epsilon']}")
+                              f"federated.dp.max_epsilon = {site.dp.max_epsilon}")
                 break
             last, server_state, advanced = run_round(cfg, fed, site, step_fn, loader, rnd,
                                                       hyper, server_state, xp)
             site_steps += site.local_steps if advanced else 0
-            report_round(reporter, last, site, fed, fed_cfg["rounds"], xp,
+            report_round(reporter, last, site, fed, fed_cfg.rounds, xp,
                          model_source(step_fn))
             faults.inject("round", rnd + 1, world.rank)
             stop = _any_flag(world, flag.value)
-            every = run["checkpoint_every"]
-            if stop or (every and (rnd + 1) % every == 0 and rnd + 1 < fed_cfg["rounds"]):
+            every = run.checkpoint_every
+            if stop or (every and (rnd + 1) % every == 0 and rnd + 1 < fed_cfg.rounds):
                 write_round_checkpoint(cfg, fed, site.params, server_state, rnd + 1,
                                        site_steps)
             if stop:
@@ -88,7 +89,7 @@ def run_federation(cfg: dict, world, xp) -> dict:
                 break
     step_fn.free()
     if stopped:
-        return stop_early(cfg, world, reporter, rnd + 1, stopped)
+        return stop_early(run.out, world, reporter, rnd + 1, stopped)
     return finish_federation(cfg, fed, site, reporter, last, time.perf_counter() - start)
 
 
@@ -102,7 +103,7 @@ def _any_flag(world, value: int) -> bool:
 def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, xp):
     """Run one round on every rank; return (record for rank 0, server state, whether this
     institution's data stream advanced)."""
-    fed_cfg, params = cfg["federated"], site.params
+    fed_cfg, params = cfg.federated, site.params
     t0 = time.perf_counter()
     comm_before = step_fn.comm_seconds
     private = site.aggregator is not None
@@ -110,7 +111,7 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
     keeps_global = fed.is_root or (private and fed.is_leader)
     global_params = to_host(params).astype(np.float64) if keeps_global else None  # round start
     report = SiteReport(samples=site.samples, steps=site.local_steps)
-    secret = fed_cfg["secure_aggregation"] and site.dp is not None
+    secret = fed_cfg.secure_aggregation and site.dp is not None
     release, t_prepare = {}, time.perf_counter()
     if private:  # clip, keys, masks and noise do not depend on the model: before training
         site.aggregator.prepare(senders, rnd, server_state,
@@ -131,19 +132,19 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
     t_exchange = time.perf_counter()
     to_root = from_root = 0
     record = {"round": rnd + 1}
-    strategy = STRATEGIES[fed_cfg["strategy"]]
+    strategy = STRATEGIES[fed_cfg.strategy]
     if private:
         record.update(release)
         sums = site.aggregator(params if params is not None else _stand_in(step_fn),
                                global_params, report, senders, takes_part, rnd, server_state)
         if fed.is_root:
             new, server_state, fields = apply_private_sums(
-                strategy, site.dp, sums, global_params, len(fed.sizes), fed_cfg["fraction"],
+                strategy, site.dp, sums, global_params, len(fed.sizes), fed_cfg.fraction,
                 server_state, hyper)
             params[...] = xp.asarray(new.astype(params.dtype))
             record.update(fields)
             to_root = sums["bytes"]
-            if not (fed_cfg["secure_aggregation"] and site.dp):  # public samples only
+            if not (fed_cfg.secure_aggregation and site.dp):  # public samples only
                 record["participants"] = senders
     else:
         quiet_barrier(fed.world)  # wait for the slowest institution without taking its core
@@ -170,17 +171,17 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
 
 def local_training(cfg, fed, site: Site, step_fn, loader, rnd: int, xp) -> SiteReport:
     """Take this institution's local steps from the global model; return its report."""
-    fed_cfg, optim = cfg["federated"], cfg["optim"]
+    fed_cfg, optim = cfg.federated, cfg.optim
     report = SiteReport(samples=site.samples, steps=site.local_steps)
-    anchor = step_fn.anchor() if fed_cfg["strategy"] == "fedprox" else None
+    anchor = step_fn.anchor() if fed_cfg.strategy == "fedprox" else None
     optimizer = make_optimizer(optim)  # each round starts the local optimiser afresh
-    lr = learning_rate(rnd, optim["lr"], fed_cfg["rounds"], optim["schedule"],
-                       optim["warmup"], optim["step_size"], optim["gamma"])
+    lr = learning_rate(rnd, optim.lr, fed_cfg.rounds, optim.schedule,
+                       optim.warmup, optim.step_size, optim.gamma)
     steps = site.local_steps
     losses = [step_fn(*loader.get()[1:], optimizer, lr, rnd * steps + t + 1, anchor,
-                      fed_cfg["mu"]) for t in range(steps)]
+                      fed_cfg.mu) for t in range(steps)]
     report.loss = float(np.mean(losses))
-    if fed_cfg["evaluate_local"]:
+    if fed_cfg.evaluate_local:
         local = evaluate(site.spec, model_source(step_fn), site.shard, fed.site, xp)  # its own
         report.local_loss, report.local_accuracy = local["loss"], local["accuracy"]
     return report
@@ -194,7 +195,7 @@ def _stand_in(step_fn):
 
 def finish_federation(cfg, fed: Federation, site: Site, reporter, last, seconds) -> dict:
     """Write the model (root) and the summary; free the institutions' communicators."""
-    out = cfg["run"]["out"]
+    out = cfg.run.out
     if fed.is_root:
         save_model(os.path.join(out, "model.h5"), site.spec, site.params)
     summary = {"event": "summary", "rounds": last.get("round", 0), "seconds": seconds,

@@ -16,7 +16,7 @@ def _mpi_shape(fed: Federation) -> dict:
     return {"ranks": fed.world.size, "institution_sizes": fed.sizes}
 
 
-def resume_round(cfg: dict, fed: Federation, params) -> tuple[int, int, dict]:
+def resume_round(cfg, fed: Federation, params) -> tuple[int, int, dict]:
     """Return (rounds done, this institution's local steps done, server state) from run.resume."""
     world = fed.world
     found = raise_together(world, lambda: choose_checkpoint(cfg, "round", _mpi_shape(fed))
@@ -45,11 +45,11 @@ def write_round_checkpoint(cfg, fed, params, server_state, rounds_done, site_ste
         steps = [0] * len(fed.sizes)
         for institution, count in per_rank.tolist():
             steps[institution] = count
-        save_checkpoint(cfg["run"]["out"], "round", rounds_done, params, server_state,
+        save_checkpoint(cfg.run.out, "round", rounds_done, params, server_state,
                         {"round": rounds_done, "site_steps": steps,
-                         "rng": {"seed": cfg["run"]["seed"],
+                         "rng": {"seed": cfg.run.seed,
                                  "permutation": "(seed, epoch, site rank)",
                                  "sampling": "(seed, round)"}}, cfg, _mpi_shape(fed),
-                        cfg["run"]["keep_checkpoints"])
+                        cfg.run.keep_checkpoints)
     fed.world.Barrier()
 

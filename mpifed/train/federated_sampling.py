@@ -18,14 +18,14 @@ def round_senders(cfg, fed, site: Site, rnd: int) -> tuple[list[int], bool]:
     who took part nor how many. Otherwise the sample is public (seeded by run.seed): Poisson
     under DP (accounted without amplification), a fixed-size draw without.
     """
-    fed_cfg, count = cfg["federated"], len(fed.sizes)
-    if fed_cfg["secure_aggregation"] and site.dp:
-        drawn = np.array([secure_bernoulli(fed_cfg["fraction"]) if fed.is_leader else 0],
+    fed_cfg, count = cfg.federated, len(fed.sizes)
+    if fed_cfg.secure_aggregation and site.dp:
+        drawn = np.array([secure_bernoulli(fed_cfg.fraction) if fed.is_leader else 0],
                          dtype=np.int64)
         fed.site.Bcast(drawn, root=0)  # inside the institution
         return list(range(count)), bool(drawn[0])
     choose = poisson_participants if site.dp else participants
-    chosen = choose(count, fed_cfg["fraction"], cfg["run"]["seed"], rnd)
+    chosen = choose(count, fed_cfg.fraction, cfg.run.seed, rnd)
     return chosen, fed.institution in chosen
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..comm.agree import raise_together
+from ..config import DPConfig
 from ..data.shards import Shard
 from ..errors import UserError
 from ..federated.dp_settings import dp_settings
@@ -34,7 +35,7 @@ class Site:
     per_epoch: int  # steps per local epoch (the institution's smallest shard decides)
     local_steps: int  # local steps per round (FedNova's tau_k; not federated.tau)
     test: Shard | None  # this rank's rows of data.test
-    dp: dict | None  # the DP settings in use (dp_settings), None without DP
+    dp: DPConfig | None  # the DP settings in use (dp_settings: derived values filled in)
     site_samples: list[int] | None  # on the root without secure aggregation: every n_k
     aggregator: PrivateAggregator | None = None  # with secure aggregation or DP
     ledger: PrivacyLedger | None = None  # on the root under DP: every release
@@ -49,20 +50,20 @@ def site_data_path(template: str, institution: int) -> str:
                         "field is {institution}") from None
 
 
-def open_site_data(cfg: dict, fed: Federation, dtype):
+def open_site_data(cfg, fed: Federation, dtype):
     """Open this rank's training rows; return (shard, stream_comm, institution samples, classes).
 
     With a template, institution k's ranks shard file k among themselves; without one, the file
     is sharded over the world, and an institution holds its ranks' rows.
     """
-    data = cfg["data"]
-    templated = "{institution}" in data["train"]
+    data = cfg.data
+    templated = "{institution}" in data.train
     if templated:
-        path, comm = site_data_path(data["train"], fed.institution), fed.site
+        path, comm = site_data_path(data.train, fed.institution), fed.site
     else:
-        path, comm = data["train"], fed.world
+        path, comm = data.train, fed.world
     shard, classes = raise_together(fed.world, lambda: open_checked_shard(
-        comm, path, data["x"], data["y"], dtype, f"data.train (institution {fed.institution})"))
+        comm, path, data.x, data.y, dtype, f"data.train (institution {fed.institution})"))
     samples = shard.info.samples if templated else fed.site.allreduce(len(shard), op=MPI.SUM)
     features = _allgather_ints(fed.world, shard.info.features)
     if len(set(features)) > 1:
@@ -83,27 +84,27 @@ def _allgather_ints(comm, value: int | None) -> list[int]:
     return every.tolist()
 
 
-def local_step_count(fed_cfg: dict, per_epoch: int) -> int:
+def local_step_count(fed_cfg, per_epoch: int) -> int:
     """Return this institution's local steps per round."""
-    if fed_cfg["local_epochs"] is not None:
-        return fed_cfg["local_epochs"] * per_epoch
-    if fed_cfg["local_steps"] == "proportional":
+    if fed_cfg.local_epochs is not None:
+        return fed_cfg.local_epochs * per_epoch
+    if fed_cfg.local_steps == "proportional":
         return per_epoch  # one local epoch: steps in proportion to the institution's data
-    return fed_cfg["local_steps"]
+    return fed_cfg.local_steps
 
 
-def open_site(cfg: dict, fed: Federation, xp) -> Site:
+def open_site(cfg, fed: Federation, xp) -> Site:
     """Open this rank's data and test shard, build the model, plan the local steps."""
-    fed_cfg, optim, world = cfg["federated"], cfg["optim"], fed.world
-    dtype = np.dtype(cfg["model"]["dtype"])
+    fed_cfg, optim, world = cfg.federated, cfg.optim, fed.world
+    dtype = np.dtype(cfg.model.dtype)
     shard, stream_comm, samples, classes = open_site_data(cfg, fed, dtype)
     spec, params = raise_together(world, lambda: build_model(cfg, shard.info.input_shape, classes,
                                                              xp, dtype, ranks=fed.site.size))
     smallest = fed.site.allreduce(len(shard), op=MPI.MIN)
-    per_epoch = smallest // optim["batch_size"]
-    raise_together(world, lambda: _check_batch(per_epoch, optim["batch_size"], smallest, fed))
-    test = open_test_shard(world, cfg, spec, dtype) if cfg["data"]["test"] else None
-    secure = fed_cfg["secure_aggregation"]
+    per_epoch = smallest // optim.batch_size
+    raise_together(world, lambda: _check_batch(per_epoch, optim.batch_size, smallest, fed))
+    test = open_test_shard(world, cfg, spec, dtype) if cfg.data.test else None
+    secure = fed_cfg.secure_aggregation
     # Under secure aggregation the root learns only sums, so not each institution's count.
     site_samples = None
     if fed.is_leader and not secure:
@@ -115,9 +116,9 @@ def open_site(cfg: dict, fed: Federation, xp) -> Site:
     if secure:
         raise_together(world, lambda: _check_senders(fed_cfg, dp, len(fed.sizes)))
         ring_scales(fed_cfg, dp, len(fed.sizes))  # a ring too small fails on every rank
-        if fed_cfg["keys"]:
+        if fed_cfg.keys:
             identity = raise_together(world, lambda: load_identity(
-                fed_cfg["keys"], fed.institution, len(fed.sizes)) if fed.is_leader else None)
+                fed_cfg.keys, fed.institution, len(fed.sizes)) if fed.is_leader else None)
     private = secure or dp is not None
     return Site(shard=shard, stream_comm=stream_comm, samples=samples, spec=spec, params=params,
                 per_epoch=per_epoch, local_steps=local_step_count(fed_cfg, per_epoch), test=test,
@@ -125,13 +126,13 @@ def open_site(cfg: dict, fed: Federation, xp) -> Site:
                 aggregator=PrivateAggregator(fed_cfg, dp, fed, identity) if private else None)
 
 
-def _check_senders(fed_cfg: dict, dp, institutions: int) -> None:
+def _check_senders(fed_cfg, dp, institutions: int) -> None:
     """Refuse, before round 1, secure aggregation with fewer leaders sending than
     federated.min_participants (under DP every leader sends every round)."""
-    senders = institutions if dp else max(1, round(fed_cfg["fraction"] * institutions))
-    if senders < fed_cfg["min_participants"]:
+    senders = institutions if dp else max(1, round(fed_cfg.fraction * institutions))
+    if senders < fed_cfg.min_participants:
         raise UserError(f"federated.min_participants: secure aggregation with {senders} leaders "
-                        f"sending per round is refused (at least {fed_cfg['min_participants']}; "
+                        f"sending per round is refused (at least {fed_cfg.min_participants}; "
                         "with two, the root subtracts its own vector and reads the other's); "
                         "add institutions or raise federated.fraction")
 
