@@ -17,21 +17,20 @@ def default_count_stddev(noise_multiplier: float, expected_sites: float) -> floa
     return max(expected_sites / 20, noise_multiplier)
 
 
-def dp_settings(fed_cfg, institutions: int) -> dict | None:
-    """Return the [federated.dp] settings a run uses (a new dict), or None without DP.
+def dp_settings(fed_cfg, institutions: int):
+    """Return the DPConfig a run uses (a copy of fed_cfg.dp), or None without DP.
 
     Derived values are filled in here, never written back into the config: an adaptive run
     without clip_count_stddev gets Andrew et al.'s q*K/20. Raises UserError when the count's
     noise would leave none for the updates, or when under secure aggregation no leader's noise
     share is left that the root and the colluders do not know.
     """
-    dp = fed_cfg.get("dp")
-    if not dp:
+    dp = fed_cfg.dp
+    if dp is None:
         return None
-    dp = dict(dp)
     if dp.adaptive and dp.clip_count_stddev is None:
-        dp.clip_count_stddev = default_count_stddev(dp.noise_multiplier,
-                                                       fed_cfg.fraction * institutions)
+        dp = replace(dp, clip_count_stddev=default_count_stddev(
+            dp.noise_multiplier, fed_cfg.fraction * institutions))
     if dp.adaptive:
         try:
             update_noise_multiplier(dp.noise_multiplier, dp.clip_count_stddev)

@@ -98,12 +98,13 @@ def open_site(cfg, fed: Federation, xp) -> Site:
     fed_cfg, optim, world = cfg.federated, cfg.optim, fed.world
     dtype = np.dtype(cfg.model.dtype)
     shard, stream_comm, samples, classes = open_site_data(cfg, fed, dtype)
-    spec, params = raise_together(world, lambda: build_model(cfg, shard.info.input_shape, classes,
-                                                             xp, dtype, ranks=fed.site.size))
+    spec, params = raise_together(world, lambda: build_model(
+        cfg.model, cfg.run.seed, shard.info.input_shape, classes, xp, dtype, cfg.comm.shard,
+        ranks=fed.site.size))
     smallest = fed.site.allreduce(len(shard), op=MPI.MIN)
     per_epoch = smallest // optim.batch_size
     raise_together(world, lambda: _check_batch(per_epoch, optim.batch_size, smallest, fed))
-    test = open_test_shard(world, cfg, spec, dtype) if cfg.data.test else None
+    test = open_test_shard(world, cfg.data, spec, dtype) if cfg.data.test else None
     secure = fed_cfg.secure_aggregation
     # Under secure aggregation the root learns only sums, so not each institution's count.
     site_samples = None
