@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..errors import UserError
 from .dp import update_noise_multiplier
 from .masked_sum import honest_shares
