@@ -8,7 +8,8 @@ MPI_TIMEOUT ?= 600
 NP ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install test test-serial test-mpi test-multinode test-slurm test-gpu demo bench lint clean
+.PHONY: install test test-serial test-unit test-launcher test-mpi test-multinode test-slurm test-gpu \
+        demo bench lint docs-reference clean
 
 install: $(VENV)/.installed
 
@@ -18,36 +19,46 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,mpich]'
 	touch $@
 
+# Tests by kind, a folder each: tests/unit (one process, no launcher), tests/launcher (mpiexec
+# or the CLI in a subprocess), tests/mpi (pytest under mpiexec; mpi(min_size=N) names the ranks
+# a test needs), tests/gpu, tests/multinode, tests/slurm.
 test: test-serial test-mpi
 
 test-serial: install
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slurm and not multinode"
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slurm and not multinode" tests/unit \
+	  tests/launcher tests/gpu
+
+test-unit: install
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit
+
+test-launcher: install
+	$(PY) -m pytest -q -p no:cacheprovider tests/launcher
 
 test-mpi: install
 	@for n in 1 2 3 4; do \
 	  echo "== MPI tests on $$n ranks"; \
 	  timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) -n $$n $(PY) -m pytest -q -p no:cacheprovider \
-	    --with-mpi -m mpi tests || exit 1; \
+	    --with-mpi -m mpi tests/mpi || exit 1; \
 	done
 
 # Several nodes for real on this host: MPICH splits the ranks into nodes (MPIR_CVAR_NUM_CLIQUES),
 # shared memory inside one, libfabric's TCP provider over loopback (FI_TCP_IFACE=lo) between
-# them. The MPI suite on 2 nodes x 2 ranks and 3 nodes x 1 rank, then tests/test_multinode.py
+# them. The MPI suite on 2 nodes x 2 ranks and 3 nodes x 1 rank, then tests/multinode/test_multinode.py
 # (collectives, training, a federation across nodes, a lost node and its resumption).
 MULTINODE_ENV = MPIR_CVAR_CLIQUES_BY_BLOCK=1 MPIR_CVAR_CH4_NETMOD=ofi FI_PROVIDER=tcp FI_TCP_IFACE=lo
 test-multinode: install
 	@for cfg in "2 4" "3 3"; do set -- $$cfg; \
 	  echo "== MPI tests on $$1 nodes, $$2 ranks (TCP over loopback between nodes)"; \
 	  $(MULTINODE_ENV) MPIR_CVAR_NUM_CLIQUES=$$1 timeout -k 10 $(MPI_TIMEOUT) $(MPIEXEC) -n $$2 \
-	    $(PY) -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests || exit 1; \
+	    $(PY) -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests/mpi || exit 1; \
 	done
-	timeout -k 10 $(MPI_TIMEOUT) $(PY) -m pytest -q -p no:cacheprovider -m multinode tests/test_multinode.py
+	timeout -k 10 $(MPI_TIMEOUT) $(PY) -m pytest -q -p no:cacheprovider -m multinode tests/multinode/test_multinode.py
 
 # The jobs/ scripts under a real single-node SLURM: needs root; installs Debian's slurm-wlm and
 # munge when missing and starts munged, slurmctld and slurmd on this host.
 test-slurm: install
 	tests/slurm/start-local-slurm.sh
-	timeout -k 10 900 $(PY) -m pytest -q -p no:cacheprovider -m slurm tests/test_slurm.py -rs
+	timeout -k 10 900 $(PY) -m pytest -q -p no:cacheprovider -m slurm tests/slurm/test_slurm.py -rs
 
 # The GPU check in one command (tests/gpu/run.sh, under ten minutes): with the Python found here
 # (.venv's, else $(PYTHON)) and no network; WHEELS=dir installs carried wheels first (default
@@ -65,6 +76,12 @@ bench: install
 	timeout -k 10 1200 $(MPIEXEC) -n $(NP) $(PY) -m mpifed bench allreduce -f 2 --json bench-out/allreduce-$(NP).json
 	timeout -k 10 1200 $(PY) -m mpifed bench suite --out bench-out/scaling
 	$(PY) -m mpifed plot --allreduce bench-out/allreduce-$(NP).json --out bench-out
+
+# The configuration reference and JSON Schema, regenerated from mpifed/config/sections.py (a test
+# fails when the committed ones differ).
+docs-reference: install
+	$(PY) -m mpifed config reference > docs/reference/configuration.md
+	$(PY) -m mpifed config schema > docs/reference/config.schema.json
 
 lint: install
 	$(VENV)/bin/ruff check mpifed tests bench

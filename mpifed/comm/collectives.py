@@ -9,7 +9,7 @@ import os
 import numpy as np
 from mpi4py import MPI
 
-from ..config.choices import ALGORITHMS  # comm.allreduce: named where MPI is not needed
+from ..choices import ALGORITHMS  # comm.allreduce: named where MPI is not needed
 from ..xp import is_device_array
 from .checks import SUPPORTED_DTYPES, check_local, signature_error
 from .hierarchical import (

@@ -13,6 +13,7 @@ is held to the same rules as one read from TOML.
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
+from ..choices import ALGORITHMS, PROGRESS_MODES, RESUME_MODES, STAGES
 from ..errors import UserError
 from ..federated.dp import ACCOUNTANTS
 from ..federated.secagg import OUT_OF_RANGE_MODES, SINT
@@ -21,10 +22,7 @@ from ..nn.models import DTYPES
 from ..nn.spec import KINDS, check_model_config
 from ..optim.optimizers import OPTIMIZERS
 from ..optim.schedules import SCHEDULES
-from ..train.checkpoint import RESUME_MODES
-from ..train.report import PROGRESS_MODES
 from ..xp import BACKENDS
-from .choices import ALGORITHMS, STAGES
 from .fields import Section, did_you_mean, setting
 
 _SERVER_LR = ", ".join(f"{k} {v}" for k, v in DEFAULT_SERVER_LR.items())

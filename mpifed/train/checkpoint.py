@@ -24,11 +24,10 @@ import time
 import h5py
 import numpy as np
 
+# run.resume: one of these words, or the path of a checkpoint file.
+from ..choices import RESUME_MODES  # noqa: F401 (run.resume, named here before)
 from ..data.atomic import atomic_path
 from ..errors import UserError
-
-# run.resume: one of these words, or the path of a checkpoint file.
-RESUME_MODES = ("auto", "never")
 
 # Keys that may change between a run and its resumption: they change how long it runs or what
 # it reports, never the bits of what it computes.

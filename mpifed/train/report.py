@@ -9,7 +9,7 @@ import sys
 from tqdm import tqdm
 
 # run.progress: "auto" is "bar" on a terminal and "lines" otherwise; "none" prints nothing.
-PROGRESS_MODES = ("auto", "bar", "lines", "none")
+from ..choices import PROGRESS_MODES  # noqa: F401 (run.progress, named here before)
 
 # The bar: percentage, bar, steps done, elapsed and remaining time, then the step's figures.
 BAR_FORMAT = "{l_bar}{bar}| step {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"

@@ -31,11 +31,11 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from ..choices import STAGES  # comm.shard's names; STEPS serves exactly these
 from ..comm import allgather, allreduce, reduce_scatter
 from ..comm.checks import check_same_signature
 from ..comm.ring import chunk_bounds
 from ..comm.stall import StallWatch
-from ..config.choices import STAGES  # comm.shard's names; STEPS serves exactly these
 from ..errors import UserError
 from ..nn.layers import Context
 from ..nn.models import loss_and_grad

@@ -144,18 +144,18 @@ PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rs)
 
 step "mpifed info, 1 rank" 60 "$MPIEXEC" -n 1 "$PY" -m mpifed info
 step "mpifed info, 2 ranks" 60 "$MPIEXEC" -n 2 "$PY" -m mpifed info
-step "NCCL on one rank, every dtype; devices" 120 "${PYTEST[@]}" tests/test_gpu.py \
+step "NCCL on one rank, every dtype; devices" 120 "${PYTEST[@]}" tests/gpu/test_gpu.py \
     -k "nccl_on_one_rank or own_gpu"
 for n in 1 2; do
     step "the collective suite on CuPy, $n rank(s)" 120 "$MPIEXEC" -n $n "${PYTEST[@]}" \
-        --with-mpi -m mpi -k cupy tests/test_collectives_mpi.py
+        --with-mpi -m mpi -k cupy tests/mpi/test_collectives_mpi.py
 done
 step "all collectives on device buffers (NCCL where GPUs >= ranks)" 120 "${PYTEST[@]}" \
-    tests/test_gpu.py -k every_collective
-step "training on CuPy == NumPy; resume; federated" 330 "${PYTEST[@]}" tests/test_gpu.py \
+    tests/gpu/test_gpu.py -k every_collective
+step "training on CuPy == NumPy; resume; federated" 330 "${PYTEST[@]}" tests/gpu/test_gpu.py \
     -k "training or resumed or federated"
-step "layers: finite differences on CuPy" 120 "${PYTEST[@]}" tests/test_layers.py -k cupy
-step "a convnet and the ZeRO stages on CuPy == NumPy" 200 "${PYTEST[@]}" tests/test_gpu.py \
+step "layers: finite differences on CuPy" 120 "${PYTEST[@]}" tests/unit/test_layers.py -k cupy
+step "a convnet and the ZeRO stages on CuPy == NumPy" 200 "${PYTEST[@]}" tests/gpu/test_gpu.py \
     -k convnet
 for n in 1 2; do
     step "ZeRO on CuPy: optimisers, stages, gather and scatter, $n rank(s)" 120 \

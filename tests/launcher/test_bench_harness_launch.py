@@ -1,0 +1,66 @@
+"""The benchmark harness: what it calls, in which order, and the record it writes. No test here
+assumes anything about how long a step takes (the machine is shared and noisy)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+
+from mpifed.benchmarks.harness import Steps, Timing
+
+
+class Calls:
+    """A fake step and sync that log every call in order."""
+
+    def __init__(self):
+        self.log = []
+
+    def step(self, i):
+        self.log.append(("step", i))
+
+    def sync(self):
+        self.log.append(("sync",))
+
+
+@pytest.mark.parametrize("module", ["train_throughput", "cnn_throughput", "gpu_throughput"])
+def test_ours_and_the_peer_run_through_one_timing_with_the_same_warmup(module, monkeypatch):
+    import importlib
+
+    bench = importlib.import_module(f"mpifed.benchmarks.{module}")
+    taken = {}
+
+    def fake(impl):
+        @contextmanager
+        def sides(*args, **kwargs):
+            calls = taken.setdefault(impl, Calls())
+            yield Steps(calls.step, calls.sync)
+        return sides
+
+    for impl in bench.SIDES:
+        monkeypatch.setitem(bench.SIDES, impl, fake(impl))
+    for impl in bench.SIDES:
+        if module == "train_throughput":
+            bench.run_worker(impl, "d.h5", 4, 3, "out")
+        elif module == "cnn_throughput":
+            bench.run_worker_steps(impl, "lenet5", "d.h5", 4, 3, "out", "numpy")
+        else:
+            bench.run_worker(impl, "d.h5", 4, 3, 128, "out")
+    assert "torch" in taken and len(taken) == len(bench.SIDES)
+    for impl, calls in taken.items():  # 3 warm-up steps, sync, 4 timed, sync: for every impl
+        assert calls.log == [*[("step", i) for i in range(3)], ("sync",),
+                             *[("step", i) for i in range(3, 7)], ("sync",)], impl
+
+
+def test_throughput_ours_runs_two_warmup_and_two_timed_steps(tmp_path):
+    """Ours for real, on one rank in this process (no mpiexec, no torch)."""
+    from mpifed.benchmarks import train_throughput as tt
+    from mpifed.benchmarks.mlp import CLASSES, FEATURES
+    from mpifed.data.synth import write_synthetic
+
+    data = str(tmp_path / "bench.h5")
+    write_synthetic(data, 512, FEATURES, CLASSES, seed=0)
+    got = tt.run_worker("ours", data, 2, 2, str(tmp_path / "out"))
+    timing = Timing.from_dict(got["timing"])
+    assert (timing.warmup, timing.steps, timing.samples_per_step) == (2, 2, tt.BATCH)
+    assert got["samples_per_s"] > 0 and 0 <= got["comm_fraction"] <= 1

@@ -1,0 +1,29 @@
+"""BLAS threads per rank: the node's cores shared among its ranks, or MPIFED_BLAS_THREADS.
+
+Runs serially on COMM_SELF and, marked mpi, under mpiexec on COMM_WORLD.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from mpi4py import MPI
+
+from mpifed.train.setup import blas_threads_per_rank
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+@pytest.mark.mpi(min_size=1)
+def test_ranks_on_a_node_share_its_cores(monkeypatch):
+    monkeypatch.delenv("MPIFED_BLAS_THREADS", raising=False)
+    monkeypatch.delenv("MPIFED_RANKS_PER_NODE", raising=False)
+    world = MPI.COMM_WORLD
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)  # MPI's own node split, the reference
+    try:
+        assert blas_threads_per_rank(world) == max(1, cores() // node.size)
+    finally:
+        node.Free()

@@ -1,0 +1,24 @@
+"""BLAS threads per rank: the node's cores shared among its ranks, or MPIFED_BLAS_THREADS.
+
+Runs serially on COMM_SELF and, marked mpi, under mpiexec on COMM_WORLD.
+"""
+
+from __future__ import annotations
+
+import os
+
+from mpi4py import MPI
+
+from mpifed.train.setup import blas_threads_per_rank
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def test_one_process_takes_every_core_and_the_variable_sets_it(monkeypatch):
+    monkeypatch.delenv("MPIFED_BLAS_THREADS", raising=False)
+    monkeypatch.delenv("MPIFED_RANKS_PER_NODE", raising=False)
+    assert blas_threads_per_rank(MPI.COMM_SELF) == cores()
+    monkeypatch.setenv("MPIFED_BLAS_THREADS", "3")
+    assert blas_threads_per_rank(MPI.COMM_SELF) == 3
