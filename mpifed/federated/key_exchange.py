@@ -97,30 +97,35 @@ class KeyExchange:
     def exchange_keys(self, senders, rnd, public: bytes | None) -> dict[int, bytes]:
         """Leaders send signed keys; the root relays the list; every sender checks it, then
         (with identities) confirms it by signing it (Bonawitz et al.'s consistency round).
-        Returns the senders' public keys on a sending leader, else {}."""
+        Returns the senders' public keys on a sending leader, else {}. The root relays every
+        round, also one it sits out (fraction < 1 without DP), with an empty row of its own."""
         fed, count = self.fed, len(self.fed.sizes)
         table = np.zeros((count, ENTRY), dtype=np.uint8)
         code, culprit = 0, fed.institution
         sending = fed.is_leader and fed.institution in senders
+        mine = np.zeros(ENTRY, dtype=np.uint8)
         if sending:
-            mine = np.zeros(ENTRY, dtype=np.uint8)
             mine[0] = 1
             mine[1:1 + PUBLIC_BYTES] = np.frombuffer(public, dtype=np.uint8)
             if self.identity is not None:
                 sig = self.identity.sign(key_message(rnd, fed.institution, public))
                 mine[1 + PUBLIC_BYTES:] = np.frombuffer(sig, dtype=np.uint8)
+        if sending or fed.is_root:
             table = self._relay(mine, senders, TAG_KEY, TAG_TABLE, self.relay.key_tables)
+        if sending:
             code, culprit = check_keys(table, senders, rnd, public, fed.institution,
                                        self.identity)
         self.agree(rnd, code, culprit)
         if self.authenticated:
             code, culprit = 0, fed.institution
+            entry = np.zeros(1 + SIGNATURE_BYTES, dtype=np.uint8)
             if sending:
                 sig = self.identity.sign(list_message(rnd, fed.institution, table))
-                entry = np.zeros(1 + SIGNATURE_BYTES, dtype=np.uint8)
                 entry[0], entry[1:] = 1, np.frombuffer(sig, dtype=np.uint8)
+            if sending or fed.is_root:
                 confirms = self._relay(entry, senders, TAG_CONFIRM, TAG_CONFIRMS,
                                        self.relay.confirmations)
+            if sending:
                 code, culprit = check_confirmations(confirms, table, senders, rnd,
                                                     fed.institution, self.identity)
             self.agree(rnd, code, culprit)

@@ -167,6 +167,6 @@ class PrivateAggregator:
             fed.leaders.Recv(buf, k, TAG_VECTOR)
             np.add(total, buf, out=total)  # wraps modulo 2^bits: the masks cancel here
             received += buf.nbytes
-        received += (len(senders) - 1) * self.exchange.relayed_bytes()
+        received += sum(k != fed.institution for k in senders) * self.exchange.relayed_bytes()
         values = self.masked.decode_sum(total, len(senders), ready)
         return split_sums(values, size, received, self.dp)

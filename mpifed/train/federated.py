@@ -107,7 +107,7 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
     t0 = time.perf_counter()
     comm_before = step_fn.comm_seconds
     private = site.aggregator is not None
-    senders, takes_part = round_senders(cfg, fed, site, rnd)
+    senders, takes_part = round_senders(cfg.federated, cfg.run.seed, fed, site, rnd)
     keeps_global = fed.is_root or (private and fed.is_leader)
     global_params = to_host(params).astype(np.float64) if keeps_global else None  # round start
     report = SiteReport(samples=site.samples, steps=site.local_steps)
@@ -121,7 +121,7 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
     prepare_seconds = time.perf_counter() - t_prepare  # part of the exchange, done early
     if takes_part:
         try:
-            report = local_training(cfg, fed, site, step_fn, loader, rnd, xp)
+            report = local_training(fed_cfg, cfg.optim, fed, site, step_fn, loader, rnd, xp)
         except UserError as err:  # agreed inside this institution only (a diverged loss):
             err.collective = False  # the other institutions wait for it, so end them too
             raise
@@ -169,9 +169,11 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
     return record, server_state, takes_part or secret
 
 
-def local_training(cfg, fed, site: Site, step_fn, loader, rnd: int, xp) -> SiteReport:
-    """Take this institution's local steps from the global model; return its report."""
-    fed_cfg, optim = cfg.federated, cfg.optim
+def local_training(fed_cfg, optim, fed, site: Site, step_fn, loader, rnd: int,
+                   xp) -> SiteReport:
+    """Take this institution's local steps from the global model; return its report.
+
+    fed_cfg, optim: the FederatedConfig (strategy, rounds, mu) and the OptimConfig."""
     report = SiteReport(samples=site.samples, steps=site.local_steps)
     anchor = step_fn.anchor() if fed_cfg.strategy == "fedprox" else None
     optimizer = make_optimizer(optim)  # each round starts the local optimiser afresh

@@ -10,22 +10,22 @@ from ..federated.institutions import participants
 from .federated_site import Site
 
 
-def round_senders(cfg, fed, site: Site, rnd: int) -> tuple[list[int], bool]:
+def round_senders(fed_cfg, seed: int, fed, site: Site, rnd: int) -> tuple[list[int], bool]:
     """Return (the institutions whose leaders send this round, whether this one trains).
 
     Under secure aggregation with DP every leader sends every round and draws its own
     participation from os.urandom (shared inside its institution only): the root learns neither
-    who took part nor how many. Otherwise the sample is public (seeded by run.seed): Poisson
-    under DP (accounted without amplification), a fixed-size draw without.
+    who took part nor how many. Otherwise the sample is public (seeded by `seed`, run.seed):
+    Poisson under DP (accounted without amplification), a fixed-size draw without.
     """
-    fed_cfg, count = cfg.federated, len(fed.sizes)
+    count = len(fed.sizes)
     if fed_cfg.secure_aggregation and site.dp:
         drawn = np.array([secure_bernoulli(fed_cfg.fraction) if fed.is_leader else 0],
                          dtype=np.int64)
         fed.site.Bcast(drawn, root=0)  # inside the institution
         return list(range(count)), bool(drawn[0])
     choose = poisson_participants if site.dp else participants
-    chosen = choose(count, fed_cfg.fraction, cfg.run.seed, rnd)
+    chosen = choose(count, fed_cfg.fraction, seed, rnd)
     return chosen, fed.institution in chosen
 
 

@@ -12,7 +12,8 @@ README = (ROOT / "README.md").read_text()
 
 
 @pytest.mark.parametrize("command", sorted(set(re.findall(
-    r"mpifed (bench (?:[a-z-]+)|data (?:[a-z]+)|keys generate|train|evaluate|info|plot|demo)\b",
+    r"mpifed (bench (?:[a-z-]+)|data (?:[a-z]+)|config (?:[a-z]+)|keys generate|train|evaluate|"
+    r"info|plot|demo)\b",
     README))))
 def test_every_mpifed_command_it_shows_answers_help(command):
     done = subprocess.run([sys.executable, "-m", "mpifed", *command.split(), "--help"],
