@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 import time
 
 import h5py
@@ -26,6 +25,9 @@ import numpy as np
 
 from ..data.atomic import atomic_path
 from ..errors import UserError
+from ..log import get_logger
+
+log = get_logger(__name__)
 
 # run.resume: one of these words, or the path of a checkpoint file.
 RESUME_MODES = ("auto", "never")
@@ -171,8 +173,7 @@ def newest_valid(out: str, kind: str) -> dict | None:
             bad.append(str(err))
             continue
         for message in bad:
-            print(f"mpifed: warning: {message}; resuming from {path!r} instead", file=sys.stderr,
-                  flush=True)
+            log.warning("%s; resuming from %r instead", message, path)
         return found
     if bad:
         raise UserError(f"run.resume: every checkpoint in {checkpoint_dir(out)!r} is damaged "
@@ -220,8 +221,8 @@ def choose_checkpoint(cfg, kind: str, mpi_shape: dict) -> dict | None:
     if resume == "never":
         moved = set_aside(out)
         if moved:  # a fresh run never mixes with (or prunes) another run's checkpoints
-            print(f"mpifed: run.resume = \"never\": moved the earlier checkpoints of {out!r} "
-                  f"to {moved!r}", file=sys.stderr, flush=True)
+            log.info("run.resume = \"never\": moved the earlier checkpoints of %r to %r", out,
+                     moved)
         return None
     if resume == "auto":
         found = newest_valid(out, kind)

@@ -7,7 +7,6 @@ report of an early stop. The data-parallel loop (`data_parallel.py`) and the fed
 from __future__ import annotations
 
 import os
-import sys
 import time
 from contextlib import contextmanager
 
@@ -24,12 +23,15 @@ from ..data.shards import Shard, describe, shard_bounds
 from ..data.stream import Prefetcher, shard_stream
 from ..errors import UserError, check_memory
 from ..hostmem import keep_freed_memory
+from ..log import get_logger
 from ..nn.io import load_model
 from ..nn.spec import fit_to_data, model_from_config
 from ..xp import backend_module, device_copier
 from .checkpoint import checkpoint_dir
 from .report import Reporter
 from .signals import StopFlag
+
+log = get_logger(__name__)
 
 
 def array_backend(settings, comm):
@@ -228,8 +230,8 @@ def set_aside_finished_run(out: str) -> None:
     for name in ("model.h5", "config.toml", "metrics.jsonl"):
         if os.path.exists(os.path.join(out, name)):
             os.replace(os.path.join(out, name), os.path.join(target, name))
-    print(f"mpifed: moved the earlier run's model.h5, config.toml and metrics.jsonl to "
-          f"{target!r}", file=sys.stderr, flush=True)
+    log.info("moved the earlier run's model.h5, config.toml and metrics.jsonl from %r to %r",
+             out, target)
 
 
 def batch_loader(data, batch_size: int, seed: int, shard, per_epoch: int, rank: int,
