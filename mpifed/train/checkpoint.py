@@ -29,6 +29,9 @@ from ..log import get_logger
 
 log = get_logger(__name__)
 
+# The <time> in OUT/checkpoints.before-<time> and OUT/previous-<time> (local time, sortable).
+SET_ASIDE_STAMP = "%Y%m%d-%H%M%S"
+
 # run.resume: one of these words, or the path of a checkpoint file.
 RESUME_MODES = ("auto", "never")
 
@@ -187,7 +190,7 @@ def set_aside(out: str) -> str | None:
     folder = checkpoint_dir(out)
     if not glob.glob(os.path.join(folder, "*.h5")) + glob.glob(os.path.join(folder, "*.sharded")):
         return None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = time.strftime(SET_ASIDE_STAMP)
     target, n = f"{folder}.before-{stamp}", 1
     while os.path.exists(target):
         target, n = f"{folder}.before-{stamp}-{n}", n + 1
