@@ -28,6 +28,7 @@ def load_config(path: str, overrides=()) -> Config:
     """Read the TOML file at `path`, apply `overrides` ("section.key=value"), check every key;
     return the resolved Config. Raises UserError naming the key and the fix."""
     raw = read_raw(path, overrides)
+    log.debug("read %r with %d override(s)", path, len(overrides))
     cfg = resolve(raw)
     if cfg.federated is not None:
         warn(ignored_keys(raw["federated"], cfg.federated.strategy))

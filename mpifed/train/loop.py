@@ -13,7 +13,10 @@ import time
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
+from ..log import get_logger
 from .setup import array_backend, blas_threads_per_rank, naming_moved_files
+
+log = get_logger(__name__)
 
 
 def train(cfg, comm=None) -> dict:
@@ -25,7 +28,9 @@ def train(cfg, comm=None) -> dict:
     """
     comm = comm or MPI.COMM_WORLD
     xp = array_backend(cfg.comm, comm)
-    with threadpool_limits(limits=blas_threads_per_rank(comm)), naming_moved_files(time.time()):
+    threads = blas_threads_per_rank(comm)
+    log.debug("array backend %s, %d BLAS thread(s) on this rank", xp.__name__, threads)
+    with threadpool_limits(limits=threads), naming_moved_files(time.time()):
         if cfg.federated is not None:
             from .federated import run_federation
 

@@ -88,6 +88,7 @@ def open_checked_shard(comm, path: str, x: str, y: str, dtype, key: str,
         raise UserError(f"{key}: {path!r} has {info.features} features, the model expects "
                         f"{features}")
     start, stop = shard_bounds(info.samples, comm.size, comm.rank)
+    log.debug("%s: rows [%d, %d) of %r on this rank", key, start, stop, path)
     shard = raise_together(comm, lambda: Shard(info, start, stop, dtype))
 
     def check_values():
