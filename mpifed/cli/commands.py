@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+from .output import emit, progress
 
 
 def run_train(args) -> int:
@@ -22,15 +22,15 @@ def run_config(args) -> int:
     from ..config.render import reference_markdown, schema_text, show_toml
 
     if args.config_command == "schema":
-        sys.stdout.write(schema_text())
+        emit(schema_text(), end="")
     elif args.config_command == "reference":
-        sys.stdout.write(reference_markdown())
+        emit(reference_markdown(), end="")
     else:
         cfg = load_config(args.config, args.set or ())
         if args.config_command == "show":
-            sys.stdout.write(show_toml(cfg))
+            emit(show_toml(cfg), end="")
         else:
-            print(f"{args.config}: valid")
+            emit(f"{args.config}: valid")
     return 0
 
 
@@ -53,8 +53,8 @@ def run_evaluate(args) -> int:
                         f"{spec.num_classes} classes")
     result = evaluate(spec, host, shard, comm, np)
     if comm.rank == 0:
-        print(f"loss {result['loss']:.6f} accuracy {result['accuracy']:.4f} "
-              f"samples {result['samples']}")
+        emit(f"loss {result['loss']:.6f} accuracy {result['accuracy']:.4f} "
+             f"samples {result['samples']}")
     return 0
 
 
@@ -62,8 +62,8 @@ def run_keys(args) -> int:
     from ..federated.identity import generate_keys
 
     paths = generate_keys(args.dir, args.institutions, force=args.force)
-    print(f"wrote {len(paths) - 1} identity keys and {paths[-1]}; give institution k only "
-          f"{args.dir}/site-<k>.key and the roster")
+    emit(f"wrote {len(paths) - 1} identity keys and {paths[-1]}; give institution k only "
+         f"{args.dir}/site-<k>.key and the roster")
     return 0
 
 
@@ -86,9 +86,8 @@ def _data_command(args) -> int:
     from ..errors import UserError
 
     if args.data_command == "synth":
-        def progress(done, total):
-            if sys.stderr.isatty():
-                print(f"\rwrote {done:,}/{total:,} rows", end="", file=sys.stderr, flush=True)
+        def rows_written(done, total):
+            progress(f"wrote {done:,}/{total:,} rows")
         if (args.features is None) == (args.shape is None):
             raise UserError("mpifed data synth: give exactly one of --features N and "
                             "--shape C,H,W")
@@ -98,20 +97,20 @@ def _data_command(args) -> int:
             except ValueError:
                 raise UserError(f"--shape {args.shape!r}: expected C,H,W, e.g. 3,32,32") from None
             write_synthetic_images(args.out, args.samples, shape, args.classes, args.seed,
-                                   progress=progress, force=args.force)
+                                   progress=rows_written, force=args.force)
             what = "x".join(map(str, shape)) + " images"
         else:
             write_synthetic(args.out, args.samples, args.features, args.classes, args.seed,
-                            progress=progress, force=args.force)
+                            progress=rows_written, force=args.force)
             what = f"{args.features} features"
-        print(f"wrote {args.out}: {args.samples} samples x {what}, {args.classes} classes")
+        emit(f"wrote {args.out}: {args.samples} samples x {what}, {args.classes} classes")
     elif args.data_command == "digits":
         train, test = write_digits(args.out_dir, seed=args.seed, force=args.force)
-        print(f"wrote {train} and {test}")
+        emit(f"wrote {train} and {test}")
     elif args.data_command == "partition":
-        print("\n".join(partition_command(args)))
+        emit("\n".join(partition_command(args)))
     elif args.data_command == "inspect":
-        print("\n".join(inspect_lines(args.file, args.y)))
+        emit("\n".join(inspect_lines(args.file, args.y)))
     return 0
 
 

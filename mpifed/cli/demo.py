@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ..launch import mpifed_command
+from .output import emit
 
 CONFIG = """\
 # The demo run: an MLP on scikit-learn's handwritten digits, data-parallel over 2 ranks.
@@ -135,7 +136,7 @@ progress = "none"
 
 def run(cmd: list[str]) -> None:
     """Print `cmd` as a shell line, then run it; raise if it fails."""
-    print("$ " + " ".join(cmd), flush=True)
+    emit("$ " + " ".join(cmd))
     subprocess.run(cmd, check=True)
 
 
@@ -150,8 +151,8 @@ def main(out: str = "demo-out", ranks: int = 2) -> int:
     run([*mpifed_command(ranks), "train", config])
     wall = time.perf_counter() - start
     summary = json.loads(Path(out, "train", "metrics.jsonl").read_text().splitlines()[-1])
-    print(f"\ndemo: test accuracy {summary['accuracy']:.4f} on the digits test set, "
-          f"{ranks} ranks, wall time {wall:.1f} s (training {summary['seconds']:.2f} s)")
+    emit(f"\ndemo: test accuracy {summary['accuracy']:.4f} on the digits test set, "
+         f"{ranks} ranks, wall time {wall:.1f} s (training {summary['seconds']:.2f} s)")
     if summary["accuracy"] < 0.95:
         return 1
     convnet = os.path.join(out, "convnet.toml")
@@ -160,8 +161,8 @@ def main(out: str = "demo-out", ranks: int = 2) -> int:
     run([*mpifed_command(ranks), "train", convnet])
     wall = time.perf_counter() - start
     cnn = json.loads(Path(out, "convnet", "metrics.jsonl").read_text().splitlines()[-1])
-    print(f"\ndemo: convnet test accuracy {cnn['accuracy']:.4f}, {ranks} ranks, wall time "
-          f"{wall:.1f} s (training {cnn['seconds']:.2f} s)")
+    emit(f"\ndemo: convnet test accuracy {cnn['accuracy']:.4f}, {ranks} ranks, wall time "
+         f"{wall:.1f} s (training {cnn['seconds']:.2f} s)")
     if cnn["accuracy"] < 0.98:
         return 1
     federated_comparison(mpifed, data, out)
@@ -205,10 +206,10 @@ def federated_comparison(mpifed: list[str], data: str, out: str, rounds: int = 1
         "fedavg-convnet": accuracy_by_round(Path(out, "fedavg-convnet", "metrics.jsonl"),
                                             "round"),
     }
-    print(f"\ntest accuracy by round: digits, 4 institutions, Dirichlet(0.5) label skew, "
-          f"{local_steps} local steps of batch 16 per round (centralised: the same steps on the "
-          "pooled data, 4 ranks; the MLP but for fedavg-convnet, FedAvg of the small convnet)")
-    print(f"{'round':>5} " + " ".join(f"{name:>14}" for name in table))
+    emit(f"\ntest accuracy by round: digits, 4 institutions, Dirichlet(0.5) label skew, "
+         f"{local_steps} local steps of batch 16 per round (centralised: the same steps on the "
+         "pooled data, 4 ranks; the MLP but for fedavg-convnet, FedAvg of the small convnet)")
+    emit(f"{'round':>5} " + " ".join(f"{name:>14}" for name in table))
     for i in range(rounds):
-        print(f"{i + 1:>5} " + " ".join(f"{acc[i]:>14.4f}" for acc in table.values()))
+        emit(f"{i + 1:>5} " + " ".join(f"{acc[i]:>14.4f}" for acc in table.values()))
 

@@ -1,8 +1,9 @@
 """How a run ends when something goes wrong: one message, a non-zero exit, and never a hang.
 
-User errors (UserError) print one line without a traceback; `--debug` shows it. An unforeseen
-exception on one rank calls MPI_Abort, so the ranks waiting for it in a collective end too
-(ChainerMN's abort-on-exception hook).
+User errors (UserError) print one line without a traceback (`mpifed: error: ...`, a format of
+its own, not mpifed.log's); `--debug` shows it. An unforeseen exception on one rank calls
+MPI_Abort, so the ranks waiting for it in a collective end too (ChainerMN's abort-on-exception
+hook).
 """
 
 from __future__ import annotations
@@ -12,21 +13,18 @@ import time
 import traceback
 
 from ..errors import UserError
+from ..log import world_rank_and_size
 
 EXIT_USER_ERROR = 1
 EXIT_INTERNAL_ERROR = 3
 
 
-def world_rank_and_size() -> tuple[int, int]:
-    """Return (rank, size) of COMM_WORLD, or (0, 1) when MPI is not initialised."""
-    mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
-        return 0, 1
-    return mpi.COMM_WORLD.rank, mpi.COMM_WORLD.size
-
-
 def report(message: str, rank: int, size: int) -> None:
-    """Print one error line to stderr, prefixed with the rank when there are several."""
+    """Print one error line to stderr, prefixed with the rank when there are several.
+
+    The one stderr line written outside mpifed.log, in a format of its own that scripts and
+    tests grep (`mpifed: error [rank N]: ...`): kept as it was when logging came.
+    """
     if message.startswith("[rank "):  # it already names the rank that saw it
         prefix = "mpifed: error "
     else:

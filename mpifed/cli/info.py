@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import platform
 
+from .output import emit
+
 
 def info_lines(comm) -> list[str]:
     """Return the lines `mpifed info` prints (collective over `comm`)."""
@@ -67,5 +69,5 @@ def run_info(args) -> int:
 
     lines = info_lines(MPI.COMM_WORLD)
     if MPI.COMM_WORLD.rank == 0:
-        print("\n".join(lines))
+        emit("\n".join(lines))
     return 0

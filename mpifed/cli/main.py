@@ -12,13 +12,19 @@
     mpiexec -n 2 mpifed bench model --scaling-csv C   alpha-beta predictions to 1024 ranks
     mpifed bench suite|throughput|federated-round|gpu|cnn  suites that launch mpiexec themselves
     mpifed plot scaling.json [--allreduce ar.json]    PNG plots (needs matplotlib)
+
+--quiet (warnings and errors only) and --verbose (debug too) go before or after the command;
+MPIFED_LOG_LEVEL=debug|info|warning|error does the same for a job. A command's result and a
+run's progress and final line are output, shown at every level.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from ..log import ENV, configure
 from .failures import run_guarded
 
 # `mpifed bench WHICH`: the module in mpifed/benchmarks/ whose main(argv) runs it. The first
@@ -53,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Launch under MPI: mpiexec -n 4 mpifed train run.toml, or "
                "srun --mpi=pmi2 mpifed train run.toml")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    add_log_flags(parser, default=None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("info", help="print the MPI library, rank and node counts, GPU facts")
     demo = sub.add_parser("demo", help="train the digits MLP on 2 local ranks, then compare "
@@ -151,7 +158,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help=f"run a benchmark ({', '.join(BENCHMARKS)})")
     bench.add_argument("which", choices=list(BENCHMARKS), help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="its options (see --help of each)")
+    for command in sub_commands(parser):  # `mpifed train run.toml --quiet` works too
+        add_log_flags(command, default=argparse.SUPPRESS)
     return parser
+
+
+def add_log_flags(parser, default) -> None:
+    """Add --quiet and --verbose to `parser`, both setting `log_level` (the last one wins)."""
+    parser.add_argument("-q", "--quiet", dest="log_level", action="store_const",
+                        const="warning", default=default,
+                        help="show warnings and errors only (not the info notices)")
+    parser.add_argument("-v", "--verbose", dest="log_level", action="store_const",
+                        const="debug", default=argparse.SUPPRESS, help="show debug messages too")
+
+
+def sub_commands(parser):
+    """Yield every sub-command parser below `parser`, at every depth (`data synth` too)."""
+    for action in parser._actions:  # argparse keeps them there; it offers no public listing
+        if isinstance(action, argparse._SubParsersAction):
+            for command in dict.fromkeys(action.choices.values()):
+                yield command
+                yield from sub_commands(command)
 
 
 def add_config_parser(sub) -> None:
@@ -205,7 +232,19 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return run_guarded(lambda: dispatch(args), debug=args.debug)
+    return run_guarded(lambda: dispatch(configured(args)), debug=args.debug)
+
+
+def configured(args):
+    """Set the log level from --quiet/--verbose, else MPIFED_LOG_LEVEL; return `args`.
+
+    A flag also goes into MPIFED_LOG_LEVEL, so that the runs `mpifed demo` and the benchmark
+    suites launch follow it.
+    """
+    if args.log_level is not None:
+        os.environ[ENV] = args.log_level
+    configure(args.log_level)
+    return args
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import os
 
 from ..errors import UserError
+from .output import emit
 
 
 def _pyplot():
@@ -173,5 +174,5 @@ def run_plot(args) -> int:
         written.append(plot_allreduce(_load(path), args.out))
     if not written:
         raise UserError("nothing to plot: give a scaling JSON and/or --allreduce JSON files")
-    print("wrote " + ", ".join(written))
+    emit("wrote " + ", ".join(written))
     return 0

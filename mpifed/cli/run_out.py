@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .output import emit
+
 
 def named_out(config: str, overrides) -> str | None:
     """Return run.out as the file at `config` and `overrides` give it, or None if unnamed."""
@@ -35,7 +37,7 @@ def main(argv=None) -> int:
     args, _ = parser.parse_known_args(argv)  # the rest is for mpifed train (--debug)
     out = named_out(args.config, args.set)
     if out is not None:
-        print(out)
+        emit(out)
     return 0
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import sys
 import warnings
 
 import numpy as np
 from mpi4py import MPI
 
 from ..errors import UserError
+from ..log import get_logger
 from ..xp import (
     backend_module,
     cupy_module,
@@ -27,6 +27,8 @@ from ..xp import (
     synchronize,
     to_host,
 )
+
+log = get_logger(__name__)
 
 __all__ = ["backend_module", "check_cuda_aware", "cuda_aware", "get_array_module", "host_view",
            "mpi_view", "select_device", "synchronize"]
@@ -170,9 +172,8 @@ def check_cuda_aware(comm) -> None:
     if cp is None or os.environ.get("MPIFED_CUDA_AWARE") is None or not cuda_aware():
         return
     if comm.rank == 0:
-        print("mpifed: MPIFED_CUDA_AWARE=1: checking with a one-element device all-reduce (a "
-              "crash here means this MPI is not CUDA-aware: unset MPIFED_CUDA_AWARE)",
-              file=sys.stderr, flush=True)
+        log.info("MPIFED_CUDA_AWARE=1: checking with a one-element device all-reduce (a crash "
+                 "here means this MPI is not CUDA-aware: unset MPIFED_CUDA_AWARE)")
     probe = cp.full(1, comm.rank + 1, dtype=cp.float64)
     synchronize(probe)
     comm.Allreduce(MPI.IN_PLACE, probe, op=MPI.SUM)

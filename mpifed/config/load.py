@@ -8,10 +8,11 @@ Loading never imports MPI: `mpifed config show|validate` run on a login node.
 
 from __future__ import annotations
 
-import sys
-
+from ..log import get_logger, world_rank_and_size
 from .overrides import read_raw
 from .sections import Config
+
+log = get_logger(__name__)
 
 # The [federated] keys that each strategy reads; any other strategy ignores them.
 STRATEGY_KEYS = {
@@ -27,6 +28,7 @@ def load_config(path: str, overrides=()) -> Config:
     """Read the TOML file at `path`, apply `overrides` ("section.key=value"), check every key;
     return the resolved Config. Raises UserError naming the key and the fix."""
     raw = read_raw(path, overrides)
+    log.debug("read %r with %d override(s)", path, len(overrides))
     cfg = resolve(raw)
     if cfg.federated is not None:
         warn(ignored_keys(raw["federated"], cfg.federated.strategy))
@@ -47,9 +49,7 @@ def ignored_keys(raw_federated: dict, strategy: str) -> list[str]:
 
 
 def warn(messages) -> None:
-    """Print each warning once (on world rank 0, where MPI runs) to stderr."""
-    mpi = sys.modules.get("mpi4py.MPI")
-    rank = mpi.COMM_WORLD.rank if mpi is not None and mpi.Is_initialized() else 0
-    if messages and rank == 0:
+    """Log each warning once (on world rank 0, where MPI runs)."""
+    if messages and world_rank_and_size()[0] == 0:
         for message in messages:
-            print(f"mpifed: warning: {message}", file=sys.stderr, flush=True)
+            log.warning(message)

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 import time
 
 import h5py
@@ -28,6 +27,12 @@ import numpy as np
 from ..choices import RESUME_MODES  # noqa: F401 (run.resume, named here before)
 from ..data.atomic import atomic_path
 from ..errors import UserError
+from ..log import get_logger
+
+log = get_logger(__name__)
+
+# The <time> in OUT/checkpoints.before-<time> and OUT/previous-<time> (local time, sortable).
+SET_ASIDE_STAMP = "%Y%m%d-%H%M%S"
 
 # Keys that may change between a run and its resumption: they change how long it runs or what
 # it reports, never the bits of what it computes.
@@ -170,8 +175,7 @@ def newest_valid(out: str, kind: str) -> dict | None:
             bad.append(str(err))
             continue
         for message in bad:
-            print(f"mpifed: warning: {message}; resuming from {path!r} instead", file=sys.stderr,
-                  flush=True)
+            log.warning("%s; resuming from %r instead", message, path)
         return found
     if bad:
         raise UserError(f"run.resume: every checkpoint in {checkpoint_dir(out)!r} is damaged "
@@ -185,7 +189,7 @@ def set_aside(out: str) -> str | None:
     folder = checkpoint_dir(out)
     if not glob.glob(os.path.join(folder, "*.h5")) + glob.glob(os.path.join(folder, "*.sharded")):
         return None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = time.strftime(SET_ASIDE_STAMP)
     target, n = f"{folder}.before-{stamp}", 1
     while os.path.exists(target):
         target, n = f"{folder}.before-{stamp}-{n}", n + 1
@@ -219,8 +223,8 @@ def choose_checkpoint(cfg, kind: str, mpi_shape: dict) -> dict | None:
     if resume == "never":
         moved = set_aside(out)
         if moved:  # a fresh run never mixes with (or prunes) another run's checkpoints
-            print(f"mpifed: run.resume = \"never\": moved the earlier checkpoints of {out!r} "
-                  f"to {moved!r}", file=sys.stderr, flush=True)
+            log.info("run.resume = \"never\": moved the earlier checkpoints of %r to %r", out,
+                     moved)
         return None
     if resume == "auto":
         found = newest_valid(out, kind)

@@ -8,17 +8,29 @@ Both loops build on `setup.py`; neither imports the other.
 
 from __future__ import annotations
 
+import time
+
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
-from .setup import array_backend, blas_threads_per_rank
+from ..log import get_logger
+from .setup import array_backend, blas_threads_per_rank, naming_moved_files
+
+log = get_logger(__name__)
 
 
 def train(cfg, comm=None) -> dict:
-    """Run the training that `cfg` (a Config) describes on `comm`; return the summary."""
+    """Run the training that `cfg` (a Config) describes on `comm`; return the summary.
+
+    A disk-full error on a file whose earlier copy this run moved aside (a finished run's
+    model.h5 to OUT/previous-<time>/, run.resume = "never"'s checkpoints to
+    OUT/checkpoints.before-<time>/) names where that copy is.
+    """
     comm = comm or MPI.COMM_WORLD
     xp = array_backend(cfg.comm, comm)
-    with threadpool_limits(limits=blas_threads_per_rank(comm)):
+    threads = blas_threads_per_rank(comm)
+    log.debug("array backend %s, %d BLAS thread(s) on this rank", xp.__name__, threads)
+    with threadpool_limits(limits=threads), naming_moved_files(time.time()):
         if cfg.federated is not None:
             from .federated import run_federation
 

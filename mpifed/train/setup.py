@@ -6,8 +6,9 @@ report of an early stop. The data-parallel loop (`data_parallel.py`) and the fed
 
 from __future__ import annotations
 
+import glob
 import os
-import sys
+import re
 import time
 from contextlib import contextmanager
 
@@ -19,17 +20,20 @@ from ..comm.backend import select_device
 from ..comm.nccl import nccl_unavailable
 from ..comm.topology import ranks_per_node
 from ..config import to_toml
-from ..data.atomic import atomic_path
+from ..data.atomic import DiskFull, atomic_path
 from ..data.shards import Shard, describe, shard_bounds
 from ..data.stream import Prefetcher, shard_stream
 from ..errors import UserError, check_memory
 from ..hostmem import keep_freed_memory
+from ..log import get_logger
 from ..nn.io import load_model
 from ..nn.spec import fit_to_data, model_from_config
 from ..xp import backend_module, device_copier
-from .checkpoint import checkpoint_dir
+from .checkpoint import SET_ASIDE_STAMP, checkpoint_dir
 from .report import Reporter
 from .signals import StopFlag
+
+log = get_logger(__name__)
 
 
 def array_backend(settings, comm):
@@ -84,6 +88,7 @@ def open_checked_shard(comm, path: str, x: str, y: str, dtype, key: str,
         raise UserError(f"{key}: {path!r} has {info.features} features, the model expects "
                         f"{features}")
     start, stop = shard_bounds(info.samples, comm.size, comm.rank)
+    log.debug("%s: rows [%d, %d) of %r on this rank", key, start, stop, path)
     shard = raise_together(comm, lambda: Shard(info, start, stop, dtype))
 
     def check_values():
@@ -203,14 +208,20 @@ def prepare_out(cfg, comm) -> str:
     def make():
         if comm.rank == 0:
             try:
-                set_aside_finished_run(out)
-                os.makedirs(out, exist_ok=True)
-                with atomic_path(os.path.join(out, "config.toml")) as tmp, open(tmp, "w") as fh:
-                    fh.write(to_toml(cfg))
+                with naming_moved_files(time.time()):
+                    set_aside_finished_run(out)
+                    os.makedirs(out, exist_ok=True)
+                    with atomic_path(os.path.join(out, "config.toml")) as tmp, \
+                            open(tmp, "w") as fh:
+                        fh.write(to_toml(cfg))
             except OSError as err:
                 raise UserError(f"run.out: cannot write to {out!r} ({err.strerror})") from None
     raise_together(comm, make)
     return out
+
+
+# What set_aside_finished_run moves from OUT to OUT/previous-<time>/.
+FINISHED_RUN_FILES = ("model.h5", "config.toml", "metrics.jsonl")
 
 
 def set_aside_finished_run(out: str) -> None:
@@ -220,16 +231,63 @@ def set_aside_finished_run(out: str) -> None:
     model = os.path.join(out, "model.h5")
     if not os.path.isfile(model):
         return
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = time.strftime(SET_ASIDE_STAMP)
     target, n = os.path.join(out, f"previous-{stamp}"), 1
     while os.path.exists(target):
         target, n = os.path.join(out, f"previous-{stamp}-{n}"), n + 1
     os.makedirs(target)
-    for name in ("model.h5", "config.toml", "metrics.jsonl"):
+    for name in FINISHED_RUN_FILES:
         if os.path.exists(os.path.join(out, name)):
             os.replace(os.path.join(out, name), os.path.join(target, name))
-    print(f"mpifed: moved the earlier run's model.h5, config.toml and metrics.jsonl to "
-          f"{target!r}", file=sys.stderr, flush=True)
+    log.info("moved the earlier run's model.h5, config.toml and metrics.jsonl from %r to %r",
+             out, target)
+
+
+def moved_since(path: str, since: float) -> str | None:
+    """Say where a run that started at `since` (time.time()) moved the earlier copy of `path`,
+    or return None if it moved none: OUT/previous-<time>/ for OUT's model.h5, config.toml and
+    metrics.jsonl, OUT/checkpoints.before-<time>/ for anything in OUT/checkpoints/."""
+    parts = os.path.normpath(path).split(os.sep)
+    name = parts[-1]
+    if "checkpoints" in parts[:-1]:
+        folder = os.sep.join(parts[:len(parts) - 1 - parts[-2::-1].index("checkpoints")])
+        prefix, what = f"{folder}.before-", "the earlier checkpoints are in {!r}"
+    elif name in FINISHED_RUN_FILES:
+        prefix = os.path.join(os.path.dirname(path), "previous-")
+        what = f"the earlier run's {name} is in {{!r}}"
+    else:
+        return None
+    earliest = time.strftime(SET_ASIDE_STAMP, time.localtime(since))
+    moved = [p for p in glob.glob(glob.escape(prefix) + "*")
+             if (match := _SET_ASIDE.fullmatch(p[len(prefix):])) and match[1] >= earliest
+             and os.path.isdir(p) and (prefix.endswith(".before-")
+                                       or os.path.exists(os.path.join(p, name)))]
+    if not moved:
+        return None
+    newest = max(moved, key=lambda p: _set_aside_order(p[len(prefix):]))
+    return what.format(newest)
+
+
+_SET_ASIDE = re.compile(r"(\d{8}-\d{6})(?:-(\d+))?")
+
+
+def _set_aside_order(suffix: str) -> tuple[str, int]:
+    """Sort <time>[-n] suffixes: by time, then n (the second folder of the same second)."""
+    match = _SET_ASIDE.fullmatch(suffix)
+    return match[1], int(match[2] or 0)
+
+
+@contextmanager
+def naming_moved_files(since: float):
+    """Turn a DiskFull on a path whose earlier copy this run (started at `since`) moved away
+    into one that says where that copy is, so that no message points at an empty path."""
+    try:
+        yield
+    except DiskFull as err:
+        earlier = None if err.existed or err.earlier else moved_since(err.path, since)
+        if earlier is None:
+            raise
+        raise DiskFull(err.path, err.existed, earlier) from None
 
 
 def batch_loader(data, batch_size: int, seed: int, shard, per_epoch: int, rank: int,

@@ -16,13 +16,13 @@ import json
 import os
 import re
 import shutil
-import sys
 
 import h5py
 import numpy as np
 
 from ..data.atomic import atomic_path
 from ..errors import UserError
+from ..log import get_logger
 from .checkpoint import (
     _dataset,
     _verified,
@@ -32,6 +32,8 @@ from .checkpoint import (
     list_checkpoints,
     set_aside,
 )
+
+log = get_logger(__name__)
 
 _FOLDER = re.compile(r"step-(\d+)\.sharded$")
 
@@ -101,8 +103,8 @@ def choose_sharded(cfg) -> dict | None:
     if resume == "never":
         moved = set_aside(out)  # a fresh run never mixes with another's
         if moved:
-            print(f"mpifed: run.resume = \"never\": moved the earlier checkpoints of "
-                  f"{out!r} to {moved!r}", file=sys.stderr, flush=True)
+            log.info("run.resume = \"never\": moved the earlier checkpoints of %r to %r",
+                     out, moved)
         return None
     if resume == "auto":
         found = list_sharded(out)

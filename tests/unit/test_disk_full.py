@@ -1,5 +1,6 @@
 """Disk full while writing a checkpoint, the model, the config or a dataset: one line saying so,
-the path named, files intact, and run.out never describing a model that this run did not write."""
+the path named, files intact, run.out never describing a model that this run did not write, and
+the message saying where the earlier files are (never "left as it was" of a path emptied first)."""
 
 import errno
 import os
@@ -50,6 +51,8 @@ def test_disk_full_writing_the_model(tmp_path, monkeypatch):
     assert not os.path.exists("out/model.h5")  # the new config.toml describes no model
     (previous,) = [p for p in (tmp_path / "out").iterdir() if p.name.startswith("previous-")]
     assert "lr = 0.1" in (previous / "config.toml").read_text()
+    assert "left as it was" not in first and f"no file is left at {'out/model.h5'!r}" in first
+    assert f"the earlier run's model.h5 is in {str(previous.relative_to(tmp_path))!r}" in first
     with h5py.File(previous / "model.h5") as fh:
         assert (fh["layers/0/W"][...] == old_weights).all()
     assert not [p for p in (tmp_path / "out").iterdir() if ".tmp-" in p.name]
@@ -67,11 +70,41 @@ def test_disk_full_writing_a_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_disk_full_after_never_moved_the_checkpoints_names_where(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_site(tmp_path / "d.h5", 40, 0)
+    run(tmp_path, 0.1, every=2)
+    disk_full_for(monkeypatch, "step-000000002")
+    with pytest.raises(UserError) as caught:
+        run(tmp_path, 0.2, every=2)
+    (before,) = (tmp_path / "out").glob("checkpoints.before-*")
+    assert list(before.glob("step-*.h5"))  # the first run's, moved by run.resume = "never"
+    message = str(caught.value)
+    assert message.startswith("no space left on device writing") and "left as it was" not in message
+    assert f"the earlier checkpoints are in {str(before.relative_to(tmp_path))!r}" in message
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_disk_full_writing_the_config_after_a_finished_run_names_where(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_site(tmp_path / "d.h5", 40, 0)
+    run(tmp_path, 0.1)
+    disk_full_for(monkeypatch, "config.toml")
+    with pytest.raises(UserError) as caught:
+        run(tmp_path, 0.2)
+    (previous,) = (tmp_path / "out").glob("previous-*")
+    assert "lr = 0.1" in (previous / "config.toml").read_text()
+    assert f"the earlier run's config.toml is in {str(previous.relative_to(tmp_path))!r}" \
+        in str(caught.value)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
 def test_disk_full_writing_the_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_site(tmp_path / "d.h5", 40, 0)
     disk_full_for(monkeypatch, "config.toml")
-    with pytest.raises(UserError, match=r"^no space left on device writing .*config\.toml"):
+    with pytest.raises(UserError, match=r"^no space left on device writing .*config\.toml.*"
+                                        r"no file is left at"):
         run(tmp_path, 0.1)
     assert not [p for p in (tmp_path / "out").iterdir()]  # no config, no temporary
 
@@ -82,7 +115,8 @@ def test_disk_full_writing_a_dataset_leaves_the_old_file(tmp_path, monkeypatch):
     write_synthetic(path, 50, 4, 3, seed=0)
     before = open(path, "rb").read()
     disk_full_for(monkeypatch, "big.h5")
-    with pytest.raises(UserError, match=r"^no space left on device writing .*big\.h5"):
+    with pytest.raises(UserError, match=r"^no space left on device writing .*big\.h5.*"
+                                        r"was left as it was$"):
         write_synthetic(path, 80, 4, 3, seed=1, force=True)
     assert open(path, "rb").read() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.h5"]
