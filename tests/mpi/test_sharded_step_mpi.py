@@ -136,12 +136,14 @@ def test_part_bounds_cut_a_layer_by_owner():
 @pytest.mark.parametrize("stage", ["optimizer", "parameters"])
 def test_sharded_checkpoint_loads_on_another_rank_count(tmp_path_factory, stage):
     """Written on all ranks, read back on all but the last: the same parameters and state."""
+    from mpifed.config import resolve
     from mpifed.train.sharded_checkpoint import choose_sharded, read_sharded, save_sharded
 
     world = MPI.COMM_WORLD
     folder = world.bcast(str(tmp_path_factory.mktemp("ckpt")) if world.rank == 0 else None)
-    cfg = {"run": {"out": folder, "keep_checkpoints": 2, "resume": "auto"},
-           "data": {"train": f"{folder}/absent.h5", "x": "x", "y": "y"}}  # no fingerprint
+    cfg = resolve({"run": {"out": folder, "keep_checkpoints": 2, "resume": "auto"},
+                   "data": {"train": f"{folder}/absent.h5"},  # no fingerprint
+                   "comm": {"shard": stage}})
     step_fn = STEPS[stage](SPEC, init_params(SPEC, 3, np, "float64"), world, "ring", np, False,
                            stall_timeout=0)
     local = Adam()
