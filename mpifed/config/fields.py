@@ -19,11 +19,12 @@ from ..errors import UserError
 
 def setting(default: Any = None, doc: str = "", *, choices: tuple | None = None,
             words: tuple | None = None, low=None, high=None, low_in: bool = True,
-            high_in: bool = True, required: bool = False):
+            high_in: bool = True, required: bool = False, other: str = ""):
     """Declare one key: `default` (None: unset), `doc` (one line), accepted `choices`, or `words`
     that a free value may also take (run.resume: "auto", "never" or a path), and a numeric range
-    [low, high] whose ends are included as `low_in`/`high_in` say."""
-    meta = {"doc": doc, "choices": choices, "words": words, "required": required,
+    [low, high] whose ends are included as `low_in`/`high_in` say; `other`: what else a free
+    value may be, in words ("a checkpoint path")."""
+    meta = {"doc": doc, "choices": choices, "words": words, "required": required, "other": other,
             "range": (low, high, low_in, high_in) if low is not None or high is not None else None}
     return dataclasses.field(default=default, metadata=meta)
 

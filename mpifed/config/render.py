@@ -21,9 +21,23 @@ def accepted(f: dataclasses.Field) -> str:
     if meta.get("choices"):
         return " | ".join(map(str, meta["choices"]))
     parts = [describe_range(*meta["range"])] if meta.get("range") else []
+    if parts and type_name(f.type).startswith("list"):
+        parts = [f"each {parts[0]}"]
     if meta.get("words"):
         parts += [f'"{w}"' for w in meta["words"]]
+    if meta.get("other"):
+        parts.append(meta["other"])
     return " or ".join(parts)
+
+
+def shown_type(f: dataclasses.Field) -> str:
+    """Return a key's type with what it accepts, for --help: 'int >= 0', 'a | b | c'."""
+    if f.metadata.get("choices"):
+        return accepted(f)
+    if f.metadata.get("words"):  # a number or a word: "int >= 1 or \"proportional\""
+        numeric = [t for t in type_name(f.type).split("|") if t != "str"]
+        return " ".join(numeric[:1] + [accepted(f)])
+    return " ".join(part for part in (type_name(f.type), accepted(f)) if part)
 
 
 def default_text(f: dataclasses.Field) -> str:
@@ -48,8 +62,7 @@ def describe_keys() -> str:
     for name, section in ALL_SECTIONS.items():
         lines.append(f"[{name}]")
         for key, f in leaf_keys(section):
-            shown = accepted(f) or type_name(f.type)
-            lines.append(f"  {key:<19} {shown:<40} {default_text(f)}")
+            lines.append(f"  {key:<19} {shown_type(f):<40}  {default_text(f)}")
             lines.append(f"  {'':<19} {f.metadata['doc']}")
     return "\n".join(lines)
 

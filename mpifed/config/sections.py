@@ -39,10 +39,11 @@ class DataConfig(Section):
     y: str = setting("y", "name of the integer labels dataset in the HDF5 files")
     shuffle: bool = setting(True, "reshuffle the rank's rows every epoch, from (run.seed, "
                             "epoch, rank)")
-    shuffle_block: int = setting(0, "rows per block of the streamed block permutation; 0 picks "
-                                 "about 1 MiB", low=0)
-    shuffle_buffer: int = setting(0, "blocks held in memory for the in-buffer shuffle when "
-                                  "streaming; 0 picks the default", low=0)
+    shuffle_block: int = setting(0, "streamed shards: rows per block of the block permutation; "
+                                 "0: the file's rows per chunk, or 4096", low=0)
+    shuffle_buffer: int = setting(0, "streamed shards: blocks per in-buffer shuffle; 0: 1/8 of "
+                                  "the shard memory limit, at most 256 MiB, at least 4 blocks",
+                                  low=0)
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,8 @@ class RunConfig(Section):
     SECTION: ClassVar[str] = "run"
     seed: int = setting(0, "seed of the model, the shuffles and the sampling", low=0)
     out: str = setting("runs/latest", "output folder: model.h5, metrics.jsonl, checkpoints")
-    log_every: int = setting(10, "steps between metrics records; 0: none but the last", low=0)
+    log_every: int = setting(10, "steps between metrics records; 0: no step records (the "
+                             "summary is still written)", low=0)
     eval_every: int = setting(0, "steps (rounds) between test-set evaluations; 0: at the end "
                               "only (needs data.test)", low=0)
     progress: str = setting("auto", "progress display: a bar on a terminal, else lines",
@@ -124,7 +126,7 @@ class RunConfig(Section):
     checkpoint_every: int = setting(0, "steps (rounds) between checkpoints; 0: none", low=0)
     resume: str = setting("auto", "\"auto\" resumes from run.out's newest checkpoint, \"never\" "
                           "sets old checkpoints aside, or the path of a checkpoint",
-                          words=RESUME_MODES)
+                          words=RESUME_MODES, other="a checkpoint path")
     keep_checkpoints: int = setting(3, "checkpoints kept in run.out/checkpoints", low=1)
     timeline: bool = setting(False, "write a per-step timeline (timeline.jsonl) of compute, "
                              "communication and waits")

@@ -71,7 +71,7 @@ def test_train_help_lists_every_key_with_its_default_and_description():
     for name, key, f in every_key():
         assert re.search(rf"\n  {key} +.*\n +{re.escape(f.metadata['doc'][:30])}", done.stdout), \
             f"{name}.{key}"
-    assert re.search(r"\n  stall_timeout +>= 0 +600\.0\n", done.stdout)
+    assert re.search(r"\n  stall_timeout +float >= 0 +600\.0\n", done.stdout)
 
 
 def test_the_committed_reference_and_schema_are_current():
