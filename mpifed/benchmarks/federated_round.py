@@ -7,11 +7,12 @@ The benchmark MLP 784-512-256-10 (mlp.py; float32, 535,818 parameters), 4 ranks,
 split over the institutions, FedAvg, batch 128 per rank. Prints, per layout, the bytes each round
 sends to and from the root against the design's minimum (each non-root leader sends one model and
 receives one), the round time, and its share spent communicating (leader exchange + in-site all-
-reduce). "4 x 1 auth" is authenticated secure aggregation with DP (federated.keys, q = 0.5, every
-leader sends every round); the last lines give each private layout's round time over plain
-FedAvg's, measured in the same run. The rounds are timed by `mpifed train` itself (metrics.jsonl);
-the harness's warm-up applies as whole rounds: those covering the first --warmup training steps
-(the harness default, as for every benchmark) are left out of the means.
+reduce). "4 x 1 sa+dp" and "4 x 1 auth" are authenticated secure aggregation with DP
+(federated.keys, which DP requires; q = 1 and q = 0.5, every leader sends every round); the last
+lines give each private layout's round time over plain FedAvg's, measured in the same run. The
+rounds are timed by `mpifed train` itself (metrics.jsonl); the harness's warm-up applies as whole
+rounds: those covering the first --warmup training steps (the harness default, as for every
+benchmark) are left out of the means.
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ def main(argv=None) -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1", MPIFED_BLAS_THREADS="1")
     layouts = {"4 x 1 rank": ("institutions = 4", 4),
                "4 x 1 secagg": ("institutions = 4\nsecure_aggregation = true", 4),
+               # SA + DP needs identity keys (refused without): q = 1, every leader trains
                "4 x 1 sa+dp": ("institutions = 4\nsecure_aggregation = true\n"
-                               "secure_range = 8.0\n[federated.dp]\nclip = 1.0\n"
+                               "keys = \"{keys}\"\nsecure_range = 8.0\n[federated.dp]\nclip = 1.0\n"
                                "noise_multiplier = 1.0", 4),
                # authenticated (signed keys, consistency round), every leader every round
                "4 x 1 auth": ("institutions = 4\nsecure_aggregation = true\n"

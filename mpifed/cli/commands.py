@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from ..log import get_logger
 from .output import emit, progress
+
+log = get_logger(__name__)
 
 
 def run_train(args) -> int:
@@ -59,11 +62,27 @@ def run_evaluate(args) -> int:
 
 
 def run_keys(args) -> int:
-    from ..federated.identity import generate_keys
+    from ..federated import identity
+    from .main import DEALER_CAVEAT
 
-    paths = generate_keys(args.dir, args.institutions, force=args.force)
-    emit(f"wrote {len(paths) - 1} identity keys and {paths[-1]}; give institution k only "
-         f"{args.dir}/site-<k>.key and the roster")
+    if args.keys_command == "new":
+        public = identity.new_key(args.dir, args.institution, force=args.force)
+        emit(public)
+        log.info("wrote %r (mode 0600: keep it on this machine) and %r (send it to whoever "
+                 "builds the roster)", identity.key_path(args.dir, args.institution),
+                 identity.public_path(args.dir, args.institution))
+    elif args.keys_command == "roster":
+        path, sha256 = identity.write_roster(args.dir, args.institutions)
+        emit(sha256)
+        log.info("wrote %r for %d institutions; pin it: federated.keys_roster_sha256 = %r",
+                 path, args.institutions, sha256)
+    else:
+        paths = identity.generate_keys(args.dir, args.institutions, force=args.force)
+        with open(paths[-1], "rb") as fh:
+            sha256 = identity.sha256_hex(fh.read())
+        emit(f"wrote {len(paths) - 1} identity keys and {paths[-1]} (SHA-256 {sha256}); give "
+             f"institution k only {args.dir}/site-<k>.key and the roster")
+        emit(f"what this gives up: {DEALER_CAVEAT}")
     return 0
 
 

@@ -6,7 +6,9 @@
     mpifed config show|validate|schema run.toml       the resolved config, a check, JSON Schema
     mpifed evaluate model.h5 test.h5                  loss and accuracy (alone or under mpiexec)
     mpifed data synth|digits|inspect ...              write or describe datasets
-    mpifed keys generate DIR --institutions K         identity keys for secure aggregation
+    mpifed keys new K DIR                             institution K's identity key (its own machine)
+    mpifed keys roster DIR --institutions N           the public roster and its SHA-256
+    mpifed keys generate DIR --institutions N         every key from one dealer (tests, demos)
     mpiexec -n 4 mpifed bench allreduce [...]         all-reduce size sweep
     srun -n 4 mpifed bench scaling --data D --csv C   one point of a scaling sweep
     mpiexec -n 2 mpifed bench model --scaling-csv C   alpha-beta predictions to 1024 ranks
@@ -35,6 +37,13 @@ BENCHMARKS = {
     "suite": "scaling_suite", "throughput": "train_throughput",
     "federated-round": "federated_round", "gpu": "gpu_throughput", "cnn": "cnn_throughput",
 }
+
+# What `mpifed keys generate` gives up, in its help and its output.
+DEALER_CAVEAT = ("one dealer: the machine that ran it held every institution's private key, so "
+                 "whoever controls it can sign as any institution; for tests and demos only. "
+                 "In a real federation each institution K runs `mpifed keys new K DIR` on its own "
+                 "machine and sends DIR/site-K.pub; then `mpifed keys roster DIR --institutions "
+                 "N` writes the roster")
 
 
 class ConfigKeysHelp(argparse.Action):
@@ -138,11 +147,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="identity keys for authenticated secure aggregation")
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    new = keys_sub.add_parser(
+        "new", help="write institution K's DIR/site-K.key (mode 0600) and DIR/site-K.pub",
+        description="Run by institution K on its own machine: one Ed25519 identity key, the "
+                    "private half in DIR/site-K.key (mode 0600; it never leaves this machine), "
+                    "the public half in DIR/site-K.pub, also printed. Send site-K.pub to whoever "
+                    "builds the roster (mpifed keys roster).")
+    new.add_argument("institution", type=int, metavar="K", help="this institution (from 0)")
+    new.add_argument("dir", help="output folder")
+    new.add_argument("--force", action="store_true", help="replace this institution's key")
+    roster = keys_sub.add_parser(
+        "roster", help="write DIR/roster.toml from DIR/site-<k>.pub and print its SHA-256",
+        description="Read DIR/site-0.pub ... site-(N-1).pub (from mpifed keys new), refuse "
+                    "missing or malformed files and a key listed twice, write DIR/roster.toml "
+                    "and print the SHA-256 of its bytes. Give every institution the roster and "
+                    "set federated.keys = \"DIR\" and federated.keys_roster_sha256 to that hash: "
+                    "each leader then refuses any other roster.")
+    roster.add_argument("dir", help="folder of the site-<k>.pub files")
+    roster.add_argument("--institutions", type=int, required=True, metavar="N")
     gen = keys_sub.add_parser(
-        "generate", help="write DIR/site-<k>.key (Ed25519, mode 0600) and DIR/roster.toml",
-        description="One Ed25519 identity key per institution and the public roster. Give "
-                    "institution k only DIR/site-<k>.key and the roster; set federated.keys = "
-                    "\"DIR\" to sign and check every round's keys.")
+        "generate", help="every institution's key from one dealer (tests and demos only)",
+        description="One Ed25519 identity key per institution (DIR/site-<k>.key, mode 0600) and "
+                    "the public roster DIR/roster.toml. Give institution k only DIR/site-<k>.key "
+                    "and the roster; set federated.keys = \"DIR\" to sign and check every "
+                    f"round's keys. What it gives up: {DEALER_CAVEAT}.")
     gen.add_argument("dir", help="output folder")
     gen.add_argument("--institutions", type=int, required=True)
     gen.add_argument("--force", action="store_true", help="replace existing keys")

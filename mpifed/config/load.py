@@ -31,7 +31,8 @@ def load_config(path: str, overrides=()) -> Config:
     log.debug("read %r with %d override(s)", path, len(overrides))
     cfg = resolve(raw)
     if cfg.federated is not None:
-        warn(ignored_keys(raw["federated"], cfg.federated.strategy))
+        warn(ignored_keys(raw["federated"], cfg.federated.strategy)
+             + unauthenticated(cfg.federated))
     return cfg
 
 
@@ -46,6 +47,17 @@ def ignored_keys(raw_federated: dict, strategy: str) -> list[str]:
             f"(it is read by {', '.join(users)})"
             for key, users in STRATEGY_KEYS.items()
             if key in raw_federated and strategy not in users]
+
+
+def unauthenticated(fed) -> list[str]:
+    """Return a warning when secure aggregation runs without identity keys (allowed without
+    DP, where no epsilon rests on it; FederatedConfig.check refuses it with DP)."""
+    if not fed.secure_aggregation or fed.keys:
+        return []
+    return ["federated.secure_aggregation without federated.keys is unauthenticated: the root "
+            "relays the leaders' round keys unsigned, so an active root can sit in the middle "
+            "of every pair and read each institution's update; set federated.keys (mpifed keys "
+            "new on each institution, then mpifed keys roster)"]
 
 
 def warn(messages) -> None:

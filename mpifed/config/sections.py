@@ -200,8 +200,12 @@ class FederatedConfig(Section):
                                        choices=OUT_OF_RANGE_MODES)
     min_participants: int = setting(3, "fewest institutions sending per round under secure "
                                     "aggregation", low=1)
-    keys: str = setting("", "folder of Ed25519 identity keys (mpifed keys generate); empty: "
-                        "unauthenticated")
+    keys: str = setting("", "folder of Ed25519 identity keys: this institution's site-K.key "
+                        "(mpifed keys new) and roster.toml (mpifed keys roster); empty: "
+                        "unauthenticated, refused with [federated.dp]")
+    keys_roster_sha256: str = setting("", "SHA-256 (hex) of roster.toml in federated.keys, as "
+                                      "mpifed keys roster prints it; every leader refuses "
+                                      "another roster; empty: not pinned")
     dp: DPConfig | None = setting(None, "institution-level DP-FedAvg ([federated.dp]); unset: "
                                   "no DP")
 
@@ -222,11 +226,34 @@ class FederatedConfig(Section):
         if self.keys and not self.secure_aggregation:
             raise UserError("federated.keys: authenticated keys serve secure aggregation; set "
                             "federated.secure_aggregation = true or remove federated.keys")
+        self._check_keys_pinned()
+        if self.secure_aggregation and self.dp is not None and not self.keys:
+            raise UserError(
+                "federated.keys: secure aggregation with [federated.dp] needs identity keys. "
+                "Without them the leaders cannot tell the root's relayed round keys from their "
+                "peers', so an active root can sit in the middle of every pair, unmask each "
+                "institution's update, and the ledger's epsilon (which assumes the root sees "
+                "only the noised sum) would be false. Each institution K runs `mpifed keys new "
+                "K DIR` on its own machine, `mpifed keys roster DIR --institutions N` collects "
+                "the public keys; set federated.keys = \"DIR\" and federated.keys_roster_sha256 "
+                "to the hash it prints (`mpifed keys generate DIR --institutions N` for tests)")
         private = self.secure_aggregation or self.dp is not None
         if private and self.strategy == "fednova":
             raise UserError("federated.strategy: fednova needs every institution's own step "
                             "count, which secure aggregation and DP keep from the root; use "
                             "another strategy")
+
+    def _check_keys_pinned(self) -> None:
+        pinned = self.keys_roster_sha256
+        if not pinned:
+            return
+        if not self.keys:
+            raise UserError("federated.keys_roster_sha256: pins the roster of federated.keys, "
+                            "which is not set; set federated.keys = \"DIR\" or remove "
+                            "federated.keys_roster_sha256")
+        if len(pinned) != 64 or any(c not in "0123456789abcdefABCDEF" for c in pinned):
+            raise UserError(f"federated.keys_roster_sha256: expected 64 hex digits (the SHA-256 "
+                            f"that mpifed keys roster prints), got {pinned!r}")
 
     def _check_local_work(self) -> None:
         steps = self.local_steps

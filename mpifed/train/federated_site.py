@@ -119,7 +119,8 @@ def open_site(cfg, fed: Federation, xp) -> Site:
         ring_scales(fed_cfg, dp, len(fed.sizes))  # a ring too small fails on every rank
         if fed_cfg.keys:
             identity = raise_together(world, lambda: load_identity(
-                fed_cfg.keys, fed.institution, len(fed.sizes)) if fed.is_leader else None)
+                fed_cfg.keys, fed.institution, len(fed.sizes), fed_cfg.keys_roster_sha256)
+                if fed.is_leader else None)
     private = secure or dp is not None
     return Site(shard=shard, stream_comm=stream_comm, samples=samples, spec=spec, params=params,
                 per_epoch=per_epoch, local_steps=local_step_count(fed_cfg, per_epoch), test=test,

@@ -17,6 +17,7 @@ from helpers import (
 )
 
 from mpifed.federated.dp import epsilon
+from mpifed.federated.identity import SIGNATURE_BYTES, generate_keys
 from mpifed.federated.transcript import ENTRY
 from mpifed.nn.models import ModelSpec, init_params
 
@@ -25,7 +26,10 @@ FEATURES, CLASSES, HIDDEN = 5, 3, 4
 
 def config(out, strategy="fedavg", extra=None, dp=None, lr=0.1, rounds=4,
            layout=None):
-    """A federated run's config; extra: more [federated] keys; dp: the [federated.dp] table."""
+    """A federated run's config; extra: more [federated] keys; dp: the [federated.dp] table.
+    Secure aggregation with DP is refused without identity keys: it gets `sites`' keys/."""
+    if dp and (extra or {}).get("secure_aggregation"):
+        extra = {"keys": "keys", **extra}
     return merged({
         "data": {"train": "site-{institution}.h5"},
         "model": {"kind": "mlp", "hidden": [HIDDEN], "dtype": "float64"},
@@ -38,8 +42,10 @@ def config(out, strategy="fedavg", extra=None, dp=None, lr=0.1, rounds=4,
 
 @pytest.fixture
 def sites(tmp_path):
+    """Four institutions' data and identity keys (keys/, one dealer: a test's shortcut)."""
     for k, n in enumerate([23, 31, 17, 29]):
         write_dataset(tmp_path / f"site-{k}.h5", n, seed=k)
+    generate_keys(str(tmp_path / "keys"), 4)
     return tmp_path
 
 
@@ -53,8 +59,8 @@ def test_secure_aggregation_equals_plain_aggregation(sites, strategy, layout, ra
     institutions = layout.get("institutions") or len(layout["institution_sizes"])
     for k in range(institutions, 4):
         (sites / f"site-{k}.h5").unlink()
-    assert run_cli(["keys", "generate", "keys", "--institutions", str(institutions)],
-                   cwd=sites).returncode == 0
+    assert run_cli(["keys", "generate", "keys", "--institutions", str(institutions),
+                    "--force"], cwd=sites).returncode == 0  # a roster of this many
     for secure in (False, True):
         keys = {"keys": "keys"} if secure else {}  # authenticated: signed keys, checked lists
         write_config(sites / f"{secure}.toml", config(
@@ -123,7 +129,8 @@ def test_epsilon_per_round_and_the_budget_stop(sites):
     size = (FEATURES + 1) * HIDDEN + (HIDDEN + 1) * CLASSES
     for r in rounds:
         assert "loss" not in r and "institutions" not in r and "participants" not in r
-        assert r["bytes_to_root"] == 3 * (size + 1) * 8 + 3 * ENTRY  # every leader, every round
+        # every leader, every round: its vector, its signed key, its signed confirmation
+        assert r["bytes_to_root"] == 3 * (size + 1) * 8 + 3 * (ENTRY + 1 + SIGNATURE_BYTES)
     ledger = [json.loads(line) for line in open(sites / "dp" / "privacy-ledger.jsonl")]
     assert [e["round"] for e in ledger] == list(range(1, len(rounds) + 1))
     summary = read_metrics(sites / "dp")[-1]

@@ -81,3 +81,49 @@ def test_finite_defaults_still_load(tmp_path):
     cfg = load(tmp_path, DP)
     assert all(math.isfinite(v) for v in cfg.federated.dp.to_dict().values()
                if isinstance(v, float))
+
+
+SA = FED + "secure_aggregation = true\nmin_participants = 2\n"
+DP_TABLE = "[federated.dp]\nclip = 1.0\nnoise_multiplier = 1.0\n"
+
+
+def test_secure_aggregation_with_dp_needs_keys(tmp_path):
+    """Without identity keys an active root can sit in the middle of every pair, so the
+    ledger's root-proof epsilon would be false: refused at load, saying why and the fix."""
+    with pytest.raises(UserError) as refused:
+        load(tmp_path, SA + DP_TABLE)
+    message = str(refused.value)
+    assert message.startswith("federated.keys: secure aggregation with [federated.dp]")
+    assert "in the middle of every pair" in message and "epsilon" in message
+    assert "mpifed keys new" in message and "mpifed keys roster" in message
+    cfg = load(tmp_path, SA + 'keys = "keys"\n' + DP_TABLE)  # with keys: accepted
+    assert cfg.federated.keys == "keys" and cfg.federated.dp.clip == 1.0
+    assert load(tmp_path, FED + DP_TABLE).federated.dp is not None  # DP alone: the root adds it
+
+
+def test_secure_aggregation_without_keys_is_allowed_with_one_warning(tmp_path, capsys):
+    cfg = load(tmp_path, SA)
+    assert cfg.federated.secure_aggregation and not cfg.federated.keys
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "is unauthenticated" in err
+    load(tmp_path, SA + 'keys = "keys"\n')
+    assert "unauthenticated" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,message", [
+    ('keys_roster_sha256 = "' + "ab" * 32 + '"\n',
+     "federated.keys_roster_sha256: pins the roster of federated.keys, which is not set"),
+    ('keys = "k"\nkeys_roster_sha256 = "abc"\n',
+     "federated.keys_roster_sha256: expected 64 hex digits"),
+    ('keys = "k"\nkeys_roster_sha256 = "' + "g" * 64 + '"\n',
+     "federated.keys_roster_sha256: expected 64 hex digits"),
+])
+def test_a_pinned_roster_hash_needs_keys_and_a_hash(tmp_path, extra, message):
+    with pytest.raises(UserError, match=message):
+        load(tmp_path, SA + extra)
+
+
+def test_a_pinned_roster_hash_loads(tmp_path):
+    pinned = "0123456789abcdef" * 4
+    cfg = load(tmp_path, SA + f'keys = "k"\nkeys_roster_sha256 = "{pinned}"\n' + DP_TABLE)
+    assert cfg.federated.keys_roster_sha256 == pinned
