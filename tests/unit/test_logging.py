@@ -124,6 +124,7 @@ ALLOWED_PRINTS = {
     "benchmarks/gpu_throughput.py": "a benchmark's table and JSON rows on stdout",
     "benchmarks/harness.py": "the benchmarks' shared table printer",
     "benchmarks/memory.py": "a benchmark's table, and a failed launch's stderr, on stdout",
+    "benchmarks/shuffle_order.py": "a benchmark's tables on stdout (digits rows as they come)",
     "benchmarks/streaming.py": "a benchmark's table on stdout (each rank count's ratio line)",
     "benchmarks/predict.py": "the alpha-beta model's table on stdout",
     "benchmarks/scaling.py": "a scaling point's CSV row on stdout",
