@@ -36,6 +36,7 @@ BENCHMARKS = {
     "allreduce": "allreduce", "scaling": "scaling", "model": "predict",
     "suite": "scaling_suite", "throughput": "train_throughput",
     "federated-round": "federated_round", "gpu": "gpu_throughput", "cnn": "cnn_throughput",
+    "memory": "memory", "streaming": "streaming", "shuffle-order": "shuffle_order",
 }
 
 # What `mpifed keys generate` gives up, in its help and its output.
