@@ -112,8 +112,7 @@ def main(argv=None) -> int:
                                                   local_steps=args.local_steps))
             subprocess.run([*mpifed_command(4), "train", config], check=True,
                            capture_output=True, env=env)
-            rounds = [json.loads(line) for line in Path(out, "metrics.jsonl").open()
-                      if '"round"' in line][skip:]  # the warm-up rounds
+            rounds = round_records(out)[skip:]  # the warm-up rounds
             minimum = (sites - 1) * 4 * params
             mean = {k: float(np.mean([r[k] for r in rounds])) for k in
                     ("bytes_to_root", "bytes_from_root", "round_seconds", "exchange_seconds",
@@ -140,6 +139,24 @@ COLUMNS = [
     Column("allreduce s", 11, lambda r: f"{r['allreduce_seconds']:.3f}"),
     Column("comm %", 7, lambda r: f"{100 * r['comm_fraction']:.1f}%"),
 ]
+
+
+TIMING = ("round_seconds", "exchange_seconds", "allreduce_seconds", "comm_fraction")
+
+
+def round_records(out: str) -> list[dict]:
+    """Return the root's round records with their timing; under privacy the root's records
+    keep none of institution 0's (or, under secret sampling, any) timing, so it comes from
+    institution 0's own file: its leader is the root, and so is its clock."""
+    def rounds(path):
+        return [r for r in map(json.loads, Path(path).open()) if r.get("event") == "round"]
+    records = rounds(os.path.join(out, "metrics.jsonl"))
+    own = os.path.join(out, "institution-0", "metrics.jsonl")
+    if os.path.exists(own):
+        timing = {r["round"]: {k: r[k] for k in TIMING} for r in rounds(own)}
+        for r in records:
+            r.update(timing[r["round"]])
+    return records
 
 
 def record(name: str, layout: str, sites: int, round_seconds: list[float], metrics: dict,

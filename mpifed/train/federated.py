@@ -35,9 +35,10 @@ from .data_parallel import model_source
 from .evaluate import evaluate
 from .federated_budget import over_budget, record_release
 from .federated_checkpoint import resume_round, write_round_checkpoint
+from .federated_local import open_institution_log
 from .federated_report import report_round
 from .federated_sampling import round_senders
-from .federated_site import Site, open_site
+from .federated_site import Site, open_site, pads_rounds
 from .setup import batch_loader, prepare_out, running, start_report, stop_early
 from .step import make_step
 
@@ -65,6 +66,7 @@ def run_federation(cfg, world, xp) -> dict:
     hyper = ServerHyper(fed_cfg.server_step, fed_cfg.beta1, fed_cfg.beta2, fed_cfg.tau)
     if site.dp is not None and fed.is_root:
         site.ledger = PrivacyLedger(out)
+    site.log = open_institution_log(out, fed, site.aggregator is not None, append=first > 0)
     start, last, stopped = time.perf_counter(), {}, ""
     with running(loader, step_fn) as flag:
         for rnd in range(first, fed_cfg.rounds):
@@ -73,9 +75,9 @@ def run_federation(cfg, world, xp) -> dict:
                 reporter.line(f"stopping before round {rnd + 1}: it would exceed "
                               f"federated.dp.max_epsilon = {site.dp.max_epsilon}")
                 break
-            last, server_state, advanced = run_round(cfg, fed, site, step_fn, loader, rnd,
-                                                      hyper, server_state, xp)
-            site_steps += site.local_steps if advanced else 0
+            last, server_state, drawn = run_round(cfg, fed, site, step_fn, loader, rnd,
+                                                  hyper, server_state, xp)
+            site_steps += drawn  # the data stream's position, as a checkpoint stores it
             report_round(reporter, last, site, fed, fed_cfg.rounds, xp,
                          model_source(step_fn))
             faults.inject("round", rnd + 1, world.rank)
@@ -88,6 +90,8 @@ def run_federation(cfg, world, xp) -> dict:
                 stopped = flag.raised or "a signal on another rank"
                 break
     step_fn.free()
+    if site.log is not None:
+        site.log.close()
     if stopped:
         return stop_early(run.out, world, reporter, rnd + 1, stopped)
     return finish_federation(cfg, fed, site, reporter, last, time.perf_counter() - start)
@@ -101,11 +105,19 @@ def _any_flag(world, value: int) -> bool:
 
 
 def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, xp):
-    """Run one round on every rank; return (record for rank 0, server state, whether this
-    institution's data stream advanced)."""
+    """Run one round on every rank; return (record for rank 0, server state, batches this
+    institution drew from its data stream).
+
+    Under secret sampling (secure aggregation with DP) an institution left out trains all the
+    same and sends zeros: every institution takes `site.round_steps` steps and sends the same
+    bytes every round, so neither the round's length nor its traffic says who took part.
+    Under privacy each leader writes its own figures to OUT/institution-K/metrics.jsonl; the
+    root's record keeps only what the aggregate reveals (`root_figures`).
+    """
     fed_cfg, params = cfg.federated, site.params
     t0 = time.perf_counter()
     comm_before = step_fn.comm_seconds
+    sent_before = site.sent.sent if site.sent is not None else 0
     private = site.aggregator is not None
     senders, takes_part = round_senders(cfg.federated, cfg.run.seed, fed, site, rnd)
     keeps_global = fed.is_root or (private and fed.is_leader)
@@ -119,16 +131,13 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
         if site.dp and fed.is_root:  # the ledger holds the release before any vector is sent
             release = record_release(site, fed, fed_cfg, rnd, senders)
     prepare_seconds = time.perf_counter() - t_prepare  # part of the exchange, done early
-    if takes_part:
+    trains = takes_part or secret  # left out by its secret draw: the same work, discarded
+    if trains:
         try:
             report = local_training(fed_cfg, cfg.optim, fed, site, step_fn, loader, rnd, xp)
         except UserError as err:  # agreed inside this institution only (a diverged loss):
             err.collective = False  # the other institutions wait for it, so end them too
             raise
-        step_fn.gather_to_leader(params)  # ZeRO-3: the leader's whole model, from the chunks
-    elif secret:  # the data position stays independent of the secret draw (checkpoints)
-        for _ in range(site.local_steps):
-            loader.get()
     t_exchange = time.perf_counter()
     to_root = from_root = 0
     record = {"round": rnd + 1}
@@ -144,7 +153,7 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
             params[...] = xp.asarray(new.astype(params.dtype))
             record.update(fields)
             to_root = sums["bytes"]
-            if not (fed_cfg.secure_aggregation and site.dp):  # public samples only
+            if not secret:  # public samples only
                 record["participants"] = senders
     else:
         quiet_barrier(fed.world)  # wait for the slowest institution without taking its core
@@ -161,31 +170,69 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
         from_root = broadcast_global(fed, params, site=step_fn.holds_whole_model)
     step_fn.scatter_from_leader(params)  # ZeRO-3: from the leader, each rank keeps its chunk
     now = time.perf_counter()
-    record.update(bytes_to_root=to_root, bytes_from_root=from_root, round_seconds=now - t0,
-                  exchange_seconds=now - t_exchange + prepare_seconds,
-                  allreduce_seconds=step_fn.comm_seconds - comm_before)
-    record["comm_fraction"] = (record["exchange_seconds"] + record["allreduce_seconds"]) / max(
+    timing = {"round_seconds": now - t0,
+              "exchange_seconds": now - t_exchange + prepare_seconds,
+              "allreduce_seconds": step_fn.comm_seconds - comm_before}
+    timing["comm_fraction"] = (timing["exchange_seconds"] + timing["allreduce_seconds"]) / max(
         now - t0, 1e-9)
-    return record, server_state, takes_part or secret
+    if site.log is not None:  # this leader's own figures, in its own folder
+        mine = {"round": rnd + 1, "sampled": bool(takes_part),
+                "steps": site.round_steps if trains else 0, "samples": int(site.samples),
+                "bytes_sent": site.sent.sent - sent_before}
+        if takes_part:
+            mine.update(trained_steps=int(report.steps), loss=float(report.loss))
+            if fed_cfg.evaluate_local:
+                mine.update(local_loss=float(report.local_loss),
+                            local_accuracy=float(report.local_accuracy))
+        site.log.record(event="round", **mine, **timing)
+    record.update(bytes_to_root=to_root, bytes_from_root=from_root)
+    record.update(root_figures(timing, private, secret))
+    return record, server_state, site.round_steps if trains else 0
+
+
+def root_figures(timing: dict, private: bool, secret: bool) -> dict:
+    """Return the timing the root's record keeps: all of it in a plain run; under privacy no
+    figure of the root's own institution (its all-reduce time, hence comm_fraction); under
+    secret sampling no per-round timing at all (the round's length must not say who trained)."""
+    if secret:
+        return {}
+    if private:
+        return {k: timing[k] for k in ("round_seconds", "exchange_seconds")}
+    return timing
 
 
 def local_training(fed_cfg, optim, fed, site: Site, step_fn, loader, rnd: int,
                    xp) -> SiteReport:
-    """Take this institution's local steps from the global model; return its report.
+    """Take this institution's local steps from the global model, the leader holding the
+    result (ZeRO-3: gathered from the chunks); return its report.
 
-    fed_cfg, optim: the FederatedConfig (strategy, rounds, mu) and the OptimConfig."""
+    fed_cfg, optim: the FederatedConfig (strategy, rounds, mu) and the OptimConfig. Under
+    secret sampling with a step count that follows the data (`pads_rounds`), the institution
+    then takes `site.round_steps - site.local_steps` more steps on its next batches and the
+    leader puts its model back as it was before them: every institution takes the same number
+    of steps per round, and the padding changes no result."""
     report = SiteReport(samples=site.samples, steps=site.local_steps)
     anchor = step_fn.anchor() if fed_cfg.strategy == "fedprox" else None
     optimizer = make_optimizer(optim)  # each round starts the local optimiser afresh
     lr = learning_rate(rnd, optim.lr, fed_cfg.rounds, optim.schedule,
                        optim.warmup, optim.step_size, optim.gamma)
     steps = site.local_steps
-    losses = [step_fn(*loader.get()[1:], optimizer, lr, rnd * steps + t + 1, anchor,
-                      fed_cfg.mu) for t in range(steps)]
-    report.loss = float(np.mean(losses))
+
+    def step(t: int) -> float:
+        return step_fn(*loader.get()[1:], optimizer, lr, rnd * steps + t + 1, anchor, fed_cfg.mu)
+
+    report.loss = float(np.mean([step(t) for t in range(steps)]))
     if fed_cfg.evaluate_local:
         local = evaluate(site.spec, model_source(step_fn), site.shard, fed.site, xp)  # its own
         report.local_loss, report.local_accuracy = local["loss"], local["accuracy"]
+    step_fn.gather_to_leader(site.params)  # ZeRO-3: the leader's whole model, from the chunks
+    if pads_rounds(fed_cfg, site.dp):
+        # every institution copies and restores, padded or not (zero steps): the same work
+        kept = site.params.copy() if site.params is not None else None  # ZeRO-3: the leader
+        for t in range(steps, site.round_steps):
+            step(t)
+        if kept is not None:  # the model of its own steps; the padding's is discarded
+            site.params[...] = kept
     return report
 
 

@@ -53,6 +53,10 @@ def round_line(record: dict, rounds: int) -> str:
         text += f" mean local loss {record['loss']:.3f}"
     if "epsilon" in record:
         text += f" epsilon {record['epsilon']:.3g}"
-    return text + (f" {record['round_seconds']:.2f} s, to root {record['bytes_to_root']:,} B, "
-                   f"comm {100 * record['comm_fraction']:.0f}%")
+    if "round_seconds" in record:  # not under secret sampling
+        text += f" {record['round_seconds']:.2f} s,"
+    text += f" to root {record['bytes_to_root']:,} B"
+    if "comm_fraction" in record:  # a plain run's: the root's own institution's figure
+        text += f", comm {100 * record['comm_fraction']:.0f}%"
+    return text
 

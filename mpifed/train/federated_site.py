@@ -4,7 +4,7 @@ the private aggregator (checked on every rank before round 1)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from mpi4py import MPI
@@ -20,6 +20,8 @@ from ..federated.ledger import PrivacyLedger
 from ..federated.masked_sum import ring_scales
 from ..federated.private_aggregation import PrivateAggregator
 from ..nn.models import ModelSpec
+from .federated_local import SentBytes
+from .report import Reporter
 from .setup import build_model, open_checked_shard, open_test_shard
 
 
@@ -34,11 +36,14 @@ class Site:
     params: object  # the flat parameters (xp array), the global model at a round's start
     per_epoch: int  # steps per local epoch (the institution's smallest shard decides)
     local_steps: int  # local steps per round (FedNova's tau_k; not federated.tau)
+    round_steps: int  # steps taken per round: local_steps, under secret sampling the padded count
     test: Shard | None  # this rank's rows of data.test
     dp: DPConfig | None  # the DP settings in use (dp_settings: derived values filled in)
     site_samples: list[int] | None  # on the root without secure aggregation: every n_k
     aggregator: PrivateAggregator | None = None  # with secure aggregation or DP
     ledger: PrivacyLedger | None = None  # on the root under DP: every release
+    log: Reporter | None = None  # on a leader under privacy: OUT/institution-K/metrics.jsonl
+    sent: SentBytes | None = None  # on a leader under privacy: its bytes sent to other leaders
 
 
 def site_data_path(template: str, institution: int) -> str:
@@ -93,6 +98,24 @@ def local_step_count(fed_cfg, per_epoch: int) -> int:
     return fed_cfg.local_steps
 
 
+def pads_rounds(fed_cfg, dp) -> bool:
+    """Tell whether every institution takes one padded step count per round: under secret
+    sampling (secure aggregation with DP) when the local step count follows the data
+    (local_steps = "proportional" or local_epochs), which a round's length would reveal."""
+    data_sized = fed_cfg.local_epochs is not None or fed_cfg.local_steps == "proportional"
+    return bool(fed_cfg.secure_aggregation and dp is not None and data_sized)
+
+
+def round_step_count(world, local_steps: int, padded: bool) -> int:
+    """Return the steps every rank takes per round: its own count, or padded, the largest over
+    the institutions (an int64 Allreduce over the world: nothing pickled)."""
+    if not padded:
+        return local_steps
+    most = np.array([local_steps], dtype=np.int64)
+    world.Allreduce(MPI.IN_PLACE, most, op=MPI.MAX)
+    return int(most[0])
+
+
 def open_site(cfg, fed: Federation, xp) -> Site:
     """Open this rank's data and test shard, build the model, plan the local steps."""
     fed_cfg, optim, world = cfg.federated, cfg.optim, fed.world
@@ -122,10 +145,14 @@ def open_site(cfg, fed: Federation, xp) -> Site:
                 fed_cfg.keys, fed.institution, len(fed.sizes), fed_cfg.keys_roster_sha256)
                 if fed.is_leader else None)
     private = secure or dp is not None
+    local_steps = local_step_count(fed_cfg, per_epoch)
+    round_steps = round_step_count(world, local_steps, pads_rounds(fed_cfg, dp))
+    sent = SentBytes(fed.leaders) if private and fed.is_leader else None
+    counted = replace(fed, leaders=sent) if sent is not None else fed  # the same communicators
     return Site(shard=shard, stream_comm=stream_comm, samples=samples, spec=spec, params=params,
-                per_epoch=per_epoch, local_steps=local_step_count(fed_cfg, per_epoch), test=test,
-                dp=dp, site_samples=site_samples,
-                aggregator=PrivateAggregator(fed_cfg, dp, fed, identity) if private else None)
+                per_epoch=per_epoch, local_steps=local_steps, round_steps=round_steps, test=test,
+                dp=dp, site_samples=site_samples, sent=sent,
+                aggregator=PrivateAggregator(fed_cfg, dp, counted, identity) if private else None)
 
 
 def _check_senders(fed_cfg, dp, institutions: int) -> None:

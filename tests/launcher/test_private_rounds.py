@@ -208,3 +208,75 @@ def test_an_institution_that_diverges_ends_every_rank(sites, secure):
                                             dp=dp, lr=1e200, rounds=3))
     done = run_mpi(4, ["train", "div.toml"], cwd=sites, timeout=120)
     assert done.returncode != 0 and "training diverged" in done.stderr
+
+
+TIMING = ("round_seconds", "exchange_seconds", "allreduce_seconds", "comm_fraction")
+SETTINGS = {  # [federated] keys; the [federated.dp] table
+    "plain": ({}, None),
+    "sa": ({"secure_aggregation": True, "keys": "keys", "fraction": 0.75}, None),
+    "dp": ({"fraction": 0.75}, {"clip": 1.0, "noise_multiplier": 1.0}),
+    "sa+dp": ({"secure_aggregation": True, "keys": "keys", "fraction": 0.5, "secure_range": 20.0},
+              {"clip": 1.0, "noise_multiplier": 1.0}),
+}
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_the_roots_records_and_each_institutions_own(sites, setting):
+    """The privacy rule: under secure aggregation or DP every per-institution figure is in
+    OUT/institution-K/metrics.jsonl, written by its leader; under secret sampling (SA+DP) the
+    root's records carry no timing at all. A plain run reports everything to the root."""
+    extra, dp = SETTINGS[setting]
+    assert run_cli(["keys", "generate", "keys", "--institutions", "4"], cwd=sites).returncode == 0
+    write_config(sites / "r.toml", config("r", extra=extra, dp=dp, rounds=3))
+    done = run_mpi(4, ["train", "r.toml"], cwd=sites)
+    assert done.returncode == 0, done.stderr
+    rounds = read_metrics(sites / "r", "round")
+    assert len(rounds) == 3
+    folders = [sites / "r" / f"institution-{k}" for k in range(4)]
+    if setting == "plain":
+        assert all(set(TIMING) <= set(r) for r in rounds)
+        assert all("loss" in e for e in rounds[0]["institutions"] if e["participated"])
+        assert not any(f.exists() for f in folders)
+        return
+    for r in rounds:
+        present = {k for k in r if "seconds" in k or "fraction" in k}
+        if setting == "sa+dp":  # secret sampling: nothing timed, nothing per institution
+            assert not present and not {"institutions", "participants", "loss"} & set(r)
+        else:  # public sampling: the root's own clock, not its institution's all-reduce
+            assert present == {"round_seconds", "exchange_seconds"}
+            assert all(set(e) == {"institution", "participated"} for e in r["institutions"])
+    for k, folder in enumerate(folders):
+        own = read_metrics(folder, "round")
+        assert [r["round"] for r in own] == [1, 2, 3]
+        for r in own:
+            assert set(TIMING) <= set(r) and r["samples"] == [23, 31, 17, 29][k]
+            assert ("loss" in r) == r["sampled"]
+            if setting == "sa+dp":  # every leader trains and sends, sampled or not
+                assert r["steps"] == 3 and r["bytes_sent"] > 0
+            else:
+                assert r["steps"] == 3 * r["sampled"]
+                assert k == 0 or (r["bytes_sent"] > 0) == r["sampled"]  # the root: relays
+    if setting == "sa+dp":
+        assert len({r["bytes_sent"] for f in folders[1:] for r in read_metrics(f, "round")}) == 1
+
+
+def test_padding_changes_no_result(tmp_path):
+    """local_steps = "proportional" under SA+DP: every institution takes the largest count, its
+    own steps then padding ones that are discarded, so one round's model is DP without secure
+    aggregation's (no padding there), up to the fixed-point step."""
+    for k, n in enumerate([17, 31, 23, 29]):  # 5, 10, 7 and 9 steps of 3 rows
+        write_dataset(tmp_path / f"site-{k}.h5", n, seed=k)
+    assert run_cli(["keys", "generate", "keys", "--institutions", "4"],
+                   cwd=tmp_path).returncode == 0
+    dp = {"clip": 1000.0, "noise_multiplier": 0.0}
+    for name, extra in (("dp", {}), ("sadp", {"secure_aggregation": True, "keys": "keys",
+                                              "secure_range": 20.0})):
+        write_config(tmp_path / f"{name}.toml", config(
+            name, extra={"local_steps": "proportional", **extra}, dp=dp, rounds=1))
+        done = run_mpi(4, ["train", f"{name}.toml"], cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    np.testing.assert_allclose(model_vector(tmp_path / "sadp" / "model.h5"),
+                               model_vector(tmp_path / "dp" / "model.h5"), rtol=0, atol=1e-8)
+    own = [read_metrics(tmp_path / "sadp" / f"institution-{k}", "round")[0] for k in range(4)]
+    assert [r["steps"] for r in own] == [10] * 4
+    assert [r["trained_steps"] for r in own] == [5, 10, 7, 9]
