@@ -220,10 +220,7 @@ class _NotCudaAware:
     rank, size = 0, 2
 
     def Allreduce(self, sendbuf, recvbuf, op=None):
-        pass  # the device bytes were never read
-
-    def allreduce(self, value, op=None):
-        return value
+        pass  # the device bytes were never read (and no other rank's verdict arrives)
 
 
 def test_a_forced_cuda_aware_mpi_that_is_not_is_caught(fake, monkeypatch, capsys):
