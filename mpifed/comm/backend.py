@@ -27,6 +27,8 @@ from ..xp import (
     synchronize,
     to_host,
 )
+from .agree import gather_texts
+from .scalars import allreduce_int
 
 log = get_logger(__name__)
 
@@ -151,7 +153,7 @@ def select_device(comm) -> int | None:
     device = node.rank % cp.cuda.runtime.getDeviceCount()
     cp.cuda.Device(device).use()
     # Physical devices, not ordinals: under --gpus-per-task=1 each rank sees its own GPU as 0.
-    gpus = len(set(node.allgather(device_identity())))
+    gpus = len(set(gather_texts(node, device_identity())))  # the node may span institutions
     if gpus < node.size and node.rank == 0:
         warnings.warn(f"{node.size} ranks share {gpus} GPU(s) on this node; start one rank per "
                       "GPU. comm.allreduce = \"nccl\" is refused so: NCCL cannot run two ranks "
@@ -178,7 +180,7 @@ def check_cuda_aware(comm) -> None:
     synchronize(probe)
     comm.Allreduce(MPI.IN_PLACE, probe, op=MPI.SUM)
     got, want = float(to_host(probe)[0]), comm.size * (comm.size + 1) / 2
-    if not comm.allreduce(got == want, op=MPI.LAND):
+    if not allreduce_int(comm, int(got == want), MPI.MIN):  # buffers, never pickles
         raise UserError(f"MPIFED_CUDA_AWARE=1, but a one-element device all-reduce gave {got} "
                         f"where {want} was due on rank {comm.rank} or another: this MPI is not "
                         "CUDA-aware; unset MPIFED_CUDA_AWARE (device buffers are then staged "

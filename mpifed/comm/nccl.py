@@ -13,7 +13,9 @@ from __future__ import annotations
 from mpi4py import MPI
 
 from ..xp import cupy_module, device_identity, get_array_module
+from .agree import gather_texts
 from .checks import check_local, check_same_signature
+from .scalars import allgather_ints, bcast_ints
 from .topology import topology
 
 _NCCL = MPI.Comm.Create_keyval()
@@ -51,7 +53,7 @@ def _local_problems(comm) -> tuple[int, int, int]:
     --gpus-per-task=1) are not taken for ranks sharing device 0.
     """
     node = topology(comm)[0]
-    devices = node.allgather(device_identity())
+    devices = gather_texts(node, device_identity())  # the node may span institutions
     if cupy_module() is None:
         return _NO_GPU, node.size, 0
     gpus = len(set(devices))
@@ -68,7 +70,7 @@ def nccl_unavailable(comm) -> str | None:
     """
     cached = comm.Get_attr(_UNAVAILABLE)
     if cached is None:
-        reports = comm.allgather(_local_problems(comm))
+        reports = allgather_ints(comm, _local_problems(comm))  # buffers, never pickles
         cached = _reason(reports)
         comm.Set_attr(_UNAVAILABLE, cached)
     return cached or None
@@ -100,8 +102,8 @@ def nccl_communicator(comm):
         if reason:
             raise ValueError(f"algorithm 'nccl': {reason}")
         nccl = nccl_library()
-        uid = nccl.get_unique_id() if comm.rank == 0 else None
-        uid = comm.bcast(uid, root=0)
+        uid = nccl.get_unique_id() if comm.rank == 0 else ()
+        uid = tuple(bcast_ints(comm, uid))  # NCCL's id: 128 signed chars, as ints
         cached = nccl.NcclCommunicator(comm.size, uid, comm.rank)
         comm.Set_attr(_NCCL, cached)
     return cached

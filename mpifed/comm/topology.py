@@ -12,6 +12,7 @@ import os
 from mpi4py import MPI
 
 from . import lifetime
+from .scalars import allgather_ints, allreduce_int
 
 # (node, cross) cached on the communicator; its delete callback frees both with it, and
 # lifetime frees them before MPI_Finalize when the communicator lives that long.
@@ -42,8 +43,8 @@ def topology(comm):
     cached = comm.Get_attr(_TOPOLOGY)
     if cached is None:
         node = node_comm(comm)
-        smallest = comm.allreduce(node.size, op=MPI.MIN)
-        largest = comm.allreduce(node.size, op=MPI.MAX)
+        smallest = allreduce_int(comm, node.size, MPI.MIN)  # buffers: comm may span
+        largest = allreduce_int(comm, node.size, MPI.MAX)  # institutions
         cross = comm.Split(node.rank, comm.rank) if smallest == largest else None
         cached = (node, cross)
         lifetime.cache(comm, _TOPOLOGY, cached)
@@ -65,9 +66,9 @@ def node_facts(comm) -> dict:
     node_sizes (ranks on each node, by the node's lowest rank) and mpi_nodes (the nodes MPI
     itself sees, which differ from `nodes` only under MPIFED_RANKS_PER_NODE)."""
     node = topology(comm)[0]
-    nodes = comm.allreduce(1 if node.rank == 0 else 0, op=MPI.SUM)
-    ranks_per_node = comm.allreduce(node.size, op=MPI.MAX)
-    sizes = [s for s in comm.allgather(node.size if node.rank == 0 else 0) if s]
+    nodes = allreduce_int(comm, 1 if node.rank == 0 else 0, MPI.SUM)
+    ranks_per_node = allreduce_int(comm, node.size, MPI.MAX)
+    sizes = [s for s in allgather_ints(comm, node.size if node.rank == 0 else 0) if s]
     return {"node_rank": node.rank, "ranks_per_node": ranks_per_node, "nodes": nodes,
             "node_sizes": sizes, "mpi_nodes": mpi_nodes(comm)}
 
@@ -76,7 +77,7 @@ def mpi_nodes(comm) -> int:
     """Return how many nodes MPI itself reports for `comm` (MPI_COMM_TYPE_SHARED; collective)."""
     shared = comm.Split_type(MPI.COMM_TYPE_SHARED, comm.rank)
     try:
-        return comm.allreduce(1 if shared.rank == 0 else 0, op=MPI.SUM)
+        return allreduce_int(comm, 1 if shared.rank == 0 else 0, MPI.SUM)
     finally:
         shared.Free()
 

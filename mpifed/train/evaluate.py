@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
+from ..comm.scalars import allreduce_int
 from ..data.shards import Shard
 from ..nn.models import ModelSpec, evaluate_batch
 
@@ -21,7 +22,7 @@ def evaluate(spec: ModelSpec, params, shard: Shard, comm, xp) -> dict:
     sums = np.zeros(3)  # summed loss, correct, rows
     batches = -(-len(shard) // EVAL_BATCH)
     if callable(params):
-        batches = comm.allreduce(batches, op=MPI.MAX)
+        batches = allreduce_int(comm, batches, MPI.MAX)  # comm may span institutions
     for b in range(batches):
         lo = b * EVAL_BATCH
         if lo >= len(shard):

@@ -25,7 +25,6 @@ from ..comm.quiet import quiet_barrier
 from ..errors import UserError
 from ..federated.exchange import SiteReport, broadcast_global, collect_at_root, send_to_root
 from ..federated.institutions import Federation, institution_sizes, make_federation
-from ..federated.ledger import PrivacyLedger
 from ..federated.private_update import apply_private_sums
 from ..federated.strategies import STRATEGIES, ServerHyper
 from ..nn.io import save_model
@@ -33,7 +32,7 @@ from ..optim import learning_rate, make_optimizer
 from ..xp import to_host
 from .data_parallel import model_source
 from .evaluate import evaluate
-from .federated_budget import over_budget, record_release
+from .federated_budget import admit_round, open_ledger, record_release
 from .federated_checkpoint import resume_round, write_round_checkpoint
 from .federated_local import open_institution_log
 from .federated_report import report_round
@@ -64,13 +63,13 @@ def run_federation(cfg, world, xp) -> dict:
     loader = batch_loader(cfg.data, cfg.optim.batch_size, run.seed, site.shard, site.per_epoch,
                           site.stream_comm.rank, site_steps, xp)
     hyper = ServerHyper(fed_cfg.server_step, fed_cfg.beta1, fed_cfg.beta2, fed_cfg.tau)
-    if site.dp is not None and fed.is_root:
-        site.ledger = PrivacyLedger(out)
+    if site.dp is not None and fed.is_leader:  # every leader counts the releases itself
+        site.ledger = open_ledger(out, fed)
     site.log = open_institution_log(out, fed, site.aggregator is not None, append=first > 0)
     start, last, stopped = time.perf_counter(), {}, ""
     with running(loader, step_fn) as flag:
         for rnd in range(first, fed_cfg.rounds):
-            if over_budget(site, fed, fed_cfg, rnd):  # the root decides for every rank
+            if not admit_round(cfg, site, fed, rnd):  # every leader decides for itself
                 reporter.record(event="budget", round=rnd, epsilon=last.get("epsilon"))
                 reporter.line(f"stopping before round {rnd + 1}: it would exceed "
                               f"federated.dp.max_epsilon = {site.dp.max_epsilon}")
@@ -251,6 +250,7 @@ def finish_federation(cfg, fed: Federation, site: Site, reporter, last, seconds)
                "accuracy": last.get("accuracy"), "test_loss": last.get("test_loss")}
     if "epsilon" in last:  # under DP without secure aggregation: the largest institution's
         summary["epsilon"] = last["epsilon"]
+        summary["epsilon_unamplified"] = last["epsilon_unamplified"]
     reporter.record(**summary)
     reporter.line(f"done: {summary['rounds']} rounds in {seconds:.2f} s; model in "
                   f"{os.path.join(out, 'model.h5')}")

@@ -10,6 +10,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..comm.agree import raise_together
+from ..comm.scalars import allreduce_int
 from ..config import DPConfig
 from ..data.shards import Shard
 from ..errors import UserError
@@ -41,7 +42,7 @@ class Site:
     dp: DPConfig | None  # the DP settings in use (dp_settings: derived values filled in)
     site_samples: list[int] | None  # on the root without secure aggregation: every n_k
     aggregator: PrivateAggregator | None = None  # with secure aggregation or DP
-    ledger: PrivacyLedger | None = None  # on the root under DP: every release
+    ledger: PrivacyLedger | None = None  # on every leader under DP: every release
     log: Reporter | None = None  # on a leader under privacy: OUT/institution-K/metrics.jsonl
     sent: SentBytes | None = None  # on a leader under privacy: its bytes sent to other leaders
 
@@ -69,7 +70,7 @@ def open_site_data(cfg, fed: Federation, dtype):
         path, comm = data.train, fed.world
     shard, classes = raise_together(fed.world, lambda: open_checked_shard(
         comm, path, data.x, data.y, dtype, f"data.train (institution {fed.institution})"))
-    samples = shard.info.samples if templated else fed.site.allreduce(len(shard), op=MPI.SUM)
+    samples = shard.info.samples if templated else allreduce_int(fed.site, len(shard), MPI.SUM)
     features = _allgather_ints(fed.world, shard.info.features)
     if len(set(features)) > 1:
         raise UserError(f"data.train: institutions' files have different feature counts "
@@ -124,7 +125,7 @@ def open_site(cfg, fed: Federation, xp) -> Site:
     spec, params = raise_together(world, lambda: build_model(
         cfg.model, cfg.run.seed, shard.info.input_shape, classes, xp, dtype, cfg.comm.shard,
         ranks=fed.site.size))
-    smallest = fed.site.allreduce(len(shard), op=MPI.MIN)
+    smallest = allreduce_int(fed.site, len(shard), MPI.MIN)
     per_epoch = smallest // optim.batch_size
     raise_together(world, lambda: _check_batch(per_epoch, optim.batch_size, smallest, fed))
     test = open_test_shard(world, cfg.data, spec, dtype) if cfg.data.test else None

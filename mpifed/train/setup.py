@@ -18,6 +18,7 @@ from mpi4py import MPI
 from ..comm.agree import raise_together
 from ..comm.backend import select_device
 from ..comm.nccl import nccl_unavailable
+from ..comm.scalars import allreduce_int
 from ..comm.topology import ranks_per_node
 from ..config import to_toml
 from ..data.atomic import DiskFull, atomic_path
@@ -99,9 +100,10 @@ def open_checked_shard(comm, path: str, x: str, y: str, dtype, key: str,
         if low < 0:
             raise UserError(f"{key}: {path!r} has a negative label ({low}) in {y!r}")
     raise_together(comm, check_values)
-    top = comm.allreduce(shard.label_range()[1], op=MPI.MAX)
+    # int64 buffers, never pickles: comm may be a federation's world
+    top = allreduce_int(comm, shard.label_range()[1], MPI.MAX)
     classes = info.num_classes if info.num_classes is not None else top + 1
-    bottom = comm.allreduce(shard.label_range()[0] if len(shard) else top, op=MPI.MIN)
+    bottom = allreduce_int(comm, shard.label_range()[0] if len(shard) else top, MPI.MIN)
     if classes < 2 or (key == "data.train" and bottom == top):
         raise UserError(f"{key}: every label in {y!r} of {path!r} is {top}; a classifier needs "
                         "at least two classes")
@@ -191,7 +193,7 @@ def plan_steps(optim, shard_len: int, comm) -> tuple[int, int]:
     """Return (steps_per_epoch, total_steps) for `optim` (the OptimConfig): the smallest shard
     decides for every rank."""
     batch = optim.batch_size
-    smallest = comm.allreduce(shard_len, op=MPI.MIN)
+    smallest = allreduce_int(comm, shard_len, MPI.MIN)
     per_epoch = smallest // batch
     if per_epoch == 0:
         raise UserError(f"optim.batch_size: {batch} rows per rank is more than the smallest "

@@ -220,10 +220,7 @@ class _NotCudaAware:
     rank, size = 0, 2
 
     def Allreduce(self, sendbuf, recvbuf, op=None):
-        pass  # the device bytes were never read
-
-    def allreduce(self, value, op=None):
-        return value
+        pass  # the device bytes were never read (and no other rank's verdict arrives)
 
 
 def test_a_forced_cuda_aware_mpi_that_is_not_is_caught(fake, monkeypatch, capsys):
@@ -255,3 +252,35 @@ def test_training_refuses_nccl_with_the_reason_on_every_rank(fake, monkeypatch):
             setup.array_backend(cfg, comm)
     finally:
         comm.Free()
+
+
+def test_the_nccl_id_travels_as_ints_and_nothing_is_unpickled(monkeypatch):
+    """NCCL's unique id (128 signed chars) reaches NcclCommunicator unchanged, with every
+    unpickling refused (the node and world may span institutions)."""
+    import pickle
+
+    made = []
+
+    class FakeNccl:
+        @staticmethod
+        def get_unique_id():
+            return tuple(range(-64, 64))
+
+        def NcclCommunicator(self, size, uid, rank):  # noqa: N802 (cupy's name)
+            made.append((size, uid, rank))
+            return object()
+
+    monkeypatch.setattr(nccl, "nccl_library", lambda: FakeNccl())
+    monkeypatch.setattr(nccl, "_local_problems", lambda comm: (0, 1, 1))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickled")
+
+    comm = MPI.COMM_SELF.Dup()
+    MPI.pickle.__init__(pickle.dumps, refuse)
+    try:
+        nccl.nccl_communicator(comm)
+    finally:
+        MPI.pickle.__init__(pickle.dumps, pickle.loads)
+        comm.Free()
+    assert made == [(1, tuple(range(-64, 64)), 0)]
