@@ -23,7 +23,7 @@ from mpifed.federated.identity import generate_keys, load_identity
 from mpifed.federated.institutions import make_federation
 from mpifed.federated.key_exchange import Relay
 from mpifed.federated.masked_sum import MaskedSum
-from mpifed.federated.transcript import ENTRY
+from mpifed.federated.transcript import ENTRY, confirmation_bytes
 
 pytestmark = pytest.mark.mpi(min_size=1)  # each test: the ranks it needs
 
@@ -89,7 +89,8 @@ def test_the_root_gets_the_weighted_sums(fed, secure, idle):
                                              for w, k in zip(weights, chosen)), abs=1e-3)
     others = len([k for k in chosen if k != 0])
     vector = (SIZE + 2) * 8  # update, w*loss, w
-    assert sums["bytes"] == others * vector + (others * ENTRY if secure else 0)  # + keys
+    relayed = ENTRY + confirmation_bytes(False)  # its key, its view of the round
+    assert sums["bytes"] == others * vector + (others * relayed if secure else 0)
 
 
 @pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure"])
@@ -125,7 +126,8 @@ def test_under_dp_every_leader_sends_and_the_unsampled_send_zeros(fed, identity,
     assert sums["under_clip"] == pytest.approx(-0.5 * len(chosen), abs=1e-6)  # all over
     assert "loss" not in sums and "weight" not in sums
     if secure:
-        assert sums["bytes"] == (count - 1) * ((SIZE + 1) * 8 + ENTRY + 65)  # + signed lists
+        assert sums["bytes"] == (count - 1) * ((SIZE + 1) * 8 + ENTRY
+                                               + confirmation_bytes(True))  # + signed views
 
 
 def test_fewer_senders_than_min_participants_is_refused_on_every_rank(fed):
