@@ -17,7 +17,7 @@ from helpers import (
 )
 
 from mpifed.federated.dp import epsilon
-from mpifed.federated.transcript import ENTRY
+from mpifed.federated.transcript import ENTRY, confirmation_bytes
 from mpifed.nn.models import ModelSpec, init_params
 
 FEATURES, CLASSES, HIDDEN = 5, 3, 4
@@ -123,7 +123,8 @@ def test_epsilon_per_round_and_the_budget_stop(sites):
     size = (FEATURES + 1) * HIDDEN + (HIDDEN + 1) * CLASSES
     for r in rounds:
         assert "loss" not in r and "institutions" not in r and "participants" not in r
-        assert r["bytes_to_root"] == 3 * (size + 1) * 8 + 3 * ENTRY  # every leader, every round
+        # every leader, every round: its vector, its key, its view of the round (no keys)
+        assert r["bytes_to_root"] == 3 * (size + 1) * 8 + 3 * (ENTRY + confirmation_bytes(False))
     ledger = [json.loads(line) for line in open(sites / "dp" / "privacy-ledger.jsonl")]
     assert [e["round"] for e in ledger] == list(range(1, len(rounds) + 1))
     summary = read_metrics(sites / "dp")[-1]
