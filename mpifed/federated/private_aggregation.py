@@ -89,11 +89,14 @@ class PrivateAggregator:
                                                   senders, rnd)
         if fed_cfg.secure_aggregation:
             digest, site_code = self._site_model_digest(model, rnd)
-            private = public = view = None
-            if fed.is_leader and fed.institution in senders:
+            sending = fed.is_leader and fed.institution in senders
+            # the ring's scales (a ring too small for this clip) fail on every rank together
+            view = raise_together(fed.world, lambda: round_view(
+                fed_cfg, dp, rnd, ready.clip, digest, len(senders)).to_bytes()
+                if sending else None)
+            private = public = None
+            if sending:
                 private, public = new_keypair()  # fresh every round
-                view = round_view(fed_cfg, dp, rnd, ready.clip, digest,
-                                  len(senders)).to_bytes()
             ready.publics = self.exchange.exchange_keys(senders, rnd, public, view, site_code)
             if ready.publics:
                 self.masked.draw_mask_and_noise(private, ready)

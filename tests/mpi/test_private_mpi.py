@@ -402,3 +402,16 @@ def test_under_dp_a_diverged_update_is_a_zero_one_over_the_clip(fed, identity):
     others = [small[k] for k in range(count) if k != 1]
     np.testing.assert_allclose(sums["delta_sum"], sum(others), atol=1e-6)
     assert sums["under_clip"] == pytest.approx(len(others) - 0.5 * count, abs=1e-6)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_clip_too_large_for_the_ring_fails_on_every_rank_together(fed):
+    """The transcript's ring scales (the clip in the range) fail together, never one leader."""
+    count = len(fed.sizes)
+    cfg = config(count, True, DP, secure_bits=32)
+    with pytest.raises(UserError) as info:
+        private_aggregate(cfg.federated, cfg.federated.dp, fed, update_of(fed.institution),
+                          np.zeros(SIZE), report_of(fed.institution), list(range(count)), 0,
+                          {"dp_clip": 1e12})
+    messages = fed.world.allgather(str(info.value))
+    assert len(set(messages)) == 1 and "federated.secure_bits = 64" in messages[0]
