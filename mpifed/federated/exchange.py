@@ -69,6 +69,10 @@ def collect_at_root(fed, params, report: SiteReport, chosen: list[int]):
 def broadcast_global(fed, params, site: bool = True) -> int:
     """Root -> leaders -> every rank of each site, in place; return bytes the root sent.
 
+    MPI may route `leaders.Bcast` through other leaders (a tree), so a leader could alter the
+    copy it passes on: under secure aggregation the next round's transcript binds the SHA-256
+    of the model each leader, and each rank of its site holding the whole model, received
+    (`private_aggregation.py`, `transcript.py`), and a difference refuses that round.
     Every rank first waits for the root's aggregation in a quiet barrier (no core held).
     site=False: to the leaders only (called on them alone, so no barrier; a sharded
     institution's leader then hands each rank its chunk)."""

@@ -1,26 +1,32 @@
 """A secure round's key exchange over the leaders' communicator, relayed by the root.
 
 Each sending leader sends its signed round key to the root, the root relays the key table, every
-sender checks it (`transcript.py`) and, with identities, confirms it by signing it; under DP the
-root relays the clip the same way. Every rank then learns every leader's refusal, so all raise
-the same message before any masked vector is sent. Only fixed-size uint8/float64/int64 buffers
-cross an institution's boundary, never a pickle.
+sender checks it (`transcript.py`); then every sender sends its view of the round (the clip it
+received, its model's hash, its parameters) with, given identities, its signature over that
+view and the table, and the root relays those too; each sender compares them with its own view
+(the round transcript). Under DP the root first relays the clip the same way. Every rank then
+learns every leader's refusal, so all raise the same message before any masked vector is sent.
+Only fixed-size uint8/float64/int64 buffers cross an institution's boundary, never a pickle.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from mpi4py import MPI
 
 from ..errors import UserError
-from .identity import SIGNATURE_BYTES, Identity
+from .identity import Identity
 from .transcript import (
+    ANONYMOUS,
     CHECKS,
     ENTRY,
     PUBLIC_BYTES,
+    VIEW,
     check_confirmations,
     check_keys,
+    confirmation_bytes,
     key_message,
-    list_message,
+    transcript_message,
 )
 
 # 22 is the masked or plain vector's tag (private_aggregation.py).
@@ -92,13 +98,29 @@ class KeyExchange:
                         f"{institution}: {CHECKS[code]} (institution {culprit}); refused by "
                         f"institutions {who}; no masked vector was sent")
 
+    def agree_anonymously(self, rnd: int, code: int) -> None:
+        """Every rank learns whether any rank refused with an `ANONYMOUS` code, not which one
+        (an int64 MAX): all raise one generic message that names no rank and no value."""
+        fed = self.fed
+        flag = np.array([code], dtype=np.int64)
+        fed.world.Allreduce(MPI.IN_PLACE, flag, op=MPI.MAX)
+        if flag[0] > 0:
+            raise UserError(f"secure aggregation: round {rnd + 1} refused: "
+                            f"{ANONYMOUS[int(flag[0])]} (code {int(flag[0])}); no masked "
+                            "vector was sent. Each institution's own log says more")
+
     # -- keys -------------------------------------------------------------------------------
 
-    def exchange_keys(self, senders, rnd, public: bytes | None) -> dict[int, bytes]:
+    def exchange_keys(self, senders, rnd, public: bytes | None, view: bytes | None = None,
+                      local_code: int = 0) -> dict[int, bytes]:
         """Leaders send signed keys; the root relays the list; every sender checks it, then
-        (with identities) confirms it by signing it (Bonawitz et al.'s consistency round).
-        Returns the senders' public keys on a sending leader, else {}. The root relays every
-        round, also one it sits out (fraction < 1 without DP), with an empty row of its own."""
+        confirms the round (`confirm_round`). Returns the senders' public keys on a sending
+        leader, else {}. The root relays every round, also one it sits out (fraction < 1
+        without DP), with an empty row of its own.
+
+        view: this sending leader's `RoundView.to_bytes()`; local_code: a refusal this leader
+        found inside its institution (a rank holding another model), reported with the
+        transcript's."""
         fed, count = self.fed, len(self.fed.sizes)
         table = np.zeros((count, ENTRY), dtype=np.uint8)
         code, culprit = 0, fed.institution
@@ -116,25 +138,37 @@ class KeyExchange:
             code, culprit = check_keys(table, senders, rnd, public, fed.institution,
                                        self.identity)
         self.agree(rnd, code, culprit)
-        if self.authenticated:
-            code, culprit = 0, fed.institution
-            entry = np.zeros(1 + SIGNATURE_BYTES, dtype=np.uint8)
-            if sending:
-                sig = self.identity.sign(list_message(rnd, fed.institution, table))
-                entry[0], entry[1:] = 1, np.frombuffer(sig, dtype=np.uint8)
-            if sending or fed.is_root:
-                confirms = self._relay(entry, senders, TAG_CONFIRM, TAG_CONFIRMS,
-                                       self.relay.confirmations)
-            if sending:
-                code, culprit = check_confirmations(confirms, table, senders, rnd,
-                                                    fed.institution, self.identity)
-            self.agree(rnd, code, culprit)
+        self.confirm_round(table, senders, rnd, view, local_code)
         return {k: table[k, 1:1 + PUBLIC_BYTES].tobytes() for k in senders} if sending else {}
+
+    def confirm_round(self, table, senders, rnd, view: bytes | None, local_code: int) -> None:
+        """Each sender sends [1, its view, its signature over the view and `table`] (no
+        signature without identities); the root relays them all; each sender checks every
+        other's against its own view (`check_confirmations`). Collective over the world."""
+        fed = self.fed
+        sending = fed.is_leader and fed.institution in senders
+        code, culprit = 0, fed.institution
+        entry = np.zeros(confirmation_bytes(self.authenticated), dtype=np.uint8)
+        if sending:
+            entry[0] = 1
+            entry[1:1 + VIEW.size] = np.frombuffer(view, dtype=np.uint8)
+            if self.authenticated:
+                sig = self.identity.sign(transcript_message(rnd, fed.institution, table, view))
+                entry[1 + VIEW.size:] = np.frombuffer(sig, dtype=np.uint8)
+        if sending or fed.is_root:
+            confirms = self._relay(entry, senders, TAG_CONFIRM, TAG_CONFIRMS,
+                                   self.relay.confirmations)
+        if sending:
+            code, culprit = check_confirmations(confirms, table, senders, rnd, fed.institution,
+                                                view, self.identity)
+        if local_code and not code:
+            code, culprit = local_code, fed.institution
+        self.agree(rnd, code, culprit)
 
     def relayed_bytes(self) -> int:
         """Return the bytes one sender sends the root in the exchange (its key, its
-        confirmation)."""
-        return ENTRY + (1 + SIGNATURE_BYTES) * self.authenticated
+        confirmation of the round)."""
+        return ENTRY + confirmation_bytes(self.authenticated)
 
     def _relay(self, entry, senders, tag_up, tag_down, relay_fn) -> np.ndarray:
         """Each sender sends `entry` to the root; the root returns the table (via the relay)."""

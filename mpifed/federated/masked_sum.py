@@ -6,6 +6,10 @@ tail is [w * loss, w]; under DP, w = 1, delta is clipped and the tail is [b - 1/
 clipping (b: the under-clip bit), else empty. Under secure aggregation it is encoded in a ring of
 federated.secure_bits and masked; the masks cancel in the root's sum modulo 2^bits. Pure: no MPI,
 the buffers (keystreams, masks, noise, rings) are reused from round to round.
+
+Nothing here tells another institution about this one's data: under DP an update holding NaN or
+Inf counts as a zero update over the clip (logged here only), and a vector outside the ring's
+range is refused with a generic code (`RANGE_CODE`), its detail logged on this rank alone.
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UserError
+from ..log import get_logger
 from ..xp import to_host
 from .dp import COUNT_SENSITIVITY, clip_update, secure_gaussian, share_stddev, update_noise_multiplier
 from .secagg import UINT, KeystreamBuffers, add_pairwise_mask, decode, encode_into, scale_bits
 
 LOSS_CAP = 1e4  # losses are metrics: capped so that their fixed-point range is known
 NOISE_SIGMAS = 8  # the ring's range covers a leader's noise share to 8 standard deviations
+RANGE_CODE = 20  # a refusal for a vector outside the range (transcript.ANONYMOUS)
+log = get_logger(__name__)
 
 
 def tail_fields(dp) -> tuple[str, ...]:
@@ -39,9 +46,12 @@ def leader_vector(params, global_host, report, weight: float, dp,
                   clip: float) -> np.ndarray:
     """Return this leader's float vector [w*delta, tail] before noise and encoding.
 
-    Raises UserError when the update holds NaN or Inf (nothing is sent then).
+    Without DP, raises UserError when the update holds NaN or Inf (nothing is sent then); under
+    DP such an update is a zero one, counted over the clip (`zero_if_not_finite`).
     """
-    delta = to_host(params).astype(np.float64) - global_host
+    delta, finite = to_host(params).astype(np.float64) - global_host, True
+    if dp is not None:
+        delta, finite = zero_if_not_finite(delta)
     if not np.all(np.isfinite(delta)):
         raise UserError("federated: this institution's update holds NaN or Inf (local training "
                         "diverged); lower optim.lr. Nothing was sent")
@@ -49,8 +59,25 @@ def leader_vector(params, global_host, report, weight: float, dp,
         loss = min(report.loss, LOSS_CAP) if np.isfinite(report.loss) else LOSS_CAP
         return np.concatenate([weight * delta, [weight * loss, weight]])
     delta, norm = clip_update(delta, clip)
-    tail = [(1.0 if norm <= clip else 0.0) - COUNT_SENSITIVITY] if dp.adaptive else []
+    under = finite and norm <= clip
+    tail = [(1.0 if under else 0.0) - COUNT_SENSITIVITY] if dp.adaptive else []
     return np.concatenate([delta, tail])
+
+
+def zero_if_not_finite(delta: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Return (delta, True), or (zeros in delta's place, False) when it holds NaN or Inf.
+
+    Under DP a diverged institution contributes a zero update that counts as over the clip,
+    so neither an abort nor a different message tells the others (or the root) about it; the
+    institution's own log says so.
+    """
+    if np.isfinite(np.linalg.norm(delta)) or np.all(np.isfinite(delta)):
+        return delta, True
+    log.warning("federated: this institution's update holds NaN or Inf (local training "
+                "diverged); it contributes a zero update this round, counted as over the "
+                "clip. Lower optim.lr")
+    delta[...] = 0.0
+    return delta, False
 
 
 def noise_stddevs(dp, clip: float) -> tuple[float, float]:
@@ -65,15 +92,24 @@ def noise_stddevs(dp, clip: float) -> tuple[float, float]:
 def ring_scales(fed_cfg, dp, parties: int, clip: float = 0.0) -> tuple[float, int, int]:
     """Return (update range, fraction bits of the update part, of the tail) for the ring.
 
-    The update range is the declared federated.secure_range times the largest weight, plus,
-    under DP, NOISE_SIGMAS standard deviations of a leader's noise share (public numbers).
+    The update range is `update_range` (the declared federated.secure_range times the largest
+    weight; under DP at least the clip) plus, under DP, NOISE_SIGMAS standard deviations of a
+    leader's noise share (public numbers).
     """
     bits = fed_cfg.secure_bits
     w_max = 1.0 if dp else float(fed_cfg.secure_max_samples)
     update_std, _ = noise_stddevs(dp, clip)
     share = share_stddev(update_std, honest_shares(fed_cfg, dp, parties)) if dp else 0.0
-    bound = w_max * fed_cfg.secure_range + NOISE_SIGMAS * share
+    bound = update_range(fed_cfg, dp, clip) + NOISE_SIGMAS * share
     return bound, scale_bits(bound, parties, bits), scale_bits(w_max * LOSS_CAP, parties, bits)
+
+
+def update_range(fed_cfg, dp, clip: float) -> float:
+    """Return the largest |coordinate| of a leader's update before noise: secure_range times the
+    largest weight, and under DP at least the clip (a clipped update's coordinates are <= C)."""
+    if dp is None:
+        return float(fed_cfg.secure_max_samples) * fed_cfg.secure_range
+    return max(fed_cfg.secure_range, clip)
 
 
 def ring_dtype(bits: int):
@@ -129,33 +165,61 @@ class MaskedSum:
     def add_update(self, vector, params, global_host, report, ready: PreparedRound) -> list:
         """Add w * delta (clipped under DP) to vector[:size] in place; return the tail's values.
 
-        The same values as `leader_vector`, without its temporaries. Raises UserError when the
-        update holds NaN or Inf (nothing is sent then).
+        The same values as `leader_vector`, without its temporaries. With
+        secure_out_of_range = "clip" the update's coordinates are clipped to `update_range`
+        here, before the noise share is added, so the noise is never cut. Without DP, raises
+        UserError when the update holds NaN or Inf (nothing is sent then); under DP such an
+        update is a zero one, counted over the clip.
         """
         dp, size = self.dp, ready.size
         delta = self.buffers.array("delta", np.float64, size)
         np.subtract(to_host(params).reshape(-1), global_host, out=delta)
         norm = float(np.linalg.norm(delta))  # NaN or Inf anywhere makes it so
+        finite = True
+        if dp is not None and not np.isfinite(norm):
+            delta, finite = zero_if_not_finite(delta)
+            norm = float(np.linalg.norm(delta))
         if not np.isfinite(norm) and not np.all(np.isfinite(delta)):
             raise UserError("federated: this institution's update holds NaN or Inf (local "
                             "training diverged); lower optim.lr. Nothing was sent")
         if dp is None:
             weight = report.samples
             np.multiply(delta, weight, out=delta)
+            self._clip_to_range(delta, ready.clip)
             np.add(vector[:size], delta, out=vector[:size])
             loss = min(report.loss, LOSS_CAP) if np.isfinite(report.loss) else LOSS_CAP
             return [weight * loss, weight]
         clip = ready.clip
         if norm > clip:  # clip_update's scaling
             np.multiply(delta, clip / norm, out=delta)
+        self._clip_to_range(delta, clip)
         np.add(vector[:size], delta, out=vector[:size])
-        return [(1.0 if norm <= clip else 0.0) - COUNT_SENSITIVITY] if dp.adaptive else []
+        under = finite and norm <= clip
+        return [(1.0 if under else 0.0) - COUNT_SENSITIVITY] if dp.adaptive else []
 
-    def masked_ring(self, params, global_host, report, sampled, ready: PreparedRound):
-        """Return a leader's [update + noise share, tail] in fixed point, masked (or raise).
+    def _clip_to_range(self, delta, clip: float) -> None:
+        """With secure_out_of_range = "clip", clip the (weighted) update to its range in place,
+        logging how many coordinates moved on this rank only."""
+        if self.fed_cfg.secure_out_of_range != "clip":
+            return
+        bound = update_range(self.fed_cfg, self.dp, clip)
+        over = int(np.count_nonzero(np.abs(delta) > bound))
+        if over:
+            log.warning("secure aggregation: %d coordinates of this institution's update were "
+                        "clipped to the declared range", over)
+            np.clip(delta, -bound, bound, out=delta)
+
+    def masked_ring(self, params, global_host, report, sampled, ready: PreparedRound
+                    ) -> tuple[np.ndarray | None, int]:
+        """Return (a leader's [update + noise share, tail] in fixed point, masked; 0), or
+        (None, RANGE_CODE) when the vector lies outside the ring's range (the detail goes to
+        this rank's log alone: the code crosses institutions, never a value).
 
         The noise share and the masks wait in the buffers since `draw_mask_and_noise`; the
-        result is the buffer "ring", valid until the next round.
+        result is the buffer "ring", valid until the next round. The update part is encoded
+        without clipping: with secure_out_of_range = "clip" the update was clipped before its
+        noise was added (`add_update`), so only a noise share beyond NOISE_SIGMAS standard
+        deviations can leave the range, and that refuses the round rather than cut the noise.
         """
         fed_cfg, dp, me, size = self.fed_cfg, self.dp, self.institution, ready.size
         bits = fed_cfg.secure_bits
@@ -168,9 +232,16 @@ class MaskedSum:
         if sampled:
             vector[size:] += self.add_update(vector, params, global_host, report, ready)
         ring = self.buffers.array("ring", UINT[bits], vector.size)
-        encode_into(vector[:size], bound, f_delta, ring[:size], fed_cfg.secure_out_of_range)
+        try:
+            encode_into(vector[:size], bound, f_delta, ring[:size], "error")
+        except UserError as err:
+            log.warning("secure aggregation: this institution's vector is outside the declared "
+                        "range; the round is refused (raise federated.secure_range or set "
+                        "federated.secure_out_of_range = \"clip\")")
+            log.debug("secure aggregation: %s", err)
+            return None, RANGE_CODE
         encode_into(vector[size:], w_max * LOSS_CAP, f_tail, ring[size:], "clip")
-        return np.add(ring, self.buffers.array("mask", UINT[bits], vector.size), out=ring)
+        return np.add(ring, self.buffers.array("mask", UINT[bits], vector.size), out=ring), 0
 
     def sum_buffers(self, ring, size: int) -> tuple[np.ndarray, np.ndarray]:
         """Return the root's (running sum, starting at its own masked vector or zeros; a

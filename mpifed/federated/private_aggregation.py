@@ -26,6 +26,7 @@ import numpy as np
 from ..comm.agree import raise_together
 from ..comm.quiet import after_quiet_barrier
 from ..errors import UserError
+from ..log import get_logger
 from .dp import secure_gaussian
 from .identity import Identity
 from .key_exchange import KeyExchange, Relay
@@ -38,8 +39,10 @@ from .masked_sum import (
     tail_fields,
 )
 from .secagg import new_keypair
+from .transcript import MODEL_CODE, model_digest, round_view
 
 TAG_VECTOR = 22  # the key exchange's tags are 21 and 23-26 (key_exchange.py)
+log = get_logger(__name__)
 
 
 class PrivateAggregator:
@@ -62,14 +65,16 @@ class PrivateAggregator:
         self.exchange = KeyExchange(fed, identity, relay or Relay(), self.authenticated)
         self.masked = MaskedSum(fed_cfg, dp, fed.institution)
 
-    def prepare(self, senders: list[int], rnd: int, state: dict, size: int) -> None:
+    def prepare(self, senders: list[int], rnd: int, state: dict, size: int,
+                model=None) -> None:
         """Run round `rnd`'s model-independent half (collective over the world).
 
-        The participant check, the clip relay (DP), the signed key exchange and its consistency
-        round (secure aggregation); then a sending leader draws its pairwise masks and its noise
-        share into the reused buffers, so that after training only one encoding pass and one
-        masking pass remain. size: the update's length. Raises UserError on every rank when a
-        check fails; nothing is sent then.
+        The participant check, the clip relay (DP), the signed key exchange and the round
+        transcript (secure aggregation); then a sending leader draws its pairwise masks and its
+        noise share into the reused buffers, so that after training only one encoding pass and
+        one masking pass remain. size: the update's length; model: the round's starting global
+        model as this rank holds it (None on a rank that holds only a chunk), hashed into the
+        transcript. Raises UserError on every rank when a check fails; nothing is sent then.
         """
         fed, fed_cfg, dp = self.fed, self.fed_cfg, self.dp
         self.ready = None
@@ -83,13 +88,37 @@ class PrivateAggregator:
             ready.clip = self.exchange.relay_clip(float(state.get("dp_clip", dp.clip)),
                                                   senders, rnd)
         if fed_cfg.secure_aggregation:
+            digest, site_code = self._site_model_digest(model, rnd)
+            sending = fed.is_leader and fed.institution in senders
+            # the ring's scales (a ring too small for this clip) fail on every rank together
+            view = raise_together(fed.world, lambda: round_view(
+                fed_cfg, dp, rnd, ready.clip, digest, len(senders)).to_bytes()
+                if sending else None)
             private = public = None
-            if fed.is_leader and fed.institution in senders:
+            if sending:
                 private, public = new_keypair()  # fresh every round
-            ready.publics = self.exchange.exchange_keys(senders, rnd, public)
+            ready.publics = self.exchange.exchange_keys(senders, rnd, public, view, site_code)
             if ready.publics:
                 self.masked.draw_mask_and_noise(private, ready)
         self.ready = ready
+
+    def _site_model_digest(self, model, rnd: int) -> tuple[bytes, int]:
+        """Return (the SHA-256 of this rank's starting model, a refusal code on the leader when
+        a rank of its institution holding the whole model holds another one) (collective over
+        the site). Every rank's model then is the one its leader's transcript names."""
+        fed = self.fed
+        mine = np.zeros(1 + 32, dtype=np.uint8)
+        if model is not None:
+            mine[0], mine[1:] = 1, np.frombuffer(model_digest(model), dtype=np.uint8)
+        every = np.empty((fed.site.size, mine.size), dtype=np.uint8)
+        fed.site.Allgather(mine, every)
+        digest = every[0, 1:].tobytes()  # the leader's
+        held = every[every[:, 0] == 1, 1:]
+        differs = fed.is_leader and bool((held != every[0, 1:]).any())
+        if differs:
+            log.warning("secure aggregation: round %d: a rank of this institution holds another "
+                        "starting model than its leader; refusing the round", rnd + 1)
+        return digest, (MODEL_CODE if differs else 0)
 
     def __call__(self, params, global_host, report, senders: list[int], sampled: bool, rnd: int,
                  state: dict) -> dict | None:
@@ -102,7 +131,7 @@ class PrivateAggregator:
         """
         ready = self.ready
         if ready is None or ready.rnd != rnd or ready.senders != list(senders):
-            self.prepare(senders, rnd, state, params.size)
+            self.prepare(senders, rnd, state, params.size, global_host)
             ready = self.ready
         self.ready = None  # a round's keys, masks and noise serve that round once
         fed, dp = self.fed, self.dp
@@ -152,9 +181,10 @@ class PrivateAggregator:
         fed, senders, size = self.fed, ready.senders, ready.size
         # the leaders left out of the round mask their noise at once, then wait without
         # taking a core from the ones still training
-        ring = raise_together(fed.world, lambda: after_quiet_barrier(fed.world, lambda: (
+        ring, code = raise_together(fed.world, lambda: after_quiet_barrier(fed.world, lambda: (
             self.masked.masked_ring(params, global_host, report, sampled, ready)
-            if ready.publics else None)))
+            if ready.publics else (None, 0))))
+        self.exchange.agree_anonymously(ready.rnd, code)  # e.g. out of range: no rank named
         if ring is not None and not fed.is_root:
             fed.leaders.Send(ring, 0, TAG_VECTOR)
         if not fed.is_root:

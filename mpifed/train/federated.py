@@ -126,7 +126,7 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
     release, t_prepare = {}, time.perf_counter()
     if private:  # clip, keys, masks and noise do not depend on the model: before training
         site.aggregator.prepare(senders, rnd, server_state,
-                                params.size if params is not None else step_fn.n)
+                                params.size if params is not None else step_fn.n, params)
         if site.dp and fed.is_root:  # the ledger holds the release before any vector is sent
             release = record_release(site, fed, fed_cfg, rnd, senders)
     prepare_seconds = time.perf_counter() - t_prepare  # part of the exchange, done early

@@ -140,7 +140,7 @@ def open_site(cfg, fed: Federation, xp) -> Site:
     identity = None
     if secure:
         raise_together(world, lambda: _check_senders(fed_cfg, dp, len(fed.sizes)))
-        ring_scales(fed_cfg, dp, len(fed.sizes))  # a ring too small fails on every rank
+        ring_scales(fed_cfg, dp, len(fed.sizes), dp.clip if dp else 0.0)  # fails on every rank
         if fed_cfg.keys:
             identity = raise_together(world, lambda: load_identity(
                 fed_cfg.keys, fed.institution, len(fed.sizes), fed_cfg.keys_roster_sha256)

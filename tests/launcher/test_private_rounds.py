@@ -17,8 +17,8 @@ from helpers import (
 )
 
 from mpifed.federated.dp import epsilon
-from mpifed.federated.identity import SIGNATURE_BYTES, generate_keys
-from mpifed.federated.transcript import ENTRY
+from mpifed.federated.identity import generate_keys
+from mpifed.federated.transcript import ENTRY, confirmation_bytes
 from mpifed.nn.models import ModelSpec, init_params
 
 FEATURES, CLASSES, HIDDEN = 5, 3, 4
@@ -129,8 +129,8 @@ def test_epsilon_per_round_and_the_budget_stop(sites):
     size = (FEATURES + 1) * HIDDEN + (HIDDEN + 1) * CLASSES
     for r in rounds:
         assert "loss" not in r and "institutions" not in r and "participants" not in r
-        # every leader, every round: its vector, its signed key, its signed confirmation
-        assert r["bytes_to_root"] == 3 * (size + 1) * 8 + 3 * (ENTRY + 1 + SIGNATURE_BYTES)
+        # every leader, every round: its vector, its signed key, its signed view of the round
+        assert r["bytes_to_root"] == 3 * (size + 1) * 8 + 3 * (ENTRY + confirmation_bytes(True))
     ledger = [json.loads(line) for line in open(sites / "dp" / "privacy-ledger.jsonl")]
     assert [e["round"] for e in ledger] == list(range(1, len(rounds) + 1))
     summary = read_metrics(sites / "dp")[-1]

@@ -35,7 +35,7 @@ ALLOWED = {
     "nn": {"xp", "errors", "data"}, "optim": {"xp", "errors"},
     "data": {"xp", "errors"},
     "comm": {"xp", "errors", "log", "nn", "choices"},
-    "federated": {"xp", "errors", "comm"},
+    "federated": {"xp", "errors", "log", "comm"},
     "config": {"xp", "errors", "log", "choices", "nn", "optim", "federated"},
     "train": {"xp", "errors", "faults", "hostmem", "log", "choices", "comm", "data", "nn",
               "optim", "federated", "config"},
