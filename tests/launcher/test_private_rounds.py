@@ -226,8 +226,7 @@ def test_the_roots_records_and_each_institutions_own(sites, setting):
     OUT/institution-K/metrics.jsonl, written by its leader; under secret sampling (SA+DP) the
     root's records carry no timing at all. A plain run reports everything to the root."""
     extra, dp = SETTINGS[setting]
-    assert run_cli(["keys", "generate", "keys", "--institutions", "4"], cwd=sites).returncode == 0
-    write_config(sites / "r.toml", config("r", extra=extra, dp=dp, rounds=3))
+    write_config(sites / "r.toml", config("r", extra=extra, dp=dp, rounds=3))  # keys: `sites`
     done = run_mpi(4, ["train", "r.toml"], cwd=sites)
     assert done.returncode == 0, done.stderr
     rounds = read_metrics(sites / "r", "round")

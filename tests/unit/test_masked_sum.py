@@ -25,7 +25,7 @@ def federated(dp=None, **keys):
     return resolve({"data": {"train": "site-{institution}.h5"},
                     "federated": {"institutions": 2, "secure_aggregation": True,
                                   "min_participants": 1, **keys,
-                                  **({"dp": dp} if dp else {})}}).federated
+                                  **({"dp": dp, "keys": "keys"} if dp else {})}}).federated
 
 
 @pytest.mark.parametrize("secure_range, clip", [(0.1, 2.0), (3.0, 2.0)])
