@@ -5,6 +5,10 @@ MPI tests run under `mpiexec -n N python -m pytest --with-mpi -m mpi`.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
 
@@ -27,6 +31,20 @@ def _backends():
 
 
 BACKENDS = _backends()
+
+
+def pytest_configure(config):
+    """Keep the measured "auto" cache (mpifed/train/allreduce_choice.py) of this session, and
+    of every run it launches, out of the user's cache folder."""
+    folder = tempfile.mkdtemp(prefix="mpifed-test-cache-")
+    config._mpifed_cache = folder
+    os.environ["XDG_CACHE_HOME"] = folder
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_mpifed_cache", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(params=BACKENDS)

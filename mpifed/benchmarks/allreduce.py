@@ -8,6 +8,14 @@ Several nodes on one host (MPICH; MPI then sees 2 nodes, TCP over loopback betwe
     FI_TCP_IFACE=lo mpiexec -n 4 mpifed bench allreduce --nodes 2 --arrays ordinary
 
 Algorithms: ring, mpi (MPI_Allreduce), hierarchical (shared memory in a node), auto.
+auto (--auto measured, the default): what training's "auto" does, the table measured at these
+sizes on this communicator and buffer kind (mpifed/train/allreduce_choice.py; read from the
+per-topology cache when it has them, MPIFED_AUTOTUNE=refresh measures again); --auto rule: the
+fixed rule of comm/collectives.py. The auto/best column is auto's time over the fastest
+algorithm's at each size; the last line gives the worst one from 64 KiB to 16 MiB against the
+goal of 1.1x:
+
+    mpiexec -n 4 mpifed bench allreduce -b 64K -e 16M -f 2 --auto measured
 Columns: size (bytes per rank), count (elements), type, then for each algorithm the median time
 (us) over iterations (the slowest rank's time), algbw = size / time and busbw = algbw * 2(n-1)/n
 (GB/s), #wrong (elements that differ from the exact expected sum). On one node it also measures
@@ -24,6 +32,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..comm import allreduce, choose_algorithm
+from ..comm.autotune import bucket_bytes, install, installed
 from ..comm.shared import release, shared_array
 from ..comm.topology import node_facts, topology, transport
 from .membw import allreduce_bound_seconds, node_copy_bandwidth
@@ -84,7 +93,7 @@ def time_size(comm, nbytes: int, dtype, iters: int, warmup: int, node=None) -> d
            "type": np.dtype(dtype).name,
            "auto_picks": "mpi" if comm.size == 1 else choose_algorithm(
                buf.nbytes, comm.size, per_node, window=node is not None,
-               nodes=comm.size // per_node)}
+               nodes=comm.size // per_node, table=installed(comm))}
     factor = 2 * (comm.size - 1) / comm.size if comm.size > 1 else 1.0
     for algo in ALGOS:
         slowest = np.empty(len(times[algo]))
@@ -139,6 +148,9 @@ def main(argv=None) -> int:
     parser.add_argument("--nodes", type=int, default=None,
                         help="the nodes this run must see (checked against MPI's count: on one "
                              "host, set MPIR_CVAR_NUM_CLIQUES as above)")
+    parser.add_argument("--auto", choices=["measured", "rule"], default="measured",
+                        help="what the auto column runs: the table measured at these sizes, "
+                             "as training's auto (default), or the fixed rule")
     parser.add_argument("--arrays", choices=["window", "ordinary"], default=None,
                         help="window: buffers from shared_array, as training allocates "
                              "gradients; ordinary: NumPy arrays, as library users pass "
@@ -163,8 +175,11 @@ def main(argv=None) -> int:
     node = topology(comm)[0] if comm.size > 1 else None
     node_bw = node_copy_bandwidth(node if node is not None else comm) if one_node else None
     dtype = np.dtype(args.dtype).type
+    table = tune_auto(comm, args.auto, sizes(lo, hi, args.factor), args.dtype,
+                      arrays == "window")
     if comm.rank == 0:
         print_header(comm, node_bw, facts, arrays)
+        print(f"# auto: {args.auto}" + (f" ({table_text(table)})" if table else ""))
     rows = []
     for nbytes in sizes(lo, hi, args.factor):
         row = time_size(comm, nbytes, dtype, iterations_for(nbytes, args.iters), args.warmup,
@@ -192,11 +207,41 @@ def main(argv=None) -> int:
             print(f"# 64 KiB-64 MiB: hierarchical busbw >= {gain:.2f}x mpi's; "
                   f"hierarchical time <= {slower:.2f}x the ring's")
         print(f"# worst auto/best over all sizes: {max(r['auto_vs_best'] for r in rows):.2f}x")
+        goal = [r["auto_vs_best"] for r in rows if 64 << 10 <= r["size"] <= 16 << 20]
+        if goal:
+            print(f"# auto ({args.auto}) vs the fastest, 64 KiB-16 MiB: worst {max(goal):.2f}x "
+                  f"(goal <= 1.10x: {'met' if max(goal) <= 1.1 else 'not met'})")
         if args.json:
-            meta = {"ranks": comm.size, "nodes": facts["nodes"],
+            meta = {"ranks": comm.size, "nodes": facts["nodes"], "auto": args.auto,
+                    "auto_table": {str(b): a for b, a in (table or {}).items()},
                     "ranks_per_node": facts["ranks_per_node"], "arrays": arrays,
                     "transport": transport(facts), "node_bandwidth": node_bw,
                     "mpi": MPI.Get_library_version().splitlines()[0].strip()}
             with open(args.json, "w") as fh:
                 json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+    install(comm, None)
     return 0
+
+
+def tune_auto(comm, mode: str, nbytes: list[int], dtype: str, window: bool) -> dict | None:
+    """Install on `comm` the table "auto" follows for these sizes (mode "measured"), as a
+    training run does; return it (None: the fixed rule). Collective."""
+    if mode != "measured" or comm.size == 1:
+        return None
+    from ..train.allreduce_choice import tuned_table
+
+    itemsize = np.dtype(dtype).itemsize
+    buckets = [bucket_bytes(max(1, n // itemsize) * itemsize) for n in nbytes]
+    table, _ = tuned_table(comm, buckets, dtype, window)
+    install(comm, table)
+    return table
+
+
+def table_text(table: dict) -> str:
+    """Return '64K:mpi 1M:ring' for {65536: 'mpi', 1048576: 'ring'}."""
+    def short(n: int) -> str:
+        for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+            if n >= scale and n % scale == 0:
+                return f"{n // scale}{unit}"
+        return str(n)
+    return " ".join(f"{short(b)}:{a}" for b, a in sorted(table.items()))

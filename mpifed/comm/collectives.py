@@ -11,6 +11,7 @@ from mpi4py import MPI
 
 from ..choices import ALGORITHMS  # comm.allreduce: named where MPI is not needed
 from ..xp import is_device_array
+from .autotune import bucket_bytes, installed
 from .checks import SUPPORTED_DTYPES, check_local, signature_error
 from .hierarchical import (
     hierarchical_allgather,
@@ -56,8 +57,13 @@ def _threshold(name: str, default: int) -> int:
 
 
 def choose_algorithm(nbytes: int, ranks: int, per_node: int = 1, *, device: bool = False,
-                     nccl: bool = False, window: bool = True, nodes: int | None = None) -> str:
+                     nccl: bool = False, window: bool = True, nodes: int | None = None,
+                     table: dict | None = None) -> str:
     """Return the algorithm that "auto" uses for `nbytes` on `ranks` ranks, `per_node` per node.
+
+    table: {bucket bytes: algorithm} measured on this communicator (comm/autotune.py): for host
+    buffers its entry for bucket_bytes(nbytes) wins where it has one; the rule below decides
+    the rest, and everything when no table was measured.
 
     Device buffers (`device`): NCCL where it can run (`nccl`), else MPI_Allreduce, which is
     CUDA-aware or stages once; never the hierarchical all-reduce, whose shared window is host
@@ -72,6 +78,9 @@ def choose_algorithm(nbytes: int, ranks: int, per_node: int = 1, *, device: bool
     """
     if device:
         return "nccl" if nccl and ranks > 1 else "mpi"
+    measured = table.get(bucket_bytes(nbytes)) if table else None
+    if measured is not None:
+        return measured
     nodes = nodes if nodes is not None else max(1, ranks // max(per_node, 1))
     if per_node > 1 and window:
         least = _threshold("MPIFED_HIERARCHICAL_MIN_BYTES", HIERARCHICAL_MIN_BYTES)
@@ -86,7 +95,6 @@ def choose_algorithm(nbytes: int, ranks: int, per_node: int = 1, *, device: bool
 
 
 @functools.cache
-@functools.cache
 def _smallest_threshold() -> int:
     """Return the size below which every host-buffer choice is MPI_Allreduce (bytes)."""
     return min(_threshold("MPIFED_RING_MIN_BYTES", RING_MIN_BYTES),
@@ -94,13 +102,15 @@ def _smallest_threshold() -> int:
                _threshold("MPIFED_HIERARCHICAL_COPY_MIN_BYTES", HIERARCHICAL_COPY_MIN_BYTES))
 
 
-def _auto(buf, comm, check: bool) -> tuple[str, bool]:
+def _auto(buf, comm, check: bool, table: dict | None = None) -> tuple[str, bool]:
     """Return "auto"'s choice for `buf` on `comm` and whether the buffer still needs its check.
 
-    Collective the first time per communicator. For host buffers the choice depends on whether
-    every rank's buffer lies in a shared window: with `check`, that is agreed in the one tiny
-    all-reduce that also checks length and dtype (so the chosen algorithm skips its own check);
-    without it, each rank trusts its own buffer, as a training step does once checked.
+    table: the measured table installed on `comm`, if any; where it has the buffer's bucket,
+    the chosen algorithm does its own check. Collective the first time per communicator.
+    Otherwise, for host buffers the choice depends on whether every rank's buffer lies in a
+    shared window: with `check`, that is agreed in the one tiny all-reduce that also checks
+    length and dtype (so the chosen algorithm skips its own check); without it, each rank
+    trusts its own buffer, as a training step does once checked.
     """
     if comm.size == 1:
         return "mpi", check  # nothing moves
@@ -109,6 +119,8 @@ def _auto(buf, comm, check: bool) -> tuple[str, bool]:
 
         return choose_algorithm(buf.nbytes, comm.size, device=True,
                                 nccl=nccl_unavailable(comm) is None), check
+    if table and bucket_bytes(buf.nbytes) in table:
+        return choose_algorithm(buf.nbytes, comm.size, table=table), check
     if buf.nbytes < _smallest_threshold():
         return "mpi", check  # below every crossover: MPI_Allreduce whatever the topology
     node, _ = topology(comm)
@@ -146,15 +158,17 @@ def allreduce(buf, comm, op: str = "sum", algorithm: str = "auto", *, check: boo
     algorithm: "ring" (our pipelined ring), "mpi" (MPI_Allreduce), "hierarchical" (shared memory
     inside a node, rings across nodes), "nccl" (CuPy buffers, GPU to GPU) or "auto" (device
     buffers: nccl where it can run, else mpi; host buffers: by topology, message size and
-    whether the buffers lie in shared windows from shared_array).
+    whether the buffers lie in shared windows from shared_array; where a table measured on
+    `comm` is installed (comm/autotune.py), host buffers follow it).
     check: agree on length and dtype first (one tiny all-reduce); pass False on a hot path whose
     buffer was checked once already.
     """
     if algorithm == "auto":
-        if type(buf) is np.ndarray and buf.nbytes < _smallest_threshold():
+        table = installed(comm)
+        if table is None and type(buf) is np.ndarray and buf.nbytes < _smallest_threshold():
             return mpi_allreduce(buf, comm, op, check=check)  # below every crossover: no lookup
         check_local(buf, op)
-        algorithm, check = _auto(buf, comm, check)
+        algorithm, check = _auto(buf, comm, check, table)
     if algorithm == "hierarchical":
         return hierarchical_allreduce(buf, comm, op, check=check)
     if algorithm == "nccl":
@@ -166,6 +180,14 @@ def allreduce(buf, comm, op: str = "sum", algorithm: str = "auto", *, check: boo
     if algorithm == "mpi":
         return mpi_allreduce(buf, comm, op, check=check)
     raise ValueError(f"algorithm={algorithm!r} is not known; use one of {ALGORITHMS}")
+
+
+def algorithm_for(buf, comm, algorithm: str = "auto") -> str:
+    """Return the algorithm `allreduce(buf, comm, algorithm=algorithm, check=False)` runs
+    (collective the first time per communicator, like that call)."""
+    if algorithm != "auto":
+        return algorithm
+    return _auto(buf, comm, False, installed(comm))[0]
 
 
 SHARD_ALGORITHMS = ("auto", "ring", "mpi", "hierarchical")

@@ -101,8 +101,9 @@ class OptimConfig(Section):
 @dataclass(frozen=True)
 class CommConfig(Section):
     SECTION: ClassVar[str] = "comm"
-    allreduce: str = setting("auto", "gradient all-reduce algorithm; auto picks by size and "
-                             "topology", choices=ALGORITHMS)
+    allreduce: str = setting("auto", "gradient all-reduce algorithm; auto measures each at "
+                             "the run's sizes once per topology (cached)",
+                             choices=ALGORITHMS)
     backend: str = setting("auto", "array module: cupy where a GPU is, else numpy",
                            choices=BACKENDS)
     overlap: bool = setting(False, "all-reduce each layer's gradients during the backward pass")

@@ -107,7 +107,7 @@ def run_data_parallel(cfg, comm, xp) -> dict:
     memory = memory_report(comm, step_fn, optimizer)
     return finish(cfg, comm, spec, model_source(step_fn), test, reporter, xp, (first, total),
                   (time.perf_counter() - start, step_fn.comm_seconds, loader.wait_seconds), loss,
-                  memory)
+                  memory, step_fn.allreduce_choice)
 
 
 def model_source(step_fn):
@@ -248,11 +248,11 @@ def write_model(path: str, spec, params, comm) -> None:
 
 
 def finish(cfg, comm, spec, params, test, reporter, xp, span, timings, loss,
-           memory=None) -> dict:
+           memory=None, choice=None) -> dict:
     """Evaluate, write the model and the summary; return the summary.
 
     span: (first, total) steps; timings: (seconds, in all-reduces, waiting for data) that this
-    process spent on steps first..total-1.
+    process spent on steps first..total-1; choice: the step's allreduce_choice.
     """
     (first, steps), (seconds, comm_seconds, data_seconds) = span, timings
     out, per_step = cfg.run.out, cfg.optim.batch_size * comm.size
@@ -264,6 +264,7 @@ def finish(cfg, comm, spec, params, test, reporter, xp, span, timings, loss,
     if first:
         summary["resumed_from"] = first
     summary.update(shard=cfg.comm.shard, **(memory or {}))
+    summary.update({} if choice is None else {"allreduce_choice": choice})
     if test is not None:
         result = evaluate(spec, params, test, comm, xp)
         reporter.record(event="eval", step=steps, **result)

@@ -28,6 +28,7 @@ from ..errors import UserError
 from ..nn.layers import Context
 from ..nn.models import loss_and_grad
 from ..xp import device_thread_pool, mark, record_event, seconds_between, to_host, wait_event
+from .allreduce_choice import choose_for_step
 
 
 def _gradient_buffer(size: int, dtype, comm, algorithm: str, xp):
@@ -76,6 +77,8 @@ class Step(abc.ABC):
         params: the whole flat parameters (n,), updated in place by each step, or None.
         comm_seconds: seconds this rank spent in (or blocked on) the step's communication.
         stop_agreed: after a step, whether any rank asked to stop.
+        allreduce_choice: {bucket bytes: algorithm} (strings) that the gradient all-reduces
+            run, for the summary; None where the step does not say.
 
     The methods with a body here are those of a step whose `params` is whole on every rank;
     a step that holds only a chunk overrides them.
@@ -87,6 +90,7 @@ class Step(abc.ABC):
     params = None
     comm_seconds = 0.0
     stop_agreed = False
+    allreduce_choice = None
 
     @abc.abstractmethod
     def __call__(self, x, y, optimizer, lr: float, step_number: int, anchor=None, mu=0.0,
@@ -164,6 +168,8 @@ class DataParallelStep(Step):
         self.grad = _gradient_buffer(params.size + 2, params.dtype, comm, algorithm, xp)
         self.stop_agreed = False  # after a step: some rank asked to stop
         check_same_signature(comm, self.grad.size, self.grad.dtype)  # once; steps skip it
+        # "auto": measured (or read from the per-topology cache) and installed on comm
+        self.allreduce_choice = choose_for_step(spec, self.grad, comm, algorithm, xp, overlap)
         self.comm_seconds, self._step_number = 0.0, 0
         self.watch = StallWatch(comm, stall_timeout)  # names the ranks an all-reduce waits for
         # Overlap: one thread reduces each layer's gradients, last layer first, while the

@@ -1,0 +1,163 @@
+"""The measured choice behind "auto": time each algorithm that can run here at the sizes a run
+will use, on its own communicator, and keep the fastest for each power-of-two size bucket.
+
+    >>> table, seconds = measure(comm, [1 << 16, 1 << 20], buffer_for)  # collective
+    >>> table                                    # the same dict on every rank
+    {65536: 'mpi', 1048576: 'ring'}
+    >>> install(comm, table)    # allreduce(buf, comm, algorithm="auto") now follows it
+
+A bucket's time for an algorithm is the slowest rank's median over a few repetitions, all-reduced
+before anyone decides: every rank holds the same numbers and picks the same algorithm, so no rank
+can run the ring while another waits in MPI_Allreduce. Only host arrays are measured: NCCL never
+moves host arrays, and device buffers keep the rule of `collectives.choose_algorithm`. Reading and
+writing the per-topology cache is the caller's (mpifed/train/allreduce_choice.py): it writes files.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from ..choices import ALGORITHMS
+from .hierarchical import hierarchical_allreduce
+from .native import mpi_allreduce
+from .ring import ring_allreduce
+from .shared import release, shared_array
+from .topology import topology
+
+# What can be measured on host arrays, in the order that breaks a tie (the first wins).
+MEASURED = {"ring": ring_allreduce, "mpi": mpi_allreduce, "hierarchical": hierarchical_allreduce}
+REPEATS = 5  # timed calls per algorithm and bucket, after one warm-up call each
+
+# The table installed on a communicator: a plain dict, nothing to free with it.
+_TABLE = MPI.Comm.Create_keyval()
+
+
+def bucket_bytes(nbytes: int) -> int:
+    """Return the power of two nearest to `nbytes` on a log scale (1 for 0 or 1 bytes).
+
+    A bucket b holds the sizes in [b/sqrt(2), b*sqrt(2)): a measurement at b stands for them all,
+    and a buffer measured at its bucket is at most 1.42 times the real one.
+    """
+    if nbytes <= 1:
+        return 1
+    lower = 1 << (int(nbytes).bit_length() - 1)
+    return lower if nbytes * nbytes < 2 * lower * lower else 2 * lower
+
+
+def candidates(comm) -> tuple[str, ...]:
+    """Return the algorithms worth timing on host arrays over `comm` (collective the first time).
+
+    The hierarchical all-reduce only where nodes hold several ranks, the same number each:
+    elsewhere it runs the ring itself.
+    """
+    node, cross = topology(comm)
+    hierarchical = cross is not None and node.size > 1
+    return tuple(a for a in MEASURED if a != "hierarchical" or hierarchical)
+
+
+def time_allreduce(algorithm: str, buf, comm) -> float:
+    """Return the seconds one mean all-reduce of `buf` with `algorithm` takes on this rank,
+    starting together after a barrier."""
+    comm.Barrier()
+    start = time.perf_counter()
+    MEASURED[algorithm](buf, comm, "mean", check=False)
+    return time.perf_counter() - start
+
+
+def local_medians(comm, buckets, algorithms, buffer_for, timer, repeats: int) -> np.ndarray:
+    """Return this rank's median seconds, (len(buckets), len(algorithms)).
+
+    Each algorithm is called once unmeasured first (scratch windows, first touch of the pages);
+    the order rotates between repetitions so that noise hits every algorithm alike.
+    """
+    medians = np.empty((len(buckets), len(algorithms)))
+    for i, nbytes in enumerate(buckets):
+        buf = buffer_for(nbytes)
+        for algorithm in algorithms:
+            timer(algorithm, buf, comm)
+        samples = [[] for _ in algorithms]
+        for repeat in range(repeats):
+            shift = repeat % len(algorithms)
+            for j in [*range(shift, len(algorithms)), *range(shift)]:
+                samples[j].append(timer(algorithms[j], buf, comm))
+        medians[i] = np.median(np.array(samples), axis=1)
+    return medians
+
+
+def decide(buckets, algorithms, seconds: np.ndarray) -> dict[int, str]:
+    """Return {bucket: the fastest algorithm}; ties go to the algorithm listed first. Pure."""
+    return {int(b): algorithms[int(np.argmin(row))] for b, row in zip(buckets, seconds)}
+
+
+def measure(comm, buckets, buffer_for, *, timer=time_allreduce, repeats: int = REPEATS):
+    """Time each candidate algorithm at each bucket; return (table, seconds), equal on all ranks.
+
+    buckets: sizes in bytes, the same list on every rank. buffer_for(nbytes): a 1-D host array
+    of about that many bytes, of the kind the run reduces (a window array or not).
+    timer(algorithm, buf, comm): seconds of one call (tests inject their own).
+    table: {bucket: algorithm}; seconds: {bucket: {algorithm: slowest rank's median}}.
+    Collective over `comm`.
+    """
+    buckets = [int(b) for b in buckets]
+    algorithms = candidates(comm)
+    local = local_medians(comm, buckets, algorithms, buffer_for, timer, repeats)
+    slowest = np.empty_like(local)
+    comm.Allreduce(local, slowest, op=MPI.MAX)
+    seconds = {b: dict(zip(algorithms, map(float, row))) for b, row in zip(buckets, slowest)}
+    return decide(buckets, algorithms, slowest), seconds
+
+
+class Scratch:
+    """One buffer of the largest bucket's size to measure in, a window array or an ordinary one.
+
+    `free()` is collective over the node for a window (so not in a `finally`).
+    """
+
+    def __init__(self, comm, largest: int, dtype, window: bool):
+        self.dtype = np.dtype(dtype)
+        count = max(1, largest // self.dtype.itemsize)
+        self.window = window
+        self.buf = (shared_array(count, self.dtype, topology(comm)[0]) if window
+                    else np.empty(count, dtype=self.dtype))
+        self.buf[...] = 0
+
+    def __call__(self, nbytes: int):
+        """Return the first `nbytes` bytes (at least one element) as a view."""
+        return self.buf[:max(1, nbytes // self.dtype.itemsize)]
+
+    def free(self) -> None:
+        if self.window:
+            release(self.buf)
+
+
+def encode(table: dict) -> list[int]:
+    """Return `table` as ints: bucket, index into choices.ALGORITHMS, bucket, index, ..."""
+    return [v for b, a in sorted(table.items()) for v in (int(b), ALGORITHMS.index(a))]
+
+
+def decode(values) -> dict[int, str]:
+    """Return the table `encode` wrote; ValueError on a malformed list."""
+    if len(values) % 2 or any(not 0 <= i < len(ALGORITHMS) for i in values[1::2]):
+        raise ValueError(f"not an encoded all-reduce table: {list(values)[:8]}")
+    return {int(b): ALGORITHMS[i] for b, i in zip(values[::2], values[1::2])}
+
+
+def install(comm, table: dict | None) -> None:
+    """Make "auto" on `comm` follow `table` ({bucket bytes: algorithm}); None removes it.
+
+    Must be the same table on every rank (as `measure` returns it): the choice then depends
+    only on a buffer's size, as the fixed rule does.
+    """
+    if table is None:
+        if comm.Get_attr(_TABLE) is not None:
+            comm.Delete_attr(_TABLE)
+        return
+    comm.Set_attr(_TABLE, dict(table))
+
+
+def installed(comm) -> dict | None:
+    """Return the table "auto" follows on `comm`, or None (the fixed rule)."""
+    return comm.Get_attr(_TABLE)

@@ -1,0 +1,199 @@
+"""The measured "auto": the decision from injected timings, the size buckets, the per-topology
+cache file (key, corrupt and foreign files, refresh, MPIFED_AUTOTUNE=0), on one rank.
+
+No test here times anything: every timing comes from a fake timer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from mpifed.comm import choose_algorithm
+from mpifed.comm.autotune import bucket_bytes, decide, decode, encode, measure
+from mpifed.errors import UserError
+from mpifed.train import allreduce_choice as ac
+
+
+class FakeTimer:
+    """Seconds per (algorithm, bytes) from a table; counts its calls, moves no bytes."""
+
+    def __init__(self, seconds: dict):
+        self.seconds, self.calls = seconds, []
+
+    def __call__(self, algorithm, buf, comm):
+        self.calls.append((algorithm, buf.nbytes))
+        return self.seconds[algorithm, buf.nbytes]
+
+
+def scratch(nbytes):
+    return np.zeros(max(1, nbytes // 4), dtype=np.float32)
+
+
+@pytest.mark.parametrize("nbytes,bucket", [
+    (0, 1), (1, 1), (2, 2), (3, 4), (5, 4), (6, 8), (1024, 1024), (1448, 1024), (1449, 2048),
+    (3 << 20, 4 << 20), (5 << 20, 4 << 20), (6 << 20, 8 << 20)])
+def test_buckets_are_the_nearest_power_of_two_on_a_log_scale(nbytes, bucket):
+    assert bucket_bytes(nbytes) == bucket
+    # the bucket lies within a factor sqrt(2) of the size
+    assert nbytes == 0 or bucket / 2 ** 0.5 <= nbytes < bucket * 2 ** 0.5
+
+
+def test_decide_picks_the_fastest_and_breaks_ties_by_order():
+    seconds = np.array([[3.0, 1.0], [2.0, 2.0], [1.0, 5.0]])
+    assert decide([64, 1024, 1 << 20], ("ring", "mpi"), seconds) == {
+        64: "mpi", 1024: "ring", 1 << 20: "ring"}
+
+
+def test_measure_takes_each_algorithms_median_of_injected_timings():
+    comm = MPI.COMM_SELF  # one node of one rank: ring and mpi are the candidates
+    timer = FakeTimer({("ring", 1024): 5.0, ("mpi", 1024): 1.0,
+                       ("ring", 4096): 2.0, ("mpi", 4096): 3.0})
+    table, seconds = measure(comm, [1024, 4096], scratch, timer=timer, repeats=3)
+    assert table == {1024: "mpi", 4096: "ring"}
+    assert seconds[4096] == {"ring": 2.0, "mpi": 3.0}
+    assert len(timer.calls) == 2 * 2 * (1 + 3)  # one warm-up and 3 timed calls each
+
+
+def test_the_median_ignores_one_outlier():
+    # ring's warm-up, then 1, 100, 1: its median (1) beats mpi's 1.5, its mean (34) would not
+    ring = iter([9.0, 1.0, 100.0, 1.0])
+
+    def timer(algorithm, buf, comm):
+        return next(ring) if algorithm == "ring" else 1.5
+
+    table, seconds = measure(MPI.COMM_SELF, [64], scratch, timer=timer, repeats=3)
+    assert table == {64: "ring"} and seconds[64] == {"ring": 1.0, "mpi": 1.5}
+
+
+def test_encoding_round_trips_as_indices_into_the_algorithm_names():
+    table = {65536: "mpi", 1 << 20: "hierarchical", 1 << 24: "ring"}
+    assert all(isinstance(v, int) for v in encode(table))
+    assert decode(encode(table)) == table
+    with pytest.raises(ValueError):
+        decode([64, 99])
+
+
+def test_choose_algorithm_follows_a_table_and_the_rule_elsewhere():
+    table = {1 << 20: "hierarchical"}
+    assert choose_algorithm(1 << 20, 4, 1, table=table) == "hierarchical"
+    assert choose_algorithm(900_000, 4, 1, table=table) == "hierarchical"  # same bucket
+    assert choose_algorithm(64, 4, 1, table=table) == choose_algorithm(64, 4, 1)
+    assert choose_algorithm(1 << 20, 4, 1, device=True, table=table) == "mpi"  # host only
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("MPIFED_AUTOTUNE", raising=False)
+    return tmp_path / "mpifed"
+
+
+SECONDS = {("ring", 1024): 2.0, ("mpi", 1024): 1.0, ("ring", 1 << 20): 1.0,
+           ("mpi", 1 << 20): 2.0, ("ring", 1 << 16): 1.0, ("mpi", 1 << 16): 3.0}
+
+
+def test_measures_once_then_reads_the_cache(cache, capsys):
+    timer = FakeTimer(SECONDS)
+    table, source = ac.tuned_table(MPI.COMM_SELF, [1024, 1 << 20], "float32", False,
+                                   timer=timer)
+    assert table == {1024: "mpi", 1 << 20: "ring"} and source.startswith("measured 2")
+    [path] = cache.glob("allreduce-*.json")
+    data = json.loads(path.read_text())
+    assert data["choice"] == {"1024": "mpi", "1048576": "ring"}
+    assert data["key"]["world_size"] == 1 and data["key"]["dtype"] == "float32"
+    assert path.name == f"allreduce-{os.path.basename(ac.cache_path(data['key']))[10:]}"
+    again = FakeTimer(SECONDS)
+    table, source = ac.tuned_table(MPI.COMM_SELF, [1 << 20, 1024], "float32", False,
+                                   timer=again)
+    assert table == {1024: "mpi", 1 << 20: "ring"} and again.calls == []
+    assert "read from the cache" in source
+    # a new size: only it is measured, and the file keeps the old ones
+    table, _ = ac.tuned_table(MPI.COMM_SELF, [1024, 1 << 16], "float32", False, timer=again)
+    assert {n for _, n in again.calls} == {1 << 16}
+    assert set(json.loads(path.read_text())["choice"]) == {"1024", "65536", "1048576"}
+    assert capsys.readouterr().err == ""  # nothing to warn about
+
+
+@pytest.mark.parametrize("text", ["{not json", json.dumps({"format": "something else"}),
+                                  json.dumps([1, 2])])
+def test_a_corrupt_cache_is_ignored_with_a_warning_and_rewritten(cache, capsys, text):
+    key = ac.topology_key(MPI.COMM_SELF, "float32", False)
+    path = ac.cache_path(key)
+    os.makedirs(cache, exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write(text)
+    timer = FakeTimer(SECONDS)
+    table, _ = ac.tuned_table(MPI.COMM_SELF, [1024], "float32", False, timer=timer)
+    assert table == {1024: "mpi"} and timer.calls
+    assert "ignoring the cache" in capsys.readouterr().err
+    assert json.loads(open(path).read())["choice"] == {"1024": "mpi"}
+
+
+def test_a_foreign_or_tampered_cache_is_ignored(cache, capsys):
+    key = ac.topology_key(MPI.COMM_SELF, "float32", False)
+    path = ac.cache_path(key)
+    ac.write_cache(path, dict(key, world_size=64), {1024: "ring"}, {})
+    timer = FakeTimer(SECONDS)
+    assert ac.tuned_table(MPI.COMM_SELF, [1024], "float32", False, timer=timer)[0] == {
+        1024: "mpi"}
+    assert "another topology" in capsys.readouterr().err
+    ac.write_cache(path, key, {1024: "nccl"}, {})  # never on host arrays
+    assert ac.tuned_table(MPI.COMM_SELF, [1024], "float32", False, timer=timer)[0] == {
+        1024: "mpi"}
+    assert "bad entry" in capsys.readouterr().err
+
+
+def test_refresh_measures_again_and_zero_measures_nothing(cache, monkeypatch):
+    ac.tuned_table(MPI.COMM_SELF, [1024], "float32", False, timer=FakeTimer(SECONDS))
+    monkeypatch.setenv("MPIFED_AUTOTUNE", "refresh")
+    timer = FakeTimer({**SECONDS, ("ring", 1024): 0.5})
+    assert ac.tuned_table(MPI.COMM_SELF, [1024], "float32", False, timer=timer)[0] == {
+        1024: "ring"}
+    assert timer.calls
+    monkeypatch.setenv("MPIFED_AUTOTUNE", "0")
+    timer = FakeTimer(SECONDS)
+    assert ac.tuned_table(MPI.COMM_SELF, [1024], "float32", False, timer=timer)[0] is None
+    assert timer.calls == []
+    monkeypatch.setenv("MPIFED_AUTOTUNE", "sometimes")
+    with pytest.raises(UserError, match="MPIFED_AUTOTUNE='sometimes'"):
+        ac.tuned_table(MPI.COMM_SELF, [1024], "float32", False, timer=timer)
+
+
+def test_the_key_and_its_file_change_with_the_topology(cache):
+    key = ac.topology_key(MPI.COMM_SELF, "float32", False)
+    assert set(key) == {"world_size", "node_sizes", "transport", "mpi_library", "dtype",
+                        "window"}
+    assert key["node_sizes"] == [1] and MPI.Get_library_version().strip() == key["mpi_library"]
+    paths = {ac.cache_path(k) for k in [
+        key, dict(key, world_size=4), dict(key, node_sizes=[2, 2]), dict(key, dtype="float64"),
+        dict(key, window=True), dict(key, mpi_library="Open MPI v5"),
+        dict(key, transport="netmod ofi")]}
+    assert len(paths) == 7
+    assert all(os.path.dirname(p) == str(cache) for p in paths)
+    assert ac.cache_path(dict(key)) == ac.cache_path(key)  # stable: a hash of canonical JSON
+
+
+def test_the_cache_folder_falls_back_to_the_home_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert ac.cache_folder() == str(tmp_path / ".cache" / "mpifed")
+
+
+def test_gradient_ranges_whole_or_per_layer():
+    from mpifed.nn.models import ModelSpec
+
+    spec = ModelSpec("mlp", 5, (7,), 3)
+    n = 5 * 7 + 7 + 7 * 3 + 3  # (w1, b1) then (w2, b2)
+    assert ac.gradient_ranges(spec, n, np.float32, False) == [(0, n + 2)]
+    ranges = ac.gradient_ranges(spec, n, np.float32, True)
+    assert sorted(ranges) == [(0, 42), (42, n + 2)]
+
+
+def test_render_names_sizes_in_binary_units():
+    assert ac.render({"512": "mpi", "65536": "mpi", "1048576": "ring"}) == \
+        "512 B mpi, 64 KiB mpi, 1 MiB ring"
