@@ -406,3 +406,27 @@ def test_the_rule_is_pytorchs():
     assert not worth_compressing(3, 2, 2, 2.0)
     assert not worth_compressing(5, 12, 2, 2.0)  # 68 >= 60
     assert worth_compressing(5, 12, 2, 0.0)
+
+
+# One xp path: device arrays in, device arrays out, nothing read back to the host.
+
+def test_device_arrays_take_the_same_path_without_host_transfers(monkeypatch):
+    from fake_cupy import FakeCupy
+
+    from mpifed import xp as xpmod
+
+    fake = FakeCupy(devices=1)
+    monkeypatch.setattr(xpmod, "cupy_module", lambda: fake)
+    blocks, length = blocks_of(LAYOUT)
+    grads = rank_grads(length, 2, 4, "float32", seed=13)
+    on_host, _ = simulate(blocks, grads, start=1, rank=4)
+    device = [[fake.asarray(g) for g in step] for step in grads]
+    compressors = [PowerSGD(blocks, start=1, rank=4, xp=fake) for _ in range(2)]
+    fake.calls.clear()
+    on_device, _ = simulate(blocks, device, compressors=compressors)
+    assert not fake.of("d2h"), fake.of("d2h")
+    for k in range(len(grads)):
+        for r in range(2):
+            assert type(on_device[k][r]).__name__ == "FakeArray"
+            np.testing.assert_array_equal(np.asarray(on_device[k][r]), on_host[k][r])
+    assert type(compressors[0].state()["q"]).__name__ == "FakeArray"
