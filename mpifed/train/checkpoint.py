@@ -25,6 +25,8 @@ import numpy as np
 
 # run.resume: one of these words, or the path of a checkpoint file.
 from ..choices import RESUME_MODES  # noqa: F401 (run.resume, named here before)
+from ..config.fields import plain
+from ..config.sections import ALL_SECTIONS
 from ..data.atomic import atomic_path
 from ..errors import UserError
 from ..log import get_logger
@@ -224,11 +226,20 @@ def differences(saved_cfg: dict, cfg, saved_shape: dict, mpi_shape: dict) -> lis
     for section in sorted(sections):
         old, new = saved_cfg.get(section) or {}, cfg.get(section) or {}
         for key in sorted(set(old) | set(new)):
-            if (section, key) in RESUMABLE_CHANGES:
+            if (section, key) in RESUMABLE_CHANGES or added_at_default(section, key, old, new):
                 continue
             if old.get(key) != new.get(key):
                 problems.append(f"{section}.{key}: {old.get(key)!r} then, {new.get(key)!r} now")
     return problems
+
+
+def added_at_default(section: str, key: str, old: dict, new: dict) -> bool:
+    """Tell whether `key` is one the checkpoint's config predates (its section was there, the
+    key not) and this run leaves at its default: the run computes as the checkpoint's did."""
+    declared = ALL_SECTIONS.get(section)
+    if not old or key in old or declared is None or key not in declared.declared():
+        return False
+    return plain(declared.declared()[key].default) == new.get(key)
 
 
 def choose_checkpoint(cfg, kind: str, mpi_shape: dict) -> dict | None:
