@@ -10,3 +10,4 @@ ALGORITHMS = ("auto", "ring", "mpi", "hierarchical", "nccl")  # comm.allreduce
 STAGES = ("none", "optimizer", "gradients", "parameters")  # comm.shard: ZeRO stage 0 to 3
 RESUME_MODES = ("auto", "never")  # run.resume, besides the path of a checkpoint
 PROGRESS_MODES = ("auto", "bar", "lines", "none")  # run.progress
+COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")  # comm.compression (comm/compression/)

@@ -77,7 +77,8 @@ def build_step(stage: str, spec, comm, overlap: bool):
     from ..train.step import make_step
 
     params = None if stage == "parameters" else init_params(spec, 0, np, "float32")
-    settings = SimpleNamespace(shard=stage, allreduce="auto", overlap=overlap, stall_timeout=0)
+    settings = SimpleNamespace(shard=stage, allreduce="auto", overlap=overlap, stall_timeout=0,
+                               compression="none")
     return make_step(spec, params, comm, settings, np, np.float32)
 
 

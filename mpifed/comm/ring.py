@@ -108,6 +108,19 @@ def ring_allgather(buf, comm, *, check: bool = True, bounds=None):
     return buf
 
 
+def ring_bytes_sent(length: int, itemsize: int, size: int, rank: int) -> int:
+    """Return the bytes rank `rank` sends in ring_allreduce of `length` items on `size` ranks.
+
+    The reduce steps send every ring chunk but rank+1's, the copy steps every one but
+    rank+2's: the buffer twice less two chunks, 2(size-1)/size of it when the chunks are equal.
+    """
+    if size < 2:
+        return 0
+    base, extra = divmod(length, size)  # chunk r holds base + (r < extra): chunk_bounds's cut
+    kept = sum(base + (r < extra) for r in (rank, (rank + 1) % size))
+    return (2 * length - kept) * itemsize
+
+
 def ring_order(bounds: list) -> list:
     """Return `bounds` rotated so that the ring leaves chunk r reduced on rank r.
 

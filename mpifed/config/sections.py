@@ -13,7 +13,7 @@ is held to the same rules as one read from TOML.
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from ..choices import ALGORITHMS, PROGRESS_MODES, RESUME_MODES, STAGES
+from ..choices import ALGORITHMS, COMPRESSIONS, PROGRESS_MODES, RESUME_MODES, STAGES
 from ..errors import UserError
 from ..federated.dp import ACCOUNTANTS
 from ..federated.secagg import OUT_OF_RANGE_MODES, SINT
@@ -111,6 +111,46 @@ class CommConfig(Section):
                                    "the job ends naming it; 0: never", low=0)
     shard: str = setting("none", "ZeRO stage: shard optimizer state, gradients or parameters "
                          "across ranks", choices=STAGES)
+    compression: str = setting("none", "gradient compression: none (exact), fp16 or bf16 (a "
+                               "half-precision wire, fp32 sums on each hop) or powersgd "
+                               "(low rank, error feedback)", choices=COMPRESSIONS)
+    predivide: bool = setting(True, "fp16/bf16: divide by the rank count before the sum (else "
+                              "after it)")
+    powersgd_rank: int = setting(2, "powersgd: rank of each matrix's factors", low=1)
+    compression_start: int = setting(10, "powersgd: steps exchanged uncompressed before the "
+                                     "compression starts", low=0)
+    powersgd_min_rate: float = setting(2.0, "powersgd: compress an n x m matrix only where "
+                                       "(n + m) * rank * min_rate <= n * m; 0: every matrix",
+                                       low=0)
+
+    def check(self) -> None:
+        scheme = self.compression
+        if scheme == "none":
+            return
+        if self.allreduce == "nccl":
+            raise UserError(f"comm.compression = \"{scheme}\" with comm.allreduce = \"nccl\": "
+                            "compressed exchanges run on the package's own collectives over "
+                            "MPI (fp32 sums on each hop of the half-precision ring, PowerSGD's "
+                            "P and Q on the ring), which NCCL does not run; set comm.allreduce "
+                            "= \"auto\" or \"ring\", or comm.compression = \"none\"")
+        if scheme in ("fp16", "bf16") and self.allreduce in ("mpi", "hierarchical"):
+            raise UserError(f"comm.compression = \"{scheme}\" with comm.allreduce = "
+                            f"\"{self.allreduce}\": a half-precision wire needs each hop to add "
+                            "in fp32, which only the package's own ring does (MPI's and the "
+                            "node's sums would add half-precision values); set comm.allreduce "
+                            "= \"auto\" or \"ring\"")
+        if scheme == "powersgd" and self.shard in ("gradients", "parameters"):
+            raise UserError(f"comm.compression = \"powersgd\" with comm.shard = "
+                            f"\"{self.shard}\": the sharded stages reduce-scatter gradients, "
+                            "each rank keeping only its chunk of the sum, and a low-rank "
+                            "factorisation needs whole matrices on every rank (P = M Q is not "
+                            "a sum of chunks); set comm.shard = \"none\" (or \"optimizer\" once "
+                            "supported) or comm.compression = \"none\"")
+        if self.shard != "none":
+            raise UserError(f"comm.compression = \"{scheme}\" with comm.shard = "
+                            f"\"{self.shard}\": the ZeRO stages exchange gradients with their own "
+                            "reduce-scatter, which compression is not wired into; set "
+                            "comm.shard = \"none\" or comm.compression = \"none\"")
 
 
 @dataclass(frozen=True)
@@ -284,6 +324,12 @@ class Config(Section):
                                                 "one data-parallel run")
 
     def check(self) -> None:
+        if self.comm.compression == "powersgd" and self.federated is not None:
+            raise UserError("comm.compression = \"powersgd\" in a federation: each "
+                            "institution's error feedback and warm start would live on its "
+                            "ranks, but a federation's checkpoint holds only the global model "
+                            "and the server's state, so a resume could not continue to the same "
+                            "bits; use \"fp16\" or \"bf16\" (no state), or remove [federated]")
         if self.run.eval_every and not self.data.test:
             raise UserError(f"run.eval_every = {self.run.eval_every} needs a test set; set "
                             "data.test or remove run.eval_every")

@@ -25,6 +25,8 @@ import numpy as np
 
 # run.resume: one of these words, or the path of a checkpoint file.
 from ..choices import RESUME_MODES  # noqa: F401 (run.resume, named here before)
+from ..config.fields import plain
+from ..config.sections import ALL_SECTIONS
 from ..data.atomic import atomic_path
 from ..errors import UserError
 from ..log import get_logger
@@ -49,10 +51,12 @@ def checkpoint_dir(out: str) -> str:
 
 
 def save_checkpoint(out: str, kind: str, index: int, params, state: dict, counters: dict,
-                    cfg, mpi_shape: dict, keep: int) -> str:
+                    cfg, mpi_shape: dict, keep: int, compressor: list | None = None) -> str:
     """Write checkpoint `index` atomically and prune to the newest `keep`; return its path.
 
     state: name -> array (optimiser or server state); counters: name -> int or list of ints.
+    compressor: every rank's compressor state (name -> array or scalar), in rank order, as
+    groups compressor/rank-K; None or all empty: no such group.
     """
     path = os.path.join(checkpoint_dir(out), f"{kind}-{index:09d}.h5")
     texts = {"counters": json.dumps(counters), "config": json.dumps(cfg.to_dict()),
@@ -63,6 +67,11 @@ def save_checkpoint(out: str, kind: str, index: int, params, state: dict, counte
         group = fh.create_group("state")
         for name, value in state.items():
             _dataset(group, name, _host(value))
+        if compressor and any(compressor):
+            for rank, own in enumerate(compressor):
+                part = fh.create_group(f"compressor/rank-{rank}")
+                for name, value in own.items():
+                    _dataset(part, name, _host(value))
         fh.attrs["kind"], fh.attrs["index"] = kind, index
         for name, text in texts.items():
             fh.attrs[name] = text
@@ -153,11 +162,21 @@ def load_checkpoint(path: str) -> dict:
                 "path": path, "kind": str(fh.attrs["kind"]), "index": int(fh.attrs["index"]),
                 "params": _verified(fh["params"]),
                 "state": {name: _verified(fh["state"][name]) for name in fh["state"]},
+                "compressor": _compressor_states(fh),
                 **{name: json.loads(text) for name, text in texts.items()},
                 "data": None if data is None else json.loads(data),
             }
     except (OSError, KeyError, ValueError) as err:
         raise UserError(f"checkpoint {path!r} is damaged or unreadable ({err})") from None
+
+
+def _compressor_states(fh) -> list[dict] | None:
+    """Every rank's compressor state in rank order (checked), or None when none was saved."""
+    if "compressor" not in fh:
+        return None
+    group = fh["compressor"]
+    return [{name: _verified(group[f"rank-{r}"][name]) for name in group[f"rank-{r}"]}
+            for r in range(len(group))]
 
 
 def newest_valid(out: str, kind: str) -> dict | None:
@@ -207,11 +226,20 @@ def differences(saved_cfg: dict, cfg, saved_shape: dict, mpi_shape: dict) -> lis
     for section in sorted(sections):
         old, new = saved_cfg.get(section) or {}, cfg.get(section) or {}
         for key in sorted(set(old) | set(new)):
-            if (section, key) in RESUMABLE_CHANGES:
+            if (section, key) in RESUMABLE_CHANGES or added_at_default(section, key, old, new):
                 continue
             if old.get(key) != new.get(key):
                 problems.append(f"{section}.{key}: {old.get(key)!r} then, {new.get(key)!r} now")
     return problems
+
+
+def added_at_default(section: str, key: str, old: dict, new: dict) -> bool:
+    """Tell whether `key` is one the checkpoint's config predates (its section was there, the
+    key not) and this run leaves at its default: the run computes as the checkpoint's did."""
+    declared = ALL_SECTIONS.get(section)
+    if not old or key in old or declared is None or key not in declared.declared():
+        return False
+    return plain(declared.declared()[key].default) == new.get(key)
 
 
 def choose_checkpoint(cfg, kind: str, mpi_shape: dict) -> dict | None:

@@ -105,6 +105,7 @@ def run_data_parallel(cfg, comm, xp) -> dict:
     if stopped:
         return stop_early(run.out, comm, reporter, done, stopped)
     memory = memory_report(comm, step_fn, optimizer)
+    memory.update(exchange_report(comm, step_fn, total - first))
     return finish(cfg, comm, spec, model_source(step_fn), test, reporter, xp, (first, total),
                   (time.perf_counter() - start, step_fn.comm_seconds, loader.wait_seconds), loss,
                   memory, step_fn.allreduce_choice)
@@ -154,13 +155,21 @@ def resume_step(cfg, comm, step_fn, optimizer, xp) -> int:
         return resume_sharded(cfg, comm, step_fn, optimizer, xp)
     found = raise_together(comm, lambda: choose_unsharded(cfg, mpi_shape(comm))
                            if comm.rank == 0 else None)
+    ranks = found.pop("compressor", None) if found is not None else None
     found = comm.bcast(found, root=0)
     if found is None:
         return 0
     step_fn.params[...] = xp.asarray(found["params"])
-    optimizer.load_state({k: xp.asarray(v) if np.ndim(v) else v
-                          for k, v in found["state"].items()})
+    optimizer.load_state(on_device(found["state"], xp))
+    own = comm.scatter(ranks, root=0) if comm.bcast(ranks is not None, root=0) else None
+    if own:  # each rank its own error feedback; the same run, so the same compressor
+        step_fn.compressor.load_state(on_device(own, xp))
     return int(found["counters"]["step"])
+
+
+def on_device(state: dict, xp) -> dict:
+    """Return `state` with its arrays moved to `xp` (scalars kept as they are)."""
+    return {k: xp.asarray(v) if np.ndim(v) else v for k, v in state.items()}
 
 
 def choose_unsharded(cfg, shape: dict) -> dict | None:
@@ -196,10 +205,22 @@ def write_checkpoint(cfg, comm, step_fn, optimizer, step: int, per_epoch: int) -
     if step_fn.sharded:
         save_sharded(cfg, comm, step_fn, optimizer, step, counters)
         return
+    compressed = compressor_states(comm, step_fn)
     if comm.rank == 0:
         save_checkpoint(cfg.run.out, "step", step, step_fn.params, optimizer.state(),
-                        counters, cfg, mpi_shape(comm), cfg.run.keep_checkpoints)
+                        counters, cfg, mpi_shape(comm), cfg.run.keep_checkpoints, compressed)
     comm.Barrier()
+
+
+def compressor_states(comm, step_fn) -> list[dict] | None:
+    """Gather every rank's compressor state (host arrays) on rank 0, in rank order; None
+    elsewhere, and where no rank has any ("none", fp16, bf16: the file stays as it was)."""
+    if step_fn.compressor is None:
+        return None  # the same on every rank: the step's class decides
+    own = {k: np.asarray(v.get() if hasattr(v, "get") else v)
+           for k, v in step_fn.compressor.state().items()}
+    every = comm.gather(own, root=0)
+    return every if every and any(every) else None
 
 
 def memory_report(comm, step_fn, optimizer) -> dict:
@@ -209,6 +230,16 @@ def memory_report(comm, step_fn, optimizer) -> dict:
                peak_rss_bytes=peak_rss_bytes())
     every = comm.allgather(own)
     return {key: [r[key] for r in every] for key in own}
+
+
+def exchange_report(comm, step_fn, steps: int) -> dict:
+    """Return bytes_sent_per_step (each rank's mean over the `steps` this run took, in rank
+    order) and compression_ratio (bytes uncompressed over bytes sent, all ranks; 1.0 when
+    nothing was sent)."""
+    every = comm.allgather(step_fn.exchange_bytes())
+    sent, plain = sum(s for s, _ in every), sum(u for _, u in every)
+    return {"bytes_sent_per_step": [s / steps if steps else 0.0 for s, _ in every],
+            "compression_ratio": plain / sent if sent else 1.0}
 
 
 def state_bytes(optimizer) -> int:

@@ -71,8 +71,14 @@ class ShardedStep(Step):
     sharded = True
 
     def __init__(self, spec, params, comm, algorithm: str, xp, overlap: bool, *,
-                 stall_timeout: float, dtype=None):
+                 stall_timeout: float, dtype=None, compressor=None):
+        if compressor is not None and compressor.name != "none":
+            raise UserError(f"comm.compression = \"{compressor.name}\" with a ZeRO stage "
+                            "(comm.shard): the stages exchange gradients with their own "
+                            "reduce-scatter, which compression is not wired into; set "
+                            "comm.shard = \"none\" or comm.compression = \"none\"")
         self.spec, self.comm, self.xp = spec, comm, xp
+        self._exchanged = 0  # bytes this rank sent reduce-scattering gradients (ring-equivalent)
         self.algorithm = "mpi" if algorithm == "nccl" else algorithm  # no NCCL halves yet
         self.dtype = np.dtype(params.dtype if params is not None else dtype)
         self.n = spec.layout(self.dtype).size
@@ -123,6 +129,11 @@ class ShardedStep(Step):
     def _grad_buffers(self) -> list:
         """The arrays that hold gradients on this rank (for memory_bytes)."""
 
+    def exchange_bytes(self) -> tuple[int, int]:
+        """Return (bytes sent, the same uncompressed) reduce-scattering gradients so far; the
+        parameters' all-gathers are not gradient exchange."""
+        return self._exchanged, self._exchanged
+
     def memory_bytes(self) -> dict:
         """Return the bytes this rank holds for parameters and gradients (buffers included)."""
         return {"param_bytes": int(sum(a.nbytes for a in self._param_buffers())),
@@ -165,8 +176,12 @@ class ShardedStep(Step):
 
     def _scatter(self, bucket, lo: int, hi: int) -> None:
         """Reduce-scatter (mean) the gradients [lo, hi) held in `bucket`; keep this rank's part."""
+        parts = part_bounds(lo, hi, self.bounds)
         own = reduce_scatter(bucket[:hi - lo], self.comm, "mean", self.algorithm, check=False,
-                             bounds=part_bounds(lo, hi, self.bounds))
+                             bounds=parts)
+        if self.comm.size > 1:  # the ring sends every part but this rank's
+            a, b = parts[self.comm.rank]
+            self._exchanged += (hi - lo - (b - a)) * bucket.itemsize
         self._keep(own, lo, hi)
 
     @abc.abstractmethod

@@ -21,6 +21,8 @@ import numpy as np
 
 from ..comm import allreduce
 from ..comm.checks import check_same_signature
+from ..comm.compression import COMPRESSORS, make_compressor, model_blocks
+from ..comm.compression.exchange import GradientSum
 from ..comm.shared import release, shared_array
 from ..comm.stall import StallWatch
 from ..comm.topology import topology
@@ -46,25 +48,30 @@ def _gradient_buffer(size: int, dtype, comm, algorithm: str, xp):
 def make_step(spec, params, comm, settings, xp, dtype=None) -> Step:
     """Return the step that the `[comm]` settings ask for (collective over `comm`).
 
-    settings: read by attribute only: `shard` (the registry name), `allreduce`, `overlap` and
-    `stall_timeout` (seconds; 0 turns the stall check off).
+    settings: read by attribute only: `shard` (the registry name), `allreduce`, `overlap`,
+    `stall_timeout` (seconds; 0 turns the stall check off) and the compression keys
+    (`compression` and its options, read by `make_compressor`).
     params: the whole flat model; for shard = "parameters" it may be None, and each rank then
     draws only its chunk from spec.seed (the model is never whole on any rank); `dtype` says
     the parameters' dtype then.
     """
     from .sharded_step import step_class  # the registry builds on this module
 
+    dtype = params.dtype if params is not None else dtype
+    compressor = make_compressor(settings, model_blocks(spec, dtype), xp, dtype,
+                                 seed=getattr(spec, "seed", 0))  # before any collective
     return step_class(settings.shard)(spec, params, comm, settings.allreduce, xp,
                                       settings.overlap, stall_timeout=settings.stall_timeout,
-                                      dtype=dtype)
+                                      dtype=dtype, compressor=compressor)
 
 
 class Step(abc.ABC):
     """One data-parallel training step over a communicator: what every variant offers.
 
     Construction (the same for every variant, so the registry builds any of them alike):
-    `Cls(spec, params, comm, algorithm, xp, overlap, *, stall_timeout, dtype=None)`;
-    collective over `comm`.
+    `Cls(spec, params, comm, algorithm, xp, overlap, *, stall_timeout, dtype=None,
+    compressor=None)`; collective over `comm`. compressor: the comm.compression scheme
+    (comm/compression/; None: the exact mean).
 
     Class attributes:
         stage: the comm.shard name the registry knows it by (written into sharded checkpoints).
@@ -79,6 +86,8 @@ class Step(abc.ABC):
         stop_agreed: after a step, whether any rank asked to stop.
         allreduce_choice: {bucket bytes: algorithm} (strings) that the gradient all-reduces
             run, for the summary; None where the step does not say.
+        compressor: the gradient exchange's compressor (its state goes into checkpoints), or
+            None where the step exchanges gradients with its own collectives.
 
     The methods with a body here are those of a step whose `params` is whole on every rank;
     a step that holds only a chunk overrides them.
@@ -91,6 +100,7 @@ class Step(abc.ABC):
     comm_seconds = 0.0
     stop_agreed = False
     allreduce_choice = None
+    compressor = None
 
     @abc.abstractmethod
     def __call__(self, x, y, optimizer, lr: float, step_number: int, anchor=None, mu=0.0,
@@ -108,6 +118,13 @@ class Step(abc.ABC):
         """Return how many elements of model state one rank holds on `ranks` ranks, for n
         parameters whose largest layer has `widest`: parameters, gradients, two optimiser
         states (Adam's m and v), a checkpoint's host copy, and any working buffers."""
+
+    def exchange_bytes(self) -> tuple[int, int]:
+        """Return (bytes this rank sent, bytes it would have sent uncompressed) for gradient
+        exchange so far (running totals; library collectives count as the ring would)."""
+        if self.compressor is None:
+            return 0, 0
+        return self.compressor.bytes_sent(), self.compressor.uncompressed_bytes()
 
     @abc.abstractmethod
     def memory_bytes(self) -> dict:
@@ -162,9 +179,12 @@ class DataParallelStep(Step):
     stage = "none"
 
     def __init__(self, spec, params, comm, algorithm: str, xp, overlap: bool, *,
-                 stall_timeout: float, dtype=None):
+                 stall_timeout: float, dtype=None, compressor=None):
         self.spec, self.params, self.comm, self.algorithm = spec, params, comm, algorithm
         self.xp = xp
+        self.compressor = compressor or COMPRESSORS["none"](
+            model_blocks(spec, params.dtype), xp=xp, dtype=params.dtype)
+        self._sum = GradientSum(comm, algorithm)  # the all-reduce the compressor wraps
         self.grad = _gradient_buffer(params.size + 2, params.dtype, comm, algorithm, xp)
         self.stop_agreed = False  # after a step: some rank asked to stop
         check_same_signature(comm, self.grad.size, self.grad.dtype)  # once; steps skip it
@@ -184,12 +204,15 @@ class DataParallelStep(Step):
         return 5 * n  # everything whole: parameters, gradients, m, v, the checkpoint's copy
 
     def _reduce(self, lo: int, hi: int, after=None) -> tuple:
-        """Mean-reduce grad[lo:hi] once event `after` has happened; return its (start, end)
-        time marks. The stall watch is armed while the all-reduce waits."""
+        """Mean-reduce grad[lo:hi] through the compressor once event `after` has happened;
+        return its (start, end) time marks. The stall watch is armed while the exchange
+        waits. A range reaching past the model carries the loss and stop slots, which the
+        compressor returns exact."""
         wait_event(after)
         start = mark(self.xp)
         self.watch.arm(self._step_number)
-        allreduce(self.grad[lo:hi], self.comm, "mean", self.algorithm, check=False)
+        self.compressor.reduce_mean(self.grad[lo:hi], lo, self._sum, self.comm.size,
+                                    self._step_number)
         self.watch.disarm()
         return start, mark(self.xp)
 

@@ -12,6 +12,7 @@ from mpifed.train.checkpoint import (
     choose_checkpoint,
     differences,
     list_checkpoints,
+    load_checkpoint,
     save_checkpoint,
 )
 from mpifed.train.config import resolve
@@ -51,6 +52,20 @@ def test_every_other_difference_is_named_with_both_values(tmp_path):
     federated = config(tmp_path, {"federated": {"institutions": 2}})
     problems = differences(cfg.to_dict(), federated, LAYOUT, LAYOUT)
     assert "federated.institutions: None then, 2 now" in problems  # a section added
+
+
+def test_keys_added_since_the_checkpoint_count_at_their_defaults(tmp_path):
+    """A checkpoint written before comm.compression existed resumes when the run leaves the
+    new keys at their defaults, and is refused when it sets one."""
+    cfg = config(tmp_path)
+    older = cfg.to_dict()
+    for key in ("compression", "predivide", "powersgd_rank", "compression_start",
+                "powersgd_min_rate"):
+        del older["comm"][key]
+    assert differences(older, cfg, LAYOUT, LAYOUT) == []
+    fp16 = config(tmp_path, {"comm": {"compression": "fp16"}})
+    assert differences(older, fp16, LAYOUT, LAYOUT) == [
+        "comm.compression: None then, 'fp16' now"]
 
 
 def test_auto_takes_the_newest_complete_checkpoint(tmp_path):
@@ -113,3 +128,19 @@ def test_saving_keeps_the_newest_and_removes_torn_writes(tmp_path):
     assert [p.rsplit("/", 1)[1] for p in list_checkpoints(str(tmp_path), "step")] == [
         "step-000000003.h5", "step-000000004.h5"]
     assert not torn.exists()
+
+
+def test_every_ranks_compressor_state_round_trips_checked(tmp_path):
+    cfg = config(tmp_path)
+    params = np.arange(6, dtype=np.float64)
+    states = [{"error": params * (r + 1), "steps": 4 + r} for r in range(2)]
+    path = save_checkpoint(cfg.run.out, "step", 5, params, {}, {"step": 5}, cfg, LAYOUT, 2,
+                           compressor=states)
+    found = load_checkpoint(path)
+    assert [sorted(s) for s in found["compressor"]] == [["error", "steps"]] * 2
+    for got, want in zip(found["compressor"], states):
+        np.testing.assert_array_equal(got["error"], want["error"])
+        assert int(got["steps"]) == want["steps"]
+    stateless = save_checkpoint(cfg.run.out, "step", 6, params, {}, {"step": 6}, cfg, LAYOUT,
+                                2, compressor=[{}, {}])
+    assert load_checkpoint(stateless)["compressor"] is None  # no group: the file as before

@@ -24,7 +24,8 @@ SPEC = ModelSpec("mlp", 7, (6, 3), 3)  # 81 parameters
 
 def settings(shard: str) -> SimpleNamespace:
     """What make_step may read of [comm], and nothing else (a missing attribute would raise)."""
-    return SimpleNamespace(shard=shard, allreduce="mpi", overlap=False, stall_timeout=600.0)
+    return SimpleNamespace(shard=shard, allreduce="mpi", overlap=False, stall_timeout=600.0,
+                           compression="none")
 
 
 def test_every_name_has_its_own_step_class():

@@ -1,2 +1,6 @@
-"""Gradient compressors: what a rank sends instead of its full gradient, wrapped around an
-all-reduce that sums."""
+"""Gradient compression: one class per comm.compression scheme behind one protocol
+(`base.Compressor`), chosen by name from `COMPRESSORS` with `make_compressor`."""
+
+from .base import COMPRESSORS, Compressor, make_compressor, model_blocks
+
+__all__ = ["COMPRESSORS", "Compressor", "make_compressor", "model_blocks"]
