@@ -133,14 +133,23 @@ class RunConfig(Section):
                              "communication and waits")
 
     def check(self) -> None:
+        if not self.out:
+            raise UserError("run.out: empty; set the output folder, e.g. run.out = "
+                            "\"runs/latest\"")
         if not self.resume:
             raise UserError("run.resume: expected " + ", ".join(f'"{m}"' for m in RESUME_MODES)
+                            + " or the path of a checkpoint file")
+        near = did_you_mean(self.resume, RESUME_MODES)
+        if self.resume not in RESUME_MODES and near and not set("/.\\") & set(self.resume):
+            raise UserError(f"run.resume: {self.resume!r} is neither a word nor a checkpoint path"
+                            f"{near}; expected " + ", ".join(f'"{m}"' for m in RESUME_MODES)
                             + " or the path of a checkpoint file")
 
 
 @dataclass(frozen=True)
 class DPConfig(Section):
     SECTION: ClassVar[str] = "federated.dp"
+    OTHERWISE: ClassVar[str] = " (an empty table for the defaults), or remove it for no DP"
     clip: float = setting(1.0, "L2 bound of each institution's update (the starting bound when "
                           "adaptive)", low=0, low_in=False)
     noise_multiplier: float = setting(1.0, "z: Gaussian noise stddev over the clip", low=0)
@@ -293,9 +302,15 @@ class Config(Section):
         """Build the configuration from TOML's dict of sections (missing sections: defaults)."""
         known = cls.declared()
         for name in table:
-            if name not in known:
-                raise UserError(f"[{name}]: unknown section{did_you_mean(name, known)}; known: "
-                                f"{', '.join(known)}")
+            if name in known:
+                continue
+            homes = [s for s, kind in SECTIONS.items() if name in kind.declared()]
+            if not isinstance(table[name], dict):
+                fix = ("put it under " + " or ".join(f"[{h}]" for h in homes) if homes
+                       else "no section has such a key (mpifed train --help lists them)")
+                raise UserError(f"{name} = {table[name]!r}: a key outside any section; {fix}")
+            raise UserError(f"[{name}]: unknown section{did_you_mean(name, known)}; known: "
+                            f"{', '.join(known)}")
         sections = {}
         for name in known:
             kind = SECTIONS[name]
