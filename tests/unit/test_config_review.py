@@ -59,3 +59,27 @@ def test_a_wrong_item_or_table_is_named_where_it_is(raw, message):
     with pytest.raises(UserError) as err:
         resolve(raw)
     assert str(err.value) == message
+
+
+def doc(section, key):
+    from mpifed.config import ALL_SECTIONS
+
+    return ALL_SECTIONS[section].declared()[key].metadata["doc"]
+
+
+def test_descriptions_say_what_the_code_does():
+    """Each phrase is what the consumer does (mpifed/train, mpifed/data): the timeline file,
+    what a federation reads instead, the memory limit the shuffle buffer follows."""
+    import inspect
+
+    from mpifed.train import data_parallel, federated
+
+    assert '"timeline.json"' in inspect.getsource(data_parallel)
+    assert "timeline.json" in doc("run", "timeline")
+    assert "eval_every" not in inspect.getsource(federated)  # every round is evaluated
+    assert "a federation evaluates after every round" in doc("run", "eval_every")
+    assert "a federation records every round" in doc("run", "log_every")
+    assert "rounds in a federation" in doc("optim", "warmup")  # learning_rate(rnd, ...)
+    assert "rounds in a federation" in doc("optim", "step_size")
+    assert "MPIFED_SHARD_MEMORY_BYTES" in doc("data", "shuffle_buffer")
+    assert "none: nothing" in doc("run", "progress")
