@@ -38,6 +38,7 @@ class Section:
     """
 
     SECTION: ClassVar[str] = ""
+    OTHERWISE: ClassVar[str] = ""  # what to write instead of a table, if anything
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -45,7 +46,7 @@ class Section:
             value = getattr(self, f.name)
             if isinstance(value, Section):
                 continue
-            if value is None:
+            if value is None or (value == "" and f.metadata.get("required")):
                 if f.metadata.get("required"):
                     raise UserError(f"{name}: required; {f.metadata['doc']}")
                 continue
@@ -69,7 +70,8 @@ class Section:
     def from_table(cls, table) -> Section:
         """Build the section from a TOML table, refusing unknown keys (with a near miss named)."""
         if not isinstance(table, dict):
-            raise UserError(f"{cls.SECTION}: must be a table ([{cls.SECTION}]), got {table!r}")
+            raise UserError(f"{cls.SECTION}: expected a table, got {type(table).__name__} "
+                            f"{table!r}; write its keys under [{cls.SECTION}]{cls.OTHERWISE}")
         known = cls.declared()
         for key in table:
             if key not in known:
@@ -126,6 +128,8 @@ def coerce(name: str, value, annotation):
     """Check `value` against `annotation`; return it as stored (an int as a float for a float
     key, a list as a tuple). Raise UserError naming the key and the expected type."""
     options = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(options) == 1:
+        return coerce(name, value, options[0])  # X | None: None was handled by the caller
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         for option in options:
             try:
@@ -137,8 +141,8 @@ def coerce(name: str, value, annotation):
         if not isinstance(value, (list, tuple)):
             raise _wrong_type(name, value, annotation)
         item = options[0]
-        return tuple(coerce(name, v, item) if item is not dict else _table(name, v)
-                     for v in value)
+        return tuple(coerce(f"{name}[{i}]", v, item) if item is not dict
+                     else _table(f"{name}[{i}]", v) for i, v in enumerate(value))
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if annotation is int and isinstance(value, int) and not isinstance(value, bool):
@@ -150,7 +154,8 @@ def coerce(name: str, value, annotation):
 
 def _table(name: str, value):
     if not isinstance(value, dict):
-        raise UserError(f"{name}: expected a list of tables, got {value!r}")
+        raise UserError(f"{name}: expected a table with a type, e.g. {{type = \"relu\"}}, got "
+                        f"{type(value).__name__} {value!r}")
     return dict(value)
 
 

@@ -33,16 +33,17 @@ class DataConfig(Section):
     SECTION: ClassVar[str] = "data"
     train: str = setting(None, "training set: an HDF5 file with x and y, or a template with "
                          "{institution} for one file per institution", required=True)
-    test: str = setting("", "test set (HDF5) for run.eval_every and the final accuracy; "
-                        "empty: none")
+    test: str = setting("", "test set (HDF5), evaluated every run.eval_every steps and at the "
+                        "end (a federation: after every round); empty: none")
     x: str = setting("x", "name of the features dataset in the HDF5 files")
     y: str = setting("y", "name of the integer labels dataset in the HDF5 files")
     shuffle: bool = setting(True, "reshuffle the rank's rows every epoch, from (run.seed, "
                             "epoch, rank)")
     shuffle_block: int = setting(0, "streamed shards: rows per block of the block permutation; "
                                  "0: the file's rows per chunk, or 4096", low=0)
-    shuffle_buffer: int = setting(0, "streamed shards: blocks per in-buffer shuffle; 0: 1/8 of "
-                                  "the shard memory limit, at most 256 MiB, at least 4 blocks",
+    shuffle_buffer: int = setting(0, "streamed shards: blocks per in-buffer shuffle; 0: the blocks "
+                                  "that fit in min(MPIFED_SHARD_MEMORY_BYTES / 8, 256 MiB), at "
+                                  "least 4",
                                   low=0)
 
 
@@ -74,13 +75,16 @@ class OptimConfig(Section):
     nesterov: bool = setting(False, "Nesterov momentum (needs optim.momentum > 0)")
     weight_decay: float = setting(0.0, "L2 weight decay (coupled, added to the gradient)", low=0)
     batch_size: int = setting(32, "rows per rank per step", low=1)
-    epochs: int | None = setting(None, "passes over the data; unset: 1 unless optim.steps is "
+    epochs: int | None = setting(None, "passes over the data (a federation reads "
+                                 "federated.rounds instead); unset: 1 unless optim.steps is "
                                  "set", low=1)
-    steps: int | None = setting(None, "steps to train instead of optim.epochs; unset: use "
-                                "epochs", low=1)
+    steps: int | None = setting(None, "steps to train instead of optim.epochs (not read by a "
+                                "federation); unset: use epochs", low=1)
     schedule: str = setting("constant", "learning-rate schedule", choices=SCHEDULES)
-    warmup: int = setting(0, "steps of linear warm-up before the schedule", low=0)
-    step_size: int = setting(1000, "schedule = \"step\": steps between decays", low=1)
+    warmup: int = setting(0, "steps (rounds in a federation) of linear warm-up before the "
+                          "schedule", low=0)
+    step_size: int = setting(1000, "schedule = \"step\": steps (rounds in a federation) "
+                             "between decays", low=1)
     gamma: float = setting(0.1, "schedule = \"step\": decay factor", low=0, low_in=False)
     beta1: float = setting(0.9, "Adam: first-moment decay", low=0, high=1, high_in=False)
     beta2: float = setting(0.999, "Adam: second-moment decay", low=0, high=1, high_in=False)
@@ -102,7 +106,8 @@ class OptimConfig(Section):
 class CommConfig(Section):
     SECTION: ClassVar[str] = "comm"
     allreduce: str = setting("auto", "gradient all-reduce algorithm; auto measures each at "
-                             "the run's sizes once per topology (cached)",
+                             "the run's sizes once per topology, cached in $XDG_CACHE_HOME/mpifed "
+                             "(MPIFED_AUTOTUNE=0: a fixed rule)",
                              choices=ALGORITHMS)
     backend: str = setting("auto", "array module: cupy where a GPU is, else numpy",
                            choices=BACKENDS)
@@ -159,28 +164,40 @@ class RunConfig(Section):
     seed: int = setting(0, "seed of the model, the shuffles and the sampling", low=0)
     out: str = setting("runs/latest", "output folder: model.h5, metrics.jsonl, checkpoints")
     log_every: int = setting(10, "steps between metrics records; 0: no step records (the "
-                             "summary is still written)", low=0)
-    eval_every: int = setting(0, "steps (rounds) between test-set evaluations; 0: at the end "
-                              "only (needs data.test)", low=0)
-    progress: str = setting("auto", "progress display: a bar on a terminal, else lines",
-                            choices=PROGRESS_MODES)
-    checkpoint_every: int = setting(0, "steps (rounds) between checkpoints; 0: none", low=0)
+                             "summary is still written); a federation records every round",
+                             low=0)
+    eval_every: int = setting(0, "steps between test-set evaluations; 0: at the end only "
+                              "(needs data.test); a federation evaluates after every round",
+                              low=0)
+    progress: str = setting("auto", "progress display: auto is a bar on a terminal, else "
+                            "lines; none: nothing", choices=PROGRESS_MODES)
+    checkpoint_every: int = setting(0, "steps (rounds in a federation) between checkpoints; "
+                                    "0: none (a stop signal still writes one)", low=0)
     resume: str = setting("auto", "\"auto\" resumes from run.out's newest checkpoint, \"never\" "
                           "sets old checkpoints aside, or the path of a checkpoint",
                           words=RESUME_MODES, other="a checkpoint path")
     keep_checkpoints: int = setting(3, "checkpoints kept in run.out/checkpoints", low=1)
-    timeline: bool = setting(False, "write a per-step timeline (timeline.jsonl) of compute, "
-                             "communication and waits")
+    timeline: bool = setting(False, "data-parallel: write run.out/timeline.json, a Chrome "
+                             "trace of every rank's compute, communication and data waits")
 
     def check(self) -> None:
+        if not self.out:
+            raise UserError("run.out: empty; set the output folder, e.g. run.out = "
+                            "\"runs/latest\"")
         if not self.resume:
             raise UserError("run.resume: expected " + ", ".join(f'"{m}"' for m in RESUME_MODES)
+                            + " or the path of a checkpoint file")
+        near = did_you_mean(self.resume, RESUME_MODES)
+        if self.resume not in RESUME_MODES and near and not set("/.\\") & set(self.resume):
+            raise UserError(f"run.resume: {self.resume!r} is neither a word nor a checkpoint path"
+                            f"{near}; expected " + ", ".join(f'"{m}"' for m in RESUME_MODES)
                             + " or the path of a checkpoint file")
 
 
 @dataclass(frozen=True)
 class DPConfig(Section):
     SECTION: ClassVar[str] = "federated.dp"
+    OTHERWISE: ClassVar[str] = " (an empty table for the defaults), or remove it for no DP"
     clip: float = setting(1.0, "L2 bound of each institution's update (the starting bound when "
                           "adaptive)", low=0, low_in=False)
     noise_multiplier: float = setting(1.0, "z: Gaussian noise stddev over the clip", low=0)
@@ -191,7 +208,9 @@ class DPConfig(Section):
                                      high=1, low_in=False, high_in=False)
     clip_lr: float = setting(0.2, "adaptive: the clip's geometric learning rate", low=0)
     clip_count_stddev: float | None = setting(None, "adaptive: noise on the clipped count; "
-                                              "unset: max(q*K/20, z)", low=0)
+                                              "unset: max(q*K/20, z) with q = "
+                                              "federated.fraction, K institutions, z = "
+                                              "noise_multiplier (0 when z = 0)", low=0)
     max_epsilon: float = setting(0.0, "stop before a round would pass this epsilon; 0: no limit",
                                  low=0)
     colluders: int = setting(0, "institutions that may collude with the root: noise shares are "
@@ -215,7 +234,8 @@ class FederatedConfig(Section):
                                                         low=1)
     rounds: int = setting(10, "federated rounds", low=1)
     local_steps: int | str | None = setting(None, "local steps per round, or \"proportional\" "
-                                            "to each institution's data; unset: 1 unless "
+                                            "(one local epoch: steps in proportion to each "
+                                            "institution's data); unset: 1 unless "
                                             "local_epochs is set", words=("proportional",), low=1)
     local_epochs: int | None = setting(None, "local epochs per round; unset: use "
                                        "local_steps", low=1)
@@ -229,12 +249,14 @@ class FederatedConfig(Section):
                            high_in=False)
     tau: float = setting(1e-3, "fedadam/fedyogi/fedadagrad: adaptivity (denominator) epsilon",
                          low=0, low_in=False)
-    fraction: float = setting(1.0, "fraction of institutions sampled each round", low=0,
+    fraction: float = setting(1.0, "institutions sampled each round: max(1, round(fraction*K)) "
+                              "of them; under DP each with probability fraction", low=0,
                               high=1, low_in=False)
     evaluate_local: bool = setting(False, "report each institution's model on its own rows")
     secure_aggregation: bool = setting(False, "pairwise-masked sums: the root sees only the total")
     secure_bits: int = setting(64, "width of the masked integers", choices=tuple(SINT))
-    secure_range: float = setting(1.0, "largest |value| of an update coordinate to encode",
+    secure_range: float = setting(1.0, "largest |value| of an update coordinate to encode, "
+                                  "before its sample weight (under DP at least the clip)",
                                   low=0, low_in=False)
     secure_max_samples: int = setting(2 ** 31, "largest sample weight to encode", low=1)
     secure_out_of_range: str = setting("error", "a value beyond secure_range: error or clip",
@@ -339,9 +361,15 @@ class Config(Section):
         """Build the configuration from TOML's dict of sections (missing sections: defaults)."""
         known = cls.declared()
         for name in table:
-            if name not in known:
-                raise UserError(f"[{name}]: unknown section{did_you_mean(name, known)}; known: "
-                                f"{', '.join(known)}")
+            if name in known:
+                continue
+            homes = [s for s, kind in SECTIONS.items() if name in kind.declared()]
+            if not isinstance(table[name], dict):
+                fix = ("put it under " + " or ".join(f"[{h}]" for h in homes) if homes
+                       else "no section has such a key (mpifed train --help lists them)")
+                raise UserError(f"{name} = {table[name]!r}: a key outside any section; {fix}")
+            raise UserError(f"[{name}]: unknown section{did_you_mean(name, known)}; known: "
+                            f"{', '.join(known)}")
         sections = {}
         for name in known:
             kind = SECTIONS[name]
