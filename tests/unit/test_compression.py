@@ -112,12 +112,23 @@ def test_powersgd_is_built_from_its_keys(monkeypatch):
 
 def test_blocks_are_every_tensor_of_the_flat_buffer():
     spec = ModelSpec("mlp", 6, (5,), 3)
-    assert model_blocks(spec, "float32") == [(0, (6, 5)), (30, (5,)), (35, (5, 3)), (50, (3,))]
+    # a linear layer's W is stored (in, out): flagged, its matrix is (out, in)
+    assert model_blocks(spec, "float32") == [(0, (6, 5), True), (30, (5,)), (35, (5, 3), True),
+                                             (50, (3,))]
     made = make_compressor(SimpleNamespace(compression="fp16", predivide=False),
                            model_blocks(spec, "float32"), np, np.float32)
     assert made.model_size == 53 and not made.predivide
     assert made.exact_tail(np.zeros(55), 0) == 2 and made.exact_tail(np.zeros(20), 35) == 2
     assert made.exact_tail(np.zeros(18), 35) == 0 and made.exact_tail(np.zeros(30), 0) == 0
+
+
+def test_powersgd_reads_a_linear_layers_matrix_as_out_by_in():
+    from mpifed.comm.compression.powersgd import PowerSGD
+
+    spec = ModelSpec("mlp", 6, (5,), 3)
+    made = PowerSGD(model_blocks(spec, "float32"), rank=1, min_rate=0.0, start=0, xp=np,
+                    dtype=np.float32)
+    assert [(m.rows, m.cols, m.transposed) for m in made.matrices] == [(5, 6, True), (3, 5, True)]
 
 
 def config(**comm):
