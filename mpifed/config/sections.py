@@ -20,7 +20,7 @@ from ..federated.secagg import OUT_OF_RANGE_MODES, SINT
 from ..federated.strategies import DEFAULT_SERVER_LR, STRATEGIES
 from ..nn.models import DTYPES
 from ..nn.spec import KINDS, check_model_config
-from ..optim.optimizers import OPTIMIZERS
+from ..optim.optimizers import ADAM_DEFAULTS, OPTIMIZERS, SGD_DEFAULTS
 from ..optim.schedules import SCHEDULES
 from ..xp import BACKENDS
 from .fields import Section, did_you_mean, setting
@@ -71,9 +71,10 @@ class OptimConfig(Section):
     SECTION: ClassVar[str] = "optim"
     name: str = setting("sgd", "the optimizer", choices=OPTIMIZERS)
     lr: float = setting(0.1, "learning rate (peak, under a schedule)", low=0, low_in=False)
-    momentum: float = setting(0.0, "SGD momentum", low=0, high=1, high_in=False)
-    nesterov: bool = setting(False, "Nesterov momentum (needs optim.momentum > 0)")
-    weight_decay: float = setting(0.0, "L2 weight decay (coupled, added to the gradient)", low=0)
+    momentum: float = setting(SGD_DEFAULTS["momentum"], "SGD momentum", low=0, high=1, high_in=False)
+    nesterov: bool = setting(SGD_DEFAULTS["nesterov"], "Nesterov momentum (needs optim.momentum > 0)")
+    weight_decay: float = setting(SGD_DEFAULTS["weight_decay"], "L2 weight decay (coupled, "
+                                  "added to the gradient)", low=0)
     batch_size: int = setting(32, "rows per rank per step", low=1)
     epochs: int | None = setting(None, "passes over the data (a federation reads "
                                  "federated.rounds instead); unset: 1 unless optim.steps is "
@@ -86,9 +87,11 @@ class OptimConfig(Section):
     step_size: int = setting(1000, "schedule = \"step\": steps (rounds in a federation) "
                              "between decays", low=1)
     gamma: float = setting(0.1, "schedule = \"step\": decay factor", low=0, low_in=False)
-    beta1: float = setting(0.9, "Adam: first-moment decay", low=0, high=1, high_in=False)
-    beta2: float = setting(0.999, "Adam: second-moment decay", low=0, high=1, high_in=False)
-    eps: float = setting(1e-8, "Adam: denominator epsilon", low=0, low_in=False)
+    beta1: float = setting(ADAM_DEFAULTS["beta1"], "Adam: first-moment decay", low=0, high=1,
+                           high_in=False)
+    beta2: float = setting(ADAM_DEFAULTS["beta2"], "Adam: second-moment decay", low=0, high=1,
+                           high_in=False)
+    eps: float = setting(ADAM_DEFAULTS["eps"], "Adam: denominator epsilon", low=0, low_in=False)
 
     def __post_init__(self):
         if self.epochs is None and self.steps is None:

@@ -18,12 +18,14 @@ from ..xp import get_array_module
 
 @dataclass(frozen=True)
 class ServerHyper:
-    """Server hyperparameters (Reddi et al. 2021 names): step size, moment decays, adaptivity."""
+    """Server hyperparameters (Reddi et al. 2021 names): step size, moment decays, adaptivity.
+    No defaults here: a run builds it from [federated] (mpifed/config/sections.py), the one
+    place they are written."""
 
-    server_lr: float = 1.0
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
+    server_lr: float
+    beta1: float
+    beta2: float
+    tau: float
 
 
 def sample_weights(results) -> list[float]:

@@ -38,10 +38,17 @@ class Scratch:
         return [a[:n] for a in arrays]
 
 
+# The optimizers' defaults, written once: the constructors use them, and the [optim] section
+# of mpifed/config/sections.py declares its keys' defaults from them (a test checks both).
+SGD_DEFAULTS = {"momentum": 0.0, "nesterov": False, "weight_decay": 0.0}
+ADAM_DEFAULTS = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+
+
 class SGD:
     """Stochastic gradient descent; state: the momentum buffer (flat, like the parameters)."""
 
-    def __init__(self, momentum=0.0, nesterov=False, weight_decay=0.0):
+    def __init__(self, momentum=SGD_DEFAULTS["momentum"], nesterov=SGD_DEFAULTS["nesterov"],
+                 weight_decay=SGD_DEFAULTS["weight_decay"]):
         self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
         self.velocity = None
         self._scratch = Scratch(1)
@@ -90,7 +97,8 @@ class SGD:
 class Adam:
     """Adam (Kingma and Ba 2015) with bias correction; state: m, v and the step count."""
 
-    def __init__(self, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    def __init__(self, beta1=ADAM_DEFAULTS["beta1"], beta2=ADAM_DEFAULTS["beta2"],
+                 eps=ADAM_DEFAULTS["eps"], weight_decay=SGD_DEFAULTS["weight_decay"]):
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
         self.m = self.v = None
         self.t = 0

@@ -224,3 +224,17 @@ def test_config_show_of_a_federation_prints_dp(tmp_path):
     text = show_toml(cfg)
     assert "[federated.dp]\nclip = 0.5\n" in text and "# clip_count_stddev is unset" in text
     assert resolve(tomllib.loads(text)) == cfg
+
+
+def test_the_optimizers_defaults_are_the_configs():
+    """One source: a bare SGD() or Adam() is what an [optim] section without keys builds."""
+    import inspect
+
+    from mpifed.optim.optimizers import SGD, Adam
+
+    optim = OptimConfig()
+    for cls, keys in ((SGD, ("momentum", "nesterov", "weight_decay")),
+                      (Adam, ("beta1", "beta2", "eps", "weight_decay"))):
+        defaults = inspect.signature(cls).parameters
+        for key in keys:
+            assert defaults[key].default == getattr(optim, key), f"{cls.__name__} {key}"

@@ -62,14 +62,14 @@ def test_fedadam_fedadagrad_fedyogi_first_round():
 def test_fednova_normalises_by_steps():
     # d_1 = ([1,2]-[3,2])/2 = [-1, 0]; d_2 = ([1,2]-[0,4])/4 = [0.25, -0.5]
     # tau_eff = 1/4*2 + 3/4*4 = 3.5; sum p d = [-0.25 + 0.1875, -0.375] = [-0.0625, -0.375]
-    new, _ = fednova(W, RESULTS, {}, ServerHyper(server_lr=1.0))
+    new, _ = fednova(W, RESULTS, {}, ServerHyper(server_lr=1.0, beta1=0.9, beta2=0.99, tau=1e-3))
     np.testing.assert_allclose(new, W - 3.5 * np.array([-0.0625, -0.375]))
 
 
 def test_fednova_equals_fedavg_with_equal_steps():
     equal = [(p, n, 3) for p, n, _ in RESULTS]
-    np.testing.assert_allclose(fednova(W, equal, {}, ServerHyper())[0],
-                               fedavg(W, equal, {}, ServerHyper())[0])
+    np.testing.assert_allclose(fednova(W, equal, {}, ServerHyper(1.0, 0.9, 0.99, 1e-3))[0],
+                               fedavg(W, equal, {}, ServerHyper(1.0, 0.9, 0.99, 1e-3))[0])
 
 
 def test_no_samples_is_an_error():
