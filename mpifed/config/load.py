@@ -32,8 +32,21 @@ def load_config(path: str, overrides=()) -> Config:
     cfg = resolve(raw)
     if cfg.federated is not None:
         warn(ignored_keys(raw["federated"], cfg.federated.strategy)
-             + unauthenticated(cfg.federated))
+             + unauthenticated(cfg.federated) + unread_by_a_federation(raw))
     return cfg
+
+
+# Keys a data-parallel run reads and a federation does not (it counts rounds, evaluates and
+# records every round, and writes no timeline).
+DATA_PARALLEL_ONLY = {"run": ("eval_every", "log_every", "timeline"), "optim": ("epochs", "steps")}
+
+
+def unread_by_a_federation(raw: dict) -> list[str]:
+    """Return warnings for keys given in the file that a federation does not read."""
+    return [f"{section}.{key} = {raw[section][key]!r} is not read by a federation (it counts "
+            "federated.rounds and reports every round); remove it"
+            for section, keys in DATA_PARALLEL_ONLY.items()
+            for key in keys if isinstance(raw.get(section), dict) and key in raw[section]]
 
 
 def resolve(raw: dict) -> Config:

@@ -355,7 +355,7 @@ class Config(Section):
                             "ranks, but a federation's checkpoint holds only the global model "
                             "and the server's state, so a resume could not continue to the same "
                             "bits; use \"fp16\" or \"bf16\" (no state), or remove [federated]")
-        if self.run.eval_every and not self.data.test:
+        if self.run.eval_every and not self.data.test and self.federated is None:
             raise UserError(f"run.eval_every = {self.run.eval_every} needs a test set; set "
                             "data.test or remove run.eval_every")
 

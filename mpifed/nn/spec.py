@@ -26,6 +26,9 @@ def check_model_config(model) -> None:
     elif model.layers:
         raise UserError(f"model.layers: only read when model.kind = \"sequential\" (it is "
                         f"{kind!r}); remove model.layers or set the kind")
+    if model.hidden and kind != "mlp":
+        raise UserError(f"model.hidden: only read when model.kind = \"mlp\" (it is {kind!r}); "
+                        "remove model.hidden or set model.kind = \"mlp\"")
     if kind == "resnet" and model.depth not in RESNET_DEPTHS:
         raise UserError(f"model.depth: a resnet has depth 8, 14 or 20, got {model.depth}")
     if model.factory:

@@ -21,7 +21,7 @@ LAYOUT = {"ranks": 2}
 
 
 def config(out, *changes) -> dict:
-    return resolve(merged({"data": {"train": "d.h5"}, "model": {"hidden": [4]},
+    return resolve(merged({"data": {"train": "d.h5"}, "model": {"kind": "mlp", "hidden": [4]},
                            "optim": {"lr": 0.01, "steps": 100}, "run": {"out": str(out)}},
                           *changes))
 

@@ -127,3 +127,19 @@ def test_a_pinned_roster_hash_loads(tmp_path):
     pinned = "0123456789abcdef" * 4
     cfg = load(tmp_path, SA + f'keys = "k"\nkeys_roster_sha256 = "{pinned}"\n' + DP_TABLE)
     assert cfg.federated.keys_roster_sha256 == pinned
+
+
+def test_a_federation_names_the_keys_it_does_not_read(tmp_path, capsys):
+    load(tmp_path, FED + "[run]\neval_every = 5\ntimeline = true\n[optim]\nsteps = 9\n")
+    err = capsys.readouterr().err
+    for key in ("run.eval_every = 5", "run.timeline = True", "optim.steps = 9"):
+        assert f"{key} is not read by a federation" in err, err
+    load(tmp_path, BASE + "[run]\ntimeline = true\n")  # a data-parallel run reads them
+    assert "not read" not in capsys.readouterr().err
+
+
+def test_hidden_is_refused_unless_the_model_is_an_mlp(tmp_path):
+    for kind in ("softmax", "lenet5", "resnet"):
+        with pytest.raises(UserError, match=r'model.hidden: only read when model.kind = "mlp"'):
+            load(tmp_path, BASE + f'[model]\nkind = "{kind}"\nhidden = [8]\n')
+    assert load(tmp_path, BASE + '[model]\nkind = "mlp"\nhidden = [8]\n').model.hidden == (8,)
