@@ -88,6 +88,7 @@ class StallWatch:
                   f"{', '.join(map(str, late))} of {side.size} did not arrive in the {self.what} "
                   f"of step {step} within comm.stall_timeout = {self.timeout:g} s; waiting: "
                   f"{waiting}. Aborting the job.", file=sys.stderr, flush=True)
+            time.sleep(0.5)  # give the launcher time to forward the line before the abort
         else:
-            time.sleep(0.5)  # let the lowest waiting rank print first
+            time.sleep(1.0)  # let the lowest waiting rank print, and its line travel, first
         MPI.COMM_WORLD.Abort(STALL_EXIT)
