@@ -1,5 +1,6 @@
 """The `mpifed` command line.
 
+    mpifed --version                                  mpifed <version>
     mpifed info                                       MPI, ranks, nodes, GPU facts
     mpifed demo                                       digits on 2 ranks, then FedAvg/FedProx
     mpiexec -n 4 mpifed train run.toml [--set k=v]    data-parallel training
@@ -26,6 +27,7 @@ import argparse
 import os
 import sys
 
+from .. import __version__
 from ..log import ENV, configure
 from .failures import run_guarded
 
@@ -68,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mpifed", description="Data-parallel and federated training over MPI.",
         epilog="Launch under MPI: mpiexec -n 4 mpifed train run.toml, or "
                "srun --mpi=pmi2 mpifed train run.toml")
+    parser.add_argument("--version", action="version", version=f"mpifed {__version__}",
+                        help="print mpifed's version and exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     add_log_flags(parser, default=None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
