@@ -1,0 +1,91 @@
+"""The Python API as a user meets it: `mpifed --version`, `import mpifed` in a fresh
+interpreter, and `mpifed.train.run` with arrays, a model object and callbacks on 2 and 3 ranks,
+equal to the same run from a file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import (
+    assert_same_bits,
+    make_classification,
+    read_metrics,
+    run_cli,
+    run_mpi,
+    run_script,
+    write_config,
+)
+
+import mpifed
+
+
+def test_version_prints_the_package_version():
+    done = run_cli(["--version"])
+    assert done.returncode == 0 and done.stdout == f"mpifed {mpifed.__version__}\n"
+
+
+def test_import_mpifed_exposes_train_and_config_without_starting_mpi():
+    code = ("import sys, mpifed\n"
+            "alone = 'mpi4py.MPI' in sys.modules\n"
+            "assert callable(mpifed.train.run) and mpifed.config.Config and mpifed.nn.Sequential\n"
+            "print(alone, 'mpi4py.MPI' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "False"]
+
+
+SCRIPT = """
+import json
+import numpy as np
+from mpi4py import MPI
+import mpifed
+from mpifed.nn import Linear, Sequential, Tanh
+
+comm = MPI.COMM_WORLD
+x, y = np.load("x.npy"), np.load("y.npy")
+lo, hi = (comm.rank * len(y)) // comm.size, ((comm.rank + 1) * len(y)) // comm.size
+steps = []
+summary = mpifed.train.run(
+    {"optim": OPTIM, "run": {"seed": 7, "out": "arrays", "progress": "none"}},
+    data=(x[lo:hi], y[lo:hi]), test=(x[lo:hi], y[lo:hi]),
+    model=Sequential([Linear(6), Tanh(), Linear(3)], (5,), 3),
+    callbacks=[lambda record: steps.append(record._asdict())])
+json.dump({"summary": summary, "steps": steps, "typed": type(summary).__name__,
+           "rate": summary.samples_per_s}, open(f"result-{comm.rank}.json", "w"))
+"""
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_arrays_and_a_model_object_equal_the_file_run(tmp_path, ranks):
+    x, y = make_classification(61, seed=9, features=5, dtype="float32")  # odd: unequal shards
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    optim = {"steps": 17, "batch_size": 4, "momentum": 0.9, "lr": 0.05}
+    done = run_script(ranks, SCRIPT.replace("OPTIM", repr(optim)), tmp_path)
+    assert done.returncode == 0, done.stderr
+    # The same rows as one file (rank 0's shard, then rank 1's), the same model from [model].
+    assert run_cli(["data", "from-numpy", "x.npy", "y.npy", "d.h5"], cwd=tmp_path).returncode == 0
+    write_config(tmp_path / "run.toml", {
+        "data": {"train": "d.h5", "test": "d.h5"},
+        "model": {"kind": "sequential", "layers": [{"type": "linear", "out": 6},
+                                                   {"type": "tanh"},
+                                                   {"type": "linear", "out": 3}]},
+        "optim": optim, "run": {"seed": 7, "out": "file", "progress": "none"}})
+    file_run = run_mpi(ranks, ["train", "run.toml"], cwd=tmp_path)
+    assert file_run.returncode == 0, file_run.stderr
+    assert_same_bits(tmp_path / "arrays" / "model.h5", tmp_path / "file" / "model.h5")
+    want = read_metrics(tmp_path / "file")[-1]
+    for rank in range(ranks):
+        got = json.loads((tmp_path / f"result-{rank}.json").read_text())
+        assert got["typed"] == "Summary" and got["rate"] == got["summary"]["samples_per_s"]
+        for key in ("loss", "accuracy", "test_loss", "steps", "samples"):
+            assert got["summary"][key] == want[key], key
+        assert [s["step"] for s in got["steps"]] == list(range(1, 18))
+        assert got["steps"][-1]["loss"] == want["loss"] and got["steps"][-1]["lr"] == 0.05
+    recorded = (tmp_path / "arrays" / "config.toml").read_text()
+    assert 'train = "<arrays>"' in recorded and 'test = "<arrays>"' in recorded
