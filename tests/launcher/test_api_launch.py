@@ -5,14 +5,18 @@ equal to the same run from a file."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from helpers import (
+    LAUNCH_TIMEOUT,
+    ROOT,
     assert_same_bits,
     make_classification,
+    mpiexec,
     read_metrics,
     run_cli,
     run_mpi,
@@ -89,3 +93,13 @@ def test_arrays_and_a_model_object_equal_the_file_run(tmp_path, ranks):
         assert got["steps"][-1]["loss"] == want["loss"] and got["steps"][-1]["lr"] == 0.05
     recorded = (tmp_path / "arrays" / "config.toml").read_text()
     assert 'train = "<arrays>"' in recorded and 'test = "<arrays>"' in recorded
+
+
+def test_the_readme_example_script_runs(tmp_path):
+    script = ROOT / "examples" / "train_arrays.py"
+    done = subprocess.run([mpiexec(), "-n", "2", sys.executable, str(script), "--steps", "20",
+                           "--out", "out"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr
+    assert "test accuracy" in done.stdout and (tmp_path / "out" / "model.h5").exists()
+    assert script.read_text() in (ROOT / "README.md").read_text()  # the README shows it whole
