@@ -22,6 +22,7 @@ from helpers import (
     run_mpi,
     run_script,
     write_config,
+    write_dataset,
 )
 
 import mpifed
@@ -103,3 +104,57 @@ def test_the_readme_example_script_runs(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "test accuracy" in done.stdout and (tmp_path / "out" / "model.h5").exists()
     assert script.read_text() in (ROOT / "README.md").read_text()  # the README shows it whole
+
+
+FEDERATED = """
+import json
+from mpi4py import MPI
+import mpifed
+
+seen = []
+summary = mpifed.train.run("fed.toml", callbacks=[lambda rnd, record: seen.append(
+    [rnd, type(record).__name__, record.get("round")])])
+json.dump({"seen": seen, "rounds": summary.rounds},
+          open(f"rounds-{MPI.COMM_WORLD.rank}.json", "w"))
+"""
+
+
+def test_callbacks_see_every_round_of_a_federation(tmp_path):
+    write_dataset(tmp_path / "d.h5", 40, seed=9)
+    write_config(tmp_path / "fed.toml", {
+        "data": {"train": "d.h5", "test": "d.h5"}, "optim": {"batch_size": 2},
+        "federated": {"institutions": 2, "rounds": 3, "local_steps": 2},
+        "run": {"out": "out", "progress": "none"}})
+    done = run_script(2, FEDERATED, tmp_path)
+    assert done.returncode == 0, done.stderr
+    rounds = [r["round"] for r in read_metrics(tmp_path / "out", "round")]
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rounds-{rank}.json").read_text())
+        assert [s[:2] for s in got["seen"]] == [[1, "dict"], [2, "dict"], [3, "dict"]]
+        assert got["rounds"] == 3 and [s[2] for s in got["seen"]] == rounds
+
+
+FAILING = """
+import numpy as np
+from mpi4py import MPI
+import mpifed
+
+rank = MPI.COMM_WORLD.rank
+rng = np.random.default_rng(rank)
+y = rng.integers(0, 2, 20)
+
+def stop_at_three(record):
+    if rank == 1 and record.step == 3:
+        raise RuntimeError("seen enough")
+
+mpifed.train.run({"optim": {"steps": 10, "batch_size": 2}, "run": {"out": "out"}},
+                 data=(rng.standard_normal((20, 3)) + y[:, None], y), callbacks=[stop_at_three])
+"""
+
+
+def test_a_callback_that_raises_on_one_rank_stops_every_rank(tmp_path):
+    done = run_script(2, FAILING, tmp_path, timeout=120)
+    assert done.returncode != 0
+    assert "[rank 1] callbacks[0] ('stop_at_three') raised RuntimeError: seen enough" in \
+        done.stderr
+    assert not (tmp_path / "out" / "model.h5").exists()
