@@ -39,7 +39,8 @@ def run(config, overrides=(), comm=None, *, model=None, data=None, test=None,
     data: this rank's training rows (x, y) instead of data.train: x (rows, features) or (rows,
         C, H, W), numeric and finite, converted to model.dtype; y (rows,) integer labels >= 0.
         Every rank passes its own shard (row order across ranks: rank 0's, then rank 1's ...).
-        Classes: max(y) + 1 over all ranks. In a dict or file, leave data.train out.
+        Classes: max(y) + 1 over all ranks. In a dict or file, leave data.train out; in a
+        Config, set data.train = mpifed.train.ARRAYS ("<arrays>").
     test: this rank's test rows (x, y) instead of data.test, the same way.
     callbacks: functions called on every rank after each data-parallel step with a
         `StepRecord(step, loss, lr)`, and after each federated round with (round, record),
