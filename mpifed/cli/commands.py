@@ -130,7 +130,28 @@ def _data_command(args) -> int:
         emit("\n".join(partition_command(args)))
     elif args.data_command == "inspect":
         emit("\n".join(inspect_lines(args.file, args.y)))
+    elif args.data_command == "from-numpy":
+        emit(from_numpy_command(args))
     return 0
+
+
+def from_numpy_command(args) -> str:
+    from ..data.from_numpy import convert
+    from ..errors import UserError
+
+    want = 1 if args.npz else 3
+    if len(args.files) != want:
+        raise UserError("mpifed data from-numpy: give X.npy Y.npy OUT.h5, or --npz FILE.npz "
+                        f"OUT.h5 (got {len(args.files)} file name(s): {' '.join(args.files)})")
+    x_path, y_path = (None, None) if args.npz else args.files[:2]
+
+    def rows_written(done, total):
+        progress(f"wrote {done:,}/{total:,} rows")
+    done = convert(args.files[-1], x_path, y_path, args.npz, args.num_classes, args.force,
+                   rows_written)
+    shape = "x".join(map(str, done.sample_shape))
+    return (f"wrote {done.path}: {done.samples} samples x {shape} {done.dtype}, "
+            f"{done.num_classes} classes; train on it with data.train = \"{done.path}\"")
 
 
 def partition_command(args) -> list[str]:

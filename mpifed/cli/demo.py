@@ -166,7 +166,21 @@ def main(out: str = "demo-out", ranks: int = 2) -> int:
     if cnn["accuracy"] < 0.98:
         return 1
     federated_comparison(mpifed, data, out)
+    emit("\n" + "\n".join(next_steps(os.path.join(out, "digits.toml"))))
     return 0
+
+
+def next_steps(config: str) -> list[str]:
+    """Return the lines that close the demo: where a new user goes from here."""
+    return [
+        "next steps:",
+        "  your own data:  mpifed data from-numpy X.npy Y.npy mine.h5, then set data.train = "
+        f"\"mine.h5\" in a copy of {config} and run: mpiexec -n 2 mpifed train mine.toml",
+        "  from Python:    mpifed.train.run(config, data=(x, y), model=...) (README, From Python)",
+        "  reference:      README.md; every config key in docs/reference/configuration.md "
+        "(or mpifed train --help)",
+        "  under SLURM:    sbatch -n 8 jobs/train.sbatch mine.toml",
+    ]
 
 
 def accuracy_by_round(metrics: Path, event: str, every: int = 1) -> list[float]:

@@ -1,11 +1,13 @@
 """The `mpifed` command line.
 
+    mpifed --version                                  mpifed <version>
     mpifed info                                       MPI, ranks, nodes, GPU facts
     mpifed demo                                       digits on 2 ranks, then FedAvg/FedProx
     mpiexec -n 4 mpifed train run.toml [--set k=v]    data-parallel training
     mpifed config show|validate|schema run.toml       the resolved config, a check, JSON Schema
     mpifed evaluate model.h5 test.h5                  loss and accuracy (alone or under mpiexec)
     mpifed data synth|digits|inspect ...              write or describe datasets
+    mpifed data from-numpy X.npy Y.npy OUT.h5         your own arrays as a training file
     mpifed keys new K DIR                             institution K's identity key (its own machine)
     mpifed keys roster DIR --institutions N           the public roster and its SHA-256
     mpifed keys generate DIR --institutions N         every key from one dealer (tests, demos)
@@ -26,6 +28,7 @@ import argparse
 import os
 import sys
 
+from .. import __version__
 from ..log import ENV, configure
 from .failures import run_guarded
 
@@ -68,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mpifed", description="Data-parallel and federated training over MPI.",
         epilog="Launch under MPI: mpiexec -n 4 mpifed train run.toml, or "
                "srun --mpi=pmi2 mpifed train run.toml")
+    parser.add_argument("--version", action="version", version=f"mpifed {__version__}",
+                        help="print mpifed's version and exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     add_log_flags(parser, default=None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -142,6 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help="replace the site files already in OUT_DIR")
     part.add_argument("--x", default="x")
     part.add_argument("--y", default="y")
+    npy = data_sub.add_parser(
+        "from-numpy", help="write your own NumPy arrays as a training file (HDF5)",
+        usage="mpifed data from-numpy (X.npy Y.npy | --npz FILE.npz) OUT.h5 [--num-classes N] "
+              "[--force]",
+        description="Write OUT.h5 from X.npy (features: rows x features, or rows x C x H x W) "
+                    "and Y.npy (integer labels, one per row), or from an .npz file with arrays "
+                    "x and y: dataset x (float32, or the input's float dtype) in ~1 MiB chunks "
+                    "of whole rows, dataset y (int64), attribute num_classes. Checks finite "
+                    "features and labels 0..N-1; .npy files are copied in row blocks, never "
+                    "read whole.")
+    npy.add_argument("files", nargs="+", metavar="FILE",
+                     help="X.npy Y.npy OUT.h5, or OUT.h5 alone with --npz")
+    npy.add_argument("--npz", default=None, metavar="FILE.npz",
+                     help="read arrays x and y from this .npz file (np.savez(path, x=.., y=..))")
+    npy.add_argument("--num-classes", type=int, default=None, metavar="N",
+                     help="the class count (default: the largest label + 1)")
+    npy.add_argument("--force", action="store_true", help="replace an existing OUT.h5")
     insp = data_sub.add_parser("inspect", help="print shapes, dtypes and class counts")
     insp.add_argument("file")
     insp.add_argument("--y", default="y", help="labels dataset name (default y)")

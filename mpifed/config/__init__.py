@@ -12,7 +12,7 @@ packages are on hand).
 import importlib
 
 _WHERE = {
-    "load_config": "load", "resolve": "load",
+    "load_config": "load", "resolve": "load", "resolve_warned": "load",
     "apply_override": "overrides", "parse_value": "overrides", "read_raw": "overrides",
     "describe_keys": "render", "to_toml": "render",
     "ALL_SECTIONS": "sections", "SECTIONS": "sections", "CommConfig": "sections",

@@ -29,6 +29,12 @@ def load_config(path: str, overrides=()) -> Config:
     return the resolved Config. Raises UserError naming the key and the fix."""
     raw = read_raw(path, overrides)
     log.debug("read %r with %d override(s)", path, len(overrides))
+    return resolve_warned(raw)
+
+
+def resolve_warned(raw: dict) -> Config:
+    """resolve(raw), warning of what the run will ignore or leave unprotected (as a file
+    loaded by load_config is warned of)."""
     cfg = resolve(raw)
     if cfg.federated is not None:
         warn(ignored_keys(raw["federated"], cfg.federated.strategy)

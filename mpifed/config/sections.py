@@ -19,7 +19,7 @@ from ..federated.dp import ACCOUNTANTS
 from ..federated.secagg import OUT_OF_RANGE_MODES, SINT
 from ..federated.strategies import DEFAULT_SERVER_LR, STRATEGIES
 from ..nn.models import DTYPES
-from ..nn.spec import KINDS, check_model_config
+from ..nn.spec import CONFIG_KINDS, check_model_config
 from ..optim.optimizers import ADAM_DEFAULTS, OPTIMIZERS, SGD_DEFAULTS
 from ..optim.schedules import SCHEDULES
 from ..xp import BACKENDS
@@ -50,8 +50,9 @@ class DataConfig(Section):
 @dataclass(frozen=True)
 class ModelConfig(Section):
     SECTION: ClassVar[str] = "model"
-    kind: str = setting("softmax", "the model: a preset, or sequential (model.layers)",
-                        choices=KINDS)
+    kind: str = setting("softmax", "the model: a preset, or sequential (model.layers); object "
+                        "records a model object with layers of its own given to "
+                        "mpifed.train.run", choices=CONFIG_KINDS)
     hidden: tuple[int, ...] = setting((), "mlp: hidden layer widths, e.g. [128, 64]", low=1)
     layers: tuple[dict, ...] = setting((), "sequential: the layers as tables, e.g. "
                                        "[{type = \"conv2d\", out = 16, kernel = 3}]")

@@ -16,6 +16,10 @@ from .presets import RESNET_DEPTHS, lenet5, mlp, resnet, softmax
 from .sequential import Sequential
 
 KINDS = ("softmax", "mlp", "sequential", "lenet5", "resnet")
+# model.kind in config.toml of a run given a model object with layers of one's own
+# (mpifed.train.run(model=...)): a record, not a model a file run can build.
+OBJECT_KIND = "object"
+CONFIG_KINDS = (*KINDS, OBJECT_KIND)  # what model.kind accepts
 
 def check_model_config(model) -> None:
     """Check a ModelConfig's values (types and ranges are checked already); raise a UserError
@@ -61,6 +65,11 @@ def model_from_config(model, input_shape, num_classes: int) -> Sequential:
         return resnet(shape, num_classes, model.depth)
     if kind == "sequential":
         return Sequential(layers_from_config(model.layers), shape, num_classes)
+    if kind == OBJECT_KIND:
+        raise UserError("model.kind: \"object\" records a run given a model object with layers "
+                        "of its own (mpifed.train.run(model=...)); to train from a file, set "
+                        "model.factory to a function that builds that model, or model.init to "
+                        "its model.h5")
     raise UserError(f"model.kind: {kind!r} is not a model; use one of {', '.join(KINDS)}")
 
 

@@ -22,11 +22,12 @@ from ..nn.io import save_model
 from ..optim import learning_rate, make_optimizer
 from .checkpoint import choose_checkpoint, save_checkpoint
 from .evaluate import evaluate
+from .inputs import NO_INPUTS, StepRecord, call_back
 from .setup import (
     batch_loader,
     build_model,
-    open_checked_shard,
     open_test_shard,
+    open_train_shard,
     plan_steps,
     prepare_out,
     running,
@@ -43,19 +44,24 @@ from .step import make_step
 from .timeline import Timeline
 
 
-def run_data_parallel(cfg, comm, xp) -> dict:
-    """Train data-parallel over `comm` as `cfg` (a Config) says; return the summary."""
+def run_data_parallel(cfg, comm, xp, inputs=NO_INPUTS) -> dict:
+    """Train data-parallel over `comm` as `cfg` (a Config) says; return the summary.
+
+    inputs: a model object, this rank's arrays and callbacks (mpifed.train.run).
+    """
     data, optim, run, stage = cfg.data, cfg.optim, cfg.run, cfg.comm.shard
     dtype = np.dtype(cfg.model.dtype)
-    shard, classes = open_checked_shard(comm, data.train, data.x, data.y, dtype, "data.train")
+    shard, classes = open_train_shard(comm, data, dtype, inputs.data)
+    if inputs.model is not None:  # the model's classes, unless the labels need more
+        classes = max(classes, inputs.model.num_classes)
     whole = stage != "parameters"  # ZeRO-3: each rank draws only its chunk
     spec, params = raise_together(comm, lambda: build_model(
         cfg.model, run.seed, shard.info.input_shape, classes, xp, dtype, stage, whole=whole,
-        ranks=comm.size))
+        ranks=comm.size, given=inputs.model))
     per_epoch, total = plan_steps(optim, len(shard), comm)
     test = None
     if data.test:
-        test = open_test_shard(comm, data, spec, dtype)
+        test = open_test_shard(comm, data, spec, dtype, inputs.test)
     out = prepare_out(cfg, comm)
     optimizer = make_optimizer(optim)
     step_fn = make_step(spec, params, comm, cfg.comm, xp, dtype)
@@ -91,6 +97,7 @@ def run_data_parallel(cfg, comm, xp) -> dict:
             log = run.log_every > 0 and (done % run.log_every == 0 or done == total)
             rate, comm_share = window.tick(step_fn.comm_seconds, log)
             reporter.step(done, epoch, loss, lr, rate, comm_share, log)
+            call_back(comm, inputs.callbacks, StepRecord(done, float(loss), float(lr)))
             if test is not None and run.eval_every and done % run.eval_every == 0:
                 reporter.record(event="eval", step=done,
                                 **evaluate(spec, model_source(step_fn), test, comm, xp))

@@ -38,13 +38,15 @@ from .federated_local import open_institution_log
 from .federated_report import report_round
 from .federated_sampling import round_senders
 from .federated_site import Site, open_site, pads_rounds
+from .inputs import NO_INPUTS, call_back
 from .setup import batch_loader, prepare_out, running, start_report, stop_early
 from .step import make_step
 
 
-def run_federation(cfg, world, xp) -> dict:
+def run_federation(cfg, world, xp, inputs=NO_INPUTS) -> dict:
     """Run the federation that `cfg` (a Config with [federated]) describes on `world`; return
-    the summary (on every rank)."""
+    the summary (on every rank). inputs: mpifed.train.run's callbacks (called after each round
+    with (round, this rank's record)); a federation takes no arrays or model object yet."""
     fed_cfg, run = cfg.federated, cfg.run
     fed = make_federation(world, institution_sizes(fed_cfg, world.size))
     site = open_site(cfg, fed, xp)
@@ -79,6 +81,7 @@ def run_federation(cfg, world, xp) -> dict:
             site_steps += drawn  # the data stream's position, as a checkpoint stores it
             report_round(reporter, last, site, fed, fed_cfg.rounds, xp,
                          model_source(step_fn))
+            call_back(world, inputs.callbacks, rnd + 1, dict(last))
             faults.inject("round", rnd + 1, world.rank)
             stop = _any_flag(world, flag.value)
             every = run.checkpoint_every

@@ -14,13 +14,16 @@ from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
 from ..log import get_logger
+from .inputs import NO_INPUTS
 from .setup import array_backend, blas_threads_per_rank, naming_moved_files
 
 log = get_logger(__name__)
 
 
-def train(cfg, comm=None) -> dict:
+def train(cfg, comm=None, inputs=None) -> dict:
     """Run the training that `cfg` (a Config) describes on `comm`; return the summary.
+
+    inputs: a RunInputs (mpifed.train.run's model, arrays and callbacks), or None.
 
     A disk-full error on a file whose earlier copy this run moved aside (a finished run's
     model.h5 to OUT/previous-<time>/, run.resume = "never"'s checkpoints to
@@ -34,7 +37,7 @@ def train(cfg, comm=None) -> dict:
         if cfg.federated is not None:
             from .federated import run_federation
 
-            return run_federation(cfg, comm, xp)
+            return run_federation(cfg, comm, xp, inputs or NO_INPUTS)
         from .data_parallel import run_data_parallel
 
-        return run_data_parallel(cfg, comm, xp)
+        return run_data_parallel(cfg, comm, xp, inputs or NO_INPUTS)

@@ -11,6 +11,7 @@ import os
 import re
 import time
 from contextlib import contextmanager
+from math import prod
 
 import numpy as np
 from mpi4py import MPI
@@ -18,10 +19,11 @@ from mpi4py import MPI
 from ..comm.agree import raise_together
 from ..comm.backend import select_device
 from ..comm.nccl import nccl_unavailable
-from ..comm.scalars import allreduce_int
+from ..comm.scalars import allgather_ints, allreduce_int
 from ..comm.topology import ranks_per_node
 from ..config import to_toml
 from ..data.atomic import DiskFull, atomic_path
+from ..data.memory import MemoryShard, check_arrays, padded_shape
 from ..data.shards import Shard, describe, shard_bounds
 from ..data.stream import Prefetcher, shard_stream
 from ..errors import UserError, check_memory
@@ -116,21 +118,69 @@ def open_checked_shard(comm, path: str, x: str, y: str, dtype, key: str,
     return shard, classes
 
 
-def open_test_shard(comm, data, spec, dtype) -> Shard:
-    """Open this rank's shard of data.test (`data`: the DataConfig), checked against the model
+def open_test_shard(comm, data, spec, dtype, arrays=None) -> Shard | MemoryShard:
+    """Open this rank's shard of data.test (`data`: the DataConfig), or of `arrays` (this
+    rank's (x, y) given to mpifed.train.run as `test`), checked against the model
     (collective)."""
-    shard, classes = open_checked_shard(comm, data.test, data.x, data.y, dtype,
-                                        "data.test", features=spec.features)
+    if arrays is not None:
+        shard, classes = open_memory_shard(comm, arrays, dtype, "test", features=spec.features)
+        where, fix = "test", "pass the model's classes as num_classes"
+    else:
+        shard, classes = open_checked_shard(comm, data.test, data.x, data.y, dtype,
+                                            "data.test", features=spec.features)
+        where = f"data.test: {data.test!r}"
+        fix = "give the training file a num_classes attribute that covers both"
     if classes > spec.num_classes:
-        raise UserError(f"data.test: {data.test!r} has labels up to {classes - 1}, but the "
-                        f"model knows {spec.num_classes} classes (0..{spec.num_classes - 1}); "
-                        "give the training file a num_classes attribute that covers both")
+        raise UserError(f"{where} has labels up to {classes - 1}, but the model knows "
+                        f"{spec.num_classes} classes (0..{spec.num_classes - 1}); {fix}")
     return shard
 
 
+def open_train_shard(comm, data, dtype, arrays=None) -> tuple[Shard | MemoryShard, int]:
+    """Open this rank's training shard, of data.train (`data`: the DataConfig) or of `arrays`
+    (this rank's (x, y) given to mpifed.train.run as `data`); return (shard, classes)."""
+    if arrays is not None:
+        return open_memory_shard(comm, arrays, dtype, "data")
+    return open_checked_shard(comm, data.train, data.x, data.y, dtype, "data.train")
+
+
+def open_memory_shard(comm, arrays, dtype, key: str,
+                      features: int | None = None) -> tuple[MemoryShard, int]:
+    """Hold this rank's `arrays` (x, y) as its shard, checked on all ranks; return (shard,
+    classes).
+
+    Checks (collectively): each rank's arrays (check_arrays), the same sample shape on every
+    rank, the feature count against `features`. Classes: max(y)+1 over all ranks (an int64
+    Allreduce). Rows are numbered in rank order, as if the shards were one file.
+    """
+    x, y = raise_together(comm, lambda: check_arrays(arrays, key))
+    every = allgather_ints(comm, (len(y), *padded_shape(x)))
+    shapes = [row[2:2 + row[1]] for row in every]
+    if any(shape != shapes[0] for shape in shapes):
+        odd = next(r for r, shape in enumerate(shapes) if shape != shapes[0])
+        raise UserError(f"{key}: rank {odd}'s x has samples of shape {shapes[odd]}, rank 0's "
+                        f"{shapes[0]}; every rank's x must have the same sample shape")
+    if features is not None and prod(shapes[0]) != features:
+        raise UserError(f"{key}: x has {prod(shapes[0])} features per row, the model expects "
+                        f"{features}")
+    counts = [row[0] for row in every]
+    shard = MemoryShard(x, y, sum(counts[:comm.rank]), sum(counts), dtype)
+    log.debug("%s: rows [%d, %d) of %d given as arrays on this rank", key, shard.start,
+              shard.stop, sum(counts))
+    top = allreduce_int(comm, shard.label_range()[1], MPI.MAX)
+    bottom = allreduce_int(comm, shard.label_range()[0] if len(shard) else top, MPI.MIN)
+    if top + 1 < 2 or (key == "data" and bottom == top):
+        raise UserError(f"{key}: every label in y is {top}; a classifier needs at least two "
+                        "classes")
+    return shard, top + 1
+
+
 def build_model(model, seed: int, input_shape, classes: int, xp, dtype, stage: str = "none",
-                whole: bool = True, ranks: int = 1):
+                whole: bool = True, ranks: int = 1, given=None):
     """Return (model, flat params) from model.init, or initialised from `seed` (run.seed).
+
+    given: a Sequential to train instead of the one [model] describes (mpifed.train.run's
+    `model`), checked against the data (rebuilt for its input shape when that differs).
 
     model: the ModelConfig; stage: comm.shard, for the memory check.
 
@@ -149,7 +199,11 @@ def build_model(model, seed: int, input_shape, classes: int, xp, dtype, stage: s
         check_init_matches(model, spec, shape, classes)
         params = xp.asarray(host)
     else:
-        spec = model_from_config(model, shape, classes)
+        if given is not None:
+            fit_to_data(given, shape, classes, "model")
+            spec = given
+        else:
+            spec = model_from_config(model, shape, classes)
         check_memory(model_bytes(spec, dtype, stage, ranks, whole),
                      f"model {spec.kind} {spec.sizes}"
                      + (f" with comm.shard = {stage!r} on {ranks} ranks, per rank,"

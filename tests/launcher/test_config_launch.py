@@ -32,7 +32,7 @@ def test_choices_come_from_the_modules_that_implement_them():
     from mpifed.comm.collectives import ALGORITHMS
     from mpifed.data.partition import SCHEMES
     from mpifed.federated.strategies import STRATEGIES
-    from mpifed.nn.spec import KINDS
+    from mpifed.nn.spec import CONFIG_KINDS, KINDS
     from mpifed.optim.optimizers import OPTIMIZERS
     from mpifed.optim.schedules import SCHEDULES
     from mpifed.train.report import PROGRESS_MODES
@@ -44,7 +44,7 @@ def test_choices_come_from_the_modules_that_implement_them():
 
     assert choices("comm", "allreduce") is ALGORITHMS and choices("comm", "shard") is STAGES
     assert tuple(STEPS) == STAGES  # the step registry serves exactly the names the config takes
-    assert choices("comm", "backend") is BACKENDS and choices("model", "kind") is KINDS
+    assert choices("comm", "backend") is BACKENDS and choices("model", "kind") is CONFIG_KINDS
     assert choices("optim", "name") is OPTIMIZERS and choices("optim", "schedule") is SCHEDULES
     assert choices("run", "progress") is PROGRESS_MODES
     assert choices("federated", "strategy") == tuple(STRATEGIES)

@@ -12,7 +12,7 @@ README = (ROOT / "README.md").read_text()
 
 
 @pytest.mark.parametrize("command", sorted(set(re.findall(
-    r"mpifed (bench (?:[a-z-]+)|data (?:[a-z]+)|config (?:[a-z]+)|keys (?:[a-z]+)|train|evaluate|"
+    r"mpifed (bench (?:[a-z-]+)|data (?:[a-z-]+)|config (?:[a-z]+)|keys (?:[a-z]+)|train|evaluate|"
     r"info|plot|demo)\b",
     README))))
 def test_every_mpifed_command_it_shows_answers_help(command):

@@ -21,3 +21,13 @@ def test_demo_reaches_its_accuracy(tmp_path, capsys):
     assert "test accuracy" in out
     header = next(line for line in out.splitlines() if line.startswith("round"))
     assert header.split() == ["round", "centralised", "fedavg", "fedprox", "fedavg-convnet"]
+    assert out.rstrip().splitlines()[-5:] == demo.next_steps(str(tmp_path / "demo" /
+                                                                  "digits.toml"))
+
+
+def test_next_steps_say_where_to_go():
+    text = "\n".join(demo.next_steps("demo-out/digits.toml"))
+    assert 3 <= len(demo.next_steps("c.toml")) - 1 <= 5
+    for what in ("mpifed data from-numpy", "mpifed.train.run", "docs/reference/configuration.md",
+                 "jobs/train.sbatch", "demo-out/digits.toml"):
+        assert what in text
