@@ -9,7 +9,7 @@ NP ?= 2
 export OMP_NUM_THREADS ?= 1
 
 .PHONY: install test test-serial test-unit test-launcher test-mpi test-multinode test-slurm test-gpu \
-        demo bench lint docs-reference clean
+        demo bench lint docs docs-reference clean
 
 install: $(VENV)/.installed
 
@@ -77,15 +77,25 @@ bench: install
 	timeout -k 10 1200 $(PY) -m mpifed bench suite --out bench-out/scaling
 	$(PY) -m mpifed plot --allreduce bench-out/allreduce-$(NP).json --out bench-out
 
-# The configuration reference and JSON Schema, regenerated from mpifed/config/sections.py (a test
-# fails when the committed ones differ).
+# The configuration reference and JSON Schema, regenerated from mpifed/config/sections.py, and the
+# CLI reference from the argument parser (tests fail when the committed ones differ).
 docs-reference: install
 	$(PY) -m mpifed config reference > docs/reference/configuration.md
 	$(PY) -m mpifed config schema > docs/reference/config.schema.json
+	$(PY) -m mpifed.cli.reference > docs/reference/cli.md
+
+# The documentation site (mkdocs.yml, pages under docs/) into site/; --strict fails on a broken
+# link or a docstring mkdocstrings cannot read.
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[docs]'
+	touch $@
 
 lint: install
 	$(VENV)/bin/ruff check mpifed tests bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache demo-out bench-out bench-*.json
+	rm -rf $(VENV) build site *.egg-info .pytest_cache .ruff_cache demo-out bench-out bench-*.json
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
