@@ -25,6 +25,17 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT = 240
 
 
+def documentation(pages: bool = True) -> str:
+    """Return README.md and every hand-written page under docs/ (not the generated reference
+    pages, configuration.md and cli.md), joined: what the documentation tests read."""
+    generated = {"reference/configuration.md", "reference/cli.md"}
+    texts = [(ROOT / "README.md").read_text()]
+    if pages:
+        texts += [p.read_text() for p in sorted((ROOT / "docs").rglob("*.md"))
+                  if str(p.relative_to(ROOT / "docs")) not in generated]
+    return "\n".join(texts)
+
+
 def _env(extra: dict | None) -> dict:
     return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(extra or {}))
 

@@ -176,9 +176,9 @@ def next_steps(config: str) -> list[str]:
         "next steps:",
         "  your own data:  mpifed data from-numpy X.npy Y.npy mine.h5, then set data.train = "
         f"\"mine.h5\" in a copy of {config} and run: mpiexec -n 2 mpifed train mine.toml",
-        "  from Python:    mpifed.train.run(config, data=(x, y), model=...) (README, From Python)",
-        "  reference:      README.md; every config key in docs/reference/configuration.md "
-        "(or mpifed train --help)",
+        "  from Python:    mpifed.train.run(config, data=(x, y), model=...) (docs/reference/api.md)",
+        "  reference:      the docs (make docs; docs/index.md); every config key in "
+        "docs/reference/configuration.md (or mpifed train --help)",
         "  under SLURM:    sbatch -n 8 jobs/train.sbatch mine.toml",
     ]
 

@@ -26,8 +26,8 @@ from .topology import topology
 # Below RING_MIN_BYTES * (ranks - 1) bytes MPI_Allreduce wins: latency-bound, one C call beats
 # 2(ranks - 1) Python-driven messages, and the ring's latency grows with the rank count. Above it
 # the ring wins. Measured with `mpifed bench allreduce -f 2` with MPICH 5.0.2 on a 2-core machine:
-# crossover between 256 KiB and 1 MiB on 2 ranks, between 1 and 2 MiB on 4 (README, "All-reduce
-# benchmark"). MPIFED_RING_MIN_BYTES moves it for other machines (read at the first choice).
+# crossover between 256 KiB and 1 MiB on 2 ranks, between 1 and 2 MiB on 4 (docs/performance.md,
+# "All-reduce"). MPIFED_RING_MIN_BYTES moves it for other machines (read at the first choice).
 RING_MIN_BYTES = 512 * 1024
 # With several ranks on a node, the hierarchical all-reduce from this size up: below it, its two
 # node barriers cost more than MPI_Allreduce's whole call (crossover 16-32 KiB on 2 and 4 ranks).
@@ -37,10 +37,10 @@ HIERARCHICAL_MIN_BYTES = 32 * 1024
 # all-reduce copies the array into its window and back (2 extra passes over memory), which pays
 # only where the bytes between nodes cost more than those passes: it sends 1/L of them per rank
 # where the flat ring sends them all. Measured with `mpifed bench allreduce --arrays ordinary` on
-# 2 nodes x 2 ranks over TCP (README, "Several nodes"), the flat ring was faster at 4-64 MiB on
-# both machines we have (1.3-1.4x on a quiet 16-core host, 1.1-1.2x on the 2-core VM), so "auto"
-# never takes that path by default; MPIFED_HIERARCHICAL_COPY_MIN_BYTES=N turns it on from N bytes
-# for networks slower than their nodes' memory.
+# 2 nodes x 2 ranks over TCP (docs/performance.md, "Several nodes"), the flat ring was faster at
+# 4-64 MiB on both machines we have (1.3-1.4x on a quiet 16-core host, 1.1-1.2x on the 2-core
+# VM), so "auto" never takes that path by default; MPIFED_HIERARCHICAL_COPY_MIN_BYTES=N turns it
+# on from N bytes for networks slower than their nodes' memory.
 HIERARCHICAL_COPY_MIN_BYTES = 1 << 62  # off
 
 

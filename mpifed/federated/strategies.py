@@ -121,5 +121,5 @@ STRATEGIES = {
 
 # Server step sizes when federated.server_lr is not set: 1 keeps FedAvg's plain average; the
 # adaptive servers take 0.1, Flower's default eta for FedAdam and FedAdagrad (Flower's FedYogi
-# defaults to 0.01). The README says how our FedOpt servers differ from Flower's.
+# defaults to 0.01). docs/federations.md says how our FedOpt servers differ from Flower's.
 DEFAULT_SERVER_LR = {"fedadam": 0.1, "fedyogi": 0.1, "fedadagrad": 0.1}

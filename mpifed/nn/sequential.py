@@ -33,7 +33,7 @@ class Sequential:
         for i, layer in enumerate(layers):
             if not isinstance(layer, Layer):
                 raise UserError(f"{where}[{i}]: {layer!r} is not an mpifed.nn layer "
-                                "(see README, Writing a layer)")
+                                "(see docs/model.md, Writing a layer)")
         self.kind, self.num_classes, self.extra = kind, int(num_classes), extra
         self.seed = 0  # dropout's seed: run.seed, set by whoever builds the model for training
         self.chain = Chain(list(layers))

@@ -1,4 +1,4 @@
-"""The README's examples against the code: its TOML configs load, its files and targets exist."""
+"""The README's and the docs pages' commands against the CLI: each answers --help."""
 
 import re
 import subprocess
@@ -6,9 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import documentation
 
 ROOT = Path(__file__).resolve().parents[2]
-README = (ROOT / "README.md").read_text()
+README = documentation()  # README.md and the pages under docs/
 
 
 @pytest.mark.parametrize("command", sorted(set(re.findall(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from helpers import documentation
 
 from mpifed.config import (
     ALL_SECTIONS,
@@ -174,7 +175,8 @@ def test_the_schema_defaults_are_the_loaders_defaults():
 
 
 def shipped_configs():
-    """Every configuration the project ships: the demo's, the README's, the docs' examples."""
+    """Every configuration the project ships: the demo's, the README's and the docs pages'
+    TOML blocks, the examples' files."""
     from mpifed.cli import demo
 
     texts = {"demo": demo.CONFIG.format(data="d", out="o"),
@@ -183,8 +185,7 @@ def shipped_configs():
     for strategy_model in (demo.MLP_MODEL, demo.CONVNET_MODEL):
         texts[f"demo-fed-{len(texts)}"] = demo.FEDERATED.format(
             data="d", out="o", name="f", rounds=3, local_steps=2, model=strategy_model)
-    readme = (ROOT / "README.md").read_text()
-    for i, block in enumerate(re.findall(r"```toml\n(.*?)```", readme, re.S)):
+    for i, block in enumerate(re.findall(r"```toml\n(.*?)```", documentation(), re.S)):
         text = block if block.lstrip().startswith("[data]") else '[data]\ntrain = "d"\n' + block
         if "[federated]" in text and "institutions =" not in text:
             text = text.replace("[federated]\n", "[federated]\ninstitutions = 4\n", 1)

@@ -306,14 +306,14 @@ def test_unknown_layer_type_and_key_are_named():
         layers_from_config([{"type": "linear"}])
 
 
-def test_readme_layer_example_backward(tmp_path, monkeypatch):
-    """The README's "Writing a layer" example: its backward against finite differences, and a
-    factory model built from it trains through loss_and_grad."""
+def test_docs_layer_example_backward(tmp_path, monkeypatch):
+    """The "Writing a layer" example of docs/model.md: its backward against finite differences,
+    and a factory model built from it trains through loss_and_grad."""
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = text.split("### Writing a layer", 1)[1]
+    text = (Path(__file__).resolve().parents[2] / "docs" / "model.md").read_text()
+    section = text.split("## Writing a layer", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     (tmp_path / "readme_layer.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))

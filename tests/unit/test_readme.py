@@ -1,15 +1,17 @@
-"""The README's examples against the code: its TOML configs load, its files and targets exist."""
+"""The README's and the docs pages' examples against the code: their TOML configs load, the files
+and make targets they name exist."""
 
 import re
 from pathlib import Path
 
 import pytest
+from helpers import documentation
 
 from mpifed.config.overrides import tomllib  # tomli before Python 3.11
 from mpifed.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
-README = (ROOT / "README.md").read_text()
+README = documentation()  # README.md and the pages under docs/
 TOML_BLOCKS = re.findall(r"```toml\n(.*?)```", README, re.S)
 
 
