@@ -102,4 +102,6 @@ def cli_reference() -> str:
 
 
 if __name__ == "__main__":
-    print(cli_reference(), end="")
+    from .output import emit
+
+    emit(cli_reference(), end="")
