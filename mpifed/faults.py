@@ -1,4 +1,5 @@
-"""Fault injection for tests: make a rank raise, die or freeze at a named step or round.
+"""Fault injection for tests: make a rank raise, die or freeze at a named step or round, or an
+institution send a tampered update.
 
 The training loops call `inject(point, number, rank)` at fixed places; nothing happens unless the
 environment variable MPIFED_FAULT names that point, number and rank:
@@ -18,6 +19,25 @@ checkpointed). Without `rank=` every rank acts. Actions:
     exit    os._exit(1): the process ends without cleanup or MPI_Finalize
     stop    os.kill(own pid, SIGSTOP): the process freezes until it gets SIGCONT (a stall)
 
+A misbehaving institution, for the robust strategies (mpifed/federated/robust.py):
+
+    MPIFED_FAULT="byzantine:K:MODE[:SCALE]"
+
+    MPIFED_FAULT="byzantine:2:scale"       # institution 2 sends global + 100 x its update
+    MPIFED_FAULT="byzantine:4:noise:0.5"   # institution 4 adds N(0, 0.5^2) to its model
+
+institution K's leader sends, every round, a tampered model in place of its own, where it leaves
+on the plain exchange to the root (`tampered`): with u its update (its model - the global one),
+
+    signflip   global - SCALE u        (SCALE default 1)
+    scale      global + SCALE u        (default 100)
+    noise      its model + Gaussian noise of std SCALE, seeded by (K, round) (default 1)
+    constant   SCALE in every coordinate (default 100)
+    nan        NaN in every coordinate (no SCALE)
+
+A federation checks it before round 1 (K must be one of its institutions; secure aggregation and
+DP, whose exchange it does not reach, refuse it) and that leader logs a warning naming it.
+
 The variable is read at each call, not at import, so a test can set it for one launch only
 (`env=` of the subprocess). A malformed value raises ValueError naming MPIFED_FAULT and the
 expected form; it is checked only when a loop reaches an injection point.
@@ -25,14 +45,20 @@ expected form; it is checked only when a loop reaches an injection point.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 from dataclasses import dataclass
 
+import numpy as np
+
 ENV = "MPIFED_FAULT"
-ACTIONS = ("raise", "kill", "exit", "stop")
+ACTIONS = ("raise", "kill", "exit", "stop", "byzantine")
 POINTS = ("step", "round")
 FORM = "ACTION:POINT=NUMBER[:rank=R[,R...]], e.g. kill:step=5:rank=1"
+BYZANTINE_FORM = "byzantine:K:MODE[:SCALE], e.g. byzantine:2:scale:100"
+BYZANTINE_SCALES = {"signflip": 1.0, "scale": 100.0, "noise": 1.0, "constant": 100.0,
+                    "nan": None}  # each mode's SCALE when none is given
 
 
 @dataclass(frozen=True)
@@ -50,10 +76,26 @@ class Fault:
         return f"{self.action}:{self.point}={self.number}{rank}"
 
 
-def parse(text: str) -> Fault:
-    """Return the Fault that `text` (an MPIFED_FAULT value) names; raise ValueError if malformed."""
+@dataclass(frozen=True)
+class Byzantine:
+    """One parsed MPIFED_FAULT=byzantine:K:MODE[:SCALE]: institution K tampers with its update."""
+
+    institution: int
+    mode: str
+    scale: float | None  # None: nan (no scale)
+
+    def __str__(self) -> str:
+        scale = "" if self.scale is None else f":{self.scale:g}"
+        return f"byzantine:{self.institution}:{self.mode}{scale}"
+
+
+def parse(text: str) -> Fault | Byzantine:
+    """Return the Fault or Byzantine that `text` (an MPIFED_FAULT value) names; raise ValueError
+    if malformed."""
     parts = text.strip().split(":")
     action, fields = parts[0], parts[1:]
+    if action == "byzantine":
+        return _parse_byzantine(text, fields)
     if action not in ACTIONS:
         raise ValueError(f"{ENV}={text!r}: unknown action {action!r}; use one of {ACTIONS} "
                          f"({FORM})")
@@ -76,6 +118,52 @@ def parse(text: str) -> Fault:
     return Fault(action, points[0], values[points[0]], values.get("rank"))
 
 
+def _parse_byzantine(text: str, fields: list[str]) -> Byzantine:
+    def refuse(why: str):
+        raise ValueError(f"{ENV}={text!r}: {why}; expected {BYZANTINE_FORM}")
+
+    if len(fields) not in (2, 3):
+        refuse("name the institution and the mode")
+    institution, mode = fields[0], fields[1]
+    if not institution.isdigit():
+        refuse(f"the institution must be a whole number >= 0, got {institution!r}")
+    if mode not in BYZANTINE_SCALES:
+        refuse(f"unknown mode {mode!r}; use one of {tuple(BYZANTINE_SCALES)}")
+    scale = BYZANTINE_SCALES[mode]
+    if len(fields) == 3:
+        if mode == "nan":
+            refuse("nan takes no SCALE")
+        try:
+            scale = float(fields[2])
+        except ValueError:
+            refuse(f"SCALE must be a number, got {fields[2]!r}")
+        if not math.isfinite(scale) or (mode == "noise" and scale < 0):
+            refuse(f"SCALE must be finite (and >= 0 for noise), got {fields[2]!r}")
+    return Byzantine(int(institution), mode, scale)
+
+
+def byzantine() -> Byzantine | None:
+    """Return the Byzantine institution MPIFED_FAULT names, or None (unset, or another fault)."""
+    text = os.environ.get(ENV)
+    fault = parse(text) if text else None
+    return fault if isinstance(fault, Byzantine) else None
+
+
+def tampered(fault: Byzantine, global_params, params, round_index: int):
+    """Return what `fault`'s institution sends in place of `params` (its model after the round
+    that started from `global_params`); inputs unchanged. Host (NumPy) arrays: it runs where
+    the update leaves for the root, already in host memory."""
+    update = params - global_params
+    if fault.mode == "signflip":
+        return global_params - fault.scale * update
+    if fault.mode == "scale":
+        return global_params + fault.scale * update
+    if fault.mode == "noise":
+        rng = np.random.default_rng([fault.institution, round_index, 0x62797a])
+        return params + rng.normal(0.0, fault.scale, size=params.shape).astype(params.dtype)
+    return np.full_like(params, np.nan if fault.mode == "nan" else fault.scale)
+
+
 def inject(point: str, number: int, rank: int) -> None:
     """Act on the fault MPIFED_FAULT names if it is this point, number and rank; else return.
 
@@ -86,6 +174,8 @@ def inject(point: str, number: int, rank: int) -> None:
     if not text:
         return
     fault = parse(text)
+    if isinstance(fault, Byzantine):  # acts where an update leaves, not at a point (tampered)
+        return
     if fault.point != point or fault.number != number:
         return
     if fault.rank is not None and rank not in (

@@ -17,10 +17,14 @@ log = get_logger(__name__)
 # The [federated] keys that each strategy reads; any other strategy ignores them.
 STRATEGY_KEYS = {
     "mu": ("fedprox",),
-    "server_lr": ("fedavgm", "fedadam", "fedyogi", "fedadagrad", "fednova"),
+    "server_lr": ("fedavgm", "fedadam", "fedyogi", "fedadagrad", "fednova", "qfedavg"),
     "beta1": ("fedavgm", "fedadam", "fedyogi", "fedadagrad"),
     "beta2": ("fedadam", "fedyogi"),
     "tau": ("fedadam", "fedyogi", "fedadagrad"),
+    "trim_fraction": ("fedtrimmedavg",),
+    "num_malicious": ("krum", "multikrum", "bulyan"),
+    "num_selected": ("multikrum",),
+    "q": ("qfedavg",),
 }
 
 

@@ -16,6 +16,7 @@ from typing import ClassVar
 from ..choices import ALGORITHMS, COMPRESSIONS, PROGRESS_MODES, RESUME_MODES, STAGES
 from ..errors import UserError
 from ..federated.dp import ACCOUNTANTS
+from ..federated.robust import PRIVATE_REFUSAL
 from ..federated.secagg import OUT_OF_RANGE_MODES, SINT
 from ..federated.strategies import DEFAULT_SERVER_LR, STRATEGIES
 from ..nn.models import DTYPES
@@ -253,6 +254,17 @@ class FederatedConfig(Section):
                            high_in=False)
     tau: float = setting(1e-3, "fedadam/fedyogi/fedadagrad: adaptivity (denominator) epsilon",
                          low=0, low_in=False)
+    trim_fraction: float = setting(0.2, "fedtrimmedavg: share of the institutions' values cut "
+                                   "from each side of every coordinate (Flower's beta)", low=0,
+                                   high=0.5, high_in=False)
+    num_malicious: int = setting(0, "krum/multikrum/bulyan: malicious institutions to withstand, "
+                                 "f (Flower's num_malicious_clients); krum needs more than "
+                                 "2f + 2 institutions per round, bulyan at least 4f + 3", low=0)
+    num_selected: int = setting(0, "multikrum: models averaged (Flower's num_clients_to_keep; "
+                                "0: Krum's one model, as Flower), at most K - num_malicious",
+                                low=0)
+    q: float = setting(0.2, "qfedavg: fairness exponent of q-FFL (Flower's q_param); 0 is the "
+                       "unweighted mean", low=0)
     fraction: float = setting(1.0, "institutions sampled each round: max(1, round(fraction*K)) "
                               "of them; under DP each with probability fraction", low=0,
                               high=1, low_in=False)
@@ -309,6 +321,14 @@ class FederatedConfig(Section):
             raise UserError("federated.strategy: fednova needs every institution's own step "
                             "count, which secure aggregation and DP keep from the root; use "
                             "another strategy")
+        if private and self.strategy in PRIVATE_REFUSAL:
+            under = "secure aggregation" if self.secure_aggregation else "[federated.dp]"
+            raise UserError(
+                f"federated.strategy: {self.strategy} is refused under {under}: "
+                f"{PRIVATE_REFUSAL[self.strategy]}, and the root sees only the sum of the "
+                "updates. There, bound each institution's influence instead: DP clips every "
+                "update to norm federated.dp.clip before the sum (fedavg with [federated.dp]), "
+                "so no institution can move the model further than the clip")
 
     def _check_keys_pinned(self) -> None:
         pinned = self.keys_roster_sha256

@@ -5,8 +5,13 @@ Every strategy has the signature
     strategy(global_params, results, state, hp) -> (new_params, new_state)
 
 global_params: flat array, the model the round started from; results: list of
-(params, n_samples, n_steps), one per participating institution; state: the server's state from
-the previous round (a dict, {} at first); hp: ServerHyper. Inputs are never modified.
+(params, n_samples, n_steps, loss), one per participating institution (loss: its mean local
+training loss over the round, read by q-FedAvg only; the other strategies also take the first
+three alone); state: the server's state from the previous round (a dict, {} at first); hp:
+ServerHyper. Inputs are never modified.
+
+The robust and fair rules (FedMedian, FedTrimmedAvg, Krum, Multi-Krum, Bulyan, q-FedAvg) live in
+`robust.py`, each equal to Flower's, and are registered in STRATEGIES below.
 """
 
 from __future__ import annotations
@@ -26,14 +31,21 @@ class ServerHyper:
     beta1: float
     beta2: float
     tau: float
+    # The robust rules' (robust.py). Defaults only so that the FedOpt family, which ignores
+    # them, can be built from its four: they are the neutral values (nothing trimmed, no
+    # malicious institution assumed, q = 0), and a run sets all of them from [federated].
+    trim_fraction: float = 0.0
+    num_malicious: int = 0
+    num_selected: int = 0
+    q: float = 0.0
 
 
 def sample_weights(results) -> list[float]:
     """Return p_k = n_k / sum(n): each institution's share of the samples."""
-    total = float(sum(n for _, n, _ in results))
+    total = float(sum(r[1] for r in results))
     if total <= 0:
         raise ValueError("aggregation needs at least one sample among the institutions")
-    return [n / total for _, n, _ in results]
+    return [r[1] / total for r in results]
 
 
 def weighted_average(results):
@@ -41,8 +53,8 @@ def weighted_average(results):
     weights = sample_weights(results)
     xp = get_array_module(results[0][0])
     out = xp.zeros_like(results[0][0])
-    for (params, _, _), weight in zip(results, weights):
-        out += weight * params
+    for result, weight in zip(results, weights):
+        out += weight * result[0]
     return out
 
 
@@ -108,9 +120,8 @@ def fednova(global_params, results, state, hp):
     institutions that took more steps.
     """
     weights = sample_weights(results)
-    steps_eff = sum(p * steps for p, (_, _, steps) in zip(weights, results))
-    direction = sum(p * (global_params - params) / steps
-                    for p, (params, _, steps) in zip(weights, results))
+    steps_eff = sum(p * r[2] for p, r in zip(weights, results))
+    direction = sum(p * (global_params - r[0]) / r[2] for p, r in zip(weights, results))
     return global_params - hp.server_lr * steps_eff * direction, state
 
 
@@ -119,7 +130,13 @@ STRATEGIES = {
     "fedyogi": fedyogi, "fedadagrad": fedadagrad, "fednova": fednova,
 }
 
+from .robust import ROBUST  # noqa: E402  (robust.py reads weighted_average, defined above)
+
+STRATEGIES.update(ROBUST)
+
 # Server step sizes when federated.server_lr is not set: 1 keeps FedAvg's plain average; the
 # adaptive servers take 0.1, Flower's default eta for FedAdam and FedAdagrad (Flower's FedYogi
 # defaults to 0.01). docs/federations.md says how our FedOpt servers differ from Flower's.
+# q-FedAvg's server_lr is Flower's `qffl_learning_rate` (1/L, the paper's local step size): unset
+# it is 1, where Flower's default is 0.1 (docs/federations.md says so).
 DEFAULT_SERVER_LR = {"fedadam": 0.1, "fedyogi": 0.1, "fedadagrad": 0.1}

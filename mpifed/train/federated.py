@@ -26,7 +26,9 @@ from ..errors import UserError
 from ..federated.exchange import SiteReport, broadcast_global, collect_at_root, send_to_root
 from ..federated.institutions import Federation, institution_sizes, make_federation
 from ..federated.private_update import apply_private_sums
+from ..federated.robust import check_institution_count
 from ..federated.strategies import STRATEGIES, ServerHyper
+from ..log import get_logger
 from ..nn.io import save_model
 from ..optim import learning_rate, make_optimizer
 from ..xp import to_host
@@ -42,14 +44,24 @@ from .inputs import NO_INPUTS, call_back
 from .setup import batch_loader, prepare_out, running, start_report, stop_early
 from .step import make_step
 
+log = get_logger(__name__)
+
 
 def run_federation(cfg, world, xp, inputs=NO_INPUTS) -> dict:
     """Run the federation that `cfg` (a Config with [federated]) describes on `world`; return
     the summary (on every rank). inputs: mpifed.train.run's callbacks (called after each round
     with (round, this rank's record)); a federation takes no arrays or model object yet."""
     fed_cfg, run = cfg.federated, cfg.run
-    fed = make_federation(world, institution_sizes(fed_cfg, world.size))
+    sizes = institution_sizes(fed_cfg, world.size)
+    check_institution_count(fed_cfg, max(1, round(fed_cfg.fraction * len(sizes))))
+    byzantine = misbehaving(fed_cfg, len(sizes))  # every rank refuses a wrong one alike
+    fed = make_federation(world, sizes)
     site = open_site(cfg, fed, xp)
+    if byzantine is not None and fed.is_leader and byzantine.institution == fed.institution:
+        site.byzantine = byzantine
+        log.warning("%s=%s: this leader sends institution %d's update tampered (%s) every "
+                    "round, for a test of the robust strategies", faults.ENV, byzantine,
+                    fed.institution, byzantine.mode)
     out = prepare_out(cfg, world)
     first, site_steps, server_state = resume_round(cfg, fed, site.params)
     reporter = start_report(
@@ -64,7 +76,9 @@ def run_federation(cfg, world, xp, inputs=NO_INPUTS) -> dict:
         site.params = step_fn.params  # all-gathered after every step, whole on every rank
     loader = batch_loader(cfg.data, cfg.optim.batch_size, run.seed, site.shard, site.per_epoch,
                           site.stream_comm.rank, site_steps, xp)
-    hyper = ServerHyper(fed_cfg.server_step, fed_cfg.beta1, fed_cfg.beta2, fed_cfg.tau)
+    hyper = ServerHyper(fed_cfg.server_step, fed_cfg.beta1, fed_cfg.beta2, fed_cfg.tau,
+                        fed_cfg.trim_fraction, fed_cfg.num_malicious, fed_cfg.num_selected,
+                        fed_cfg.q)
     if site.dp is not None and fed.is_leader:  # every leader counts the releases itself
         site.ledger = open_ledger(out, fed)
     site.log = open_institution_log(out, fed, site.aggregator is not None, append=first > 0)
@@ -99,6 +113,27 @@ def run_federation(cfg, world, xp, inputs=NO_INPUTS) -> dict:
     return finish_federation(cfg, fed, site, reporter, last, time.perf_counter() - start)
 
 
+def misbehaving(fed_cfg, institutions: int):
+    """Return the Byzantine institution MPIFED_FAULT names (None: none); refuse one outside the
+    federation, or under secure aggregation or DP (their exchange does not pass `tampered`)."""
+    try:
+        byzantine = faults.byzantine()
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if byzantine is None:
+        return None
+    if byzantine.institution >= institutions:
+        raise UserError(f"{faults.ENV}={byzantine}: there is no institution "
+                        f"{byzantine.institution} (the federation has {institutions}: 0 to "
+                        f"{institutions - 1})")
+    if fed_cfg.secure_aggregation or fed_cfg.dp is not None:
+        raise UserError(f"{faults.ENV}={byzantine}: a byzantine institution tampers with the "
+                        "plain exchange to the root; secure aggregation and DP send masked or "
+                        "clipped sums instead; remove [federated.dp] and "
+                        "federated.secure_aggregation, or the fault")
+    return byzantine
+
+
 def _any_flag(world, value: int) -> bool:
     """Tell whether any rank's flag is set (an int64 Allreduce, nothing pickled)."""
     flag = np.array([value], dtype=np.int64)
@@ -122,7 +157,7 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
     sent_before = site.sent.sent if site.sent is not None else 0
     private = site.aggregator is not None
     senders, takes_part = round_senders(cfg.federated, cfg.run.seed, fed, site, rnd)
-    keeps_global = fed.is_root or (private and fed.is_leader)
+    keeps_global = fed.is_root or (private and fed.is_leader) or site.byzantine is not None
     global_params = to_host(params).astype(np.float64) if keeps_global else None  # round start
     report = SiteReport(samples=site.samples, steps=site.local_steps)
     secret = fed_cfg.secure_aggregation and site.dp is not None
@@ -159,15 +194,20 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
                 record["participants"] = senders
     else:
         quiet_barrier(fed.world)  # wait for the slowest institution without taking its core
+        outgoing = params
+        if site.byzantine is not None and takes_part:  # a test's tampered update (faults.py)
+            outgoing = faults.tampered(site.byzantine, global_params.astype(params.dtype),
+                                       to_host(params), rnd)
         if fed.is_root:
-            results, to_root = collect_at_root(fed, params, report, senders)
+            results, to_root = collect_at_root(fed, outgoing, report, senders)
             new, server_state = strategy(
                 global_params.astype(params.dtype),
-                [(p, r.samples, r.steps) for p, r in results.values()], server_state, hyper)
+                [(p, r.samples, r.steps, r.loss) for p, r in results.values()], server_state,
+                hyper)
             params[...] = xp.asarray(new)  # strategies run on the host, at the root only
             record["reports"] = {k: r for k, (_, r) in results.items()}
         elif fed.is_leader and takes_part:
-            send_to_root(fed, params, report)
+            send_to_root(fed, outgoing, report)
     if params is not None:
         from_root = broadcast_global(fed, params, site=step_fn.holds_whole_model)
     step_fn.scatter_from_leader(params)  # ZeRO-3: from the leader, each rank keeps its chunk

@@ -14,6 +14,7 @@ from ..comm.scalars import allreduce_int
 from ..config import DPConfig
 from ..data.shards import Shard
 from ..errors import UserError
+from ..faults import Byzantine
 from ..federated.dp_settings import dp_settings
 from ..federated.identity import load_identity
 from ..federated.institutions import Federation
@@ -45,6 +46,7 @@ class Site:
     ledger: PrivacyLedger | None = None  # on every leader under DP: every release
     log: Reporter | None = None  # on a leader under privacy: OUT/institution-K/metrics.jsonl
     sent: SentBytes | None = None  # on a leader under privacy: its bytes sent to other leaders
+    byzantine: Byzantine | None = None  # on the leader MPIFED_FAULT=byzantine:K names (tests)
 
 
 def site_data_path(template: str, institution: int) -> str:

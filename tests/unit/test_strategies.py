@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from mpifed.federated.robust import ROBUST
 from mpifed.federated.strategies import (
     STRATEGIES,
     ServerHyper,
@@ -29,7 +30,9 @@ def test_fedavg_weights_by_samples():
 
 def test_inputs_are_not_modified():
     before = [r[0].copy() for r in RESULTS]
-    for fn in STRATEGIES.values():
+    for name, fn in STRATEGIES.items():
+        if name in ROBUST:  # they read a loss and Bulyan 3 or more: test_robust_strategies.py
+            continue
         fn(W, RESULTS, {}, HP)
     for b, (params, _, _) in zip(before, RESULTS):
         np.testing.assert_array_equal(b, params)
