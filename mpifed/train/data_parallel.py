@@ -21,6 +21,7 @@ from ..errors import UserError
 from ..nn.io import save_model
 from ..optim import learning_rate, make_optimizer
 from .checkpoint import choose_checkpoint, save_checkpoint
+from .environment import run_environment
 from .evaluate import evaluate
 from .inputs import NO_INPUTS, StepRecord, call_back
 from .setup import (
@@ -62,7 +63,8 @@ def run_data_parallel(cfg, comm, xp, inputs=NO_INPUTS) -> dict:
     test = None
     if data.test:
         test = open_test_shard(comm, data, spec, dtype, inputs.test)
-    out = prepare_out(cfg, comm)
+    env = run_environment(cfg, comm)
+    out = prepare_out(cfg, comm, env)
     optimizer = make_optimizer(optim)
     step_fn = make_step(spec, params, comm, cfg.comm, xp, dtype)
     del params  # the step holds the model now (ZeRO-3: only this rank's chunk)
@@ -115,7 +117,7 @@ def run_data_parallel(cfg, comm, xp, inputs=NO_INPUTS) -> dict:
     memory.update(exchange_report(comm, step_fn, total - first))
     return finish(cfg, comm, spec, model_source(step_fn), test, reporter, xp, (first, total),
                   (time.perf_counter() - start, step_fn.comm_seconds, loader.wait_seconds), loss,
-                  memory, step_fn.allreduce_choice)
+                  memory, step_fn.allreduce_choice, env)
 
 
 def model_source(step_fn):
@@ -286,11 +288,12 @@ def write_model(path: str, spec, params, comm) -> None:
 
 
 def finish(cfg, comm, spec, params, test, reporter, xp, span, timings, loss,
-           memory=None, choice=None) -> dict:
+           memory=None, choice=None, env=None) -> dict:
     """Evaluate, write the model and the summary; return the summary.
 
     span: (first, total) steps; timings: (seconds, in all-reduces, waiting for data) that this
-    process spent on steps first..total-1; choice: the step's allreduce_choice.
+    process spent on steps first..total-1; choice: the step's allreduce_choice; env:
+    run_environment's fields.
     """
     (first, steps), (seconds, comm_seconds, data_seconds) = span, timings
     out, per_step = cfg.run.out, cfg.optim.batch_size * comm.size
@@ -303,6 +306,7 @@ def finish(cfg, comm, spec, params, test, reporter, xp, span, timings, loss,
         summary["resumed_from"] = first
     summary.update(shard=cfg.comm.shard, **(memory or {}))
     summary.update({} if choice is None else {"allreduce_choice": choice})
+    summary.update(env or {})
     if test is not None:
         result = evaluate(spec, params, test, comm, xp)
         reporter.record(event="eval", step=steps, **result)

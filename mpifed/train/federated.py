@@ -33,6 +33,7 @@ from ..nn.io import save_model
 from ..optim import learning_rate, make_optimizer
 from ..xp import to_host
 from .data_parallel import model_source
+from .environment import run_environment
 from .evaluate import evaluate
 from .federated_budget import admit_round, open_ledger, record_release
 from .federated_checkpoint import resume_round, write_round_checkpoint
@@ -62,7 +63,8 @@ def run_federation(cfg, world, xp, inputs=NO_INPUTS) -> dict:
         log.warning("%s=%s: this leader sends institution %d's update tampered (%s) every "
                     "round, for a test of the robust strategies", faults.ENV, byzantine,
                     fed.institution, byzantine.mode)
-    out = prepare_out(cfg, world)
+    env = run_environment(cfg, world)  # no hosts under DP or secure aggregation
+    out = prepare_out(cfg, world, env)
     first, site_steps, server_state = resume_round(cfg, fed, site.params)
     reporter = start_report(
         run.progress, out, fed.is_root, fed_cfg.rounds, first,
@@ -110,7 +112,8 @@ def run_federation(cfg, world, xp, inputs=NO_INPUTS) -> dict:
         site.log.close()
     if stopped:
         return stop_early(run.out, world, reporter, rnd + 1, stopped)
-    return finish_federation(cfg, fed, site, reporter, last, time.perf_counter() - start)
+    return finish_federation(cfg, fed, site, reporter, last, time.perf_counter() - start,
+                             env)
 
 
 def misbehaving(fed_cfg, institutions: int):
@@ -284,8 +287,10 @@ def _stand_in(step_fn):
     return np.broadcast_to(np.zeros(1, dtype=step_fn.dtype), (step_fn.n,))
 
 
-def finish_federation(cfg, fed: Federation, site: Site, reporter, last, seconds) -> dict:
-    """Write the model (root) and the summary; free the institutions' communicators."""
+def finish_federation(cfg, fed: Federation, site: Site, reporter, last, seconds,
+                      env=None) -> dict:
+    """Write the model (root) and the summary (with `env`, run_environment's fields); free the
+    institutions' communicators."""
     out = cfg.run.out
     if fed.is_root:
         save_model(os.path.join(out, "model.h5"), site.spec, site.params)
@@ -294,6 +299,7 @@ def finish_federation(cfg, fed: Federation, site: Site, reporter, last, seconds)
     if "epsilon" in last:  # under DP without secure aggregation: the largest institution's
         summary["epsilon"] = last["epsilon"]
         summary["epsilon_unamplified"] = last["epsilon_unamplified"]
+    summary.update(env or {})
     reporter.record(**summary)
     reporter.line(f"done: {summary['rounds']} rounds in {seconds:.2f} s; model in "
                   f"{os.path.join(out, 'model.h5')}")

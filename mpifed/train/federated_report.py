@@ -3,6 +3,8 @@ progress line (written by the root)."""
 
 from __future__ import annotations
 
+import time
+
 from ..federated.institutions import Federation
 from .evaluate import evaluate
 from .federated_site import Site
@@ -22,7 +24,7 @@ def report_round(reporter, record, site: Site, fed: Federation, rounds: int, xp,
                           fed.world, xp)
         record.update(accuracy=result["accuracy"], test_loss=result["loss"],
                       test_samples=result["samples"])
-    reporter.record(event="round", **record)
+    reporter.record(event="round", time=time.time(), **record)
     reporter.line(round_line(record, rounds))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 from tqdm import tqdm
 
@@ -13,6 +14,22 @@ from ..choices import PROGRESS_MODES  # noqa: F401 (run.progress, named here bef
 
 # The bar: percentage, bar, steps done, elapsed and remaining time, then the step's figures.
 BAR_FORMAT = "{l_bar}{bar}| step {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+
+
+class LossWindow:
+    """The mean of the step losses added since the last `take` (a step record's loss_avg)."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def add(self, loss: float) -> None:
+        self.total, self.count = self.total + float(loss), self.count + 1
+
+    def take(self) -> float:
+        """Return the window's mean (NaN if empty) and start the next window."""
+        mean = self.total / self.count if self.count else float("nan")
+        self.total, self.count = 0.0, 0
+        return mean
 
 
 class Reporter:
@@ -27,6 +44,7 @@ class Reporter:
         path = os.path.join(out, "metrics.jsonl")
         self._fh = open(path, "a" if append else "w") if active else None
         self._bar = None
+        self.losses = LossWindow()
 
     def record(self, **fields) -> None:
         """Append one JSON object to metrics.jsonl."""
@@ -36,12 +54,16 @@ class Reporter:
 
     def step(self, step: int, epoch: int, loss: float, lr: float, samples_per_s: float,
              comm_fraction: float, log: bool) -> None:
-        """Report a finished step (1-based `step`); write a metrics record when `log`."""
+        """Report a finished step (1-based `step`); write a metrics record when `log`: the
+        wall-clock `time` (seconds since the epoch), the step's `loss` and `loss_avg`, the mean
+        of the step losses since the previous step record (this one's included)."""
         if not self.active:
             return
+        self.losses.add(loss)
         if log:
-            self.record(event="step", step=step, epoch=epoch, loss=loss, lr=lr,
-                        samples_per_s=samples_per_s, comm_fraction=comm_fraction)
+            self.record(event="step", step=step, epoch=epoch, time=time.time(), loss=loss,
+                        loss_avg=self.losses.take(), lr=lr, samples_per_s=samples_per_s,
+                        comm_fraction=comm_fraction)
         figures = (f"epoch {epoch} loss {loss:.4f} lr {lr:.4g} {samples_per_s:,.0f} samples/s "
                    f"comm {100 * comm_fraction:.0f}%")
         if self.mode == "bar":

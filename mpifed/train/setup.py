@@ -33,6 +33,7 @@ from ..nn.io import load_model
 from ..nn.spec import fit_to_data, model_from_config
 from ..xp import backend_module, device_copier
 from .checkpoint import SET_ASIDE_STAMP, checkpoint_dir
+from .environment import config_header
 from .report import Reporter
 from .signals import StopFlag
 
@@ -257,8 +258,9 @@ def plan_steps(optim, shard_len: int, comm) -> tuple[int, int]:
     return per_epoch, steps
 
 
-def prepare_out(cfg, comm) -> str:
-    """Create run.out on rank 0 and write the resolved Config there; return the folder."""
+def prepare_out(cfg, comm, env: dict | None = None) -> str:
+    """Create run.out on rank 0 and write the resolved Config there, under a header of `env`
+    (run_environment's fields, TOML comments); return the folder."""
     out = cfg.run.out
 
     def make():
@@ -269,7 +271,7 @@ def prepare_out(cfg, comm) -> str:
                     os.makedirs(out, exist_ok=True)
                     with atomic_path(os.path.join(out, "config.toml")) as tmp, \
                             open(tmp, "w") as fh:
-                        fh.write(to_toml(cfg))
+                        fh.write((config_header(env) if env else "") + to_toml(cfg))
             except OSError as err:
                 raise UserError(f"run.out: cannot write to {out!r} ({err.strerror})") from None
     raise_together(comm, make)
