@@ -18,7 +18,8 @@ def _imports(path: Path) -> set[str]:
             for _ in range(max(node.level - 1, 0)):
                 base = base.rsplit(".", 1)[0]
             if node.level and not node.module:  # from .. import faults
-                found.update(f"{base}.{a.name}" for a in node.names)
+                found.update(f"{base}.{a.name}" for a in node.names
+                             if not a.name.startswith("__"))  # __version__: an attribute
                 continue
             name = f"{base}.{node.module}" if node.level else node.module
             if name and name.startswith("mpifed"):
