@@ -23,7 +23,7 @@ from ..comm.scalars import allgather_ints, allreduce_int
 from ..comm.topology import ranks_per_node
 from ..config import to_toml
 from ..data.atomic import DiskFull, atomic_path
-from ..data.memory import MemoryShard, check_arrays, padded_shape
+from ..data.memory import ARRAYS, MemoryShard, check_arrays, padded_shape
 from ..data.shards import Shard, describe, shard_bounds
 from ..data.stream import Prefetcher, shard_stream
 from ..errors import UserError, check_memory
@@ -87,6 +87,11 @@ def open_checked_shard(comm, path: str, x: str, y: str, dtype, key: str,
     count against `features`, finite values, non-negative labels. Classes come from the file's
     `num_classes` attribute, else max(y)+1 over all shards.
     """
+    if path == ARRAYS:  # the same on every rank: no rank raises alone
+        raise UserError(f"{key} = {ARRAYS!r}: this configuration was written by a run given "
+                        "arrays from Python (mpifed.train.run(config, data=(x, y))); give the "
+                        f"arrays again there, or set {key} to an HDF5 file (mpifed data "
+                        "from-numpy X.npy Y.npy OUT.h5 writes one)")
     info = raise_together(comm, lambda: describe(path, x, y, key))
     if features is not None and info.features != features:
         raise UserError(f"{key}: {path!r} has {info.features} features, the model expects "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import h5py
 import numpy as np
-from helpers import make_classification, run_cli
+from helpers import make_classification, run_cli, run_mpi
 
 
 def test_from_numpy_round_trip_and_refusals(tmp_path):
@@ -35,3 +35,14 @@ def test_from_numpy_round_trip_and_refusals(tmp_path):
     wrong = run_cli(["data", "from-numpy", "x.npy", "s.h5"], cwd=tmp_path)
     assert wrong.returncode == 1 and "give X.npy Y.npy OUT.h5" in wrong.stderr
     assert not (tmp_path / "s.h5").exists()
+
+
+def test_a_config_written_by_an_array_run_names_the_arrays_not_a_missing_file(tmp_path):
+    """OUT/config.toml of a mpifed.train.run(data=...) run says data.train = "<arrays>";
+    `mpifed train` on it explains that, instead of "file '<arrays>' does not exist"."""
+    (tmp_path / "run.toml").write_text('[data]\ntrain = "<arrays>"\n')
+    done = run_mpi(2, ["train", "run.toml"], cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "written by a run given arrays from Python" in errors[0]
+    assert "does not exist" not in done.stderr
