@@ -5,9 +5,11 @@ MPI tests run under `mpiexec -n N python -m pytest --with-mpi -m mpi`.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -33,11 +35,15 @@ def _backends():
 BACKENDS = _backends()
 
 
+HYDRA_LEFTOVERS = "/tmp/hydra_hwloc_xmlfile_*"  # MPICH's mpiexec ignores TMPDIR for these
+
+
 def pytest_configure(config):
     """Keep the measured "auto" cache (mpifed/train/allreduce_choice.py) of this session, and
-    of every run it launches, out of the user's cache folder."""
+    of every run it launches, out of the user's cache folder; note hydra's files already there."""
     folder = tempfile.mkdtemp(prefix="mpifed-test-cache-")
     config._mpifed_cache = folder
+    config._hydra_before = set(glob.glob(HYDRA_LEFTOVERS))
     os.environ["XDG_CACHE_HOME"] = folder
 
 
@@ -45,6 +51,30 @@ def pytest_unconfigure(config):
     folder = getattr(config, "_mpifed_cache", None)
     if folder:
         shutil.rmtree(folder, ignore_errors=True)
+    remove_hydra_leftovers(getattr(config, "_hydra_before", None))
+
+
+def remove_hydra_leftovers(before) -> None:
+    """Remove the topology files that this session's aborted jobs left in /tmp (an mpiexec that
+    ends in MPI_Abort never deletes its own): only files made during the session, at least 5 s
+    old and open in no process, so a job of another session still starting keeps its file."""
+    if before is None or "PMI_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
+        return  # a rank under mpiexec: its own launcher's file is in use
+    made = set(glob.glob(HYDRA_LEFTOVERS)) - before
+    if not made:
+        return
+    in_use = set()
+    for fd_dir in glob.glob("/proc/[0-9]*/fd"):
+        try:
+            in_use.update(os.path.realpath(os.path.join(fd_dir, fd)) for fd in os.listdir(fd_dir))
+        except OSError:
+            continue
+    for path in made - in_use:
+        try:
+            if time.time() - os.path.getmtime(path) >= 5:
+                os.remove(path)
+        except OSError:
+            pass
 
 
 @pytest.fixture(params=BACKENDS)
