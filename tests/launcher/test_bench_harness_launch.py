@@ -1,5 +1,5 @@
-"""The benchmark harness: what it calls, in which order, and the record it writes. No test here
-assumes anything about how long a step takes (the machine is shared and noisy)."""
+"""The benchmark harness launched for real: ours and the torch peer through one timing with the
+same warm-up, and a small throughput run of ours."""
 
 from __future__ import annotations
 

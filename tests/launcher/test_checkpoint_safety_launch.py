@@ -1,4 +1,4 @@
-"""Checkpoints are never lost, never silently damaged, never resumed on other data."""
+"""A resumed run past its last step says there is nothing to do, under mpiexec."""
 
 
 

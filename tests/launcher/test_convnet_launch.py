@@ -1,5 +1,5 @@
-"""Convnets end to end: data-parallel training equals a serial computation on the global batch,
-model files round-trip, presets, users' factories, N-D data."""
+"""Convnets under mpiexec: data-parallel training with sync batch norm equals a serial
+computation on the global batch, and the script API returns the summary."""
 
 from __future__ import annotations
 

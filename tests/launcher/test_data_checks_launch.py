@@ -1,4 +1,4 @@
-"""Data and model files that change, lie or hold nonsense stop the run with one named error."""
+"""Institutions whose files declare different class counts stop the run with one named error."""
 
 
 from conftest import run_mpi, write_site

@@ -1,4 +1,4 @@
-"""The MPIFED_FAULT hook: what it accepts, what it refuses, and what each action does (no MPI)."""
+"""The MPIFED_FAULT actions on a real process: kill and exit end it, stop freezes it until SIGCONT."""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""The GPU path's logic without a GPU: a fake cupy (tests/fake_cupy.py) records which device and
-stream each thread works on, which stream waits on which event, and every transfer.
-
-Each test states the CUDA rule at stake; the real device checks are in test_gpu.py.
-"""
+"""The GPU check script without a GPU says so and passes."""
 
 from __future__ import annotations
 

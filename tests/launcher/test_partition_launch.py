@@ -1,4 +1,4 @@
-"""Partition schemes: every row goes to exactly one site, with the skew each scheme promises."""
+"""`mpifed data partition` from the command line: site files and the class-count table."""
 
 import h5py
 import numpy as np

@@ -1,5 +1,4 @@
-"""Secure aggregation pieces: masks cancel, the aggregate equals the plain sum within the
-quantisation step, what one leader sends tells nothing of its update, reused keys fail."""
+"""`mpifed keys generate` from the command line: private keys 0600 and a public roster."""
 
 import os
 import stat

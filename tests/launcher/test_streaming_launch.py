@@ -1,8 +1,5 @@
-"""Block-shuffled streaming of shards read from their file (MPIFED_SHARD_MEMORY_BYTES exceeded).
-
-The order is checked against reference.block_shuffled_order, written from the definition without
-mpifed's code; a streamed data-parallel run against the serial reference that walks that order.
-"""
+"""Streamed shards under mpiexec: a run equals the serial reference, and a killed one resumes
+to the same bits."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The package depends only downward: the pure layers import no MPI, and no module cycles."""
+"""The pure layers import no MPI: each imported in a fresh interpreter."""
 
 from __future__ import annotations
 

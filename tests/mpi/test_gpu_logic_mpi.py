@@ -1,8 +1,5 @@
-"""The GPU path's logic without a GPU: a fake cupy (tests/fake_cupy.py) records which device and
-stream each thread works on, which stream waits on which event, and every transfer.
-
-Each test states the CUDA rule at stake; the real device checks are in test_gpu.py.
-"""
+"""The GPU path's logic on several ranks without a GPU (the fake cupy): ranks sharing a GPU are
+warned and refused NCCL, one GPU per rank is not sharing, overlap orders by events."""
 
 from __future__ import annotations
 

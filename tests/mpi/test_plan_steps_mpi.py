@@ -1,7 +1,5 @@
-"""Step planning: the smallest shard sets the steps of an epoch on every rank.
-
-Runs serially on COMM_SELF and, marked mpi, under mpiexec on COMM_WORLD.
-"""
+"""Step planning on COMM_WORLD: the smallest shard sets every rank's steps; a batch too large
+fails on every rank."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""BLAS threads per rank: the node's cores shared among its ranks, or MPIFED_BLAS_THREADS.
-
-Runs serially on COMM_SELF and, marked mpi, under mpiexec on COMM_WORLD.
-"""
+"""BLAS threads for one process: every core, or MPIFED_BLAS_THREADS."""
 
 from __future__ import annotations
 

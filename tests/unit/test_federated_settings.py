@@ -1,4 +1,4 @@
-"""Federated runs under mpiexec against an independent serial simulation of the same rounds."""
+"""A federation's settings without MPI: local steps per round and the server step size."""
 
 from __future__ import annotations
 

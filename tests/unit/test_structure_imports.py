@@ -1,4 +1,4 @@
-"""The package depends only downward: the pure layers import no MPI, and no module cycles."""
+"""The package depends only downward and has no module cycles (read from the sources)."""
 
 from __future__ import annotations
 
