@@ -9,7 +9,7 @@ NP ?= 2
 export OMP_NUM_THREADS ?= 1
 
 .PHONY: install test test-serial test-unit test-launcher test-mpi test-multinode test-slurm test-gpu \
-        demo bench lint docs docs-reference clean
+        demo bench lint docs docs-reference figures clean
 
 install: $(VENV)/.installed
 
@@ -76,6 +76,15 @@ bench: install
 	timeout -k 10 1200 $(MPIEXEC) -n $(NP) $(PY) -m mpifed bench allreduce -f 2 --json bench-out/allreduce-$(NP).json
 	timeout -k 10 1200 $(PY) -m mpifed bench suite --out bench-out/scaling
 	$(PY) -m mpifed plot --allreduce bench-out/allreduce-$(NP).json --out bench-out
+
+# Every figure of the docs (docs/img/*.png), redrawn from the committed benchmark JSON files: the
+# scaling suite, the all-reduce sweeps and the held-out model check (tests/unit/test_docs_images.py
+# checks that each image exists and is referenced).
+FIGURE_JSON = --allreduce docs/allreduce-2.json docs/allreduce-4.json \
+  docs/multinode-16core/ar-2x2-ordinary.json docs/multinode-16core/ar-2x2-window.json
+figures: install
+	$(PY) -m mpifed plot docs/scaling.json $(FIGURE_JSON) --out docs/img
+	$(PY) -m mpifed plot docs/multinode-16core/heldout.json --out docs/img
 
 # The configuration reference and JSON Schema, regenerated from mpifed/config/sections.py, and the
 # CLI reference from the argument parser (tests fail when the committed ones differ).

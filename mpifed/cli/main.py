@@ -15,7 +15,7 @@
     srun -n 4 mpifed bench scaling --data D --csv C   one point of a scaling sweep
     mpiexec -n 2 mpifed bench model --scaling-csv C   alpha-beta predictions to 1024 ranks
     mpifed bench suite|throughput|federated-round|gpu|cnn  suites that launch mpiexec themselves
-    mpifed plot scaling.json [--allreduce ar.json]    PNG plots (needs matplotlib)
+    mpifed plot --run RUN_DIR | scaling.json [--allreduce ar.json]   PNG plots (matplotlib)
 
 --quiet (warnings and errors only) and --verbose (debug too) go before or after the command;
 MPIFED_LOG_LEVEL=debug|info|warning|error does the same for a job. A command's result and a
@@ -198,13 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--institutions", type=int, required=True)
     gen.add_argument("--force", action="store_true", help="replace existing keys")
 
-    plot = sub.add_parser("plot", help="PNG plots of scaling and all-reduce results")
+    plot = sub.add_parser("plot", help="PNG plots of a run's curves, scaling and all-reduce results",
+                          description="PNG plots (needs matplotlib). --run RUN_DIR: the run's loss "
+                          "and accuracy against steps (rounds for a federation), and each "
+                          "institution folder's own figures written into that folder. SCALING "
+                          "and --allreduce: the benchmark plots of docs/performance.md.")
     plot.add_argument("scaling", nargs="?",
                       help="scaling.json from mpifed bench suite (bench/scaling.py), or the held-out "
                            "table of mpifed bench model --fit ... --json")
     plot.add_argument("--allreduce", nargs="*", metavar="JSON",
                       help="JSON files from mpifed bench allreduce --json")
-    plot.add_argument("--out", default=".", help="folder for the PNG files (default .)")
+    plot.add_argument("--run", metavar="RUN_DIR",
+                      help="a training run's folder (run.out): loss.png and accuracy.png")
+    plot.add_argument("--out", default=None,
+                      help="folder for the PNG files (default: RUN_DIR with --run, else .)")
 
     bench = sub.add_parser("bench", help=f"run a benchmark ({', '.join(BENCHMARKS)})")
     bench.add_argument("which", choices=list(BENCHMARKS), help="which benchmark")

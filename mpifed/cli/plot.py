@@ -72,7 +72,7 @@ def plot_scaling(scaling: dict, out: str) -> list[str]:
     _rank_axis(ax, ranks_all)
     ax.set(xlabel="ranks", ylabel="speed-up (samples/s over 1 rank)",
            title="Training throughput speed-up, benchmark MLP")
-    ax.legend(fontsize=7)
+    legend_below(ax)
     written.append(_save(fig, out, "speedup.png"))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for mode, marker in (("strong", "s"), ("weak", "o")):
@@ -100,7 +100,7 @@ def plot_scaling(scaling: dict, out: str) -> list[str]:
     _rank_axis(ax, ranks_all + [p["ranks"] for p in model])
     ax.set(xlabel="ranks", ylabel="efficiency", ylim=(0, 1.1),
            title="Scaling efficiency: measured (markers) vs model (lines)")
-    ax.legend(fontsize=7)
+    legend_below(ax)
     written.append(_save(fig, out, "efficiency.png"))
     if scaling.get("heldout"):
         written.append(plot_heldout(scaling["heldout"], out))
@@ -121,8 +121,8 @@ def plot_heldout(heldout: dict, out: str) -> str:
         ax.plot(sizes, [r["predicted_s"] * 1e6 for r in mine], linestyle="-", color=f"C{i}",
                 label=f"{config} {algo}, model")
     ax.set(xlabel="bytes per rank", ylabel="time (us)", xscale="log", yscale="log",
-           title="All-reduce, nodes x ranks held out of the fit (TCP over loopback)")
-    ax.legend(fontsize=7)
+           title="All-reduce, nodes x ranks held out of the fit\n(TCP over loopback)")
+    legend_below(ax)
     return _save(fig, out, "heldout.png")
 
 
@@ -147,23 +147,34 @@ def plot_allreduce(result: dict, out: str) -> str:
     link = "TCP over loopback between nodes" if nodes > 1 else "shared memory"
     arrays = f", {meta['arrays']} arrays" if meta.get("arrays") else ""
     ax.set(xlabel="bytes per rank", ylabel="bus bandwidth (GB/s)", xscale="log",
-           title=f"All-reduce, {nodes} node(s) x {per_node} ranks, {link}{arrays}")
-    ax.legend()
+           title=f"All-reduce, {nodes} node(s) x {per_node} ranks\n{link}{arrays}")
+    legend_below(ax)
     name = f"busbw-{meta['ranks']}.png" if nodes == 1 else \
         f"busbw-{nodes}x{per_node}{'-' + meta['arrays'] if meta.get('arrays') else ''}.png"
     return _save(fig, out, name)
 
 
+def legend_below(ax) -> None:
+    """Place the legend under the axes, outside them, so that it never covers data."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=7,
+              frameon=False)
+
+
 def _save(fig, out: str, name: str) -> str:
+    """Save `fig` as OUT/NAME; the bounding box grows to hold the title and the legend."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
 
 
 def run_plot(args) -> int:
     written = []
+    if args.run:
+        from .run_plot import plot_run
+
+        written += plot_run(args.run, args.out)
+    args.out = args.out or "."
     if args.scaling:
         data = _load(args.scaling)
         if "intra" in data and "inter" in data:  # a held-out table: mpifed bench model --fit
@@ -173,6 +184,7 @@ def run_plot(args) -> int:
     for path in args.allreduce or []:
         written.append(plot_allreduce(_load(path), args.out))
     if not written:
-        raise UserError("nothing to plot: give a scaling JSON and/or --allreduce JSON files")
+        raise UserError("nothing to plot: give --run RUN_DIR, a scaling JSON and/or --allreduce "
+                        "JSON files")
     emit("wrote " + ", ".join(written))
     return 0
