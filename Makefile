@@ -58,7 +58,7 @@ test-multinode: install
 # munge when missing and starts munged, slurmctld and slurmd on this host.
 test-slurm: install
 	tests/slurm/start-local-slurm.sh
-	timeout -k 10 900 $(PY) -m pytest -q -p no:cacheprovider -m slurm tests/slurm/test_slurm.py -rs
+	timeout -k 10 900 $(PY) -m pytest -q -p no:cacheprovider -m slurm tests/slurm -rs
 
 # The GPU check in one command (tests/gpu/run.sh, under ten minutes): with the Python found here
 # (.venv's, else $(PYTHON)) and no network; WHEELS=dir installs carried wheels first (default
