@@ -22,6 +22,26 @@ def chunk_rows(features: int, itemsize: int, samples: int) -> int:
     return max(1, min(samples, CHUNK_BYTES // max(1, features * itemsize)))
 
 
+def check_disk(out: str, nbytes: int, what: str) -> None:
+    """Refuse to start a file of `nbytes` that the disk holding `out` cannot take; note a big one.
+
+    The check runs before anything is written, so a full disk never leaves half a dataset (the
+    writer's temporary file would be removed, but only after minutes of writing)."""
+    import shutil
+
+    from ..log import get_logger
+
+    log = get_logger(__name__)
+    folder = os.path.dirname(os.path.abspath(out))
+    free = shutil.disk_usage(folder if os.path.isdir(folder) else ".").free
+    size = f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+    if nbytes > free:
+        raise UserError(f"{what}: the file would take {size}, but {folder!r} has "
+                        f"{free / 1e9:.1f} GB free; use fewer --samples or another folder")
+    if nbytes >= 1e9:
+        log.warning("writing %s to %r (%s free there)", size, out, f"{free / 1e9:.1f} GB")
+
+
 def write_synthetic(out: str, samples: int, features: int, classes: int, seed: int = 0,
                     noise: float = 1.0, progress=None, force: bool = False) -> None:
     """Write a Gaussian-blobs classification set (x float32, y int64), streamed in blocks.
@@ -37,6 +57,7 @@ def write_synthetic(out: str, samples: int, features: int, classes: int, seed: i
     check_output_path(out, "out", force, is_folder=False)
     check_memory((classes + 2 * min(samples, BLOCK_ROWS)) * features * 4,
                  f"--features {features}", "use fewer --features")
+    check_disk(out, samples * (features * 4 + 8), f"--samples {samples} --features {features}")
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((classes, features)).astype(np.float32) * 2.0
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as fh:
@@ -74,6 +95,7 @@ def write_synthetic_images(out: str, samples: int, shape, classes: int, seed: in
     c, h, w = shape
     check_memory(min(samples, BLOCK_ROWS) * c * h * w * 4 * 2, f"--shape {c},{h},{w}",
                  "use a smaller --shape")
+    check_disk(out, samples * (c * h * w * 4 + 8), f"--samples {samples} --shape {c},{h},{w}")
     k = min(5, h, w)
     patterns = np.random.default_rng(seed).standard_normal((classes, c, k, k)).astype(np.float32)
     patterns *= 3.0

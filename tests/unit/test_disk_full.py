@@ -120,3 +120,20 @@ def test_disk_full_writing_a_dataset_leaves_the_old_file(tmp_path, monkeypatch):
         write_synthetic(path, 80, 4, 3, seed=1, force=True)
     assert open(path, "rb").read() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.h5"]
+
+
+def test_a_synthetic_set_larger_than_the_free_space_is_refused_before_writing(tmp_path,
+                                                                               monkeypatch):
+    """`data synth --samples 10000000 --features 784` needs 31.4 GB: checked before a byte."""
+    import shutil
+
+    from mpifed.data import synth
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10 * 10**9))
+    with pytest.raises(UserError, match=r"--samples 10000000 --features 784: the file would "
+                                        r"take 31\.4 GB, but .* has 10\.0 GB free"):
+        synth.write_synthetic(str(tmp_path / "big.h5"), 10_000_000, 784, 10)
+    with pytest.raises(UserError, match=r"--shape 3,32,32: the file would take 12\.3 GB"):
+        synth.write_synthetic_images(str(tmp_path / "img.h5"), 1_000_000, (3, 32, 32), 10)
+    assert list(tmp_path.iterdir()) == []
