@@ -24,6 +24,7 @@ from .checkpoint import choose_checkpoint, save_checkpoint
 from .environment import run_environment
 from .evaluate import evaluate
 from .inputs import NO_INPUTS, StepRecord, call_back
+from .precision import make_precision
 from .setup import (
     batch_loader,
     build_model,
@@ -41,7 +42,6 @@ from .sharded_checkpoint import (
     refuse_other_kind,
     save_sharded,
 )
-from .precision import make_precision
 from .step import make_step
 from .timeline import Timeline
 

@@ -31,6 +31,7 @@ def write_cifar_shaped(folder) -> None:
                 part["x"], part["y"] = whole["x"][rows], whole["y"][rows]
 
 
+@pytest.mark.slow  # about 100 s on a loaded 2-core machine: fp16 has no BLAS on the host
 @pytest.mark.timeout(900)
 def test_half_precision_trains_within_a_point_of_fp32(tmp_path):
     """2 ranks, 150 steps of global batch 64 (2.4 epochs): fp32 reaches ~53% (chance: 10%);
