@@ -276,3 +276,23 @@ def test_bf16_names_what_the_backend_lacks(monkeypatch):
     with pytest.raises(UserError, match="ml_dtypes"):
         compute_dtype("bf16", np.float32, np)
     assert compute_dtype("fp16", np.float32, np) == np.float16
+
+
+def test_the_gpu_path_keeps_its_copies_on_the_device_and_gives_numpys_bits():
+    """On a (fake) GPU the half copies are device arrays, nothing is read back to the host
+    during the forward and backward, and the gradients are NumPy's bits."""
+    from fake_cupy import FakeCupy
+
+    spec = MODELS["mlp"]()
+    params = spec.init(0)
+    x, y = _batch(spec)
+    want = _half_step(spec, "fp16", 1024.0, params, x, y)[1]
+    fake = FakeCupy(devices=1)
+    mixed = MixedPrecision(spec, np.float16, LossScaler(1024.0, dynamic=False), fake)
+    grad = fake.zeros(params.size, np.float32)
+    mixed.loss_and_grad(spec, fake.asarray(params), fake.asarray(x), y, grad,
+                        ctx=Context(train=True))
+    assert isinstance(mixed._params, type(grad)) and mixed._params.dtype == np.float16
+    assert fake.of("d2h") == []
+    assert not mixed.skip_step(_NoComm())
+    np.testing.assert_array_equal(np.asarray(grad), want)
