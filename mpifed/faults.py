@@ -117,6 +117,9 @@ def parse(text: str) -> Fault | Byzantine:
     points = [p for p in POINTS if p in values]
     if len(points) != 1:
         raise ValueError(f"{ENV}={text!r}: name exactly one of {POINTS}; expected {FORM}")
+    if action == "overflow" and points[0] != "step":
+        raise ValueError(f"{ENV}={text!r}: overflow acts on a data-parallel step's gradients; "
+                         "write overflow:step=NUMBER[:rank=R]")
     return Fault(action, points[0], values[points[0]], values.get("rank"))
 
 

@@ -88,6 +88,10 @@ class FullPrecision:
 
     scaler = None
 
+    def memory_bytes(self) -> dict:
+        """Bytes of half-precision copies this rank holds: none."""
+        return {"param_bytes": 0, "grad_bytes": 0}
+
     def loss_and_grad(self, spec, params, x, y, grad_out, on_ready=None, ctx=None):
         """The model's own `loss_and_grad` (see nn/models.py)."""
         return loss_and_grad(spec, params, x, y, grad_out, on_ready=on_ready, ctx=ctx)
@@ -113,6 +117,14 @@ class MixedPrecision:
         self._turn = {"params": 0, "grads": 0}
         self._bad: list = []  # per layer: whether its gradients hold inf or NaN (device bools)
         self._inject = False  # MPIFED_FAULT=overflow: put an inf into this step's gradients
+
+    def memory_bytes(self) -> dict:
+        """Bytes of the half copies this rank holds (allocated on the first step): the
+        parameters' and the gradients' (whole-model buffers, or the per-layer slots)."""
+        def size(*arrays):
+            return int(sum(a.nbytes for a in arrays if a is not None))
+        return {"param_bytes": size(self._params, *self._slots[:2]),
+                "grad_bytes": size(self._grads, *self._slots[2:])}
 
     # --- casting in ------------------------------------------------------------------------
 

@@ -136,9 +136,13 @@ class ShardedStep(Step):
         return self._exchanged, self._exchanged
 
     def memory_bytes(self) -> dict:
-        """Return the bytes this rank holds for parameters and gradients (buffers included)."""
-        return {"param_bytes": int(sum(a.nbytes for a in self._param_buffers())),
-                "grad_bytes": int(sum(a.nbytes for a in self._grad_buffers()))}
+        """Return the bytes this rank holds for parameters and gradients (buffers and
+        half-precision copies included)."""
+        half = self.precision.memory_bytes()
+        return {"param_bytes": int(sum(a.nbytes for a in self._param_buffers()))
+                + half["param_bytes"],
+                "grad_bytes": int(sum(a.nbytes for a in self._grad_buffers()))
+                + half["grad_bytes"]}
 
     # --- communication -------------------------------------------------------------------
 

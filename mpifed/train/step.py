@@ -257,8 +257,11 @@ class DataParallelStep(Step):
         return backward_done, spans[-1][1]
 
     def memory_bytes(self) -> dict:
-        """Return the bytes this rank holds for parameters and gradients."""
-        return {"param_bytes": int(self.params.nbytes), "grad_bytes": int(self.grad.nbytes)}
+        """Return the bytes this rank holds for parameters and gradients (half-precision
+        copies included)."""
+        half = self.precision.memory_bytes()
+        return {"param_bytes": int(self.params.nbytes) + half["param_bytes"],
+                "grad_bytes": int(self.grad.nbytes) + half["grad_bytes"]}
 
     def close(self) -> None:
         """Stop the communication thread (local; safe in a `finally`)."""

@@ -296,3 +296,28 @@ def test_the_gpu_path_keeps_its_copies_on_the_device_and_gives_numpys_bits():
     assert fake.of("d2h") == []
     assert not mixed.skip_step(_NoComm())
     np.testing.assert_array_equal(np.asarray(grad), want)
+
+
+def test_half_copies_are_counted_in_the_steps_memory():
+    """After a step, memory_bytes counts the half copies: a whole-model one of each for flat
+    buffers (2 bytes per element), two layer slots of each behind providers."""
+    spec = MODELS["resnet8"]()
+    params = spec.init(0)
+    x, y = _batch(spec, rows=2)
+    flat = MixedPrecision(spec, np.float16, LossScaler(1.0), np)
+    assert flat.memory_bytes() == {"param_bytes": 0, "grad_bytes": 0}
+    flat.loss_and_grad(spec, params, x, y, np.zeros_like(params), ctx=Context())
+    assert flat.memory_bytes() == {"param_bytes": 2 * params.size, "grad_bytes": 2 * params.size}
+    layered = MixedPrecision(spec, np.float16, LossScaler(1.0), np)
+    grad = np.zeros_like(params)
+    layered.loss_and_grad(spec, lambda i, lo, hi: params[lo:hi], x, y,
+                          lambda i, lo, hi: grad[lo:hi], ctx=Context(), on_ready=lambda *a: None)
+    widest = layered._widest()
+    assert widest < params.size
+    assert layered.memory_bytes() == {"param_bytes": 4 * widest, "grad_bytes": 4 * widest}
+
+
+def test_overflow_fault_is_for_steps_only():
+    with pytest.raises(ValueError, match="overflow:step=NUMBER"):
+        faults.parse("overflow:round=2")
+    assert faults.parse("overflow:step=3:rank=1,2") == faults.Fault("overflow", "step", 3, (1, 2))
