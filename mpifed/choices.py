@@ -11,3 +11,4 @@ STAGES = ("none", "optimizer", "gradients", "parameters")  # comm.shard: ZeRO st
 RESUME_MODES = ("auto", "never")  # run.resume, besides the path of a checkpoint
 PROGRESS_MODES = ("auto", "bar", "lines", "none")  # run.progress
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")  # comm.compression (comm/compression/)
+CONV_BACKENDS = ("native", "cudnn")  # model.conv_backend (cudnn: refused, train/precision.py)

@@ -18,6 +18,8 @@ checkpointed). Without `rank=` every rank acts. Actions:
     kill    os.kill(own pid, SIGKILL): the process dies at once, as under the OOM killer
     exit    os._exit(1): the process ends without cleanup or MPI_Finalize
     stop    os.kill(own pid, SIGSTOP): the process freezes until it gets SIGCONT (a stall)
+    overflow  (step only) under model.precision fp16/bf16, the rank's gradients of step NUMBER
+            hold an inf, as an fp16 overflow would (`overflows`): every rank must skip it
 
 A misbehaving institution, for the robust strategies (mpifed/federated/robust.py):
 
@@ -53,7 +55,7 @@ from dataclasses import dataclass
 import numpy as np
 
 ENV = "MPIFED_FAULT"
-ACTIONS = ("raise", "kill", "exit", "stop", "byzantine")
+ACTIONS = ("raise", "kill", "exit", "stop", "overflow", "byzantine")
 POINTS = ("step", "round")
 FORM = "ACTION:POINT=NUMBER[:rank=R[,R...]], e.g. kill:step=5:rank=1"
 BYZANTINE_FORM = "byzantine:K:MODE[:SCALE], e.g. byzantine:2:scale:100"
@@ -115,6 +117,9 @@ def parse(text: str) -> Fault | Byzantine:
     points = [p for p in POINTS if p in values]
     if len(points) != 1:
         raise ValueError(f"{ENV}={text!r}: name exactly one of {POINTS}; expected {FORM}")
+    if action == "overflow" and points[0] != "step":
+        raise ValueError(f"{ENV}={text!r}: overflow acts on a data-parallel step's gradients; "
+                         "write overflow:step=NUMBER[:rank=R]")
     return Fault(action, points[0], values[points[0]], values.get("rank"))
 
 
@@ -181,6 +186,8 @@ def inject(point: str, number: int, rank: int) -> None:
     if fault.rank is not None and rank not in (
             fault.rank if isinstance(fault.rank, tuple) else (fault.rank,)):
         return
+    if fault.action == "overflow":  # acts inside the step, before the exchange (overflows)
+        return
     if fault.action == "raise":
         raise RuntimeError(f"injected fault {fault} ({ENV})")
     if fault.action == "kill":
@@ -189,3 +196,16 @@ def inject(point: str, number: int, rank: int) -> None:
         os._exit(1)
     elif fault.action == "stop":
         os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def overflows(step: int, rank: int) -> bool:
+    """Tell whether MPIFED_FAULT="overflow:step=NUMBER[:rank=R]" asks this rank's gradients of
+    `step` (1-based) to hold an inf (mixed precision's skipped-step test)."""
+    text = os.environ.get(ENV)
+    if not text or not text.startswith("overflow:"):
+        return False
+    fault = parse(text)
+    if fault.point != "step" or fault.number != step:
+        return False
+    return fault.rank is None or rank in (
+        fault.rank if isinstance(fault.rank, tuple) else (fault.rank,))

@@ -14,6 +14,7 @@ from threadpoolctl import threadpool_limits
 
 from ..comm.agree import raise_together
 from ..optim import learning_rate, make_optimizer
+from ..train.precision import make_precision
 from ..train.setup import (
     array_backend,
     batch_loader,
@@ -51,7 +52,8 @@ def _build(cfg, comm, xp):
         cfg.model, seed, shard.info.input_shape, classes, xp, dtype, cfg.comm.shard))
     per_epoch, total = plan_steps(optim, len(shard), comm)
     optimizer = make_optimizer(optim)
-    step_fn = make_step(spec, params, comm, cfg.comm, xp, dtype)
+    precision = raise_together(comm, lambda: make_precision(cfg.model, optim, spec, dtype, xp))
+    step_fn = make_step(spec, params, comm, cfg.comm, xp, dtype, precision)
     loader = batch_loader(data, optim.batch_size, seed, shard, per_epoch, comm.rank, 0, xp)
 
     def step(i: int) -> None:

@@ -13,13 +13,21 @@ is held to the same rules as one read from TOML.
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from ..choices import ALGORITHMS, COMPRESSIONS, PROGRESS_MODES, RESUME_MODES, STAGES
+from ..choices import (
+    ALGORITHMS,
+    COMPRESSIONS,
+    CONV_BACKENDS,
+    PROGRESS_MODES,
+    RESUME_MODES,
+    STAGES,
+)
 from ..errors import UserError
 from ..federated.dp import ACCOUNTANTS
 from ..federated.robust import PRIVATE_REFUSAL
 from ..federated.secagg import OUT_OF_RANGE_MODES, SINT
 from ..federated.strategies import DEFAULT_SERVER_LR, STRATEGIES
 from ..nn.models import DTYPES
+from ..nn.precision import HALF, PRECISIONS
 from ..nn.spec import CONFIG_KINDS, check_model_config
 from ..optim.optimizers import ADAM_DEFAULTS, OPTIMIZERS, SGD_DEFAULTS
 from ..optim.schedules import SCHEDULES
@@ -62,10 +70,21 @@ class ModelConfig(Section):
                            "(input_shape, num_classes); empty: none")
     init: str = setting("", "a model file (HDF5) to start from instead of a fresh model; "
                         "empty: none")
-    dtype: str = setting("float32", "dtype of parameters and features", choices=DTYPES)
+    dtype: str = setting("float32", "dtype of parameters and features; with a half "
+                         "model.precision, the fp32 master weights", choices=DTYPES)
+    precision: str = setting("fp32", "compute precision of forward and backward: fp16 or bf16 "
+                             "compute on fp32 master weights (mixed precision; on CPU for "
+                             "correctness only, no BLAS)", choices=PRECISIONS)
+    conv_backend: str = setting("native", "convolutions: the package's own kernels, or cudnn "
+                                "(GPU, nvidia-cudnn-frontend; not built yet)",
+                                choices=CONV_BACKENDS)
 
     def check(self) -> None:
         check_model_config(self)
+        if self.precision in HALF and self.dtype != "float32":
+            raise UserError(f"model.precision = \"{self.precision}\" with model.dtype = "
+                            f"\"{self.dtype}\": mixed precision keeps float32 master weights; "
+                            "set model.dtype = \"float32\" or model.precision = \"fp32\"")
 
 
 @dataclass(frozen=True)
@@ -94,6 +113,15 @@ class OptimConfig(Section):
     beta2: float = setting(ADAM_DEFAULTS["beta2"], "Adam: second-moment decay", low=0, high=1,
                            high_in=False)
     eps: float = setting(ADAM_DEFAULTS["eps"], "Adam: denominator epsilon", low=0, low_in=False)
+    loss_scale: float | str | None = setting(None, "model.precision fp16/bf16: \"dynamic\" "
+                                             "loss scaling, or a fixed scale; unset: dynamic "
+                                             "for fp16, 1 (none) for bf16 and fp32",
+                                             words=("dynamic",), low=0, low_in=False)
+    loss_scale_init: float = setting(65536.0, "dynamic loss scaling: the starting scale",
+                                     low=0, low_in=False)
+    loss_scale_growth_interval: int = setting(2000, "dynamic loss scaling: clean steps in a "
+                                              "row before the scale doubles (an overflow "
+                                              "halves it and skips the step)", low=1)
 
     def __post_init__(self):
         if self.epochs is None and self.steps is None:
@@ -105,6 +133,9 @@ class OptimConfig(Section):
             raise UserError("optim.epochs and optim.steps are both set; set only one of them")
         if self.nesterov and not self.momentum:
             raise UserError("optim.nesterov: needs optim.momentum > 0")
+        if isinstance(self.loss_scale, str) and self.loss_scale != "dynamic":
+            raise UserError(f"optim.loss_scale: expected \"dynamic\" or a number > 0, got "
+                            f"{self.loss_scale!r}")
 
 
 @dataclass(frozen=True)
@@ -184,6 +215,8 @@ class RunConfig(Section):
     keep_checkpoints: int = setting(3, "checkpoints kept in run.out/checkpoints", low=1)
     timeline: bool = setting(False, "data-parallel: write run.out/timeline.json, a Chrome "
                              "trace of every rank's compute, communication and data waits")
+    cuda_graph: bool = setting(False, "GPU: capture the training step as a CUDA graph (not "
+                               "built yet: refused)")
 
     def check(self) -> None:
         if not self.out:
@@ -370,6 +403,7 @@ class Config(Section):
                                                 "one data-parallel run")
 
     def check(self) -> None:
+        self._check_precision()
         if self.comm.compression == "powersgd" and self.federated is not None:
             raise UserError("comm.compression = \"powersgd\" in a federation: each "
                             "institution's error feedback and warm start would live on its "
@@ -379,6 +413,26 @@ class Config(Section):
         if self.run.eval_every and not self.data.test and self.federated is None:
             raise UserError(f"run.eval_every = {self.run.eval_every} needs a test set; set "
                             "data.test or remove run.eval_every")
+
+    def _check_precision(self) -> None:
+        precision, scale = self.model.precision, self.optim.loss_scale
+        if precision not in HALF:
+            if scale is not None and scale != 1:
+                raise UserError(f"optim.loss_scale = {scale!r} with model.precision = "
+                                f"\"{precision}\": loss scaling keeps half-precision gradients "
+                                "from flushing to zero; set model.precision = \"fp16\" or "
+                                "\"bf16\", or remove optim.loss_scale")
+            return
+        if self.federated is not None:
+            raise UserError(f"model.precision = \"{precision}\" in a federation: the loss "
+                            "scaler's state would live on each institution's ranks, outside "
+                            "the federation's checkpoint; set model.precision = \"fp32\" or "
+                            "remove [federated]")
+        if self.comm.compression == "powersgd":
+            raise UserError(f"model.precision = \"{precision}\" with comm.compression = "
+                            "\"powersgd\": PowerSGD's error feedback would take in the inf of a "
+                            "step that mixed precision skips; set comm.compression = \"none\", "
+                            "\"fp16\" or \"bf16\", or model.precision = \"fp32\"")
 
     @classmethod
     def from_table(cls, table) -> "Config":

@@ -43,15 +43,18 @@ def logits(spec: Sequential, flat, x):
 
 
 def loss_and_grad(spec: Sequential, flat, x, y, grad_out, on_ready=None,
-                  ctx: Context | None = None):
+                  ctx: Context | None = None, loss_scale: float = 1.0):
     """Write d(mean loss)/d(params) into `grad_out` (flat, like `flat`); return the mean loss.
 
     x: (B, *input_shape) or (B, features) in the parameters' dtype; y: (B,) integer labels.
     on_ready(lo, hi, loss): called as soon as grad_out[lo:hi] (one layer's arrays) is final,
     last layer first, so that its all-reduce can start while earlier layers still compute.
     ctx: training context (step, rank, seed, the ranks' reducer); training mode by default.
+    loss_scale: write the gradients of loss_scale * loss (mixed precision); the loss returned
+    is not scaled.
     """
-    return spec.loss_and_grad(flat, x, y, grad_out, on_ready, ctx or Context(seed=spec.seed))
+    return spec.loss_and_grad(flat, x, y, grad_out, on_ready, ctx or Context(seed=spec.seed),
+                              loss_scale)
 
 
 def evaluate_batch(spec: Sequential, flat, x, y) -> tuple[float, int]:

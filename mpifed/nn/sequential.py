@@ -184,7 +184,8 @@ class Sequential:
         ps = self._layer_source(flat, x.dtype if callable(flat) else flat.dtype)
         return self.chain.forward(ps, self._shaped(x), ctx)
 
-    def loss_and_grad(self, flat, x, y, grad_out, on_ready=None, ctx: Context = TRAIN):
+    def loss_and_grad(self, flat, x, y, grad_out, on_ready=None, ctx: Context = TRAIN,
+                      loss_scale: float = 1.0):
         """Write d(mean loss)/d(params) into `grad_out` (flat, like `flat`); return the loss.
 
         on_ready(lo, hi, loss): grad_out[lo:hi] (one layer's arrays) is final; last layer first.
@@ -192,11 +193,18 @@ class Sequential:
         hi - lo elements, asked for just before layer i needs it (a sharded step's parameters
         gathered per layer, its per-layer gradient buckets). The parameters are asked for in
         the order forward 0..L-1, then backward L-1..0; x's dtype is the parameters'.
+        loss_scale: the gradients written are those of loss_scale * loss (mixed precision's
+        loss scaling); the loss returned is not scaled. Half-precision logits are taken to
+        float32 for the loss, whose gradient goes back in the parameters' dtype.
         """
         dtype = x.dtype if callable(flat) else flat.dtype
         ps, gs = self._layer_source(flat, dtype), self._layer_source(grad_out, dtype)
         h = self.chain.forward(ps, self._shaped(x), ctx)
+        if h.dtype.itemsize < 4:  # fp16/bf16 compute: the loss and its reduction in fp32
+            h = h.astype(np.float32)
         loss, delta = softmax_cross_entropy(h, y)  # delta: (B, C)
+        if loss_scale != 1.0:
+            delta *= delta.dtype.type(loss_scale)
         delta = delta.astype(dtype, copy=False)
         done = None
         if on_ready is not None:

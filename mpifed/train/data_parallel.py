@@ -24,6 +24,7 @@ from .checkpoint import choose_checkpoint, save_checkpoint
 from .environment import run_environment
 from .evaluate import evaluate
 from .inputs import NO_INPUTS, StepRecord, call_back
+from .precision import make_precision
 from .setup import (
     batch_loader,
     build_model,
@@ -66,7 +67,8 @@ def run_data_parallel(cfg, comm, xp, inputs=NO_INPUTS) -> dict:
     env = run_environment(cfg, comm)
     out = prepare_out(cfg, comm, env)
     optimizer = make_optimizer(optim)
-    step_fn = make_step(spec, params, comm, cfg.comm, xp, dtype)
+    precision = raise_together(comm, lambda: make_precision(cfg.model, optim, spec, dtype, xp))
+    step_fn = make_step(spec, params, comm, cfg.comm, xp, dtype, precision)
     del params  # the step holds the model now (ZeRO-3: only this rank's chunk)
     first = resume_step(cfg, comm, step_fn, optimizer, xp)
     if first > total:  # same on every rank
@@ -115,6 +117,7 @@ def run_data_parallel(cfg, comm, xp, inputs=NO_INPUTS) -> dict:
         return stop_early(run.out, comm, reporter, done, stopped)
     memory = memory_report(comm, step_fn, optimizer)
     memory.update(exchange_report(comm, step_fn, total - first))
+    memory.update(scaler_report(step_fn))
     return finish(cfg, comm, spec, model_source(step_fn), test, reporter, xp, (first, total),
                   (time.perf_counter() - start, step_fn.comm_seconds, loader.wait_seconds), loss,
                   memory, step_fn.allreduce_choice, env)
@@ -169,11 +172,30 @@ def resume_step(cfg, comm, step_fn, optimizer, xp) -> int:
     if found is None:
         return 0
     step_fn.params[...] = xp.asarray(found["params"])
+    load_scaler(step_fn, found["counters"])
     optimizer.load_state(on_device(found["state"], xp))
     own = comm.scatter(ranks, root=0) if comm.bcast(ranks is not None, root=0) else None
     if own:  # each rank its own error feedback; the same run, so the same compressor
         step_fn.compressor.load_state(on_device(own, xp))
     return int(found["counters"]["step"])
+
+
+def load_scaler(step_fn, counters: dict) -> None:
+    """Restore the loss scaler from a checkpoint's counters (mixed precision; the same on
+    every rank). A checkpoint without one (written in fp32) leaves the scaler fresh."""
+    scaler = step_fn.precision.scaler
+    if scaler is not None and "loss_scale" in counters:
+        scaler.load_state(counters["loss_scale"])
+
+
+def scaler_report(step_fn) -> dict:
+    """Return the summary's mixed-precision fields: loss_scale (the scale in use at the end)
+    and skipped_steps (steps skipped for inf/NaN gradients, since the run began, resumes
+    included); empty in fp32."""
+    scaler = step_fn.precision.scaler
+    if scaler is None:
+        return {}
+    return {"loss_scale": scaler.scale, "skipped_steps": scaler.skipped}
 
 
 def on_device(state: dict, xp) -> dict:
@@ -199,6 +221,7 @@ def resume_sharded(cfg, comm, step_fn, optimizer, xp) -> int:
     step_fn.load_shard(values)  # collective: ZeRO-1/2 re-gather the model
     if state:
         optimizer.load_state(state)
+    load_scaler(step_fn, found["counters"])
     return int(found["counters"]["step"])
 
 
@@ -211,6 +234,9 @@ def write_checkpoint(cfg, comm, step_fn, optimizer, step: int, per_epoch: int) -
     """
     counters = {"step": step, "epoch": step // per_epoch, "step_in_epoch": step % per_epoch,
                 "rng": {"seed": cfg.run.seed, "permutation": "(seed, epoch, rank)"}}
+    scaler = step_fn.precision.scaler
+    if scaler is not None:  # mixed precision: the loss scale and its clean-step count
+        counters["loss_scale"] = scaler.state()
     if step_fn.sharded:
         save_sharded(cfg, comm, step_fn, optimizer, step, counters)
         return

@@ -15,6 +15,7 @@ from threadpoolctl import threadpool_limits
 
 from ..log import get_logger
 from .inputs import NO_INPUTS
+from .precision import check_levers
 from .setup import array_backend, blas_threads_per_rank, naming_moved_files
 
 log = get_logger(__name__)
@@ -31,6 +32,7 @@ def train(cfg, comm=None, inputs=None) -> dict:
     """
     comm = comm or MPI.COMM_WORLD
     xp = array_backend(cfg.comm, comm)
+    check_levers(cfg.model, cfg.run, xp)  # the same verdict on every rank: xp is alike
     threads = blas_threads_per_rank(comm)
     log.debug("array backend %s, %d BLAS thread(s) on this rank", xp.__name__, threads)
     with threadpool_limits(limits=threads), naming_moved_files(time.time()):

@@ -38,9 +38,9 @@ from ..comm.ring import chunk_bounds
 from ..comm.stall import StallWatch
 from ..errors import UserError
 from ..nn.layers import Context
-from ..nn.models import loss_and_grad
 from ..xp import device_thread_pool, record_event, to_host, wait_event
-from .step import DataParallelStep, Step
+from .precision import FULL
+from .step import DataParallelStep, Step, diverged
 
 
 def part_bounds(lo: int, hi: int, bounds: list) -> list[tuple[int, int]]:
@@ -71,13 +71,14 @@ class ShardedStep(Step):
     sharded = True
 
     def __init__(self, spec, params, comm, algorithm: str, xp, overlap: bool, *,
-                 stall_timeout: float, dtype=None, compressor=None):
+                 stall_timeout: float, dtype=None, compressor=None, precision=None):
         if compressor is not None and compressor.name != "none":
             raise UserError(f"comm.compression = \"{compressor.name}\" with a ZeRO stage "
                             "(comm.shard): the stages exchange gradients with their own "
                             "reduce-scatter, which compression is not wired into; set "
                             "comm.shard = \"none\" or comm.compression = \"none\"")
         self.spec, self.comm, self.xp = spec, comm, xp
+        self.precision = precision or FULL
         self._exchanged = 0  # bytes this rank sent reduce-scattering gradients (ring-equivalent)
         self.algorithm = "mpi" if algorithm == "nccl" else algorithm  # no NCCL halves yet
         self.dtype = np.dtype(params.dtype if params is not None else dtype)
@@ -135,9 +136,13 @@ class ShardedStep(Step):
         return self._exchanged, self._exchanged
 
     def memory_bytes(self) -> dict:
-        """Return the bytes this rank holds for parameters and gradients (buffers included)."""
-        return {"param_bytes": int(sum(a.nbytes for a in self._param_buffers())),
-                "grad_bytes": int(sum(a.nbytes for a in self._grad_buffers()))}
+        """Return the bytes this rank holds for parameters and gradients (buffers and
+        half-precision copies included)."""
+        half = self.precision.memory_bytes()
+        return {"param_bytes": int(sum(a.nbytes for a in self._param_buffers()))
+                + half["param_bytes"],
+                "grad_bytes": int(sum(a.nbytes for a in self._grad_buffers()))
+                + half["grad_bytes"]}
 
     # --- communication -------------------------------------------------------------------
 
@@ -217,6 +222,16 @@ class ShardedStep(Step):
         """
         self._step_number = step_number
         self._backward(x, y, self._context(step_number), stop)
+        self.skipped = self.precision.skip_step(self.comm)  # agreed over every rank and shard
+        if not self.skipped:
+            self._update(optimizer, lr, anchor, mu)
+        loss, stop_mean = self._share_slots()
+        self.stop_agreed = stop_mean > 0
+        diverged(loss, step_number, self.precision)
+        return loss
+
+    def _update(self, optimizer, lr: float, anchor, mu) -> None:
+        """The optimiser's step on this rank's chunk; the running statistics moved in."""
         own = self.n_own
         grads, params = self.grad_shard[:own], self.shard[:own]
         kept = self._take_buffers(grads)  # running statistics, averaged: not trained
@@ -226,12 +241,6 @@ class ShardedStep(Step):
         optimizer.step(params, grads, lr)
         for a, b, values in kept:
             params[a:b] = values
-        loss, stop_mean = self._share_slots()
-        self.stop_agreed = stop_mean > 0
-        if loss != loss or loss in (float("inf"), float("-inf")):
-            raise UserError(f"training diverged: the loss is {loss} at step {step_number}; "
-                            "lower optim.lr or add optim.warmup")
-        return loss
 
     def _own_anchor(self, anchor):
         """This rank's part of FedProx's anchor: given whole (n) or as `anchor()`'s chunk."""
@@ -308,9 +317,11 @@ class OptimizerShardedStep(ShardedStep):
             futures.append(self._run(self._scatter, self.grad[lo:], lo, hi))
 
         if self._pool is not None:
-            loss_and_grad(self.spec, self.params, x, y, self.grad[:n], on_ready=ready, ctx=ctx)
+            self.precision.loss_and_grad(self.spec, self.params, x, y, self.grad[:n],
+                                         on_ready=ready, ctx=ctx)
         else:
-            self.grad[n] = loss_and_grad(self.spec, self.params, x, y, self.grad[:n], ctx=ctx)
+            self.grad[n] = self.precision.loss_and_grad(self.spec, self.params, x, y,
+                                                        self.grad[:n], ctx=ctx)
             futures.append(self._run(self._scatter, self.grad, 0, n + 2))
         for future in futures:
             self._wait(future)
@@ -361,7 +372,8 @@ class GradientShardedStep(ShardedStep):
                 hi = n + 2
             pending[slot[0]] = self._run(self._scatter, held, lo, hi)
 
-        loss_and_grad(self.spec, self._layer_params(), x, y, bucket, on_ready=ready, ctx=ctx)
+        self.precision.loss_and_grad(self.spec, self._layer_params(), x, y, bucket,
+                                     on_ready=ready, ctx=ctx)
         for future in pending:
             self._wait(future)
 

@@ -28,9 +28,9 @@ from ..comm.stall import StallWatch
 from ..comm.topology import topology
 from ..errors import UserError
 from ..nn.layers import Context
-from ..nn.models import loss_and_grad
 from ..xp import device_thread_pool, mark, record_event, seconds_between, to_host, wait_event
 from .allreduce_choice import choose_for_step
+from .precision import FULL
 
 
 def _gradient_buffer(size: int, dtype, comm, algorithm: str, xp):
@@ -45,7 +45,7 @@ def _gradient_buffer(size: int, dtype, comm, algorithm: str, xp):
     return xp.zeros(size, dtype=dtype)
 
 
-def make_step(spec, params, comm, settings, xp, dtype=None) -> Step:
+def make_step(spec, params, comm, settings, xp, dtype=None, precision=None) -> Step:
     """Return the step that the `[comm]` settings ask for (collective over `comm`).
 
     settings: read by attribute only: `shard` (the registry name), `allreduce`, `overlap`,
@@ -53,7 +53,7 @@ def make_step(spec, params, comm, settings, xp, dtype=None) -> Step:
     (`compression` and its options, read by `make_compressor`).
     params: the whole flat model; for shard = "parameters" it may be None, and each rank then
     draws only its chunk from spec.seed (the model is never whole on any rank); `dtype` says
-    the parameters' dtype then.
+    the parameters' dtype then. precision: train/precision.py's (None: fp32, as before).
     """
     from .sharded_step import step_class  # the registry builds on this module
 
@@ -62,7 +62,7 @@ def make_step(spec, params, comm, settings, xp, dtype=None) -> Step:
                                  seed=getattr(spec, "seed", 0))  # before any collective
     return step_class(settings.shard)(spec, params, comm, settings.allreduce, xp,
                                       settings.overlap, stall_timeout=settings.stall_timeout,
-                                      dtype=dtype, compressor=compressor)
+                                      dtype=dtype, compressor=compressor, precision=precision)
 
 
 class Step(abc.ABC):
@@ -70,8 +70,10 @@ class Step(abc.ABC):
 
     Construction (the same for every variant, so the registry builds any of them alike):
     `Cls(spec, params, comm, algorithm, xp, overlap, *, stall_timeout, dtype=None,
-    compressor=None)`; collective over `comm`. compressor: the comm.compression scheme
-    (comm/compression/; None: the exact mean).
+    compressor=None, precision=None)`; collective over `comm`. compressor: the
+    comm.compression scheme (comm/compression/; None: the exact mean). precision: the compute
+    precision (train/precision.py; None: the parameters' own dtype): under fp16/bf16 a step
+    whose gradients overflowed on any rank is skipped on every rank.
 
     Class attributes:
         stage: the comm.shard name the registry knows it by (written into sharded checkpoints).
@@ -88,6 +90,8 @@ class Step(abc.ABC):
             run, for the summary; None where the step does not say.
         compressor: the gradient exchange's compressor (its state goes into checkpoints), or
             None where the step exchanges gradients with its own collectives.
+        precision: `FullPrecision` or `MixedPrecision` (its `scaler` goes into checkpoints).
+        skipped: after a step, whether it was skipped (mixed precision's overflow).
 
     The methods with a body here are those of a step whose `params` is whole on every rank;
     a step that holds only a chunk overrides them.
@@ -101,6 +105,8 @@ class Step(abc.ABC):
     stop_agreed = False
     allreduce_choice = None
     compressor = None
+    precision = FULL
+    skipped = False
 
     @abc.abstractmethod
     def __call__(self, x, y, optimizer, lr: float, step_number: int, anchor=None, mu=0.0,
@@ -179,8 +185,9 @@ class DataParallelStep(Step):
     stage = "none"
 
     def __init__(self, spec, params, comm, algorithm: str, xp, overlap: bool, *,
-                 stall_timeout: float, dtype=None, compressor=None):
+                 stall_timeout: float, dtype=None, compressor=None, precision=None):
         self.spec, self.params, self.comm, self.algorithm = spec, params, comm, algorithm
+        self.precision = precision or FULL
         self.xp = xp
         self.compressor = compressor or COMPRESSORS["none"](
             model_blocks(spec, params.dtype), xp=xp, dtype=params.dtype)
@@ -242,15 +249,19 @@ class DataParallelStep(Step):
                 hi = n + 2
             futures.append(self._pool.submit(self._reduce, lo, hi, record_event(self.xp)))
 
-        loss_and_grad(self.spec, self.params, x, y, self.grad[:n], on_ready=ready, ctx=ctx)
+        self.precision.loss_and_grad(self.spec, self.params, x, y, self.grad[:n],
+                                     on_ready=ready, ctx=ctx)
         backward_done = mark(self.xp)
         spans = [future.result() for future in futures]
         wait_event(spans[-1][1])  # one comm stream, in order: the last reduction ends them all
         return backward_done, spans[-1][1]
 
     def memory_bytes(self) -> dict:
-        """Return the bytes this rank holds for parameters and gradients."""
-        return {"param_bytes": int(self.params.nbytes), "grad_bytes": int(self.grad.nbytes)}
+        """Return the bytes this rank holds for parameters and gradients (half-precision
+        copies included)."""
+        half = self.precision.memory_bytes()
+        return {"param_bytes": int(self.params.nbytes) + half["param_bytes"],
+                "grad_bytes": int(self.grad.nbytes) + half["grad_bytes"]}
 
     def close(self) -> None:
         """Stop the communication thread (local; safe in a `finally`)."""
@@ -268,7 +279,8 @@ class DataParallelStep(Step):
         """Take one step on the batch (x, y); return the global mean loss (see `Step`).
 
         FedProx's gradient mu (w - anchor) is added after the all-reduce (it is the same on
-        every rank).
+        every rank). Under mixed precision a step whose gradients overflowed on any rank is
+        skipped on every rank (`skipped`): parameters, buffers, optimiser state unchanged.
         """
         n = self.params.size
         grads = self.grad[:n]
@@ -278,15 +290,17 @@ class DataParallelStep(Step):
         if self._pool is not None:
             start, end = self._backward_overlapped(x, y, ctx)
         else:
-            self.grad[n] = loss_and_grad(self.spec, self.params, x, y, grads, ctx=ctx)
+            self.grad[n] = self.precision.loss_and_grad(self.spec, self.params, x, y, grads,
+                                                        ctx=ctx)
             start, end = self._reduce(0, n + 2)
         loss, stop_flag = (float(v) for v in to_host(self.grad[n:n + 2]))  # one transfer
         self.stop_agreed = stop_flag > 0
         # overlapped: the part the backward did not hide (none if it ended first)
         self.comm_seconds += max(0.0, seconds_between(start, end))
-        if loss != loss or loss in (float("inf"), float("-inf")):
-            raise UserError(f"training diverged: the loss is {loss} at step {step_number}; "
-                            "lower optim.lr or add optim.warmup")
+        diverged(loss, step_number, self.precision)
+        self.skipped = self.precision.skip_step(self.comm)  # agreed by every rank
+        if self.skipped:
+            return loss
         buffers = self.spec.take_buffers(grads)  # running statistics, averaged: not trained
         if anchor is not None and mu:
             grads += mu * (self.params - anchor)
@@ -294,3 +308,14 @@ class DataParallelStep(Step):
         optimizer.step(self.params, grads, lr)
         self.spec.put_buffers(self.params, buffers)
         return loss
+
+
+def diverged(loss: float, step_number: int, precision) -> None:
+    """Raise UserError (on every rank: the loss is the global mean) if the loss is not finite."""
+    if loss == loss and loss not in (float("inf"), float("-inf")):
+        return
+    half = "" if precision.scaler is None else (
+        "; in half precision the forward pass itself overflowed, which loss scaling cannot "
+        "help: try model.precision = \"bf16\" or \"fp32\"")
+    raise UserError(f"training diverged: the loss is {loss} at step {step_number}; lower "
+                    f"optim.lr or add optim.warmup{half}")

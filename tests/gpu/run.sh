@@ -162,8 +162,8 @@ for n in 1 2; do
         "$MPIEXEC" -n $n "$PY" tests/gpu/zero3_check.py
 done
 if "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
-    step "bench/gpu_throughput.py against PyTorch CUDA" 150 "$PY" bench/gpu_throughput.py \
-        --steps 100
+    step "bench/gpu_throughput.py against PyTorch CUDA (every model and precision)" 300 \
+        "$PY" bench/gpu_throughput.py --steps 50
     step "bench/cnn_throughput.py against PyTorch CUDA" 150 "$PY" bench/cnn_throughput.py \
         --backend cupy --steps 30 --repeats 1
 else

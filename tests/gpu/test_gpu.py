@@ -298,3 +298,42 @@ def test_a_device_convnet_equals_the_host_convnet(tmp_path, shard):
     assert sorted(got) == sorted(want)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-9, err_msg=name)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_a_mixed_precision_step_on_the_device_equals_the_hosts(precision):
+    """ResNet-8's half-precision gradients on CuPy against the host's half step and the fp32
+    step: within the half's rounding of both (the kernels differ, the math does not); the
+    found-inf check and the loss scale behave alike. bf16 needs CuPy >= 14 (refused, named,
+    before)."""
+    from mpifed.nn.layers import Context
+    from mpifed.nn.models import loss_and_grad
+    from mpifed.nn.precision import compute_dtype
+    from mpifed.nn.presets import resnet
+    from mpifed.optim.loss_scale import LossScaler
+    from mpifed.train.precision import MixedPrecision
+
+    cp = cupy_module()
+    spec = resnet((3, 16, 16), 10, 8)
+    params = spec.init(0)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((8, 3, 16, 16)).astype(np.float32)
+    y = rng.integers(0, 10, 8)
+    want = np.zeros_like(params)
+    loss_and_grad(spec, params, x, y, want, ctx=Context(train=True))
+    got = {}
+    for xp in (np, cp):
+        half = compute_dtype(precision, np.float32, xp)
+        mixed = MixedPrecision(spec, half, LossScaler(1024.0, dynamic=False), xp)
+        grad = xp.zeros(params.size, np.float32)
+        mixed.loss_and_grad(spec, xp.asarray(params), xp.asarray(x), xp.asarray(y), grad,
+                            ctx=Context(train=True))
+        assert not mixed.skip_step(type("One", (), {"size": 1})())
+        got[xp.__name__] = grad.get() if xp is cp else grad
+    trained = np.ones(params.size, bool)
+    for lo, hi in spec.buffer_ranges("float32"):
+        trained[lo:hi] = False
+    eps = {"fp16": 2.0 ** -10, "bf16": 2.0 ** -7}[precision]
+    for name, grad in got.items():
+        error = np.linalg.norm((grad - want)[trained]) / np.linalg.norm(want[trained])
+        assert error <= 40 * eps, (name, error)

@@ -64,3 +64,43 @@ def test_throughput_ours_runs_two_warmup_and_two_timed_steps(tmp_path):
     timing = Timing.from_dict(got["timing"])
     assert (timing.warmup, timing.steps, timing.samples_per_step) == (2, 2, tt.BATCH)
     assert got["samples_per_s"] > 0 and 0 <= got["comm_fraction"] <= 1
+
+
+def test_gpu_bench_without_a_gpu_says_so_and_measures_nothing(capsys):
+    """This machine has no CUDA device: `mpifed bench gpu` ends at once, exit 0, one line."""
+    from mpifed.benchmarks import gpu_throughput as bench
+
+    assert bench.gpu_count()[0] == 0  # the premise: a CPU machine
+    assert bench.main(["--models", "resnet8", "--precisions", "fp16"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "skipped, nothing measured" in out[0] and "CuPy" in out[0]
+
+
+def test_gpu_bench_worker_times_every_case_and_reports_a_failed_one(monkeypatch, capsys):
+    """The worker runs every (model, precision) in one launch; a case its backend refuses
+    prints its error in its own row, and the next case still runs."""
+    import argparse
+    import json
+
+    from mpifed.benchmarks import gpu_throughput as bench
+
+    seen = []
+
+    @contextmanager
+    def sides(data, steps, batch, out, comm, model, precision):
+        seen.append((data.rsplit("/", 1)[-1], model, precision, steps, batch))
+        if precision == "bf16":
+            raise RuntimeError("no bf16 here")
+        calls = Calls()
+        yield Steps(calls.step, calls.sync)
+    monkeypatch.setitem(bench.SIDES, "ours", sides)
+    args = argparse.Namespace(steps=4, warmup=3, batch=128)
+    bench.run_cases("ours", "/tmp/x", [("lenet5", "fp16"), ("resnet8", "bf16"),
+                                       ("resnet20", "fp32")], args)
+    assert seen == [("lenet5.h5", "lenet5", "fp16", 7, 128), ("resnet8.h5", "resnet8", "bf16",
+                                                                7, 128),
+                    ("resnet20.h5", "resnet20", "fp32", 7, 128)]
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["model"], r["precision"], "error" in r) for r in rows] == [
+        ("lenet5", "fp16", False), ("resnet8", "bf16", True), ("resnet20", "fp32", False)]
+    assert "no bf16 here" in rows[1]["error"] and rows[0]["samples_per_s"] > 0

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...errors import UserError
+from ..precision import accumulator
 
 
 @dataclass
@@ -110,3 +111,19 @@ def positive(layer_type: str, key: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise UserError(f"{layer_type}.{key}: expected an integer >= {minimum}, got {value!r}")
     return value
+
+
+def acc_sum(x, axis):
+    """Return x.sum(axis), accumulated in float32 when x is half precision (fp16 overflows past
+    65504; ml_dtypes adds bfloat16 in bfloat16) and in x's own dtype otherwise."""
+    if x.dtype.itemsize >= 4:
+        return x.sum(axis=axis)
+    return x.sum(axis=axis, dtype=accumulator(x.dtype))
+
+
+def sum_into(x, axis, out):
+    """Write x.sum(axis) into `out` (a gradient view), accumulated as `acc_sum` does."""
+    if x.dtype.itemsize >= 4:
+        return x.sum(axis=axis, out=out)
+    out[...] = acc_sum(x, axis)
+    return out

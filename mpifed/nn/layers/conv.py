@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...xp import get_array_module
-from .base import Layer, need_rank, positive
+from .base import Layer, need_rank, positive, sum_into
 
 COLUMN_BYTES = 4 << 20  # host column chunks: about one core's share of L2 cache
 WHOLE_BYTES = 8 << 20  # host column matrices up to this size are built in one piece and kept
@@ -183,7 +183,7 @@ class Conv2d(Layer):
         b = self.batch
         xt, col, self.xt, self.col = self.xt, self.col, None, None
         dy2 = dy.transpose(1, 2, 3, 0).reshape(o, -1)  # (O, OH*OW*B), a view if batch-last
-        dy2.sum(axis=1, out=g["b"])  # (O,)
+        sum_into(dy2, 1, g["b"])  # (O,)
         gw, w2 = g["W"].reshape(o, -1), p["W"].reshape(o, -1)  # (O, C*KH*KW)
         dxt = xp.zeros((c, h + 2 * pad, w + 2 * pad, b), dtype=dy.dtype) if need_dx else None
         n = oh if col is not None else self._chunk(xp, b, dy.dtype.itemsize)

@@ -7,7 +7,7 @@ from math import prod
 import numpy as np
 
 from ...xp import get_array_module
-from .base import Layer, positive
+from .base import Layer, positive, sum_into
 
 
 class Linear(Layer):
@@ -49,7 +49,7 @@ class Linear(Layer):
     def backward(self, p, g, dy, ctx, need_dx=True):
         xp = get_array_module(dy)
         xp.matmul(self.x.T, dy, out=g["W"])  # (in, out), straight into the flat buffer
-        dy.sum(axis=0, out=g["b"])  # (out,)
+        sum_into(dy, 0, g["b"])  # (out,)
         self.x = None
         return dy @ p["W"].T if need_dx else None  # (B, in)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ...errors import UserError
 from ...xp import get_array_module
-from .base import Layer, need_rank
+from .base import Layer, acc_sum, need_rank
 
 
 def _eps(layer_type: str, eps) -> float:
@@ -115,16 +115,19 @@ class BatchNorm2d(Layer):
             inv = 1 / xp.sqrt(p["running_var"] + x.dtype.type(self.eps))  # (C,)
             scale = (p["gamma"] * inv).reshape(shape)
             return (x - p["running_mean"].reshape(shape)) * scale + p["beta"].reshape(shape)
-        count = xp.asarray([x.size // x.shape[1]], dtype=x.dtype)
-        total, count = self._sum([x.sum(axis=axes), count], ctx)  # (C,), (1,)
+        # statistics in float32 for half-precision x (acc_sum), the normalised x in x's dtype
+        total = acc_sum(x, axes)  # (C,)
+        count = xp.asarray([x.size // x.shape[1]], dtype=total.dtype)
+        total, count = self._sum([total, count], ctx)  # (C,), (1,)
         mean = total / count  # (C,)
-        centered = x - mean.reshape(shape)  # (B, C, H, W)
-        (square,) = self._sum([(centered * centered).sum(axis=axes)], ctx)  # (C,)
+        centered = x - mean.astype(x.dtype, copy=False).reshape(shape)  # (B, C, H, W)
+        (square,) = self._sum([acc_sum(centered * centered, axes)], ctx)  # (C,)
         var = square / count  # biased: normalises the batch
         self.n = count
-        self.inv = (1 / xp.sqrt(var + x.dtype.type(self.eps))).reshape(shape)  # (1, C, 1, 1)
+        inv = 1 / xp.sqrt(var + var.dtype.type(self.eps))  # (C,)
+        self.inv = inv.astype(x.dtype, copy=False).reshape(shape)  # (1, C, 1, 1)
         self.xhat = centered * self.inv
-        m = x.dtype.type(self.momentum)
+        m = var.dtype.type(self.momentum)
         unbiased = square / xp.maximum(count - 1, 1)
         self.new_stats = ((1 - m) * p["running_mean"] + m * mean,
                           (1 - m) * p["running_var"] + m * unbiased)
@@ -137,17 +140,17 @@ class BatchNorm2d(Layer):
         xhat, inv, n = self.xhat, self.inv, self.n
         self.xhat = self.inv = None
         g["running_mean"][...], g["running_var"][...] = self.new_stats
-        dyx = (dy * xhat).sum(axis=axes)  # (C,), this rank's share
-        dyy = dy.sum(axis=axes)
+        dyx = acc_sum(dy * xhat, axes)  # (C,), this rank's share
+        dyy = acc_sum(dy, axes)
         g["gamma"][...] = dyx
         g["beta"][...] = dyy
         if not need_dx:
             return None
         dyx, dyy = self._sum([dyx, dyy], ctx)  # the global batch's sums when synchronised
         # dx = gamma * inv * (dy - mean(dy) - xhat * mean(dy * xhat)), in one working array
-        dx = xhat * (dyx / n).reshape(shape)  # (B, C, H, W)
+        dx = xhat * (dyx / n).astype(dy.dtype, copy=False).reshape(shape)  # (B, C, H, W)
         xp = get_array_module(dy)
         xp.subtract(dy, dx, out=dx)
-        dx -= (dyy / n).reshape(shape)
+        dx -= (dyy / n).astype(dy.dtype, copy=False).reshape(shape)
         dx *= p["gamma"].reshape(shape) * inv  # (1, C, 1, 1)
         return dx

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ...xp import get_array_module
-from .base import Layer, need_rank, positive
+from .base import Layer, acc_sum, need_rank, positive
 from .conv import out_size
 
 
@@ -117,6 +117,8 @@ class GlobalAvgPool(Layer):
         return (in_shape[0],)
 
     def forward(self, p, x, ctx):
+        if x.dtype.itemsize < 4:  # half precision: the mean accumulates in float32
+            return (acc_sum(x, (2, 3)) / (x.shape[2] * x.shape[3])).astype(x.dtype)
         return x.mean(axis=(2, 3))
 
     def backward(self, p, g, dy, ctx, need_dx=True):
