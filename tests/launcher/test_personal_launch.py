@@ -19,10 +19,15 @@ SAMPLES = [23, 31, 17]
 HEAD = 3  # an mlp's layers: flatten, linear, relu, linear
 
 
-def config(mode, rounds=3, steps=3, lr=0.1, federated=None, run=None, test=""):
+BATCHNORM = {"kind": "sequential", "dtype": "float64", "layers": [
+    {"type": "linear", "out": HIDDEN}, {"type": "batchnorm2d"}, {"type": "relu"},
+    {"type": "linear", "out": CLASSES}]}
+
+
+def config(mode, rounds=3, steps=3, lr=0.1, federated=None, run=None, test="", model=None):
     return [{
         "data": {"train": "site-{institution}.h5", "test": test},
-        "model": {"kind": "mlp", "hidden": [HIDDEN], "dtype": "float64"},
+        "model": model or {"kind": "mlp", "hidden": [HIDDEN], "dtype": "float64"},
         "optim": {"lr": lr, "batch_size": 4},
         "federated": {"institutions": len(SAMPLES), "rounds": rounds, "local_steps": steps,
                       "personalization": mode},
@@ -178,14 +183,15 @@ json.dump({"sent": [s.tolist() for s in sent], "personal": [p.tolist() for p in 
 """
 
 
-@pytest.mark.parametrize("mode,extra", [
-    ("fedper", {"personal_layers": [HEAD]}),
-    ("ditto", {}),
+@pytest.mark.parametrize("mode,extra,model", [
+    ("fedper", {"personal_layers": [HEAD]}, None),
+    ("ditto", {}, None),
+    ("fedbn", {}, BATCHNORM),
 ])
-def test_no_message_a_leader_sends_holds_a_personal_value(tmp_path, mode, extra):
+def test_no_message_a_leader_sends_holds_a_personal_value(tmp_path, mode, extra, model):
     write_sites(tmp_path, test=True)
     write_config(tmp_path / "fed.toml", *config(mode, federated=extra, test="test-{institution}.h5",
-                                                 run={"checkpoint_every": 1}))
+                                                 run={"checkpoint_every": 1}, model=model))
     done = run_script(len(SAMPLES), SPY, tmp_path)
     assert done.returncode == 0, done.stderr
     for rank in range(len(SAMPLES)):

@@ -1,0 +1,61 @@
+"""Personalisation's pure pieces without MPI: which elements FedBN and FedPer keep local, the
+refusals, and the mean/worst summary."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mpifed.errors import UserError
+from mpifed.federated.personal import check_split, local_summary, shared_mask
+from mpifed.nn.models import ModelSpec
+from mpifed.nn.presets import resnet
+
+BN_ARRAYS = ("gamma", "beta", "running_mean", "running_var")
+
+
+def named_elements(spec, flat):
+    """Return {array name: its values} of a flat buffer, nested names included."""
+    out = {}
+    for i, arrays in enumerate(spec.param_views(flat)):
+        for name, view in arrays.items():
+            out[f"{i}/{name}"] = view.ravel()
+    return out
+
+
+def test_fedbn_keeps_every_batchnorm_array_local_nested_ones_too():
+    spec = resnet((3, 8, 8), 10, depth=8)
+    flat = np.arange(spec.layout("float64").size, dtype=np.float64)
+    mask = shared_mask(spec, "fedbn", dtype="float64")
+    local = {int(v) for name, values in named_elements(spec, flat).items()
+             if name.rsplit("/", 1)[-1].rsplit(".", 1)[-1] in BN_ARRAYS for v in values}
+    assert set(np.flatnonzero(~mask)) == local
+    # depth 8: BN over 16 channels, then two per block of 16, 32 and 64: 4 arrays each
+    assert (~mask).sum() == 4 * (16 + 2 * 16 + 2 * 32 + 2 * 64)
+
+
+def test_fedper_keeps_the_listed_layers_local():
+    spec = ModelSpec("mlp", 5, (4,), 3)  # flatten, linear 5x4, relu, linear 4x3
+    mask = shared_mask(spec, "fedper", (3,), "float32")
+    assert mask.size == 5 * 4 + 4 + 4 * 3 + 3
+    assert mask[:24].all() and not mask[24:].any()
+    assert shared_mask(spec, "none") is None and shared_mask(spec, "ditto") is None
+
+
+@pytest.mark.parametrize("mode,layers,needle", [
+    ("fedbn", (), "the model has none"),
+    ("fedper", (4,), "[4] out of range; the model has 4 layers (0 to 3)"),
+    ("fedper", (0, 2), "layers without parameters (0: flatten, 2: relu)"),
+    ("fedper", (1, 3), "nothing to share"),
+])
+def test_wrong_splits_are_refused_with_the_key(mode, layers, needle):
+    spec = ModelSpec("mlp", 5, (4,), 3)
+    mask = shared_mask(spec, mode, tuple(i for i in layers if i < 4), "float32")
+    with pytest.raises(UserError, match="federated.personal") as err:
+        check_split(spec, mode, layers, mask)
+    assert needle in str(err.value)
+
+
+def test_local_summary_is_the_mean_and_the_minimum():
+    assert local_summary([0.5, 0.75, 1.0]) == {"local_accuracy_mean": 0.75,
+                                               "local_accuracy_worst": 0.5}
