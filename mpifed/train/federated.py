@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 from mpi4py import MPI
@@ -61,8 +62,8 @@ def run_federation(cfg, world, xp, inputs=NO_INPUTS) -> dict:
     byzantine = misbehaving(fed_cfg, len(sizes))  # every rank refuses a wrong one alike
     fed = make_federation(world, sizes)
     site = open_site(cfg, fed, xp)
-    if byzantine is not None and fed.is_leader and byzantine.institution == fed.institution:
-        site.byzantine = byzantine
+    if byzantine is not None and fed.is_leader and fed.institution in byzantine.institutions:
+        site.byzantine = replace(byzantine, institution=fed.institution, others=())  # its own
         log.warning("%s=%s: this leader sends institution %d's update tampered (%s) every "
                     "round, for a test of the robust strategies", faults.ENV, byzantine,
                     fed.institution, byzantine.mode)
@@ -153,9 +154,9 @@ def misbehaving(fed_cfg, institutions: int):
         raise UserError(str(err)) from None
     if byzantine is None:
         return None
-    if byzantine.institution >= institutions:
+    if max(byzantine.institutions) >= institutions:
         raise UserError(f"{faults.ENV}={byzantine}: there is no institution "
-                        f"{byzantine.institution} (the federation has {institutions}: 0 to "
+                        f"{max(byzantine.institutions)} (the federation has {institutions}: 0 to "
                         f"{institutions - 1})")
     if fed_cfg.secure_aggregation or fed_cfg.dp is not None:
         raise UserError(f"{faults.ENV}={byzantine}: a byzantine institution tampers with the "
