@@ -3,15 +3,16 @@
     python bench/federated_goals.py [--goal robust|personal|cost|all] [--rounds 20] [--quick]
 
 robust: 5 institutions of one rank (IID rows of a synthetic 10-class set, an MLP), one of them
-    Byzantine (MPIFED_FAULT=byzantine:3:scale:100, then :signflip): the test accuracy of FedAvg,
-    FedMedian, FedTrimmedAvg, Krum and Multi-Krum beside clean FedAvg's; Bulyan on 11
-    institutions with 2 bad (byzantine:3,7) beside clean FedAvg on the same 11.
+    Byzantine (MPIFED_FAULT=byzantine:3:scale:100, :signflip, :signflip:10; --modes): the test
+    accuracy of FedAvg, FedMedian, FedTrimmedAvg, Krum and Multi-Krum beside clean FedAvg's;
+    Bulyan on 11 institutions with 2 bad (byzantine:3,7) beside clean FedAvg on the same 11.
 personal: a Dirichlet(0.1) label split over 5 institutions, each with its own held-out rows
     (data.test = "test-{institution}.h5", same label mix as its training rows): the mean and the
     worst per-institution accuracy of the global FedAvg model, FedPer (the head local), Ditto,
     and FedPer with 20 fine-tuning steps.
-cost: the mean round time of each robust rule over FedAvg's at 11 institutions (11 ranks; on a
-    machine with fewer cores they are oversubscribed, and the ratio is what to read).
+cost: the median round time of each robust rule over FedAvg's at 11 institutions (11 ranks; on
+    a machine with fewer cores they are oversubscribed, and the ratio is what to read), and
+    the root's aggregation alone on 11 models of the benchmark MLP's size (mlp.py), in process.
 Every figure comes from the runs' own metrics.jsonl; each table's baseline runs in the same call.
 """
 
@@ -22,16 +23,20 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from ..data.partition import dirichlet_split
+from ..federated.strategies import STRATEGIES, ServerHyper
 from ..launch import mpifed_command
 from .harness import Column, print_table
+from .mlp import PARAMETERS
 
 FEATURES, CLASSES, HIDDEN = 20, 10, 32
+OVERLAP = 3.0  # personal: classes overlap more, so one global model cannot fit every site
 ROBUST = {"fedmedian": {}, "fedtrimmedavg": {"trim_fraction": 0.2},
           "krum": {"num_malicious": 1}, "multikrum": {"num_malicious": 1, "num_selected": 3}}
 PERSONAL = {"fedavg (global)": {},
@@ -97,7 +102,7 @@ def iid_sites(folder: str, institutions: int, rows: int) -> None:
     write(os.path.join(folder, "test.h5"), *blobs(3000, 99))
 
 
-def robust_goal(tmp: str, rounds: int, steps: int, rows: int) -> list[dict]:
+def robust_goal(tmp: str, rounds: int, steps: int, rows: int, modes: list[str]) -> list[dict]:
     """Rows of the robust table: each rule's accuracy with one bad institution of 5 (and
     Bulyan's with 2 of 11), beside clean FedAvg's in the same layout."""
     table = []
@@ -107,10 +112,10 @@ def robust_goal(tmp: str, rounds: int, steps: int, rows: int) -> list[dict]:
     table.append({"case": "5 institutions, clean", "rule": "fedavg", "accuracy": clean,
                   "clean": clean})
     print(format_robust(table[-1]), flush=True)
-    for mode in ("scale:100", "signflip"):
+    for mode in modes:
         fault = f"byzantine:3:{mode}"
         for rule, extra in [("fedavg", {}), *ROBUST.items()]:
-            got = run(five, f"{rule}-{mode[:5]}", 5, rounds, steps, "test.h5",
+            got = run(five, f"{rule}-{mode.replace(':', '')}", 5, rounds, steps, "test.h5",
                       {"strategy": rule, **extra}, fault)[-1]["accuracy"]
             table.append({"case": f"5, {fault}", "rule": rule, "accuracy": got, "clean": clean})
             print(format_robust(table[-1]), flush=True)
@@ -119,10 +124,10 @@ def robust_goal(tmp: str, rounds: int, steps: int, rows: int) -> list[dict]:
     table.append({"case": "11 institutions, clean", "rule": "fedavg", "accuracy": clean11,
                   "clean": clean11})
     print(format_robust(table[-1]), flush=True)
-    for mode in ("scale:100", "signflip"):
+    for mode in modes:
         fault = f"byzantine:3,7:{mode}"
         for rule, extra in [("fedavg", {}), ("bulyan", {"num_malicious": 2})]:
-            got = run(eleven, f"{rule}-{mode[:5]}", 11, rounds, steps, "test.h5",
+            got = run(eleven, f"{rule}-{mode.replace(':', '')}", 11, rounds, steps, "test.h5",
                       {"strategy": rule, **extra}, fault)[-1]["accuracy"]
             table.append({"case": f"11, {fault}", "rule": rule, "accuracy": got,
                           "clean": clean11})
@@ -139,7 +144,7 @@ def dirichlet_sites(folder: str, institutions: int, rows: int, alpha: float) -> 
     """Split a pooled synthetic set by Dirichlet(alpha) labels; each site's rows 80/20 into its
     training file and its own test file."""
     os.makedirs(folder, exist_ok=True)
-    x, y = blobs(rows * institutions, 7)
+    x, y = blobs(rows * institutions, 7, spread=OVERLAP)
     parts = dirichlet_split(y, institutions, alpha, np.random.default_rng(3), min_size=40)
     for k, part in enumerate(parts):
         part = np.random.default_rng(k).permutation(part)
@@ -174,7 +179,31 @@ def cost_goal(tmp: str, rounds: int, steps: int, rows: int) -> list[dict]:
         records = run(folder, rule, 11, rounds, steps, "", {"strategy": rule, **extra})
         timed = [r["round_seconds"] for r in records if r.get("event") == "round"][2:]
         seconds[rule] = float(np.median(timed))
-    return [{"rule": r, "seconds": s, "ratio": s / seconds["fedavg"]} for r, s in seconds.items()]
+    alone = aggregation_seconds(rules, 11)
+    return [{"rule": r, "seconds": s, "ratio": s / seconds["fedavg"], "alone": alone[r],
+             "alone_ratio": alone[r] / alone["fedavg"]} for r, s in seconds.items()]
+
+
+def aggregation_seconds(rules: dict, institutions: int, size: int = PARAMETERS,
+                        repeats: int = 5) -> dict:
+    """Return each rule's median seconds to aggregate `institutions` float32 models of `size`
+    parameters (the benchmark MLP's count), timed alone in this process: the root's share of
+    a round, where Krum's pairwise distances grow with the square of the institutions."""
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=size).astype(np.float32)
+    results = [(start + rng.normal(0, 0.01, size).astype(np.float32), 100 + k, 10, 1.0)
+               for k in range(institutions)]
+    out = {}
+    for rule, extra in rules.items():
+        hyper = ServerHyper(1.0, 0.9, 0.99, 1e-3, extra.get("trim_fraction", 0.2),
+                            extra.get("num_malicious", 0), extra.get("num_selected", 0), 0.2)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            STRATEGIES[rule](start, results, {}, hyper)
+            times.append(time.perf_counter() - t0)
+        out[rule] = float(np.median(times))
+    return out
 
 
 def main(argv=None) -> int:
@@ -185,6 +214,9 @@ def main(argv=None) -> int:
     parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--rows", type=int, default=400, help="training rows per institution")
     parser.add_argument("--quick", action="store_true", help="6 rounds of 5 steps, 200 rows")
+    parser.add_argument("--modes", default="scale:100,signflip,signflip:10",
+                        help="robust: the MPIFED_FAULT byzantine modes, comma-separated "
+                             "(default %(default)s)")
     args = parser.parse_args(argv)
     rounds, steps, rows = (6, 5, 200) if args.quick else (args.rounds, args.local_steps,
                                                           args.rows)
@@ -194,13 +226,14 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if "robust" in goals:
             print("# robust: case, rule, test accuracy, its drop from clean FedAvg (points)")
-            robust_goal(tmp, rounds, steps, rows)
+            robust_goal(tmp, rounds, steps, rows, args.modes.split(","))
         if "personal" in goals:
             print_table(PERSONAL_COLUMNS, personal_goal(tmp, rounds, steps, rows),
                         "personal: Dirichlet(0.1) over 5 institutions, each on its own test rows")
         if "cost" in goals:
             print_table(COST_COLUMNS, cost_goal(tmp, rounds, steps, rows),
-                        "cost: median round time at 11 institutions (rounds 3 on)")
+                        "cost: median round time at 11 institutions (rounds 3 on) of the "
+                        f"runs' MLP; aggregation alone of 11 models of {PARAMETERS:,} float32")
     return 0
 
 
@@ -214,6 +247,8 @@ COST_COLUMNS = [
     Column("rule", 14, lambda r: r["rule"], "<"),
     Column("round s", 9, lambda r: f"{r['seconds']:.4f}"),
     Column("/ fedavg", 9, lambda r: f"{r['ratio']:.2f}x"),
+    Column("aggregate s", 11, lambda r: f"{r['alone']:.4f}"),
+    Column("/ fedavg", 9, lambda r: f"{r['alone_ratio']:.2f}x"),
 ]
 
 
