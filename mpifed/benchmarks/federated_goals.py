@@ -33,7 +33,8 @@ from ..data.partition import dirichlet_split
 from ..federated.strategies import STRATEGIES, ServerHyper
 from ..launch import mpifed_command
 from .harness import Column, print_table
-from .mlp import PARAMETERS
+from .mlp import FEATURES as MLP_FEATURES
+from .mlp import NAME, PARAMETERS, model_toml
 
 FEATURES, CLASSES, HIDDEN = 20, 10, 32
 OVERLAP = 3.0  # personal: classes overlap more, so one global model cannot fit every site
@@ -46,13 +47,13 @@ PERSONAL = {"fedavg (global)": {},
                                   "finetune_steps": 20}}
 
 
-def blobs(samples: int, seed: int, spread: float = 1.6):
-    """Return (x (samples, FEATURES) float32, y (samples,)): Gaussian classes around fixed
+def blobs(samples: int, seed: int, spread: float = 1.6, features: int = FEATURES):
+    """Return (x (samples, features) float32, y (samples,)): Gaussian classes around fixed
     centres (seed 0), rows drawn from `seed`; overlapping enough that accuracy is not 100%."""
-    centres = np.random.default_rng(0).normal(0.0, 1.0, (CLASSES, FEATURES))
+    centres = np.random.default_rng(0).normal(0.0, 1.0, (CLASSES, features))
     rng = np.random.default_rng(seed)
     y = rng.integers(0, CLASSES, samples)
-    x = centres[y] + spread * rng.normal(0.0, 1.0, (samples, FEATURES)) / np.sqrt(FEATURES) * 3
+    x = centres[y] + spread * rng.normal(0.0, 1.0, (samples, features)) / np.sqrt(features) * 3
     return x.astype(np.float32), y.astype(np.int64)
 
 
@@ -63,12 +64,15 @@ def write(path, x, y) -> None:
         fh.attrs["num_classes"] = CLASSES
 
 
-def toml(institutions: int, rounds: int, steps: int, out: str, test: str, federated: dict
-         ) -> str:
+SMALL_MODEL = f'[model]\nkind = "mlp"\nhidden = [{HIDDEN}]\n'
+
+
+def toml(institutions: int, rounds: int, steps: int, out: str, test: str, federated: dict,
+         model: str = SMALL_MODEL) -> str:
     """Return a federation's config: the synthetic sites in the config's folder, an MLP."""
     extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in federated.items())
     return (f'[data]\ntrain = "site-{{institution}}.h5"\ntest = "{test}"\n'
-            f'[model]\nkind = "mlp"\nhidden = [{HIDDEN}]\n'
+            f"{model}"
             f"[optim]\nlr = 0.1\nbatch_size = 16\n"
             f"[federated]\ninstitutions = {institutions}\nrounds = {rounds}\n"
             f"local_steps = {steps}\n{extra}"
@@ -76,12 +80,12 @@ def toml(institutions: int, rounds: int, steps: int, out: str, test: str, federa
 
 
 def run(folder: str, name: str, institutions: int, rounds: int, steps: int, test: str,
-        federated: dict, fault: str | None = None) -> list[dict]:
+        federated: dict, fault: str | None = None, model: str = SMALL_MODEL) -> list[dict]:
     """Run one federation in `folder` (its sites already written); return its round records
     and summary."""
     out = os.path.join(folder, f"out-{name}")
     config = os.path.join(folder, f"{name}.toml")
-    Path(config).write_text(toml(institutions, rounds, steps, out, test, federated))
+    Path(config).write_text(toml(institutions, rounds, steps, out, test, federated, model))
     env = dict(os.environ, OMP_NUM_THREADS="1", MPIFED_BLAS_THREADS="1")
     env.pop("MPIFED_FAULT", None)
     if fault:
@@ -94,12 +98,12 @@ def run(folder: str, name: str, institutions: int, rounds: int, steps: int, test
         return [json.loads(line) for line in fh]
 
 
-def iid_sites(folder: str, institutions: int, rows: int) -> None:
+def iid_sites(folder: str, institutions: int, rows: int, features: int = FEATURES) -> None:
     """Write IID sites and one pooled test set into `folder`."""
     os.makedirs(folder, exist_ok=True)
     for k in range(institutions):
-        write(os.path.join(folder, f"site-{k}.h5"), *blobs(rows, 100 + k))
-    write(os.path.join(folder, "test.h5"), *blobs(3000, 99))
+        write(os.path.join(folder, f"site-{k}.h5"), *blobs(rows, 100 + k, features=features))
+    write(os.path.join(folder, "test.h5"), *blobs(3000, 99, features=features))
 
 
 def robust_goal(tmp: str, rounds: int, steps: int, rows: int, modes: list[str]) -> list[dict]:
@@ -169,14 +173,17 @@ def personal_goal(tmp: str, rounds: int, steps: int, rows: int) -> list[dict]:
     return table
 
 
-def cost_goal(tmp: str, rounds: int, steps: int, rows: int) -> list[dict]:
-    """Rows of the cost table: mean round time of each rule over FedAvg's, 11 institutions."""
+def cost_goal(tmp: str, rounds: int, steps: int, rows: int, large: bool) -> list[dict]:
+    """Rows of the cost table: median round time of each rule over FedAvg's, 11 institutions;
+    large: the benchmark MLP 784-512-256-10 (mlp.py) on 784 features, else the small MLP."""
     folder = os.path.join(tmp, "cost")
-    iid_sites(folder, 11, rows)
+    iid_sites(folder, 11, rows, features=MLP_FEATURES if large else FEATURES)
+    model = model_toml() if large else SMALL_MODEL
     rules = {"fedavg": {}, **ROBUST, "bulyan": {"num_malicious": 2}}
     seconds = {}
     for rule, extra in rules.items():
-        records = run(folder, rule, 11, rounds, steps, "", {"strategy": rule, **extra})
+        records = run(folder, rule, 11, rounds, steps, "", {"strategy": rule, **extra},
+                      model=model)
         timed = [r["round_seconds"] for r in records if r.get("event") == "round"][2:]
         seconds[rule] = float(np.median(timed))
     alone = aggregation_seconds(rules, 11)
@@ -217,6 +224,8 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default="scale:100,signflip,signflip:10",
                         help="robust: the MPIFED_FAULT byzantine modes, comma-separated "
                              "(default %(default)s)")
+    parser.add_argument("--large", action="store_true",
+                        help=f"cost: time the rounds of the benchmark {NAME} (mlp.py)")
     args = parser.parse_args(argv)
     rounds, steps, rows = (6, 5, 200) if args.quick else (args.rounds, args.local_steps,
                                                           args.rows)
@@ -231,9 +240,10 @@ def main(argv=None) -> int:
             print_table(PERSONAL_COLUMNS, personal_goal(tmp, rounds, steps, rows),
                         "personal: Dirichlet(0.1) over 5 institutions, each on its own test rows")
         if "cost" in goals:
-            print_table(COST_COLUMNS, cost_goal(tmp, rounds, steps, rows),
-                        "cost: median round time at 11 institutions (rounds 3 on) of the "
-                        f"runs' MLP; aggregation alone of 11 models of {PARAMETERS:,} float32")
+            which = NAME if args.large else f"MLP [{HIDDEN}]"
+            print_table(COST_COLUMNS, cost_goal(tmp, rounds, steps, rows, args.large),
+                        f"cost: median round time at 11 institutions (rounds 3 on) of {which}; "
+                        f"aggregation alone of 11 models of {PARAMETERS:,} float32")
     return 0
 
 
