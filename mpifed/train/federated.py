@@ -9,7 +9,9 @@ flows back to every rank. The pure pieces (strategies, DP, secure summation, the
 split, the exchange with the root) live in `mpifed.federated`; this module runs the rounds, and
 the federation's other concerns sit beside it: opening a rank's site (`federated_site.py`), who
 takes part (`federated_sampling.py`), the privacy budget (`federated_budget.py`), checkpoints
-(`federated_checkpoint.py`) and the rounds' reports (`federated_report.py`).
+(`federated_checkpoint.py`), the rounds' reports (`federated_report.py`) and what stays with
+each institution under federated.personalization, with its own test split
+(`federated_personal.py`).
 """
 
 from __future__ import annotations
@@ -39,9 +41,19 @@ from .evaluate import evaluate
 from .federated_budget import admit_round, open_ledger, record_release
 from .federated_checkpoint import resume_round, write_round_checkpoint
 from .federated_local import open_institution_log
-from .federated_personal import (broadcast_shared, ditto_step, evaluate_institution, finetune,
-                                 global_model, open_personal, put_shared, resume_personal,
-                                 save_personal_checkpoint, shared_part, write_personal_model)
+from .federated_personal import (
+    broadcast_shared,
+    ditto_step,
+    evaluate_institution,
+    finetune,
+    global_model,
+    open_personal,
+    put_shared,
+    resume_personal,
+    save_personal_checkpoint,
+    shared_part,
+    write_personal_model,
+)
 from .federated_report import report_round
 from .federated_sampling import round_senders
 from .federated_site import Site, open_site, pads_rounds

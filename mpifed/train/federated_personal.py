@@ -36,7 +36,7 @@ from ..federated.institutions import Federation
 from ..federated.personal import SPLITS, check_split, local_summary, shared_mask
 from ..nn.io import save_model
 from ..optim import learning_rate, make_optimizer
-from ..xp import to_host
+from ..xp import get_array_module, to_host
 from .evaluate import evaluate
 from .federated_local import institution_folder
 from .setup import open_test_shard
@@ -128,7 +128,6 @@ def personal_model(personal: Personal, params):
 
 def _like(params, host):
     """Return the host array `host` on params' device."""
-    from ..xp import get_array_module
     return get_array_module(params).asarray(host)
 
 
@@ -200,8 +199,9 @@ def resume_personal(cfg, fed: Federation, personal: Personal, params, rounds_don
                             f"institution {fed.institution}'s personal parts in {path!r}, which "
                             "is missing; restore it, or start afresh in a new run.out")
         with h5py.File(path, "r") as fh:
-            values = np.asarray(fh["personal"])
-        if values.size != size or fh_mode(path) != personal.mode:
+            values, mode = np.asarray(fh["personal"]), fh.attrs["personalization"]
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        if values.size != size or mode != personal.mode:
             raise UserError(f"run.resume: {path!r} holds another personalization's parts "
                             f"(not {personal.mode!r} with {size} elements); start afresh in a "
                             "new run.out")
@@ -213,13 +213,6 @@ def resume_personal(cfg, fed: Federation, personal: Personal, params, rounds_don
         params[_like(params, ~personal.mask)] = _like(params, host)
     else:
         personal.model[...] = _like(params, host)
-
-
-def fh_mode(path: str) -> str:
-    """Return the personalization a personal checkpoint was written under."""
-    with h5py.File(path, "r") as fh:
-        mode = fh.attrs["personalization"]
-    return mode.decode() if isinstance(mode, bytes) else str(mode)
 
 
 def write_personal_model(fed: Federation, spec, personal: Personal, params) -> str | None:
@@ -238,7 +231,8 @@ def finetune(cfg, fed: Federation, personal: Personal, params, step_fn, loader, 
     """Take federated.finetune_steps local steps from this institution's model on its own
     batches (the data stream continues), fresh optimizer, the last round's learning rate;
     keep the result in personal.tuned. The step's buffer holds the global model again after."""
-    steps, optim, fed_cfg = fed_cfg_steps(cfg), cfg.optim, cfg.federated
+    optim, fed_cfg = cfg.optim, cfg.federated
+    steps = fed_cfg.finetune_steps
     if not steps:
         return
     lr = learning_rate(fed_cfg.rounds - 1, optim.lr, fed_cfg.rounds, optim.schedule,
@@ -250,10 +244,6 @@ def finetune(cfg, fed: Federation, personal: Personal, params, step_fn, loader, 
         step_fn(*loader.get()[1:], optimizer, lr, first + t + 1)
     personal.tuned = params.copy()
     params[...] = kept
-
-
-def fed_cfg_steps(cfg) -> int:
-    return cfg.federated.finetune_steps
 
 
 # Evaluation on each institution's own test split.

@@ -10,8 +10,15 @@ import json
 
 import numpy as np
 import pytest
-from helpers import (assert_same_bits, read_metrics, read_model, run_mpi, run_script,
-                     write_config, write_dataset)
+from helpers import (
+    assert_same_bits,
+    read_metrics,
+    read_model,
+    run_mpi,
+    run_script,
+    write_config,
+    write_dataset,
+)
 from reference import global_batches, initial_weights, mlp_sgd
 
 FEATURES, CLASSES, HIDDEN = 5, 3, 4
