@@ -114,8 +114,8 @@ def run_federation(cfg, world, xp, inputs=NO_INPUTS) -> dict:
             last, server_state, drawn = run_round(cfg, fed, site, step_fn, loader, rnd,
                                                   hyper, server_state, xp)
             site_steps += drawn  # the data stream's position, as a checkpoint stores it
-            evaluate_institution(fed, site.spec, site.personal, site.params, site.log, last,
-                                 site.aggregator is not None, xp)
+            evaluate_institution(fed, site.spec, site.personal, model_source(step_fn),
+                                 site.log, last, site.aggregator is not None, xp)
             report_round(reporter, last, site, fed, fed_cfg.rounds, xp,
                          global_model(site.personal, model_source(step_fn)))
             call_back(world, inputs.callbacks, rnd + 1, dict(last))

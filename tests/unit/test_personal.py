@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from mpifed.config import resolve
 from mpifed.errors import UserError
 from mpifed.federated.personal import check_split, local_summary, shared_mask
 from mpifed.nn.models import ModelSpec
@@ -59,3 +60,25 @@ def test_wrong_splits_are_refused_with_the_key(mode, layers, needle):
 def test_local_summary_is_the_mean_and_the_minimum():
     assert local_summary([0.5, 0.75, 1.0]) == {"local_accuracy_mean": 0.75,
                                                "local_accuracy_worst": 0.5}
+
+
+@pytest.mark.parametrize("table,needle", [
+    ({"federated": {"institutions": 2, "personal_layers": [3]}},
+     "federated.personal_layers: only fedper reads it"),
+    ({"federated": {"institutions": 2, "personalization": "fedper", "personal_layers": [3, 3]}},
+     "lists a layer twice"),
+    ({"federated": {"institutions": 2, "personalization": "fedbn", "dp": {}}},
+     "use \"ditto\" there"),
+    ({"federated": {"institutions": 2, "personalization": "ditto"},
+      "comm": {"shard": "optimizer"}}, "comm.shard = \"none\""),
+    ({"federated": {"institutions": 2, "finetune_steps": 3}, "comm": {"shard": "parameters"}},
+     "federated.personalization: personal models with comm.shard"),
+    ({"data": {"train": "a.h5", "test": "test-{institution}.h5"}},
+     "data.test: 'test-{institution}.h5' has an {institution} field"),
+    ({"federated": {"institutions": 2, "personalization": "fedpr"}}, "federated.personalization"),
+])
+def test_settings_that_cannot_work_are_refused_with_the_key(table, needle):
+    table = {"data": {"train": "site-{institution}.h5"}, **table}
+    with pytest.raises(UserError) as err:
+        resolve(table)
+    assert needle in str(err.value)
