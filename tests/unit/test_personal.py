@@ -82,3 +82,30 @@ def test_settings_that_cannot_work_are_refused_with_the_key(table, needle):
     with pytest.raises(UserError) as err:
         resolve(table)
     assert needle in str(err.value)
+
+
+def test_the_split_keeps_device_arrays_on_the_device(monkeypatch):
+    """FedPer's helpers on a (fake) CuPy model: the global model and the shared elements written
+    back stay device arrays; only the shared part that leaves comes to the host, once."""
+    import mpifed.xp as xpmod
+    from fake_cupy import FakeArray, FakeCupy
+
+    from mpifed.train.federated_personal import Personal, global_model, put_shared, shared_part
+    from mpifed.xp import to_host
+
+    cp = FakeCupy(devices=1)
+    monkeypatch.setattr(xpmod, "cupy_module", lambda: cp)
+    spec = ModelSpec("mlp", 5, (4,), 3)
+    mask = shared_mask(spec, "fedper", (3,), "float32")
+    initial = np.arange(mask.size, dtype=np.float32)
+    params = cp.asarray(initial + 100)  # trained: every element moved
+    personal = Personal("fedper", mask, initial, None, None, "out/institution-0")
+    shared = global_model(personal, params)
+    assert isinstance(shared, FakeArray)
+    np.testing.assert_array_equal(to_host(shared), np.where(mask, initial + 100, initial))
+    before = len(cp.of("d2h"))
+    leaving = shared_part(personal, to_host(params))
+    assert len(cp.of("d2h")) == before + 1 and leaving.size == mask.sum()
+    put_shared(personal, params, np.zeros(int(mask.sum()), np.float32), cp)
+    assert isinstance(params, FakeArray)
+    np.testing.assert_array_equal(to_host(params), np.where(mask, 0, initial + 100))
