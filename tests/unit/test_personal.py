@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fake_cupy import FakeArray, FakeCupy
 
+import mpifed.xp as xpmod
 from mpifed.config import resolve
 from mpifed.errors import UserError
 from mpifed.federated.personal import check_split, local_summary, shared_mask
 from mpifed.nn.models import ModelSpec
 from mpifed.nn.presets import resnet
+from mpifed.train.federated_personal import Personal, global_model, put_shared, shared_part
+from mpifed.xp import to_host
 
 BN_ARRAYS = ("gamma", "beta", "running_mean", "running_var")
 
@@ -87,12 +91,6 @@ def test_settings_that_cannot_work_are_refused_with_the_key(table, needle):
 def test_the_split_keeps_device_arrays_on_the_device(monkeypatch):
     """FedPer's helpers on a (fake) CuPy model: the global model and the shared elements written
     back stay device arrays; only the shared part that leaves comes to the host, once."""
-    import mpifed.xp as xpmod
-    from fake_cupy import FakeArray, FakeCupy
-
-    from mpifed.train.federated_personal import Personal, global_model, put_shared, shared_part
-    from mpifed.xp import to_host
-
     cp = FakeCupy(devices=1)
     monkeypatch.setattr(xpmod, "cupy_module", lambda: cp)
     spec = ModelSpec("mlp", 5, (4,), 3)
