@@ -1,7 +1,8 @@
 """Personalisation under mpiexec: FedPer, Ditto and fine-tuning equal a serial NumPy simulation
 (the global model.h5 and every institution's personal.h5), each institution's evaluation on its
-own test file equals an independent one, nothing personal is in any message a leader sends, an
-interrupted run resumes to the same bits, and wrong settings are refused with the key named."""
+own test file equals an independent one, nothing personal is in any message a leader sends,
+under DP or secure aggregation the figures stay in the institutions' folders, an interrupted run
+resumes to the same bits, and wrong settings are refused with the key named."""
 
 from __future__ import annotations
 
@@ -233,10 +234,13 @@ def test_interrupted_run_resumes_to_the_same_bits(tmp_path):
                          tmp_path / "full" / f"institution-{k}" / "personal.h5")
 
 
-def test_under_dp_the_figures_stay_in_the_institutions_folders(tmp_path):
+@pytest.mark.parametrize("private", [
+    {"dp": {"clip": 1.0, "noise_multiplier": 0.5}},
+    {"secure_aggregation": True, "secure_range": 8.0},
+])
+def test_under_privacy_the_figures_stay_in_the_institutions_folders(tmp_path, private):
     write_sites(tmp_path, test=True)
-    dp = {"dp": {"clip": 1.0, "noise_multiplier": 0.5}}
-    write_config(tmp_path / "fed.toml", *config("ditto", rounds=2, federated=dp,
+    write_config(tmp_path / "fed.toml", *config("ditto", rounds=2, federated=private,
                                                  test="test-{institution}.h5"))
     done = run_mpi(3, ["train", "fed.toml"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
