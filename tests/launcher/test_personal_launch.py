@@ -214,12 +214,13 @@ def test_no_message_a_leader_sends_holds_a_personal_value(tmp_path, mode, extra,
             assert not np.isin(values, sent).any(), rank
 
 
-def test_interrupted_run_resumes_to_the_same_bits(tmp_path):
+@pytest.mark.parametrize("mode,extra", [("fedper", {"personal_layers": [HEAD]}),
+                                        ("ditto", {"ditto_lambda": 0.5})])
+def test_interrupted_run_resumes_to_the_same_bits(tmp_path, mode, extra):
     write_sites(tmp_path)
-    extra = {"personal_layers": [HEAD]}
     for out in ("full", "cut"):
         write_config(tmp_path / f"{out}.toml", *config(
-            "fedper", rounds=6, federated={**extra, "finetune_steps": 2},
+            mode, rounds=6, federated={**extra, "finetune_steps": 2},
             run={"out": out, "checkpoint_every": 2}))
     assert run_mpi(3, ["train", "full.toml"], cwd=tmp_path).returncode == 0
     killed = run_mpi(3, ["train", "cut.toml"], cwd=tmp_path,
