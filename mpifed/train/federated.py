@@ -9,13 +9,16 @@ flows back to every rank. The pure pieces (strategies, DP, secure summation, the
 split, the exchange with the root) live in `mpifed.federated`; this module runs the rounds, and
 the federation's other concerns sit beside it: opening a rank's site (`federated_site.py`), who
 takes part (`federated_sampling.py`), the privacy budget (`federated_budget.py`), checkpoints
-(`federated_checkpoint.py`) and the rounds' reports (`federated_report.py`).
+(`federated_checkpoint.py`), the rounds' reports (`federated_report.py`) and what stays with
+each institution under federated.personalization, with its own test split
+(`federated_personal.py`).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 from mpi4py import MPI
@@ -23,7 +26,7 @@ from mpi4py import MPI
 from .. import faults
 from ..comm.quiet import quiet_barrier
 from ..errors import UserError
-from ..federated.exchange import SiteReport, broadcast_global, collect_at_root, send_to_root
+from ..federated.exchange import SiteReport, collect_at_root, send_to_root
 from ..federated.institutions import Federation, institution_sizes, make_federation
 from ..federated.private_update import apply_private_sums
 from ..federated.robust import check_institution_count
@@ -38,6 +41,19 @@ from .evaluate import evaluate
 from .federated_budget import admit_round, open_ledger, record_release
 from .federated_checkpoint import resume_round, write_round_checkpoint
 from .federated_local import open_institution_log
+from .federated_personal import (
+    broadcast_shared,
+    ditto_step,
+    evaluate_institution,
+    finetune,
+    global_model,
+    open_personal,
+    put_shared,
+    resume_personal,
+    save_personal_checkpoint,
+    shared_part,
+    write_personal_model,
+)
 from .federated_report import report_round
 from .federated_sampling import round_senders
 from .federated_site import Site, open_site, pads_rounds
@@ -58,14 +74,16 @@ def run_federation(cfg, world, xp, inputs=NO_INPUTS) -> dict:
     byzantine = misbehaving(fed_cfg, len(sizes))  # every rank refuses a wrong one alike
     fed = make_federation(world, sizes)
     site = open_site(cfg, fed, xp)
-    if byzantine is not None and fed.is_leader and byzantine.institution == fed.institution:
-        site.byzantine = byzantine
+    if byzantine is not None and fed.is_leader and fed.institution in byzantine.institutions:
+        site.byzantine = replace(byzantine, institution=fed.institution, others=())  # its own
         log.warning("%s=%s: this leader sends institution %d's update tampered (%s) every "
                     "round, for a test of the robust strategies", faults.ENV, byzantine,
                     fed.institution, byzantine.mode)
     env = run_environment(cfg, world)  # no hosts under DP or secure aggregation
     out = prepare_out(cfg, world, env)
+    site.personal = open_personal(cfg, fed, site.spec, site.params, xp)
     first, site_steps, server_state = resume_round(cfg, fed, site.params)
+    resume_personal(cfg, fed, site.personal, site.params, first, xp)
     reporter = start_report(
         run.progress, out, fed.is_root, fed_cfg.rounds, first,
         f"mpifed federated: {len(fed.sizes)} institutions of {fed.sizes} ranks, strategy "
@@ -83,7 +101,8 @@ def run_federation(cfg, world, xp, inputs=NO_INPUTS) -> dict:
                         fed_cfg.q)
     if site.dp is not None and fed.is_leader:  # every leader counts the releases itself
         site.ledger = open_ledger(out, fed)
-    site.log = open_institution_log(out, fed, site.aggregator is not None, append=first > 0)
+    own_folder = site.aggregator is not None or site.personal.local_test is not None
+    site.log = open_institution_log(out, fed, own_folder, append=first > 0)
     start, last, stopped = time.perf_counter(), {}, ""
     with running(loader, step_fn) as flag:
         for rnd in range(first, fed_cfg.rounds):
@@ -95,18 +114,23 @@ def run_federation(cfg, world, xp, inputs=NO_INPUTS) -> dict:
             last, server_state, drawn = run_round(cfg, fed, site, step_fn, loader, rnd,
                                                   hyper, server_state, xp)
             site_steps += drawn  # the data stream's position, as a checkpoint stores it
+            evaluate_institution(fed, site.spec, site.personal, model_source(step_fn),
+                                 site.log, last, site.aggregator is not None, xp)
             report_round(reporter, last, site, fed, fed_cfg.rounds, xp,
-                         model_source(step_fn))
+                         global_model(site.personal, model_source(step_fn)))
             call_back(world, inputs.callbacks, rnd + 1, dict(last))
             faults.inject("round", rnd + 1, world.rank)
             stop = _any_flag(world, flag.value)
             every = run.checkpoint_every
             if stop or (every and (rnd + 1) % every == 0 and rnd + 1 < fed_cfg.rounds):
-                write_round_checkpoint(cfg, fed, site.params, server_state, rnd + 1,
-                                       site_steps)
+                save_personal_checkpoint(cfg, fed, site.personal, site.params, rnd + 1)
+                write_round_checkpoint(cfg, fed, global_model(site.personal, site.params),
+                                       server_state, rnd + 1, site_steps)
             if stop:
                 stopped = flag.raised or "a signal on another rank"
                 break
+        if not stopped:  # the loader still runs: fine-tuning draws the next batches
+            last = finish_personal(cfg, fed, site, step_fn, loader, last, xp)
     step_fn.free()
     if site.log is not None:
         site.log.close()
@@ -114,6 +138,23 @@ def run_federation(cfg, world, xp, inputs=NO_INPUTS) -> dict:
         return stop_early(run.out, world, reporter, rnd + 1, stopped)
     return finish_federation(cfg, fed, site, reporter, last, time.perf_counter() - start,
                              env)
+
+
+def finish_personal(cfg, fed, site: Site, step_fn, loader, last: dict, xp) -> dict:
+    """After the last round: fine-tune each institution's own model (federated.finetune_steps),
+    evaluate it on the institution's test split and write OUT/institution-K/personal.h5;
+    return the last record with the fine-tuned figures (root, outside privacy)."""
+    fed_cfg, personal = cfg.federated, site.personal
+    if personal.mode == "none" and not fed_cfg.finetune_steps:
+        return last
+    done = fed_cfg.rounds * site.local_steps
+    finetune(cfg, fed, personal, site.params, step_fn, loader, done, xp)
+    if fed_cfg.finetune_steps and personal.local_test is not None:
+        last = dict(last)
+        evaluate_institution(fed, site.spec, personal, site.params, site.log, last,
+                             site.aggregator is not None, xp, event="finetune")
+    write_personal_model(fed, site.spec, personal, site.params)
+    return last
 
 
 def misbehaving(fed_cfg, institutions: int):
@@ -125,9 +166,9 @@ def misbehaving(fed_cfg, institutions: int):
         raise UserError(str(err)) from None
     if byzantine is None:
         return None
-    if byzantine.institution >= institutions:
+    if max(byzantine.institutions) >= institutions:
         raise UserError(f"{faults.ENV}={byzantine}: there is no institution "
-                        f"{byzantine.institution} (the federation has {institutions}: 0 to "
+                        f"{max(byzantine.institutions)} (the federation has {institutions}: 0 to "
                         f"{institutions - 1})")
     if fed_cfg.secure_aggregation or fed_cfg.dp is not None:
         raise UserError(f"{faults.ENV}={byzantine}: a byzantine institution tampers with the "
@@ -179,7 +220,7 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
             err.collective = False  # the other institutions wait for it, so end them too
             raise
     t_exchange = time.perf_counter()
-    to_root = from_root = 0
+    to_root = from_root = plain_sent = 0
     record = {"round": rnd + 1}
     strategy = STRATEGIES[fed_cfg.strategy]
     if private:
@@ -197,22 +238,25 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
                 record["participants"] = senders
     else:
         quiet_barrier(fed.world)  # wait for the slowest institution without taking its core
-        outgoing = params
+        personal = site.personal  # FedBN/FedPer: only the shared part leaves the institution
+        outgoing = params if personal.mask is None else shared_part(personal, to_host(params))
+        start = None if global_params is None else shared_part(personal, global_params)
         if site.byzantine is not None and takes_part:  # a test's tampered update (faults.py)
-            outgoing = faults.tampered(site.byzantine, global_params.astype(params.dtype),
-                                       to_host(params), rnd)
+            outgoing = faults.tampered(site.byzantine, start.astype(params.dtype),
+                                       shared_part(personal, to_host(params)), rnd)
         if fed.is_root:
             results, to_root = collect_at_root(fed, outgoing, report, senders)
             new, server_state = strategy(
-                global_params.astype(params.dtype),
+                start.astype(params.dtype),
                 [(p, r.samples, r.steps, r.loss) for p, r in results.values()], server_state,
                 hyper)
-            params[...] = xp.asarray(new)  # strategies run on the host, at the root only
+            put_shared(personal, params, new, xp)  # strategies run on the host, at the root
             record["reports"] = {k: r for k, (_, r) in results.items()}
         elif fed.is_leader and takes_part:
-            send_to_root(fed, outgoing, report)
+            plain_sent = send_to_root(fed, outgoing, report)
     if params is not None:
-        from_root = broadcast_global(fed, params, site=step_fn.holds_whole_model)
+        from_root = broadcast_shared(fed, site.personal, params, xp,
+                                     site=step_fn.holds_whole_model)
     step_fn.scatter_from_leader(params)  # ZeRO-3: from the leader, each rank keeps its chunk
     now = time.perf_counter()
     timing = {"round_seconds": now - t0,
@@ -223,7 +267,7 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
     if site.log is not None:  # this leader's own figures, in its own folder
         mine = {"round": rnd + 1, "sampled": bool(takes_part),
                 "steps": site.round_steps if trains else 0, "samples": int(site.samples),
-                "bytes_sent": site.sent.sent - sent_before}
+                "bytes_sent": site.sent.sent - sent_before if site.sent else plain_sent}
         if takes_part:
             mine.update(trained_steps=int(report.steps), loss=float(report.loss))
             if fed_cfg.evaluate_local:
@@ -262,9 +306,18 @@ def local_training(fed_cfg, optim, fed, site: Site, step_fn, loader, rnd: int,
     lr = learning_rate(rnd, optim.lr, fed_cfg.rounds, optim.schedule,
                        optim.warmup, optim.step_size, optim.gamma)
     steps = site.local_steps
+    ditto = site.personal is not None and site.personal.model is not None
+    round_start = step_fn.anchor() if ditto else None  # Ditto's w: the round's global model
+    personal_optimizer = make_optimizer(optim) if ditto else None
 
-    def step(t: int) -> float:
-        return step_fn(*loader.get()[1:], optimizer, lr, rnd * steps + t + 1, anchor, fed_cfg.mu)
+    def step(t: int, padding: bool = False) -> float:
+        batch = loader.get()[1:]
+        number = rnd * steps + t + 1
+        loss = step_fn(*batch, optimizer, lr, number, anchor, fed_cfg.mu)
+        if ditto and not padding:  # the personal model v, on the same batch
+            ditto_step(site.personal, step_fn, batch, personal_optimizer, lr, number,
+                       round_start, fed_cfg.ditto_lambda)
+        return loss
 
     report.loss = float(np.mean([step(t) for t in range(steps)]))
     if fed_cfg.evaluate_local:
@@ -275,7 +328,7 @@ def local_training(fed_cfg, optim, fed, site: Site, step_fn, loader, rnd: int,
         # every institution copies and restores, padded or not (zero steps): the same work
         kept = site.params.copy() if site.params is not None else None  # ZeRO-3: the leader
         for t in range(steps, site.round_steps):
-            step(t)
+            step(t, padding=True)
         if kept is not None:  # the model of its own steps; the padding's is discarded
             site.params[...] = kept
     return report
@@ -293,9 +346,14 @@ def finish_federation(cfg, fed: Federation, site: Site, reporter, last, seconds,
     institutions' communicators."""
     out = cfg.run.out
     if fed.is_root:
-        save_model(os.path.join(out, "model.h5"), site.spec, site.params)
+        save_model(os.path.join(out, "model.h5"), site.spec,
+                   global_model(site.personal, site.params))
     summary = {"event": "summary", "rounds": last.get("round", 0), "seconds": seconds,
                "accuracy": last.get("accuracy"), "test_loss": last.get("test_loss")}
+    for key in ("local_accuracy_mean", "local_accuracy_worst", "local_accuracy_global_mean",
+                "local_accuracy_global_worst"):
+        if key in last:  # every institution's own test split (fine-tuned, if it was)
+            summary[key] = last[key]
     if "epsilon" in last:  # under DP without secure aggregation: the largest institution's
         summary["epsilon"] = last["epsilon"]
         summary["epsilon_unamplified"] = last["epsilon_unamplified"]

@@ -53,6 +53,9 @@ def round_line(record: dict, rounds: int) -> str:
         text += f" local losses [{', '.join(losses)}]"
     elif "loss" in record:
         text += f" mean local loss {record['loss']:.3f}"
+    if "local_accuracy_mean" in record:  # every institution on its own test split
+        text += (f" local accuracy mean {record['local_accuracy_mean']:.4f} worst "
+                 f"{record['local_accuracy_worst']:.4f}")
     if "epsilon" in record:
         text += f" epsilon {record['epsilon']:.3g}"
     if "round_seconds" in record:  # not under secret sampling

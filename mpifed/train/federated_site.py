@@ -47,6 +47,7 @@ class Site:
     log: Reporter | None = None  # on a leader under privacy: OUT/institution-K/metrics.jsonl
     sent: SentBytes | None = None  # on a leader under privacy: its bytes sent to other leaders
     byzantine: Byzantine | None = None  # on the leader MPIFED_FAULT=byzantine:K names (tests)
+    personal: object = None  # federated_personal.Personal: what stays with the institution
 
 
 def site_data_path(template: str, institution: int) -> str:
@@ -130,7 +131,8 @@ def open_site(cfg, fed: Federation, xp) -> Site:
     smallest = allreduce_int(fed.site, len(shard), MPI.MIN)
     per_epoch = smallest // optim.batch_size
     raise_together(world, lambda: _check_batch(per_epoch, optim.batch_size, smallest, fed))
-    test = open_test_shard(world, cfg.data, spec, dtype) if cfg.data.test else None
+    pooled = cfg.data.test and "{institution}" not in cfg.data.test  # else: one per institution
+    test = open_test_shard(world, cfg.data, spec, dtype) if pooled else None
     secure = fed_cfg.secure_aggregation
     # Under secure aggregation the root learns only sums, so not each institution's count.
     site_samples = None

@@ -64,6 +64,7 @@ def test_inject_reads_the_variable_when_called(monkeypatch):
     ("byzantine:1:constant:-3", Byzantine(1, "constant", -3.0)),
     (" byzantine:3:nan\n", Byzantine(3, "nan", None)),
     ("byzantine:1:scale:-10", Byzantine(1, "scale", -10.0)),
+    ("byzantine:3,7:scale", Byzantine(3, "scale", 100.0, (7,))),  # two tamper alike (Bulyan)
 ])
 def test_parse_reads_byzantine(text, fault):
     assert parse(text) == fault
@@ -81,6 +82,7 @@ def test_parse_reads_byzantine(text, fault):
     ("byzantine:1:noise:-1", ">= 0 for noise"),
     ("byzantine:1:nan:3", "nan takes no SCALE"),
     ("byzantine:1:scale:2:3", "name the institution and the mode"),
+    ("byzantine:1,1:scale", "each once"),
 ])
 def test_parse_refuses_bad_byzantine(text, needle):
     with pytest.raises(ValueError) as info:

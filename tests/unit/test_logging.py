@@ -121,6 +121,7 @@ ALLOWED_PRINTS = {
     "benchmarks/allreduce.py": "a benchmark's table on stdout",
     "benchmarks/cnn_throughput.py": "a benchmark's table and JSON rows on stdout",
     "benchmarks/federated_round.py": "a benchmark's table on stdout",
+    "benchmarks/federated_goals.py": "a benchmark's tables on stdout (robust rows as they come)",
     "benchmarks/gpu_throughput.py": "a benchmark's table and JSON rows on stdout",
     "benchmarks/harness.py": "the benchmarks' shared table printer",
     "benchmarks/memory.py": "a benchmark's table, and a failed launch's stderr, on stdout",
