@@ -17,6 +17,7 @@ from ..choices import ALGORITHMS, COMPRESSIONS, PROGRESS_MODES, RESUME_MODES, ST
 from ..errors import UserError
 from ..federated.dp import ACCOUNTANTS
 from ..federated.robust import PRIVATE_REFUSAL
+from ..federated.rotated import UPDATE_COMPRESSIONS
 from ..federated.secagg import OUT_OF_RANGE_MODES, SINT
 from ..federated.strategies import DEFAULT_SERVER_LR, STRATEGIES
 from ..nn.models import DTYPES
@@ -269,6 +270,12 @@ class FederatedConfig(Section):
                               "of them; under DP each with probability fraction", low=0,
                               high=1, low_in=False)
     evaluate_local: bool = setting(False, "report each institution's model on its own rows")
+    compression: str = setting("none", "institution updates on the wire: none (as trained) or "
+                               "rotated (a shared-seed random rotation, then stochastic "
+                               "quantisation to compression_bits a coordinate)",
+                               choices=UPDATE_COMPRESSIONS)
+    compression_bits: int = setting(8, "rotated: bits per coordinate of an institution's "
+                                    "update", low=2, high=16)
     secure_aggregation: bool = setting(False, "pairwise-masked sums: the root sees only the total")
     secure_bits: int = setting(64, "width of the masked integers", choices=tuple(SINT))
     secure_range: float = setting(1.0, "largest |value| of an update coordinate to encode, "
@@ -316,6 +323,12 @@ class FederatedConfig(Section):
                 "K DIR` on its own machine, `mpifed keys roster DIR --institutions N` collects "
                 "the public keys; set federated.keys = \"DIR\" and federated.keys_roster_sha256 "
                 "to the hash it prints (`mpifed keys generate DIR --institutions N` for tests)")
+        if self.compression == "rotated" and self.secure_aggregation:
+            raise UserError(
+                "federated.compression = \"rotated\" with federated.secure_aggregation: not "
+                "built yet (the masked sum would need the quantised integers in a ring of "
+                "compression_bits + log2(K) bits and one range every leader agrees on); set "
+                "federated.compression = \"none\" or federated.secure_aggregation = false")
         private = self.secure_aggregation or self.dp is not None
         if private and self.strategy == "fednova":
             raise UserError("federated.strategy: fednova needs every institution's own step "

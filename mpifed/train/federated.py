@@ -27,6 +27,7 @@ from ..federated.exchange import SiteReport, broadcast_global, collect_at_root, 
 from ..federated.institutions import Federation, institution_sizes, make_federation
 from ..federated.private_update import apply_private_sums
 from ..federated.robust import check_institution_count
+from ..federated.rotated import rounding_rng
 from ..federated.strategies import STRATEGIES, ServerHyper
 from ..log import get_logger
 from ..nn.io import save_model
@@ -160,7 +161,8 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
     sent_before = site.sent.sent if site.sent is not None else 0
     private = site.aggregator is not None
     senders, takes_part = round_senders(cfg.federated, cfg.run.seed, fed, site, rnd)
-    keeps_global = fed.is_root or (private and fed.is_leader) or site.byzantine is not None
+    keeps_global = (fed.is_root or (private and fed.is_leader) or site.byzantine is not None
+                    or (site.codec is not None and fed.is_leader))
     global_params = to_host(params).astype(np.float64) if keeps_global else None  # round start
     report = SiteReport(samples=site.samples, steps=site.local_steps)
     secret = fed_cfg.secure_aggregation and site.dp is not None
@@ -201,8 +203,13 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
         if site.byzantine is not None and takes_part:  # a test's tampered update (faults.py)
             outgoing = faults.tampered(site.byzantine, global_params.astype(params.dtype),
                                        to_host(params), rnd)
+        if site.codec is not None and fed.is_leader:  # the update in few bits, not the model
+            outgoing = encoded_update(site.codec, outgoing, global_params, rnd, cfg.run.seed,
+                                      fed.institution, takes_part)
         if fed.is_root:
             results, to_root = collect_at_root(fed, outgoing, report, senders)
+            if site.codec is not None:
+                results = decoded_models(site.codec, results, global_params, params.dtype, rnd)
             new, server_state = strategy(
                 global_params.astype(params.dtype),
                 [(p, r.samples, r.steps, r.loss) for p, r in results.values()], server_state,
@@ -233,6 +240,27 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
     record.update(bytes_to_root=to_root, bytes_from_root=from_root)
     record.update(root_figures(timing, private, secret))
     return record, server_state, site.round_steps if trains else 0
+
+
+def encoded_update(codec, params, global_params, rnd: int, seed: int, institution: int,
+                   takes_part: bool) -> np.ndarray:
+    """Return a leader's update (its model minus the round's global model) as the codec's wire
+    buffer; a leader left out of the round (only the root gets here) returns an empty buffer
+    of that size, which `collect_at_root` reads as the size of the others'."""
+    if not takes_part:
+        return np.zeros(codec.wire_bytes(global_params.size), dtype=np.uint8)
+    delta = to_host(params).astype(np.float64).reshape(-1) - global_params
+    return codec.encode(delta, rnd, rounding_rng(seed, rnd, institution))
+
+
+def decoded_models(codec, results: dict, global_params, dtype, rnd: int) -> dict:
+    """On the root: turn each institution's wire buffer back into its model, global + delta^,
+    in the model's dtype (the strategies then see models, as without compression)."""
+    models = {}
+    for k, (wire, report) in results.items():
+        delta, _ = codec.decode(wire, rnd, global_params.size)
+        models[k] = ((global_params + delta).astype(dtype), report)
+    return models
 
 
 def root_figures(timing: dict, private: bool, secret: bool) -> dict:

@@ -1,0 +1,81 @@
+"""A shared-seed random rotation of a flat update: the randomized Hadamard transform H D.
+
+D is a diagonal of random signs drawn from (run.seed, round) — every institution and the root
+draw the same — and H the orthonormal Walsh-Hadamard matrix, applied in O(d log d) by the
+fast transform. The vector is cut into blocks of BLOCK (or the next power of two above its
+length, when shorter) and the last block padded with zeros, so the rotation is block-diagonal:
+still orthogonal, so it keeps the L2 norm (a DP clip bound holds unchanged after it) and the
+sum (it is linear). Its use: after it every coordinate is a +-1 mix of a whole block, so the
+coordinates are of one size, about ||x|| / sqrt(block), and a quantiser's uniform range fits
+them all (Suresh et al. 2017, "Distributed mean estimation with limited communication").
+The signs are public: the rotation hides nothing, it only spreads.
+
+    >>> signs = rotation_signs(seed=5, round_index=0, size=1000)   # float64[1024]
+    >>> y = rotate(x, signs)              # float64[1024], ||y|| == ||x||
+    >>> x_again = unrotate(y, signs, 1000)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..xp import get_array_module
+
+BLOCK = 1 << 20  # the largest block: padding stays below one block, the work O(d log BLOCK)
+SIGNS_TAG = 0x726F74  # "rot": keeps this stream apart from the run's other seeded draws
+
+
+def rotated_size(size: int) -> int:
+    """Return the rotated length of a `size`-long vector: whole blocks of `block_size(size)`."""
+    block = block_size(size)
+    return -(-max(size, 1) // block) * block
+
+
+def block_size(size: int) -> int:
+    """Return the rotation's block: the next power of two >= size, at most BLOCK."""
+    return min(BLOCK, 1 << max(size - 1, 0).bit_length())
+
+
+def rotation_signs(seed: int, round_index: int, size: int, xp=np) -> np.ndarray:
+    """Return the round's random signs (+-1.0, rotated_size(size) of them), the same wherever
+    (seed, round_index) are: every institution and the root draw them alike."""
+    rng = np.random.default_rng([seed, round_index, SIGNS_TAG])
+    signs = rng.integers(0, 2, rotated_size(size), dtype=np.int8) * 2.0 - 1.0
+    return xp.asarray(signs)
+
+
+def fwht(x) -> None:
+    """Apply the orthonormal Walsh-Hadamard transform in place to each row of x, a C-contiguous
+    (rows, n) float array with n a power of two. H is symmetric and H H = I: it is its own
+    inverse."""
+    xp = get_array_module(x)
+    rows, n = x.shape
+    half = 1
+    while half < n:
+        pairs = x.reshape(rows, n // (2 * half), 2, half)  # (rows, groups, 2, half), a view
+        a = pairs[:, :, 0, :].copy()
+        b = pairs[:, :, 1, :]
+        pairs[:, :, 0, :] += b  # a + b
+        xp.subtract(a, b, out=pairs[:, :, 1, :])  # a - b
+        half *= 2
+    x *= 1.0 / np.sqrt(n)
+
+
+def rotate(x, signs):
+    """Return H D x (float64[len(signs)]): x (length <= len(signs)) padded with zeros, times the
+    signs, through the Hadamard transform block by block."""
+    xp = get_array_module(x)
+    y = xp.zeros(signs.size, dtype=xp.float64)
+    y[:x.size] = x.reshape(-1)
+    y *= signs
+    fwht(y.reshape(-1, block_size(x.size)))
+    return y
+
+
+def unrotate(y, signs, size: int):
+    """Return D H y cut to `size` (float64[size]): the inverse of `rotate` (H and D are their
+    own inverses). y is left as it was."""
+    x = y.astype(get_array_module(y).float64, copy=True)
+    fwht(x.reshape(-1, block_size(size)))
+    x *= signs
+    return x[:size]
