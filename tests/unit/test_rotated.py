@@ -1,0 +1,149 @@
+"""The rotated compression's pieces against independent references: the fast Walsh-Hadamard
+transform against SciPy's dense Hadamard matrix, the rotation's orthogonality and inverse, the
+stochastic quantiser's unbiasedness and error bound, the bit packing against hand-made bytes,
+and the codec's error at 16 bits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.linalg import hadamard
+
+from mpifed.config import load_config
+from mpifed.errors import UserError
+from mpifed.federated import rotation
+from mpifed.federated.quantize import dequantize, levels, pack, packed_bytes, quantize, step_of, unpack
+from mpifed.federated.rotated import RotatedCodec, rounding_rng
+from mpifed.federated.rotation import fwht, rotate, rotated_size, rotation_signs, unrotate
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 64])
+def test_fwht_is_the_orthonormal_hadamard_matrix(n):
+    x = np.random.default_rng(n).normal(size=(3, n))
+    want = x @ hadamard(n).T / np.sqrt(n)
+    fwht(x)
+    np.testing.assert_allclose(x, want, rtol=1e-12, atol=1e-12)
+
+
+def rotation_matrix(size, seed=5, rnd=0):
+    """The rotation as a dense (rotated_size, size) matrix: the images of the unit vectors."""
+    signs = rotation_signs(seed, rnd, size)
+    return np.stack([rotate(e, signs) for e in np.eye(size)], axis=1)
+
+
+@pytest.mark.parametrize("size", [1, 5, 37, 64])
+def test_rotation_is_hadamard_times_signs_and_orthogonal(size):
+    signs = rotation_signs(5, 0, size)
+    d = signs.size
+    assert d == rotated_size(size) == 1 << max(size - 1, 0).bit_length()
+    assert set(np.unique(signs)) <= {-1.0, 1.0}
+    matrix = rotation_matrix(size)
+    np.testing.assert_allclose(matrix, (hadamard(d) / np.sqrt(d) * signs)[:, :size],
+                               atol=1e-12)
+    np.testing.assert_allclose(matrix.T @ matrix, np.eye(size), atol=1e-12)
+    x = np.random.default_rng(size).normal(size=size)
+    y = rotate(x, signs)
+    assert abs(np.linalg.norm(y) - np.linalg.norm(x)) < 1e-12
+    np.testing.assert_allclose(unrotate(y, signs, size), x, atol=1e-12)
+
+
+def test_long_vectors_rotate_block_by_block(monkeypatch):
+    """Past BLOCK the rotation is block-diagonal: one Hadamard block per BLOCK values, the last
+    padded, still orthogonal."""
+    monkeypatch.setattr(rotation, "BLOCK", 8)
+    size = 19
+    assert rotated_size(size) == 24
+    signs = rotation_signs(5, 0, size)
+    blocks = np.kron(np.eye(3), hadamard(8) / np.sqrt(8)) * signs
+    np.testing.assert_allclose(rotation_matrix(size), blocks[:, :size], atol=1e-12)
+    x = np.random.default_rng(0).normal(size=size)
+    np.testing.assert_allclose(unrotate(rotate(x, signs), signs, size), x, atol=1e-12)
+
+
+def test_signs_are_shared_per_round_and_differ_between_rounds():
+    np.testing.assert_array_equal(rotation_signs(5, 3, 100), rotation_signs(5, 3, 100))
+    assert not np.array_equal(rotation_signs(5, 3, 100), rotation_signs(5, 4, 100))
+    assert not np.array_equal(rotation_signs(5, 3, 100), rotation_signs(6, 3, 100))
+
+
+def test_quantiser_is_unbiased_and_its_error_is_below_one_step():
+    """4000 draws (seed 0) of 4-bit rounding: every draw's error < one step; the mean over the
+    draws within 5 standard errors of the value (a rounding's error has variance <= step^2/4,
+    so the mean's standard error is <= step / (2 sqrt(4000)))."""
+    bound, bits, draws = 1.5, 4, 4000
+    y = np.linspace(-bound, bound, 41)
+    rng = np.random.default_rng(0)
+    step = step_of(bound, bits)
+    total = np.zeros_like(y)
+    for _ in range(draws):
+        q = quantize(y, bound, bits, rng)
+        assert q.dtype == np.uint64 and q.max() <= levels(bits)
+        got = dequantize(q, bound, bits)
+        assert np.all(np.abs(got - y) < step)
+        total += got
+    assert np.all(np.abs(total / draws - y) < 5 * step / (2 * np.sqrt(draws)))
+
+
+def test_quantiser_saturates_beyond_the_bound_and_sums_decode_affinely():
+    rng = np.random.default_rng(1)
+    q = quantize(np.array([-9.0, 9.0]), 1.0, 8, rng)
+    np.testing.assert_array_equal(q, [0, 255])
+    a, b = rng.uniform(-1, 1, 50), rng.uniform(-1, 1, 50)
+    qa, qb = quantize(a, 1.0, 6, rng), quantize(b, 1.0, 6, rng)
+    np.testing.assert_allclose(dequantize(qa + qb, 1.0, 6, count=2),
+                               dequantize(qa, 1.0, 6) + dequantize(qb, 1.0, 6), atol=1e-12)
+
+
+def test_packing_against_hand_made_bytes():
+    # 3 bits, least significant first: 1 -> 100, 2 -> 010, 7 -> 111; the stream 100 010 111
+    # fills byte 0 with bits 1,0,0,0,1,0,1,1 (1 + 16 + 64 + 128 = 209) and byte 1 with 1
+    np.testing.assert_array_equal(pack(np.array([1, 2, 7], dtype=np.uint64), 3), [209, 1])
+    np.testing.assert_array_equal(pack(np.array([0x1234], dtype=np.uint64), 16), [0x34, 0x12])
+    for bits in range(2, 17):
+        q = np.random.default_rng(bits).integers(0, 1 << bits, 333).astype(np.uint64)
+        wire = pack(q, bits)
+        assert wire.dtype == np.uint8 and wire.size == packed_bytes(333, bits)
+        np.testing.assert_array_equal(unpack(wire, bits, 333), q)
+
+
+@pytest.mark.parametrize("bits", [2, 8, 16])
+def test_codec_error_is_within_the_quantisation_bound(bits):
+    """decode(encode(delta)) differs from delta by less than one step per rotated coordinate,
+    in L2: ||err|| < step sqrt(d') (the rotation keeps norms); at 16 bits that is below 1e-4
+    of the update's size here."""
+    delta = np.random.default_rng(bits).normal(size=1000) * np.linspace(0.01, 3, 1000)
+    codec = RotatedCodec(bits, 5)
+    wire = codec.encode(delta, 2, rounding_rng(5, 2, 0), tail=[7.0])
+    assert wire.nbytes == codec.wire_bytes(1000, 1) == 16 + packed_bytes(1024, bits)
+    got, tail = codec.decode(wire, 2, 1000, 1)
+    bound = np.abs(rotate(delta, rotation_signs(5, 2, 1000))).max()
+    err = np.linalg.norm(got - delta)
+    assert err < step_of(bound, bits) * np.sqrt(1024)
+    np.testing.assert_array_equal(tail, [7.0])
+    if bits == 16:
+        assert err < 1e-4 * np.linalg.norm(delta)
+
+
+def test_rounding_draws_are_the_institutions_own():
+    a = rounding_rng(5, 1, 0).random(4)
+    np.testing.assert_array_equal(a, rounding_rng(5, 1, 0).random(4))
+    assert not np.array_equal(a, rounding_rng(5, 1, 1).random(4))
+    assert not np.array_equal(rounding_rng(5, 1, 0, secret=True).random(4),
+                              rounding_rng(5, 1, 0, secret=True).random(4))
+
+
+BASE = {"data": {"train": "x.h5"}, "model": {"kind": "mlp", "hidden": [4]},
+        "federated": {"institutions": 2}}
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("compression_bits", 1, "federated.compression_bits"),
+    ("compression_bits", 17, "federated.compression_bits"),
+    ("compression", "qsgd", "federated.compression"),
+])
+def test_nonsense_settings_are_refused_with_the_key(tmp_path, key, value, needle):
+    from helpers import write_config
+    layers = {**BASE, "federated": {**BASE["federated"], "compression": "rotated", key: value}}
+    path = write_config(tmp_path / "c.toml", layers)
+    with pytest.raises(UserError, match=needle):
+        load_config(str(path))
