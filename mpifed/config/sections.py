@@ -323,12 +323,15 @@ class FederatedConfig(Section):
                 "K DIR` on its own machine, `mpifed keys roster DIR --institutions N` collects "
                 "the public keys; set federated.keys = \"DIR\" and federated.keys_roster_sha256 "
                 "to the hash it prints (`mpifed keys generate DIR --institutions N` for tests)")
-        if self.compression == "rotated" and self.secure_aggregation:
+        if self.compression == "rotated" and self.secure_aggregation and self.dp is not None:
             raise UserError(
-                "federated.compression = \"rotated\" with federated.secure_aggregation: not "
-                "built yet (the masked sum would need the quantised integers in a ring of "
-                "compression_bits + log2(K) bits and one range every leader agrees on); set "
-                "federated.compression = \"none\" or federated.secure_aggregation = false")
+                "federated.compression = \"rotated\" with secure aggregation and [federated.dp]: "
+                "refused. There each leader adds its share of the noise, and rounding every "
+                "leader's noised vector on its own is not a post-processing of the noised sum, "
+                "so the ledger's epsilon would not hold (that needs the distributed discrete "
+                "Gaussian mechanism, not built). Use rotated compression with DP alone (the "
+                "root adds the noise) or with secure aggregation alone, or set "
+                "federated.compression = \"none\"")
         private = self.secure_aggregation or self.dp is not None
         if private and self.strategy == "fednova":
             raise UserError("federated.strategy: fednova needs every institution's own step "

@@ -22,6 +22,7 @@ exchange is a `Relay`: tests replace it by liars.
 from __future__ import annotations
 
 import numpy as np
+from mpi4py import MPI
 
 from ..comm.agree import raise_together
 from ..comm.quiet import after_quiet_barrier
@@ -39,6 +40,7 @@ from .masked_sum import (
     tail_fields,
 )
 from .rotated import RotatedCodec, rounding_rng
+from .rotated_sum import RotatedMaskedSum
 from .secagg import new_keypair
 from .transcript import MODEL_CODE, model_digest, round_view
 
@@ -65,7 +67,9 @@ class PrivateAggregator:
         if self.authenticated and fed.is_leader and identity is None:
             raise ValueError("federated.keys is set but this leader was given no identity")
         self.exchange = KeyExchange(fed, identity, relay or Relay(), self.authenticated)
-        self.masked = MaskedSum(fed_cfg, dp, fed.institution)
+        self.masked = (RotatedMaskedSum(fed_cfg, dp, fed.institution, codec)
+                       if codec is not None and fed_cfg.secure_aggregation
+                       else MaskedSum(fed_cfg, dp, fed.institution))
 
     def prepare(self, senders: list[int], rnd: int, state: dict, size: int,
                 model=None) -> None:
@@ -137,7 +141,9 @@ class PrivateAggregator:
             ready = self.ready
         self.ready = None  # a round's keys, masks and noise serve that round once
         fed, dp = self.fed, self.dp
-        if self.fed_cfg.secure_aggregation:
+        if self.fed_cfg.secure_aggregation and self.codec is not None:
+            sums = self._secure_rotated_sum(params, global_host, report, sampled, ready)
+        elif self.fed_cfg.secure_aggregation:
             sums = self._secure_sum(params, global_host, report, sampled, ready)
         else:
             vector = None
@@ -183,6 +189,48 @@ class PrivateAggregator:
         if width > size and count_std:
             total[size:] += secure_gaussian(width - size, count_std)
         return split_sums(total, size, received, self.dp)
+
+    def _secure_rotated_sum(self, params, global_host, report, sampled, ready: PreparedRound
+                            ) -> dict | None:
+        """Rotated, quantised, masked integers in few bits (`rotated_sum.py`): the senders
+        agree on the quantiser's range, then the root adds their packed integers and learns
+        only the sum (and the range)."""
+        fed, masked, senders = self.fed, self.masked, ready.senders
+        rotated = raise_together(fed.world, lambda: after_quiet_barrier(fed.world, lambda: (
+            masked.rotated_update(params, global_host, report, sampled, ready)
+            if ready.publics else None)))
+        bound = self._agreed_bound(rotated[0] if rotated is not None else None)
+        wire = masked.masked_wire(*rotated, bound, ready) if rotated is not None else None
+        if wire is not None and not fed.is_root:
+            fed.leaders.Send(wire, 0, TAG_VECTOR)
+        if not fed.is_root:
+            return None
+        received = [0]
+
+        def wires():
+            if wire is not None:
+                yield wire
+            for k in senders:
+                if k != fed.institution:
+                    buf = np.empty(masked.wire_bytes(ready), dtype=np.uint8)
+                    fed.leaders.Recv(buf, k, TAG_VECTOR)
+                    received[0] += buf.nbytes
+                    yield buf
+        total, tail = masked.sum_wires(wires(), ready)
+        received[0] += sum(k != fed.institution for k in senders) * self.exchange.relayed_bytes()
+        values = masked.decode_sum(total, tail, bound, ready)
+        return split_sums(values, ready.size, received[0], self.dp)
+
+    def _agreed_bound(self, rotated) -> float:
+        """Return the largest |coordinate| of every sender's rotated update: an MPI MAX over
+        the leaders (a leader not sending gives 0); 0 on the other ranks, which send nothing."""
+        fed = self.fed
+        if fed.leaders is None:
+            return 0.0
+        mine = np.array([float(np.abs(rotated).max()) if rotated is not None and rotated.size
+                         else 0.0])
+        fed.leaders.Allreduce(MPI.IN_PLACE, mine, op=MPI.MAX)
+        return float(mine[0])
 
     def _receive_buffer(self, size: int) -> np.ndarray:
         """Return a buffer for one leader's vector: float64 [update, tail], or the codec's

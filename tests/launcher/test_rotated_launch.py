@@ -19,6 +19,7 @@ from helpers import (
 from reference import global_batches, initial_weights, mlp_sgd
 
 from mpifed.federated.rotated import RotatedCodec, rounding_rng
+from mpifed.federated.rotation import rotate, rotation_signs, unrotate
 
 FEATURES, CLASSES, HIDDEN, SEED = 5, 3, 4, 5
 SAMPLES = [23, 31, 17]
@@ -169,9 +170,44 @@ def test_under_dp_each_share_keeps_the_clip(tmp_path, sites):
     assert not np.array_equal(out["rot"], out["plain"])
 
 
-def test_rotated_with_secure_aggregation_is_refused(tmp_path, sites):
+def test_secure_aggregation_sums_the_rotated_integers(tmp_path, sites):
+    """One round under secure aggregation: the model is the uncompressed FedAvg model within
+    the quantisation bound of the weighted sum (each of K senders' integers is off by < 1 step
+    per rotated coordinate: ||error|| < K step sqrt(d') / sum n, with step = 2 B / 255 and B
+    the largest |coordinate| of the rotated weighted updates), and each non-root leader sends
+    64 coordinates of 8 + ceil(log2 3) = 10 bits and two 64-bit tail words, where the
+    uncompressed masked vector is 41 64-bit words (the relayed key exchange the same in both)."""
+    models = {}
+    for name, extra in (("rot", {"compression": "rotated"}), ("plain", {})):
+        layers = config({"secure_aggregation": True, **extra}, rounds=1)
+        write_config(tmp_path / f"{name}.toml", {**layers, "run": {**layers["run"], "out": name}})
+        done = run_mpi(3, ["train", f"{name}.toml"], cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        from helpers import model_vector
+        models[name] = model_vector(tmp_path / name / "model.h5")
+    weights = initial_weights(FEATURES, HIDDEN, CLASSES, SEED)
+    start, rotated = flat(weights), []
+    signs = rotation_signs(SEED, 0, start.size)
+    for (x, y) in sites:
+        stream = global_batches(len(y), 1, 3, SEED, True)
+        delta = flat(mlp_sgd(x, y, weights, itertools.islice(stream, 3), 0.1, 0.5)) - start
+        rotated.append(rotate(len(y) * delta, signs))
+    step = 2 * max(np.abs(r).max() for r in rotated) / 255
+    exact = start + unrotate(sum(rotated), signs, start.size) / sum(SAMPLES)
+    np.testing.assert_allclose(models["plain"], exact, atol=1e-8)  # the reference holds
+    error = np.linalg.norm(models["rot"] - exact)
+    assert 0 < error < 3 * step * np.sqrt(64) / sum(SAMPLES)
+    rot = read_metrics(tmp_path / "rot", "round")[0]["bytes_to_root"]
+    plain = read_metrics(tmp_path / "plain", "round")[0]["bytes_to_root"]
+    relayed = plain // 2 - 41 * 8
+    assert rot == 2 * (64 * 10 // 8 + 16 + relayed)
+
+
+def test_rotated_with_secure_aggregation_and_dp_is_refused(tmp_path, sites):
     write_config(tmp_path / "fed.toml", config({"compression": "rotated",
-                                                "secure_aggregation": True}))
+                                                "secure_aggregation": True, "keys": "k"},
+                                               dp={"clip": 1.0, "noise_multiplier": 1.0}))
     done = run_mpi(3, ["train", "fed.toml"], cwd=tmp_path)
     assert done.returncode != 0
     assert "federated.compression" in done.stderr and "Traceback" not in done.stderr
+    assert "post-processing" in done.stderr
