@@ -147,3 +147,63 @@ def test_nonsense_settings_are_refused_with_the_key(tmp_path, key, value, needle
     path = write_config(tmp_path / "c.toml", layers)
     with pytest.raises(UserError, match=needle):
         load_config(str(path))
+
+
+def masked_parties(bits, count, size, seed=3):
+    """`count` leaders of one secure round: their RotatedMaskedSum, keys drawn and masks made."""
+    from types import SimpleNamespace
+
+    from mpifed.federated.masked_sum import PreparedRound
+    from mpifed.federated.rotated_sum import RotatedMaskedSum
+    from mpifed.federated.secagg import new_keypair
+
+    cfg = SimpleNamespace(secure_max_samples=2 ** 31)
+    keys = {k: new_keypair() for k in range(count)}
+    publics = {k: public for k, (_, public) in keys.items()}
+    ready = PreparedRound(0, list(range(count)), 0.0, size, publics)
+    parties = [RotatedMaskedSum(cfg, None, k, RotatedCodec(bits, seed)) for k in range(count)]
+    for k, party in enumerate(parties):
+        party.draw_mask_and_noise(keys[k][0], ready)
+    return parties, ready
+
+
+def test_masked_rotated_sum_is_the_weighted_sum_within_the_quantisation_bound():
+    """Three leaders: the root's decoded sum of their masked 8-bit integers is sum n_k delta_k
+    within K step sqrt(d') (each leader's rounding < 1 step a rotated coordinate); the tail is
+    sum n_k loss_k and sum n_k; one wire alone looks uniform modulo 2^10."""
+    from types import SimpleNamespace
+    size, samples, losses = 300, [23, 31, 17], [0.5, 0.75, 1.25]
+    parties, ready = masked_parties(8, 3, size)
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=size)
+    models = [start + rng.normal(scale=0.1, size=size) for _ in samples]
+    updates = [p.rotated_update(m, start, SimpleNamespace(samples=n, loss=loss), True, ready)
+               for p, m, n, loss in zip(parties, models, samples, losses)]
+    bound = max(np.abs(x).max() for x, _ in updates)
+    wires = [p.masked_wire(x, t, bound, ready) for p, (x, t) in zip(parties, updates)]
+    assert all(w.size == parties[0].wire_bytes(ready) == 512 * 10 // 8 + 16 for w in wires)
+    total, tail = parties[0].sum_wires(wires, ready)
+    got = parties[0].decode_sum(total, tail, bound, ready)
+    want = sum(n * (m - start) for n, m in zip(samples, models))
+    assert np.linalg.norm(got[:size] - want) < 3 * step_of(bound, 8) * np.sqrt(512)
+    np.testing.assert_allclose(got[size:], [sum(n * loss for n, loss in zip(samples, losses)),
+                                            sum(samples)], rtol=1e-6)
+    # one wire alone: its 10-bit integers are uniform over [0, 1024) (mean 511.5, standard
+    # error 1024 / sqrt(12 * 512) = 13), where its unmasked 8-bit ones are below 256
+    ints = unpack(wires[0][:640], 10, 512)
+    assert ints.max() > 255 and abs(ints.mean() - 511.5) < 5 * 13.1
+
+
+def test_the_ring_holds_the_largest_sum_without_wrapping():
+    """Every leader at the top of the range (q = 255 on every coordinate, 3 leaders): the sum
+    765 needs 10 bits, the ring has 8 + ceil(log2 3) = 10, and the root decodes 3 B exactly."""
+    from mpifed.federated.rotated_sum import ring_width
+    assert [ring_width(8, k) for k in (1, 2, 3, 4, 5)] == [8, 9, 10, 10, 11]
+    parties, ready = masked_parties(8, 3, 64)
+    top = np.full(64, 2.0)
+    wires = [p.masked_wire(top, [0.0, 0.0], 2.0, ready) for p in parties]
+    total, tail = parties[0].sum_wires(wires, ready)
+    np.testing.assert_array_equal(total, np.full(64, 765))
+    signs = parties[0].codec.signs(0, 64)
+    np.testing.assert_allclose(parties[0].decode_sum(total, tail, 2.0, ready)[:64],
+                               unrotate(np.full(64, 6.0), signs, 64), atol=1e-12)
