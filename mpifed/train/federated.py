@@ -28,6 +28,7 @@ from ..federated.institutions import Federation, institution_sizes, make_federat
 from ..federated.private_update import apply_private_sums
 from ..federated.robust import check_institution_count
 from ..federated.rotated import rounding_rng
+from ..federated.wire_bytes import update_bytes
 from ..federated.strategies import STRATEGIES, ServerHyper
 from ..log import get_logger
 from ..nn.io import save_model
@@ -86,6 +87,7 @@ def run_federation(cfg, world, xp, inputs=NO_INPUTS) -> dict:
         site.ledger = open_ledger(out, fed)
     site.log = open_institution_log(out, fed, site.aggregator is not None, append=first > 0)
     start, last, stopped = time.perf_counter(), {}, ""
+    to_root = [0.0, 0.0]  # this run's bytes to the root: as sent, as they would be uncompressed
     with running(loader, step_fn) as flag:
         for rnd in range(first, fed_cfg.rounds):
             if not admit_round(cfg, site, fed, rnd):  # every leader decides for itself
@@ -96,6 +98,8 @@ def run_federation(cfg, world, xp, inputs=NO_INPUTS) -> dict:
             last, server_state, drawn = run_round(cfg, fed, site, step_fn, loader, rnd,
                                                   hyper, server_state, xp)
             site_steps += drawn  # the data stream's position, as a checkpoint stores it
+            to_root[0] += last["bytes_to_root"]
+            to_root[1] += last["bytes_to_root"] * last.get("compression_ratio", 1.0)
             report_round(reporter, last, site, fed, fed_cfg.rounds, xp,
                          model_source(step_fn))
             call_back(world, inputs.callbacks, rnd + 1, dict(last))
@@ -114,7 +118,8 @@ def run_federation(cfg, world, xp, inputs=NO_INPUTS) -> dict:
     if stopped:
         return stop_early(run.out, world, reporter, rnd + 1, stopped)
     return finish_federation(cfg, fed, site, reporter, last, time.perf_counter() - start,
-                             env)
+                             dict(env, compression_ratio=to_root[1] / to_root[0]
+                                  if to_root[0] else 1.0))
 
 
 def misbehaving(fed_cfg, institutions: int):
@@ -195,6 +200,8 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
             params[...] = xp.asarray(new.astype(params.dtype))
             record.update(fields)
             to_root = sums["bytes"]
+            record["compression_ratio"] = compression_ratio(fed_cfg, site.dp, fed, senders,
+                                                            params, to_root)
             if not secret:  # public samples only
                 record["participants"] = senders
     else:
@@ -216,6 +223,10 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
                 hyper)
             params[...] = xp.asarray(new)  # strategies run on the host, at the root only
             record["reports"] = {k: r for k, (_, r) in results.items()}
+            record["sent"] = {k: (outgoing.nbytes + 8 * SiteReport.wire_size()
+                                  if k != fed.institution else 0) for k in results}
+            record["compression_ratio"] = compression_ratio(fed_cfg, None, fed, senders,
+                                                            params, to_root)
         elif fed.is_leader and takes_part:
             send_to_root(fed, outgoing, report)
     if params is not None:
@@ -231,6 +242,10 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
         mine = {"round": rnd + 1, "sampled": bool(takes_part),
                 "steps": site.round_steps if trains else 0, "samples": int(site.samples),
                 "bytes_sent": site.sent.sent - sent_before}
+        if fed_cfg.compression != "none" and mine["bytes_sent"] and not fed.is_root:
+            sent, plain = update_bytes(fed_cfg, site.dp, global_params.size,
+                                       params.dtype.itemsize, len(senders))
+            mine["compression_ratio"] = (mine["bytes_sent"] + plain - sent) / mine["bytes_sent"]
         if takes_part:
             mine.update(trained_steps=int(report.steps), loss=float(report.loss))
             if fed_cfg.evaluate_local:
@@ -261,6 +276,16 @@ def decoded_models(codec, results: dict, global_params, dtype, rnd: int) -> dict
         delta, _ = codec.decode(wire, rnd, global_params.size)
         models[k] = ((global_params + delta).astype(dtype), report)
     return models
+
+
+def compression_ratio(fed_cfg, dp, fed, senders, params, to_root: int) -> float:
+    """Return the root's bytes received this round uncompressed over as received (>= 1; 1.0
+    when nothing came): every sender but the root's own institution sent one update."""
+    if not to_root:
+        return 1.0
+    sent, plain = update_bytes(fed_cfg, dp, params.size, params.dtype.itemsize, len(senders))
+    others = sum(k != fed.institution for k in senders)
+    return (to_root + others * (plain - sent)) / to_root
 
 
 def root_figures(timing: dict, private: bool, secret: bool) -> dict:

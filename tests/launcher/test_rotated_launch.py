@@ -94,8 +94,15 @@ def test_rotated_federation_equals_serial_simulation_and_sends_less(tmp_path, si
     rotated = read_metrics(tmp_path / "out", "round")[0]["bytes_to_root"]
     plain = read_metrics(tmp_path / "plain", "round")[0]["bytes_to_root"]
     # each of 2 non-root leaders: its range (8 B) and 64 packed coordinates, plus its report
-    assert rotated == 2 * (8 + -(-64 * bits // 8) + 40)
+    wire = 8 + -(-64 * bits // 8) + 40
+    assert rotated == 2 * wire
     assert plain == 2 * (8 * params + 40)
+    record = read_metrics(tmp_path / "out", "round")[0]
+    assert record["compression_ratio"] == pytest.approx(plain / rotated)
+    assert [e["bytes_sent"] for e in record["institutions"]] == [0, wire, wire]
+    summary = read_metrics(tmp_path / "out", "summary")[0]
+    assert summary["compression_ratio"] == pytest.approx(plain / rotated)
+    assert read_metrics(tmp_path / "plain", "summary")[0]["compression_ratio"] == 1.0
 
 
 def test_rotated_training_stays_near_uncompressed_fedavg(tmp_path, sites):
@@ -163,6 +170,15 @@ def test_under_dp_each_share_keeps_the_clip(tmp_path, sites):
         assert done.returncode == 0, done.stderr
         from helpers import model_vector
         out[name] = model_vector(tmp_path / name / "model.h5")
+    # the bytes: each non-root leader sends its range and 64 8-bit integers where it sent 39
+    # float64s; its own figure stays in its own folder, the root's record has the aggregate
+    rot = read_metrics(tmp_path / "rot", "round")[0]
+    plain = read_metrics(tmp_path / "plain", "round")[0]
+    assert rot["bytes_to_root"] == 2 * (8 + 64) and plain["bytes_to_root"] == 2 * 8 * 39
+    assert rot["compression_ratio"] == pytest.approx(39 * 8 / 72)
+    assert "institutions" not in rot or all("bytes_sent" not in e for e in rot["institutions"])
+    own = read_metrics(tmp_path / "rot" / "institution-1", "round")[0]
+    assert own["bytes_sent"] == 72 and own["compression_ratio"] == pytest.approx(39 * 8 / 72)
     start = flat(initial_weights(FEATURES, HIDDEN, CLASSES, SEED))
     moved = np.linalg.norm(out["rot"] - start)
     assert moved <= 0.05 + 1e-12

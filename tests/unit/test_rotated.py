@@ -207,3 +207,28 @@ def test_the_ring_holds_the_largest_sum_without_wrapping():
     signs = parties[0].codec.signs(0, 64)
     np.testing.assert_allclose(parties[0].decode_sum(total, tail, 2.0, ready)[:64],
                                unrotate(np.full(64, 6.0), signs, 64), atol=1e-12)
+
+
+@pytest.mark.parametrize("secure,dp", [(False, None), (False, "dp"), (True, None)])
+def test_update_bytes_are_the_wires_lengths(secure, dp):
+    """update_bytes' table against the buffers the codecs make, and the uncompressed vector."""
+    from types import SimpleNamespace
+
+    from mpifed.federated.masked_sum import tail_fields
+    from mpifed.federated.wire_bytes import update_bytes
+    dp_cfg = SimpleNamespace(adaptive=True) if dp else None
+    cfg = SimpleNamespace(secure_aggregation=secure, secure_bits=32, compression="rotated",
+                          compression_bits=5)
+    size, tail = 300, len(tail_fields(dp_cfg))
+    sent, plain = update_bytes(cfg, dp_cfg, size, 4, 3)
+    if secure:
+        parties, ready = masked_parties(5, 3, size)
+        assert sent == parties[0].wire_bytes(ready) == -(-512 * 7 // 8) + 16
+        assert plain == (size + 2) * 4
+    else:
+        wire = RotatedCodec(5, 5).encode(np.ones(size), 0, rounding_rng(5, 0, 0),
+                                         tail=[0.0] * tail)
+        assert sent == wire.nbytes
+        assert plain == (8 * (size + tail) if dp else 4 * size)
+    assert update_bytes(SimpleNamespace(**{**vars(cfg), "compression": "none"}), dp_cfg, size,
+                        4, 3) == (plain, plain)
