@@ -227,7 +227,7 @@ def test_update_bytes_are_the_wires_lengths(secure, dp):
         assert plain == (size + 2) * 4
     else:
         wire = RotatedCodec(5, 5).encode(np.ones(size), 0, rounding_rng(5, 0, 0),
-                                         tail=[0.0] * tail)
+                                         tail=[0.0] * tail if dp else [])  # plain: no tail
         assert sent == wire.nbytes
         assert plain == (8 * (size + tail) if dp else 4 * size)
     assert update_bytes(SimpleNamespace(**{**vars(cfg), "compression": "none"}), dp_cfg, size,
