@@ -51,6 +51,7 @@ def test_long_vectors_rotate_block_by_block(monkeypatch):
     """Past BLOCK the rotation is block-diagonal: one Hadamard block per BLOCK values, the last
     padded, still orthogonal."""
     monkeypatch.setattr(rotation, "BLOCK", 8)
+    monkeypatch.setattr(rotation, "MIN_BLOCK", 8)
     size = 19
     assert rotated_size(size) == 24
     signs = rotation_signs(5, 0, size)
@@ -58,6 +59,19 @@ def test_long_vectors_rotate_block_by_block(monkeypatch):
     np.testing.assert_allclose(rotation_matrix(size), blocks[:, :size], atol=1e-12)
     x = np.random.default_rng(0).normal(size=size)
     np.testing.assert_allclose(unrotate(rotate(x, signs), signs, size), x, atol=1e-12)
+
+
+@pytest.mark.parametrize("size,block,padded", [
+    (39, 64, 64),  # short: one block, the next power of two
+    (256, 256, 256),
+    (535_818, 1 << 16, 9 << 16),  # the benchmark MLP: 1.10x, not 2^20 (1.96x)
+    (4097, 512, 4608),  # 9 blocks of 512: 511 padded, within 4097 // 8
+    (3 << 20, 1 << 20, 3 << 20),
+])
+def test_blocks_keep_the_padding_within_an_eighth(size, block, padded):
+    assert rotation.block_size(size) == block and rotated_size(size) == padded
+    if size > rotation.MIN_BLOCK:
+        assert padded - size <= size // 8
 
 
 def test_signs_are_shared_per_round_and_differ_between_rounds():
