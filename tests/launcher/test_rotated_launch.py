@@ -25,10 +25,11 @@ FEATURES, CLASSES, HIDDEN, SEED = 5, 3, 4, 5
 SAMPLES = [23, 31, 17]
 
 
-def config(extra=None, rounds=4, strategy="fedavg", dp=None):
-    """Three institutions of one rank each (float64 MLP), FedAvg, 3 local steps."""
-    federated = {"institutions": 3, "rounds": rounds, "local_steps": 3, "strategy": strategy,
-                 **(extra or {})}
+def config(extra=None, rounds=4, strategy="fedavg", dp=None, sizes=(1, 1, 1)):
+    """Institutions of `sizes` ranks (three of one rank each), a float64 MLP, FedAvg, 3 local
+    steps."""
+    federated = {"institution_sizes": list(sizes), "rounds": rounds, "local_steps": 3,
+                 "strategy": strategy, **(extra or {})}
     if dp is not None:
         federated["dp"] = dp
     return {"data": {"train": "site-{institution}.h5", "shuffle": True},
@@ -52,11 +53,12 @@ def split(vector, like):
     return [vector[a:b].reshape(w.shape) for a, b, w in zip(cuts, cuts[1:], like)]
 
 
-def simulate(sites, rounds, bits=None):
-    """Serial FedAvg over the three sites; with bits, each update (model minus the round's
-    global model) goes through the codec with the run's seeds, as mpifed's leaders do."""
+def simulate(sites, rounds, bits=None, sizes=(1, 1, 1)):
+    """Serial FedAvg over the sites (institution k of sizes[k] ranks, each taking batches of 3);
+    with bits, each update (model minus the round's global model) goes through the codec with
+    the run's seeds, as mpifed's leaders do."""
     weights = initial_weights(FEATURES, HIDDEN, CLASSES, SEED)
-    streams = [global_batches(len(y), 1, 3, SEED, True) for _, y in sites]
+    streams = [global_batches(len(y), ranks, 3, SEED, True) for (_, y), ranks in zip(sites, sizes)]
     total = sum(len(y) for _, y in sites)
     codec = RotatedCodec(bits, SEED) if bits else None
     for rnd in range(rounds):
@@ -77,29 +79,33 @@ def model_of(tmp_path) -> np.ndarray:
     return model_vector(tmp_path / "out" / "model.h5")
 
 
-@pytest.mark.parametrize("bits", [8, 3])
-def test_rotated_federation_equals_serial_simulation_and_sends_less(tmp_path, sites, bits):
+@pytest.mark.parametrize("sizes,bits", [((1, 1, 1), 8), ((1, 1, 1), 3), ((1, 2, 1), 8),
+                                        ((1, 1), 5)])
+def test_rotated_federation_equals_serial_simulation_and_sends_less(tmp_path, sites, sizes,
+                                                                    bits):
+    sites, ranks = sites[:len(sizes)], sum(sizes)
     write_config(tmp_path / "fed.toml", config({"compression": "rotated",
-                                                "compression_bits": bits}))
-    done = run_mpi(3, ["train", "fed.toml"], cwd=tmp_path)
+                                                "compression_bits": bits}, sizes=sizes))
+    done = run_mpi(ranks, ["train", "fed.toml"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     got = model_of(tmp_path)
-    np.testing.assert_allclose(got, simulate(sites, 4, bits), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got, simulate(sites, 4, bits, sizes), rtol=1e-9, atol=1e-12)
     # the uncompressed run, side by side: bytes and the model it reaches
-    write_config(tmp_path / "plain.toml", {**config(), "run": {"seed": SEED, "out": "plain",
-                                                               "progress": "none"}})
-    done = run_mpi(3, ["train", "plain.toml"], cwd=tmp_path)
+    write_config(tmp_path / "plain.toml", {**config(sizes=sizes),
+                                           "run": {"seed": SEED, "out": "plain",
+                                                   "progress": "none"}})
+    done = run_mpi(ranks, ["train", "plain.toml"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    params = got.size  # 39 float64 values; rotated to 64 coordinates
+    params, others = got.size, len(sizes) - 1  # 39 float64 values; rotated to 64 coordinates
     rotated = read_metrics(tmp_path / "out", "round")[0]["bytes_to_root"]
     plain = read_metrics(tmp_path / "plain", "round")[0]["bytes_to_root"]
-    # each of 2 non-root leaders: its range (8 B) and 64 packed coordinates, plus its report
+    # each non-root leader: its range (8 B) and 64 packed coordinates, plus its report
     wire = 8 + -(-64 * bits // 8) + 40
-    assert rotated == 2 * wire
-    assert plain == 2 * (8 * params + 40)
+    assert rotated == others * wire
+    assert plain == others * (8 * params + 40)
     record = read_metrics(tmp_path / "out", "round")[0]
     assert record["compression_ratio"] == pytest.approx(plain / rotated)
-    assert [e["bytes_sent"] for e in record["institutions"]] == [0, wire, wire]
+    assert [e["bytes_sent"] for e in record["institutions"]] == [0] + [wire] * others
     summary = read_metrics(tmp_path / "out", "summary")[0]
     assert summary["compression_ratio"] == pytest.approx(plain / rotated)
     assert read_metrics(tmp_path / "plain", "summary")[0]["compression_ratio"] == 1.0
