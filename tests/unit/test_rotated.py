@@ -17,12 +17,32 @@ from mpifed.federated.rotated import RotatedCodec, rounding_rng
 from mpifed.federated.rotation import fwht, rotate, rotated_size, rotation_signs, unrotate
 
 
-@pytest.mark.parametrize("n", [1, 2, 8, 64])
+@pytest.mark.parametrize("n", [1, 2, 8, 64, 128, 4096])  # 128, 4096: two factors of <= 64
 def test_fwht_is_the_orthonormal_hadamard_matrix(n):
     x = np.random.default_rng(n).normal(size=(3, n))
     want = x @ hadamard(n).T / np.sqrt(n)
     fwht(x)
     np.testing.assert_allclose(x, want, rtol=1e-12, atol=1e-12)
+
+
+def butterflies(x):
+    """The textbook fast Walsh-Hadamard transform, one butterfly pass per bit (a reference)."""
+    x, h = x.copy(), 1
+    while h < x.shape[-1]:
+        pairs = x.reshape(*x.shape[:-1], -1, 2, h)
+        a, b = pairs[..., 0, :].copy(), pairs[..., 1, :].copy()
+        pairs[..., 0, :], pairs[..., 1, :] = a + b, a - b
+        h *= 2
+    return x / np.sqrt(x.shape[-1])
+
+
+def test_fwht_of_long_rows_equals_the_butterflies():
+    """2^16 and 2^20 values: three and four Kronecker factors against log2 n butterflies."""
+    for n in (1 << 16, 1 << 20):
+        x = np.random.default_rng(n).normal(size=(2, n) if n < 1 << 20 else (1, n))
+        want = butterflies(x)
+        fwht(x)
+        np.testing.assert_allclose(x, want, atol=1e-12)
 
 
 def rotation_matrix(size, seed=5, rnd=0):
