@@ -63,22 +63,35 @@ def packed_bytes(count: int, bits: int) -> int:
     return -(-count * bits // 8)
 
 
+def _word(bits: int) -> np.dtype:
+    """Return the little-endian unsigned dtype that holds `bits` bits."""
+    for size in (1, 2, 4, 8):
+        if bits <= 8 * size:
+            return np.dtype(f"<u{size}")
+    raise ValueError(f"at most 64 bits, got {bits}")
+
+
 def pack(q, bits: int) -> np.ndarray:
     """Return the integers q (each < 2^bits) packed end to end, little-endian, as uint8.
 
-    8 and 16 bits are plain casts; other widths go through a (count, bits) bit matrix."""
+    8 and 16 bits are plain casts; other widths keep the low `bits` of each value's bit row
+    (uint8 work only: its bytes, unpacked, cut, packed again)."""
     q = np.asarray(q)
-    if bits in (8, 16):
-        return q.astype(np.dtype(f"<u{bits // 8}")).view(np.uint8)
-    shifts = np.arange(bits, dtype=np.uint64)
-    matrix = ((q[:, None] >> shifts) & np.uint64(1)).astype(np.uint8)  # (count, bits)
-    return np.packbits(matrix.reshape(-1), bitorder="little")
+    word = _word(bits)
+    if bits == 8 * word.itemsize:
+        return q.astype(word).view(np.uint8)
+    rows = np.unpackbits(q.astype(word).view(np.uint8).reshape(q.size, word.itemsize), axis=1,
+                         bitorder="little")  # (count, 8 * itemsize)
+    return np.packbits(rows[:, :bits].reshape(-1), bitorder="little")
 
 
 def unpack(buf, bits: int, count: int) -> np.ndarray:
     """Return `count` integers (uint64) from `pack`'s bytes."""
     buf = np.asarray(buf, dtype=np.uint8)
-    if bits in (8, 16):
-        return buf[:packed_bytes(count, bits)].view(np.dtype(f"<u{bits // 8}")).astype(np.uint64)
-    matrix = np.unpackbits(buf, count=count * bits, bitorder="little").reshape(count, bits)
-    return matrix.astype(np.uint64) @ (np.uint64(1) << np.arange(bits, dtype=np.uint64))
+    word = _word(bits)
+    if bits == 8 * word.itemsize:
+        return buf[:packed_bytes(count, bits)].view(word).astype(np.uint64)
+    rows = np.zeros((count, 8 * word.itemsize), dtype=np.uint8)
+    rows[:, :bits] = np.unpackbits(buf, count=count * bits, bitorder="little").reshape(count,
+                                                                                      bits)
+    return np.packbits(rows, axis=1, bitorder="little").view(word).reshape(-1).astype(np.uint64)
