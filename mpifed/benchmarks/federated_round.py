@@ -138,10 +138,11 @@ def main(argv=None) -> int:
             mean = {k: float(np.mean([r[k] for r in rounds])) for k in
                     ("bytes_to_root", "bytes_from_root", "round_seconds", "exchange_seconds",
                      "allreduce_seconds", "comm_fraction")}
-            mean["accuracy"] = rounds[-1]["accuracy"]  # the last round's model on all rows
+            # the last round's model on all the rows
+            mean.update(accuracy=rounds[-1]["accuracy"], test_loss=rounds[-1]["test_loss"])
             seconds[name] = mean["round_seconds"]
             to_root[name] = mean["bytes_to_root"]
-            accuracy[name] = mean["accuracy"]
+            accuracy[name] = (mean["accuracy"], mean["test_loss"])
             print(format_row(COLUMNS, dict(mean, layout=name, minimum=minimum)), flush=True)
             records.append(record(name, layout, sites, [r["round_seconds"] for r in rounds],
                                   dict(mean, minimum_bytes=minimum), skip, args))
@@ -155,8 +156,9 @@ def main(argv=None) -> int:
                        ("4 x 1 sa rot8", "4 x 1 secagg")):
         if name in to_root and base in to_root:
             print(f"# {name}: bytes to root / {base}'s: 1/{to_root[base] / to_root[name]:.1f}; "
-                  f"accuracy {accuracy[name]:.4f} vs {accuracy[base]:.4f} "
-                  f"({100 * (accuracy[name] - accuracy[base]):+.2f} points)")
+                  f"accuracy {accuracy[name][0]:.4f} vs {accuracy[base][0]:.4f} "
+                  f"({100 * (accuracy[name][0] - accuracy[base][0]):+.2f} points), loss "
+                  f"{accuracy[name][1]:.4f} vs {accuracy[base][1]:.4f}")
     return 0
 
 
@@ -170,6 +172,7 @@ COLUMNS = [
     Column("allreduce s", 11, lambda r: f"{r['allreduce_seconds']:.3f}"),
     Column("comm %", 7, lambda r: f"{100 * r['comm_fraction']:.1f}%"),
     Column("accuracy", 8, lambda r: f"{r['accuracy']:.4f}"),
+    Column("loss", 7, lambda r: f"{r['test_loss']:.4f}"),
 ]
 
 
