@@ -32,9 +32,10 @@ def step_of(bound: float, bits: int) -> float:
     return 2.0 * bound / levels(bits)
 
 
-def quantize(y, bound: float, bits: int, rng: np.random.Generator):
+def quantize(y, bound: float, bits: int, rng):
     """Return y (float64[n]) stochastically rounded to `bits` bits over [-bound, bound], as
-    uint64[n] integers in [0, L]. rng: this institution's own generator (uniform draws)."""
+    uint64[n] integers in [0, L]. rng: this institution's own source of uniform draws in
+    [0, 1) (a NumPy Generator, or `rotated.SecureUniform`: anything with `.random(n)`)."""
     xp = get_array_module(y)
     step = step_of(bound, bits)
     if step <= 0:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .dp import secure_uniform_bits, unit_interval
 from .quantize import dequantize, pack, packed_bytes, quantize, unpack
 from .rotation import rotate, rotated_size, rotation_signs, unrotate
 
@@ -30,16 +31,23 @@ UPDATE_COMPRESSIONS = ("none", "rotated")  # federated.compression
 ROUNDING_TAG = 0x71756E74  # "qunt": the rounding draws' stream, apart from the rotation's
 
 
-def rounding_rng(seed: int, round_index: int, institution: int, secret: bool = False
-                 ) -> np.random.Generator:
-    """Return the generator of one institution's rounding draws in a round.
+class SecureUniform:
+    """Uniform draws in (0, 1) from AES-256-CTR keyed by os.urandom (`dp.secure_uniform_bits`),
+    as the private path's noise: no seeded generator, nothing anyone else can rebuild."""
+
+    def random(self, size: int) -> np.ndarray:
+        return unit_interval(secure_uniform_bits(size))
+
+
+def rounding_rng(seed: int, round_index: int, institution: int, secret: bool = False):
+    """Return the source of one institution's rounding draws in a round (its `.random(n)`).
 
     Seeded by (run.seed, round, institution) in a plain run, so a run and its resume are
-    reproducible bit for bit; no other institution draws from it. secret (under DP): from the
-    operating system's entropy, so not even the root can rebuild an institution's rounding.
+    reproducible bit for bit; no other institution draws from it. secret (under DP or secure
+    aggregation): `SecureUniform`, so not even the root can rebuild an institution's rounding.
     """
     if secret:
-        return np.random.default_rng()
+        return SecureUniform()
     return np.random.default_rng([seed, round_index, institution, ROUNDING_TAG])
 
 
@@ -62,8 +70,7 @@ class RotatedCodec:
         """Return the bytes of one encoded update of `size` values and `tail` float64s."""
         return 8 * (1 + tail) + packed_bytes(rotated_size(size), self.bits)
 
-    def encode(self, delta, round_index: int, rng: np.random.Generator, tail=()
-               ) -> np.ndarray:
+    def encode(self, delta, round_index: int, rng, tail=()) -> np.ndarray:
         """Return delta (float64[size]) and the float64s `tail` as one uint8 wire buffer."""
         y = rotate(np.asarray(delta, dtype=np.float64), self.signs(round_index, delta.size))
         bound = float(np.abs(y).max()) if y.size else 0.0
