@@ -2,10 +2,10 @@
 uncompressed, for the accounting (`compression_ratio`). Public numbers: they depend on the
 settings, the model's size and how many leaders send, never on an update.
 
-    exchange                  uncompressed                      rotated (b bits, d' = rotated_size(d))
-    plain                     d * itemsize (the model)          8 + ceil(d' b / 8)
-    DP alone                  8 (d + t)                         8 (1 + t) + ceil(d' b / 8)
-    secure aggregation        (d + t) secure_bits / 8           ceil(d' m / 8) + 8 t, m = b + ceil(log2 K)
+    exchange             uncompressed               rotated (b bits, d' = rotated_size(d))
+    plain                d * itemsize (the model)   8 + ceil(d' b / 8)
+    DP alone             8 (d + t)                  8 (1 + t) + ceil(d' b / 8)
+    secure aggregation   (d + t) secure_bits / 8    ceil(d' m / 8) + 8 t, m = b + ceil(log2 K)
 
 t: the tail's values after the update (`masked_sum.tail_fields`); K: the leaders sending.
 """

@@ -28,8 +28,8 @@ from ..federated.institutions import Federation, institution_sizes, make_federat
 from ..federated.private_update import apply_private_sums
 from ..federated.robust import check_institution_count
 from ..federated.rotated import rounding_rng
-from ..federated.wire_bytes import update_bytes
 from ..federated.strategies import STRATEGIES, ServerHyper
+from ..federated.wire_bytes import update_bytes
 from ..log import get_logger
 from ..nn.io import save_model
 from ..optim import learning_rate, make_optimizer
