@@ -18,6 +18,7 @@ from helpers import (
 )
 from reference import global_batches, initial_weights, mlp_sgd
 
+from mpifed.federated.institutions import participants
 from mpifed.federated.rotated import RotatedCodec, rounding_rng
 from mpifed.federated.rotation import rotate, rotation_signs, unrotate
 
@@ -53,17 +54,19 @@ def split(vector, like):
     return [vector[a:b].reshape(w.shape) for a, b, w in zip(cuts, cuts[1:], like)]
 
 
-def simulate(sites, rounds, bits=None, sizes=(1, 1, 1)):
-    """Serial FedAvg over the sites (institution k of sizes[k] ranks, each taking batches of 3);
-    with bits, each update (model minus the round's global model) goes through the codec with
-    the run's seeds, as mpifed's leaders do."""
+def simulate(sites, rounds, bits=None, sizes=(1, 1, 1), fraction=1.0):
+    """Serial FedAvg over the sites (institution k of sizes[k] ranks, each taking batches of 3;
+    each round the `participants` sample); with bits, each update (model minus the round's
+    global model) goes through the codec with the run's seeds, as mpifed's leaders do."""
     weights = initial_weights(FEATURES, HIDDEN, CLASSES, SEED)
     streams = [global_batches(len(y), ranks, 3, SEED, True) for (_, y), ranks in zip(sites, sizes)]
-    total = sum(len(y) for _, y in sites)
     codec = RotatedCodec(bits, SEED) if bits else None
     for rnd in range(rounds):
         start, mean = flat(weights), 0.0
-        for k, ((x, y), stream) in enumerate(zip(sites, streams)):
+        chosen = participants(len(sites), fraction, SEED, rnd)
+        total = sum(len(sites[k][1]) for k in chosen)
+        for k in chosen:
+            (x, y), stream = sites[k], streams[k]
             local = flat(mlp_sgd(x, y, weights, itertools.islice(stream, 3), 0.1, 0.5))
             delta = local - start
             if codec is not None:
@@ -109,6 +112,19 @@ def test_rotated_federation_equals_serial_simulation_and_sends_less(tmp_path, si
     summary = read_metrics(tmp_path / "out", "summary")[0]
     assert summary["compression_ratio"] == pytest.approx(plain / rotated)
     assert read_metrics(tmp_path / "plain", "summary")[0]["compression_ratio"] == 1.0
+
+
+def test_a_sampled_federation_decodes_only_the_senders(tmp_path, sites):
+    """fraction 0.34: one institution of three per round, at times not the root's own (which
+    then sends nothing and reads the others' wire length from its own placeholder)."""
+    rounds = 4
+    assert any(0 not in participants(3, 0.34, SEED, r) for r in range(rounds))
+    write_config(tmp_path / "fed.toml", config({"compression": "rotated", "fraction": 0.34,
+                                                "compression_bits": 6}, rounds=rounds))
+    done = run_mpi(3, ["train", "fed.toml"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_allclose(model_of(tmp_path), simulate(sites, rounds, 6, fraction=0.34),
+                               rtol=1e-9, atol=1e-12)
 
 
 def test_rotated_training_stays_near_uncompressed_fedavg(tmp_path, sites):
