@@ -265,6 +265,11 @@ def encoded_update(codec, params, global_params, rnd: int, seed: int, institutio
     if not takes_part:
         return np.zeros(codec.wire_bytes(global_params.size), dtype=np.uint8)
     delta = to_host(params).astype(np.float64).reshape(-1) - global_params
+    if not np.isfinite(np.linalg.norm(delta)):  # its range would be NaN: every value lost
+        err = UserError("federated: this institution's update holds NaN or Inf (local "
+                        "training diverged); lower optim.lr. Nothing was sent")
+        err.collective = False  # the root waits for this leader: end every rank
+        raise err
     return codec.encode(delta, rnd, rounding_rng(seed, rnd, institution))
 
 
