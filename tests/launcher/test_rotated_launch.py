@@ -249,3 +249,13 @@ def test_rotated_with_secure_aggregation_and_dp_is_refused(tmp_path, sites):
     assert done.returncode != 0
     assert "federated.compression" in done.stderr and "Traceback" not in done.stderr
     assert "post-processing" in done.stderr
+
+
+def test_a_nan_update_ends_every_rank_with_one_message(tmp_path, sites):
+    """A leader whose update holds NaN (MPIFED_FAULT=byzantine:1:nan) refuses to encode it (its
+    range would be NaN) and every rank ends, with the message and no traceback."""
+    write_config(tmp_path / "fed.toml", config({"compression": "rotated"}, rounds=2))
+    done = run_mpi(3, ["train", "fed.toml"], cwd=tmp_path,
+                   env={"MPIFED_FAULT": "byzantine:1:nan"})
+    assert done.returncode != 0
+    assert "NaN or Inf" in done.stderr and "Traceback" not in done.stderr
