@@ -7,7 +7,9 @@ from mpifed.federated.private_aggregation import PrivateAggregator
 
 
 def private_aggregate(fed_cfg, dp, fed, params, global_host, report, senders, rnd, state,
-                      sampled: bool = True, identity=None, relay=None) -> dict | None:
-    """One round with a one-off PrivateAggregator (tests; runs keep one aggregator)."""
-    return PrivateAggregator(fed_cfg, dp, fed, identity, relay)(
+                      sampled: bool = True, identity=None, relay=None, codec=None
+                      ) -> dict | None:
+    """One round with a one-off PrivateAggregator (tests; runs keep one aggregator); codec:
+    federated.compression = "rotated"'s (`rotated.make_codec`)."""
+    return PrivateAggregator(fed_cfg, dp, fed, identity, relay, codec=codec)(
         params, global_host, report, senders, sampled, rnd, state)

@@ -1,6 +1,6 @@
 """Bytes and communication share of a federated round.
 
-    python bench/federated_round.py [--rounds 6] [--local-steps 10] [--warmup 10]
+    python bench/federated_round.py [--rounds 6] [--local-steps 10] [--warmup 10] [--layouts ..]
     mpifed bench federated-round [...] [--records runs.jsonl]     (the same)
 
 The benchmark MLP 784-512-256-10 (mlp.py; float32, 535,818 parameters), 4 ranks, IID synthetic data
@@ -9,7 +9,11 @@ sends to and from the root against the design's minimum (each non-root leader se
 receives one), the round time, and its share spent communicating (leader exchange + in-site all-
 reduce). "4 x 1 sa+dp" and "4 x 1 auth" are authenticated secure aggregation with DP
 (federated.keys, which DP requires; q = 1 and q = 0.5, every leader sends every round); the last
-lines give each private layout's round time over plain FedAvg's, measured in the same run. The
+lines give each private layout's round time over plain FedAvg's, measured in the same run, and
+each compressed layout's ("rot8", "rot4": federated.compression = "rotated" at 8 and 4 bits;
+"sa rot8" under secure aggregation) bytes to the root and accuracy against its uncompressed
+peer's. Accuracy: the last round's global model on all the rows (data.test = the pooled
+training file; the benchmark measures the exchange, not generalisation). The
 rounds are timed by `mpifed train` itself (metrics.jsonl); the harness's warm-up applies as whole
 rounds: those covering the first --warmup training steps (the harness default, as for every
 benchmark) are left out of the means.
@@ -42,6 +46,7 @@ from .mlp import FEATURES, NAME, PARAMETERS, model_toml
 CONFIG = """
 [data]
 train = "{sites}/site-{{institution}}.h5"
+test = "{test}"
 """ + model_toml() + """
 [optim]
 lr = 0.01
@@ -68,6 +73,9 @@ def main(argv=None) -> int:
                              "rounds that cover them are left out")
     parser.add_argument("--records", metavar="PATH",
                         help="append one harness record per layout (JSON Lines)")
+    parser.add_argument("--layouts", metavar="NAMES",
+                        help="comma-separated layout names to run (default: all; the plain "
+                             "'4 x 1 rank' always runs: the ratios are against it)")
     args = parser.parse_args(argv)
     skip = warmup_rounds(args.warmup, args.local_steps)
     if args.rounds - skip < 1:
@@ -87,12 +95,25 @@ def main(argv=None) -> int:
                               "keys = \"{keys}\"\nsecure_range = 8.0\nfraction = 0.5\n"
                               "[federated.dp]\nclip = 1.0\nnoise_multiplier = 1.0", 4),
                "2 x 2 ranks": ("institutions = 2", 2),
-               "[1, 2, 1]": ("institution_sizes = [1, 2, 1]", 3)}
+               "[1, 2, 1]": ("institution_sizes = [1, 2, 1]", 3),
+               # federated.compression: the updates rotated and rounded to b bits
+               "4 x 1 rot8": ("institutions = 4\ncompression = \"rotated\"", 4),
+               "4 x 1 rot4": ("institutions = 4\ncompression = \"rotated\"\n"
+                              "compression_bits = 4", 4),
+               "4 x 1 sa rot8": ("institutions = 4\nsecure_aggregation = true\n"
+                                 "compression = \"rotated\"", 4)}
+    if args.layouts:
+        wanted = {"4 x 1 rank", *(n.strip() for n in args.layouts.split(","))}
+        unknown = wanted - set(layouts)
+        if unknown:
+            parser.error(f"--layouts: no layout {sorted(unknown)} (the layouts: "
+                         f"{', '.join(layouts)})")
+        layouts = {k: v for k, v in layouts.items() if k in wanted}
     params = PARAMETERS
     print(f"# federated round, {NAME} ({params:,} float32 parameters = "
           f"{4 * params:,} B), 4 ranks, FedAvg, {args.local_steps} local steps, batch 128/rank")
     table(COLUMNS, [])  # the header; each layout's row prints as soon as it is measured
-    seconds, records = {}, []
+    seconds, records, to_root, accuracy = {}, [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         data, keys = os.path.join(tmp, "all.h5"), os.path.join(tmp, "keys")
         subprocess.run([*mpifed, "keys", "generate", keys, "--institutions", "4"], check=True,
@@ -107,7 +128,7 @@ def main(argv=None) -> int:
             out = os.path.join(tmp, f"out-{len(seconds)}")
             config = os.path.join(tmp, f"fed-{len(seconds)}.toml")
             Path(config).write_text(CONFIG.format(sites=site_dir, layout=layout.format(keys=keys),
-                                                  out=out,
+                                                  out=out, test=data,
                                                   rounds=args.rounds,
                                                   local_steps=args.local_steps))
             subprocess.run([*mpifed_command(4), "train", config], check=True,
@@ -117,7 +138,11 @@ def main(argv=None) -> int:
             mean = {k: float(np.mean([r[k] for r in rounds])) for k in
                     ("bytes_to_root", "bytes_from_root", "round_seconds", "exchange_seconds",
                      "allreduce_seconds", "comm_fraction")}
+            # the last round's model on all the rows
+            mean.update(accuracy=rounds[-1]["accuracy"], test_loss=rounds[-1]["test_loss"])
             seconds[name] = mean["round_seconds"]
+            to_root[name] = mean["bytes_to_root"]
+            accuracy[name] = (mean["accuracy"], mean["test_loss"])
             print(format_row(COLUMNS, dict(mean, layout=name, minimum=minimum)), flush=True)
             records.append(record(name, layout, sites, [r["round_seconds"] for r in rounds],
                                   dict(mean, minimum_bytes=minimum), skip, args))
@@ -125,7 +150,15 @@ def main(argv=None) -> int:
         append_records(args.records, records)
     plain = seconds["4 x 1 rank"]
     for name in ("4 x 1 secagg", "4 x 1 sa+dp", "4 x 1 auth"):
-        print(f"# {name} round time / plain FedAvg's: {seconds[name] / plain:.2f}x")
+        if name in seconds:
+            print(f"# {name} round time / plain FedAvg's: {seconds[name] / plain:.2f}x")
+    for name, base in (("4 x 1 rot8", "4 x 1 rank"), ("4 x 1 rot4", "4 x 1 rank"),
+                       ("4 x 1 sa rot8", "4 x 1 secagg")):
+        if name in to_root and base in to_root:
+            print(f"# {name}: bytes to root / {base}'s: 1/{to_root[base] / to_root[name]:.1f}; "
+                  f"accuracy {accuracy[name][0]:.4f} vs {accuracy[base][0]:.4f} "
+                  f"({100 * (accuracy[name][0] - accuracy[base][0]):+.2f} points), loss "
+                  f"{accuracy[name][1]:.4f} vs {accuracy[base][1]:.4f}")
     return 0
 
 
@@ -138,6 +171,8 @@ COLUMNS = [
     Column("exchange s", 10, lambda r: f"{r['exchange_seconds']:.3f}"),
     Column("allreduce s", 11, lambda r: f"{r['allreduce_seconds']:.3f}"),
     Column("comm %", 7, lambda r: f"{100 * r['comm_fraction']:.1f}%"),
+    Column("accuracy", 8, lambda r: f"{r['accuracy']:.4f}"),
+    Column("loss", 7, lambda r: f"{r['test_loss']:.4f}"),
 ]
 
 

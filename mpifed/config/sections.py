@@ -25,6 +25,7 @@ from ..errors import UserError
 from ..federated.dp import ACCOUNTANTS
 from ..federated.personal import PERSONALIZATIONS, SPLITS
 from ..federated.robust import PRIVATE_REFUSAL
+from ..federated.rotated import UPDATE_COMPRESSIONS
 from ..federated.secagg import OUT_OF_RANGE_MODES, SINT
 from ..federated.strategies import DEFAULT_SERVER_LR, STRATEGIES
 from ..nn.models import DTYPES
@@ -316,6 +317,12 @@ class FederatedConfig(Section):
                                   "global w", low=0)
     finetune_steps: int = setting(0, "local steps each institution takes on its own model after "
                                   "the last round (any personalization)", low=0)
+    compression: str = setting("none", "institution updates on the wire: none (as trained) or "
+                               "rotated (a shared-seed random rotation, then stochastic "
+                               "quantisation to compression_bits a coordinate)",
+                               choices=UPDATE_COMPRESSIONS)
+    compression_bits: int = setting(8, "rotated: bits per coordinate of an institution's "
+                                    "update", low=2, high=16)
     secure_aggregation: bool = setting(False, "pairwise-masked sums: the root sees only the total")
     secure_bits: int = setting(64, "width of the masked integers", choices=tuple(SINT))
     secure_range: float = setting(1.0, "largest |value| of an update coordinate to encode, "
@@ -364,6 +371,15 @@ class FederatedConfig(Section):
                 "K DIR` on its own machine, `mpifed keys roster DIR --institutions N` collects "
                 "the public keys; set federated.keys = \"DIR\" and federated.keys_roster_sha256 "
                 "to the hash it prints (`mpifed keys generate DIR --institutions N` for tests)")
+        if self.compression == "rotated" and self.secure_aggregation and self.dp is not None:
+            raise UserError(
+                "federated.compression = \"rotated\" with secure aggregation and [federated.dp]: "
+                "refused. There each leader adds its share of the noise, and rounding every "
+                "leader's noised vector on its own is not a post-processing of the noised sum, "
+                "so the ledger's epsilon would not hold (that needs the distributed discrete "
+                "Gaussian mechanism, not built). Use rotated compression with DP alone (the "
+                "root adds the noise) or with secure aggregation alone, or set "
+                "federated.compression = \"none\"")
         private = self.secure_aggregation or self.dp is not None
         if private and self.strategy == "fednova":
             raise UserError("federated.strategy: fednova needs every institution's own step "
@@ -394,6 +410,11 @@ class FederatedConfig(Section):
                             "[federated.dp] is not supported yet: the masked and noised sums "
                             "cover the whole model, so they would carry the personal layers too; "
                             "use \"ditto\" there (it shares the whole global model)")
+        if mode in SPLITS and self.compression != "none":
+            raise UserError(f"federated.personalization: {mode} with federated.compression = "
+                            f"{self.compression!r} is not supported yet: the compressed update "
+                            "and its accounting cover the whole model; use \"ditto\" (it shares "
+                            "the whole global model) or federated.compression = \"none\"")
 
     def _check_keys_pinned(self) -> None:
         pinned = self.keys_roster_sha256

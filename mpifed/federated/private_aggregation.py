@@ -22,12 +22,13 @@ exchange is a `Relay`: tests replace it by liars.
 from __future__ import annotations
 
 import numpy as np
+from mpi4py import MPI
 
 from ..comm.agree import raise_together
 from ..comm.quiet import after_quiet_barrier
 from ..errors import UserError
 from ..log import get_logger
-from .dp import secure_gaussian
+from .dp import clip_update, secure_gaussian
 from .identity import Identity
 from .key_exchange import KeyExchange, Relay
 from .masked_sum import (
@@ -38,6 +39,8 @@ from .masked_sum import (
     split_sums,
     tail_fields,
 )
+from .rotated import RotatedCodec, rounding_rng
+from .rotated_sum import RotatedMaskedSum
 from .secagg import new_keypair
 from .transcript import MODEL_CODE, model_digest, round_view
 
@@ -55,15 +58,18 @@ class PrivateAggregator:
     """
 
     def __init__(self, fed_cfg, dp, fed, identity: Identity | None = None,
-                 relay: Relay | None = None):
+                 relay: Relay | None = None, codec: RotatedCodec | None = None, seed: int = 0):
         self.fed_cfg, self.dp, self.fed, self.identity = fed_cfg, dp, fed, identity
+        self.codec, self.seed = codec, seed  # federated.compression = "rotated" (DP alone)
         self.ready: PreparedRound | None = None
         # Every rank takes part in the consistency round's agreement, leaders or not.
         self.authenticated = bool(fed_cfg.keys)
         if self.authenticated and fed.is_leader and identity is None:
             raise ValueError("federated.keys is set but this leader was given no identity")
         self.exchange = KeyExchange(fed, identity, relay or Relay(), self.authenticated)
-        self.masked = MaskedSum(fed_cfg, dp, fed.institution)
+        self.masked = (RotatedMaskedSum(fed_cfg, dp, fed.institution, codec)
+                       if codec is not None and fed_cfg.secure_aggregation
+                       else MaskedSum(fed_cfg, dp, fed.institution))
 
     def prepare(self, senders: list[int], rnd: int, state: dict, size: int,
                 model=None) -> None:
@@ -135,7 +141,9 @@ class PrivateAggregator:
             ready = self.ready
         self.ready = None  # a round's keys, masks and noise serve that round once
         fed, dp = self.fed, self.dp
-        if self.fed_cfg.secure_aggregation:
+        if self.fed_cfg.secure_aggregation and self.codec is not None:
+            sums = self._secure_rotated_sum(params, global_host, report, sampled, ready)
+        elif self.fed_cfg.secure_aggregation:
             sums = self._secure_sum(params, global_host, report, sampled, ready)
         else:
             vector = None
@@ -147,14 +155,22 @@ class PrivateAggregator:
                     np.zeros(ready.size + len(tail_fields(dp)))))
             else:
                 raise_together(fed.world, lambda: after_quiet_barrier(fed.world, lambda: None))
-            sums = self._plain_sum(vector, senders, ready.clip, ready.size)
+            sums = self._plain_sum(vector, senders, ready.clip, ready.size, rnd)
         if sums is not None:
             sums["clip"] = ready.clip
         return sums
 
-    def _plain_sum(self, vector, senders, clip, size) -> dict | None:
-        """Leaders send their vectors; the root sums them and adds the DP noise itself."""
+    def _plain_sum(self, vector, senders, clip, size, rnd: int) -> dict | None:
+        """Leaders send their vectors; the root sums them and adds the DP noise itself.
+
+        With a codec a vector travels rotated and quantised; the root decodes each and clips
+        it to the round's clip again (quantisation can lengthen it by up to a step per
+        coordinate), so every institution's share of the sum keeps norm <= clip and the noise
+        the root adds after the sum is calibrated as without compression."""
         fed, width = self.fed, size + len(tail_fields(self.dp))
+        if vector is not None and self.codec is not None:
+            vector = self.codec.encode(vector[:size], rnd, rounding_rng(
+                self.seed, rnd, fed.institution, secret=True), tail=vector[size:])
         if fed.is_leader and not fed.is_root and vector is not None:
             fed.leaders.Send(vector, 0, TAG_VECTOR)
         if not fed.is_root:
@@ -162,17 +178,77 @@ class PrivateAggregator:
         total, received = np.zeros(width), 0
         for k in senders:
             if k == fed.institution:
-                total += vector
+                total += self._decoded(vector, size, clip, rnd)
                 continue
-            buf = np.empty(width)
+            buf = self._receive_buffer(size)
             fed.leaders.Recv(buf, k, TAG_VECTOR)
-            total += buf
+            total += self._decoded(buf, size, clip, rnd)
             received += buf.nbytes
         update_std, count_std = noise_stddevs(self.dp, clip)
         total[:size] += secure_gaussian(size, update_std)
         if width > size and count_std:
             total[size:] += secure_gaussian(width - size, count_std)
         return split_sums(total, size, received, self.dp)
+
+    def _secure_rotated_sum(self, params, global_host, report, sampled, ready: PreparedRound
+                            ) -> dict | None:
+        """Rotated, quantised, masked integers in few bits (`rotated_sum.py`): the senders
+        agree on the quantiser's range, then the root adds their packed integers and learns
+        only the sum (and the range)."""
+        fed, masked, senders = self.fed, self.masked, ready.senders
+        rotated = raise_together(fed.world, lambda: after_quiet_barrier(fed.world, lambda: (
+            masked.rotated_update(params, global_host, report, sampled, ready)
+            if ready.publics else None)))
+        bound = self._agreed_bound(rotated[0] if rotated is not None else None)
+        wire = masked.masked_wire(*rotated, bound, ready) if rotated is not None else None
+        if wire is not None and not fed.is_root:
+            fed.leaders.Send(wire, 0, TAG_VECTOR)
+        if not fed.is_root:
+            return None
+        received = [0]
+
+        def wires():
+            if wire is not None:
+                yield wire
+            for k in senders:
+                if k != fed.institution:
+                    buf = np.empty(masked.wire_bytes(ready), dtype=np.uint8)
+                    fed.leaders.Recv(buf, k, TAG_VECTOR)
+                    received[0] += buf.nbytes
+                    yield buf
+        total, tail = masked.sum_wires(wires(), ready)
+        received[0] += sum(k != fed.institution for k in senders) * self.exchange.relayed_bytes()
+        values = masked.decode_sum(total, tail, bound, ready)
+        return split_sums(values, ready.size, received[0], self.dp)
+
+    def _agreed_bound(self, rotated) -> float:
+        """Return the largest |coordinate| of every sender's rotated update: an MPI MAX over
+        the leaders (a leader not sending gives 0); 0 on the other ranks, which send nothing."""
+        fed = self.fed
+        if fed.leaders is None:
+            return 0.0
+        mine = np.array([float(np.abs(rotated).max()) if rotated is not None and rotated.size
+                         else 0.0])
+        fed.leaders.Allreduce(MPI.IN_PLACE, mine, op=MPI.MAX)
+        return float(mine[0])
+
+    def _receive_buffer(self, size: int) -> np.ndarray:
+        """Return a buffer for one leader's vector: float64 [update, tail], or the codec's
+        bytes."""
+        tail = len(tail_fields(self.dp))
+        if self.codec is None:
+            return np.empty(size + tail)
+        return np.empty(self.codec.wire_bytes(size, tail), dtype=np.uint8)
+
+    def _decoded(self, buf, size: int, clip: float, rnd: int) -> np.ndarray:
+        """Return a received vector as float64 [update, tail]: as it came, or decoded and, under
+        DP, its update clipped to norm <= clip again."""
+        if self.codec is None:
+            return buf
+        delta, tail = self.codec.decode(buf, rnd, size, len(tail_fields(self.dp)))
+        if self.dp is not None:
+            delta, _ = clip_update(delta, clip)
+        return np.concatenate([delta, tail])
 
     def _secure_sum(self, params, global_host, report, sampled, ready: PreparedRound
                     ) -> dict | None:

@@ -30,7 +30,9 @@ from ..federated.exchange import SiteReport, collect_at_root, send_to_root
 from ..federated.institutions import Federation, institution_sizes, make_federation
 from ..federated.private_update import apply_private_sums
 from ..federated.robust import check_institution_count
+from ..federated.rotated import rounding_rng
 from ..federated.strategies import STRATEGIES, ServerHyper
+from ..federated.wire_bytes import update_bytes
 from ..log import get_logger
 from ..nn.io import save_model
 from ..optim import learning_rate, make_optimizer
@@ -104,6 +106,7 @@ def run_federation(cfg, world, xp, inputs=NO_INPUTS) -> dict:
     own_folder = site.aggregator is not None or site.personal.local_test is not None
     site.log = open_institution_log(out, fed, own_folder, append=first > 0)
     start, last, stopped = time.perf_counter(), {}, ""
+    to_root = [0.0, 0.0]  # this run's bytes to the root: as sent, as they would be uncompressed
     with running(loader, step_fn) as flag:
         for rnd in range(first, fed_cfg.rounds):
             if not admit_round(cfg, site, fed, rnd):  # every leader decides for itself
@@ -116,6 +119,8 @@ def run_federation(cfg, world, xp, inputs=NO_INPUTS) -> dict:
             site_steps += drawn  # the data stream's position, as a checkpoint stores it
             evaluate_institution(fed, site.spec, site.personal, model_source(step_fn),
                                  site.log, last, site.aggregator is not None, xp)
+            to_root[0] += last["bytes_to_root"]
+            to_root[1] += last["bytes_to_root"] * last.get("compression_ratio", 1.0)
             report_round(reporter, last, site, fed, fed_cfg.rounds, xp,
                          global_model(site.personal, model_source(step_fn)))
             call_back(world, inputs.callbacks, rnd + 1, dict(last))
@@ -137,7 +142,8 @@ def run_federation(cfg, world, xp, inputs=NO_INPUTS) -> dict:
     if stopped:
         return stop_early(run.out, world, reporter, rnd + 1, stopped)
     return finish_federation(cfg, fed, site, reporter, last, time.perf_counter() - start,
-                             env)
+                             dict(env, compression_ratio=to_root[1] / to_root[0]
+                                  if to_root[0] else 1.0))
 
 
 def finish_personal(cfg, fed, site: Site, step_fn, loader, last: dict, xp) -> dict:
@@ -201,7 +207,8 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
     sent_before = site.sent.sent if site.sent is not None else 0
     private = site.aggregator is not None
     senders, takes_part = round_senders(cfg.federated, cfg.run.seed, fed, site, rnd)
-    keeps_global = fed.is_root or (private and fed.is_leader) or site.byzantine is not None
+    keeps_global = (fed.is_root or (private and fed.is_leader) or site.byzantine is not None
+                    or (site.codec is not None and fed.is_leader))
     global_params = to_host(params).astype(np.float64) if keeps_global else None  # round start
     report = SiteReport(samples=site.samples, steps=site.local_steps)
     secret = fed_cfg.secure_aggregation and site.dp is not None
@@ -234,6 +241,8 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
             params[...] = xp.asarray(new.astype(params.dtype))
             record.update(fields)
             to_root = sums["bytes"]
+            record["compression_ratio"] = compression_ratio(fed_cfg, site.dp, fed, senders,
+                                                            params, to_root)
             if not secret:  # public samples only
                 record["participants"] = senders
     else:
@@ -244,14 +253,23 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
         if site.byzantine is not None and takes_part:  # a test's tampered update (faults.py)
             outgoing = faults.tampered(site.byzantine, start.astype(params.dtype),
                                        shared_part(personal, to_host(params)), rnd)
+        if site.codec is not None and fed.is_leader:  # the update in few bits, not the model
+            outgoing = encoded_update(site.codec, outgoing, start, rnd, cfg.run.seed,
+                                      fed.institution, takes_part)
         if fed.is_root:
             results, to_root = collect_at_root(fed, outgoing, report, senders)
+            if site.codec is not None:
+                results = decoded_models(site.codec, results, start, params.dtype, rnd)
             new, server_state = strategy(
                 start.astype(params.dtype),
                 [(p, r.samples, r.steps, r.loss) for p, r in results.values()], server_state,
                 hyper)
             put_shared(personal, params, new, xp)  # strategies run on the host, at the root
             record["reports"] = {k: r for k, (_, r) in results.items()}
+            record["sent"] = {k: (outgoing.nbytes + 8 * SiteReport.wire_size()
+                                  if k != fed.institution else 0) for k in results}
+            record["compression_ratio"] = compression_ratio(fed_cfg, None, fed, senders,
+                                                            params, to_root)
         elif fed.is_leader and takes_part:
             plain_sent = send_to_root(fed, outgoing, report)
     if params is not None:
@@ -268,6 +286,10 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
         mine = {"round": rnd + 1, "sampled": bool(takes_part),
                 "steps": site.round_steps if trains else 0, "samples": int(site.samples),
                 "bytes_sent": site.sent.sent - sent_before if site.sent else plain_sent}
+        if fed_cfg.compression != "none" and mine["bytes_sent"] and not fed.is_root:
+            sent, plain = update_bytes(fed_cfg, site.dp, global_params.size,
+                                       params.dtype.itemsize, len(senders))
+            mine["compression_ratio"] = (mine["bytes_sent"] + plain - sent) / mine["bytes_sent"]
         if takes_part:
             mine.update(trained_steps=int(report.steps), loss=float(report.loss))
             if fed_cfg.evaluate_local:
@@ -277,6 +299,42 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
     record.update(bytes_to_root=to_root, bytes_from_root=from_root)
     record.update(root_figures(timing, private, secret))
     return record, server_state, site.round_steps if trains else 0
+
+
+def encoded_update(codec, params, global_params, rnd: int, seed: int, institution: int,
+                   takes_part: bool) -> np.ndarray:
+    """Return a leader's update (its model minus the round's global model) as the codec's wire
+    buffer; a leader left out of the round (only the root gets here) returns an empty buffer
+    of that size, which `collect_at_root` reads as the size of the others'."""
+    if not takes_part:
+        return np.zeros(codec.wire_bytes(global_params.size), dtype=np.uint8)
+    delta = to_host(params).astype(np.float64).reshape(-1) - global_params
+    if not np.isfinite(np.linalg.norm(delta)):  # its range would be NaN: every value lost
+        err = UserError("federated: this institution's update holds NaN or Inf (local "
+                        "training diverged); lower optim.lr. Nothing was sent")
+        err.collective = False  # the root waits for this leader: end every rank
+        raise err
+    return codec.encode(delta, rnd, rounding_rng(seed, rnd, institution))
+
+
+def decoded_models(codec, results: dict, global_params, dtype, rnd: int) -> dict:
+    """On the root: turn each institution's wire buffer back into its model, global + delta^,
+    in the model's dtype (the strategies then see models, as without compression)."""
+    models = {}
+    for k, (wire, report) in results.items():
+        delta, _ = codec.decode(wire, rnd, global_params.size)
+        models[k] = ((global_params + delta).astype(dtype), report)
+    return models
+
+
+def compression_ratio(fed_cfg, dp, fed, senders, params, to_root: int) -> float:
+    """Return the root's bytes received this round uncompressed over as received (>= 1; 1.0
+    when nothing came): every sender but the root's own institution sent one update."""
+    if not to_root:
+        return 1.0
+    sent, plain = update_bytes(fed_cfg, dp, params.size, params.dtype.itemsize, len(senders))
+    others = sum(k != fed.institution for k in senders)
+    return (to_root + others * (plain - sent)) / to_root
 
 
 def root_figures(timing: dict, private: bool, secret: bool) -> dict:

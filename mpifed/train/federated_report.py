@@ -14,7 +14,8 @@ def report_round(reporter, record, site: Site, fed: Federation, rounds: int, xp,
                  model=None) -> None:
     """Evaluate the new global model where data.test is set; log the round (root)."""
     if fed.is_root and "reports" in record:
-        record["institutions"] = institution_table(record.pop("reports"), site.site_samples)
+        record["institutions"] = institution_table(record.pop("reports"), site.site_samples,
+                                                   record.pop("sent", None))
     elif fed.is_root and "participants" in record:  # who took part, nothing of any one of them
         chosen = record.pop("participants")
         record["institutions"] = [{"institution": k, "participated": k in chosen}
@@ -28,14 +29,18 @@ def report_round(reporter, record, site: Site, fed: Federation, rounds: int, xp,
     reporter.line(round_line(record, rounds))
 
 
-def institution_table(reports: dict, site_samples: list[int]) -> list[dict]:
-    """Per-institution entries of a round record (idle institutions marked as such)."""
+def institution_table(reports: dict, site_samples: list[int], sent: dict | None = None
+                      ) -> list[dict]:
+    """Per-institution entries of a round record (idle institutions marked as such); sent:
+    {institution: bytes its leader sent the root} (the root's own institution sends none)."""
     table = []
     for k, samples in enumerate(site_samples):
         entry = {"institution": k, "samples": int(samples), "participated": k in reports}
         if k in reports:
             r = reports[k]
             entry.update(steps=int(r.steps), loss=float(r.loss))
+            if sent is not None:
+                entry["bytes_sent"] = int(sent[k])
             if r.local_accuracy or r.local_loss:
                 entry.update(local_loss=float(r.local_loss),
                              local_accuracy=float(r.local_accuracy))

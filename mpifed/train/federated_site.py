@@ -21,6 +21,7 @@ from ..federated.institutions import Federation
 from ..federated.ledger import PrivacyLedger
 from ..federated.masked_sum import ring_scales
 from ..federated.private_aggregation import PrivateAggregator
+from ..federated.rotated import RotatedCodec, make_codec
 from ..nn.models import ModelSpec
 from .federated_local import SentBytes
 from .report import Reporter
@@ -48,6 +49,7 @@ class Site:
     sent: SentBytes | None = None  # on a leader under privacy: its bytes sent to other leaders
     byzantine: Byzantine | None = None  # on the leader MPIFED_FAULT=byzantine:K names (tests)
     personal: object = None  # federated_personal.Personal: what stays with the institution
+    codec: RotatedCodec | None = None  # federated.compression = "rotated": updates in few bits
 
 
 def site_data_path(template: str, institution: int) -> str:
@@ -154,10 +156,12 @@ def open_site(cfg, fed: Federation, xp) -> Site:
     round_steps = round_step_count(world, local_steps, pads_rounds(fed_cfg, dp))
     sent = SentBytes(fed.leaders) if private and fed.is_leader else None
     counted = replace(fed, leaders=sent) if sent is not None else fed  # the same communicators
+    codec = make_codec(fed_cfg, cfg.run.seed)
     return Site(shard=shard, stream_comm=stream_comm, samples=samples, spec=spec, params=params,
                 per_epoch=per_epoch, local_steps=local_steps, round_steps=round_steps, test=test,
-                dp=dp, site_samples=site_samples, sent=sent,
-                aggregator=PrivateAggregator(fed_cfg, dp, counted, identity) if private else None)
+                dp=dp, site_samples=site_samples, sent=sent, codec=codec,
+                aggregator=PrivateAggregator(fed_cfg, dp, counted, identity, codec=codec,
+                                             seed=cfg.run.seed) if private else None)
 
 
 def _check_senders(fed_cfg, dp, institutions: int) -> None:

@@ -80,6 +80,9 @@ def test_local_summary_is_the_mean_and_the_minimum():
     ({"data": {"train": "a.h5", "test": "test-{institution}.h5"}},
      "data.test: 'test-{institution}.h5' has an {institution} field"),
     ({"federated": {"institutions": 2, "personalization": "fedpr"}}, "federated.personalization"),
+    ({"federated": {"institutions": 2, "personalization": "fedper", "personal_layers": [3],
+                    "compression": "rotated"}},
+     "fedper with federated.compression = 'rotated' is not supported yet"),
 ])
 def test_settings_that_cannot_work_are_refused_with_the_key(table, needle):
     table = {"data": {"train": "site-{institution}.h5"}, **table}
