@@ -43,11 +43,9 @@ class Sequential:
     def build(self, input_shape, where: str = "model.layers") -> None:
         """(Re)build every layer for inputs of `input_shape`; errors name the layer."""
         input_shape = tuple(int(s) for s in input_shape)
+        self._before_build()
         out = self.chain.build(input_shape, where)
-        if out != (self.num_classes,):
-            raise UserError(f"{where}: the last layer gives outputs of shape {out}, the loss "
-                            f"needs ({self.num_classes},), one logit per class; end with "
-                            f"{{type = \"linear\", out = {self.num_classes}}}")
+        self._check_output(out, where)
         self.input_shape = input_shape
         self._layouts, self._views = {}, OrderedDict()
         entries = [[(n, tuple(s)) for n, s in layer.params()] for layer in self.layers]
@@ -56,6 +54,23 @@ class Sequential:
         for e in entries:
             bounds.append(bounds[-1] + len(e))
         self.bounds = bounds  # layer i's arrays are layout entries bounds[i]:bounds[i+1]
+
+    def _before_build(self) -> None:
+        """What a model does to its layers before they are built (a GPT ties its head)."""
+
+    def _check_output(self, out, where: str) -> None:
+        """Refuse a last layer whose output the loss cannot take: one logit per class."""
+        if out != (self.num_classes,):
+            raise UserError(f"{where}: the last layer gives outputs of shape {out}, the loss "
+                            f"needs ({self.num_classes},), one logit per class; end with "
+                            f"{{type = \"linear\", out = {self.num_classes}}}")
+
+    def _after_forward(self, logits) -> None:
+        """Called between a training forward and its backward (a GPT counts activations)."""
+
+    def loss(self, logits, y):
+        """Return (mean loss, d loss / d logits) of this model's outputs against targets y."""
+        return softmax_cross_entropy(logits, y)
 
     @property
     def layers(self) -> list[Layer]:
@@ -196,7 +211,8 @@ class Sequential:
         dtype = x.dtype if callable(flat) else flat.dtype
         ps, gs = self._layer_source(flat, dtype), self._layer_source(grad_out, dtype)
         h = self.chain.forward(ps, self._shaped(x), ctx)
-        loss, delta = softmax_cross_entropy(h, y)  # delta: (B, C)
+        self._after_forward(h)
+        loss, delta = self.loss(h, y)  # delta: (B, C)
         delta = delta.astype(dtype, copy=False)
         done = None
         if on_ready is not None:
