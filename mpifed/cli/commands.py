@@ -132,7 +132,21 @@ def _data_command(args) -> int:
         emit("\n".join(inspect_lines(args.file, args.y)))
     elif args.data_command == "from-numpy":
         emit(from_numpy_command(args))
+    elif args.data_command == "tokens":
+        emit(tokens_command(args))
     return 0
+
+
+def tokens_command(args) -> str:
+    from ..data.tokens import write_tokens
+    from ..errors import UserError
+
+    if len(args.files) < 2:
+        raise UserError("mpifed data tokens: give TEXT [TEXT ...] OUT.h5 (got "
+                        f"{len(args.files)} file name)")
+    info = write_tokens(args.files[-1], args.files[:-1], args.tokenizer, args.force)
+    return (f"wrote {info.path}: {info.tokens:,} tokens, vocabulary {info.vocab_size}; train "
+            f"a GPT on it with data.train = \"{info.path}\" and model.kind = \"gpt\"")
 
 
 def from_numpy_command(args) -> str:

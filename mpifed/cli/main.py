@@ -8,6 +8,8 @@
     mpifed evaluate model.h5 test.h5                  loss and accuracy (alone or under mpiexec)
     mpifed data synth|digits|inspect ...              write or describe datasets
     mpifed data from-numpy X.npy Y.npy OUT.h5         your own arrays as a training file
+    mpifed data tokens TEXT... OUT.h5                 a token file for a GPT (bytes, or --tokenizer)
+    mpifed generate model.h5 --prompt TEXT            sample text from a trained GPT
     mpifed keys new K DIR                             institution K's identity key (its own machine)
     mpifed keys roster DIR --institutions N           the public roster and its SHA-256
     mpifed keys generate DIR --institutions N         every key from one dealer (tests, demos)
@@ -164,6 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
     npy.add_argument("--num-classes", type=int, default=None, metavar="N",
                      help="the class count (default: the largest label + 1)")
     npy.add_argument("--force", action="store_true", help="replace an existing OUT.h5")
+    toks = data_sub.add_parser(
+        "tokens", help="write a token file (HDF5) for a GPT from text files",
+        usage="mpifed data tokens TEXT [TEXT ...] OUT.h5 [--tokenizer FILE.json] [--force]",
+        description="Write OUT.h5 with a 1-D dataset tokens and attribute vocab_size: by "
+                    "default one token per byte of the text files, in file order (vocabulary "
+                    "256, nothing downloaded); with --tokenizer, the ids of a tokenizer file you "
+                    "already have, in the `tokenizers` library's JSON format (that library must "
+                    "be installed).")
+    toks.add_argument("files", nargs="+", metavar="FILE", help="TEXT [TEXT ...] OUT.h5")
+    toks.add_argument("--tokenizer", default=None, metavar="FILE.json",
+                      help="a tokenizers JSON file (default: bytes, vocabulary 256)")
+    toks.add_argument("--force", action="store_true", help="replace an existing OUT.h5")
     insp = data_sub.add_parser("inspect", help="print shapes, dtypes and class counts")
     insp.add_argument("file")
     insp.add_argument("--y", default="y", help="labels dataset name (default y)")

@@ -7,6 +7,7 @@ the gradient buffer is final (last layer first) to start its reduction early.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from math import prod
 
@@ -150,6 +151,19 @@ class Sequential:
         self._layouts[key] = out
         return out
 
+    def decayed_ranges(self, dtype="float32") -> tuple[tuple[int, int], ...]:
+        """Element ranges of the arrays of two or more dimensions (weight matrices, kernels,
+        embeddings): what AdamW's weight decay applies to; adjacent ranges merged."""
+        offsets, out = self.layout(dtype).offsets, []
+        shapes = [s for e in self.entries for _, s in e]
+        for j, shape in enumerate(shapes):
+            if len(shape) >= 2:
+                if out and out[-1][1] == offsets[j]:
+                    out[-1] = (out[-1][0], offsets[j + 1])
+                else:
+                    out.append((offsets[j], offsets[j + 1]))
+        return tuple(out)
+
     def take_buffers(self, grads) -> list:
         """After the all-reduce: copy out the buffers' new values (backward wrote them into the
         gradient buffer, averaged over the ranks now) and zero them there, so the optimiser
@@ -199,7 +213,46 @@ class Sequential:
         ps = self._layer_source(flat, x.dtype if callable(flat) else flat.dtype)
         return self.chain.forward(ps, self._shaped(x), ctx)
 
+    accumulate = 1  # optim.accumulate: micro-batches per step, set by the training loop
+
     def loss_and_grad(self, flat, x, y, grad_out, on_ready=None, ctx: Context = TRAIN):
+        """The mean loss and gradient of `_loss_and_grad`, over `accumulate` micro-batches of
+        x and y (B divisible by it): each micro-batch's gradient into a scratch buffer, their
+        mean into grad_out before on_ready reports a layer final. Dropout differs per
+        micro-batch (its step number is step * accumulate + j)."""
+        k = self.accumulate
+        if k == 1:
+            return self._loss_and_grad(flat, x, y, grad_out, on_ready, ctx)
+        if callable(grad_out):
+            raise UserError("optim.accumulate > 1 needs whole gradients; with comm.shard = "
+                            "\"gradients\" or \"parameters\" set optim.accumulate = 1 (or raise "
+                            "optim.batch_size)")
+        if x.shape[0] % k:
+            raise UserError(f"optim.accumulate: a batch of {x.shape[0]} rows does not split "
+                            f"into {k} micro-batches")
+        rows, total = x.shape[0] // k, 0.0
+        summed = grad_out.copy()
+        summed[...] = 0
+        for j in range(k):
+            part = dataclasses.replace(ctx, step=ctx.step * k + j)
+            xs, ys = x[j * rows:(j + 1) * rows], y[j * rows:(j + 1) * rows]
+            if j < k - 1:
+                total += float(self._loss_and_grad(flat, xs, ys, grad_out, None, part))
+                summed += grad_out
+                continue
+            ready = None
+            if on_ready is not None:
+                def ready(lo, hi, loss):
+                    grad_out[lo:hi] += summed[lo:hi]
+                    grad_out[lo:hi] /= k
+                    on_ready(lo, hi, (total + float(loss)) / k)
+            loss = self._loss_and_grad(flat, xs, ys, grad_out, ready, part)
+            if on_ready is None:
+                grad_out += summed
+                grad_out /= k
+        return (total + float(loss)) / k
+
+    def _loss_and_grad(self, flat, x, y, grad_out, on_ready=None, ctx: Context = TRAIN):
         """Write d(mean loss)/d(params) into `grad_out` (flat, like `flat`); return the loss.
 
         on_ready(lo, hi, loss): grad_out[lo:hi] (one layer's arrays) is final; last layer first.

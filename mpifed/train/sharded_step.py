@@ -39,6 +39,7 @@ from ..comm.stall import StallWatch
 from ..errors import UserError
 from ..nn.layers import Context
 from ..nn.models import loss_and_grad
+from ..optim.clip import clip_grad_norm
 from ..xp import device_thread_pool, record_event, to_host, wait_event
 from .step import DataParallelStep, Step
 
@@ -223,7 +224,9 @@ class ShardedStep(Step):
         if anchor is not None and mu:
             grads += mu * (params - self._own_anchor(anchor))
             self._take_buffers(grads)
-        optimizer.step(params, grads, lr)
+        if getattr(optimizer, "grad_clip", 0):  # optim.grad_clip: the norm over all chunks
+            clip_grad_norm(grads, optimizer.grad_clip, self._sum_host)
+        optimizer.step(params, grads, lr, offset=self.lo)
         for a, b, values in kept:
             params[a:b] = values
         loss, stop_mean = self._share_slots()
@@ -232,6 +235,11 @@ class ShardedStep(Step):
             raise UserError(f"training diverged: the loss is {loss} at step {step_number}; "
                             "lower optim.lr or add optim.warmup")
         return loss
+
+    def _sum_host(self, values):
+        """Sum a small float64 host array over the ranks, in place (the clip's squared norm)."""
+        self.comm.Allreduce(MPI.IN_PLACE, values)
+        return values
 
     def _own_anchor(self, anchor):
         """This rank's part of FedProx's anchor: given whole (n) or as `anchor()`'s chunk."""
