@@ -61,6 +61,36 @@ def run_evaluate(args) -> int:
     return 0
 
 
+def run_generate(args) -> int:
+    from ..errors import UserError
+    from ..nn.generate import generate
+    from ..nn.io import load_model
+
+    spec, host = load_model(args.model, key="model")
+    if spec.kind != "gpt":
+        raise UserError(f"model: {args.model!r} holds a {spec.kind} model; mpifed generate "
+                        "samples from a GPT (model.kind = \"gpt\")")
+    if args.tokens < 0:
+        raise UserError(f"--tokens: expected an integer >= 0, got {args.tokens}")
+    if args.tokenizer:
+        from ..data.tokens import load_tokenizer
+
+        tok = load_tokenizer(args.tokenizer)
+        ids, decode = tok.encode(args.prompt).ids, tok.decode
+    else:
+        if spec.num_classes < 256:
+            raise UserError(f"model: {args.model!r} has a vocabulary of {spec.num_classes}, "
+                            "not bytes (256); give the --tokenizer its token file was written "
+                            "with")
+        ids = list(args.prompt.encode("utf-8"))
+
+        def decode(out):
+            return bytes(int(i) for i in out if i < 256).decode("utf-8", errors="replace")
+    out = generate(spec, host, ids, args.tokens, args.temperature, args.top_k, args.seed)
+    emit(decode([int(i) for i in out]))
+    return 0
+
+
 def run_keys(args) -> int:
     from ..federated import identity
     from .main import DEALER_CAVEAT

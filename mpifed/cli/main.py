@@ -3,6 +3,7 @@
     mpifed --version                                  mpifed <version>
     mpifed info                                       MPI, ranks, nodes, GPU facts
     mpifed demo                                       digits on 2 ranks, then FedAvg/FedProx
+    mpifed demo --gpt                                 a tiny character-level GPT on 2 ranks
     mpiexec -n 4 mpifed train run.toml [--set k=v]    data-parallel training
     mpifed config show|validate|schema run.toml       the resolved config, a check, JSON Schema
     mpifed evaluate model.h5 test.h5                  loss and accuracy (alone or under mpiexec)
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
     demo.add_argument("--ranks", type=int, default=2,
                       help="ranks of the data-parallel run (default 2)")
+    demo.add_argument("--gpt", action="store_true",
+                      help="instead: a tiny character-level GPT on mpifed's own sources, about "
+                           "a minute on 2 ranks, then a sample of its text (make demo-gpt)")
 
     from ..data.partition import SCHEMES
 
@@ -108,6 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("data", help="dataset file (HDF5 with x and y)")
     ev.add_argument("--x", default="x", help="features dataset name (default x)")
     ev.add_argument("--y", default="y", help="labels dataset name (default y)")
+
+    gen = sub.add_parser(
+        "generate", help="sample text from a GPT model file",
+        description="Continue --prompt with --tokens tokens sampled from a GPT written by mpifed "
+                    "train (model.kind = \"gpt\"): the context cropped to block_size, logits "
+                    "divided by --temperature (0: always the most likely token), only the --top-k "
+                    "most likely kept. Text is bytes (a byte-level model, vocabulary 256) unless "
+                    "--tokenizer names the tokenizers JSON file the token file was written with.")
+    gen.add_argument("model", help="model file (HDF5) of a GPT")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--tokens", type=int, default=200, help="tokens to add (default 200)")
+    gen.add_argument("--temperature", type=float, default=1.0, help="default 1.0")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely (0: all)")
+    gen.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0)")
+    gen.add_argument("--tokenizer", default=None, metavar="FILE.json",
+                     help="a tokenizers JSON file (default: bytes)")
 
     data = sub.add_parser("data", help="write or inspect datasets")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -278,6 +298,10 @@ def dispatch(args) -> int:
 
         return run_plot(args)
     if args.command == "demo":
+        if args.gpt:
+            from .demo_gpt import main as run_gpt_demo
+
+            return run_gpt_demo(out=args.out, ranks=args.ranks)
         from .demo import main as run_demo
 
         return run_demo(out=args.out, ranks=args.ranks)
@@ -287,6 +311,7 @@ def dispatch(args) -> int:
         module = importlib.import_module(f"..benchmarks.{BENCHMARKS[args.which]}", __package__)
         return module.main(args.rest)
     return {"train": commands.run_train, "evaluate": commands.run_evaluate,
+            "generate": commands.run_generate,
             "data": commands.run_data, "keys": commands.run_keys,
             "config": commands.run_config}[args.command](args)
 

@@ -163,19 +163,25 @@ def byte_tokens(texts: list[str]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
 
 
-def tokenizer_tokens(texts: list[str], tokenizer: str) -> tuple[np.ndarray, int]:
-    """Token ids of the files' text under a `tokenizers` JSON file, and its vocabulary size."""
+def load_tokenizer(tokenizer: str):
+    """The `tokenizers` library's Tokenizer of a JSON file; a UserError when the library or
+    the file is missing."""
     try:
         from tokenizers import Tokenizer
     except ImportError:
-        raise UserError("mpifed data tokens --tokenizer: the `tokenizers` library is not "
-                        "installed (pip install tokenizers); or leave --tokenizer out for "
-                        "byte-level tokens (vocabulary 256)") from None
+        raise UserError("--tokenizer: the `tokenizers` library is not installed (pip install "
+                        "tokenizers); or leave --tokenizer out for byte-level tokens "
+                        "(vocabulary 256)") from None
     try:
-        tok = Tokenizer.from_file(tokenizer)
+        return Tokenizer.from_file(tokenizer)
     except Exception as err:  # noqa: BLE001 -- the library's own error, named
         raise UserError(f"--tokenizer: cannot read {tokenizer!r} as a tokenizers JSON file "
                         f"({err})") from None
+
+
+def tokenizer_tokens(texts: list[str], tokenizer: str) -> tuple[np.ndarray, int]:
+    """Token ids of the files' text under a `tokenizers` JSON file, and its vocabulary size."""
+    tok = load_tokenizer(tokenizer)
     ids = []
     for path in texts:
         try:
