@@ -40,7 +40,7 @@ from .failures import run_guarded
 # same entry points as scripts).
 BENCHMARKS = {
     "allreduce": "allreduce", "scaling": "scaling", "model": "predict",
-    "suite": "scaling_suite", "throughput": "train_throughput",
+    "suite": "scaling_suite", "throughput": "train_throughput", "gpt": "gpt_throughput",
     "federated-round": "federated_round", "gpu": "gpu_throughput", "cnn": "cnn_throughput",
     "memory": "memory", "streaming": "streaming", "shuffle-order": "shuffle_order",
 }
