@@ -158,3 +158,16 @@ def test_greedy_generation_follows_pytorch_argmax_past_the_context():
     logits = np.array([0.0, 5.0, 4.9, -1.0])
     assert {next_token(logits, 1.0, 1, rng) for _ in range(20)} == {1}  # top-1: greedy
     assert {next_token(logits, 1.0, 2, rng) for _ in range(200)} == {1, 2}
+
+
+def test_demo_gpt_config_is_a_valid_gpt_run_on_mpifed_sources(tmp_path):
+    import tomllib
+
+    from mpifed.cli.demo_gpt import CONFIG, sources
+    from mpifed.config import resolve
+
+    files = sources()
+    assert any(f.endswith("nn/gpt.py") for f in files) and files == sorted(files)
+    cfg = resolve(tomllib.loads(CONFIG.format(out=tmp_path, steps=300)))
+    assert (cfg.model.kind, cfg.optim.name, cfg.comm.shard) == ("gpt", "adamw", "optimizer")
+    assert cfg.optim.grad_clip == 1.0 and cfg.optim.schedule == "cosine"
