@@ -19,7 +19,7 @@ from .layers.base import Context
 from .layers.embedding import Embedding, TiedHead, tie
 from .layers.transformer import TransformerBlock
 from .loss import IGNORE_INDEX, sequence_cross_entropy, sequence_loss_and_correct
-from .sequential import Sequential
+from .sequential import EVAL, TRAIN, Sequential
 
 EVAL_TOKENS = 1 << 21  # evaluation batches hold at most this many logits (B * T * V)
 
@@ -53,9 +53,9 @@ class GPT(Sequential):
     @property
     def sizes(self):
         e = self.layers[0]
-        return (f"[{len(self.layers) - 2} layers, {self.layers[1].n_head if len(self.layers) > 2 else 0}"
-                f" heads, {e.n_embd} wide, context {e.block_size}, vocabulary {e.vocab_size}, "
-                f"{self.layout().size:,} parameters]")
+        heads = self.layers[1].n_head if len(self.layers) > 2 else 0
+        return (f"[{len(self.layers) - 2} layers, {heads} heads, {e.n_embd} wide, context "
+                f"{e.block_size}, vocabulary {e.vocab_size}, {self.layout().size:,} parameters]")
 
     @property
     def eval_batch(self) -> int:
@@ -69,7 +69,7 @@ class GPT(Sequential):
         """Return (summed per-window mean loss, summed per-window token accuracy): the
         evaluation's sums over windows (its mean is the mean over windows)."""
         self.layers[0].copy_weight = callable(flat)
-        logits = self.forward(flat, x, Context(train=False))
+        logits = self.forward(flat, x, EVAL)
         total, correct = 0.0, 0.0
         for b in range(logits.shape[0]):
             loss, right, count = sequence_loss_and_correct(logits[b:b + 1], y[b:b + 1],
@@ -78,11 +78,11 @@ class GPT(Sequential):
             correct += right / max(count, 1)
         return total, correct
 
-    def forward(self, flat, x, ctx: Context = Context(train=False)):
+    def forward(self, flat, x, ctx: Context = EVAL):
         self.layers[0].copy_weight = callable(flat)
         return super().forward(flat, x, ctx)
 
-    def loss_and_grad(self, flat, x, y, grad_out, on_ready=None, ctx: Context = Context()):
+    def loss_and_grad(self, flat, x, y, grad_out, on_ready=None, ctx: Context = TRAIN):
         self.layers[0].copy_weight = callable(flat)
         loss = super().loss_and_grad(flat, x, y, grad_out, on_ready, ctx)
         recomputed = max(getattr(layer, "peak_recompute_bytes", 0) for layer in self.layers)

@@ -233,23 +233,23 @@ class Sequential:
         rows, total = x.shape[0] // k, 0.0
         summed = grad_out.copy()
         summed[...] = 0
-        for j in range(k):
+        for j in range(k - 1):
             part = dataclasses.replace(ctx, step=ctx.step * k + j)
-            xs, ys = x[j * rows:(j + 1) * rows], y[j * rows:(j + 1) * rows]
-            if j < k - 1:
-                total += float(self._loss_and_grad(flat, xs, ys, grad_out, None, part))
-                summed += grad_out
-                continue
-            ready = None
-            if on_ready is not None:
-                def ready(lo, hi, loss):
-                    grad_out[lo:hi] += summed[lo:hi]
-                    grad_out[lo:hi] /= k
-                    on_ready(lo, hi, (total + float(loss)) / k)
-            loss = self._loss_and_grad(flat, xs, ys, grad_out, ready, part)
-            if on_ready is None:
-                grad_out += summed
-                grad_out /= k
+            total += float(self._loss_and_grad(flat, x[j * rows:(j + 1) * rows],
+                                               y[j * rows:(j + 1) * rows], grad_out, None, part))
+            summed += grad_out
+        ready = None
+        if on_ready is not None:
+            def ready(lo, hi, loss):  # the last micro-batch's layer is done: add the others
+                grad_out[lo:hi] += summed[lo:hi]
+                grad_out[lo:hi] /= k
+                on_ready(lo, hi, (total + float(loss)) / k)
+        last = dataclasses.replace(ctx, step=ctx.step * k + k - 1)
+        loss = self._loss_and_grad(flat, x[(k - 1) * rows:], y[(k - 1) * rows:], grad_out, ready,
+                                   last)
+        if on_ready is None:
+            grad_out += summed
+            grad_out /= k
         return (total + float(loss)) / k
 
     def _loss_and_grad(self, flat, x, y, grad_out, on_ready=None, ctx: Context = TRAIN):

@@ -97,7 +97,7 @@ def test_adamw_equals_pytorch_with_decay_on_matrices_only():
     # sharded: two optimisers on two slices of the flat buffer, told where each starts
     halves = [AdamW(0.9, 0.95, 1e-8, 0.1, decayed), AdamW(0.9, 0.95, 1e-8, 0.1, decayed)]
     cut = 10
-    for step in range(5):
+    for _ in range(5):
         grad = rng.standard_normal(flat.size).astype(np.float32)
         for t, a, b in zip(tensors, offsets, offsets[1:]):
             t.grad = torch.tensor(grad[a:b].reshape(t.shape))
@@ -137,7 +137,7 @@ def test_accumulated_micro_batches_equal_one_large_batch():
     model.accumulate = 3
     parts, ready = np.zeros_like(flat), []
     acc_loss = model.loss_and_grad(flat, x, y, parts,
-                                   on_ready=lambda lo, hi, l: ready.append((lo, hi, l)))
+                                   on_ready=lambda lo, hi, loss: ready.append((lo, hi, loss)))
     assert acc_loss == pytest.approx(float(loss), rel=1e-12)
     np.testing.assert_allclose(parts, whole, rtol=0, atol=1e-14)
     assert ready[-1][1] - ready[-1][0] > 0 and ready[-1][2] == pytest.approx(float(loss))

@@ -163,3 +163,13 @@ def test_gpt_settings_are_refused_with_the_key_named():
     with pytest.raises(UserError, match="token ids"):
         model = gpt(10, 8, 1, 2, 16)
         model.forward(model.init(0), np.full((1, 8), 10.0, dtype=np.float32))
+
+
+def test_erf_without_scipy_is_accurate_to_float32():
+    import math
+
+    from mpifed.nn.layers.functional import _erf_fit
+
+    x = np.linspace(-6, 6, 2001)
+    want = np.array([math.erf(v) for v in x])
+    assert np.abs(_erf_fit(x) - want).max() < 2e-7
