@@ -49,15 +49,22 @@ def run_evaluate(args) -> int:
 
     comm = MPI.COMM_WORLD
     spec, host = raise_together(comm, lambda: load_model(args.model, key="model"))
-    shard, classes = open_checked_shard(comm, args.data, args.x, args.y, host.dtype, "data",
-                                        features=spec.features)
+    if spec.kind == "gpt":  # a token file, cut into the model's windows
+        from ..train.setup import open_token_shard
+
+        shard, classes = open_token_shard(comm, args.data, spec.input_shape[0], host.dtype,
+                                          "data")
+    else:
+        shard, classes = open_checked_shard(comm, args.data, args.x, args.y, host.dtype,
+                                            "data", features=spec.features)
     if classes > spec.num_classes:
         raise UserError(f"data: {args.data!r} has labels up to {classes - 1}, the model knows "
                         f"{spec.num_classes} classes")
     result = evaluate(spec, host, shard, comm, np)
     if comm.rank == 0:
         emit(f"loss {result['loss']:.6f} accuracy {result['accuracy']:.4f} "
-             f"samples {result['samples']}")
+             f"samples {result['samples']}"
+             + (f" perplexity {result['perplexity']:.4f}" if "perplexity" in result else ""))
     return 0
 
 

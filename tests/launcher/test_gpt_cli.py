@@ -78,6 +78,9 @@ def test_tokens_train_sigkill_resume_and_generate(tmp_path):
     assert summary["tokens_per_s"] == summary["samples_per_s"] * 16
 
     model = str(tmp_path / "out" / "model.h5")
+    scored = run_cli(["evaluate", model, "tokens.h5"], cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr
+    assert f"perplexity {summary['perplexity']:.4f}" in scored.stdout
     runs = [run_cli(["generate", model, "--prompt", "the qu", "--tokens", "30", "--top-k", "5",
                      "--seed", "3"]) for _ in range(2)]
     assert runs[0].returncode == 0, runs[0].stderr
