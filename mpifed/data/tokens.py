@@ -103,7 +103,7 @@ class TokenShard:
             self.tokens = None
             self._file = h5py.File(info.path, "r")
             self._identity = file_identity(info.path)
-        self.x = self.tokens  # not None: the stream walks batches of windows, never blocks
+        self.x = self.tokens  # the rows are in memory unless None (what shard_stream asks)
 
     def __len__(self) -> int:
         return self.stop - self.start

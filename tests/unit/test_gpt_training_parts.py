@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mpifed.data.shards import shard_bounds
+from mpifed.data.stream import shard_stream
 from mpifed.data.tokens import TokenShard, describe_tokens, write_tokens
 from mpifed.errors import UserError
 from mpifed.nn.generate import generate, next_token
@@ -67,6 +68,14 @@ def test_sample_i_is_the_window_at_i_times_block_size(tmp_path, monkeypatch, ran
             np.testing.assert_array_equal(y[k], tokens[i * 10 + 1:i * 10 + 11])
             seen.append(i)
         assert x.dtype == np.float32 and y.dtype == np.int64
+        stream = shard_stream(shard, 1, len(shard), 0, rank, True)  # shuffled: batch by batch
+        window_of = {tuple(tokens[i * 10:i * 10 + 10]): i for i in range(shard.start, shard.stop)}
+        drawn = []
+        for _ in range(len(shard)):
+            _, xs, ys = stream.next_rows(shard)
+            drawn.append(window_of[tuple(xs[0].astype(np.int64))])
+            np.testing.assert_array_equal(ys[0], tokens[drawn[-1] * 10 + 1:drawn[-1] * 10 + 11])
+        assert sorted(drawn) == list(range(shard.start, shard.stop))  # an epoch: each once
         shard.close()
     assert sorted(seen) == list(range(10))
 
