@@ -42,13 +42,10 @@ class GPT(Sequential):
             raise UserError(f"model.vocab_size: the embedding has {layers[0].vocab_size} "
                             f"tokens, the data {self.num_classes}")
 
-    def _check_output(self, out, where: str) -> None:
-        if out != (self.input_shape_building[0], self.num_classes):
+    def _check_output(self, input_shape, out, where: str) -> None:
+        """Refuse a last layer that does not give (T, vocab_size) logits."""
+        if out != (input_shape[0], self.num_classes):
             raise UserError(f"{where}: a GPT gives logits (T, vocab_size), got {out}")
-
-    def build(self, input_shape, where: str = "model.layers") -> None:
-        self.input_shape_building = tuple(int(s) for s in input_shape)
-        super().build(input_shape, where)
 
     @property
     def sizes(self):

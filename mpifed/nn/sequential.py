@@ -46,7 +46,7 @@ class Sequential:
         input_shape = tuple(int(s) for s in input_shape)
         self._before_build()
         out = self.chain.build(input_shape, where)
-        self._check_output(out, where)
+        self._check_output(input_shape, out, where)
         self.input_shape = input_shape
         self._layouts, self._views = {}, OrderedDict()
         entries = [[(n, tuple(s)) for n, s in layer.params()] for layer in self.layers]
@@ -59,7 +59,7 @@ class Sequential:
     def _before_build(self) -> None:
         """What a model does to its layers before they are built (a GPT ties its head)."""
 
-    def _check_output(self, out, where: str) -> None:
+    def _check_output(self, input_shape, out, where: str) -> None:
         """Refuse a last layer whose output the loss cannot take: one logit per class."""
         if out != (self.num_classes,):
             raise UserError(f"{where}: the last layer gives outputs of shape {out}, the loss "

@@ -51,7 +51,14 @@ progress = "none"
     summary = records[-1]
     with h5py.File(tmp_path / "out" / "model.h5") as fh:
         n = sum(fh["state_dict"][k].size for k in fh["state_dict"] if k != "lm_head.weight")
+        block = sum(fh["state_dict"][k].size for k in fh["state_dict"]
+                    if k.startswith("transformer.h.0."))
+        embedding = fh["state_dict/transformer.wte.weight"].size + \
+            fh["state_dict/transformer.wpe.weight"].size
     state = 4 * n * 4  # parameters, gradients, m, v in float32
+    chunk, widest = -(-(n + 2) // RANKS), max(block, embedding) + 2
+    # parameters: this rank's chunk and two buffers of one block each, never the whole model
+    assert max(summary["param_bytes"]) <= 4 * (chunk + 2 * widest) < 4 * n / 2
     for rank in range(RANKS):
         cap = (state / RANKS + summary["activation_bytes"][rank]) * 1.1 + 150 * MIB
         assert summary["peak_rss_bytes"][rank] <= cap, (rank, summary["peak_rss_bytes"], cap)
