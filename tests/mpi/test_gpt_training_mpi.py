@@ -1,8 +1,9 @@
 """A GPT trained by `mpifed.train.run` on 1-4 ranks, every comm.shard stage, with and without
-recomputation, equals a nanoGPT-shaped PyTorch GPT trained on the same windows from the same
-state_dict, after 20 SGD and 20 AdamW steps (cosine schedule with warm-up, weight decay on
-arrays of 2+ dimensions, global-norm clipping); the model file's state_dict group loads
-strictly into the PyTorch model."""
+recomputation (and with optim.accumulate where whole gradients allow it), equals a
+nanoGPT-shaped PyTorch GPT trained on the same windows from the same state_dict, after 20 SGD
+and 20 AdamW steps (cosine schedule with warm-up, weight decay on arrays of 2+ dimensions,
+global-norm clipping); the model file's state_dict group loads strictly into the PyTorch
+model."""
 
 from __future__ import annotations
 
@@ -78,18 +79,32 @@ def reference(tokens, name: str, ranks: int) -> GPT:
 @pytest.mark.parametrize("stage", ["none", "optimizer", "gradients", "parameters"])
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_gpt_equals_pytorch_after_20_steps(tmp_path_factory, name, stage, recompute):
+    trained_equals_pytorch(tmp_path_factory, name, stage, recompute, 1)
+
+
+@pytest.mark.parametrize("stage", ["none", "optimizer"])
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_accumulated_micro_batches_equal_pytorch_on_the_whole_batch(tmp_path_factory, name,
+                                                                     stage):
+    """optim.accumulate = 2: each rank's rows in two micro-batches, the same steps."""
+    trained_equals_pytorch(tmp_path_factory, name, stage, False, 2)
+
+
+def trained_equals_pytorch(tmp_path_factory, name, stage, recompute, accumulate):
     from mpifed.train import run
 
     world = MPI.COMM_WORLD
-    if GLOBAL_BATCH % world.size:
-        pytest.skip(f"a global batch of {GLOBAL_BATCH} does not split over {world.size} ranks")
+    if GLOBAL_BATCH % (world.size * accumulate):
+        pytest.skip(f"a global batch of {GLOBAL_BATCH} does not split over {world.size} ranks "
+                    f"x {accumulate} micro-batches")
     torch.set_num_threads(1)
     folder = world.bcast(str(tmp_path_factory.mktemp("gpt")) if world.rank == 0 else None)
     tokens = token_file(folder)
     run({"data": {"train": f"{folder}/tokens.h5", "shuffle": False},
          "model": {"kind": "gpt", "n_layer": LAYERS, "n_head": HEADS, "n_embd": WIDTH,
                    "block_size": BLOCK, "recompute": recompute},
-         "optim": {**OPTIM[name], "batch_size": GLOBAL_BATCH // world.size, "steps": STEPS},
+         "optim": {**OPTIM[name], "batch_size": GLOBAL_BATCH // world.size // accumulate,
+                   "accumulate": accumulate, "steps": STEPS},
          "comm": {"shard": stage},
          "run": {"out": f"{folder}/out", "seed": SEED, "progress": "none"}})
     twin = reference(tokens, name, world.size)

@@ -180,3 +180,17 @@ def test_demo_gpt_config_is_a_valid_gpt_run_on_mpifed_sources(tmp_path):
     cfg = resolve(tomllib.loads(CONFIG.format(out=tmp_path, steps=300)))
     assert (cfg.model.kind, cfg.optim.name, cfg.comm.shard) == ("gpt", "adamw", "optimizer")
     assert cfg.optim.grad_clip == 1.0 and cfg.optim.schedule == "cosine"
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"model": {"kind": "mlp", "hidden": [4], "recompute": True}}, "model.recompute"),
+    ({"model": {"kind": "gpt", "n_head": 3, "n_embd": 16}}, "model.n_embd"),
+    ({"model": {"kind": "gpt", "gelu": "erf"}}, "model.gelu"),
+    ({"optim": {"name": "adamw", "grad_clip": -1.0}}, "optim.grad_clip"),
+    ({"optim": {"accumulate": 0}}, "optim.accumulate"),
+])
+def test_gpt_and_training_keys_refuse_nonsense_naming_the_key(section, message):
+    from mpifed.config import resolve
+
+    with pytest.raises(UserError, match=message):
+        resolve({"data": {"train": "tokens.h5"}, **section})
