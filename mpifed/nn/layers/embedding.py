@@ -71,7 +71,6 @@ class Embedding(Layer):
         return h
 
     def backward(self, p, g, dy, ctx, need_dx=True):
-        xp = get_array_module(dy)
         ids, mask = self.ids, self.mask
         self.ids = self.mask = self.weight = None
         if mask is not None:
@@ -83,11 +82,23 @@ class Embedding(Layer):
             gwte[...] = 0
         self.head_grad = None
         c = dy.shape[-1]
-        xp.add.at(gwte, ids.reshape(-1), dy.reshape(-1, c))  # rows of repeated ids add up
+        scatter_add_rows(gwte, ids.reshape(-1), dy.reshape(-1, c))  # repeated ids add up
         t = dy.shape[1]
         gwpe[t:] = 0
         dy.sum(axis=0, out=gwpe[:t])
         return None  # token ids have no gradient
+
+
+def scatter_add_rows(out, index, rows) -> None:
+    """out[index[i]] += rows[i] for every i, repeated indices summed (NumPy's add.at; CuPy's
+    where it has ufunc.at, else cupyx.scatter_add)."""
+    xp = get_array_module(out)
+    if hasattr(xp.add, "at"):
+        xp.add.at(out, index, rows)
+    else:
+        import cupyx
+
+        cupyx.scatter_add(out, index, rows)
 
 
 class TiedHead(Layer):
