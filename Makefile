@@ -9,7 +9,7 @@ NP ?= 2
 export OMP_NUM_THREADS ?= 1
 
 .PHONY: install test test-serial test-unit test-launcher test-mpi test-multinode test-slurm test-gpu \
-        demo bench lint docs docs-reference figures clean
+        demo demo-gpt bench lint docs docs-reference figures clean
 
 install: $(VENV)/.installed
 
@@ -68,6 +68,11 @@ test-gpu:
 
 demo: install
 	$(PY) -m mpifed demo
+
+# A tiny character-level GPT trained on mpifed's own sources on 2 ranks (about a minute), then
+# a sample of its text.
+demo-gpt: install
+	$(PY) -m mpifed demo --gpt
 
 # The all-reduce sweep on NP ranks, then the scaling suite (CSV, JSON, and PNG plots where
 # matplotlib is installed, as `make install` does) in bench-out/.

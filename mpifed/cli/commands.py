@@ -49,15 +49,52 @@ def run_evaluate(args) -> int:
 
     comm = MPI.COMM_WORLD
     spec, host = raise_together(comm, lambda: load_model(args.model, key="model"))
-    shard, classes = open_checked_shard(comm, args.data, args.x, args.y, host.dtype, "data",
-                                        features=spec.features)
+    if spec.kind == "gpt":  # a token file, cut into the model's windows
+        from ..train.setup import open_token_shard
+
+        shard, classes = open_token_shard(comm, args.data, spec.input_shape[0], host.dtype,
+                                          "data")
+    else:
+        shard, classes = open_checked_shard(comm, args.data, args.x, args.y, host.dtype,
+                                            "data", features=spec.features)
     if classes > spec.num_classes:
         raise UserError(f"data: {args.data!r} has labels up to {classes - 1}, the model knows "
                         f"{spec.num_classes} classes")
     result = evaluate(spec, host, shard, comm, np)
     if comm.rank == 0:
         emit(f"loss {result['loss']:.6f} accuracy {result['accuracy']:.4f} "
-             f"samples {result['samples']}")
+             f"samples {result['samples']}"
+             + (f" perplexity {result['perplexity']:.4f}" if "perplexity" in result else ""))
+    return 0
+
+
+def run_generate(args) -> int:
+    from ..errors import UserError
+    from ..nn.generate import generate
+    from ..nn.io import load_model
+
+    spec, host = load_model(args.model, key="model")
+    if spec.kind != "gpt":
+        raise UserError(f"model: {args.model!r} holds a {spec.kind} model; mpifed generate "
+                        "samples from a GPT (model.kind = \"gpt\")")
+    if args.tokens < 0:
+        raise UserError(f"--tokens: expected an integer >= 0, got {args.tokens}")
+    if args.tokenizer:
+        from ..data.tokens import load_tokenizer
+
+        tok = load_tokenizer(args.tokenizer)
+        ids, decode = tok.encode(args.prompt).ids, tok.decode
+    else:
+        if spec.num_classes < 256:
+            raise UserError(f"model: {args.model!r} has a vocabulary of {spec.num_classes}, "
+                            "not bytes (256); give the --tokenizer its token file was written "
+                            "with")
+        ids = list(args.prompt.encode("utf-8"))
+
+        def decode(out):
+            return bytes(int(i) for i in out if i < 256).decode("utf-8", errors="replace")
+    out = generate(spec, host, ids, args.tokens, args.temperature, args.top_k, args.seed)
+    emit(decode([int(i) for i in out]))
     return 0
 
 
@@ -132,7 +169,21 @@ def _data_command(args) -> int:
         emit("\n".join(inspect_lines(args.file, args.y)))
     elif args.data_command == "from-numpy":
         emit(from_numpy_command(args))
+    elif args.data_command == "tokens":
+        emit(tokens_command(args))
     return 0
+
+
+def tokens_command(args) -> str:
+    from ..data.tokens import write_tokens
+    from ..errors import UserError
+
+    if len(args.files) < 2:
+        raise UserError("mpifed data tokens: give TEXT [TEXT ...] OUT.h5 (got "
+                        f"{len(args.files)} file name)")
+    info = write_tokens(args.files[-1], args.files[:-1], args.tokenizer, args.force)
+    return (f"wrote {info.path}: {info.tokens:,} tokens, vocabulary {info.vocab_size}; train "
+            f"a GPT on it with data.train = \"{info.path}\" and model.kind = \"gpt\"")
 
 
 def from_numpy_command(args) -> str:

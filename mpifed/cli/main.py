@@ -3,11 +3,14 @@
     mpifed --version                                  mpifed <version>
     mpifed info                                       MPI, ranks, nodes, GPU facts
     mpifed demo                                       digits on 2 ranks, then FedAvg/FedProx
+    mpifed demo --gpt                                 a tiny character-level GPT on 2 ranks
     mpiexec -n 4 mpifed train run.toml [--set k=v]    data-parallel training
     mpifed config show|validate|schema run.toml       the resolved config, a check, JSON Schema
     mpifed evaluate model.h5 test.h5                  loss and accuracy (alone or under mpiexec)
     mpifed data synth|digits|inspect ...              write or describe datasets
     mpifed data from-numpy X.npy Y.npy OUT.h5         your own arrays as a training file
+    mpifed data tokens TEXT... OUT.h5                 a token file for a GPT (bytes, or --tokenizer)
+    mpifed generate model.h5 --prompt TEXT            sample text from a trained GPT
     mpifed keys new K DIR                             institution K's identity key (its own machine)
     mpifed keys roster DIR --institutions N           the public roster and its SHA-256
     mpifed keys generate DIR --institutions N         every key from one dealer (tests, demos)
@@ -37,7 +40,7 @@ from .failures import run_guarded
 # same entry points as scripts).
 BENCHMARKS = {
     "allreduce": "allreduce", "scaling": "scaling", "model": "predict",
-    "suite": "scaling_suite", "throughput": "train_throughput",
+    "suite": "scaling_suite", "throughput": "train_throughput", "gpt": "gpt_throughput",
     "federated-round": "federated_round", "gpu": "gpu_throughput", "cnn": "cnn_throughput",
     "memory": "memory", "streaming": "streaming", "shuffle-order": "shuffle_order",
     "federated-goals": "federated_goals",
@@ -83,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
     demo.add_argument("--ranks", type=int, default=2,
                       help="ranks of the data-parallel run (default 2)")
+    demo.add_argument("--gpt", action="store_true",
+                      help="instead: a tiny character-level GPT on mpifed's own sources, about "
+                           "a minute on 2 ranks, then a sample of its text (make demo-gpt)")
 
     from ..data.partition import SCHEMES
 
@@ -107,6 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("data", help="dataset file (HDF5 with x and y)")
     ev.add_argument("--x", default="x", help="features dataset name (default x)")
     ev.add_argument("--y", default="y", help="labels dataset name (default y)")
+
+    gen = sub.add_parser(
+        "generate", help="sample text from a GPT model file",
+        description="Continue --prompt with --tokens tokens sampled from a GPT written by mpifed "
+                    "train (model.kind = \"gpt\"): the context cropped to block_size, logits "
+                    "divided by --temperature (0: always the most likely token), only the --top-k "
+                    "most likely kept. Text is bytes (a byte-level model, vocabulary 256) unless "
+                    "--tokenizer names the tokenizers JSON file the token file was written with.")
+    gen.add_argument("model", help="model file (HDF5) of a GPT")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--tokens", type=int, default=200, help="tokens to add (default 200)")
+    gen.add_argument("--temperature", type=float, default=1.0, help="default 1.0")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely (0: all)")
+    gen.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0)")
+    gen.add_argument("--tokenizer", default=None, metavar="FILE.json",
+                     help="a tokenizers JSON file (default: bytes)")
 
     data = sub.add_parser("data", help="write or inspect datasets")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -165,6 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     npy.add_argument("--num-classes", type=int, default=None, metavar="N",
                      help="the class count (default: the largest label + 1)")
     npy.add_argument("--force", action="store_true", help="replace an existing OUT.h5")
+    toks = data_sub.add_parser(
+        "tokens", help="write a token file (HDF5) for a GPT from text files",
+        usage="mpifed data tokens TEXT [TEXT ...] OUT.h5 [--tokenizer FILE.json] [--force]",
+        description="Write OUT.h5 with a 1-D dataset tokens and attribute vocab_size: by "
+                    "default one token per byte of the text files, in file order (vocabulary "
+                    "256, nothing downloaded); with --tokenizer, the ids of a tokenizer file you "
+                    "already have, in the `tokenizers` library's JSON format (that library must "
+                    "be installed).")
+    toks.add_argument("files", nargs="+", metavar="FILE", help="TEXT [TEXT ...] OUT.h5")
+    toks.add_argument("--tokenizer", default=None, metavar="FILE.json",
+                      help="a tokenizers JSON file (default: bytes, vocabulary 256)")
+    toks.add_argument("--force", action="store_true", help="replace an existing OUT.h5")
     insp = data_sub.add_parser("inspect", help="print shapes, dtypes and class counts")
     insp.add_argument("file")
     insp.add_argument("--y", default="y", help="labels dataset name (default y)")
@@ -272,6 +306,10 @@ def dispatch(args) -> int:
 
         return run_plot(args)
     if args.command == "demo":
+        if args.gpt:
+            from .demo_gpt import main as run_gpt_demo
+
+            return run_gpt_demo(out=args.out, ranks=args.ranks)
         from .demo import main as run_demo
 
         return run_demo(out=args.out, ranks=args.ranks)
@@ -281,6 +319,7 @@ def dispatch(args) -> int:
         module = importlib.import_module(f"..benchmarks.{BENCHMARKS[args.which]}", __package__)
         return module.main(args.rest)
     return {"train": commands.run_train, "evaluate": commands.run_evaluate,
+            "generate": commands.run_generate,
             "data": commands.run_data, "keys": commands.run_keys,
             "config": commands.run_config}[args.command](args)
 

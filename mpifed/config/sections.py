@@ -28,6 +28,7 @@ from ..federated.robust import PRIVATE_REFUSAL
 from ..federated.rotated import UPDATE_COMPRESSIONS
 from ..federated.secagg import OUT_OF_RANGE_MODES, SINT
 from ..federated.strategies import DEFAULT_SERVER_LR, STRATEGIES
+from ..nn.layers.functional import GELU_FORMS
 from ..nn.models import DTYPES
 from ..nn.precision import HALF, PRECISIONS
 from ..nn.spec import CONFIG_KINDS, check_model_config
@@ -80,6 +81,19 @@ class ModelConfig(Section):
     conv_backend: str = setting("native", "convolutions: the package's own kernels, or cudnn "
                                 "(GPU, nvidia-cudnn-frontend; not built yet)",
                                 choices=CONV_BACKENDS)
+    dtype: str = setting("float32", "dtype of parameters and features", choices=DTYPES)
+    n_layer: int = setting(4, "gpt: transformer blocks", low=1)
+    n_head: int = setting(4, "gpt: attention heads per block (n_embd must be a multiple)", low=1)
+    n_embd: int = setting(128, "gpt: width of the token embedding and of every block", low=1)
+    block_size: int = setting(64, "gpt: context length in tokens; a sample is a window of "
+                              "block_size + 1 tokens", low=1)
+    vocab_size: int = setting(0, "gpt: vocabulary size; 0: the token file's vocab_size", low=0)
+    dropout: float = setting(0.0, "gpt: dropout probability (embedding, attention, residuals)",
+                             low=0, high=1, high_in=False)
+    gelu: str = setting("tanh", "gpt: the MLP's GELU, tanh (GPT-2's approximation) or exact "
+                        "(nanoGPT's x Phi(x))", choices=GELU_FORMS)
+    recompute: bool = setting(False, "gpt: keep only each block's input in the forward pass and "
+                              "recompute its activations during the backward pass")
 
     def check(self) -> None:
         check_model_config(self)
@@ -96,8 +110,10 @@ class OptimConfig(Section):
     lr: float = setting(0.1, "learning rate (peak, under a schedule)", low=0, low_in=False)
     momentum: float = setting(SGD_DEFAULTS["momentum"], "SGD momentum", low=0, high=1, high_in=False)
     nesterov: bool = setting(SGD_DEFAULTS["nesterov"], "Nesterov momentum (needs optim.momentum > 0)")
-    weight_decay: float = setting(SGD_DEFAULTS["weight_decay"], "L2 weight decay (coupled, "
-                                  "added to the gradient)", low=0)
+    weight_decay: float = setting(SGD_DEFAULTS["weight_decay"], "weight decay: sgd and adam "
+                                  "add wd * w to the gradient (L2); adamw decays the weights "
+                                  "apart from the gradient, and only arrays of 2 or more "
+                                  "dimensions (not biases, not LayerNorm)", low=0)
     batch_size: int = setting(32, "rows per rank per step", low=1)
     epochs: int | None = setting(None, "passes over the data (a federation reads "
                                  "federated.rounds instead); unset: 1 unless optim.steps is "
@@ -124,6 +140,11 @@ class OptimConfig(Section):
     loss_scale_growth_interval: int = setting(2000, "dynamic loss scaling: clean steps in a "
                                               "row before the scale doubles (an overflow "
                                               "halves it and skips the step)", low=1)
+    grad_clip: float = setting(0.0, "clip the global gradient norm (over all ranks' shards) to "
+                               "this; 0: off", low=0)
+    accumulate: int = setting(1, "micro-batches of optim.batch_size rows per step, their "
+                              "gradients averaged (a step reads batch_size x accumulate rows "
+                              "per rank)", low=1)
 
     def __post_init__(self):
         if self.epochs is None and self.steps is None:
@@ -497,6 +518,15 @@ class Config(Section):
                             "\"powersgd\": PowerSGD's error feedback would take in the inf of a "
                             "step that mixed precision skips; set comm.compression = \"none\", "
                             "\"fp16\" or \"bf16\", or model.precision = \"fp32\"")
+        if self.optim.accumulate > 1:
+            raise UserError(f"model.precision = \"{precision}\" with optim.accumulate = "
+                            f"{self.optim.accumulate}: the half-precision step does not sum "
+                            "micro-batches yet; set optim.accumulate = 1 (raise "
+                            "optim.batch_size) or model.precision = \"fp32\"")
+        if self.model.kind == "gpt":
+            raise UserError(f"model.precision = \"{precision}\" with model.kind = \"gpt\": the "
+                            "transformer layers are not checked in half precision yet; set "
+                            "model.precision = \"fp32\"")
 
     @classmethod
     def from_table(cls, table) -> "Config":

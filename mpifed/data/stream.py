@@ -72,7 +72,8 @@ def shard_stream(shard, batch, steps_per_epoch, seed, rank, shuffle, epoch=0, st
     block, buffer: data.shuffle_block (rows) and data.shuffle_buffer (blocks); 0 picks the
     default (blocks.default_block, blocks.default_buffer). timeline: where block reads are traced.
     """
-    if not (shuffle and shard.x is None):
+    # a token shard (data/tokens.py) reads each batch's windows itself: it has no blocks
+    if not (shuffle and shard.x is None and hasattr(shard, "read_block")):
         return BatchStream(len(shard), batch, steps_per_epoch, seed, rank, shuffle, epoch, step)
     plan = stream_plan(shard, block, buffer)
     return BlockStream(shard, batch, steps_per_epoch, seed, rank, plan, epoch, step, timeline)

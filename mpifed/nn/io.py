@@ -2,7 +2,9 @@
 `layers/<i>` holds layer i's arrays and its attributes `type` and settings: `linear` W (in x out)
 and b; `conv2d` W (out_channels, in_channels, kh, kw) and b; batch norm gamma, beta,
 running_mean, running_var; `residual` its sublayers in layers/<i>/layers/<j> and a projection
-in layers/<i>/projection.
+in layers/<i>/projection. A `gpt` file also holds group `state_dict`: nanoGPT's
+`GPT.state_dict()` names and [out, in] shapes, `lm_head.weight` a copy of
+`transformer.wte.weight`, so it loads strictly into a PyTorch GPT.
 
 `softmax` and `mlp` files keep the first layout: layers/<i> is the i-th linear layer (W, b), the
 root has `hidden`; those written before the layer library still load.
@@ -53,11 +55,19 @@ def save_model(path: str, spec: Sequential, flat, dtype=None) -> None:
         fh.attrs["input_shape"] = np.asarray(spec.input_shape, dtype=np.int64)
         for key, value in spec.extra.items():
             fh.attrs[key] = value
+        names = getattr(spec, "state_dict_names", None)
         for i, layer in enumerate(spec.layers):
             group = fh.create_group(f"layers/{i}")
-            for name, array in layer_of(i).items():
+            arrays = layer_of(i)
+            for name, array in arrays.items():
                 group.create_dataset(name.replace(".", "/"), data=array)
             _write_settings(group, layer)
+            if names is not None:  # a GPT: nanoGPT's state_dict beside layers/
+                torch_names = names(i)
+                for name, array in arrays.items():
+                    fh.create_dataset(f"state_dict/{torch_names[name]}", data=array)
+        if names is not None:
+            fh["state_dict/lm_head.weight"] = fh["state_dict/transformer.wte.weight"][...]
 
 
 def _host(a):
@@ -118,8 +128,11 @@ def load_model(path: str, dtype=None, key: str = "model.init") -> tuple[Sequenti
                 count = len(fh["layers"])
                 layers = [_read_layer(fh[f"layers/{i}"], f"layers/{i}", key)
                           for i in range(count)]
-                model = Sequential(layers, shape, classes, kind, where=f"{key} {path!r} layers",
-                                   **extra)
+                cls = Sequential
+                if kind == "gpt":
+                    from .gpt import GPT as cls
+                model = cls(layers, shape, classes, kind, where=f"{key} {path!r} layers",
+                            **extra)
             dtype = np.dtype(dtype or _stored_dtype(fh["layers"]))
             flat = np.zeros(model.layout(dtype).size, dtype=dtype)
             for i, p in enumerate(model.param_views(flat)):

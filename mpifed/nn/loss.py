@@ -35,3 +35,49 @@ def summed_loss_and_correct(logits, labels) -> tuple[float, int]:
     loss = float((log_total - shifted[rows, labels]).sum())
     correct = int((logits.argmax(axis=1) == labels).sum())
     return loss, correct
+
+
+IGNORE_INDEX = -1  # a target of this value is no token to predict (padding), as nanoGPT's
+
+
+def sequence_cross_entropy(logits, targets, ignore_index: int = IGNORE_INDEX):
+    """Return (mean loss, d loss / d logits) for logits (B, T, V) and integer targets (B, T).
+
+    The mean is over the targets that are not `ignore_index` (PyTorch's F.cross_entropy with
+    ignore_index); their rows of the gradient are zero. Stable as `softmax_cross_entropy`: each
+    row is shifted by its maximum. The gradient overwrites a copy of the logits only once.
+    """
+    xp = get_array_module(logits)
+    v = logits.shape[-1]
+    flat = logits.reshape(-1, v)  # (N, V)
+    t = targets.reshape(-1).astype(xp.int64)
+    keep = t != ignore_index  # (N,)
+    count = int(keep.sum())
+    safe = xp.where(keep, t, 0)
+    grad = flat - flat.max(axis=1, keepdims=True)  # shifted logits, then the gradient
+    rows = xp.arange(flat.shape[0])
+    picked = grad[rows, safe]  # (N,) shifted logit of the target
+    xp.exp(grad, out=grad)
+    total = grad.sum(axis=1)  # (N,)
+    losses = (xp.log(total) - picked) * keep
+    loss = losses.sum() / max(count, 1)
+    grad /= total[:, None]
+    grad[rows, safe] -= 1.0
+    grad *= (keep / max(count, 1)).astype(grad.dtype)[:, None]
+    return loss, grad.reshape(logits.shape)
+
+
+def sequence_loss_and_correct(logits, targets, ignore_index: int = IGNORE_INDEX):
+    """Return (summed cross-entropy, correct predictions, counted targets) over (B, T, V)
+    logits and (B, T) targets, `ignore_index` targets left out."""
+    xp = get_array_module(logits)
+    v = logits.shape[-1]
+    flat = logits.reshape(-1, v)
+    t = targets.reshape(-1).astype(xp.int64)
+    keep = t != ignore_index
+    safe = xp.where(keep, t, 0)
+    shifted = flat - flat.max(axis=1, keepdims=True)
+    rows = xp.arange(flat.shape[0])
+    losses = xp.log(xp.exp(shifted).sum(axis=1)) - shifted[rows, safe]
+    correct = (flat.argmax(axis=1) == t) & keep
+    return float((losses * keep).sum()), int(correct.sum()), int(keep.sum())

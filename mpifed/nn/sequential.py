@@ -7,6 +7,7 @@ the gradient buffer is final (last layer first) to start its reduction early.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from math import prod
 
@@ -43,11 +44,9 @@ class Sequential:
     def build(self, input_shape, where: str = "model.layers") -> None:
         """(Re)build every layer for inputs of `input_shape`; errors name the layer."""
         input_shape = tuple(int(s) for s in input_shape)
+        self._before_build()
         out = self.chain.build(input_shape, where)
-        if out != (self.num_classes,):
-            raise UserError(f"{where}: the last layer gives outputs of shape {out}, the loss "
-                            f"needs ({self.num_classes},), one logit per class; end with "
-                            f"{{type = \"linear\", out = {self.num_classes}}}")
+        self._check_output(input_shape, out, where)
         self.input_shape = input_shape
         self._layouts, self._views = {}, OrderedDict()
         entries = [[(n, tuple(s)) for n, s in layer.params()] for layer in self.layers]
@@ -56,6 +55,23 @@ class Sequential:
         for e in entries:
             bounds.append(bounds[-1] + len(e))
         self.bounds = bounds  # layer i's arrays are layout entries bounds[i]:bounds[i+1]
+
+    def _before_build(self) -> None:
+        """What a model does to its layers before they are built (a GPT ties its head)."""
+
+    def _check_output(self, input_shape, out, where: str) -> None:
+        """Refuse a last layer whose output the loss cannot take: one logit per class."""
+        if out != (self.num_classes,):
+            raise UserError(f"{where}: the last layer gives outputs of shape {out}, the loss "
+                            f"needs ({self.num_classes},), one logit per class; end with "
+                            f"{{type = \"linear\", out = {self.num_classes}}}")
+
+    def _after_forward(self, logits) -> None:
+        """Called between a training forward and its backward (a GPT counts activations)."""
+
+    def loss(self, logits, y):
+        """Return (mean loss, d loss / d logits) of this model's outputs against targets y."""
+        return softmax_cross_entropy(logits, y)
 
     @property
     def layers(self) -> list[Layer]:
@@ -135,6 +151,19 @@ class Sequential:
         self._layouts[key] = out
         return out
 
+    def decayed_ranges(self, dtype="float32") -> tuple[tuple[int, int], ...]:
+        """Element ranges of the arrays of two or more dimensions (weight matrices, kernels,
+        embeddings): what AdamW's weight decay applies to; adjacent ranges merged."""
+        offsets, out = self.layout(dtype).offsets, []
+        shapes = [s for e in self.entries for _, s in e]
+        for j, shape in enumerate(shapes):
+            if len(shape) >= 2:
+                if out and out[-1][1] == offsets[j]:
+                    out[-1] = (out[-1][0], offsets[j + 1])
+                else:
+                    out.append((offsets[j], offsets[j + 1]))
+        return tuple(out)
+
     def take_buffers(self, grads) -> list:
         """After the all-reduce: copy out the buffers' new values (backward wrote them into the
         gradient buffer, averaged over the ranks now) and zero them there, so the optimiser
@@ -184,8 +213,49 @@ class Sequential:
         ps = self._layer_source(flat, x.dtype if callable(flat) else flat.dtype)
         return self.chain.forward(ps, self._shaped(x), ctx)
 
+    accumulate = 1  # optim.accumulate: micro-batches per step, set by the training loop
+
     def loss_and_grad(self, flat, x, y, grad_out, on_ready=None, ctx: Context = TRAIN,
                       loss_scale: float = 1.0):
+        """The mean loss and gradient of `_loss_and_grad`, over `accumulate` micro-batches of
+        x and y (B divisible by it): each micro-batch's gradient into a scratch buffer, their
+        mean into grad_out before on_ready reports a layer final. Dropout differs per
+        micro-batch (its step number is step * accumulate + j). loss_scale: as `_loss_and_grad`."""
+        k = self.accumulate
+        if k == 1:
+            return self._loss_and_grad(flat, x, y, grad_out, on_ready, ctx, loss_scale)
+        if callable(grad_out):
+            raise UserError("optim.accumulate > 1 needs whole gradients; with comm.shard = "
+                            "\"gradients\" or \"parameters\" set optim.accumulate = 1 (or raise "
+                            "optim.batch_size)")
+        if x.shape[0] % k:
+            raise UserError(f"optim.accumulate: a batch of {x.shape[0]} rows does not split "
+                            f"into {k} micro-batches")
+        rows, total = x.shape[0] // k, 0.0
+        summed = grad_out.copy()
+        summed[...] = 0
+        for j in range(k - 1):
+            part = dataclasses.replace(ctx, step=ctx.step * k + j)
+            total += float(self._loss_and_grad(flat, x[j * rows:(j + 1) * rows],
+                                               y[j * rows:(j + 1) * rows], grad_out, None, part,
+                                               loss_scale))
+            summed += grad_out
+        ready = None
+        if on_ready is not None:
+            def ready(lo, hi, loss):  # the last micro-batch's layer is done: add the others
+                grad_out[lo:hi] += summed[lo:hi]
+                grad_out[lo:hi] /= k
+                on_ready(lo, hi, (total + float(loss)) / k)
+        last = dataclasses.replace(ctx, step=ctx.step * k + k - 1)
+        loss = self._loss_and_grad(flat, x[(k - 1) * rows:], y[(k - 1) * rows:], grad_out, ready,
+                                   last, loss_scale)
+        if on_ready is None:
+            grad_out += summed
+            grad_out /= k
+        return (total + float(loss)) / k
+
+    def _loss_and_grad(self, flat, x, y, grad_out, on_ready=None, ctx: Context = TRAIN,
+                       loss_scale: float = 1.0):
         """Write d(mean loss)/d(params) into `grad_out` (flat, like `flat`); return the loss.
 
         on_ready(lo, hi, loss): grad_out[lo:hi] (one layer's arrays) is final; last layer first.
@@ -200,9 +270,10 @@ class Sequential:
         dtype = x.dtype if callable(flat) else flat.dtype
         ps, gs = self._layer_source(flat, dtype), self._layer_source(grad_out, dtype)
         h = self.chain.forward(ps, self._shaped(x), ctx)
+        self._after_forward(h)
         if h.dtype.itemsize < 4:  # fp16/bf16 compute: the loss and its reduction in fp32
             h = h.astype(np.float32)
-        loss, delta = softmax_cross_entropy(h, y)  # delta: (B, C)
+        loss, delta = self.loss(h, y)  # delta: (B, C)
         if loss_scale != 1.0:
             delta *= delta.dtype.type(loss_scale)
         delta = delta.astype(dtype, copy=False)

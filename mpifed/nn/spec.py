@@ -1,6 +1,7 @@
 """The [model] section: its keys, their checks, and the model each config describes.
 
     kind = "softmax" | "mlp" (hidden = [...]) | "lenet5" | "resnet" (depth = 8|14|20)
+         | "gpt" (n_layer, n_head, n_embd, block_size, vocab_size, dropout, gelu, recompute)
          | "sequential" (layers = [{type = "conv2d", out = 16, kernel = 3, padding = 1}, ...])
     factory = "package.module:function"   # function(input_shape, num_classes) -> layers or model
     init = "model.h5"                     # start from a model file instead
@@ -15,7 +16,7 @@ from .layers import Layer, layers_from_config
 from .presets import RESNET_DEPTHS, lenet5, mlp, resnet, softmax
 from .sequential import Sequential
 
-KINDS = ("softmax", "mlp", "sequential", "lenet5", "resnet")
+KINDS = ("softmax", "mlp", "sequential", "lenet5", "resnet", "gpt")
 # model.kind in config.toml of a run given a model object with layers of one's own
 # (mpifed.train.run(model=...)): a record, not a model a file run can build.
 OBJECT_KIND = "object"
@@ -35,6 +36,11 @@ def check_model_config(model) -> None:
                         "remove model.hidden or set model.kind = \"mlp\"")
     if kind == "resnet" and model.depth not in RESNET_DEPTHS:
         raise UserError(f"model.depth: a resnet has depth 8, 14 or 20, got {model.depth}")
+    if model.recompute and kind != "gpt":
+        raise UserError(f"model.recompute: only read when model.kind = \"gpt\" (it is {kind!r})")
+    if kind == "gpt" and model.n_embd % model.n_head:
+        raise UserError(f"model.n_embd: {model.n_embd} does not split into model.n_head = "
+                        f"{model.n_head} heads; make n_embd a multiple of n_head")
     if model.factory:
         _factory_parts(model.factory)
 
@@ -65,12 +71,30 @@ def model_from_config(model, input_shape, num_classes: int) -> Sequential:
         return resnet(shape, num_classes, model.depth)
     if kind == "sequential":
         return Sequential(layers_from_config(model.layers), shape, num_classes)
+    if kind == "gpt":
+        return gpt_from_config(model, shape, num_classes)
     if kind == OBJECT_KIND:
         raise UserError("model.kind: \"object\" records a run given a model object with layers "
                         "of its own (mpifed.train.run(model=...)); to train from a file, set "
                         "model.factory to a function that builds that model, or model.init to "
                         "its model.h5")
     raise UserError(f"model.kind: {kind!r} is not a model; use one of {', '.join(KINDS)}")
+
+
+def gpt_from_config(model, input_shape, vocab_size: int):
+    """The GPT that [model] describes on windows of input_shape = (block_size,) tokens; the
+    vocabulary is model.vocab_size, else the data's."""
+    from .gpt import gpt
+
+    vocab = model.vocab_size or vocab_size
+    if vocab < vocab_size:
+        raise UserError(f"model.vocab_size: {vocab} is less than the data's {vocab_size}; "
+                        "raise it or set 0 (the data's)")
+    if tuple(input_shape) != (model.block_size,):
+        raise UserError(f"model.block_size: {model.block_size}, but the data's windows have "
+                        f"{input_shape} tokens")
+    return gpt(vocab, model.block_size, model.n_layer, model.n_head, model.n_embd,
+               model.dropout, model.gelu, model.recompute)
 
 
 def model_from_factory(name: str, input_shape, num_classes: int) -> Sequential:

@@ -1,6 +1,7 @@
 """Optimisers and learning-rate schedules, as pure updates of flat parameter buffers."""
 
-from .optimizers import SGD, Adam, make_optimizer
+from .clip import clip_grad_norm
+from .optimizers import SGD, Adam, AdamW, make_optimizer
 from .schedules import learning_rate
 
-__all__ = ["SGD", "Adam", "learning_rate", "make_optimizer"]
+__all__ = ["SGD", "Adam", "AdamW", "clip_grad_norm", "learning_rate", "make_optimizer"]

@@ -1,4 +1,4 @@
-"""SGD (momentum, Nesterov, weight decay) and Adam on flat buffers, updated in place.
+"""SGD (momentum, Nesterov, weight decay), Adam and AdamW on flat buffers, updated in place.
 
 Conventions follow PyTorch's, so results compare: weight decay adds wd * w to the gradient;
 momentum keeps v = mu v + g; Nesterov steps along g + mu v.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ..xp import get_array_module
 
-OPTIMIZERS = ("sgd", "adam")  # optim.name: the choices of make_optimizer
+OPTIMIZERS = ("sgd", "adam", "adamw")  # optim.name: the choices of make_optimizer
 CHUNK = 1 << 18  # elements per piece of an update: 1 MiB of float32 scratch, stays in cache
 
 
@@ -53,8 +53,9 @@ class SGD:
         self.velocity = None
         self._scratch = Scratch(1)
 
-    def step(self, params, grad, lr: float) -> None:
+    def step(self, params, grad, lr: float, offset: int = 0) -> None:
         """Update `params` in place from `grad` (same shape); `grad` is used as scratch.
+        offset: where `params` starts in the model's flat buffer (a shard's; unused here).
 
         g += wd * w; v = mu * v + g; w -= lr * (g + mu * v) (Nesterov) or lr * v (momentum)
         or lr * g (plain).
@@ -104,8 +105,9 @@ class Adam:
         self.t = 0
         self._scratch = Scratch(2)
 
-    def step(self, params, grad, lr: float) -> None:
+    def step(self, params, grad, lr: float, offset: int = 0) -> None:
         """Update `params` in place from `grad` (same shape); `grad` is used as scratch.
+        offset: where `params` starts in the model's flat buffer (a shard's; unused here).
 
         g += wd * w; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g g;
         w -= (lr sqrt(1 - b2^t) / (1 - b1^t)) m / (sqrt(v) + eps).
@@ -147,9 +149,63 @@ class Adam:
         self.m, self.v, self.t = state.get("m"), state.get("v"), int(state.get("t", 0))
 
 
-def make_optimizer(optim):
+class AdamW(Adam):
+    """AdamW (Loshchilov and Hutter 2019) as PyTorch's: weight decay apart from the gradient,
+    w *= 1 - lr wd, on the elements of `decayed` only (ranges of the flat buffer: the arrays of
+    two or more dimensions, not biases or LayerNorm), then Adam's update in PyTorch's form
+    w -= (lr / (1 - b1^t)) m / (sqrt(v) / sqrt(1 - b2^t) + eps). State as Adam's."""
+
+    def __init__(self, beta1=ADAM_DEFAULTS["beta1"], beta2=ADAM_DEFAULTS["beta2"],
+                 eps=ADAM_DEFAULTS["eps"], weight_decay=SGD_DEFAULTS["weight_decay"],
+                 decayed=()):
+        super().__init__(beta1, beta2, eps, 0.0)
+        self.decay, self.decayed = weight_decay, tuple(decayed)
+
+    def step(self, params, grad, lr: float, offset: int = 0) -> None:
+        """Update `params` (elements [offset, offset + size) of the model) from `grad`."""
+        xp = get_array_module(params)
+        if self.m is None:
+            self.m, self.v = xp.zeros_like(params), xp.zeros_like(params)
+        self.t += 1
+        if self.decay:
+            keep = params.dtype.type(1 - lr * self.decay)
+            for a, b in self.decayed:
+                a, b = max(a - offset, 0), min(b - offset, params.size)
+                if b > a:
+                    params[a:b] *= keep
+        step_size = params.dtype.type(lr / (1 - self.beta1 ** self.t))
+        root = params.dtype.type((1 - self.beta2 ** self.t) ** 0.5)
+        for lo, hi in chunks(params.size):
+            self._adamw_chunk(xp, params[lo:hi], grad[lo:hi], self.m[lo:hi], self.v[lo:hi],
+                              step_size, root)
+
+    def _adamw_chunk(self, xp, w, g, m, v, step_size, root) -> None:
+        t, d = self._scratch.get(w, w.size)
+        m *= self.beta1
+        xp.multiply(g, 1 - self.beta1, out=t)
+        m += t
+        v *= self.beta2
+        xp.multiply(g, 1 - self.beta2, out=t)
+        t *= g
+        v += t
+        xp.sqrt(v, out=d)
+        d /= root
+        d += self.eps
+        xp.multiply(m, step_size, out=t)
+        t /= d
+        w -= t
+
+
+def make_optimizer(optim, spec=None, dtype="float32"):
     """Return the optimiser that `optim` (the OptimConfig, or any object with its attributes)
-    names."""
+    names. spec: the model, whose arrays of two or more dimensions AdamW decays (all of them
+    when no model is given). The optimiser carries optim.grad_clip as `grad_clip`."""
     if optim.name == "sgd":
-        return SGD(optim.momentum, optim.nesterov, optim.weight_decay)
-    return Adam(optim.beta1, optim.beta2, optim.eps, optim.weight_decay)
+        made = SGD(optim.momentum, optim.nesterov, optim.weight_decay)
+    elif optim.name == "adamw":
+        decayed = spec.decayed_ranges(dtype) if spec is not None else ((0, 1 << 62),)
+        made = AdamW(optim.beta1, optim.beta2, optim.eps, optim.weight_decay, decayed)
+    else:
+        made = Adam(optim.beta1, optim.beta2, optim.eps, optim.weight_decay)
+    made.grad_clip = float(getattr(optim, "grad_clip", 0.0) or 0.0)
+    return made

@@ -53,20 +53,26 @@ def run_data_parallel(cfg, comm, xp, inputs=NO_INPUTS) -> dict:
     """
     data, optim, run, stage = cfg.data, cfg.optim, cfg.run, cfg.comm.shard
     dtype = np.dtype(cfg.model.dtype)
-    shard, classes = open_train_shard(comm, data, dtype, inputs.data)
+    shard, classes = open_train_shard(comm, data, dtype, inputs.data, cfg.model)
     if inputs.model is not None:  # the model's classes, unless the labels need more
         classes = max(classes, inputs.model.num_classes)
     whole = stage != "parameters"  # ZeRO-3: each rank draws only its chunk
     spec, params = raise_together(comm, lambda: build_model(
         cfg.model, run.seed, shard.info.input_shape, classes, xp, dtype, stage, whole=whole,
         ranks=comm.size, given=inputs.model))
+    spec.accumulate = optim.accumulate  # micro-batches per step
+    if optim.accumulate > 1 and stage in ("gradients", "parameters"):
+        raise UserError(f"optim.accumulate = {optim.accumulate} with comm.shard = {stage!r}: "
+                        "accumulation needs whole gradients; set comm.shard = \"none\" or "
+                        "\"optimizer\", or optim.accumulate = 1")
+    rows = optim.batch_size * optim.accumulate  # per rank per step
     per_epoch, total = plan_steps(optim, len(shard), comm)
     test = None
     if data.test:
         test = open_test_shard(comm, data, spec, dtype, inputs.test)
     env = run_environment(cfg, comm)
     out = prepare_out(cfg, comm, env)
-    optimizer = make_optimizer(optim)
+    optimizer = make_optimizer(optim, spec, dtype)
     precision = raise_together(comm, lambda: make_precision(cfg.model, optim, spec, dtype, xp))
     step_fn = make_step(spec, params, comm, cfg.comm, xp, dtype, precision)
     del params  # the step holds the model now (ZeRO-3: only this rank's chunk)
@@ -78,14 +84,14 @@ def run_data_parallel(cfg, comm, xp, inputs=NO_INPUTS) -> dict:
     reporter = start_report(
         run.progress, out, comm.rank == 0, total, first,
         f"mpifed train: {comm.size} ranks, {spec.kind} {spec.sizes}, {shard.info.samples} "
-        f"samples, global batch {optim.batch_size * comm.size}, {total} steps ({per_epoch} "
+        f"samples, global batch {rows * comm.size}, {total} steps ({per_epoch} "
         f"per epoch), backend {xp.__name__}"
         + (f", comm.shard {stage}" if stage != "none" else ""),
         "step")
     timeline = Timeline(run.timeline, comm.rank)
-    loader = batch_loader(data, optim.batch_size, run.seed, shard, per_epoch, comm.rank, first,
+    loader = batch_loader(data, rows, run.seed, shard, per_epoch, comm.rank, first,
                           xp, timeline)
-    window = Window(optim.batch_size * comm.size)
+    window = Window(rows * comm.size)
     start, loss, stopped = time.perf_counter(), math.nan, ""
     with running(loader, step_fn) as flag:
         for step in range(first, total):
@@ -262,7 +268,8 @@ def memory_report(comm, step_fn, optimizer) -> dict:
     """Return each rank's bytes (lists in rank order, on every rank): param_bytes, grad_bytes,
     optimizer_state_bytes (the optimiser's arrays) and peak_rss_bytes (the process's peak)."""
     own = dict(step_fn.memory_bytes(), optimizer_state_bytes=state_bytes(optimizer),
-               peak_rss_bytes=peak_rss_bytes())
+               peak_rss_bytes=peak_rss_bytes(),
+               activation_bytes=int(getattr(step_fn.spec, "activation_bytes", 0)))
     every = comm.allgather(own)
     return {key: [r[key] for r in every] for key in own}
 
@@ -322,12 +329,14 @@ def finish(cfg, comm, spec, params, test, reporter, xp, span, timings, loss,
     run_environment's fields.
     """
     (first, steps), (seconds, comm_seconds, data_seconds) = span, timings
-    out, per_step = cfg.run.out, cfg.optim.batch_size * comm.size
+    out, per_step = cfg.run.out, cfg.optim.batch_size * cfg.optim.accumulate * comm.size
     summary = {"event": "summary", "steps": steps, "samples": steps * per_step,
                "seconds": seconds, "loss": loss if math.isfinite(loss) else None,
                "comm_seconds": comm_seconds,
                "data_wait_seconds": data_seconds,
                "samples_per_s": (steps - first) * per_step / max(seconds, 1e-9)}
+    if spec.kind == "gpt":  # a sample is a window of block_size tokens
+        summary["tokens_per_s"] = summary["samples_per_s"] * spec.input_shape[0]
     if first:
         summary["resumed_from"] = first
     summary.update(shard=cfg.comm.shard, **(memory or {}))
@@ -337,6 +346,8 @@ def finish(cfg, comm, spec, params, test, reporter, xp, span, timings, loss,
         result = evaluate(spec, params, test, comm, xp)
         reporter.record(event="eval", step=steps, **result)
         summary.update(accuracy=result["accuracy"], test_loss=result["loss"])
+        if "perplexity" in result:
+            summary["perplexity"] = result["perplexity"]
         reporter.line(f"test: accuracy {result['accuracy']:.4f} loss {result['loss']:.4f} "
                       f"on {result['samples']} samples")
     write_model(os.path.join(out, "model.h5"), spec, params, comm)

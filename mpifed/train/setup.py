@@ -128,6 +128,12 @@ def open_test_shard(comm, data, spec, dtype, arrays=None) -> Shard | MemoryShard
     """Open this rank's shard of data.test (`data`: the DataConfig), or of `arrays` (this
     rank's (x, y) given to mpifed.train.run as `test`), checked against the model
     (collective)."""
+    if spec.kind == "gpt" and arrays is None:
+        shard, vocab = open_token_shard(comm, data.test, spec.input_shape[0], dtype, "data.test")
+        if vocab > spec.num_classes:
+            raise UserError(f"data.test: {data.test!r} has vocab_size {vocab}, the model "
+                            f"{spec.num_classes}; use token files of one vocabulary")
+        return shard
     if arrays is not None:
         shard, classes = open_memory_shard(comm, arrays, dtype, "test", features=spec.features)
         where, fix = "test", "pass the model's classes as num_classes"
@@ -142,9 +148,30 @@ def open_test_shard(comm, data, spec, dtype, arrays=None) -> Shard | MemoryShard
     return shard
 
 
-def open_train_shard(comm, data, dtype, arrays=None) -> tuple[Shard | MemoryShard, int]:
+def open_token_shard(comm, path: str, block_size: int, dtype, key: str):
+    """Open this rank's windows of a token file (data/tokens.py), checked on all ranks; return
+    (shard, vocab_size). Token ids must lie in [0, vocab_size)."""
+    from ..data.tokens import TokenShard, describe_tokens
+
+    info = raise_together(comm, lambda: describe_tokens(path, block_size, key))
+    start, stop = shard_bounds(info.samples, comm.size, comm.rank)
+    shard = raise_together(comm, lambda: TokenShard(info, start, stop, dtype))
+
+    def check_ids():
+        low, high = shard.label_range()
+        if len(shard) and (low < 0 or high >= info.vocab_size):
+            raise UserError(f"{key}: {path!r} has token id {high if high >= info.vocab_size else low}"
+                            f" outside [0, vocab_size = {info.vocab_size})")
+    raise_together(comm, check_ids)
+    return shard, info.vocab_size
+
+
+def open_train_shard(comm, data, dtype, arrays=None, model=None):
     """Open this rank's training shard, of data.train (`data`: the DataConfig) or of `arrays`
-    (this rank's (x, y) given to mpifed.train.run as `data`); return (shard, classes)."""
+    (this rank's (x, y) given to mpifed.train.run as `data`); return (shard, classes).
+    model: the ModelConfig; a GPT reads windows of a token file (classes: its vocab_size)."""
+    if model is not None and model.kind == "gpt" and arrays is None:
+        return open_token_shard(comm, data.train, model.block_size, dtype, "data.train")
     if arrays is not None:
         return open_memory_shard(comm, arrays, dtype, "data")
     return open_checked_shard(comm, data.train, data.x, data.y, dtype, "data.train")
@@ -252,7 +279,7 @@ def check_init_matches(model, spec, shape, classes: int) -> None:
 def plan_steps(optim, shard_len: int, comm) -> tuple[int, int]:
     """Return (steps_per_epoch, total_steps) for `optim` (the OptimConfig): the smallest shard
     decides for every rank."""
-    batch = optim.batch_size
+    batch = optim.batch_size * getattr(optim, "accumulate", 1)
     smallest = allreduce_int(comm, shard_len, MPI.MIN)
     per_epoch = smallest // batch
     if per_epoch == 0:

@@ -38,6 +38,7 @@ from ..comm.ring import chunk_bounds
 from ..comm.stall import StallWatch
 from ..errors import UserError
 from ..nn.layers import Context
+from ..optim.clip import clip_grad_norm
 from ..xp import device_thread_pool, record_event, to_host, wait_event
 from .precision import FULL
 from .step import DataParallelStep, Step, diverged
@@ -238,9 +239,16 @@ class ShardedStep(Step):
         if anchor is not None and mu:
             grads += mu * (params - self._own_anchor(anchor))
             self._take_buffers(grads)
-        optimizer.step(params, grads, lr)
+        if getattr(optimizer, "grad_clip", 0):  # optim.grad_clip: the norm over all chunks
+            clip_grad_norm(grads, optimizer.grad_clip, self._sum_host)
+        optimizer.step(params, grads, lr, offset=self.lo)
         for a, b, values in kept:
             params[a:b] = values
+
+    def _sum_host(self, values):
+        """Sum a small float64 host array over the ranks, in place (the clip's squared norm)."""
+        self.comm.Allreduce(MPI.IN_PLACE, values)
+        return values
 
     def _own_anchor(self, anchor):
         """This rank's part of FedProx's anchor: given whole (n) or as `anchor()`'s chunk."""

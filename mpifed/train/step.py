@@ -28,6 +28,7 @@ from ..comm.stall import StallWatch
 from ..comm.topology import topology
 from ..errors import UserError
 from ..nn.layers import Context
+from ..optim.clip import clip_grad_norm
 from ..xp import device_thread_pool, mark, record_event, seconds_between, to_host, wait_event
 from .allreduce_choice import choose_for_step
 from .precision import FULL
@@ -305,6 +306,8 @@ class DataParallelStep(Step):
         if anchor is not None and mu:
             grads += mu * (self.params - anchor)
             self.spec.take_buffers(grads)
+        if getattr(optimizer, "grad_clip", 0):  # optim.grad_clip: the whole gradient is here
+            clip_grad_norm(grads, optimizer.grad_clip)
         optimizer.step(self.params, grads, lr)
         self.spec.put_buffers(self.params, buffers)
         return loss

@@ -231,6 +231,11 @@ DATA = DataConfig(train="x.h5")
     (lambda: Config(data=DATA, model=ModelConfig(precision="bf16"),
                     federated=FederatedConfig(institutions=2)),
      ["model.precision", "federation"]),
+    (lambda: Config(data=DATA, model=ModelConfig(precision="fp16"),
+                    optim=OptimConfig(accumulate=2, steps=1)),
+     ["model.precision", "optim.accumulate = 2"]),
+    (lambda: Config(data=DATA, model=ModelConfig(kind="gpt", precision="bf16")),
+     ["model.precision", "model.kind = \"gpt\""]),
 ])
 def test_refused_combinations_name_their_keys(build, words):
     with pytest.raises(UserError) as err:

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 from ...errors import UserError
 from .activations import GELU, Dropout, ReLU, Tanh
+from .attention import CausalSelfAttention
 from .base import Context, Layer
 from .chain import Chain
 from .conv import Conv2d, col2im, im2col
 from .dense import Flatten, Linear
+from .embedding import Embedding, TiedHead
 from .norm import BatchNorm2d, LayerNorm
 from .pool import AvgPool2d, GlobalAvgPool, MaxPool2d
 from .residual import Residual
+from .transformer import TransformerBlock
 
 # type -> (class, {config key: default}); None marks a required key. The keys are public.
 LAYERS = {
@@ -30,6 +33,13 @@ LAYERS = {
     "layernorm": (LayerNorm, {"eps": 1e-5}),
     "batchnorm2d": (BatchNorm2d, {"sync": False, "momentum": 0.1, "eps": 1e-5}),
     "residual": (Residual, {"layers": None}),
+    "embedding": (Embedding, {"vocab_size": None, "block_size": None, "n_embd": None,
+                              "dropout": 0.0}),
+    "causal_self_attention": (CausalSelfAttention, {"n_head": None, "dropout": 0.0,
+                                                    "n_layer": 1}),
+    "transformer_block": (TransformerBlock, {"n_head": None, "dropout": 0.0, "gelu": "tanh",
+                                             "n_layer": 1, "recompute": False}),
+    "tied_head": (TiedHead, {}),
 }
 
 
@@ -72,6 +82,7 @@ def layers_from_config(entries, where: str = "model.layers") -> list[Layer]:
     return [layer_from_config(e, f"{where}[{i}]") for i, e in enumerate(entries)]
 
 
-__all__ = ["AvgPool2d", "BatchNorm2d", "Chain", "Context", "Conv2d", "Dropout", "Flatten", "GELU",
-           "GlobalAvgPool", "LAYERS", "Layer", "LayerNorm", "Linear", "MaxPool2d", "ReLU",
-           "Residual", "Tanh", "col2im", "im2col", "layer_from_config", "layers_from_config"]
+__all__ = ["AvgPool2d", "BatchNorm2d", "CausalSelfAttention", "Chain", "Context", "Conv2d",
+           "Dropout", "Embedding", "Flatten", "GELU", "GlobalAvgPool", "LAYERS", "Layer",
+           "LayerNorm", "Linear", "MaxPool2d", "ReLU", "Residual", "Tanh", "TiedHead",
+           "TransformerBlock", "col2im", "im2col", "layer_from_config", "layers_from_config"]

@@ -1,0 +1,130 @@
+"""Forward and backward of the pieces a transformer block is made of, as pure functions.
+
+Arrays are (..., features) with the features last, as PyTorch's nn.Linear and nn.LayerNorm see
+them; weights are in PyTorch's [out, in] layout, so a GPT's arrays are its `state_dict` as is.
+Each forward returns what its backward needs (a "cache"); backward functions write the
+parameter gradients into the views they are given and return the input gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ...xp import get_array_module
+
+
+def linear(x, w, b):
+    """y = x W^T + b for x (..., in), W (out, in), b (out,) -> (..., out)."""
+    y = x @ w.T  # (..., out)
+    y += b
+    return y
+
+
+def linear_backward(x, w, dy, gw, gb, need_dx=True):
+    """Write dW (out, in) and db (out,) for y = x W^T + b; return dx (..., in) or None."""
+    xp = get_array_module(dy)
+    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+    dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
+    xp.matmul(dy2.T, x2, out=gw)  # (out, in), straight into the flat buffer
+    dy2.sum(axis=0, out=gb)
+    return dy @ w if need_dx else None  # (..., in)
+
+
+def layernorm(x, w, b, eps: float):
+    """Normalise over the last axis (PyTorch's LayerNorm(features)); return (y, cache)."""
+    xp = get_array_module(x)
+    centered = x - x.mean(axis=-1, keepdims=True)  # (..., C)
+    var = (centered * centered).mean(axis=-1, keepdims=True)  # (..., 1)
+    inv = 1 / xp.sqrt(var + x.dtype.type(eps))
+    xhat = centered
+    xhat *= inv
+    return xhat * w + b, (xhat, inv)
+
+
+def layernorm_backward(dy, w, cache, gw, gb):
+    """Write dw, db (C,) of `layernorm`; return dx (..., C)."""
+    xhat, inv = cache
+    c = dy.shape[-1]
+    (dy * xhat).reshape(-1, c).sum(axis=0, out=gw)
+    dy.reshape(-1, c).sum(axis=0, out=gb)
+    dxhat = dy * w  # (..., C)
+    dx = dxhat - dxhat.mean(axis=-1, keepdims=True)
+    dx -= xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
+    dx *= inv
+    return dx
+
+
+GELU_FORMS = ("tanh", "exact")  # model.gelu: GPT-2's tanh approximation, or x * Phi(x) exactly
+_C = math.sqrt(2.0 / math.pi)
+
+
+def gelu(x, form: str):
+    """GELU of x in `form` ("tanh" or "exact"); return (y, cache)."""
+    xp = get_array_module(x)
+    if form == "tanh":
+        t = xp.tanh(x.dtype.type(_C) * (x + x.dtype.type(0.044715) * x * x * x))
+        return x * (1 + t) * x.dtype.type(0.5), (x, t)
+    phi = (1 + erf(x * x.dtype.type(1 / math.sqrt(2.0)))) * x.dtype.type(0.5)  # Phi(x)
+    return x * phi, (x, phi)
+
+
+def gelu_backward(dy, cache, form: str):
+    """Return dx of `gelu` from its cache."""
+    xp = get_array_module(dy)
+    x, s = cache
+    half = x.dtype.type(0.5)
+    if form == "tanh":
+        du = x.dtype.type(_C) * (1 + x.dtype.type(3 * 0.044715) * x * x)
+        return dy * (half * (1 + s) + half * x * (1 - s * s) * du)
+    pdf = xp.exp(-half * x * x) * x.dtype.type(1 / math.sqrt(2 * math.pi))
+    return dy * (s + x * pdf)
+
+
+def erf(x):
+    """The error function, element-wise: SciPy's (CuPy's) where installed, else Numerical
+    Recipes' Chebyshev fit of erfc (fractional error below 1.2e-7: float32's precision)."""
+    xp = get_array_module(x)
+    try:
+        if xp is np:
+            from scipy.special import erf as special_erf
+        else:
+            from cupyx.scipy.special import erf as special_erf
+        return special_erf(x).astype(x.dtype, copy=False)
+    except ImportError:
+        return _erf_fit(x)
+
+
+_ERFC = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807,
+         -1.13520398, 1.48851587, -0.82215223, 0.17087277)
+
+
+def _erf_fit(x):
+    """erf from Numerical Recipes' erfcc (Press et al. 2007, 6.2.2), in xp operations."""
+    xp = get_array_module(x)
+    z = xp.abs(x)
+    t = 1 / (1 + 0.5 * z)
+    poly = xp.zeros_like(t) + _ERFC[-1]
+    for c in _ERFC[-2::-1]:
+        poly = poly * t + c
+    erfc = t * xp.exp(-z * z + poly)
+    return xp.where(x >= 0, 1 - erfc, erfc - 1).astype(x.dtype, copy=False)
+
+
+def dropout_mask(shape, p: float, ctx, salt: int, dtype, xp):
+    """The scaled keep-mask (0 or 1/(1-p)) of dropout with probability p, or None when off.
+
+    Drawn on the host from (run.seed, step, rank, salt), as the `dropout` layer's: the same on
+    every backend, after a resume, and when a recomputed forward draws it again.
+    """
+    if not ctx.train or p == 0:
+        return None
+    rng = np.random.default_rng([ctx.seed, ctx.step, ctx.rank, salt])
+    keep = rng.random(shape) >= p
+    return xp.asarray(keep.astype(dtype) / np.dtype(dtype).type(1 - p))
+
+
+def salt_of(where: str) -> int:
+    """A stable 32-bit number naming a place in the model (seeds its dropout)."""
+    return sum(ord(c) * 31 ** i for i, c in enumerate(where)) % (1 << 32)
