@@ -79,9 +79,10 @@ class GPT(Sequential):
         self.layers[0].copy_weight = callable(flat)
         return super().forward(flat, x, ctx)
 
-    def loss_and_grad(self, flat, x, y, grad_out, on_ready=None, ctx: Context = TRAIN):
+    def loss_and_grad(self, flat, x, y, grad_out, on_ready=None, ctx: Context = TRAIN,
+                      loss_scale: float = 1.0):
         self.layers[0].copy_weight = callable(flat)
-        loss = super().loss_and_grad(flat, x, y, grad_out, on_ready, ctx)
+        loss = super().loss_and_grad(flat, x, y, grad_out, on_ready, ctx, loss_scale)
         recomputed = max(getattr(layer, "peak_recompute_bytes", 0) for layer in self.layers)
         self.activation_bytes = max(self.activation_bytes, self._held + recomputed)
         return loss
