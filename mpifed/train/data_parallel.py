@@ -45,10 +45,11 @@ from .step import make_step
 from .timeline import Timeline
 
 
-def run_data_parallel(cfg, comm, xp, inputs=NO_INPUTS) -> dict:
+def run_data_parallel(cfg, comm, xp, inputs=NO_INPUTS, lock=None) -> dict:
     """Train data-parallel over `comm` as `cfg` (a Config) says; return the summary.
 
     inputs: a model object, this rank's arrays and callbacks (mpifed.train.run).
+    lock: the RunLock that rank 0 takes on run.out before writing there (held by the caller).
     """
     data, optim, run, stage = cfg.data, cfg.optim, cfg.run, cfg.comm.shard
     dtype = np.dtype(cfg.model.dtype)
@@ -64,7 +65,7 @@ def run_data_parallel(cfg, comm, xp, inputs=NO_INPUTS) -> dict:
     if data.test:
         test = open_test_shard(comm, data, spec, dtype, inputs.test)
     env = run_environment(cfg, comm)
-    out = prepare_out(cfg, comm, env)
+    out = prepare_out(cfg, comm, env, lock)
     optimizer = make_optimizer(optim)
     step_fn = make_step(spec, params, comm, cfg.comm, xp, dtype)
     del params  # the step holds the model now (ZeRO-3: only this rank's chunk)

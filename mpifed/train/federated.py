@@ -48,10 +48,11 @@ from .step import make_step
 log = get_logger(__name__)
 
 
-def run_federation(cfg, world, xp, inputs=NO_INPUTS) -> dict:
+def run_federation(cfg, world, xp, inputs=NO_INPUTS, lock=None) -> dict:
     """Run the federation that `cfg` (a Config with [federated]) describes on `world`; return
     the summary (on every rank). inputs: mpifed.train.run's callbacks (called after each round
-    with (round, this rank's record)); a federation takes no arrays or model object yet."""
+    with (round, this rank's record)); a federation takes no arrays or model object yet.
+    lock: the RunLock that world rank 0 takes on run.out before writing there."""
     fed_cfg, run = cfg.federated, cfg.run
     sizes = institution_sizes(fed_cfg, world.size)
     check_institution_count(fed_cfg, max(1, round(fed_cfg.fraction * len(sizes))))
@@ -64,7 +65,7 @@ def run_federation(cfg, world, xp, inputs=NO_INPUTS) -> dict:
                     "round, for a test of the robust strategies", faults.ENV, byzantine,
                     fed.institution, byzantine.mode)
     env = run_environment(cfg, world)  # no hosts under DP or secure aggregation
-    out = prepare_out(cfg, world, env)
+    out = prepare_out(cfg, world, env, lock)
     first, site_steps, server_state = resume_round(cfg, fed, site.params)
     reporter = start_report(
         run.progress, out, fed.is_root, fed_cfg.rounds, first,
