@@ -42,7 +42,7 @@ from .sharded_checkpoint import (
     save_sharded,
 )
 from .step import make_step
-from .timeline import Timeline
+from .timeline import Timeline, trace_step
 
 
 def run_data_parallel(cfg, comm, xp, inputs=NO_INPUTS, lock=None) -> dict:
@@ -81,7 +81,7 @@ def run_data_parallel(cfg, comm, xp, inputs=NO_INPUTS, lock=None) -> dict:
         f"per epoch), backend {xp.__name__}"
         + (f", comm.shard {stage}" if stage != "none" else ""),
         "step")
-    timeline = Timeline(run.timeline, comm.rank)
+    timeline = Timeline.open(run.timeline, comm, os.path.join(out, "timeline.json"))
     loader = batch_loader(data, optim.batch_size, run.seed, shard, per_epoch, comm.rank, first,
                           xp, timeline)
     window = Window(optim.batch_size * comm.size)
@@ -95,7 +95,7 @@ def run_data_parallel(cfg, comm, xp, inputs=NO_INPUTS, lock=None) -> dict:
                                optim.step_size, optim.gamma)
             loss = step_fn(x, y, optimizer, lr, step + 1, stop=flag.value)
             done = step + 1
-            trace_step(timeline, done, t_data, t_compute, step_fn.comm_seconds - comm_before)
+            trace_step(timeline, done, t_data, t_compute, step_fn, comm_before)
             faults.inject("step", done, comm.rank)
             log = run.log_every > 0 and (done % run.log_every == 0 or done == total)
             rate, comm_share = window.tick(step_fn.comm_seconds, log)
@@ -111,7 +111,7 @@ def run_data_parallel(cfg, comm, xp, inputs=NO_INPUTS, lock=None) -> dict:
                 stopped = flag.raised or "a signal on another rank"
                 break
     step_fn.free()
-    timeline.write(comm, os.path.join(out, "timeline.json"))
+    timeline.write(comm, os.path.join(out, "timeline.json"), env)
     if stopped:
         return stop_early(run.out, comm, reporter, done, stopped)
     memory = memory_report(comm, step_fn, optimizer)
@@ -124,15 +124,6 @@ def run_data_parallel(cfg, comm, xp, inputs=NO_INPUTS, lock=None) -> dict:
 def model_source(step_fn):
     """The model to evaluate and write: flat parameters, or ZeRO-3's per-layer gatherer."""
     return step_fn.model_source()
-
-
-def trace_step(timeline, step: int, t_data: float, t_compute: float, comm: float) -> None:
-    """Record a step's data wait, compute and communication spans (comm came last)."""
-    if timeline.enabled:
-        end = time.perf_counter()
-        timeline.span("data", t_data, t_compute, step)
-        timeline.span("compute", t_compute, end - comm, step)
-        timeline.span("allreduce", end - comm, end, step)
 
 
 class Window:

@@ -49,6 +49,17 @@ def run_environment(cfg, comm) -> dict:
     return env
 
 
+def institution_environment(env: dict, site_comm, institution: int) -> dict:
+    """Return the environment fields of institution `institution`'s own files (its metrics,
+    its trace, in OUT/institution-K/): the run's `env`, with `hosts` those of its own ranks
+    (`site_comm`, collective over it; never gathered across institutions), plus
+    `institution` and `institution_ranks`."""
+    mine = {k: v for k, v in env.items() if k != "hosts"}
+    mine["hosts"] = gather_hosts(site_comm)
+    mine.update(institution=institution, institution_ranks=site_comm.size)
+    return mine
+
+
 def config_sha256(body: str) -> str:
     """Return the SHA-256 (hex) of config.toml's body `body` (its UTF-8 bytes)."""
     return hashlib.sha256(body.encode("utf-8")).hexdigest()

@@ -33,17 +33,18 @@ from ..nn.io import save_model
 from ..optim import learning_rate, make_optimizer
 from ..xp import to_host
 from .data_parallel import model_source
-from .environment import run_environment
+from .environment import institution_environment, run_environment
 from .evaluate import evaluate
 from .federated_budget import admit_round, open_ledger, record_release
 from .federated_checkpoint import resume_round, write_round_checkpoint
-from .federated_local import open_institution_log
+from .federated_local import institution_folder, open_institution_log, open_institution_trace
 from .federated_report import report_round
 from .federated_sampling import round_senders
 from .federated_site import Site, open_site, pads_rounds
 from .inputs import NO_INPUTS, call_back
 from .setup import batch_loader, prepare_out, running, start_report, stop_early
 from .step import make_step
+from .timeline import trace_step
 
 log = get_logger(__name__)
 
@@ -84,7 +85,10 @@ def run_federation(cfg, world, xp, inputs=NO_INPUTS, lock=None) -> dict:
                         fed_cfg.q)
     if site.dp is not None and fed.is_leader:  # every leader counts the releases itself
         site.ledger = open_ledger(out, fed)
-    site.log = open_institution_log(out, fed, site.aggregator is not None, append=first > 0)
+    own_env = institution_environment(env, fed.site, fed.institution)  # its own hosts only
+    site.log = open_institution_log(out, fed, site.aggregator is not None, append=first > 0,
+                                    env=own_env)
+    site.timeline = open_institution_trace(run.timeline, out, fed)
     start, last, stopped = time.perf_counter(), {}, ""
     with running(loader, step_fn) as flag:
         for rnd in range(first, fed_cfg.rounds):
@@ -109,6 +113,8 @@ def run_federation(cfg, world, xp, inputs=NO_INPUTS, lock=None) -> dict:
                 stopped = flag.raised or "a signal on another rank"
                 break
     step_fn.free()
+    site.timeline.write(fed.site, os.path.join(institution_folder(out, fed.institution),
+                                               "timeline.json"), own_env)
     if site.log is not None:
         site.log.close()
     if stopped:
@@ -221,6 +227,9 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
               "allreduce_seconds": step_fn.comm_seconds - comm_before}
     timing["comm_fraction"] = (timing["exchange_seconds"] + timing["allreduce_seconds"]) / max(
         now - t0, 1e-9)
+    if site.timeline is not None:  # its own trace: its training and its exchange of the round
+        site.timeline.span("train", t_prepare + prepare_seconds, t_exchange, rnd + 1, unit="round")
+        site.timeline.span("exchange", t_exchange, now, rnd + 1, unit="round")
     if site.log is not None:  # this leader's own figures, in its own folder
         mine = {"round": rnd + 1, "sampled": bool(takes_part),
                 "steps": site.round_steps if trains else 0, "samples": int(site.samples),
@@ -265,7 +274,12 @@ def local_training(fed_cfg, optim, fed, site: Site, step_fn, loader, rnd: int,
     steps = site.local_steps
 
     def step(t: int) -> float:
-        return step_fn(*loader.get()[1:], optimizer, lr, rnd * steps + t + 1, anchor, fed_cfg.mu)
+        number, t_data = rnd * steps + t + 1, time.perf_counter()
+        batch = loader.get()[1:]
+        t_compute, comm_before = time.perf_counter(), step_fn.comm_seconds
+        loss = step_fn(*batch, optimizer, lr, number, anchor, fed_cfg.mu)
+        trace_step(site.timeline, number, t_data, t_compute, step_fn, comm_before)
+        return loss
 
     report.loss = float(np.mean([step(t) for t in range(steps)]))
     if fed_cfg.evaluate_local:

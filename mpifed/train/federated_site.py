@@ -25,6 +25,7 @@ from ..nn.models import ModelSpec
 from .federated_local import SentBytes
 from .report import Reporter
 from .setup import build_model, open_checked_shard, open_test_shard
+from .timeline import Timeline
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Site:
     log: Reporter | None = None  # on a leader under privacy: OUT/institution-K/metrics.jsonl
     sent: SentBytes | None = None  # on a leader under privacy: its bytes sent to other leaders
     byzantine: Byzantine | None = None  # on the leader MPIFED_FAULT=byzantine:K names (tests)
+    timeline: Timeline | None = None  # run.timeline: this rank's part of its institution's trace
 
 
 def site_data_path(template: str, institution: int) -> str:
