@@ -81,6 +81,17 @@ def wait_for(job: str, states: set[str], timeout: float = 240) -> str:
                          f"(last state {job_field(job, 'JobState')})")
 
 
+def start_now(job: str, timeout: float = 120) -> None:
+    """Start a requeued job without its begin-time delay. The requeue may set that delay after
+    a first update came in, so update until the job has left PENDING."""
+    deadline = time.monotonic() + timeout
+    while job_field(job, "JobState") in ("PENDING", "REQUEUED", "COMPLETING", ""):
+        assert time.monotonic() < deadline, f"job {job} did not start again"
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"],
+                       capture_output=True)
+        time.sleep(1)
+
+
 def test_train_job_completes_and_matches_mpiexec(tmp_path):
     write_data(tmp_path / "d.h5")
     write_run(tmp_path / "run.toml", 300)
@@ -107,7 +118,7 @@ def test_preempted_job_requeues_and_resumes(tmp_path):
     while job_field(job, "Restarts") in ("", "0"):
         assert time.monotonic() < deadline, "the job was not requeued"
         time.sleep(1)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    start_now(job)
     assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
     records = read_metrics(out)
     stopped = [r for r in records if r["event"] == "stopped"]
