@@ -115,3 +115,22 @@ def test_a_running_job_holds_its_folder_and_a_killed_one_leaves_it_free(folder):
     whole = run_mpi(2, ["train", "run.toml", "--set", 'run.out="whole"'], cwd=folder)
     assert whole.returncode == 0, whole.stderr
     assert_same_bits(folder / "out" / "model.h5", folder / "whole" / "model.h5")
+
+
+@pytest.mark.parametrize("env,line", [
+    ({"OMP_NUM_THREADS": "", "SLURM_CPUS_PER_TASK": "1"},
+     "1 (SLURM_CPUS_PER_TASK=1: this rank's own CPUs) on ranks 0-2"),
+    ({"OMP_NUM_THREADS": "1"},
+     "1 (OMP_NUM_THREADS=1, set by the user, left as set) on ranks 0-2"),
+    ({"OMP_NUM_THREADS": "", "MPIFED_BLAS_THREADS": "2"}, "2 (MPIFED_BLAS_THREADS=2) on ranks 0-2"),
+])
+def test_info_shows_each_ranks_threads_and_why(tmp_path, env, line):
+    done = run_mpi(3, ["info"], cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"BLAS threads     : {line}\n" in done.stdout
+
+
+def test_info_names_a_bad_thread_variable(tmp_path):
+    done = run_mpi(2, ["info"], cwd=tmp_path, env={"OMP_NUM_THREADS": "many"})
+    assert done.returncode == 0, done.stderr
+    assert "BLAS threads     : unusable: OMP_NUM_THREADS='many': a thread count" in done.stdout

@@ -57,3 +57,11 @@ def test_empty_variables_count_as_unset():
 def test_nonsense_is_refused_with_the_variable_named(name, value):
     with pytest.raises(UserError, match=rf"^{name}='{value}': a thread count must be"):
         choose_threads({name: value}, cores=4, ranks_here=1)
+
+
+def test_info_groups_the_ranks_that_agree():
+    from mpifed.cli.info import rank_list
+
+    assert rank_list([0]) == "rank 0"
+    assert rank_list([0, 1, 2, 3]) == "ranks 0-3"
+    assert rank_list([0, 1, 5, 7, 8]) == "ranks 0-1, 5, 7-8"
