@@ -69,7 +69,7 @@ def test_a_second_holder_is_refused_naming_the_first(tmp_path, monkeypatch):
         text = str(caught.value)
         assert text.startswith(f"run.out: {out!r} is in use by another run (host "
                                f"{socket.gethostname()}, pid {os.getpid()}, SLURM job 4242")
-        assert "give this run another run.out" in text
+        assert "give this run another run.out" in text and f"started {holder['started']}" in text
         first.take(out)  # the holder itself may ask again
     assert not (tmp_path / "out" / LOCK_NAME).exists()  # released: the file is gone
     with RunLock() as again:  # the same folder, reused after the first run ended (resume)
@@ -83,3 +83,16 @@ def test_a_lock_file_left_by_a_killed_run_does_not_block(tmp_path):
     with RunLock() as lock:
         lock.take(str(out))
         assert json.loads((out / LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
+def test_a_file_system_without_flock_runs_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with RunLock() as lock:
+        lock.take(str(tmp_path / "out"))  # no error: the run goes on
+        assert lock.fd is None
+    assert "this file system cannot lock" in caplog.text

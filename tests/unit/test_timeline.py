@@ -8,7 +8,14 @@ import json
 
 import pytest
 
-from mpifed.train.timeline import COMM, Timeline, join_parts, offset_estimate, part_path
+from mpifed.train.timeline import (
+    COMM,
+    Timeline,
+    clock_offsets,
+    join_parts,
+    offset_estimate,
+    part_path,
+)
 
 
 def test_the_offset_comes_from_the_shortest_round_trip():
@@ -73,3 +80,19 @@ def test_a_missing_part_is_left_out_with_a_warning(tmp_path, caplog):
     trace = json.load(open(path))
     assert {e["pid"] for e in trace["traceEvents"] if e["ph"] == "X"} == {0}
     assert "rank 1's events are not in" in caplog.text
+
+
+class GlobalClockComm:
+    """A communicator whose MPI_WTIME_IS_GLOBAL is true and which refuses any message."""
+
+    rank, size = 1, 4
+
+    def Get_attr(self, keyval):
+        return True
+
+    def __getattr__(self, name):
+        raise AssertionError(f"{name} called: a global clock needs no measuring")
+
+
+def test_a_global_wtime_needs_no_measuring():
+    assert clock_offsets(GlobalClockComm()) == (0.0, 0.0)
