@@ -37,7 +37,10 @@ def documentation(pages: bool = True) -> str:
 
 
 def _env(extra: dict | None) -> dict:
-    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(extra or {}))
+    """This environment, one OpenMP thread, and `extra` over both (it may set OMP_NUM_THREADS)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.update(extra or {})
+    return env
 
 
 def run_mpi(n: int, args: list[str], timeout: float = LAUNCH_TIMEOUT, cwd=None, env=None):

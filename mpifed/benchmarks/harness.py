@@ -169,6 +169,7 @@ class Record:
     machine: dict
     command: str
     timestamp: str
+    environment: dict = field(default_factory=dict)  # bench_environment's fields
 
     @classmethod
     def build(cls, benchmark: str, system: str, impl: str, ranks: int, config: dict,
@@ -180,28 +181,35 @@ class Record:
             raise ValueError(f"{benchmark} {impl}: records pool timings of the same warm-up, "
                              "steps and samples per step; got "
                              f"{[(t.warmup, t.steps, t.samples_per_step) for t in timings]}")
+        from ..train.environment import bench_environment
+
         seconds = [s for t in timings for s in t.seconds]
         first = timings[0]
+        machine = machine if machine is not None else machine_facts()
         rate = first.samples_per_step / min(seconds) if first.samples_per_step else None
         return cls(benchmark, system, impl, ranks, dict(config), unit, first.warmup, first.steps,
                    len(seconds), seconds, statistics.median(seconds), min(seconds), rate,
                    [c for t in timings for c in t.cpu_seconds], dict(metrics or {}),
-                   machine if machine is not None else machine_facts(), command_line(),
-                   datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+                   machine, command_line(),
+                   datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   bench_environment(ranks, dict(config), machine.get("hosts") or
+                                     [machine.get("hostname") or socket.gethostname()],
+                                     machine.get("mpi_library")))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> Record:
-        missing = [f for f in FIELDS if f not in data]
+        missing = [f for f in FIELDS if f not in data and f not in OPTIONAL]
         if missing:
             raise ValueError(f"benchmark record: missing {missing}; was it written by "
                              "mpifed.benchmarks.harness.append_records?")
-        return cls(**{f: data[f] for f in FIELDS})
+        return cls(**{f: data[f] for f in FIELDS if f in data})
 
 
 FIELDS = tuple(f.name for f in fields(Record))
+OPTIONAL = ("environment",)  # records written before it came read with it empty
 
 
 def append_records(path: str, records: list[Record]) -> None:

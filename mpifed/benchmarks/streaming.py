@@ -153,9 +153,7 @@ def worker(data: str, rounds: int, chunk: int, warmup: int) -> None:
     for shard in shards:
         shard.close()
     step_fn.close()
-    reads = [e for e in timeline.events if e["name"] == "read"]
-    nbytes = sum(e["args"]["bytes"] for e in reads)
-    read_s = sum(e["dur"] for e in reads) / 1e6
+    reads, nbytes, read_s = timeline.read_count, timeline.read_bytes, timeline.read_seconds
     seconds = np.array([sum(t.seconds) * chunk for t in timings])
     cpu = np.array([sum(t.cpu_seconds) * chunk for t in timings])  # all threads of this rank
     comm.Allreduce(MPI.IN_PLACE, seconds, op=MPI.MAX)  # the slowest rank sets the pace
@@ -168,7 +166,7 @@ def worker(data: str, rounds: int, chunk: int, warmup: int) -> None:
                  "read_mb_s": None, "timing": timing.to_dict()}
                 for name, s, wait, c, timing in zip(LOADERS, seconds, waits, cpu, timings)]
         if read_s:
-            rows[2].update(read_kib=nbytes / max(1, len(reads)) / 1024,
+            rows[2].update(read_kib=nbytes / max(1, reads) / 1024,
                            read_mb_s=nbytes / read_s / 1e6)
         print(json.dumps({"ranks": comm.size, "page_cache": cache, "rows": rows,
                           "machine": machine_facts()}), flush=True)

@@ -51,8 +51,8 @@ def run_guarded(fn, debug: bool = False) -> int:
         collective = getattr(err, "collective", True)
         if debug:
             traceback.print_exc()
-        if rank == 0 or not collective:
-            report(str(err), rank, size)
+        if (rank == 0 or not collective) and not getattr(err, "quiet", False):
+            report(str(err), rank, size)  # quiet: another process prints the same message
         if not collective:
             _abort_if_parallel(EXIT_USER_ERROR)
         return EXIT_USER_ERROR

@@ -38,8 +38,38 @@ def info_lines(comm) -> list[str]:
         f"GPUs on node 0   : {gpus}",
         f"CUDA-aware MPI   : {cuda_aware_line()}",
         f"NCCL             : {nccl_line(comm) if cp is not None else 'no GPU'}",
+        *thread_lines(comm),
         f"python           : {platform.python_version()} on {platform.node()}",
     ]
+
+
+def thread_lines(comm) -> list[str]:
+    """Return the BLAS thread count of every rank and why, ranks that agree on one line
+    (collective; the text travels as bytes, never pickled)."""
+    from ..comm.agree import gather_texts
+    from ..errors import UserError
+    from ..train.setup import thread_choice
+
+    try:
+        choice = thread_choice(comm)
+        own = f"{choice.threads} ({choice.reason})"
+    except UserError as err:
+        own = f"unusable: {err}"
+    ranks_by_text: dict[str, list[int]] = {}
+    for rank, text in enumerate(gather_texts(comm, own)):
+        ranks_by_text.setdefault(text, []).append(rank)
+    return [f"BLAS threads     : {text} on {rank_list(ranks)}"
+            for text, ranks in ranks_by_text.items()]
+
+
+def rank_list(ranks: list[int]) -> str:
+    """Return `ranks` (sorted) as "rank 0", "ranks 0-3" or "ranks 0-1, 5"."""
+    runs, start = [], ranks[0]
+    for prev, cur in zip(ranks, ranks[1:] + [None]):
+        if cur != prev + 1:
+            runs.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = cur
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(runs)
 
 
 def cuda_aware_line() -> str:

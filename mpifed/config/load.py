@@ -47,8 +47,8 @@ def resolve_warned(raw: dict) -> Config:
 
 
 # Keys a data-parallel run reads and a federation does not (it counts rounds, evaluates and
-# records every round, and writes no timeline).
-DATA_PARALLEL_ONLY = {"run": ("eval_every", "log_every", "timeline"), "optim": ("epochs", "steps")}
+# records every round).
+DATA_PARALLEL_ONLY = {"run": ("eval_every", "log_every"), "optim": ("epochs", "steps")}
 
 
 def unread_by_a_federation(raw: dict) -> list[str]:

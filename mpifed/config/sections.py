@@ -236,8 +236,10 @@ class RunConfig(Section):
                           "sets old checkpoints aside, or the path of a checkpoint",
                           words=RESUME_MODES, other="a checkpoint path")
     keep_checkpoints: int = setting(3, "checkpoints kept in run.out/checkpoints", low=1)
-    timeline: bool = setting(False, "data-parallel: write run.out/timeline.json, a Chrome "
-                             "trace of every rank's compute, communication and data waits")
+    timeline: bool = setting(False, "write run.out/timeline.json, a Chrome trace of every "
+                             "rank's compute, all-reduces and data waits, clocks aligned across "
+                             "hosts; a federation writes one per institution, of its own ranks, "
+                             "in run.out/institution-K/timeline.json")
     cuda_graph: bool = setting(False, "GPU: capture the training step as a CUDA graph (not "
                                "built yet: refused)")
 

@@ -43,13 +43,14 @@ from .sharded_checkpoint import (
     save_sharded,
 )
 from .step import make_step
-from .timeline import Timeline
+from .timeline import Timeline, trace_step
 
 
-def run_data_parallel(cfg, comm, xp, inputs=NO_INPUTS) -> dict:
+def run_data_parallel(cfg, comm, xp, inputs=NO_INPUTS, lock=None) -> dict:
     """Train data-parallel over `comm` as `cfg` (a Config) says; return the summary.
 
     inputs: a model object, this rank's arrays and callbacks (mpifed.train.run).
+    lock: the RunLock that rank 0 takes on run.out before writing there (held by the caller).
     """
     data, optim, run, stage = cfg.data, cfg.optim, cfg.run, cfg.comm.shard
     dtype = np.dtype(cfg.model.dtype)
@@ -71,7 +72,7 @@ def run_data_parallel(cfg, comm, xp, inputs=NO_INPUTS) -> dict:
     if data.test:
         test = open_test_shard(comm, data, spec, dtype, inputs.test)
     env = run_environment(cfg, comm)
-    out = prepare_out(cfg, comm, env)
+    out = prepare_out(cfg, comm, env, lock)
     optimizer = make_optimizer(optim, spec, dtype)
     precision = raise_together(comm, lambda: make_precision(cfg.model, optim, spec, dtype, xp))
     step_fn = make_step(spec, params, comm, cfg.comm, xp, dtype, precision)
@@ -88,7 +89,7 @@ def run_data_parallel(cfg, comm, xp, inputs=NO_INPUTS) -> dict:
         f"per epoch), backend {xp.__name__}"
         + (f", comm.shard {stage}" if stage != "none" else ""),
         "step")
-    timeline = Timeline(run.timeline, comm.rank)
+    timeline = Timeline.open(run.timeline, comm, os.path.join(out, "timeline.json"))
     loader = batch_loader(data, rows, run.seed, shard, per_epoch, comm.rank, first,
                           xp, timeline)
     window = Window(rows * comm.size)
@@ -102,7 +103,7 @@ def run_data_parallel(cfg, comm, xp, inputs=NO_INPUTS) -> dict:
                                optim.step_size, optim.gamma)
             loss = step_fn(x, y, optimizer, lr, step + 1, stop=flag.value)
             done = step + 1
-            trace_step(timeline, done, t_data, t_compute, step_fn.comm_seconds - comm_before)
+            trace_step(timeline, done, t_data, t_compute, step_fn, comm_before)
             faults.inject("step", done, comm.rank)
             log = run.log_every > 0 and (done % run.log_every == 0 or done == total)
             rate, comm_share = window.tick(step_fn.comm_seconds, log)
@@ -118,7 +119,7 @@ def run_data_parallel(cfg, comm, xp, inputs=NO_INPUTS) -> dict:
                 stopped = flag.raised or "a signal on another rank"
                 break
     step_fn.free()
-    timeline.write(comm, os.path.join(out, "timeline.json"))
+    timeline.write(comm, os.path.join(out, "timeline.json"), env)
     if stopped:
         return stop_early(run.out, comm, reporter, done, stopped)
     memory = memory_report(comm, step_fn, optimizer)
@@ -132,15 +133,6 @@ def run_data_parallel(cfg, comm, xp, inputs=NO_INPUTS) -> dict:
 def model_source(step_fn):
     """The model to evaluate and write: flat parameters, or ZeRO-3's per-layer gatherer."""
     return step_fn.model_source()
-
-
-def trace_step(timeline, step: int, t_data: float, t_compute: float, comm: float) -> None:
-    """Record a step's data wait, compute and communication spans (comm came last)."""
-    if timeline.enabled:
-        end = time.perf_counter()
-        timeline.span("data", t_data, t_compute, step)
-        timeline.span("compute", t_compute, end - comm, step)
-        timeline.span("allreduce", end - comm, end, step)
 
 
 class Window:

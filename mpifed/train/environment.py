@@ -9,6 +9,11 @@
                      its own fact, not the root's to record)
     config_sha256    SHA-256 of config.toml's body: the bytes after its header, which are the
                      resolved configuration as `to_toml` writes it
+
+The same fields name the environment of every other output: an institution's own metrics and
+trace (`institution_environment`, with its own hosts), the Chrome trace (its `otherData`), and
+each benchmark record (`bench_environment`: config_sha256 there hashes the record's config, as
+canonical JSON).
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ import os
 import subprocess
 
 import numpy as np
-from mpi4py import MPI
 
 from .. import __version__
 from ..config import to_toml
@@ -37,6 +41,8 @@ HEADER_TITLE = ("# mpifed run configuration. This header (the leading '#' lines,
 def run_environment(cfg, comm) -> dict:
     """Return the environment fields of a run of `cfg` (a Config) on `comm`, the same on every
     rank (collective)."""
+    from mpi4py import MPI  # here, not at the top: benchmarks' launching parents use this module
+
     private = cfg.federated is not None and (cfg.federated.dp is not None
                                              or cfg.federated.secure_aggregation)
     env = {"mpifed_version": __version__,
@@ -47,6 +53,26 @@ def run_environment(cfg, comm) -> dict:
         env["hosts"] = gather_hosts(comm)
     env["config_sha256"] = config_sha256(to_toml(cfg))
     return env
+
+
+def institution_environment(env: dict, site_comm, institution: int) -> dict:
+    """Return the environment fields of institution `institution`'s own files (its metrics,
+    its trace, in OUT/institution-K/): the run's `env`, with `hosts` those of its own ranks
+    (`site_comm`, collective over it; never gathered across institutions), plus
+    `institution` and `institution_ranks`."""
+    mine = {k: v for k, v in env.items() if k != "hosts"}
+    mine["hosts"] = gather_hosts(site_comm)
+    mine.update(institution=institution, institution_ranks=site_comm.size)
+    return mine
+
+
+def bench_environment(ranks: int, config: dict, hosts: list[str], mpi_library) -> dict:
+    """Return the environment fields of a benchmark record: `ranks` as world_size, the hosts
+    that ran it, and config_sha256 of its `config` as canonical JSON (sorted keys). Needs no
+    MPI: a benchmark's launching parent builds its records."""
+    return {"mpifed_version": __version__, "git_commit": git_commit(),
+            "mpi_library": mpi_library, "world_size": ranks, "hosts": sorted(set(hosts)),
+            "config_sha256": config_sha256(json.dumps(config, sort_keys=True, default=str))}
 
 
 def config_sha256(body: str) -> str:
@@ -81,6 +107,8 @@ def bcast_text(comm, text: str | None, root: int = 0) -> str | None:
 
 def gather_hosts(comm) -> list[str]:
     """Return the sorted distinct host names (MPI.Get_processor_name) of `comm`'s ranks."""
+    from mpi4py import MPI
+
     own = np.zeros(NAME_BYTES, dtype=np.uint8)
     raw = MPI.Get_processor_name().encode("utf-8", "replace")[:NAME_BYTES]
     own[:len(raw)] = np.frombuffer(raw, dtype=np.uint8)

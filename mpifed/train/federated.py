@@ -38,11 +38,11 @@ from ..nn.io import save_model
 from ..optim import learning_rate, make_optimizer
 from ..xp import to_host
 from .data_parallel import model_source
-from .environment import run_environment
+from .environment import institution_environment, run_environment
 from .evaluate import evaluate
 from .federated_budget import admit_round, open_ledger, record_release
 from .federated_checkpoint import resume_round, write_round_checkpoint
-from .federated_local import open_institution_log
+from .federated_local import institution_folder, open_institution_log, open_institution_trace
 from .federated_personal import (
     broadcast_shared,
     ditto_step,
@@ -62,14 +62,16 @@ from .federated_site import Site, open_site, pads_rounds
 from .inputs import NO_INPUTS, call_back
 from .setup import batch_loader, prepare_out, running, start_report, stop_early
 from .step import make_step
+from .timeline import trace_step
 
 log = get_logger(__name__)
 
 
-def run_federation(cfg, world, xp, inputs=NO_INPUTS) -> dict:
+def run_federation(cfg, world, xp, inputs=NO_INPUTS, lock=None) -> dict:
     """Run the federation that `cfg` (a Config with [federated]) describes on `world`; return
     the summary (on every rank). inputs: mpifed.train.run's callbacks (called after each round
-    with (round, this rank's record)); a federation takes no arrays or model object yet."""
+    with (round, this rank's record)); a federation takes no arrays or model object yet.
+    lock: the RunLock that world rank 0 takes on run.out before writing there."""
     fed_cfg, run = cfg.federated, cfg.run
     sizes = institution_sizes(fed_cfg, world.size)
     check_institution_count(fed_cfg, max(1, round(fed_cfg.fraction * len(sizes))))
@@ -82,7 +84,7 @@ def run_federation(cfg, world, xp, inputs=NO_INPUTS) -> dict:
                     "round, for a test of the robust strategies", faults.ENV, byzantine,
                     fed.institution, byzantine.mode)
     env = run_environment(cfg, world)  # no hosts under DP or secure aggregation
-    out = prepare_out(cfg, world, env)
+    out = prepare_out(cfg, world, env, lock)
     site.personal = open_personal(cfg, fed, site.spec, site.params, xp)
     first, site_steps, server_state = resume_round(cfg, fed, site.params)
     resume_personal(cfg, fed, site.personal, site.params, first, xp)
@@ -103,8 +105,10 @@ def run_federation(cfg, world, xp, inputs=NO_INPUTS) -> dict:
                         fed_cfg.q)
     if site.dp is not None and fed.is_leader:  # every leader counts the releases itself
         site.ledger = open_ledger(out, fed)
+    own_env = institution_environment(env, fed.site, fed.institution)  # its own hosts only
     own_folder = site.aggregator is not None or site.personal.local_test is not None
-    site.log = open_institution_log(out, fed, own_folder, append=first > 0)
+    site.log = open_institution_log(out, fed, own_folder, append=first > 0, env=own_env)
+    site.timeline = open_institution_trace(run.timeline, out, fed)
     start, last, stopped = time.perf_counter(), {}, ""
     to_root = [0.0, 0.0]  # this run's bytes to the root: as sent, as they would be uncompressed
     with running(loader, step_fn) as flag:
@@ -137,6 +141,8 @@ def run_federation(cfg, world, xp, inputs=NO_INPUTS) -> dict:
         if not stopped:  # the loader still runs: fine-tuning draws the next batches
             last = finish_personal(cfg, fed, site, step_fn, loader, last, xp)
     step_fn.free()
+    site.timeline.write(fed.site, os.path.join(institution_folder(out, fed.institution),
+                                               "timeline.json"), own_env)
     if site.log is not None:
         site.log.close()
     if stopped:
@@ -282,6 +288,9 @@ def run_round(cfg, fed, site: Site, step_fn, loader, rnd, hyper, server_state, x
               "allreduce_seconds": step_fn.comm_seconds - comm_before}
     timing["comm_fraction"] = (timing["exchange_seconds"] + timing["allreduce_seconds"]) / max(
         now - t0, 1e-9)
+    if site.timeline is not None:  # its own trace: its training and its exchange of the round
+        site.timeline.span("train", t_prepare + prepare_seconds, t_exchange, rnd + 1, unit="round")
+        site.timeline.span("exchange", t_exchange, now, rnd + 1, unit="round")
     if site.log is not None:  # this leader's own figures, in its own folder
         mine = {"round": rnd + 1, "sampled": bool(takes_part),
                 "steps": site.round_steps if trains else 0, "samples": int(site.samples),
@@ -369,9 +378,11 @@ def local_training(fed_cfg, optim, fed, site: Site, step_fn, loader, rnd: int,
     personal_optimizer = make_optimizer(optim) if ditto else None
 
     def step(t: int, padding: bool = False) -> float:
+        number, t_data = rnd * steps + t + 1, time.perf_counter()
         batch = loader.get()[1:]
-        number = rnd * steps + t + 1
+        t_compute, comm_before = time.perf_counter(), step_fn.comm_seconds
         loss = step_fn(*batch, optimizer, lr, number, anchor, fed_cfg.mu)
+        trace_step(site.timeline, number, t_data, t_compute, step_fn, comm_before)
         if ditto and not padding:  # the personal model v, on the same batch
             ditto_step(site.personal, step_fn, batch, personal_optimizer, lr, number,
                        round_start, fed_cfg.ditto_lambda)

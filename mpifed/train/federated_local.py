@@ -17,6 +17,7 @@ from ..comm.agree import raise_together
 from ..errors import UserError
 from ..federated.institutions import Federation
 from .report import Reporter
+from .timeline import Timeline
 
 
 def institution_folder(out: str, institution: int) -> str:
@@ -24,21 +25,42 @@ def institution_folder(out: str, institution: int) -> str:
     return os.path.join(out, f"institution-{institution}")
 
 
-def open_institution_log(out: str, fed: Federation, private: bool, append: bool
-                         ) -> Reporter | None:
+def open_institution_log(out: str, fed: Federation, private: bool, append: bool,
+                         env: dict | None = None) -> Reporter | None:
     """Open this leader's OUT/institution-K/metrics.jsonl under privacy (None elsewhere: other
-    ranks, and plain runs, whose reports go to the root anyway). Collective over the world."""
+    ranks, and plain runs, whose reports go to the root anyway), its first record of this start
+    the institution's `env` (institution_environment's fields). Collective over the world."""
     folder = institution_folder(out, fed.institution)
 
     def make():
         if private and fed.is_leader:
             try:
                 os.makedirs(folder, exist_ok=True)
-                return Reporter(folder, True, 0, "none", append=append)
+                reporter = Reporter(folder, True, 0, "none", append=append)
             except OSError as err:
                 raise UserError(f"run.out: cannot write to {folder!r} ({err.strerror})") from None
+            if env:
+                reporter.record(event="environment", **env)
+            return reporter
         return None
     return raise_together(fed.world, make)
+
+
+def open_institution_trace(enabled: bool, out: str, fed: Federation) -> Timeline:
+    """Return this rank's timeline of OUT/institution-K/timeline.json (run.timeline): the
+    institution's own ranks only, their clocks aligned on its leader's; the folder made first
+    (collective over the world; nothing of the trace crosses institutions)."""
+    path = os.path.join(institution_folder(out, fed.institution), "timeline.json")
+    if enabled:
+        def make():
+            if fed.site.rank == 0:
+                try:
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                except OSError as err:
+                    raise UserError(f"run.out: cannot write to {os.path.dirname(path)!r} "
+                                    f"({err.strerror})") from None
+        raise_together(fed.world, make)
+    return Timeline.open(enabled, fed.site, path)
 
 
 class SentBytes:

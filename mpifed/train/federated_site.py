@@ -26,6 +26,7 @@ from ..nn.models import ModelSpec
 from .federated_local import SentBytes
 from .report import Reporter
 from .setup import build_model, open_checked_shard, open_test_shard
+from .timeline import Timeline
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Site:
     byzantine: Byzantine | None = None  # on the leader MPIFED_FAULT=byzantine:K names (tests)
     personal: object = None  # federated_personal.Personal: what stays with the institution
     codec: RotatedCodec | None = None  # federated.compression = "rotated": updates in few bits
+    timeline: Timeline | None = None  # run.timeline: this rank's part of its institution's trace
 
 
 def site_data_path(template: str, institution: int) -> str:

@@ -36,6 +36,7 @@ from .checkpoint import SET_ASIDE_STAMP, checkpoint_dir
 from .environment import config_header
 from .report import Reporter
 from .signals import StopFlag
+from .threads import ThreadChoice, choose_threads
 
 log = get_logger(__name__)
 
@@ -67,16 +68,15 @@ def array_backend(settings, comm):
 
 
 def blas_threads_per_rank(comm) -> int:
-    """Return this rank's share of the node's cores, so co-located ranks do not oversubscribe.
+    """Return this rank's BLAS thread count (`thread_choice(comm).threads`)."""
+    return thread_choice(comm).threads
 
-    `MPIFED_BLAS_THREADS=k` sets it instead (benchmarks pin one thread per rank).
-    """
-    forced = os.environ.get("MPIFED_BLAS_THREADS")
-    if forced:
-        return max(1, int(forced))
-    ranks_here = ranks_per_node(comm)
+
+def thread_choice(comm) -> ThreadChoice:
+    """Return this rank's BLAS thread count and why (threads.py decides; collective the first
+    time, for the ranks on this node)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // ranks_here)
+    return choose_threads(os.environ, cores or 1, ranks_per_node(comm))
 
 
 def open_checked_shard(comm, path: str, x: str, y: str, dtype, key: str,
@@ -290,14 +290,19 @@ def plan_steps(optim, shard_len: int, comm) -> tuple[int, int]:
     return per_epoch, steps
 
 
-def prepare_out(cfg, comm, env: dict | None = None) -> str:
+def prepare_out(cfg, comm, env: dict | None = None, lock=None) -> str:
     """Create run.out on rank 0 and write the resolved Config there, under a header of `env`
-    (run_environment's fields, TOML comments); return the folder."""
+    (run_environment's fields, TOML comments); return the folder.
+
+    lock: a RunLock (run_lock.py) that rank 0 takes on the folder first, before it moves or
+    writes anything there; a folder another run holds is refused on every rank."""
     out = cfg.run.out
 
     def make():
         if comm.rank == 0:
             try:
+                if lock is not None:
+                    lock.take(out)
                 with naming_moved_files(time.time()):
                     set_aside_finished_run(out)
                     os.makedirs(out, exist_ok=True)

@@ -86,6 +86,11 @@ class Step(abc.ABC):
     Instance attributes:
         params: the whole flat parameters (n,), updated in place by each step, or None.
         comm_seconds: seconds this rank spent in (or blocked on) the step's communication.
+        comm_spans: the last step's reductions as (start, end) perf_counter seconds, where they
+            ran (on the communication thread under overlap), for the timeline; None where the
+            step does not record them (device timing, the sharded steps).
+        compute_end: the perf_counter time the last step's own computation ended (backward
+            pass done), or None with comm_spans.
         stop_agreed: after a step, whether any rank asked to stop.
         allreduce_choice: {bucket bytes: algorithm} (strings) that the gradient all-reduces
             run, for the summary; None where the step does not say.
@@ -103,6 +108,8 @@ class Step(abc.ABC):
     sharded = False
     params = None
     comm_seconds = 0.0
+    comm_spans = None
+    compute_end = None
     stop_agreed = False
     allreduce_choice = None
     compressor = None
@@ -255,7 +262,15 @@ class DataParallelStep(Step):
         backward_done = mark(self.xp)
         spans = [future.result() for future in futures]
         wait_event(spans[-1][1])  # one comm stream, in order: the last reduction ends them all
+        self._note_spans(spans, backward_done)
         return backward_done, spans[-1][1]
+
+    def _note_spans(self, spans: list, compute_end) -> None:
+        """Keep the step's reduction spans for the timeline (host marks only: device events
+        have no host time)."""
+        host = isinstance(compute_end, float)
+        self.comm_spans = list(spans) if host else None
+        self.compute_end = compute_end if host else None
 
     def memory_bytes(self) -> dict:
         """Return the bytes this rank holds for parameters and gradients (half-precision
@@ -294,6 +309,7 @@ class DataParallelStep(Step):
             self.grad[n] = self.precision.loss_and_grad(self.spec, self.params, x, y, grads,
                                                         ctx=ctx)
             start, end = self._reduce(0, n + 2)
+            self._note_spans([(start, end)], start)
         loss, stop_flag = (float(v) for v in to_host(self.grad[n:n + 2]))  # one transfer
         self.stop_agreed = stop_flag > 0
         # overlapped: the part the backward did not hide (none if it ended first)

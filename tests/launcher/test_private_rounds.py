@@ -244,7 +244,13 @@ def test_the_roots_records_and_each_institutions_own(sites, setting):
         else:  # public sampling: the root's own clock, not its institution's all-reduce
             assert present == {"round_seconds", "exchange_seconds"}
             assert all(set(e) == {"institution", "participated"} for e in r["institutions"])
+    summary = read_metrics(sites / "r", "summary")[0]
     for k, folder in enumerate(folders):
+        first = read_metrics(folder)[0]  # its own environment, its own hosts, before its rounds
+        assert (first["event"], first["institution"], first["institution_ranks"]) == (
+            "environment", k, 1)
+        assert first["config_sha256"] == summary["config_sha256"] and first["hosts"]
+        assert "hosts" not in summary  # the root records no institution's hosts
         own = read_metrics(folder, "round")
         assert [r["round"] for r in own] == [1, 2, 3]
         for r in own:

@@ -13,7 +13,8 @@ import pytest
                                     "mpifed.federated.strategies", "mpifed.federated.dp",
                                     "mpifed.federated.secagg", "mpifed.federated.transcript",
                                     "mpifed.federated.masked_sum", "mpifed.federated.dp_settings",
-                                    "mpifed.federated.private_update", "mpifed.data.partition"])
+                                    "mpifed.federated.private_update", "mpifed.data.partition",
+                                    "mpifed.train.environment", "mpifed.benchmarks.harness"])
 def test_pure_layers_do_not_import_mpi(module):
     code = f"import sys, {module}; print('mpi4py' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

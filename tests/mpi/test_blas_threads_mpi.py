@@ -18,6 +18,9 @@ def cores() -> int:
 def test_ranks_on_a_node_share_its_cores(monkeypatch):
     monkeypatch.delenv("MPIFED_BLAS_THREADS", raising=False)
     monkeypatch.delenv("MPIFED_RANKS_PER_NODE", raising=False)
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                 "SLURM_CPUS_PER_TASK"):  # the user's choices (tests/unit/test_thread_choice.py)
+        monkeypatch.delenv(name, raising=False)
     world = MPI.COMM_WORLD
     node = world.Split_type(MPI.COMM_TYPE_SHARED)  # MPI's own node split, the reference
     try:

@@ -116,6 +116,7 @@ def run(folder, local_steps, monkeypatch) -> tuple[dict, list[dict]]:
     federated.run_federation(cfg, world, np)
     mine = os.path.join(cfg.run.out, f"institution-{world.rank}", "metrics.jsonl")
     records = [json.loads(line) for line in open(mine)] if os.path.exists(mine) else []
+    records = [r for r in records if r["event"] == "round"]  # after its environment record
     world.Free()
     return counts, records
 

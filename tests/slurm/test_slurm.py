@@ -2,6 +2,10 @@
 
 `make test-slurm` starts the cluster and runs these; without a reachable SLURM they skip, saying
 why. Job state is read with `scontrol show job` (accounting is off on the local cluster).
+
+The local cluster's MpiDefault is none, which the PyPI MPICH cannot use: the jobs here name its
+plugin (MPIFED_SRUN_MPI=pmi2), as a user of such a site would, and one test shows what the site
+default does to it (each task alone, refused before anything is written).
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ def write_run(path, steps):
 
 
 def sbatch(cwd, *args, **extra_env) -> str:
-    env = dict(os.environ, MPIFED_VENV=VENV, OMP_NUM_THREADS="1", **extra_env)
+    env = dict(os.environ, MPIFED_VENV=VENV, OMP_NUM_THREADS="1", MPIFED_SRUN_MPI="pmi2")
+    env.update(extra_env)
     done = subprocess.run(["sbatch", "--export=ALL", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, check=True)
     return re.search(r"Submitted batch job (\d+)", done.stdout).group(1)
@@ -88,9 +93,15 @@ def test_train_job_completes_and_matches_mpiexec(tmp_path):
     assert_same_bits(model, tmp_path / "direct" / "model.h5")
 
 
+# Long enough that the job still runs when its first checkpoint appears and the test signals
+# it; short enough that the resumed job ends in the test's time on a loaded two-core machine.
+STEPS_TO_PREEMPT = 12000
+
+
+@pytest.mark.timeout(1200)
 def test_preempted_job_requeues_and_resumes(tmp_path):
     write_data(tmp_path / "d.h5")
-    write_run(tmp_path / "run.toml", 40000)
+    write_run(tmp_path / "run.toml", STEPS_TO_PREEMPT)
     job = sbatch(tmp_path, "-n", "2", str(ROOT / "jobs" / "train.sbatch"), "run.toml")
     out = tmp_path / "runs" / f"mpifed-{job}"
     deadline = time.monotonic() + 120
@@ -102,17 +113,19 @@ def test_preempted_job_requeues_and_resumes(tmp_path):
     while job_field(job, "Restarts") in ("", "0"):
         assert time.monotonic() < deadline, "the job was not requeued"
         time.sleep(1)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-    assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
+    # SLURM holds a requeued job for its credential's lifetime (cred_expire, 120 s): starting
+    # it sooner (scontrol update StartTime=now) races the revoked credential of its first run
+    # and fails it ("Job credential revoked"), so the test waits as a user would.
+    assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=600) == "COMPLETED"
     records = read_metrics(out)
     stopped = [r for r in records if r["event"] == "stopped"]
     resumed = [r for r in records if r["event"] == "resumed"]
-    assert stopped and resumed and resumed[0]["step"] == stopped[0]["step"] < 40000
-    assert records[-1]["event"] == "summary" and records[-1]["steps"] == 40000
+    assert stopped and resumed and resumed[0]["step"] == stopped[0]["step"] < STEPS_TO_PREEMPT
+    assert records[-1]["event"] == "summary" and records[-1]["steps"] == STEPS_TO_PREEMPT
     log = (tmp_path / f"slurm-mpifed-{job}.out").read_text()
     assert "requeueing job" in log and "restart 1" in log
     assert run_mpi(2, ["train", "run.toml", "--set", "run.out=direct"], cwd=tmp_path,
-                   timeout=200).returncode == 0
+                   timeout=400).returncode == 0
     assert_same_bits(out / "model.h5", tmp_path / "direct" / "model.h5")
 
 
@@ -154,3 +167,66 @@ def test_train_job_with_mpiexec_launcher(tmp_path):
     log = (tmp_path / f"slurm-mpifed-{job}.out").read_text()
     assert "mpifed train: 3 ranks" in log  # the rank count came from the allocation
     assert (tmp_path / "runs" / f"mpifed-{job}" / "model.h5").exists()
+
+
+def wait_for_text(path: Path, text: str, timeout: float = 120) -> str:
+    """Return the file at `path` once it holds `text` (a job's log is written as it goes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in (found := path.read_text()):
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"{path} did not come to hold {text!r} in {timeout} s")
+
+
+def wait_for_checkpoint(out: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not list((out / "checkpoints").glob("step-*.h5")):
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.5)
+
+
+def test_plain_scancel_stops_without_requeue(tmp_path):
+    write_data(tmp_path / "d.h5")
+    write_run(tmp_path / "run.toml", 40000)
+    job = sbatch(tmp_path, "-n", "2", str(ROOT / "jobs" / "train.sbatch"), "run.toml")
+    out = tmp_path / "runs" / f"mpifed-{job}"
+    wait_for_checkpoint(out)
+    subprocess.run(["scancel", job], check=True)  # TERM to the script and the ranks
+    log = wait_for_text(tmp_path / f"slurm-mpifed-{job}.out", "not requeued")
+    assert "requeueing" not in log
+    assert wait_for(job, {"CANCELLED", "COMPLETED", "FAILED"}) == "CANCELLED"
+    assert job_field(job, "Restarts") == "0" and job_field(job, "JobState") == "CANCELLED"
+    stopped = [r for r in read_metrics(out) if r["event"] == "stopped"]
+    assert len(stopped) == 1 and "SIGTERM" in stopped[0]["reason"]
+    assert not (out / "model.h5").exists()
+
+
+def test_a_second_job_on_a_running_jobs_folder_is_refused(tmp_path):
+    write_data(tmp_path / "d.h5")
+    write_config(tmp_path / "run.toml", CONFIG, {"optim": {"steps": 40000},
+                                                 "run": {"out": "shared"}})
+    first = sbatch(tmp_path, "-n", "2", str(ROOT / "jobs" / "train.sbatch"), "run.toml")
+    try:
+        wait_for_checkpoint(tmp_path / "shared")
+        second = sbatch(tmp_path, "-n", "1", str(ROOT / "jobs" / "train.sbatch"), "run.toml")
+        assert wait_for(second, {"COMPLETED", "FAILED", "CANCELLED"}) == "FAILED"
+        log = (tmp_path / f"slurm-mpifed-{second}.out").read_text()
+        assert log.count("mpifed: error") == 1 and f"SLURM job {first}" in log
+        assert job_field(first, "JobState") == "RUNNING"  # the holder goes on
+    finally:
+        subprocess.run(["scancel", first])
+    wait_for(first, {"CANCELLED", "COMPLETED", "FAILED"})
+
+
+def test_the_sites_default_plugin_for_an_mpi_that_needs_another_is_refused(tmp_path):
+    # MpiDefault=none: each PyPI-MPICH task starts alone; they stop before writing anything
+    write_data(tmp_path / "d.h5")
+    write_run(tmp_path / "run.toml", 300)
+    job = sbatch(tmp_path, "-n", "2", str(ROOT / "jobs" / "train.sbatch"), "run.toml",
+                 MPIFED_SRUN_MPI="")
+    assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "FAILED"
+    log = (tmp_path / f"slurm-mpifed-{job}.out").read_text()
+    assert log.count("mpifed: error") == 1, log
+    assert "started 2 tasks" in log and "but MPI sees 1 rank" in log and "--mpi" in log
+    assert not (tmp_path / "runs" / f"mpifed-{job}").exists()

@@ -142,3 +142,22 @@ def test_throughput_with_torch_on_one_rank(tmp_path, capsys):
     assert {r.impl for r in records} == {"ours", "ours-overlap", "torch"}
     assert {(r.warmup, r.steps) for r in records} == {(2, 2)}
     assert {r.system for r in records} == {"mpifed", "torch-ddp"}
+
+
+def test_a_record_names_its_environment():
+    import hashlib
+
+    from mpifed import __version__
+    from mpifed.train.environment import git_commit
+
+    config = {"batch_per_rank": 64, "hidden": [256]}
+    machine = {"hostname": "n1", "mpi_library": "Open MPI v4.1.4"}
+    record = Record.build("throughput", "mpifed", "ours", 4, config,
+                          [Timing(2, 5, 128, [0.02], [0.01])], machine=machine)
+    canonical = json.dumps({"batch_per_rank": 64, "hidden": [256]}, sort_keys=True)
+    assert record.environment == {
+        "mpifed_version": __version__, "git_commit": git_commit(),
+        "mpi_library": "Open MPI v4.1.4", "world_size": 4, "hosts": ["n1"],
+        "config_sha256": hashlib.sha256(canonical.encode()).hexdigest()}
+    old = {k: v for k, v in record.to_dict().items() if k != "environment"}
+    assert Record.from_dict(old).environment == {}  # records written before it still read
