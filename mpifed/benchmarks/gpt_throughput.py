@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from ..cli.output import emit
 from .harness import barrier_sync
 
 
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
         if peer is not None:
             result["torch_tokens_per_s"] = tokens / best["torch"]
             result["ratio"] = best["torch"] / best["ours"]
-        print(json.dumps(result))
+        emit(json.dumps(result))
     if peer is not None:
         import torch.distributed as dist
 

@@ -34,7 +34,7 @@ ALLOWED = {
     "xp": set(), "errors": set(), "faults": set(), "hostmem": set(), "choices": set(),
     "log": {"errors"},
     "nn": {"xp", "errors", "data"}, "optim": {"xp", "errors"},
-    "data": {"xp", "errors"},
+    "data": {"xp", "errors", "log"},  # log sits at the bottom (it imports only errors)
     "comm": {"xp", "errors", "log", "nn", "choices"},
     "federated": {"xp", "errors", "log", "comm"},
     "config": {"xp", "errors", "log", "choices", "nn", "optim", "federated"},
