@@ -40,6 +40,7 @@ BENCHMARKS = {
     "suite": "scaling_suite", "throughput": "train_throughput",
     "federated-round": "federated_round", "gpu": "gpu_throughput", "cnn": "cnn_throughput",
     "memory": "memory", "streaming": "streaming", "shuffle-order": "shuffle_order",
+    "compression": "compression_link",
 }
 
 # What `mpifed keys generate` gives up, in its help and its output.

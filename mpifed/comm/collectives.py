@@ -165,10 +165,19 @@ def allreduce(buf, comm, op: str = "sum", algorithm: str = "auto", *, check: boo
     """
     if algorithm == "auto":
         table = installed(comm)
-        if table is None and type(buf) is np.ndarray and buf.nbytes < _smallest_threshold():
-            return mpi_allreduce(buf, comm, op, check=check)  # below every crossover: no lookup
-        check_local(buf, op)
-        algorithm, check = _auto(buf, comm, check, table)
+        if type(buf) is not np.ndarray or comm.size == 1:
+            check_local(buf, op)
+            algorithm, check = _auto(buf, comm, check, table)
+        elif table is None:
+            if buf.nbytes < _smallest_threshold():
+                return mpi_allreduce(buf, comm, op, check=check)  # below every crossover
+            check_local(buf, op)
+            algorithm, check = _auto(buf, comm, check, table)
+        else:  # measured: one lookup per call; the algorithm checks the buffer itself
+            algorithm = table.algorithm(buf.nbytes)
+            if algorithm is None:
+                check_local(buf, op)
+                algorithm, check = _auto(buf, comm, check, table)
     if algorithm == "hierarchical":
         return hierarchical_allreduce(buf, comm, op, check=check)
     if algorithm == "nccl":

@@ -72,6 +72,8 @@ def test_allreduce_following_a_table_equals_mpi_allreduce(emulated_nodes):
             assert algorithm_for(buf, comm) == table[bucket_bytes(buf.nbytes)]
             allreduce(buf, comm, "sum", "auto")
             np.testing.assert_allclose(buf, expected, rtol=1e-12, atol=1e-12)
+        # each size was resolved once, at its first call; later calls look it up
+        assert installed(comm).by_nbytes == {8 * n: table[bucket_bytes(8 * n)] for n in sizes}
     finally:
         install(comm, None)
     assert installed(comm) is None
