@@ -37,9 +37,13 @@ TOOLS = {"unshare": "util-linux", "ip": "iproute2", "tc": "iproute2"}
 UNITS = {"rate": r"(bit|[kmgt]bit|bps|[kmgt]bps|[kmgt]ibit|[kmgt]ibps)",
          "burst": r"(b|kb|mb|gb|k|m|g)?", "latency": r"(s|ms|us)"}
 # Run by `sh -c` in the new namespace: $1 rate, $2 burst, $3 latency, then the command.
+# MPIFED_SHAPED_LINK tells the command which link it runs over: the measured "auto" keys its
+# cache by it (mpifed/train/allreduce_choice.py), so a table timed over plain loopback is never
+# followed over the slow link, nor the other way round.
 SETUP = ('ip link set lo up && tc qdisc add dev lo root tbf rate "$1" burst "$2" latency "$3" '
          '|| { echo "shaped link: could not shape the loopback interface (rate $1, burst $2, '
-         'latency $3); see the line above" >&2; exit 97; }; shift 3; exec "$@"')
+         'latency $3); see the line above" >&2; exit 97; }; '
+         'export MPIFED_SHAPED_LINK="tbf rate $1 burst $2 latency $3"; shift 3; exec "$@"')
 SETUP_FAILED = 97  # the exit status when the namespace or its qdisc could not be set up
 
 

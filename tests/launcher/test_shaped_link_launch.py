@@ -40,9 +40,10 @@ def test_the_commands_exit_status_comes_back(can_shape):
     assert shaped("--", "sh", "-c", "exit 7").returncode == 7
 
 
-def test_nodes_sets_the_emulated_nodes_for_mpich(can_shape):
-    done = shaped("--nodes", "2", "--", "sh", "-c", "echo $MPIR_CVAR_NUM_CLIQUES $FI_TCP_IFACE")
-    assert done.stdout.split() == ["2", "lo"]
+def test_nodes_sets_the_emulated_nodes_and_the_link_is_named(can_shape):
+    done = shaped("--nodes", "2", "--", "sh", "-c",
+                  "echo $MPIR_CVAR_NUM_CLIQUES $FI_TCP_IFACE; echo $MPIFED_SHAPED_LINK")
+    assert done.stdout.splitlines() == ["2 lo", "tbf rate 1gbit burst 256kb latency 50ms"]
 
 
 def test_a_bad_rate_is_one_line_naming_the_option():

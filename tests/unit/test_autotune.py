@@ -194,6 +194,14 @@ def test_the_key_and_its_file_change_with_the_topology(cache):
     assert ac.cache_path(dict(key)) == ac.cache_path(key)  # stable: a hash of canonical JSON
 
 
+def test_a_shaped_link_has_a_cache_of_its_own(cache, monkeypatch):
+    plain = ac.topology_key(MPI.COMM_SELF, "float32", False)
+    monkeypatch.setenv("MPIFED_SHAPED_LINK", "tbf rate 1gbit burst 256kb latency 50ms")
+    shaped = ac.topology_key(MPI.COMM_SELF, "float32", False)
+    assert shaped == dict(plain, shaped_link="tbf rate 1gbit burst 256kb latency 50ms")
+    assert ac.cache_path(shaped) != ac.cache_path(plain)
+
+
 def test_the_cache_folder_falls_back_to_the_home_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))

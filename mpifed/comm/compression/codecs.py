@@ -16,9 +16,27 @@ WIRES = ("fp16", "bf16")
 def encode(values, out, wire: str) -> None:
     """Write `values` (float32/64, 1-D) into `out` (uint16, same length) as `wire` bits."""
     if wire == "fp16":
-        out[...] = values.astype("float16").view("uint16")
+        out.view("float16")[...] = values  # the cast writes straight into out: no temporary
     else:
         out[...] = bf16_bits(values)
+
+
+def add_decoded(bits, wire: str, values) -> None:
+    """Add the values of `bits` (uint16 in `wire`'s format) into `values` (float32/64) in
+    place; the same sums as `values += decode(bits, wire, values.dtype)`, since widening a
+    half-precision value is exact, without the full-size decoded copy (fp16)."""
+    if wire == "fp16":
+        values += bits.view("float16")  # the ufunc widens in cache-sized blocks
+    else:
+        values += decode(bits, wire, values.dtype)
+
+
+def decode_into(bits, wire: str, values) -> None:
+    """Write the values of `bits` (uint16 in `wire`'s format) into `values` (float32/64)."""
+    if wire == "fp16":
+        values[...] = bits.view("float16")
+    else:
+        values[...] = decode(bits, wire, values.dtype)
 
 
 def decode(bits, wire: str, dtype):
