@@ -244,6 +244,13 @@ def main(argv=None) -> int:
         if goal:
             print(f"# auto ({args.auto}) vs the fastest, 64 KiB-16 MiB: worst {max(goal):.2f}x "
                   f"(goal <= 1.10x: {'met' if max(goal) <= 1.1 else 'not met'})")
+            mid = [r for r in rows if 64 << 10 <= r["size"] <= 16 << 20]
+            own = max(r["auto"]["time_us"] / r[r["auto_picks"]]["time_us"] for r in mid)
+            pick = max(r[r["auto_picks"]]["time_us"] / min(r[a]["time_us"] for a in ALGOS
+                                                           if a != "auto") for r in mid)
+            print(f"# split: auto vs the algorithm it ran, called by name (its own cost and "
+                  f"the noise): worst {own:.2f}x; that algorithm vs the fastest (the choice): "
+                  f"worst {pick:.2f}x")
         if args.json:
             meta = {"ranks": comm.size, "nodes": facts["nodes"], "auto": args.auto,
                     "rounds": args.rounds,
