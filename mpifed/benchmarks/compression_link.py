@@ -7,7 +7,7 @@ comm.compression none, fp16 and powersgd on 2 emulated nodes x 1 rank joined by 
 The link: each launch runs in a network namespace of its own whose loopback is shaped by tc's
 token bucket (mpifed/shaped_link.py; root, unshare and tc needed; --rate none: unshaped), and
 MPICH splits the ranks into --nodes nodes, TCP over that loopback between them. The model: the
-MLP 2048-4096-4096-4096-1024-10 of `mpifed bench memory` (46,157,834 parameters, float32, a
+MLP 2048-4096-4096-4096-1024-10 of `mpifed bench memory` (46,160,906 parameters, float32, a
 184.6 MB gradient), SGD with momentum on synthetic batches, `mpifed train`'s data-parallel step
 (mpifed/train/step.py) with comm.allreduce = --allreduce (default ring: "auto" would first time
 each algorithm on 185 MB buffers over the slow link).
