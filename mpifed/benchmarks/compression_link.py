@@ -19,7 +19,8 @@ the others are compressed, as every timed step is (the first compressed step is 
 touches the error buffers' 185 MB for the first time). The table gives each scheme's median over the
 repeats of samples/s, the share of a step spent in communication, the bytes a rank sent per
 step and the ratio to "none" (each repeat's ratio is taken inside one launch, side by side; the
-median ratio is shown).
+median ratio is shown). `CPU s` is rank 0's CPU time per step (harness.Timing.cpu_seconds): far
+below `step s` on a busy machine, the ranks wait for a core rather than for the link.
 """
 
 from __future__ import annotations
@@ -146,6 +147,8 @@ def summarise(runs: list[dict], schemes: list[str]) -> list[dict]:
             r["schemes"][schemes[0]]["timing"]).samples_per_second for t, r in zip(timings, runs)]
         rows.append({"scheme": scheme, "samples_per_s": statistics.median(rates),
                      "step_s": statistics.median(t.median for t in timings),
+                     "cpu_s": statistics.median(statistics.median(t.cpu_seconds)
+                                                for t in timings),
                      "comm_fraction": statistics.median(t.probe[0] / t.seconds[0]
                                                         for t in timings),
                      "bytes_per_step": statistics.median(r["schemes"][scheme]["bytes_per_step"]
@@ -158,6 +161,7 @@ COLUMNS = [
     Column("compression", 11, lambda r: r["scheme"], "<"),
     Column("samples/s", 9, lambda r: f"{r['samples_per_s']:.1f}"),
     Column("step s", 7, lambda r: f"{r['step_s']:.3f}"),
+    Column("CPU s", 6, lambda r: f"{r['cpu_s']:.2f}"),
     Column("comm %", 6, lambda r: f"{100 * r['comm_fraction']:.0f}"),
     Column("MB sent/step", 12, lambda r: f"{r['bytes_per_step'] / 1e6:.2f}"),
     Column("vs none", 7, lambda r: f"{r['ratio']:.2f}x"),

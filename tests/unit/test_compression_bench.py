@@ -29,6 +29,7 @@ def test_ratios_are_taken_inside_each_launch_then_the_median():
     assert rows["powersgd"]["ratio"] == 3.0 and rows["none"]["ratio"] == 1.0
     assert rows["powersgd"]["samples_per_s"] == pytest.approx(64 / 1.0)  # median of 64, 16, 64
     assert rows["none"]["step_s"] == 4.0 and rows["none"]["comm_fraction"] == 0.5
+    assert rows["none"]["cpu_s"] == 4.0  # the CPU clock, as Timing recorded it
 
 
 def test_a_shaped_launch_wraps_mpiexec_in_the_namespace():
