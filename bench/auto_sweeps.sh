@@ -32,4 +32,4 @@ for arrays in ordinary window; do
     sweep 2 4 "$arrays"
 done
 echo "== worst auto/best, 64 KiB-16 MiB (goal <= 1.10x)"
-grep -H "vs the fastest" "$out"/auto-*.log
+grep -H "vs the fastest\|fastest call\|split:" "$out"/auto-*.log
