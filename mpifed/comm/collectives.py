@@ -164,20 +164,17 @@ def allreduce(buf, comm, op: str = "sum", algorithm: str = "auto", *, check: boo
     buffer was checked once already.
     """
     if algorithm == "auto":
-        table = installed(comm)
-        if type(buf) is not np.ndarray or comm.size == 1:
+        table, chosen = installed(comm), None
+        if type(buf) is np.ndarray and comm.size > 1:  # host buffers: the hot path, no choice
+            if table is not None:
+                chosen = table.algorithm(buf.nbytes)  # measured: each size resolved once
+            elif buf.nbytes < _smallest_threshold():
+                chosen = "mpi"  # below every crossover
+        if chosen is None:
             check_local(buf, op)
             algorithm, check = _auto(buf, comm, check, table)
-        elif table is None:
-            if buf.nbytes < _smallest_threshold():
-                return mpi_allreduce(buf, comm, op, check=check)  # below every crossover
-            check_local(buf, op)
-            algorithm, check = _auto(buf, comm, check, table)
-        else:  # measured: one lookup per call; the algorithm checks the buffer itself
-            algorithm = table.algorithm(buf.nbytes)
-            if algorithm is None:
-                check_local(buf, op)
-                algorithm, check = _auto(buf, comm, check, table)
+        else:
+            algorithm = chosen  # the algorithm checks the buffer itself
     if algorithm == "hierarchical":
         return hierarchical_allreduce(buf, comm, op, check=check)
     if algorithm == "nccl":
