@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpifed.comm import allreduce
+from mpifed.comm import allreduce, collectives
 from mpifed.comm.autotune import (
     bucket_bytes,
     candidates,
@@ -20,7 +20,6 @@ from mpifed.comm.autotune import (
     installed,
     measure,
 )
-from mpifed.comm import collectives
 from mpifed.comm.collectives import algorithm_for
 from mpifed.nn.models import ModelSpec, init_params
 from mpifed.train import allreduce_choice as ac
