@@ -44,7 +44,8 @@ test-mpi: install
 # Several nodes for real on this host: MPICH splits the ranks into nodes (MPIR_CVAR_NUM_CLIQUES),
 # shared memory inside one, libfabric's TCP provider over loopback (FI_TCP_IFACE=lo) between
 # them. The MPI suite on 2 nodes x 2 ranks and 3 nodes x 1 rank, then tests/multinode/test_multinode.py
-# (collectives, training, a federation across nodes, a lost node and its resumption).
+# (collectives, training, a federation across nodes, a lost node and its resumption, training over
+# a 1 Gbit/s link shaped by mpifed.shaped_link, skipped with the reason where it cannot run).
 MULTINODE_ENV = MPIR_CVAR_CLIQUES_BY_BLOCK=1 MPIR_CVAR_CH4_NETMOD=ofi FI_PROVIDER=tcp FI_TCP_IFACE=lo
 test-multinode: install
 	@for cfg in "2 4" "3 3"; do set -- $$cfg; \

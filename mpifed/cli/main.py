@@ -44,6 +44,7 @@ BENCHMARKS = {
     "federated-round": "federated_round", "gpu": "gpu_throughput", "cnn": "cnn_throughput",
     "memory": "memory", "streaming": "streaming", "shuffle-order": "shuffle_order",
     "federated-goals": "federated_goals",
+    "compression": "compression_link",
 }
 
 # What `mpifed keys generate` gives up, in its help and its output.

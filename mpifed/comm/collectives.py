@@ -164,11 +164,17 @@ def allreduce(buf, comm, op: str = "sum", algorithm: str = "auto", *, check: boo
     buffer was checked once already.
     """
     if algorithm == "auto":
-        table = installed(comm)
-        if table is None and type(buf) is np.ndarray and buf.nbytes < _smallest_threshold():
-            return mpi_allreduce(buf, comm, op, check=check)  # below every crossover: no lookup
-        check_local(buf, op)
-        algorithm, check = _auto(buf, comm, check, table)
+        table, chosen = installed(comm), None
+        if type(buf) is np.ndarray and comm.size > 1:  # host buffers: the hot path, no choice
+            if table is not None:
+                chosen = table.algorithm(buf.nbytes)  # measured: each size resolved once
+            elif buf.nbytes < _smallest_threshold():
+                chosen = "mpi"  # below every crossover
+        if chosen is None:
+            check_local(buf, op)
+            algorithm, check = _auto(buf, comm, check, table)
+        else:
+            algorithm = chosen  # the algorithm checks the buffer itself
     if algorithm == "hierarchical":
         return hierarchical_allreduce(buf, comm, op, check=check)
     if algorithm == "nccl":

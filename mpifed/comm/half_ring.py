@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from ..xp import get_array_module, is_device_array, synchronize, to_host
 from .backend import cuda_aware
-from .compression.codecs import decode, encode
+from .compression.codecs import add_decoded, decode_into, encode
 from .ring import chunk_bounds, ring_order
 
 _TAG = 7100  # apart from ring.py's tags (0 .. 2 size): the half ring never interleaves with it
@@ -79,7 +79,7 @@ class _HalfRing:
         for step in range(size - 1):  # copy: pass the owners' bits around
             send, recv = self.ring[(rank + 1 - step) % size], self.ring[(rank - step) % size]
             self._exchange(send, recv, size + step)
-        values[:m] = decode(self.bits[:m], self.wire, values.dtype)
+        decode_into(self.bits[:m], self.wire, values[:m])
         if values.size > m:
             values[m:] = self.bits[m:].copy().view(values.dtype)  # a copy: aligned for the view
         return self.sent
@@ -102,7 +102,7 @@ class _HalfRing:
         """Add the wire items of elements [a, b), decoded, into the values (fp32 or wider)."""
         m, values = self.m, self.values
         h = min(b, m)
-        values[a:h] += decode(self.bits[a:h], self.wire, values.dtype)
+        add_decoded(self.bits[a:h], self.wire, values[a:h])
         if b > m:
             lo, hi = self._span(m, b)
             values[m:b] += self.bits[lo:hi].copy().view(values.dtype)

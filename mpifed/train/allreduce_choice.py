@@ -51,11 +51,14 @@ def cache_folder() -> str:
 
 def topology_key(comm, dtype, window: bool) -> dict:
     """Return what a measurement depends on (collective): ranks, node sizes, how bytes move
-    between nodes, the MPI library, the dtype and whether buffers are window arrays."""
+    between nodes, the MPI library, the dtype and whether buffers are window arrays; under
+    mpifed.shaped_link also the link's shaping (MPIFED_SHAPED_LINK)."""
     facts = node_facts(comm)
-    return {"world_size": comm.size, "node_sizes": facts["node_sizes"],
-            "transport": transport(facts), "mpi_library": MPI.Get_library_version().strip(),
-            "dtype": np.dtype(dtype).name, "window": bool(window)}
+    key = {"world_size": comm.size, "node_sizes": facts["node_sizes"],
+           "transport": transport(facts), "mpi_library": MPI.Get_library_version().strip(),
+           "dtype": np.dtype(dtype).name, "window": bool(window)}
+    shaped = os.environ.get("MPIFED_SHAPED_LINK")  # set by mpifed.shaped_link: a slower link
+    return key | {"shaped_link": shaped} if shaped else key
 
 
 def cache_path(key: dict) -> str:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpifed.comm import allreduce
+from mpifed.comm import allreduce, collectives
 from mpifed.comm.autotune import (
     bucket_bytes,
     candidates,
@@ -72,6 +72,14 @@ def test_allreduce_following_a_table_equals_mpi_allreduce(emulated_nodes):
             assert algorithm_for(buf, comm) == table[bucket_bytes(buf.nbytes)]
             allreduce(buf, comm, "sum", "auto")
             np.testing.assert_allclose(buf, expected, rtol=1e-12, atol=1e-12)
+        # each size was resolved once, at its first call; later calls look it up only
+        assert installed(comm).by_nbytes == {8 * n: table[bucket_bytes(8 * n)] for n in sizes}
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(collectives, "_auto", None)  # a full choice now would fail
+            for count in sizes:
+                buf = np.full(count, float(comm.rank))
+                allreduce(buf, comm, "sum", "auto", check=False)
+                assert (buf == comm.size * (comm.size - 1) / 2).all()
     finally:
         install(comm, None)
     assert installed(comm) is None

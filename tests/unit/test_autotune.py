@@ -14,7 +14,7 @@ import pytest
 from mpi4py import MPI
 
 from mpifed.comm import choose_algorithm
-from mpifed.comm.autotune import bucket_bytes, decide, decode, encode, measure
+from mpifed.comm.autotune import Table, bucket_bytes, decide, decode, encode, measure
 from mpifed.errors import UserError
 from mpifed.train import allreduce_choice as ac
 
@@ -84,6 +84,22 @@ def test_choose_algorithm_follows_a_table_and_the_rule_elsewhere():
     assert choose_algorithm(900_000, 4, 1, table=table) == "hierarchical"  # same bucket
     assert choose_algorithm(64, 4, 1, table=table) == choose_algorithm(64, 4, 1)
     assert choose_algorithm(1 << 20, 4, 1, device=True, table=table) == "mpi"  # host only
+
+
+def test_a_table_resolves_each_size_once_as_choose_algorithm_does():
+    measured = {1 << 16: "mpi", 1 << 20: "ring", 1 << 24: "hierarchical"}
+    table = Table(measured)
+    assert table == measured and table.by_nbytes == {}
+    sizes = [1 << 16, 50_000, 90_000, 1 << 20, 800_000, 1 << 24, 3000, 1 << 30]
+    for nbytes in sizes:
+        rule = choose_algorithm(nbytes, 4, 2, table=measured)
+        chosen = table.algorithm(nbytes)
+        assert chosen == (rule if bucket_bytes(nbytes) in measured else None), nbytes
+    # only the sizes the table decides are kept; a later call is one dict lookup
+    assert table.by_nbytes == {n: measured[bucket_bytes(n)] for n in sizes
+                               if bucket_bytes(n) in measured}
+    table.by_nbytes[1 << 16] = "sentinel"
+    assert table.algorithm(1 << 16) == "sentinel"
 
 
 @pytest.fixture
@@ -176,6 +192,14 @@ def test_the_key_and_its_file_change_with_the_topology(cache):
     assert len(paths) == 7
     assert all(os.path.dirname(p) == str(cache) for p in paths)
     assert ac.cache_path(dict(key)) == ac.cache_path(key)  # stable: a hash of canonical JSON
+
+
+def test_a_shaped_link_has_a_cache_of_its_own(cache, monkeypatch):
+    plain = ac.topology_key(MPI.COMM_SELF, "float32", False)
+    monkeypatch.setenv("MPIFED_SHAPED_LINK", "tbf rate 1gbit burst 256kb latency 50ms")
+    shaped = ac.topology_key(MPI.COMM_SELF, "float32", False)
+    assert shaped == dict(plain, shaped_link="tbf rate 1gbit burst 256kb latency 50ms")
+    assert ac.cache_path(shaped) != ac.cache_path(plain)
 
 
 def test_the_cache_folder_falls_back_to_the_home_cache(monkeypatch, tmp_path):

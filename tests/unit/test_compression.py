@@ -12,7 +12,7 @@ import pytest
 
 from mpifed.choices import COMPRESSIONS
 from mpifed.comm.compression import COMPRESSORS, Compressor, make_compressor, model_blocks
-from mpifed.comm.compression.codecs import bf16_bits, decode, encode
+from mpifed.comm.compression.codecs import add_decoded, bf16_bits, decode, decode_into, encode
 from mpifed.comm.ring import chunk_bounds, mean_in_place, ring_bytes_sent, ring_order
 from mpifed.errors import UserError
 from mpifed.nn.models import ModelSpec
@@ -210,3 +210,39 @@ def test_ring_bytes_are_what_the_rings_steps_send(length, size):
         assert ring_bytes_sent(length, 4, size, rank) == 4 * (reduce + gather)
     total = sum(ring_bytes_sent(length, 4, size, r) for r in range(size))
     assert total == 4 * 2 * (size - 1) * length  # 2(p-1)/p of the buffer per rank, on average
+
+
+def test_the_fp16_encoder_rounds_every_float32_as_numpy_does():
+    # every exponent, the mantissas around each rounding boundary (half's subnormal step,
+    # the normal threshold 2**-14, the largest half 65504, overflow at 65520), both signs
+    rng = np.random.default_rng(3)
+    sampled = np.arange(0, 2 ** 31, 4099, dtype=np.uint64).astype(np.uint32)
+    edges = [0x33000000, 0x33800000, 0x387FC000, 0x38800000, 0x477FE000, 0x477FF000, 0x7F800000]
+    near = np.concatenate([np.arange(e - 3000, e + 3000, dtype=np.uint32) for e in edges])
+    noise = rng.integers(0, 2 ** 31, 200_000, dtype=np.uint64).astype(np.uint32)
+    patterns = np.concatenate([sampled, near, noise])
+    patterns = np.concatenate([patterns, patterns | np.uint32(0x80000000)])
+    values = patterns.view(np.float32)
+    bits = np.empty(values.size, np.uint16)
+    with np.errstate(over="ignore", invalid="ignore"):
+        encode(values, bits, "fp16")  # in blocks of codecs.BLOCK
+        want = values.astype(np.float16).view(np.uint16)
+    nan = np.isnan(values)
+    np.testing.assert_array_equal(bits[~nan], want[~nan])
+    assert np.isnan(bits[nan].view(np.float16)).all()  # a NaN stays a NaN
+
+
+def test_adding_and_writing_decoded_halves_equal_decode():
+    bits = np.arange(0, 2 ** 16, dtype=np.uint16)
+    finite = np.isfinite(bits.view(np.float16))
+    for wire in ("fp16", "bf16"):
+        for dtype in (np.float32, np.float64):
+            base = np.random.default_rng(0).standard_normal(bits.size).astype(dtype)
+            into = np.empty(bits.size, dtype)
+            with np.errstate(invalid="ignore"):  # the NaN patterns
+                got, want = base.copy(), base + decode(bits, wire, dtype)
+                add_decoded(bits, wire, got)
+                decode_into(bits, wire, into)
+                decoded = decode(bits, wire, dtype)
+            np.testing.assert_array_equal(got[finite], want[finite])
+            np.testing.assert_array_equal(into[finite], decoded[finite])
