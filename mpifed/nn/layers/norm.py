@@ -89,11 +89,19 @@ class BatchNorm2d(Layer):
         p["gamma"][...] = 1.0
         p["running_var"][...] = 1.0
 
-    def _axes_and_shape(self, x):
-        """The reduced axes and the broadcast shape of a per-channel vector."""
-        if x.ndim == 4:
-            return (0, 2, 3), (1, x.shape[1], 1, 1)
-        return (0,), (1, x.shape[1])
+    def _rows(self, x):
+        """x (B, C, H, W) or (B, C) as per-channel rows (C, B*H*W): a view when x is laid out
+        batch-last ((C, H, W, B) in memory, as the convolutions leave it), else a copy."""
+        xp = get_array_module(x)
+        t = x.transpose(1, 2, 3, 0) if x.ndim == 4 else x.T  # (C, H, W, B) or (C, B)
+        return xp.ascontiguousarray(t).reshape(x.shape[1], -1)
+
+    def _shaped(self, rows, like):
+        """Rows (C, M) back as an array shaped `like` (B, C, H, W) or (B, C), batch-last."""
+        if like.ndim == 4:
+            b, c, h, w = like.shape
+            return rows.reshape(c, h, w, b).transpose(3, 0, 1, 2)
+        return rows.T
 
     def _sum(self, parts, ctx):
         """Sum per-channel arrays (and counts) over the ranks when synchronised."""
@@ -110,44 +118,56 @@ class BatchNorm2d(Layer):
 
     def forward(self, p, x, ctx):
         xp = get_array_module(x)
-        axes, shape = self._axes_and_shape(x)
+        rows = self._rows(x)  # (C, M), M = B*H*W
         if not ctx.train:
             inv = 1 / xp.sqrt(p["running_var"] + x.dtype.type(self.eps))  # (C,)
-            scale = (p["gamma"] * inv).reshape(shape)
-            return (x - p["running_mean"].reshape(shape)) * scale + p["beta"].reshape(shape)
-        count = xp.asarray([x.size // x.shape[1]], dtype=x.dtype)
-        total, count = self._sum([x.sum(axis=axes), count], ctx)  # (C,), (1,)
+            scale = p["gamma"] * inv
+            y = rows * scale[:, None]
+            y += (p["beta"] - p["running_mean"] * scale)[:, None]
+            return self._shaped(y, x)
+        count = xp.asarray([rows.shape[1]], dtype=x.dtype)
+        total, count = self._sum([rows.sum(axis=1), count], ctx)  # (C,), (1,)
         mean = total / count  # (C,)
-        centered = x - mean.reshape(shape)  # (B, C, H, W)
-        (square,) = self._sum([(centered * centered).sum(axis=axes)], ctx)  # (C,)
+        # the centred input, kept for backward in a working array: two passes (mean, then
+        # the centred squares) keep the variance exact where the mean dwarfs the spread
+        centered = self.scratch("centered", rows.shape, x.dtype, xp)
+        xp.subtract(rows, mean[:, None], out=centered)  # (C, M)
+        (square,) = self._sum([_row_dots(centered, centered)], ctx)  # (C,)
         var = square / count  # biased: normalises the batch
-        self.n = count
-        self.inv = (1 / xp.sqrt(var + x.dtype.type(self.eps))).reshape(shape)  # (1, C, 1, 1)
-        self.xhat = centered * self.inv
+        inv = 1 / xp.sqrt(var + x.dtype.type(self.eps))  # (C,)
+        self.n, self.inv, self.centered = count, inv, centered
         m = x.dtype.type(self.momentum)
         unbiased = square / xp.maximum(count - 1, 1)
         self.new_stats = ((1 - m) * p["running_mean"] + m * mean,
                           (1 - m) * p["running_var"] + m * unbiased)
-        y = self.xhat * p["gamma"].reshape(shape)
-        y += p["beta"].reshape(shape)
-        return y
+        y = xp.multiply(centered, (p["gamma"] * inv)[:, None])  # (C, M), fresh
+        y += p["beta"][:, None]
+        return self._shaped(y, x)
 
     def backward(self, p, g, dy, ctx, need_dx=True):
-        axes, shape = self._axes_and_shape(dy)
-        xhat, inv, n = self.xhat, self.inv, self.n
-        self.xhat = self.inv = None
+        xp = get_array_module(dy)
+        centered, inv, n = self.centered, self.inv, self.n
+        self.centered = self.inv = None
         g["running_mean"][...], g["running_var"][...] = self.new_stats
-        dyx = (dy * xhat).sum(axis=axes)  # (C,), this rank's share
-        dyy = dy.sum(axis=axes)
-        g["gamma"][...] = dyx
+        rows = self._rows(dy)  # (C, M)
+        dyc = _row_dots(rows, centered)  # (C,): sum of dy * (x - mean), this rank's share
+        dyy = rows.sum(axis=1)  # (C,)
+        g["gamma"][...] = dyc * inv  # sum of dy * xhat
         g["beta"][...] = dyy
         if not need_dx:
             return None
-        dyx, dyy = self._sum([dyx, dyy], ctx)  # the global batch's sums when synchronised
-        # dx = gamma * inv * (dy - mean(dy) - xhat * mean(dy * xhat)), in one working array
-        dx = xhat * (dyx / n).reshape(shape)  # (B, C, H, W)
-        xp = get_array_module(dy)
-        xp.subtract(dy, dx, out=dx)
-        dx -= (dyy / n).reshape(shape)
-        dx *= p["gamma"].reshape(shape) * inv  # (1, C, 1, 1)
-        return dx
+        dyc, dyy = self._sum([dyc, dyy], ctx)  # the global batch's sums when synchronised
+        # dx = gamma inv (dy - mean(dy) - xhat mean(dy xhat)), xhat = centered inv:
+        #    = a dy + b centered + c per channel, two passes over (C, M)
+        a = p["gamma"] * inv  # (C,)
+        b = -a * inv * inv * dyc / n
+        c = -a * dyy / n
+        dx = xp.multiply(centered, b[:, None])  # (C, M), fresh
+        dx += c[:, None]
+        dx += rows * a[:, None]
+        return self._shaped(dx, dy)
+
+
+def _row_dots(a, b):
+    """The dot product of each row of a and b (C, M) -> (C,), without an (C, M) temporary."""
+    return (a[:, None, :] @ b[:, :, None]).reshape(-1)
