@@ -42,7 +42,7 @@ def torch_copy(model: Sequential, flat: np.ndarray):
     and buffer orders agree layer by layer (conv W, b; gamma, beta, running mean and var)."""
     from mpifed.benchmarks.peers import torch_resnet
 
-    peer = torch_resnet(8, SHAPE[0], CLASSES).double().float()
+    peer = torch_resnet(8, SHAPE[0], CLASSES)
     ours = [a for views in model.param_views(flat) for a in views.values()]
     state = {k: v for k, v in peer.state_dict().items() if not k.endswith("num_batches_tracked")}
     assert len(ours) == len(state)

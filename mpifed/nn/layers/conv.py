@@ -16,6 +16,12 @@ elements where a batch-first layout moves rows of OW (10-28 on LeNet-5's images)
 strided slices likewise run over the batch. On the host the output rows go through in chunks
 whose columns fit in cache (COLUMN_BYTES), each copied and multiplied while hot; on a GPU in
 one piece. Only xp operations: CuPy takes the same path (im2col and cuBLAS).
+
+A stride-1 convolution that keeps the image size (padding (K-1)/2: a ResNet's 3x3 layers) runs
+its backward from the columns of the output gradient instead (`_backward_same`): the input
+gradient is a convolution of dy with the flipped kernel, and the weight gradient the product
+of the same columns with the input, so both GEMMs run over K*K*O-long or pixel-long inner
+products, where the column form's input-gradient GEMM has only O and then a col2im.
 """
 
 from __future__ import annotations
@@ -148,9 +154,11 @@ class Conv2d(Layer):
         return max(1, min(oh, COLUMN_BYTES // per_row))
 
     def _same(self) -> bool:
-        """Stride 1 and padding (K-1)/2: the output has the input's size, and the backward
-        runs as two forward-shaped GEMMs over the output gradient's columns."""
-        return self.stride == 1 and 2 * self.padding == self.kernel - 1
+        """Stride 1 and padding (K-1)/2 (the output has the input's size) and at most twice
+        the input's channels out: then the backward runs as two forward-shaped GEMMs over the
+        output gradient's columns, which are no more than twice the input's."""
+        return (self.stride == 1 and 2 * self.padding == self.kernel - 1
+                and self.out <= 2 * self.in_shape[0])
 
     def _columns(self, xt, lo: int, hi: int, out):
         """The column matrix (C*KH*KW, (hi-lo)*OW*B) of output rows lo..hi of the padded
@@ -191,7 +199,7 @@ class Conv2d(Layer):
         o = self.out
         dy2 = dy.transpose(1, 2, 3, 0).reshape(o, -1)  # (O, OH*OW*B), a view if batch-last
         dy2.sum(axis=1, out=g["b"])  # (O,)
-        if need_dx and self.x is not None and self.out <= 2 * self.in_shape[0]:
+        if need_dx and self.x is not None:
             dx = self._backward_same(p, g, dy, xp)
         else:
             dx = self._backward_columns(p, g, dy2, xp, need_dx)
