@@ -1,12 +1,12 @@
-"""Convnet training throughput: mpifed against PyTorch DDP on LeNet-5 and ResNet-8.
+"""Convnet training throughput: mpifed against PyTorch DDP on LeNet-5, ResNet-8 and ResNet-20.
 
-    python bench/cnn_throughput.py [--ranks 1 2] [--steps 60] [--models lenet5 resnet8]
+    python bench/cnn_throughput.py [--ranks 1 2] [--steps 60] [--models lenet5 resnet8 resnet20]
     mpifed bench cnn [...]                                          (the same)
     mpifed bench cnn --backend cupy                 (on GPUs: CuPy against PyTorch CUDA)
     mpifed bench cnn --warmup 10 --records runs.jsonl  (harness records, JSON Lines)
 
-Models: the `lenet5` preset on 1x28x28 images and the `resnet` preset with depth 8 on 3x32x32
-(He et al.'s CIFAR ResNet), 10 classes, float32, batch 64 per rank, SGD with momentum, on the
+Models: the `lenet5` preset on 1x28x28 images and the `resnet` preset with depth 8 and 20 on
+3x32x32 (He et al.'s CIFAR ResNet), 10 classes, float32, batch 64 per rank, SGD with momentum, on the
 image-shaped synthetic data of `mpifed data synth --shape` (each rank its shard). The peer
 builds the same layers in torch (peers.torch_lenet5, peers.torch_resnet) and trains them with
 DistributedDataParallel: over gloo on CPUs with one thread per rank (ours: one BLAS thread per
@@ -14,8 +14,9 @@ rank; "ours-overlap" sets comm.overlap, as DDP overlaps its buckets), over NCCL 
 implementation runs under the same mpiexec in turn and is timed by the one harness (harness.py):
 --warmup steps, a barrier, then --steps timed steps ending in a barrier (and a device
 synchronise on GPUs), ours (`mpifed train`'s step, ours.py) and torch alike; repeats alternate
-and the best is kept. The table gives samples/s and
-ours / torch, measured in the same run.
+and the best is kept. The table gives samples/s and ours / torch, measured in the same run: of
+the best runs, and the median over the repeats of each repeat's ratio (a busy host disturbs one
+repeat's pair alike, the best of each side may come from different moments).
 
 After the table (unless --no-breakdown), one rank's forward and backward time per layer type
 (mpifed.nn.layers.profile; CPU time on the host, which a busy machine disturbs less than wall
@@ -57,6 +58,7 @@ CLASSES = 10
 MODELS = {  # name -> ([model] section, input shape (C, H, W))
     "lenet5": ({"kind": "lenet5"}, (1, 28, 28)),
     "resnet8": ({"kind": "resnet", "depth": 8}, (3, 32, 32)),
+    "resnet20": ({"kind": "resnet", "depth": 20}, (3, 32, 32)),
 }
 THREADS = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                   "MPIFED_BLAS_THREADS")}
@@ -69,7 +71,7 @@ def torch_model(name: str, device=None):
     shape = MODELS[name][1]
     if name == "lenet5":
         return torch_lenet5(shape, CLASSES, device)
-    return torch_resnet(8, shape[0], CLASSES, device)
+    return torch_resnet(MODELS[name][0]["depth"], shape[0], CLASSES, device)
 
 
 @contextmanager
@@ -266,6 +268,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
                         help="numpy: CPUs against torch CPU/gloo; cupy: GPUs against CUDA/NCCL")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch DDP peer")
+    parser.add_argument("--no-overlap", action="store_true",
+                        help="skip ours-overlap (comm.overlap), which halves nothing on CPUs")
     parser.add_argument("--no-breakdown", action="store_true",
                         help="skip the per-layer-type forward/backward times")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
@@ -284,7 +288,7 @@ def main(argv=None) -> int:
         print("# skipped: --backend cupy needs CuPy and a CUDA device (pip install mpifed[gpu] "
               "on a GPU machine)")
         return 0
-    impls = ["ours", "ours-overlap"]
+    impls = ["ours"] + ([] if args.no_overlap else ["ours-overlap"])
     impls += [] if args.no_torch or not torch_ready(args.backend) else ["torch"]
     ranks_list = usable_ranks(args.ranks, args.backend)
     with tempfile.TemporaryDirectory() as tmp:
@@ -298,7 +302,7 @@ def main(argv=None) -> int:
                                      os.path.join(tmp, "out"), args.backend)
                         runs.setdefault((name, impl, ranks), []).append(got)
     best = {key: max(got, key=lambda g: g["samples_per_s"]) for key, got in runs.items()}
-    print_table(best, impls, args.models, ranks_list, args.backend)
+    print_table(best, impls, args.models, ranks_list, args.backend, median_ratios(runs))
     breakdowns = {}
     if not args.no_breakdown:
         for name in args.models:
@@ -371,8 +375,19 @@ def usable_ranks(ranks_list: list[int], backend: str) -> list[int]:
     return [r for r in ranks_list if r <= gpus]
 
 
+def median_ratios(runs: dict) -> dict:
+    """{(model, impl, ranks): the median over repeats of ours / torch within each repeat}."""
+    out = {}
+    for (name, impl, ranks), got in runs.items():
+        peer = runs.get((name, "torch", ranks))
+        if peer and impl != "torch":
+            out[(name, impl, ranks)] = float(np.median(
+                [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(got, peer)]))
+    return out
+
+
 def print_table(best: dict, impls: list[str], models: list[str], ranks_list: list[int],
-                backend: str) -> None:
+                backend: str, medians: dict | None = None) -> None:
     """Print the best run of each model, implementation and rank count."""
     where = "GPU, CuPy vs torch CUDA/NCCL" if backend == "cupy" else \
         "CPU, 1 BLAS thread per rank, torch DDP over gloo"
@@ -384,6 +399,7 @@ def print_table(best: dict, impls: list[str], models: list[str], ranks_list: lis
                 row = dict(best[(name, impl, ranks)], model=name, impl=impl, ranks=ranks)
                 row["ratio"] = (row["samples_per_s"] / peer["samples_per_s"]
                                 if peer and impl.startswith("ours") else None)
+                row["median"] = (medians or {}).get((name, impl, ranks))
                 rows.append(row)
     table(COLUMNS, rows, f"convnets, batch {BATCH}/rank, float32, {where} (best of the repeats)")
 
@@ -396,6 +412,7 @@ COLUMNS = [
     Column("comm %", 7, lambda r: "" if r["comm_fraction"] is None
            else f"{100 * r['comm_fraction']:.1f}"),
     Column("ours/torch", 10, lambda r: "" if r["ratio"] is None else f"{r['ratio']:.2f}x"),
+    Column("median", 7, lambda r: "" if r.get("median") is None else f"{r['median']:.2f}x"),
 ]
 
 

@@ -111,6 +111,23 @@ def test_conv2d_backward_every_path(kernel, stride, padding, shape, chunked, mon
     assert layer._chunk(np, 3, 8) == (1 if chunked else layer.out_shape[1])
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("kernel,padding,channels,out", [(3, 1, 6, 6), (3, 1, 5, 10),
+                                                         (5, 2, 3, 4), (1, 0, 4, 2)])
+def test_conv2d_backward_same_from_output_columns(kernel, padding, channels, out, chunked,
+                                                  monkeypatch):
+    """Stride-1 `same` convolutions (output no wider than twice the input): the backward from
+    the output gradient's columns, in one chunk and one output row per chunk."""
+    from mpifed.nn.layers import conv
+
+    if chunked:
+        monkeypatch.setattr(conv, "WHOLE_BYTES", 0)
+        monkeypatch.setattr(conv, "COLUMN_BYTES", 1)
+    layer = Conv2d(out, kernel, 1, padding)
+    check_layer(layer, (channels, 4, 5), batch=2)
+    assert layer._same() and layer.out <= 2 * channels
+
+
 @pytest.mark.parametrize("stride,chunked", [(2, False), (1, False), (2, True), (1, True)])
 def test_conv2d_forward_equals_direct_loops(stride, chunked, monkeypatch):
     from mpifed.nn.layers import conv
@@ -359,7 +376,7 @@ def test_layers_use_only_xp_operations():
     assert found == {}
 
 
-@pytest.mark.parametrize("name", ["lenet5", "resnet8"])
+@pytest.mark.parametrize("name", ["lenet5", "resnet8", "resnet20"])
 def test_benchmark_peers_build_the_presets(name):
     """The convnet benchmark's torch peers have the presets' trained arrays, one for one."""
     pytest.importorskip("torch")

@@ -16,6 +16,12 @@ elements where a batch-first layout moves rows of OW (10-28 on LeNet-5's images)
 strided slices likewise run over the batch. On the host the output rows go through in chunks
 whose columns fit in cache (COLUMN_BYTES), each copied and multiplied while hot; on a GPU in
 one piece. Only xp operations: CuPy takes the same path (im2col and cuBLAS).
+
+A stride-1 convolution that keeps the image size (padding (K-1)/2: a ResNet's 3x3 layers) runs
+its backward from the columns of the output gradient instead (`_backward_same`): the input
+gradient is a convolution of dy with the flipped kernel, and the weight gradient the product
+of the same columns with the input, so both GEMMs run over K*K*O-long or pixel-long inner
+products, where the column form's input-gradient GEMM has only O and then a col2im.
 """
 
 from __future__ import annotations
@@ -133,17 +139,26 @@ class Conv2d(Layer):
         return {"out": self.out, "kernel": self.kernel, "stride": self.stride,
                 "padding": self.padding}
 
-    def _chunk(self, xp, batch: int, itemsize: int) -> int:
+    def _chunk(self, xp, batch: int, itemsize: int, channels: int | None = None) -> int:
         """Output rows per column chunk: on the host, all when the column matrix is small
         (WHOLE_BYTES), else as many as keep a chunk's columns within COLUMN_BYTES (they stay in
-        cache between their copy and their GEMM, and backward rebuilds them); on a GPU, all."""
+        cache between their copy and their GEMMs); on a GPU, all. channels: the columns'
+        channels (the input's; the output's for the backward of a `same` convolution)."""
         _, oh, ow = self.out_shape
         if xp is not np:
             return oh
-        per_row = self.in_shape[0] * self.kernel ** 2 * ow * batch * itemsize
+        channels = self.in_shape[0] if channels is None else channels
+        per_row = channels * self.kernel ** 2 * ow * batch * itemsize
         if per_row * oh <= WHOLE_BYTES:
             return oh
         return max(1, min(oh, COLUMN_BYTES // per_row))
+
+    def _same(self) -> bool:
+        """Stride 1 and padding (K-1)/2 (the output has the input's size) and at most twice
+        the input's channels out: then the backward runs as two forward-shaped GEMMs over the
+        output gradient's columns, which are no more than twice the input's."""
+        return (self.stride == 1 and 2 * self.padding == self.kernel - 1
+                and self.out <= 2 * self.in_shape[0])
 
     def _columns(self, xt, lo: int, hi: int, out):
         """The column matrix (C*KH*KW, (hi-lo)*OW*B) of output rows lo..hi of the padded
@@ -164,31 +179,76 @@ class Conv2d(Layer):
         n = self._chunk(xp, b, x.dtype.itemsize)
         store = self.scratch("col", (c * k * k * n * ow * b,), x.dtype, xp)
         w2 = p["W"].reshape(o, -1)  # (O, C*KH*KW)
+        bias = p["b"][:, None]  # (O, 1)
         y = xp.empty((o, oh * ow * b), dtype=x.dtype)
         row = ow * b  # columns per output row
         for lo in range(0, oh, n):
             hi = min(oh, lo + n)
             col = self._columns(xt, lo, hi, store)  # (C*KH*KW, (hi-lo)*OW*B)
-            xp.matmul(w2, col, out=y[:, lo * row:hi * row])  # the GEMM
-        y += p["b"][:, None]
-        # backward needs the columns: kept when one chunk held them all, else rebuilt from xt
+            part = y[:, lo * row:hi * row]  # (O, (hi-lo)*OW*B)
+            xp.matmul(w2, col, out=part)  # the GEMM
+            part += bias  # while the chunk is in cache
+        # backward needs the input (a `same` convolution's) or the columns (kept when one
+        # chunk held them all, else rebuilt from xt)
+        self.x = x if self._same() else None  # the `same` backward's input, when it applies
         self.xt, self.col = xt, (col if n >= oh else None)
         return y.reshape(o, oh, ow, b).transpose(3, 0, 1, 2)  # (B, O, OH, OW) view
 
     def backward(self, p, g, dy, ctx, need_dx=True):
         xp = get_array_module(dy)
+        o = self.out
+        dy2 = dy.transpose(1, 2, 3, 0).reshape(o, -1)  # (O, OH*OW*B), a view if batch-last
+        sum_into(dy2, 1, g["b"])  # (O,), in float32 for half-precision dy
+        if need_dx and self.x is not None and dy.dtype.itemsize >= 4:  # half: columns, f32 sums
+            dx = self._backward_same(p, g, dy, xp)
+        else:
+            dx = self._backward_columns(p, g, dy2, xp, need_dx)
+        self.x = self.xt = self.col = None
+        return dx
+
+    def _backward_same(self, p, g, dy, xp):
+        """The backward of a stride-1 `same` convolution from the columns of dy padded by
+        q = K-1-pad (the transposed convolution is a convolution with the flipped kernel):
+
+            dx (C, H*W*B)    = W' (C, O*K*K) @ dcol (O*K*K, H*W*B),  W'[c, o,i,j] = W[o,c,K-1-i,K-1-j]
+            G  (O*K*K, C)    = dcol @ x^T,                            dW[o,c,i,j] = G[o,K-1-i,K-1-j, c]
+
+        Both products have K = O*K*K or the pixel count as their inner length (the column
+        form's dx product has only O), and no col2im: dx comes out batch-last in one piece."""
+        k, o = self.kernel, self.out
+        c, h, w = self.in_shape
+        b, q = self.batch, self.kernel - 1 - self.padding
+        x, dtype = self.x.transpose(1, 2, 3, 0), dy.dtype  # (C, H, W, B)
+        buf = self.scratch("dpad", (o, h + 2 * q, w + 2 * q, b), dtype, xp, zeroed=True)
+        dyt = padded(dy.transpose(1, 2, 3, 0), q, buf)  # (O, H+2q, W+2q, B)
+        wflip = p["W"][:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(c, -1)  # (C, O*K*K)
+        n = self._chunk(xp, b, dtype.itemsize, o)
+        store = self.scratch("col", (o * k * k * n * w * b,), dtype, xp)
+        dx = xp.empty((c, h * w * b), dtype=dtype)
+        gk = None
+        row = w * b
+        for lo in range(0, h, n):
+            hi = min(h, lo + n)
+            col = copy_columns(windows(dyt[:, lo:hi - 1 + k], k, k, 1), store)  # (O*K*K, n*W*B)
+            xp.matmul(wflip, col, out=dx[:, lo * row:hi * row])
+            part = xp.matmul(col, x[:, lo:hi].reshape(c, -1).T)  # (O*K*K, C)
+            gk = part if gk is None else xp.add(gk, part, out=gk)
+        g["W"][...] = gk.reshape(o, k, k, c)[:, ::-1, ::-1].transpose(0, 3, 1, 2)
+        return dx.reshape(c, h, w, b).transpose(3, 0, 1, 2)  # (B, C, H, W) view
+
+    def _backward_columns(self, p, g, dy2, xp, need_dx):
+        """The backward from the input's columns (kept or rebuilt): dW = dy2 @ col^T, and dx
+        by col2im of W^T @ dy2 (any stride and padding)."""
         k, o, pad, s = self.kernel, self.out, self.padding, self.stride
         c, h, w = self.in_shape
         _, oh, ow = self.out_shape
         b = self.batch
-        xt, col, self.xt, self.col = self.xt, self.col, None, None
-        dy2 = dy.transpose(1, 2, 3, 0).reshape(o, -1)  # (O, OH*OW*B), a view if batch-last
-        sum_into(dy2, 1, g["b"])  # (O,)
+        xt, col = self.xt, self.col
         gw, w2 = g["W"].reshape(o, -1), p["W"].reshape(o, -1)  # (O, C*KH*KW)
-        dxt = xp.zeros((c, h + 2 * pad, w + 2 * pad, b), dtype=dy.dtype) if need_dx else None
-        n = oh if col is not None else self._chunk(xp, b, dy.dtype.itemsize)
+        dxt = xp.zeros((c, h + 2 * pad, w + 2 * pad, b), dtype=dy2.dtype) if need_dx else None
+        n = oh if col is not None else self._chunk(xp, b, dy2.dtype.itemsize)
         store = None if col is not None else self.scratch(
-            "col", (c * k * k * n * ow * b,), dy.dtype, xp)
+            "col", (c * k * k * n * ow * b,), dy2.dtype, xp)
         row = ow * b
         for lo in range(0, oh, n):
             hi = min(oh, lo + n)

@@ -89,11 +89,19 @@ class BatchNorm2d(Layer):
         p["gamma"][...] = 1.0
         p["running_var"][...] = 1.0
 
-    def _axes_and_shape(self, x):
-        """The reduced axes and the broadcast shape of a per-channel vector."""
-        if x.ndim == 4:
-            return (0, 2, 3), (1, x.shape[1], 1, 1)
-        return (0,), (1, x.shape[1])
+    def _rows(self, x):
+        """x (B, C, H, W) or (B, C) as per-channel rows (C, B*H*W): a view when x is laid out
+        batch-last ((C, H, W, B) in memory, as the convolutions leave it), else a copy."""
+        xp = get_array_module(x)
+        t = x.transpose(1, 2, 3, 0) if x.ndim == 4 else x.T  # (C, H, W, B) or (C, B)
+        return xp.ascontiguousarray(t).reshape(x.shape[1], -1)
+
+    def _shaped(self, rows, like):
+        """Rows (C, M) back as an array shaped `like` (B, C, H, W) or (B, C), batch-last."""
+        if like.ndim == 4:
+            b, c, h, w = like.shape
+            return rows.reshape(c, h, w, b).transpose(3, 0, 1, 2)
+        return rows.T
 
     def _sum(self, parts, ctx):
         """Sum per-channel arrays (and counts) over the ranks when synchronised."""
@@ -110,13 +118,68 @@ class BatchNorm2d(Layer):
 
     def forward(self, p, x, ctx):
         xp = get_array_module(x)
-        axes, shape = self._axes_and_shape(x)
+        rows = self._rows(x)  # (C, M), M = B*H*W
         if not ctx.train:
             inv = 1 / xp.sqrt(p["running_var"] + x.dtype.type(self.eps))  # (C,)
-            scale = (p["gamma"] * inv).reshape(shape)
-            return (x - p["running_mean"].reshape(shape)) * scale + p["beta"].reshape(shape)
-        # statistics in float32 for half-precision x (acc_sum), the normalised x in x's dtype
-        total = acc_sum(x, axes)  # (C,)
+            scale = p["gamma"] * inv
+            y = rows * scale[:, None]
+            y += (p["beta"] - p["running_mean"] * scale)[:, None]
+            return self._shaped(y, x)
+        self.half = x.dtype.itemsize < 4  # fp16/bf16: statistics in float32 (fp16 overflows)
+        if self.half:
+            return self._forward_half(p, x, ctx)
+        count = xp.asarray([rows.shape[1]], dtype=x.dtype)
+        total, count = self._sum([rows.sum(axis=1), count], ctx)  # (C,), (1,)
+        mean = total / count  # (C,)
+        # the centred input, kept for backward in a working array: two passes (mean, then
+        # the centred squares) keep the variance exact where the mean dwarfs the spread
+        centered = self.scratch("centered", rows.shape, x.dtype, xp)
+        xp.subtract(rows, mean[:, None], out=centered)  # (C, M)
+        (square,) = self._sum([_row_dots(centered, centered)], ctx)  # (C,)
+        var = square / count  # biased: normalises the batch
+        inv = 1 / xp.sqrt(var + x.dtype.type(self.eps))  # (C,)
+        self.n, self.inv, self.centered = count, inv, centered
+        m = x.dtype.type(self.momentum)
+        unbiased = square / xp.maximum(count - 1, 1)
+        self.new_stats = ((1 - m) * p["running_mean"] + m * mean,
+                          (1 - m) * p["running_var"] + m * unbiased)
+        y = xp.multiply(centered, (p["gamma"] * inv)[:, None])  # (C, M), fresh
+        y += p["beta"][:, None]
+        return self._shaped(y, x)
+
+    def backward(self, p, g, dy, ctx, need_dx=True):
+        if getattr(self, "half", False):  # as the forward went (bf16 matmuls may return fp32 dy)
+            return self._backward_half(p, g, dy, ctx, need_dx)
+        xp = get_array_module(dy)
+        centered, inv, n = self.centered, self.inv, self.n
+        self.centered = self.inv = None
+        g["running_mean"][...], g["running_var"][...] = self.new_stats
+        rows = self._rows(dy)  # (C, M)
+        dyc = _row_dots(rows, centered)  # (C,): sum of dy * (x - mean), this rank's share
+        dyy = rows.sum(axis=1)  # (C,)
+        g["gamma"][...] = dyc * inv  # sum of dy * xhat
+        g["beta"][...] = dyy
+        if not need_dx:
+            return None
+        dyc, dyy = self._sum([dyc, dyy], ctx)  # the global batch's sums when synchronised
+        # dx = gamma inv (dy - mean(dy) - xhat mean(dy xhat)), xhat = centered inv:
+        #    = a dy + b centered + c per channel, two passes over (C, M)
+        a = p["gamma"] * inv  # (C,)
+        b = -a * inv * inv * dyc / n
+        c = -a * dyy / n
+        dx = xp.multiply(centered, b[:, None])  # (C, M), fresh
+        dx += c[:, None]
+        dx += rows * a[:, None]
+        return self._shaped(dx, dy)
+
+
+    def _forward_half(self, p, x, ctx):
+        """Training forward of half-precision x (mixed precision; correctness on CPU): the
+        sums in float32 (`acc_sum`), the normalised x in x's dtype."""
+        xp = get_array_module(x)
+        axes = (0, 2, 3) if x.ndim == 4 else (0,)
+        shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
+        total = acc_sum(x, axes)  # (C,) float32
         count = xp.asarray([x.size // x.shape[1]], dtype=total.dtype)
         total, count = self._sum([total, count], ctx)  # (C,), (1,)
         mean = total / count  # (C,)
@@ -135,8 +198,10 @@ class BatchNorm2d(Layer):
         y += p["beta"].reshape(shape)
         return y
 
-    def backward(self, p, g, dy, ctx, need_dx=True):
-        axes, shape = self._axes_and_shape(dy)
+    def _backward_half(self, p, g, dy, ctx, need_dx):
+        """The backward of `_forward_half`: sums in float32, dx in dy's dtype."""
+        axes = (0, 2, 3) if dy.ndim == 4 else (0,)
+        shape = (1, dy.shape[1]) + (1,) * (dy.ndim - 2)
         xhat, inv, n = self.xhat, self.inv, self.n
         self.xhat = self.inv = None
         g["running_mean"][...], g["running_var"][...] = self.new_stats
@@ -154,3 +219,8 @@ class BatchNorm2d(Layer):
         dx -= (dyy / n).astype(dy.dtype, copy=False).reshape(shape)
         dx *= p["gamma"].reshape(shape) * inv  # (1, C, 1, 1)
         return dx
+
+
+def _row_dots(a, b):
+    """The dot product of each row of a and b (C, M) -> (C,), without an (C, M) temporary."""
+    return (a[:, None, :] @ b[:, :, None]).reshape(-1)
