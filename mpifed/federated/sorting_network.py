@@ -107,23 +107,22 @@ def order_statistics(rows, wanted):
     return out
 
 
-def _compare_by_key(keys, values, comparators, spares) -> None:
-    """Apply the comparators to `values` ordered by `keys` (lists of rows, permuted in place);
-    spares: a key row, a value row and a bool row of scratch."""
-    xp = get_array_module(spares[0])
-    key_spare, value_spare, swap = spares
+def _compare_by_key(keys, values, comparators, mask, scratch) -> None:
+    """Apply the comparators to `values` ordered by `keys`, in place: rows of signed integers
+    holding the bits of non-negative floats (which order as the floats do) and of the values.
+    Branch-free, as a select on a random mask is 30-100x slower in NumPy: mask is all ones
+    where key_j < key_i (the sign of key_j - key_i, which cannot overflow), and a conditional
+    swap is t = (a ^ b) & mask, a ^= t, b ^= t. mask, scratch: integer rows of scratch."""
+    xp = get_array_module(mask)
+    sign = 8 * mask.dtype.itemsize - 1
     for i, j, low, high in comparators:
-        xp.less(keys[j], keys[i], out=swap)  # swap where j's key is smaller
-        if high:
-            xp.copyto(value_spare, values[j])
-            xp.copyto(value_spare, values[i], where=swap)  # the value of the larger key
-            xp.maximum(keys[i], keys[j], out=key_spare)
-        if low:
-            xp.copyto(values[i], values[j], where=swap)
-            xp.minimum(keys[i], keys[j], out=keys[i])
-        if high:
-            keys[j], key_spare = key_spare, keys[j]
-            values[j], value_spare = value_spare, values[j]
+        xp.right_shift(xp.subtract(keys[j], keys[i], out=mask), sign, out=mask)
+        for rows in (keys, values):
+            xp.bitwise_and(xp.bitwise_xor(rows[i], rows[j], out=scratch), mask, out=scratch)
+            if low:
+                xp.bitwise_xor(rows[i], scratch, out=rows[i])
+            if high:
+                xp.bitwise_xor(rows[j], scratch, out=rows[j])
 
 
 def nearest_values(rows, center, count_nearest: int):
@@ -144,19 +143,19 @@ def nearest_values(rows, center, count_nearest: int):
     dtype = xp.result_type(*rows)
     out = xp.empty((count_nearest, n), dtype=dtype)
     width = _block_width(rows[0], n)
-    work = xp.empty((2 * count + 2, width), dtype=dtype)  # values, spare, keys, spare
-    swap = xp.empty(width, dtype=bool)
+    work = xp.empty((2 * count + 2, width), dtype=dtype)  # values, keys, 2 rows of scratch
+    bits = work.view(f"i{work.dtype.itemsize}")  # the same memory as integers
+    out_bits = out.view(bits.dtype)
     for start in range(0, n, width):
         stop = min(n, start + width)
         w = stop - start
         values = _load(work, rows, start, stop)
-        keys = [work[count + 1 + k, :w] for k in range(count)]
-        for key, value in zip(keys, values):
+        for k, value in enumerate(values):
+            key = work[count + k, :w]
             xp.abs(xp.subtract(value, center[start:stop], out=key), out=key)
-        if bool(xp.isnan(work[count + 1:2 * count + 1, :w]).any()):  # a NaN, or inf - inf
+        if bool(xp.isnan(work[count:2 * count, :w]).any()):  # a NaN, or inf - inf
             return None
-        _compare_by_key(keys, values, comparators, (work[2 * count + 1, :w], work[count, :w],
-                                                    swap[:w]))
-        for r in range(count_nearest):
-            out[r, start:stop] = values[r]
+        _compare_by_key(list(bits[count:2 * count, :w]), list(bits[:count, :w]), comparators,
+                        bits[2 * count, :w], bits[2 * count + 1, :w])
+        out_bits[:, start:stop] = bits[:count_nearest, :w]
     return out
