@@ -140,9 +140,9 @@ def nearest_values(rows, center, count_nearest: int):
     argsort's. With the median of an even K as center, the two middle values often are (a
     tenth of the columns for random data), but they are the two nearest, ranks 0 and 1, so a
     mean over rows 0.. sums them first and a + b = b + a is exact. Any other tie needs two
-    distances that round to the same float: rare, not impossible (in float32, one column of
-    535,818 at K = 7 in bench/federated_goals.py's cost case); at the last wanted rank it
-    picks another value than argsort, whose order for ties NumPy leaves unspecified."""
+    distances that round to the same float: rare, not impossible (one column of 535,818 for
+    7 random float32 models); at the last wanted rank it may pick another value than argsort,
+    whose order for ties NumPy leaves unspecified."""
     xp = get_array_module(rows[0])
     count, n = len(rows), rows[0].shape[0]
     comparators = network(count, tuple(range(count_nearest)))
