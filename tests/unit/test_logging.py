@@ -131,6 +131,10 @@ ALLOWED_PRINTS = {
     "benchmarks/scaling.py": "a scaling point's CSV row on stdout",
     "benchmarks/scaling_suite.py": "the scaling suite's table on stdout",
     "benchmarks/train_throughput.py": "a benchmark's table and JSON rows on stdout",
+    "benchmarks/compression_link.py": "a benchmark's table, JSON rows and a failed launch's "
+                                      "stderr on stdout; a bad --rate on stderr",
+    "shaped_link.py": "the shaped-link wrapper's one error line (it runs before any logging "
+                      "is set up, around a foreign command)",
 }
 
 
