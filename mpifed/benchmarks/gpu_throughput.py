@@ -22,7 +22,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 
-from ..launch import mpiexec_path
+from ..launch import mpiexec_command
 from .harness import (
     WARMUP,
     Column,
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
                 continue
             got = {}
             for impl in impls:
-                cmd = [mpiexec_path(), "-n", str(ranks), sys.executable, "-m",
+                cmd = [*mpiexec_command(ranks), sys.executable, "-m",
                        "mpifed.benchmarks.gpu_throughput", "--worker", impl,
                        "--data", data, "--steps", str(args.steps), "--warmup",
                        str(args.warmup), "--batch", str(args.batch),
