@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import os
 import re
 import shutil
 import subprocess
@@ -22,11 +23,16 @@ STDERR_TAIL = 12  # lines of a failed launcher's stderr repeated in the error
 
 
 def mpiexec_path() -> str:
-    """Return the mpiexec beside this Python (the PyPI MPICH wheel's), else the one on PATH.
+    """Return MPIFED_MPIEXEC when set, else the mpiexec beside this Python (the PyPI MPICH
+    wheel's), else the one on PATH.
 
     The one beside the interpreter matches the mpi4py this Python imports; a site's mpiexec on
     PATH is the fallback, and a bare "mpiexec" lets the error name the missing program.
+    MPIFED_MPIEXEC names another (`mpirun.openmpi` where Debian has both MPIs).
     """
+    forced = os.environ.get("MPIFED_MPIEXEC")
+    if forced:
+        return shutil.which(forced) or forced
     local = Path(sys.executable).with_name("mpiexec")
     return str(local) if local.exists() else (shutil.which("mpiexec") or "mpiexec")
 
