@@ -60,11 +60,13 @@ test-multinode: install
 # built against it (mpicc.openmpi) and an mpiexec link to its launcher; every other package
 # comes from $(VENV) through a .pth file read after its own site-packages (no second torch).
 # Root may run Open MPI only when told; 4 ranks on a 2-core machine need oversubscription;
-# vader's single-copy mode needs ptrace rights that containers often lack.
+# vader's single-copy mode needs ptrace rights that containers often lack; idle ranks yield the
+# core (CI machines are shared).
 OMPI_VENV ?= .venv-openmpi
 OMPI_PY := $(OMPI_VENV)/bin/python
 OMPI_ENV := OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
-            OMPI_MCA_rmaps_base_oversubscribe=1 OMPI_MCA_btl_vader_single_copy_mechanism=none
+            OMPI_MCA_rmaps_base_oversubscribe=1 OMPI_MCA_btl_vader_single_copy_mechanism=none \
+            OMPI_MCA_mpi_yield_when_idle=1
 test-openmpi: install
 	@if ! command -v mpicc.openmpi >/dev/null || ! command -v mpiexec.openmpi >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

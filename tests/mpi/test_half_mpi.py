@@ -98,3 +98,26 @@ def test_wire_views_only_16_bit_floats():
     for dtype in ("float32", "float64", "int32", "int64", "int16", "uint16"):
         array = np.zeros(3, dtype)
         assert wire(array) is array
+
+
+@pytest.mark.mpi(min_size=2)
+def test_bfloat16_sums_on_two_ranks_through_the_ring_and_mpi(pair):
+    """bfloat16 (ml_dtypes) has no MPI type anywhere: the raw words and our adds carry it."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    if pair is None:
+        return
+    from mpifed.comm.ring import allgather_steps, chunk_bounds, reduce_scatter_steps, ring_order
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    mine, other = (halves(20_001, r).astype(np.float32).astype(bf16) for r in
+                   (pair.rank, 1 - pair.rank))
+    by_hand = (mine.astype(np.float64) + other.astype(np.float64)).astype(bf16)
+    assert not mpi_sums(bf16)
+    words, op = reduction(mine.copy())
+    pair.Allreduce(MPI.IN_PLACE, words, op=op)
+    assert words.tobytes() == by_hand.tobytes()
+    ring = mine.copy()
+    chunks = ring_order(chunk_bounds(ring.size, pair.size))
+    reduce_scatter_steps(ring, pair, chunks)
+    allgather_steps(ring, pair, chunks)
+    assert ring.tobytes() == by_hand.tobytes()
