@@ -87,8 +87,9 @@ test-openmpi-run: $(OMPI_VENV)/.installed
 	  $(OMPI_ENV) timeout -k 10 $(MPI_TIMEOUT) $(OMPI_VENV)/bin/mpiexec -n $$n $(OMPI_PY) -m pytest \
 	    -q -p no:cacheprovider --color=no --with-mpi -m mpi tests/mpi || exit 1; \
 	done
-	@echo "== launcher tests, Open MPI"
-	$(OMPI_ENV) timeout -k 10 1800 $(OMPI_PY) -m pytest -q -p no:cacheprovider tests/launcher
+	@echo "== launcher tests, Open MPI (and a training run under both MPIs, bitwise compared)"
+	$(OMPI_ENV) MPIFED_OTHER_PYTHON=$(abspath $(PY)) timeout -k 10 1800 $(OMPI_PY) -m pytest -q \
+	  -p no:cacheprovider tests/launcher
 
 $(OMPI_VENV)/.installed: $(VENV)/.installed
 	$(PYTHON) -m venv $(OMPI_VENV)
