@@ -81,11 +81,19 @@ test-openmpi: install
 	fi; \
 	$(MAKE) --no-print-directory test-openmpi-run
 
+# On 2 ranks the whole MPI suite; on 3 and 4 ranks (odd counts find ring bugs) the tests of
+# what the libraries do differently (collectives, 16-bit floats, shared windows, the steps):
+# under Open MPI the suite runs several times slower than under MPICH on a 2-core machine, and
+# the whole of it on every count would take CI past its time (OMPI_WIDE_TESTS=tests/mpi runs it).
+OMPI_WIDE_TESTS ?= tests/mpi/test_collectives_mpi.py tests/mpi/test_shard_collectives_mpi.py \
+  tests/mpi/test_half_mpi.py tests/mpi/test_shared_mpi.py tests/mpi/test_agree_mpi.py \
+  tests/mpi/test_exchange_mpi.py tests/mpi/test_step_mpi.py
+OMPI_TIMEOUT ?= 1500
 test-openmpi-run: $(OMPI_VENV)/.installed
-	@for n in 2 3 4; do \
-	  echo "== MPI tests on $$n ranks, Open MPI"; \
-	  $(OMPI_ENV) timeout -k 10 $(MPI_TIMEOUT) $(OMPI_VENV)/bin/mpiexec -n $$n $(OMPI_PY) -m pytest \
-	    -q -p no:cacheprovider --color=no --with-mpi -m mpi tests/mpi || exit 1; \
+	@for run in "2 tests/mpi" "3 $(OMPI_WIDE_TESTS)" "4 $(OMPI_WIDE_TESTS)"; do set -- $$run; \
+	  n=$$1; shift; echo "== MPI tests on $$n ranks, Open MPI: $$*"; \
+	  $(OMPI_ENV) timeout -k 10 $(OMPI_TIMEOUT) $(OMPI_VENV)/bin/mpiexec -n $$n $(OMPI_PY) -m pytest \
+	    -q -p no:cacheprovider --color=no --with-mpi -m mpi "$$@" || exit 1; \
 	done
 	@echo "== launcher tests, Open MPI (and a training run under both MPIs, bitwise compared)"
 	$(OMPI_ENV) MPIFED_OTHER_PYTHON=$(abspath $(PY)) timeout -k 10 1800 $(OMPI_PY) -m pytest -q \
