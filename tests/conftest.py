@@ -77,6 +77,23 @@ def remove_hydra_leftovers(before) -> None:
             pass
 
 
+@pytest.fixture(autouse=True)
+def _no_mpi_half(request):
+    """Under the no_mpi_half mark: MPIFED_MPI_HALF=0, so MPI sums 16-bit floats by our user
+    operation over raw words, the path Open MPI (no half type) always takes."""
+    if request.node.get_closest_marker("no_mpi_half") is None:
+        yield
+        return
+    from mpifed.comm.datatypes import mpi_sums
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MPIFED_MPI_HALF", "0")
+    mpi_sums.cache_clear()
+    yield
+    mp.undo()
+    mpi_sums.cache_clear()
+
+
 @pytest.fixture(params=BACKENDS)
 def xp(request):
     """Each array backend present: numpy always, cupy where a GPU is."""

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..launch import mpiexec_path
+from ..launch import mpiexec_command
 from .harness import (
     WARMUP,
     Column,
@@ -143,7 +143,7 @@ def launch(impl: str, name: str, ranks: int, data: str, steps: int, warmup: int,
            backend: str) -> dict:
     """Run one implementation of one model on `ranks` ranks under mpiexec; return rank 0's
     JSON result."""
-    cmd = [mpiexec_path(), "-n", str(ranks), sys.executable, "-m",
+    cmd = [*mpiexec_command(ranks), sys.executable, "-m",
            "mpifed.benchmarks.cnn_throughput", "--worker", impl, "--models", name,
            "--data", data, "--steps", str(steps), "--warmup", str(warmup), "--out", out,
            "--backend", backend]

@@ -24,12 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .. import launch
 from ..launch import mpifed_command
 from .harness import (
     WARMUP,
@@ -116,14 +116,14 @@ def main(argv=None) -> int:
     seconds, records, to_root, accuracy = {}, [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         data, keys = os.path.join(tmp, "all.h5"), os.path.join(tmp, "keys")
-        subprocess.run([*mpifed, "keys", "generate", keys, "--institutions", "4"], check=True,
+        launch.run([*mpifed, "keys", "generate", keys, "--institutions", "4"], check=True,
                        capture_output=True)
-        subprocess.run([*mpifed, "data", "synth", data, "--samples", "20000", "--features",
+        launch.run([*mpifed, "data", "synth", data, "--samples", "20000", "--features",
                         str(FEATURES), "--classes", "10"], check=True, capture_output=True)
         for name, (layout, sites) in layouts.items():
             site_dir = os.path.join(tmp, f"sites{sites}")
             if not os.path.isdir(site_dir):  # layouts of one site count share the split
-                subprocess.run([*mpifed, "data", "partition", data, site_dir, "--institutions",
+                launch.run([*mpifed, "data", "partition", data, site_dir, "--institutions",
                                 str(sites)], check=True, capture_output=True)
             out = os.path.join(tmp, f"out-{len(seconds)}")
             config = os.path.join(tmp, f"fed-{len(seconds)}.toml")
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
                                                   out=out, test=data,
                                                   rounds=args.rounds,
                                                   local_steps=args.local_steps))
-            subprocess.run([*mpifed_command(4), "train", config], check=True,
+            launch.run([*mpifed_command(4), "train", config], check=True,
                            capture_output=True, env=env)
             rounds = round_records(out)[skip:]  # the warm-up rounds
             minimum = (sites - 1) * 4 * params

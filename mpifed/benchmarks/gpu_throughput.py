@@ -30,7 +30,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 
-from ..launch import mpiexec_path
+from ..launch import mpiexec_command
 from .harness import (
     WARMUP,
     Column,
@@ -184,7 +184,7 @@ def run_cases(impl: str, folder: str, cases: list, args) -> None:
 def launch(impl: str, ranks: int, folder: str, args) -> dict:
     """Run every case of one implementation on `ranks` ranks in one launch; return
     {(model, precision): rank 0's result}."""
-    cmd = [mpiexec_path(), "-n", str(ranks), sys.executable, "-m",
+    cmd = [*mpiexec_command(ranks), sys.executable, "-m",
            "mpifed.benchmarks.gpu_throughput", "--worker", impl, "--data", folder,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch",
            str(args.batch), "--models", *args.models, "--precisions", *args.precisions]

@@ -31,7 +31,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-from ..launch import mpiexec_path
+from ..launch import mpiexec_command
 from .harness import (
     WARMUP,
     Column,
@@ -164,7 +164,7 @@ def pooled(timings: list[Timing], warmup: int) -> Timing:
 
 def worker_command(args, ranks: int, worker: str) -> list[str]:
     """Return the mpiexec command that runs `worker` (a stage, or "interleaved")."""
-    return [mpiexec_path(), "-n", str(ranks), sys.executable, "-m", "mpifed.benchmarks.memory",
+    return [*mpiexec_command(ranks), sys.executable, "-m", "mpifed.benchmarks.memory",
             "--worker", worker, "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--batch", str(args.batch), "--sizes", sizes_text(args.sizes),
             *(["--overlap"] if args.overlap else [])]

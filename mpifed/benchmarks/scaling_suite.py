@@ -24,16 +24,16 @@ import argparse
 import csv
 import json
 import os
-import subprocess
 from pathlib import Path
 
+from .. import launch
 from ..launch import emulated_nodes_env, mpifed_command
 from .mlp import CLASSES, FEATURES, GRAD_BYTES
 
 
 def mpiexec(ranks: int, *args: str, env=None) -> None:
     """Run `mpifed ARGS` on `ranks` ranks under this machine's mpiexec; raise if it fails."""
-    subprocess.run([*mpifed_command(ranks), *args], check=True, env=env)
+    launch.run([*mpifed_command(ranks), *args], check=True, env=env)
 
 
 def parse_config(text: str) -> tuple[int, int]:
@@ -52,7 +52,7 @@ def sweep(out: Path, config: tuple[int, int], env: dict, max_bytes: str) -> Path
     print(f"# all-reduce sweep, {nodes} node(s) x {per_node} rank(s)", flush=True)
     mpiexec(nodes * per_node, "bench", "allreduce", "--nodes", str(nodes), "--arrays",
             "ordinary", "-b", "4K", "-e", max_bytes, "-f", "4", "-n", "10", "--json", str(path),
-            env={**env, **emulated_nodes_env(nodes)})
+            env={**env, **emulated_nodes_env(nodes, ranks=nodes * per_node)})
     return path
 
 
@@ -62,7 +62,7 @@ def heldout(out: Path, paths: dict) -> dict | None:
     rest = [str(p) for c, p in paths.items() if c not in ((1, 2), (2, 1))]
     if len(fit) < 2 or not rest:
         return None
-    subprocess.run([*mpifed_command(), "bench", "model", "--fit", *fit, "--predict", *rest,
+    launch.run([*mpifed_command(), "bench", "model", "--fit", *fit, "--predict", *rest,
                     "--json", str(out / "heldout.json")], check=True)
     return json.loads((out / "heldout.json").read_text())
 
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data, table = out / "bench.h5", out / "scaling.csv"
     if not data.exists():
-        subprocess.run([*mpifed_command(), "data", "synth", str(data), "--samples", "65536",
+        launch.run([*mpifed_command(), "data", "synth", str(data), "--samples", "65536",
                         "--features", str(FEATURES), "--classes", str(CLASSES)], check=True)
     if table.exists():
         table.unlink()
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         print(f"# weak scaling, {nodes} nodes x {per_node} ranks (TCP over loopback)", flush=True)
         mpiexec(nodes * per_node, "bench", "scaling", "--mode", "weak", "--batch",
                 str(args.batch), "--steps", str(args.steps), "--data", str(data), "--csv",
-                str(table), env={**env, **emulated_nodes_env(nodes)})
+                str(table), env={**env, **emulated_nodes_env(nodes, ranks=nodes * per_node)})
     mpiexec(2, "bench", "model", "--scaling-csv", str(table), "--json", str(out / "model.json"),
             "--ranks-per-node", "2")
     paths = {c: sweep(out, c, env, args.sweep_max) for c in args.sweeps}
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     except ImportError:
         print("# matplotlib not installed: pip install 'mpifed[plot]' for the PNG plots")
         return 0
-    subprocess.run([*mpifed_command(), "plot", str(out / "scaling.json"), "--allreduce",
+    launch.run([*mpifed_command(), "plot", str(out / "scaling.json"), "--allreduce",
                     *map(str, paths.values()), "--out", str(out)], check=True)
     return 0
 

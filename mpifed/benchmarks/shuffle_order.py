@@ -23,12 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .. import launch
 from ..data.blocks import BlockPlan
 from ..launch import mpifed_command
 from .harness import Column, format_row, print_table
@@ -120,7 +120,7 @@ def digits_table(seeds, ranks: int, block: int, buffer: int, sort: bool,
                 "test accuracy")
     table = []
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([*mpifed_command(), "data", "digits", tmp], check=True,
+        launch.run([*mpifed_command(), "data", "digits", tmp], check=True,
                        capture_output=True)
         if sort:
             sort_by_label(os.path.join(tmp, "train.h5"))
@@ -145,7 +145,7 @@ def train_digits(data: str, ranks: int, shuffle: str, extra: str, memory: str | 
     env.pop("MPIFED_SHARD_MEMORY_BYTES", None)
     if memory:
         env["MPIFED_SHARD_MEMORY_BYTES"] = memory
-    subprocess.run([*mpifed_command(ranks), "train", str(config)], check=True,
+    launch.run([*mpifed_command(ranks), "train", str(config)], check=True,
                    capture_output=True, env=env)
     summary = json.loads(Path(out, "metrics.jsonl").read_text().splitlines()[-1])
     return summary["accuracy"]

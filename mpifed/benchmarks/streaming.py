@@ -35,7 +35,7 @@ import tempfile
 
 import numpy as np
 
-from ..launch import mpiexec_path
+from ..launch import mpiexec_command
 from .harness import (
     WARMUP,
     Column,
@@ -186,7 +186,7 @@ COLUMNS = [
 
 def launch(ranks: int, data: str, args, env: dict) -> dict:
     """Run the worker on `ranks` ranks under mpiexec; return rank 0's JSON line."""
-    cmd = [mpiexec_path(), "-n", str(ranks), sys.executable, "-m", "mpifed.benchmarks.streaming",
+    cmd = [*mpiexec_command(ranks), sys.executable, "-m", "mpifed.benchmarks.streaming",
            "--worker", data, "--rounds", str(args.rounds), "--chunk", str(args.chunk),
            "--warmup", str(args.warmup)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)

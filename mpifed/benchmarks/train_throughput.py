@@ -24,7 +24,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..launch import mpiexec_path
+from ..launch import mpiexec_command
 from .harness import (
     WARMUP,
     Column,
@@ -92,7 +92,7 @@ def run_worker(impl: str, data: str, steps: int, warmup: int, out: str) -> dict:
 def worker_command(impl: str, ranks: int, data: str, steps: int, warmup: int,
                    out: str) -> list[str]:
     """Return the mpiexec command that runs one implementation; impls differ only in name."""
-    return [mpiexec_path(), "-n", str(ranks), sys.executable,
+    return [*mpiexec_command(ranks), sys.executable,
             "-m", "mpifed.benchmarks.train_throughput", "--worker", impl, "--data", data,
             "--steps", str(steps), "--warmup", str(warmup), "--out", out]
 

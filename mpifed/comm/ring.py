@@ -9,6 +9,9 @@ In the reduce-scatter, chunks travel as segments received into a small rotating 
 buffers: while segment i is added, segments i+1.. are already on their way, and the pool stays in
 cache, so the bytes received are added from cache instead of from memory. This is what makes the
 ring beat MPI_Allreduce on one node, where both are bound by memory bandwidth.
+
+16-bit floats travel as their raw uint16 words (datatypes.wire) and are added here, so the ring
+needs no half-precision MPI datatype and gives the same bits under MPICH and Open MPI.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from mpi4py import MPI
 from ..xp import get_array_module, is_device_array
 from .backend import mpi_view
 from .checks import check_buffer
+from .datatypes import wire
 
 SEGMENT_BYTES = 1 << 20  # big enough to amortise a message's cost, small enough to stay in L2/L3
 POOL_DEPTH = 2  # receives in flight per reduce-scatter step (tuned with bench/allreduce.py)
@@ -173,13 +177,13 @@ def _reduce_step(buf, comm, chunks, step: int, seg: int) -> None:
     recv_lo, recv_hi = chunks[(rank - step - 1) % size]
     pieces = segment_bounds(recv_lo, recv_hi, seg)
     pool = _scratch_pool(comm, xp, buf.dtype, min(seg, max(b - a for a, b in chunks)))
-    sends = [comm.Isend(buf[a:b], dest, tag=step)
+    sends = [comm.Isend(wire(buf[a:b]), dest, tag=step)
              for a, b in segment_bounds(send_lo, send_hi, seg)]
     recvs = {}
 
     def post(i):
         a, b = pieces[i]
-        recvs[i] = comm.Irecv(pool[i % POOL_DEPTH][:b - a], source, tag=step)
+        recvs[i] = comm.Irecv(wire(pool[i % POOL_DEPTH][:b - a]), source, tag=step)
 
     for i in range(min(POOL_DEPTH, len(pieces))):
         post(i)
@@ -199,5 +203,5 @@ def _gather_step(buf, comm, chunks, step: int) -> None:
     size, rank = comm.size, comm.rank
     send_lo, send_hi = chunks[(rank + 1 - step) % size]
     recv_lo, recv_hi = chunks[(rank - step) % size]
-    comm.Sendrecv(buf[send_lo:send_hi], (rank + 1) % size, size + step,
-                  buf[recv_lo:recv_hi], (rank - 1) % size, size + step)
+    comm.Sendrecv(wire(buf[send_lo:send_hi]), (rank + 1) % size, size + step,
+                  wire(buf[recv_lo:recv_hi]), (rank - 1) % size, size + step)
