@@ -33,7 +33,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-from ..launch import emulated_nodes_env, mpiexec_path
+from ..launch import emulated_nodes_env, mpiexec_command
 from ..shaped_link import RATE, probe, shaped_command
 from .harness import (
     WARMUP,
@@ -116,7 +116,7 @@ def worker(args) -> None:
 def worker_command(args, first: int) -> list[str]:
     """Return the shaped mpiexec command of one repeat (schemes starting at index `first`)."""
     ranks = args.nodes * args.per_node
-    command = [mpiexec_path(), "-n", str(ranks), sys.executable, "-m",
+    command = [*mpiexec_command(ranks), sys.executable, "-m",
                "mpifed.benchmarks.compression_link", "--worker", "--first", str(first),
                "--schemes", *args.schemes, "--steps", str(args.steps), "--warmup",
                str(args.warmup), "--batch", str(args.batch), "--sizes", sizes_text(args.sizes),

@@ -128,6 +128,15 @@ class Adam:
         if self.weight_decay:
             xp.multiply(w, self.weight_decay, out=t)
             g += t
+        self._moments(xp, g, m, v, t)
+        xp.sqrt(v, out=d)
+        d += self.eps
+        xp.multiply(m, scale, out=t)
+        t /= d
+        w -= t
+
+    def _moments(self, xp, g, m, v, t) -> None:
+        """m = b1 m + (1 - b1) g and v = b2 v + (1 - b2) g^2 in place; t: working space."""
         m *= self.beta1
         xp.multiply(g, 1 - self.beta1, out=t)
         m += t
@@ -135,11 +144,6 @@ class Adam:
         xp.multiply(g, 1 - self.beta2, out=t)
         t *= g
         v += t
-        xp.sqrt(v, out=d)
-        d += self.eps
-        xp.multiply(m, scale, out=t)
-        t /= d
-        w -= t
 
     def state(self) -> dict:
         return {} if self.m is None else {"m": self.m, "v": self.v, "t": self.t}
@@ -181,13 +185,7 @@ class AdamW(Adam):
 
     def _adamw_chunk(self, xp, w, g, m, v, step_size, root) -> None:
         t, d = self._scratch.get(w, w.size)
-        m *= self.beta1
-        xp.multiply(g, 1 - self.beta1, out=t)
-        m += t
-        v *= self.beta2
-        xp.multiply(g, 1 - self.beta2, out=t)
-        t *= g
-        v += t
+        self._moments(xp, g, m, v, t)
         xp.sqrt(v, out=d)
         d /= root
         d += self.eps
