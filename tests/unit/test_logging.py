@@ -133,6 +133,8 @@ ALLOWED_PRINTS = {
     "benchmarks/train_throughput.py": "a benchmark's table and JSON rows on stdout",
     "benchmarks/compression_link.py": "a benchmark's table, JSON rows and a failed launch's "
                                       "stderr on stdout; a bad --rate on stderr",
+    "launch.py": "a started job's stderr passed through line by line as it comes (the demo's and "
+                 "the benchmarks' ranks), its tail kept for the failure message",
     "shaped_link.py": "the shaped-link wrapper's one error line (it runs before any logging "
                       "is set up, around a foreign command)",
 }
