@@ -15,7 +15,7 @@ from mpi4py import MPI
 
 from . import lifetime
 
-_window_ids = itertools.count(1)  # the same sequence on every rank: windows are collective
+_window_ids = itertools.count(1)  # a window's number: agreed over its node when made
 
 
 @dataclass
@@ -37,7 +37,7 @@ class SharedWindow:
             memory, _ = win.Shared_query(rank)
             segments.append(np.frombuffer(memory, dtype=np.uint8, count=max(nbytes, 1)))
         win.Lock_all()
-        return cls(node, win, segments, next(_window_ids))
+        return cls(node, win, segments, _agreed_ident(node))
 
     @property
     def nbytes(self) -> int:
@@ -79,6 +79,18 @@ class SharedWindow:
         self.segments, self._views = [], {}
         self.win.Unlock_all()
         self.win.Free()
+
+
+def _agreed_ident(node) -> int:
+    """Return the new window's number, the same on every rank of `node` (collective): the
+    largest next number among them, so that ranks which made windows on other communicators
+    (a sub-communicator's hierarchical all-reduce) still agree on this one's."""
+    global _window_ids
+    proposal = np.array([next(_window_ids)], dtype=np.int64)
+    node.Allreduce(MPI.IN_PLACE, proposal, op=MPI.MAX)
+    ident = int(proposal[0])
+    _window_ids = itertools.count(ident + 1)
+    return ident
 
 
 _registry: dict[int, SharedWindow] = {}  # segment base address -> its window (own segment)
