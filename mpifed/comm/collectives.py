@@ -131,25 +131,30 @@ def _auto(buf, comm, check: bool, table: dict | None = None) -> tuple[str, bool]
     window, offset = window_of(buf)
     in_window, mixed = window is not None, False
     if check:
-        in_window, mixed = _agree(comm, buf, window.ident if in_window else 0, offset)
+        in_window, mixed = _agree(comm, node, buf, window.ident if in_window else 0,
+                                   offset)
     algorithm = choose_algorithm(buf.nbytes, comm.size, node.size, window=in_window, nodes=nodes)
     # where some ranks' buffers are in a window and others' not, hierarchical must agree itself
     return algorithm, mixed and algorithm == "hierarchical"
 
 
-def _agree(comm, buf, ident: int, offset: int) -> tuple[bool, bool]:
-    """Check length and dtype on all ranks; return (all buffers sit alike in one window,
-    some do and some do not)."""
+def _agree(comm, node, buf, ident: int, offset: int) -> tuple[bool, bool]:
+    """Check length and dtype on all ranks; return (all buffers sit alike in one window per
+    node, some do and some do not). A window is a node's: its number (`ident`) is compared
+    inside the node (`node`, one tiny all-reduce), only the verdicts across nodes."""
+    mine = np.array([ident, -ident, offset, -offset], dtype=np.int64)
+    node.Allreduce(MPI.IN_PLACE, mine, op=MPI.MAX)
+    here = int(ident != 0 and mine[0] == -mine[1] and mine[2] == -mine[3])
     code = SUPPORTED_DTYPES.index(buf.dtype.name)
-    local = np.array([buf.size, -buf.size, code, -code, ident, -ident, offset, -offset],
+    local = np.array([buf.size, -buf.size, code, -code, here, -here, int(ident != 0)],
                      dtype=np.int64)
     agreed = np.empty_like(local)
     comm.Allreduce(local, agreed, op=MPI.MAX)
     error = signature_error(agreed[:4])
     if error:
         raise ValueError(error)
-    alike = bool(agreed[-4] != 0 and agreed[-4] == -agreed[-3] and agreed[-2] == -agreed[-1])
-    return alike, not alike and agreed[-4] != 0
+    alike = bool(agreed[4] == 1 and agreed[5] == -1)  # every node's ranks in one window
+    return alike, not alike and bool(agreed[6])
 
 
 def allreduce(buf, comm, op: str = "sum", algorithm: str = "auto", *, check: bool = True):
