@@ -62,18 +62,23 @@ def sample_shape(dx, attr, name: str, path: str, key: str) -> tuple[int, ...]:
     return shape
 
 
+def open_hdf5(path: str, key: str, missing_hint: str) -> h5py.File:
+    """Open `path` read-only, or raise UserError naming `key` (and `missing_hint` when the
+    file does not exist)."""
+    if not os.path.exists(path):
+        raise UserError(f"{key}: file {path!r} does not exist; {missing_hint}")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise UserError(f"{key}: {path!r} is not a readable HDF5 file ({err})") from None
+
+
 def describe(path: str, x: str = "x", y: str = "y", key: str = "data.train") -> DatasetInfo:
     """Open `path` and check that `x` is numeric, 2-D (samples x features, each row maybe
     reshaped by an `input_shape` attribute) or N-D (samples, channels, height, width), and `y`
     1-D integer of the same length."""
-    if not os.path.exists(path):
-        raise UserError(f"{key}: file {path!r} does not exist; check the path "
-                        "(relative paths are taken from the working directory)")
-    try:
-        fh = h5py.File(path, "r")
-    except OSError as err:
-        raise UserError(f"{key}: {path!r} is not a readable HDF5 file ({err})") from None
-    with fh:
+    with open_hdf5(path, key, "check the path (relative paths are taken from the working "
+                   "directory)") as fh:
         names = sorted(fh.keys())
         for name, which in ((x, "x"), (y, "y")):
             if name not in fh or not isinstance(_dataset(fh, name, path, key), h5py.Dataset):

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import UserError
 from .atomic import atomic_path
-from .shards import file_identity, shard_memory_bytes
+from .shards import file_identity, open_hdf5, shard_memory_bytes
 
 TOKENS = "tokens"  # the dataset's name
 BYTE_VOCAB = 256
@@ -57,14 +57,7 @@ class TokenInfo:
 
 def describe_tokens(path: str, block_size: int, key: str = "data.train") -> TokenInfo:
     """Open `path` and check its `tokens` dataset (1-D integer) and `vocab_size` attribute."""
-    if not os.path.exists(path):
-        raise UserError(f"{key}: file {path!r} does not exist; write one with `mpifed data "
-                        "tokens TEXT... OUT.h5`")
-    try:
-        fh = h5py.File(path, "r")
-    except OSError as err:
-        raise UserError(f"{key}: {path!r} is not a readable HDF5 file ({err})") from None
-    with fh:
+    with open_hdf5(path, key, "write one with `mpifed data tokens TEXT... OUT.h5`") as fh:
         if TOKENS not in fh or not isinstance(fh[TOKENS], h5py.Dataset):
             raise UserError(f"{key}: {path!r} has no dataset 'tokens' (found: "
                             f"{', '.join(map(repr, sorted(fh))) or 'nothing'}); a GPT trains "
