@@ -7,6 +7,7 @@ starts MPI. The bridge from device buffers to MPI lives in `mpifed.comm.backend`
 from __future__ import annotations
 
 import functools
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -97,11 +98,41 @@ def bind_thread(xp, device_id: int) -> None:
     _THREAD.stream.use()
 
 
+# Signals with Python handlers (Ctrl-C, and the preemption signals of mpifed/train/signals.py).
+# CPython runs a handler in the main thread, but when the kernel hands the signal to another
+# thread, CPython 3.11 does not wake the main thread's check for it: the handler may run many
+# steps late (a stop asked at step 101 happened at 102). Background threads block them, so the
+# kernel always delivers them to the main thread.
+MAIN_THREAD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def leave_signals_to_main_thread() -> None:
+    """Block MAIN_THREAD_SIGNALS in the calling thread; every background thread calls it
+    first (a thread's signal mask is its own; threads it starts inherit it)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
+
+
+def background_thread(target, name: str, args=()) -> threading.Thread:
+    """Return a daemon thread (not started) that runs `target(*args)` with the signals left
+    to the main thread."""
+    def run(*a):
+        leave_signals_to_main_thread()
+        target(*a)
+    return threading.Thread(target=run, args=args, name=name, daemon=True)
+
+
+def _device_worker(xp, device_id: int) -> None:
+    leave_signals_to_main_thread()
+    bind_thread(xp, device_id)
+
+
 def device_thread_pool(xp, name: str) -> ThreadPoolExecutor:
-    """Return a one-thread pool whose thread works on the caller's current GPU (host: plain)."""
+    """Return a one-thread pool whose thread works on the caller's current GPU (host: plain);
+    its thread leaves the signals to the main thread."""
     if xp is np:
-        return ThreadPoolExecutor(1, thread_name_prefix=name)
-    return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=bind_thread,
+        return ThreadPoolExecutor(1, thread_name_prefix=name,
+                                  initializer=leave_signals_to_main_thread)
+    return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=_device_worker,
                               initargs=(xp, xp.cuda.Device().id))
 
 

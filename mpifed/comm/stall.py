@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 
+from ..xp import background_thread
 from . import lifetime
 
 STALL_EXIT = 4  # the exit code of a job ended by the stall check
@@ -37,7 +38,7 @@ class StallWatch:
         # the late-rank census never mixes with the job's messages; freed before MPI_Finalize
         self.side = lifetime.hold(comm.Dup())
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="mpifed-stall", daemon=True)
+        self._thread = background_thread(self._watch, "mpifed-stall")
         self._thread.start()
 
     def arm(self, step: int) -> None:

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..xp import background_thread, leave_signals_to_main_thread
 from .blocks import BlockPlan, default_block, default_buffer
 from .shards import shard_memory_bytes
 
@@ -167,8 +168,7 @@ class BufferReader:
         self._filled = 0  # buffers filled so far: the next one uses memory[filled % 3]
         self._queue = queue.Queue(maxsize=1)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=first, name="mpifed-read",
-                                        daemon=True)
+        self._thread = background_thread(self._run, "mpifed-read", first)
         self._thread.start()
 
     def _run(self, epoch: int, first_row: int) -> None:
@@ -241,7 +241,8 @@ class Prefetcher:
 
     def __init__(self, shard, stream: BatchStream, to_device):
         self.shard, self.stream, self.to_device = shard, stream, to_device
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpifed-load")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpifed-load",
+                                        initializer=leave_signals_to_main_thread)
         self._lock = threading.Lock()
         self._next = self._pool.submit(self._load)
         self.wait_seconds = 0.0
