@@ -52,9 +52,15 @@ def mpi_sums(dtype) -> bool:
     from mpi4py.util.dtlib import from_numpy_dtype
 
     try:
-        return from_numpy_dtype(dtype) != MPI.DATATYPE_NULL
-    except (KeyError, ValueError, TypeError):
+        datatype = from_numpy_dtype(dtype)  # a duplicate: usable, or MPI says it is not
+    except (KeyError, ValueError, TypeError, MPI.Exception):
+        # MPI.Exception: mpi4py's wheel names MPI.FLOAT16_T for Open MPI, which Open MPI 4.1
+        # (libmpi.so.40, as Debian ships it) does not have: MPI_ERR_TYPE on first use
         return False
+    if datatype == MPI.DATATYPE_NULL:
+        return False
+    datatype.Free()
+    return True
 
 
 def reduction(array) -> tuple:

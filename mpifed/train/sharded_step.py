@@ -96,6 +96,7 @@ class ShardedStep(Step):
         self._make_grads(widest)
         self.stop_agreed = False
         self.comm_seconds, self._step_number = 0.0, 0
+        self._spans = []  # this step's collectives as (start, end) perf_counter seconds
         self.watch = StallWatch(comm, stall_timeout)
         self._pool = device_thread_pool(xp, "mpifed-comm") if overlap and comm.size > 1 else None
 
@@ -148,13 +149,16 @@ class ShardedStep(Step):
     # --- communication -------------------------------------------------------------------
 
     def _timed(self, after, fn, *args):
-        """Run a collective once event `after` has happened; return (seconds, done event)."""
+        """Run a collective once event `after` has happened; return (seconds, done event).
+        Its span is kept for the timeline, from whichever thread ran it."""
         wait_event(after)
         start = time.perf_counter()
         self.watch.arm(self._step_number)
         fn(*args)
         self.watch.disarm()
-        return time.perf_counter() - start, record_event(self.xp)
+        end = time.perf_counter()
+        self._spans.append((start, end))
+        return end - start, record_event(self.xp)
 
     def _run(self, fn, *args):
         """Run `fn` now, or on the communication thread with overlap; return a waitable."""
@@ -221,12 +225,16 @@ class ShardedStep(Step):
         anchor: FedProx's anchor, the whole flat model or `anchor()`'s (its owned slice is
         used).
         """
-        self._step_number = step_number
+        self._step_number, self._spans = step_number, []
         self._backward(x, y, self._context(step_number), stop)
         self.skipped = self.precision.skip_step(self.comm)  # agreed over every rank and shard
         if not self.skipped:
             self._update(optimizer, lr, anchor, mu)
+        compute_end = time.perf_counter()  # the update is the step's last computation
         loss, stop_mean = self._share_slots()
+        # host arrays: the spans are where the collectives ran; on a GPU the host marks
+        # would not time the device's work, and the step's comm time is drawn at its end
+        self._note_spans(self._spans, compute_end if self.xp is np else None)
         self.stop_agreed = stop_mean > 0
         diverged(loss, step_number, self.precision)
         return loss
@@ -277,7 +285,8 @@ class ShardedStep(Step):
         start = time.perf_counter()
         self.weights[max(lo, n):hi] = slots
         allgather(self.weights, self.comm, self.algorithm, check=False, bounds=self.bounds)
-        self.comm_seconds += time.perf_counter() - start
+        self._spans.append((start, time.perf_counter()))
+        self.comm_seconds += self._spans[-1][1] - start
         loss, stop = (float(v) for v in to_host(self.weights[n:n + 2]))
         return loss, stop
 
@@ -459,7 +468,8 @@ class ParameterShardedStep(GradientShardedStep):
         if hi > n:
             local[max(lo, n) - n:hi - n] = to_host(slots)
         self.comm.Allreduce(MPI.IN_PLACE, local)
-        self.comm_seconds += time.perf_counter() - start
+        self._spans.append((start, time.perf_counter()))
+        self.comm_seconds += self._spans[-1][1] - start
         return float(local[0]), float(local[1])
 
     def load_shard(self, values) -> None:

@@ -88,9 +88,9 @@ class Step(abc.ABC):
         comm_seconds: seconds this rank spent in (or blocked on) the step's communication.
         comm_spans: the last step's reductions as (start, end) perf_counter seconds, where they
             ran (on the communication thread under overlap), for the timeline; None where the
-            step does not record them (device timing, the sharded steps).
+            step does not record them (device arrays: host marks do not time device work).
         compute_end: the perf_counter time the last step's own computation ended (backward
-            pass done), or None with comm_spans.
+            pass done; the sharded steps: their update done), or None with comm_spans.
         stop_agreed: after a step, whether any rank asked to stop.
         allreduce_choice: {bucket bytes: algorithm} (strings) that the gradient all-reduces
             run, for the summary; None where the step does not say.
@@ -115,6 +115,13 @@ class Step(abc.ABC):
     compressor = None
     precision = FULL
     skipped = False
+
+    def _note_spans(self, spans: list, compute_end) -> None:
+        """Keep the step's reduction spans for the timeline (host marks only: device events
+        have no host time)."""
+        host = isinstance(compute_end, float)
+        self.comm_spans = list(spans) if host else None
+        self.compute_end = compute_end if host else None
 
     @abc.abstractmethod
     def __call__(self, x, y, optimizer, lr: float, step_number: int, anchor=None, mu=0.0,
@@ -264,13 +271,6 @@ class DataParallelStep(Step):
         wait_event(spans[-1][1])  # one comm stream, in order: the last reduction ends them all
         self._note_spans(spans, backward_done)
         return backward_done, spans[-1][1]
-
-    def _note_spans(self, spans: list, compute_end) -> None:
-        """Keep the step's reduction spans for the timeline (host marks only: device events
-        have no host time)."""
-        host = isinstance(compute_end, float)
-        self.comm_spans = list(spans) if host else None
-        self.compute_end = compute_end if host else None
 
     def memory_bytes(self) -> dict:
         """Return the bytes this rank holds for parameters and gradients (half-precision

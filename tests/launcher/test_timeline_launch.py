@@ -79,3 +79,34 @@ def test_a_federation_writes_one_trace_per_institution(tmp_path):
             assert sorted(e["args"]["step"] for e in spans_of(trace, rank, "compute")) == \
                 list(range(1, 7))  # 2 local steps in each of 3 rounds
             assert len(spans_of(trace, rank, "allreduce")) == 6  # one per step
+
+
+@pytest.mark.parametrize("shard,overlap", [("optimizer", False), ("optimizer", True),
+                                           ("parameters", True)])
+def test_sharded_steps_draw_their_collectives_where_they_ran(tmp_path, shard, overlap):
+    """ZeRO stages: the reduce-scatters (per layer under overlap) and gathers each get a span
+    inside their step; the gradients' exchange runs before the step's update ends, so the
+    spans are not all drawn after the compute, as a step that kept none would have them."""
+    write_dataset(tmp_path / "d.h5", 300, 0, features=6, classes=3, dtype="float32")
+    write_config(tmp_path / "run.toml", {
+        "data": {"train": "d.h5"}, "model": {"kind": "mlp", "hidden": [8, 8]},
+        "optim": {"batch_size": 4, "steps": 6, "name": "adam", "lr": 0.01},
+        "comm": {"overlap": overlap, "shard": shard}, "run": {"out": "out", "timeline": True}})
+    done = run_mpi(2, ["train", "run.toml"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    trace = json.loads((tmp_path / "out" / "timeline.json").read_text())
+    # optimizer: one reduce-scatter (3 under overlap, one per layer), then the gather of the
+    # parameters; parameters: 3 forward layer gathers and the first layer's again for its
+    # backward (the other two are still in the two buffers), 3 reduce-scatters, the slots'
+    # all-reduce
+    count = {("optimizer", False): 2, ("optimizer", True): 4, ("parameters", True): 8}
+    for rank in range(2):
+        compute = {e["args"]["step"]: e for e in spans_of(trace, rank, "compute")}
+        for step in range(1, 7):
+            mine = sorted((e for e in spans_of(trace, rank, "allreduce")
+                           if e["args"]["step"] == step), key=lambda e: e["ts"])
+            assert len(mine) == count[(shard, overlap)]
+            begin, end = compute[step]["ts"], compute[step]["ts"] + compute[step]["dur"]
+            assert all(e["ts"] >= begin - 1e-3 for e in mine)
+            assert mine[0]["ts"] + mine[0]["dur"] <= end + 1e-3  # the exchange before the update
+            assert mine[-1]["ts"] >= end - 1e-3  # the last gather after it

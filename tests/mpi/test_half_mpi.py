@@ -121,3 +121,24 @@ def test_bfloat16_sums_on_two_ranks_through_the_ring_and_mpi(pair):
     reduce_scatter_steps(ring, pair, chunks)
     allgather_steps(ring, pair, chunks)
     assert ring.tobytes() == by_hand.tobytes()
+
+
+def test_a_datatype_the_library_lacks_is_summed_by_our_operation(monkeypatch):
+    """mpi4py's PyPI wheel names MPI.FLOAT16_T for Open MPI, which Open MPI 4.1 does not have:
+    its first use raises MPI_ERR_TYPE. mpi_sums must then say no (our operation sums), not
+    fail; the stand-in raises as Open MPI 4.1.4 did."""
+    import mpi4py.util.dtlib as dtlib
+
+    def lacking(dtype):
+        raise MPI.Exception(MPI.ERR_TYPE)
+
+    monkeypatch.setattr(dtlib, "from_numpy_dtype", lacking)
+    mpi_sums.cache_clear()
+    try:
+        assert not mpi_sums(np.float16)
+        words, op = reduction(halves(9, MPI.COMM_WORLD.rank))
+        assert words.dtype == np.uint16 and op != MPI.SUM
+    finally:
+        monkeypatch.undo()
+        mpi_sums.cache_clear()
+    assert mpi_sums(np.float32)  # a type every MPI has: checked, and its duplicate freed
