@@ -225,9 +225,9 @@ class Sequential:
         if k == 1:
             return self._loss_and_grad(flat, x, y, grad_out, on_ready, ctx, loss_scale)
         if callable(grad_out):
-            raise UserError("optim.accumulate > 1 needs whole gradients; with comm.shard = "
-                            "\"gradients\" or \"parameters\" set optim.accumulate = 1 (or raise "
-                            "optim.batch_size)")
+            raise RuntimeError("loss_and_grad: accumulate > 1 sums into whole gradient "
+                               "buffers; a caller with per-layer buckets (the ZeRO-2/3 steps) "
+                               "sets accumulate = 1 and hands micro-batches in itself")
         if x.shape[0] % k:
             raise UserError(f"optim.accumulate: a batch of {x.shape[0]} rows does not split "
                             f"into {k} micro-batches")

@@ -62,10 +62,6 @@ def run_data_parallel(cfg, comm, xp, inputs=NO_INPUTS, lock=None) -> dict:
         cfg.model, run.seed, shard.info.input_shape, classes, xp, dtype, stage, whole=whole,
         ranks=comm.size, given=inputs.model))
     spec.accumulate = optim.accumulate  # micro-batches per step
-    if optim.accumulate > 1 and stage in ("gradients", "parameters"):
-        raise UserError(f"optim.accumulate = {optim.accumulate} with comm.shard = {stage!r}: "
-                        "accumulation needs whole gradients; set comm.shard = \"none\" or "
-                        "\"optimizer\", or optim.accumulate = 1")
     rows = optim.batch_size * optim.accumulate  # per rank per step
     per_epoch, total = plan_steps(optim, len(shard), comm)
     test = None

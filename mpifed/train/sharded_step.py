@@ -9,7 +9,9 @@ DataParallelStep) is cut into chunk_bounds(n + 2, p); rank r owns chunk r. Stage
   all-gathered. Same bytes on the wire as one all-reduce.
 - "gradients" (ZeRO-2): no whole gradient buffer: each layer's gradients go into one of two
   buckets of the largest layer's size, reduce-scattered as soon as final (on the communication
-  thread with comm.overlap) and only this rank's part kept.
+  thread with comm.overlap) and only this rank's part kept. With optim.accumulate = k, each
+  micro-batch's gradients are reduce-scattered in turn and this rank's parts summed, then
+  divided by k (DeepSpeed's way: k exchanges a step, no whole gradient kept).
 - "parameters" (ZeRO-3): between steps each rank holds only its chunk of the parameters; each
   layer is all-gathered into one of two buffers before its forward and again before its backward
   (the next layer's gather started on the communication thread while this layer computes, with
@@ -26,6 +28,7 @@ owner's chunk, never trained (as `Sequential.take_buffers` does unsharded).
 from __future__ import annotations
 
 import abc
+import dataclasses
 import time
 
 import numpy as np
@@ -362,16 +365,44 @@ class GradientShardedStep(ShardedStep):
     def _grad_buffers(self) -> list:
         return [self.grad_shard, *self.buckets]
 
+    _summing = False  # a later micro-batch of optim.accumulate: add to grad_shard
+
     def _keep(self, own, lo: int, hi: int) -> None:
         a, b = max(lo, self.lo), min(hi, self.hi)
         if b > a:
-            self.grad_shard[a - self.lo:b - self.lo] = own
+            if self._summing:
+                self.grad_shard[a - self.lo:b - self.lo] += own
+            else:
+                self.grad_shard[a - self.lo:b - self.lo] = own
 
     def _layer_params(self):
         """What the model reads each layer's parameters from: here the whole vector."""
         return self.params
 
     def _backward(self, x, y, ctx, stop: float) -> None:
+        """Each micro-batch of optim.accumulate (k rows-slices of x, y) through
+        `_micro_backward`, its reduced parts summed into grad_shard, then divided by k (the
+        loss and stop slots too: the mean loss; a stop asked stays > 0). Dropout differs per
+        micro-batch as unsharded (its step number is step * k + j)."""
+        k = getattr(self.spec, "accumulate", 1)
+        if k == 1:
+            return self._micro_backward(x, y, ctx, stop)
+        if x.shape[0] % k:
+            raise UserError(f"optim.accumulate: a batch of {x.shape[0]} rows does not split "
+                            f"into {k} micro-batches")
+        rows = x.shape[0] // k
+        self.spec.accumulate = 1  # the model sees one micro-batch at a time
+        try:
+            for j in range(k):
+                self._summing = j > 0
+                part = dataclasses.replace(ctx, step=ctx.step * k + j)
+                self._micro_backward(x[j * rows:(j + 1) * rows], y[j * rows:(j + 1) * rows],
+                                     part, stop)
+        finally:
+            self.spec.accumulate, self._summing = k, False
+        self.grad_shard /= self.grad_shard.dtype.type(k)
+
+    def _micro_backward(self, x, y, ctx, stop: float) -> None:
         """Each layer's gradients into a bucket, reduce-scattered as soon as final."""
         n, pending, slot = self.n, [None, None], [1]
 

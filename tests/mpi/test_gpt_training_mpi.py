@@ -1,5 +1,5 @@
 """A GPT trained by `mpifed.train.run` on 1-4 ranks, every comm.shard stage, with and without
-recomputation (and with optim.accumulate where whole gradients allow it), equals a
+recomputation (and with optim.accumulate under every stage), equals a
 nanoGPT-shaped PyTorch GPT trained on the same windows from the same state_dict, after 20 SGD
 and 20 AdamW steps (cosine schedule with warm-up, weight decay on arrays of 2+ dimensions,
 global-norm clipping); the model file's state_dict group loads strictly into the PyTorch
@@ -82,11 +82,12 @@ def test_gpt_equals_pytorch_after_20_steps(tmp_path_factory, name, stage, recomp
     trained_equals_pytorch(tmp_path_factory, name, stage, recompute, 1)
 
 
-@pytest.mark.parametrize("stage", ["none", "optimizer"])
+@pytest.mark.parametrize("stage", ["none", "optimizer", "gradients", "parameters"])
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_accumulated_micro_batches_equal_pytorch_on_the_whole_batch(tmp_path_factory, name,
                                                                      stage):
-    """optim.accumulate = 2: each rank's rows in two micro-batches, the same steps."""
+    """optim.accumulate = 2: each rank's rows in two micro-batches, the same steps (ZeRO-2/3
+    reduce-scatter each micro-batch and sum their parts; the clip sees the summed norm)."""
     trained_equals_pytorch(tmp_path_factory, name, stage, False, 2)
 
 
