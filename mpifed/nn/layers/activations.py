@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from ...errors import UserError
 from ...xp import get_array_module
 from .base import Layer
+from .functional import gelu, gelu_backward
 
 
 class ReLU(Layer):
@@ -39,24 +38,18 @@ class Tanh(Layer):
 
 
 class GELU(Layer):
-    """x * Phi(x) in its tanh form (PyTorch's GELU(approximate="tanh")): NumPy has no erf."""
+    """x * Phi(x) in its tanh form (PyTorch's GELU(approximate="tanh")), as the transformer
+    block's MLP computes it (functional.gelu)."""
 
     type = "gelu"
-    C = math.sqrt(2.0 / math.pi)
 
     def forward(self, p, x, ctx):
-        xp = get_array_module(x)
-        self.x = x
-        self.t = xp.tanh(self.C * (x + 0.044715 * x ** 3))  # (B, ...)
-        return 0.5 * x * (1 + self.t)
+        y, self.cache = gelu(x, "tanh")
+        return y
 
     def backward(self, p, g, dy, ctx, need_dx=True):
-        x, t = self.x, self.t
-        self.x = self.t = None
-        if not need_dx:
-            return None
-        du = self.C * (1 + 3 * 0.044715 * x * x)
-        return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du)
+        cache, self.cache = self.cache, None
+        return gelu_backward(dy, cache, "tanh") if need_dx else None
 
 
 class Dropout(Layer):
