@@ -124,6 +124,15 @@ def run_keys(args) -> int:
 
 
 def run_data(args) -> int:
+    """`mpifed data ...`: serial. Run alone (no launcher's variables), MPI is never started,
+    so it works on a login node and costs no MPI start-up (Open MPI starts a helper daemon
+    for a lone process: seconds); under mpiexec/srun rank 0 works while the others wait."""
+    import os
+
+    from ..train.launch_check import launched_tasks
+
+    if launched_tasks(os.environ) is None:
+        return _data_command(args)
     from mpi4py import MPI
 
     if MPI.COMM_WORLD.rank != 0:  # data commands are serial; extra ranks just wait
