@@ -18,6 +18,8 @@ checkpointed). Without `rank=` every rank acts. Actions:
     kill    os.kill(own pid, SIGKILL): the process dies at once, as under the OOM killer
     exit    os._exit(1): the process ends without cleanup or MPI_Finalize
     stop    os.kill(own pid, SIGSTOP): the process freezes until it gets SIGCONT (a stall)
+    pause   signal.pause(): the process sleeps until a signal handler runs (a stop signal
+            arriving late: Open MPI's mpirun sends SIGCONT at once and SIGTERM only later)
     overflow  (step only) under model.precision fp16/bf16, the rank's gradients of step NUMBER
             hold an inf, as an fp16 overflow would (`overflows`): every rank must skip it
 
@@ -56,7 +58,7 @@ from dataclasses import dataclass
 import numpy as np
 
 ENV = "MPIFED_FAULT"
-ACTIONS = ("raise", "kill", "exit", "stop", "overflow", "byzantine")
+ACTIONS = ("raise", "kill", "exit", "stop", "pause", "overflow", "byzantine")
 POINTS = ("step", "round")
 FORM = "ACTION:POINT=NUMBER[:rank=R[,R...]], e.g. kill:step=5:rank=1"
 BYZANTINE_FORM = ("byzantine:K:MODE[:SCALE] (K: one institution, or several as 3,7), e.g. "
@@ -207,6 +209,8 @@ def inject(point: str, number: int, rank: int) -> None:
         os._exit(1)
     elif fault.action == "stop":
         os.kill(os.getpid(), signal.SIGSTOP)
+    elif fault.action == "pause":
+        signal.pause()
 
 
 def overflows(step: int, rank: int) -> bool:

@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 
+from .errors import UserError
 from .launch import emulated_nodes_env
 
 RATE, BURST, LATENCY = "1gbit", "256kb", "50ms"  # tbf's rate, bucket size, queue bound
@@ -119,10 +120,10 @@ def main(argv=None) -> int:
         if problem:
             raise ValueError(problem)
         shaped = shaped_command(command, args.rate, args.burst, args.latency)
-    except ValueError as err:
+        env = {**os.environ, **emulated_nodes_env(args.nodes)}
+    except (ValueError, UserError) as err:  # UserError: --nodes under Open MPI, say
         print(f"error: {err}", file=sys.stderr)
         return 2
-    env = {**os.environ, **emulated_nodes_env(args.nodes)}
     return subprocess.run(shaped, env=env).returncode
 
 

@@ -6,6 +6,7 @@ Fixtures stay in conftest.py; independent reference computations in reference.py
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import signal
@@ -219,6 +220,38 @@ def stopped_processes(launch: subprocess.Popen) -> list[int]:
     """
     table = _process_table()
     return sorted(pid for pid in _family(launch.pid, table) if table.get(pid, (0, ""))[1] == "T")
+
+
+def paused_processes(launch: subprocess.Popen) -> list[int]:
+    """Return the pids of a launch's processes that sleep in pause() (MPIFED_FAULT's pause),
+    read from /proc/PID/syscall against the number a process in pause() shows here."""
+    number = _pause_syscall()
+    found = []
+    for pid in _family(launch.pid):
+        try:
+            if (Path("/proc") / str(pid) / "syscall").read_text().split()[0] == number:
+                found.append(pid)
+        except (OSError, IndexError):  # gone, or not ours to read
+            continue
+    return sorted(found)
+
+
+@functools.cache
+def _pause_syscall() -> str:
+    """The syscall number /proc shows for a process in signal.pause() on this machine (a
+    probe that writes one byte, then pauses: once it sleeps, it sleeps there)."""
+    probe = subprocess.Popen([sys.executable, "-c", "import os, signal; os.write(1, b'x'); "
+                              "signal.pause()"], stdout=subprocess.PIPE)
+    try:
+        probe.stdout.read(1)
+        proc = Path("/proc") / str(probe.pid)
+        wait_until(lambda: (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "S",
+                   "a probe sleeping in pause()")
+        return (proc / "syscall").read_text().split()[0]
+    finally:
+        probe.kill()
+        probe.wait()
+        probe.stdout.close()
 
 
 def _family(root: int, table: dict | None = None) -> set[int]:

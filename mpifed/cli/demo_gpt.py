@@ -8,10 +8,10 @@ Python sources on 2 local ranks in about a minute, then a sample of what it writ
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
+from .. import launch
 from ..launch import mpifed_command
 from .output import emit
 
@@ -61,16 +61,13 @@ def main(out: str = "demo-out", ranks: int = 2, steps: int = 300) -> int:
     folder = Path(out).resolve() / "gpt"
     folder.mkdir(parents=True, exist_ok=True)
     mpifed = mpifed_command()
-    subprocess.run([*mpifed, "data", "tokens", *sources(), str(folder / "tokens.h5"),
-                    "--force"], check=True)
+    launch.run([*mpifed, "data", "tokens", *sources(), str(folder / "tokens.h5"), "--force"])
     config = folder / "gpt.toml"
     config.write_text(CONFIG.format(out=folder, steps=steps))
     began = time.perf_counter()
-    subprocess.run([*mpifed_command(ranks), "train", str(config), "--set",
-                    "run.resume=never"], check=True)
+    launch.run([*mpifed_command(ranks), "train", str(config), "--set", "run.resume=never"])
     emit(f"trained in {time.perf_counter() - began:.0f} s; a sample (prompt \"def \", 300 "
          "bytes, temperature 0.8, top-k 20):")
-    subprocess.run([*mpifed, "generate", str(folder / "train" / "model.h5"), "--prompt",
-                    "def ", "--tokens", "300", "--temperature", "0.8", "--top-k", "20"],
-                   check=True)
+    launch.run([*mpifed, "generate", str(folder / "train" / "model.h5"), "--prompt", "def ",
+                "--tokens", "300", "--temperature", "0.8", "--top-k", "20"])
     return 0

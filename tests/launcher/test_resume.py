@@ -18,6 +18,7 @@ from helpers import (
     assert_same_bits,
     has_pending,
     kill_group,
+    paused_processes,
     read_metrics,
     run_mpi,
     start_mpi,
@@ -29,10 +30,11 @@ from helpers import (
 
 from mpifed.launch import launcher_family, mpiexec_path
 
-# Open MPI's mpirun forwards SIGUSR1 and carries on; a SIGTERM ends the job: it passes SIGTERM
-# to the ranks, SIGKILLs them odls_base_sigkill_timeout seconds later (1 by default) and exits
-# 1 whatever they did. This grace lets the ranks checkpoint and stop (docs/cluster.md).
-OPENMPI_GRACE = {"OMPI_MCA_odls_base_sigkill_timeout": "120"}
+# Open MPI's mpirun forwards SIGUSR1 and carries on; a SIGTERM ends the job: it sends the
+# ranks SIGCONT at once, SIGTERM odls_base_sigkill_timeout seconds later (1 by default), SIGKILL
+# as long again after that, and exits 1 whatever they did (measured with Open MPI 4.1.4). This
+# grace lets the ranks checkpoint and stop between the SIGTERM and the SIGKILL (docs/cluster.md).
+OPENMPI_GRACE = {"OMPI_MCA_odls_base_sigkill_timeout": "15"}
 
 TRAIN = {
     "data": {"train": "d.h5"},
@@ -98,14 +100,17 @@ def test_sigusr1_checkpoints_and_stops_then_resumes(tmp_path, sig):
     # Rank 0 freezes after step 100; the signal reaches it while frozen, so once it goes on
     # it asks to stop at step 101, and the other rank learns so in that step's all-reduce.
     openmpi = launcher_family(mpiexec_path())[0] == "openmpi"
-    proc = start_mpi(2, ["train", "cut.toml"], cwd=tmp_path,
-                     env={**fault("stop", "step", 100, 0), **(OPENMPI_GRACE if openmpi else {})})
-    [frozen] = wait_until(lambda: stopped_processes(proc), "rank 0 stopping", proc=proc)
     ended_by_launcher = openmpi and sig == signal.SIGTERM
-    os.kill(proc.pid, sig)  # to mpiexec, which forwards it to every rank
-    if ended_by_launcher:  # mpirun sends SIGCONT, then SIGTERM: nothing stays pending
-        wait_until(lambda: not stopped_processes(proc), "mpirun continuing rank 0", proc=proc)
+    if ended_by_launcher:  # mpirun's SIGCONT would end a SIGSTOP: rank 0 waits in pause()
+        proc = start_mpi(2, ["train", "cut.toml"], cwd=tmp_path,
+                         env={**fault("pause", "step", 100, 0), **OPENMPI_GRACE})
+        wait_until(lambda: paused_processes(proc), "rank 0 pausing", proc=proc)
+        os.kill(proc.pid, sig)  # SIGTERM reaches the ranks a grace later; SIGKILL after that
     else:
+        proc = start_mpi(2, ["train", "cut.toml"], cwd=tmp_path,
+                         env=fault("stop", "step", 100, 0))
+        [frozen] = wait_until(lambda: stopped_processes(proc), "rank 0 stopping", proc=proc)
+        os.kill(proc.pid, sig)  # to mpiexec, which forwards it to every rank
         wait_until(lambda: has_pending(frozen, sig), f"{sig.name} reaching rank 0")
         os.kill(frozen, signal.SIGCONT)
     out, err = proc.communicate(timeout=240)

@@ -13,6 +13,7 @@ import sys
 import pytest
 from helpers import LAUNCH_TIMEOUT, _env
 
+from mpifed.launch import launcher_family, mpiexec_path
 from mpifed.shaped_link import probe
 
 
@@ -43,6 +44,11 @@ def test_the_commands_exit_status_comes_back(can_shape):
 def test_nodes_sets_the_emulated_nodes_and_the_link_is_named(can_shape):
     done = shaped("--nodes", "2", "--", "sh", "-c",
                   "echo $MPIR_CVAR_NUM_CLIQUES $FI_TCP_IFACE; echo $MPIFED_SHAPED_LINK")
+    if launcher_family(mpiexec_path())[0] == "openmpi":  # no clique emulation: one line
+        assert done.returncode == 2 and done.stdout == ""
+        assert done.stderr.startswith("error: 2 emulated nodes under Open MPI")
+        assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1
+        return
     assert done.stdout.splitlines() == ["2 lo", "tbf rate 1gbit burst 256kb latency 50ms"]
 
 
@@ -59,6 +65,10 @@ def test_the_compression_benchmark_prints_each_scheme_against_none(tmp_path):
                            "none", "--sizes", "16,64,32,4", "--steps", "2", "--warmup", "2",
                            "--repeats", "1", "--batch", "8", "--json", str(out)],
                           capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=_env(None))
+    if launcher_family(mpiexec_path())[0] == "openmpi":  # 2 nodes x 1 rank: MPICH's cliques
+        assert done.returncode == 1 and "needs MPICH's mpiexec" in done.stderr
+        assert "Traceback" not in done.stderr
+        return
     assert done.returncode == 0, done.stdout + done.stderr
     rows = {r["scheme"]: r for r in json.loads(out.read_text())["rows"]}
     assert list(rows) == ["none", "fp16", "powersgd"]

@@ -14,6 +14,7 @@ from mpifed.faults import Byzantine, Fault, byzantine, inject, parse, tampered
     ("raise:round=2", Fault("raise", "round", 2, None)),
     ("exit:rank=0:step=12", Fault("exit", "step", 12, 0)),
     (" stop:round=1\n", Fault("stop", "round", 1, None)),
+    ("pause:step=100:rank=0", Fault("pause", "step", 100, 0)),
 ])
 def test_parse_reads_every_form(text, fault):
     assert parse(text) == fault
@@ -119,3 +120,22 @@ def test_tampered_modes():
     assert tampered(Byzantine(0, "scale", 2.0), start.astype(np.float32),
                     own.astype(np.float32), 0).dtype == np.float32
     np.testing.assert_array_equal(own, keep)  # inputs unchanged
+
+
+def test_pause_sleeps_until_a_signal_handler_runs(monkeypatch):
+    """The pause action returns once a handler has run: here an alarm's, 50 ms later."""
+    import signal
+    import time
+
+    hits = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: hits.append(time.monotonic()))
+    monkeypatch.setenv("MPIFED_FAULT", "pause:step=3:rank=0")
+    try:
+        inject("step", 2, 0)  # another step: returns at once, no alarm needed
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        began = time.monotonic()
+        inject("step", 3, 0)
+        assert len(hits) == 1 and hits[0] >= began
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
