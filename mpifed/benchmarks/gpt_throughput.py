@@ -61,10 +61,12 @@ def timed(step, sync, args) -> float:
 
 def ours(args, comm):
     """The step function of mpifed's GPT and the activation bytes it held."""
+    from ..hostmem import keep_freed_memory
     from ..nn.gpt import gpt
     from ..optim import make_optimizer
     from ..train.step import DataParallelStep
 
+    keep_freed_memory()  # as `mpifed train` does on the host (before torch's allocations too)
     spec = gpt(256, args.context, args.layers, args.heads, args.width, recompute=args.recompute)
     params = spec.init(0)
     step_fn = DataParallelStep(spec, params, comm, "mpi", np, False, stall_timeout=0)

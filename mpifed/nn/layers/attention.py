@@ -77,12 +77,13 @@ class CausalSelfAttention(Layer):
         qkv = linear(x, p["c_attn.weight"], p["c_attn.bias"])  # (B, T, 3C)
         heads = qkv.reshape(b, t, 3, h, d).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D)
         q, k, v = heads[0], heads[1], heads[2]
-        att = q @ k.transpose(0, 1, 3, 2)  # (B, H, T, T)
-        att *= x.dtype.type(1 / math.sqrt(d))
+        # the scale on q (B, H, T, D), a quarter of the scores' size when T = 4 D
+        att = (q * x.dtype.type(1 / math.sqrt(d))) @ k.transpose(0, 1, 3, 2)  # (B, H, T, T)
         att += self._causal(t, xp, x.dtype)
         att -= att.max(axis=-1, keepdims=True)  # stable: every row's largest score is 0
         xp.exp(att, out=att)
-        att /= att.sum(axis=-1, keepdims=True)  # (B, H, T, T) probabilities
+        total = att.sum(axis=-1, keepdims=True)
+        att *= xp.reciprocal(total, out=total)  # (B, H, T, T) probabilities
         mask = dropout_mask(att.shape, self.dropout, ctx, self.salt, x.dtype, xp)
         dropped = att if mask is None else att * mask
         y = (dropped @ v).transpose(0, 2, 1, 3).reshape(b, t, c)  # (B, T, C)
@@ -120,9 +121,9 @@ class CausalSelfAttention(Layer):
         # softmax: ds = a * (da - sum(da * a)); masked entries have a = 0, so ds = 0 there
         datt -= (datt * att).sum(axis=-1, keepdims=True)
         datt *= att
-        datt *= x.dtype.type(1 / math.sqrt(d))
-        xp.matmul(datt, k, out=dqkv[0])  # dq
-        xp.matmul(datt.transpose(0, 1, 3, 2), q, out=dqkv[1])  # dk
+        xp.matmul(datt, k, out=dqkv[0])  # dq, before the scale
+        xp.matmul(datt.transpose(0, 1, 3, 2), q, out=dqkv[1])  # dk, before the scale
+        dqkv[:2] *= x.dtype.type(1 / math.sqrt(d))  # the scores' scale, on (B, H, T, D)
         dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(b, t, 3 * c)  # (B, T, 3C)
         return linear_backward(x, p["c_attn.weight"], dqkv, g["c_attn.weight"],
                                g["c_attn.bias"], need_dx)

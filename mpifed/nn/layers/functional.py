@@ -33,25 +33,39 @@ def linear_backward(x, w, dy, gw, gb, need_dx=True):
 
 
 def layernorm(x, w, b, eps: float):
-    """Normalise over the last axis (PyTorch's LayerNorm(features)); return (y, cache)."""
+    """Normalise over the last axis (PyTorch's LayerNorm(features)); return (y, cache).
+
+    Two temporaries of x's size (xhat, kept for backward, and y); the variance is a dot
+    product per row (einsum), not a squared copy."""
     xp = get_array_module(x)
-    centered = x - x.mean(axis=-1, keepdims=True)  # (..., C)
-    var = (centered * centered).mean(axis=-1, keepdims=True)  # (..., 1)
-    inv = 1 / xp.sqrt(var + x.dtype.type(eps))
-    xhat = centered
+    f = x.dtype.type
+    xhat = x - x.mean(axis=-1, keepdims=True)  # (..., C) centred, normalised in place below
+    inv = xp.einsum("...i,...i->...", xhat, xhat)[..., None]  # (..., 1) sum of squares
+    inv *= f(1 / x.shape[-1])
+    inv += f(eps)
+    xp.sqrt(inv, out=inv)
+    xp.reciprocal(inv, out=inv)  # 1 / sqrt(var + eps)
     xhat *= inv
-    return xhat * w + b, (xhat, inv)
+    y = xhat * w
+    y += b
+    return y, (xhat, inv)
 
 
 def layernorm_backward(dy, w, cache, gw, gb):
-    """Write dw, db (C,) of `layernorm`; return dx (..., C)."""
+    """Write dw, db (C,) of `layernorm`; return dx (..., C):
+    dx = inv (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = dy w."""
+    xp = get_array_module(dy)
     xhat, inv = cache
     c = dy.shape[-1]
+    f = dy.dtype.type
     (dy * xhat).reshape(-1, c).sum(axis=0, out=gw)
     dy.reshape(-1, c).sum(axis=0, out=gb)
     dxhat = dy * w  # (..., C)
-    dx = dxhat - dxhat.mean(axis=-1, keepdims=True)
-    dx -= xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
+    proj = xp.einsum("...i,...i->...", dxhat, xhat)[..., None]  # (..., 1)
+    proj *= f(1 / c)
+    dx = xhat * proj
+    xp.subtract(dxhat, dx, out=dx)
+    dx -= dxhat.mean(axis=-1, keepdims=True)
     dx *= inv
     return dx
 
