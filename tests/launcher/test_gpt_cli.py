@@ -8,7 +8,7 @@ import json
 import math
 
 import h5py
-from helpers import run_cli, run_mpi
+from helpers import _env, run_cli, run_mpi
 
 CONFIG = """
 [data]
@@ -111,8 +111,11 @@ def test_demo_gpt_trains_on_the_sources_and_prints_a_sample(tmp_path):
     import sys
 
     code = f"from mpifed.cli.demo_gpt import main; main({str(tmp_path / 'demo')!r}, 2, 20)"
+    # as `make demo-gpt`: not under mpiexec; with Python's copy of the environment, as every
+    # helper here passes: another test may have started MPI in this process, and under Open
+    # MPI that puts a singleton's PMIX_/OMPI_ variables into the C environment
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=600, cwd=tmp_path)  # as `make demo-gpt`: not under mpiexec
+                          timeout=600, cwd=tmp_path, env=_env(None))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr  # the ranks' own lines too
     assert "a sample (prompt \"def \"" in done.stdout
     assert done.stdout.rstrip().split("\n")[-1] != ""
