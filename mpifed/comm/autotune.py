@@ -6,11 +6,13 @@ will use, on its own communicator, and keep the fastest for each power-of-two si
     {65536: 'mpi', 1048576: 'ring'}
     >>> install(comm, table)    # allreduce(buf, comm, algorithm="auto") now follows it
 
-A bucket's time for an algorithm is the slowest rank's median over a few repetitions, all-reduced
-before anyone decides: every rank holds the same numbers and picks the same algorithm, so no rank
-can run the ring while another waits in MPI_Allreduce. Only host arrays are measured: NCCL never
-moves host arrays, and device buffers keep the rule of `collectives.choose_algorithm`. Reading and
-writing the per-topology cache is the caller's (mpifed/train/allreduce_choice.py): it writes files.
+A bucket's time for an algorithm is the median over calls of the slowest rank's time of each
+call (a step waits for its slowest rank), all-reduced before anyone decides: every rank holds
+the same numbers and picks the same algorithm, so no rank can run the ring while another waits
+in MPI_Allreduce. Small buckets get more calls than large ones, and a close call (the runner-up
+within 10%) is timed again with more calls. Only host arrays are measured: NCCL never moves host
+arrays, and device buffers keep the rule of `collectives.choose_algorithm`. Reading and writing
+the per-topology cache is the caller's (mpifed/train/allreduce_choice.py): it writes files.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ from .topology import topology
 
 # What can be measured on host arrays, in the order that breaks a tie (the first wins).
 MEASURED = {"ring": ring_allreduce, "mpi": mpi_allreduce, "hierarchical": hierarchical_allreduce}
-REPEATS = 5  # timed calls per algorithm and bucket, after one warm-up call each
+REPEATS = 5  # the fewest timed calls per algorithm and bucket, after one warm-up call each
+MOST_REPEATS = 31  # small buckets get more calls: repeats_for
+REPEAT_BYTES = 32 << 20  # a bucket of b bytes gets about REPEAT_BYTES / b calls
+CLOSE = 1.10  # a runner-up this close to the fastest is measured again: check_close_calls
 
 # The table installed on a communicator: a plain dict, nothing to free with it.
 _TABLE = MPI.Comm.Create_keyval()
@@ -45,6 +50,13 @@ def bucket_bytes(nbytes: int) -> int:
         return 1
     lower = 1 << (int(nbytes).bit_length() - 1)
     return lower if nbytes * nbytes < 2 * lower * lower else 2 * lower
+
+
+def repeats_for(nbytes: int) -> int:
+    """Return the timed calls per algorithm at a bucket of `nbytes`: REPEAT_BYTES / nbytes,
+    between REPEATS and MOST_REPEATS. Small buckets are cheap to time and noisier relative to
+    their length (one scheduler hiccup is a whole call); 16 MiB gets REPEATS."""
+    return int(min(MOST_REPEATS, max(REPEATS, REPEAT_BYTES // max(nbytes, 1))))
 
 
 def candidates(comm) -> tuple[str, ...]:
@@ -67,23 +79,53 @@ def time_allreduce(algorithm: str, buf, comm) -> float:
     return time.perf_counter() - start
 
 
-def local_medians(comm, buckets, algorithms, buffer_for, timer, repeats: int) -> np.ndarray:
-    """Return this rank's median seconds, (len(buckets), len(algorithms)).
+def call_times(comm, buf, algorithms, timer, repeats: int, warm: bool = True) -> np.ndarray:
+    """Return the slowest rank's seconds of each call, (len(algorithms), repeats), the same
+    array on every rank (one MAX all-reduce): a step waits for its slowest rank on every call.
 
-    Each algorithm is called once unmeasured first (scratch windows, first touch of the pages);
-    the order rotates between repetitions so that noise hits every algorithm alike.
+    warm: call each algorithm once unmeasured first (scratch windows, first touch of the
+    pages). The order rotates between repetitions so that noise hits every algorithm alike;
+    every rank makes the same calls in the same order, so call i is the same call everywhere.
     """
-    medians = np.empty((len(buckets), len(algorithms)))
-    for i, nbytes in enumerate(buckets):
-        buf = buffer_for(nbytes)
+    if warm:
         for algorithm in algorithms:
             timer(algorithm, buf, comm)
-        samples = [[] for _ in algorithms]
-        for repeat in range(repeats):
-            shift = repeat % len(algorithms)
-            for j in [*range(shift, len(algorithms)), *range(shift)]:
-                samples[j].append(timer(algorithms[j], buf, comm))
-        medians[i] = np.median(np.array(samples), axis=1)
+    local = np.empty((len(algorithms), repeats))
+    for repeat in range(repeats):
+        shift = repeat % len(algorithms)
+        for j in [*range(shift, len(algorithms)), *range(shift)]:
+            local[j, repeat] = timer(algorithms[j], buf, comm)
+    slowest = np.empty_like(local)
+    comm.Allreduce(local, slowest, op=MPI.MAX)
+    return slowest
+
+
+def close_call(row: np.ndarray) -> list[int] | None:
+    """Return the indices of the fastest two of `row` (median seconds per algorithm) when the
+    runner-up is within CLOSE of the fastest, else None. Pure."""
+    if len(row) < 2:
+        return None
+    first, second = (int(i) for i in np.argsort(row, kind="stable")[:2])
+    return sorted([first, second]) if row[second] <= CLOSE * row[first] else None
+
+
+def bucket_medians(comm, nbytes: int, algorithms, buffer_for, timer, repeats) -> np.ndarray:
+    """Return the median over calls of the slowest rank's seconds, per algorithm, at one bucket.
+
+    When the fastest two are within CLOSE of each other, those two are timed again with twice
+    the calls (a close call is where noise decides, and where a wrong choice costs up to 10%),
+    and their medians are taken over all their calls. Collective; equal on every rank.
+    """
+    count = repeats or repeats_for(nbytes)
+    buf = buffer_for(nbytes)
+    samples = call_times(comm, buf, algorithms, timer, count)
+    medians = np.median(samples, axis=1)
+    pair = close_call(medians)
+    if pair is not None and not repeats:
+        more = call_times(comm, buf, [algorithms[j] for j in pair], timer, 2 * count,
+                          warm=False)
+        for row, j in zip(more, pair):
+            medians[j] = float(np.median(np.concatenate([samples[j], row])))
     return medians
 
 
@@ -92,20 +134,21 @@ def decide(buckets, algorithms, seconds: np.ndarray) -> dict[int, str]:
     return {int(b): algorithms[int(np.argmin(row))] for b, row in zip(buckets, seconds)}
 
 
-def measure(comm, buckets, buffer_for, *, timer=time_allreduce, repeats: int = REPEATS):
+def measure(comm, buckets, buffer_for, *, timer=time_allreduce, repeats: int | None = None):
     """Time each candidate algorithm at each bucket; return (table, seconds), equal on all ranks.
 
     buckets: sizes in bytes, the same list on every rank. buffer_for(nbytes): a 1-D host array
     of about that many bytes, of the kind the run reduces (a window array or not).
     timer(algorithm, buf, comm): seconds of one call (tests inject their own).
-    table: {bucket: algorithm}; seconds: {bucket: {algorithm: slowest rank's median}}.
-    Collective over `comm`.
+    repeats: timed calls per algorithm and bucket; None: repeats_for(bucket), and close calls
+    timed again (bucket_medians).
+    table: {bucket: algorithm}; seconds: {bucket: {algorithm: median over calls of the slowest
+    rank's seconds}}. Collective over `comm`: a few seconds on slow links, once per topology.
     """
     buckets = [int(b) for b in buckets]
     algorithms = candidates(comm)
-    local = local_medians(comm, buckets, algorithms, buffer_for, timer, repeats)
-    slowest = np.empty_like(local)
-    comm.Allreduce(local, slowest, op=MPI.MAX)
+    slowest = np.array([bucket_medians(comm, b, algorithms, buffer_for, timer, repeats)
+                        for b in buckets]).reshape(len(buckets), len(algorithms))
     seconds = {b: dict(zip(algorithms, map(float, row))) for b, row in zip(buckets, slowest)}
     return decide(buckets, algorithms, slowest), seconds
 

@@ -14,7 +14,8 @@ import pytest
 from mpi4py import MPI
 
 from mpifed.comm import choose_algorithm
-from mpifed.comm.autotune import Table, bucket_bytes, decide, decode, encode, measure
+from mpifed.comm.autotune import (CLOSE, REPEATS, Table, bucket_bytes, close_call, decide, decode,
+                                  encode, measure, repeats_for)
 from mpifed.errors import UserError
 from mpifed.train import allreduce_choice as ac
 
@@ -68,6 +69,48 @@ def test_the_median_ignores_one_outlier():
 
     table, seconds = measure(MPI.COMM_SELF, [64], scratch, timer=timer, repeats=3)
     assert table == {64: "ring"} and seconds[64] == {"ring": 1.0, "mpi": 1.5}
+
+
+def test_small_buckets_get_more_calls_between_the_bounds():
+    assert repeats_for(16 << 20) == REPEATS and repeats_for(64 << 20) == REPEATS
+    assert repeats_for(2 << 20) == 16 and repeats_for(1 << 16) == 31 and repeats_for(1) == 31
+    counts = [repeats_for(1 << k) for k in range(10, 26)]
+    assert counts == sorted(counts, reverse=True)  # never more calls for a larger bucket
+
+
+def test_a_close_call_is_the_fastest_two_within_ten_percent():
+    assert close_call(np.array([2.0, 1.0, 1.05])) == [1, 2]
+    assert close_call(np.array([1.0, 1.0 * CLOSE])) == [0, 1]  # the edge counts as close
+    assert close_call(np.array([1.0, 1.2, 3.0])) is None
+    assert close_call(np.array([1.0])) is None  # one candidate: nothing to re-check
+
+
+def test_a_close_call_is_timed_again_and_decided_on_all_its_calls():
+    # At 1 MiB (16 calls each) mpi's first calls all say 1.0 and the ring's 1.05: mpi wins the
+    # first pass by 5%, a close call. The second pass (32 more calls of those two) finds mpi
+    # at 2.0: over all 48 calls its median is 2.0, the ring's 1.05, so the ring is chosen.
+    # 4 KiB is not close (1 vs 3) and gets no second pass.
+    nbytes, first = 1 << 20, repeats_for(1 << 20)
+    mpi_calls = []
+
+    def timer(algorithm, buf, comm):
+        if buf.nbytes == 4096:
+            return 1.0 if algorithm == "ring" else 3.0
+        if algorithm == "ring":
+            return 1.05
+        mpi_calls.append(1)
+        return 1.0 if len(mpi_calls) <= 1 + first else 2.0  # warm-up and first pass: 1.0
+
+    table, seconds = measure(MPI.COMM_SELF, [4096, nbytes], scratch, timer=timer)
+    assert table == {4096: "ring", nbytes: "ring"}
+    assert seconds[nbytes] == {"ring": 1.05, "mpi": 2.0}
+    assert len(mpi_calls) == 1 + first + 2 * first
+
+
+def test_with_fixed_repeats_a_close_call_is_not_timed_again():
+    timer = FakeTimer({("ring", 1024): 1.05, ("mpi", 1024): 1.0})
+    table, _ = measure(MPI.COMM_SELF, [1024], scratch, timer=timer, repeats=3)
+    assert table == {1024: "mpi"} and len(timer.calls) == 2 * (1 + 3)
 
 
 def test_encoding_round_trips_as_indices_into_the_algorithm_names():
