@@ -71,7 +71,7 @@ def iterations_for(nbytes: int, requested: int | None) -> int:
 
 
 def time_size(comm, nbytes: int, dtype, iters: int, warmup: int, node=None) -> dict:
-    """Time each algorithm at one size, interleaved so that noise hits all alike.
+    """Time each algorithm at one size, interleaved in random orders so that noise hits all alike.
 
     node: given, the buffer is allocated in node shared memory (shared_array), as the training
     step allocates its gradients ("window arrays"); else it is an ordinary NumPy array. Every
@@ -83,9 +83,12 @@ def time_size(comm, nbytes: int, dtype, iters: int, warmup: int, node=None) -> d
     buf = shared_array(count, dtype, node) if node is not None else np.empty(count, dtype=dtype)
     times = {a: [] for a in ALGOS}
     wrong = dict.fromkeys(ALGOS, 0)
+    orders = np.random.default_rng(nbytes)  # the same sequence of orders on every rank
     for it in range(warmup + iters):
-        shift = it % len(ALGOS)
-        for algo in ALGOS[shift:] + ALGOS[:shift]:  # rotate: no algorithm always goes first
+        # a fresh random order each iteration: no algorithm always goes first, and none always
+        # follows the same one (a rotation keeps each algorithm's predecessor fixed, and what
+        # ran just before, e.g. the hierarchical all-reduce's copies, can slow the next call)
+        for algo in (ALGOS[i] for i in orders.permutation(len(ALGOS))):
             buf.fill(fill)
             comm.Barrier()
             start = time.perf_counter()
