@@ -154,22 +154,31 @@ def measure(comm, buckets, buffer_for, *, timer=time_allreduce, repeats: int | N
 
 
 class Scratch:
-    """One buffer of the largest bucket's size to measure in, a window array or an ordinary one.
+    """The buffers to measure in: views of one window array of the largest bucket's size (a
+    step's window gradient buffer, or its per-layer ranges), or for ordinary arrays a fresh
+    array per bucket, as a step without overlap reduces its own gradient array.
 
-    `free()` is collective over the node for a window (so not in a `finally`).
+    Why fresh: the hierarchical all-reduce of ordinary arrays (which copies through a window)
+    ran up to 2x slower on a view of one 64 MiB array than on an array of the view's own size
+    (1 x 2 ranks, 128-256 KiB, measured side by side), which made auto pass it over where it
+    was the fastest. `free()` is collective over the node for a window (so not in a `finally`).
     """
 
     def __init__(self, comm, largest: int, dtype, window: bool):
         self.dtype = np.dtype(dtype)
-        count = max(1, largest // self.dtype.itemsize)
         self.window = window
-        self.buf = (shared_array(count, self.dtype, topology(comm)[0]) if window
-                    else np.empty(count, dtype=self.dtype))
-        self.buf[...] = 0
+        self.buf = None
+        if window:
+            count = max(1, largest // self.dtype.itemsize)
+            self.buf = shared_array(count, self.dtype, topology(comm)[0])
+            self.buf[...] = 0
 
     def __call__(self, nbytes: int):
-        """Return the first `nbytes` bytes (at least one element) as a view."""
-        return self.buf[:max(1, nbytes // self.dtype.itemsize)]
+        """Return a buffer of `nbytes` bytes (at least one element)."""
+        count = max(1, nbytes // self.dtype.itemsize)
+        if self.window:
+            return self.buf[:count]
+        return np.zeros(count, dtype=self.dtype)
 
     def free(self) -> None:
         if self.window:
