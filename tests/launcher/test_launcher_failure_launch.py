@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+import subprocess
 import sys
 
 import pytest
@@ -65,3 +66,26 @@ def test_open_mpi_is_told_to_oversubscribe(tmp_path):
     hydra.chmod(hydra.stat().st_mode | stat.S_IEXEC)
     assert oversubscribe_args(str(hydra)) == []
     launcher_family.cache_clear()
+
+
+def test_run_passes_pythons_environment_not_the_c_one(monkeypatch):
+    """Open MPI's singleton start puts PMIX_/OMPI_ variables into the C environment only (not
+    os.environ), and an mpirun that inherits them exits 1 silently: launched commands get
+    Python's copy. Here a variable is set in the C environment alone, as MPI would, with
+    setenv; the child must not see it, while one set through os.environ reaches it."""
+    import ctypes
+    import os
+
+    libc = ctypes.CDLL(None)
+    libc.setenv(b"MPIFED_TEST_C_ONLY", b"leaked", 1)
+    monkeypatch.setenv("MPIFED_TEST_PY", "seen")
+    try:
+        show = ("import os; print(os.environ.get('MPIFED_TEST_C_ONLY'), "
+                "os.environ.get('MPIFED_TEST_PY'))")
+        inherited = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True)
+        assert inherited.stdout.split() == ["leaked", "seen"]  # the C environment has it
+        done = run([sys.executable, "-c", show], capture_output=True, text=True)
+        assert done.stdout.split() == ["None", "seen"]
+    finally:
+        libc.unsetenv(b"MPIFED_TEST_C_ONLY")
+    assert "MPIFED_TEST_C_ONLY" not in os.environ

@@ -4,6 +4,7 @@ its TOML block as run.toml) on NumPy arrays of one's own; the model it trains be
 `mpifed evaluate` and `mpifed plot --run` work on what it wrote. The SLURM step that follows in
 the docs is examples/slurm/submit.sh, run by tests/slurm/test_slurm_example.py."""
 
+import os
 import re
 import shlex
 import subprocess
@@ -43,8 +44,11 @@ def test_own_numpy_arrays_on_two_ranks_as_the_docs_say(tmp_path):
             continue
         argv = [str(bin_dir / a.removeprefix(".venv/bin/")) if a.startswith(".venv/bin/") else a
                 for a in shlex.split(command)]
+        # Python's copy of the environment, as the suite's helpers pass: a test that started
+        # MPI in this process leaves Open MPI's PMIX_/OMPI_ variables in the C environment,
+        # and an mpirun started with them takes itself for a nested job and exits 1
         done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True,
-                              timeout=LAUNCH_TIMEOUT)
+                              timeout=LAUNCH_TIMEOUT, env=dict(os.environ))
         assert done.returncode == 0, f"{command}: {done.stderr[-2000:]}"
         outputs.append(done.stdout)
     summary = read_metrics(tmp_path / "runs" / "latest", "summary")[0]
