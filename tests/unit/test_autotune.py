@@ -14,8 +14,18 @@ import pytest
 from mpi4py import MPI
 
 from mpifed.comm import choose_algorithm
-from mpifed.comm.autotune import (CLOSE, REPEATS, Table, bucket_bytes, close_call, decide, decode,
-                                  encode, measure, repeats_for)
+from mpifed.comm.autotune import (
+    CLOSE,
+    REPEATS,
+    Table,
+    bucket_bytes,
+    close_call,
+    decide,
+    decode,
+    encode,
+    measure,
+    repeats_for,
+)
 from mpifed.errors import UserError
 from mpifed.train import allreduce_choice as ac
 
