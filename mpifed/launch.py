@@ -92,7 +92,8 @@ def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     # Python's own copy of the environment, not the C one: a process where MPI started alone
     # (Open MPI's singleton) has PMIX_*/OMPI_* variables put into its C environment, and a
     # child mpirun that inherits them exits 1 without a word (it takes itself for a nested job).
-    kwargs.setdefault("env", dict(os.environ))
+    if kwargs.get("env") is None:
+        kwargs["env"] = dict(os.environ)
     if kwargs.get("capture_output") or "stderr" in kwargs:
         done = subprocess.run(cmd, **kwargs)
         err = done.stderr if isinstance(done.stderr, str) else (done.stderr or b"").decode(

@@ -70,12 +70,14 @@ def iterations_for(nbytes: int, requested: int | None) -> int:
     return int(min(200, max(10, (256 << 20) // max(nbytes, 1) // 8)))
 
 
-def time_size(comm, nbytes: int, dtype, iters: int, warmup: int, node=None) -> dict:
+def time_size(comm, nbytes: int, dtype, iters: int, warmup: int, node=None,
+              turn: int = 0) -> dict:
     """Time each algorithm at one size, interleaved in random orders so that noise hits all alike.
 
     node: given, the buffer is allocated in node shared memory (shared_array), as the training
     step allocates its gradients ("window arrays"); else it is an ordinary NumPy array. Every
-    algorithm is called the same way on the same buffer.
+    algorithm is called the same way on the same buffer. turn: the round (--rounds), which
+    seeds the random orders with the size.
     """
     count = max(1, nbytes // np.dtype(dtype).itemsize)
     fill = dtype(comm.rank + 1)
@@ -83,7 +85,8 @@ def time_size(comm, nbytes: int, dtype, iters: int, warmup: int, node=None) -> d
     buf = shared_array(count, dtype, node) if node is not None else np.empty(count, dtype=dtype)
     times = {a: [] for a in ALGOS}
     wrong = dict.fromkeys(ALGOS, 0)
-    orders = np.random.default_rng(nbytes)  # the same sequence of orders on every rank
+    orders = np.random.default_rng([nbytes, turn])  # the same orders on every rank; new
+    # ones each round (turn), so the median over rounds also averages over orders
     for it in range(warmup + iters):
         # a fresh random order each iteration: no algorithm always goes first, and none always
         # follows the same one (a rotation keeps each algorithm's predecessor fixed, and what
@@ -219,7 +222,7 @@ def main(argv=None) -> int:
     rows, rounds = [], []
     for turn in range(args.rounds):
         this_round = [time_size(comm, nbytes, dtype, iterations_for(nbytes, args.iters),
-                                args.warmup, node if arrays == "window" else None)
+                                args.warmup, node if arrays == "window" else None, turn)
                       for nbytes in sizes(lo, hi, args.factor)]
         rounds.append(this_round)
         goal = [auto_vs_best(r) for r in this_round if 64 << 10 <= r["size"] <= 16 << 20]

@@ -34,7 +34,7 @@ MEASURED = {"ring": ring_allreduce, "mpi": mpi_allreduce, "hierarchical": hierar
 REPEATS = 5  # the fewest timed calls per algorithm and bucket, after one warm-up call each
 MOST_REPEATS = 31  # small buckets get more calls: repeats_for
 REPEAT_BYTES = 32 << 20  # a bucket of b bytes gets about REPEAT_BYTES / b calls
-CLOSE = 1.10  # a runner-up this close to the fastest is measured again: check_close_calls
+CLOSE = 1.10  # a runner-up this close to the fastest is timed again: bucket_medians
 
 # The table installed on a communicator: a plain dict, nothing to free with it.
 _TABLE = MPI.Comm.Create_keyval()
@@ -116,12 +116,12 @@ def bucket_medians(comm, nbytes: int, algorithms, buffer_for, timer, repeats) ->
     the calls (a close call is where noise decides, and where a wrong choice costs up to 10%),
     and their medians are taken over all their calls. Collective; equal on every rank.
     """
-    count = repeats or repeats_for(nbytes)
+    count = repeats_for(nbytes) if repeats is None else repeats
     buf = buffer_for(nbytes)
     samples = call_times(comm, buf, algorithms, timer, count)
     medians = np.median(samples, axis=1)
     pair = close_call(medians)
-    if pair is not None and not repeats:
+    if pair is not None and repeats is None:
         more = call_times(comm, buf, [algorithms[j] for j in pair], timer, 2 * count,
                           warm=False)
         for row, j in zip(more, pair):
@@ -145,6 +145,9 @@ def measure(comm, buckets, buffer_for, *, timer=time_allreduce, repeats: int | N
     table: {bucket: algorithm}; seconds: {bucket: {algorithm: median over calls of the slowest
     rank's seconds}}. Collective over `comm`: a few seconds on slow links, once per topology.
     """
+    if repeats is not None and (isinstance(repeats, bool) or not isinstance(repeats, int)
+                                or repeats < 1):
+        raise ValueError(f"repeats: expected None or an int >= 1, got {repeats!r}")
     buckets = [int(b) for b in buckets]
     algorithms = candidates(comm)
     slowest = np.array([bucket_medians(comm, b, algorithms, buffer_for, timer, repeats)

@@ -3,7 +3,7 @@ the run's own communicator (mpifed/comm/autotune.py), then read from a cache fil
 
     $XDG_CACHE_HOME/mpifed/allreduce-<sha256 of the topology key>.json   (else ~/.cache/mpifed/)
 
-    {"format": "mpifed allreduce choice", "version": 1,
+    {"format": "mpifed allreduce choice", "version": 2,
      "key": {"world_size": 4, "node_sizes": [2, 2], "transport": "netmod ofi, ...",
              "mpi_library": "MPICH Version: 5.0.2 ...", "dtype": "float32", "window": true},
      "choice": {"65536": "mpi", "1048576": "ring"},
@@ -39,7 +39,9 @@ from ..log import get_logger
 
 log = get_logger(__name__)
 
-FORMAT, VERSION = "mpifed allreduce choice", 1
+# version 2: each call's slowest rank, more calls, close calls re-timed, fresh ordinary arrays
+# (comm/autotune.py); a version-1 table is measured again
+FORMAT, VERSION = "mpifed allreduce choice", 2
 MODES = {"1": 1, "refresh": 2, "0": 0}  # MPIFED_AUTOTUNE -> the code broadcast from rank 0
 
 

@@ -86,6 +86,8 @@ def test_run_passes_pythons_environment_not_the_c_one(monkeypatch):
         assert inherited.stdout.split() == ["leaked", "seen"]  # the C environment has it
         done = run([sys.executable, "-c", show], capture_output=True, text=True)
         assert done.stdout.split() == ["None", "seen"]
+        done = run([sys.executable, "-c", show], capture_output=True, text=True, env=None)
+        assert done.stdout.split() == ["None", "seen"]  # env=None: the same copy
     finally:
         libc.unsetenv(b"MPIFED_TEST_C_ONLY")
     assert "MPIFED_TEST_C_ONLY" not in os.environ

@@ -17,6 +17,7 @@ from mpifed.comm import choose_algorithm
 from mpifed.comm.autotune import (
     CLOSE,
     REPEATS,
+    Scratch,
     Table,
     bucket_bytes,
     close_call,
@@ -96,9 +97,9 @@ def test_a_close_call_is_the_fastest_two_within_ten_percent():
 
 
 def test_a_close_call_is_timed_again_and_decided_on_all_its_calls():
-    # At 1 MiB (16 calls each) mpi's first calls all say 1.0 and the ring's 1.05: mpi wins the
-    # first pass by 5%, a close call. The second pass (32 more calls of those two) finds mpi
-    # at 2.0: over all 48 calls its median is 2.0, the ring's 1.05, so the ring is chosen.
+    # At 1 MiB (31 calls each) mpi's first calls all say 1.0 and the ring's 1.05: mpi wins the
+    # first pass by 5%, a close call. The second pass (62 more calls of those two) finds mpi
+    # at 2.0: over all 93 calls its median is 2.0, the ring's 1.05, so the ring is chosen.
     # 4 KiB is not close (1 vs 3) and gets no second pass.
     nbytes, first = 1 << 20, repeats_for(1 << 20)
     mpi_calls = []
@@ -121,6 +122,29 @@ def test_with_fixed_repeats_a_close_call_is_not_timed_again():
     timer = FakeTimer({("ring", 1024): 1.05, ("mpi", 1024): 1.0})
     table, _ = measure(MPI.COMM_SELF, [1024], scratch, timer=timer, repeats=3)
     assert table == {1024: "mpi"} and len(timer.calls) == 2 * (1 + 3)
+
+
+def test_repeats_must_be_none_or_a_positive_int():
+    timer = FakeTimer({("ring", 1024): 1.0, ("mpi", 1024): 2.0})
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="repeats"):
+            measure(MPI.COMM_SELF, [1024], scratch, timer=timer, repeats=bad)
+    assert timer.calls == []  # refused before any call
+
+
+def test_scratch_gives_ordinary_arrays_fresh_and_window_arrays_views():
+    ordinary = Scratch(MPI.COMM_SELF, 1 << 20, "float32", window=False)
+    a, b = ordinary(4096), ordinary(4096)
+    assert a.dtype == np.float32 and a.size == 1024 and not a.any()
+    assert not np.shares_memory(a, b) and a.base is None  # an array of its own size each time
+    assert ordinary(1).size == 1  # at least one element
+    ordinary.free()  # nothing to free
+    window = Scratch(MPI.COMM_SELF, 1 << 20, "float64", window=True)
+    try:
+        c, d = window(8192), window(1 << 20)
+        assert c.size == 1024 and d.size == (1 << 20) // 8 and np.shares_memory(c, d)
+    finally:
+        window.free()
 
 
 def test_encoding_round_trips_as_indices_into_the_algorithm_names():
