@@ -32,8 +32,8 @@ from .topology import topology
 # What can be measured on host arrays, in the order that breaks a tie (the first wins).
 MEASURED = {"ring": ring_allreduce, "mpi": mpi_allreduce, "hierarchical": hierarchical_allreduce}
 REPEATS = 5  # the fewest timed calls per algorithm and bucket, after one warm-up call each
-MOST_REPEATS = 31  # small buckets get more calls: repeats_for
-REPEAT_BYTES = 32 << 20  # a bucket of b bytes gets about REPEAT_BYTES / b calls
+MOST_REPEATS = 11  # small buckets get more calls: repeats_for
+REPEAT_BYTES = 8 << 20  # a bucket of b bytes gets about REPEAT_BYTES / b calls
 CLOSE = 1.10  # a runner-up this close to the fastest is timed again: bucket_medians
 
 # The table installed on a communicator: a plain dict, nothing to free with it.
@@ -55,7 +55,10 @@ def bucket_bytes(nbytes: int) -> int:
 def repeats_for(nbytes: int) -> int:
     """Return the timed calls per algorithm at a bucket of `nbytes`: REPEAT_BYTES / nbytes,
     between REPEATS and MOST_REPEATS. Small buckets are cheap to time and noisier relative to
-    their length (one scheduler hiccup is a whole call); 16 MiB gets REPEATS."""
+    their length (one scheduler hiccup is a whole call); 2 MiB and more get REPEATS. (32 MiB
+    and up to 31 calls cost 5-10x the old start-up, up to 0.1 s a bucket on 4 ranks of a
+    2-core machine, paid by every test run that trains, and the sweeps with them still missed
+    the 1.1x goal: docs/performance.md.)"""
     return int(min(MOST_REPEATS, max(REPEATS, REPEAT_BYTES // max(nbytes, 1))))
 
 
