@@ -19,10 +19,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,mpich]'
 	touch $@
 
-# Tests by kind, a folder each (test-serial lists its 20 slowest tests: CI's time is kept
-# under its 40-minute limit from that list): tests/unit (one process, no launcher), tests/launcher (mpiexec
+# Tests by kind, a folder each: tests/unit (one process, no launcher), tests/launcher (mpiexec
 # or the CLI in a subprocess), tests/mpi (pytest under mpiexec; mpi(min_size=N) names the ranks
-# a test needs), tests/gpu, tests/multinode, tests/slurm.
+# a test needs), tests/gpu, tests/multinode, tests/slurm. test-serial lists its 20 slowest
+# tests: CI's time is kept under its 40-minute limit from that list.
 test: test-serial test-mpi
 
 test-serial: install

@@ -38,7 +38,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..comm import allreduce, choose_algorithm
-from ..comm.autotune import bucket_bytes, install, installed
+from ..comm.autotune import bucket_bytes, call_orders, install, installed
 from ..comm.shared import release, shared_array
 from ..comm.topology import node_facts, topology, transport
 from .membw import allreduce_bound_seconds, node_copy_bandwidth
@@ -85,13 +85,10 @@ def time_size(comm, nbytes: int, dtype, iters: int, warmup: int, node=None,
     buf = shared_array(count, dtype, node) if node is not None else np.empty(count, dtype=dtype)
     times = {a: [] for a in ALGOS}
     wrong = dict.fromkeys(ALGOS, 0)
-    orders = np.random.default_rng([nbytes, turn])  # the same orders on every rank; new
-    # ones each round (turn), so the median over rounds also averages over orders
-    for it in range(warmup + iters):
-        # a fresh random order each iteration: no algorithm always goes first, and none always
-        # follows the same one (a rotation keeps each algorithm's predecessor fixed, and what
-        # ran just before, e.g. the hierarchical all-reduce's copies, can slow the next call)
-        for algo in (ALGOS[i] for i in orders.permutation(len(ALGOS))):
+    # a random order each iteration, the same on every rank, new ones each round (turn)
+    orders = call_orders(len(ALGOS), warmup + iters, [nbytes, turn])
+    for it, order in enumerate(orders):
+        for algo in (ALGOS[i] for i in order):
             buf.fill(fill)
             comm.Barrier()
             start = time.perf_counter()

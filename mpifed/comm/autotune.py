@@ -82,21 +82,30 @@ def time_allreduce(algorithm: str, buf, comm) -> float:
     return time.perf_counter() - start
 
 
+def call_orders(count: int, calls: int, seed) -> list[list[int]]:
+    """Return `calls` random orders of range(count), the same for the same `seed` (so on every
+    rank): noise hits every algorithm alike, none always goes first, and none always follows
+    the same one (a rotation keeps each one's predecessor fixed, and what ran just before, such
+    as the hierarchical all-reduce's copies, can slow the next call). Pure."""
+    rng = np.random.default_rng(seed)
+    return [[int(i) for i in rng.permutation(count)] for _ in range(calls)]
+
+
 def call_times(comm, buf, algorithms, timer, repeats: int, warm: bool = True) -> np.ndarray:
     """Return the slowest rank's seconds of each call, (len(algorithms), repeats), the same
     array on every rank (one MAX all-reduce): a step waits for its slowest rank on every call.
 
     warm: call each algorithm once unmeasured first (scratch windows, first touch of the
-    pages). The order rotates between repetitions so that noise hits every algorithm alike;
-    every rank makes the same calls in the same order, so call i is the same call everywhere.
+    pages). Each repetition runs the algorithms in a random order (call_orders), the same on
+    every rank, so call i is the same call everywhere.
     """
     if warm:
         for algorithm in algorithms:
             timer(algorithm, buf, comm)
     local = np.empty((len(algorithms), repeats))
-    for repeat in range(repeats):
-        shift = repeat % len(algorithms)
-        for j in [*range(shift, len(algorithms)), *range(shift)]:
+    orders = call_orders(len(algorithms), repeats, [buf.nbytes, int(warm)])  # alike everywhere
+    for repeat, order in enumerate(orders):
+        for j in order:
             local[j, repeat] = timer(algorithms[j], buf, comm)
     slowest = np.empty_like(local)
     comm.Allreduce(local, slowest, op=MPI.MAX)

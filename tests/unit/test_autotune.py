@@ -20,6 +20,7 @@ from mpifed.comm.autotune import (
     Scratch,
     Table,
     bucket_bytes,
+    call_orders,
     close_call,
     decide,
     decode,
@@ -146,6 +147,16 @@ def test_scratch_gives_ordinary_arrays_fresh_and_window_arrays_views():
         assert c.size == 1024 and d.size == (1 << 20) // 8 and np.shares_memory(c, d)
     finally:
         window.free()
+
+
+def test_call_orders_are_permutations_alike_for_a_seed_with_varying_neighbours():
+    orders = call_orders(3, 60, [1 << 20, 0])
+    assert orders == call_orders(3, 60, [1 << 20, 0])  # every rank computes the same orders
+    assert orders != call_orders(3, 60, [1 << 20, 1])
+    assert all(sorted(order) == [0, 1, 2] for order in orders)
+    # unlike a rotation, each algorithm is preceded by each other one at some point
+    before = {(o[i - 1], o[i]) for o in orders for i in range(1, 3)}
+    assert before == {(a, b) for a in range(3) for b in range(3) if a != b}
 
 
 def test_encoding_round_trips_as_indices_into_the_algorithm_names():
